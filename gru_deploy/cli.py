@@ -1,0 +1,256 @@
+"""The `gru-deploy` command line: thin commands over the library.
+
+Exit codes: 0 ok; 1 a check failed (parity, checksum, guard); 2 bad input or usage;
+130 interrupted. Errors are one line on stderr; `--debug` shows the traceback. torch,
+onnx and onnxruntime are imported inside command bodies so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gru_deploy import __version__
+from gru_deploy.errors import GruDeployError
+
+DATA_DEFAULTS = {
+    # The tutorial's own run: 20 full-batch epochs of Adam at lr 1e-3.
+    "seed-random": {"epochs": 20, "batch_size": 1000, "lr": 1e-3},
+}
+GENERIC_DEFAULTS = {"epochs": 20, "batch_size": 64, "lr": 1e-2}
+
+
+def _say(ctx_obj: dict[str, Any], message: str) -> None:
+    if not ctx_obj.get("quiet"):
+        click.echo(message, err=True)
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, allow_nan=False))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="gru-deploy")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Take an explicit-loop GRU classifier from PyTorch to ONNX and the runtimes it ships to.
+
+    \b
+    Typical use:
+      gru-deploy train --out checkpoint.pt          # or bring your own checkpoint
+      gru-deploy export --checkpoint checkpoint.pt  # -> exported/
+      gru-deploy verify exported/                   # parity gate for CI (exit 0/1)
+
+    Exit codes: 0 ok, 1 a check failed, 2 bad input or usage, 130 interrupted.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _train_options(data: str, epochs: int | None, batch_size: int | None, lr: float | None, seed: int):
+    from gru_deploy.train import TrainOptions
+
+    defaults = DATA_DEFAULTS.get(data, GENERIC_DEFAULTS)
+    return TrainOptions(
+        epochs=epochs if epochs is not None else defaults["epochs"],
+        batch_size=batch_size if batch_size is not None else defaults["batch_size"],
+        lr=lr if lr is not None else defaults["lr"],
+        seed=seed,
+    )
+
+
+def _train(data: str, hidden_size: int, options: Any, test_fraction: float, quiet: bool):
+    from gru_deploy.data import load_data
+    from gru_deploy.spec import ModelSpec
+    from gru_deploy.train import stderr_progress, train
+
+    split = load_data(data, seed=options.seed, test_fraction=test_fraction)
+    spec = ModelSpec(input_size=split.train.input_size, hidden_size=hidden_size,
+                     output_size=len(split.train.labels), labels=split.train.labels)
+    progress, close = stderr_progress(options.epochs, quiet)
+    try:
+        return train(spec, split, options, progress=progress)
+    finally:
+        close()
+
+
+def _data_options(func):
+    options = [
+        click.option("--data", default="synthetic", show_default=True, metavar="NAME|PATH",
+                     help="Built-in data set (synthetic, seed-random) or an .npz with x [N,T,I] float32, "
+                          "y [N] int, optional labels."),
+        click.option("--epochs", type=int, default=None, help="Training epochs [default: 20]."),
+        click.option("--hidden-size", type=click.IntRange(min=1), default=16, show_default=True),
+        click.option("--batch-size", type=int, default=None,
+                     help="Minibatch size [default: 64; seed-random: 1000, the tutorial's full batch]."),
+        click.option("--lr", type=float, default=None,
+                     help="Adam learning rate [default: 0.01; seed-random: 0.001 as in the tutorial]."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for data, init and shuffling."),
+        click.option("--test-fraction", type=float, default=0.2, show_default=True,
+                     help="Share of the data held out for test accuracy (.npz and synthetic)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@cli.command()
+@_data_options
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("checkpoint.pt"),
+              show_default=True, help="Checkpoint file to write (atomically).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.pass_obj
+def train(obj: dict, data: str, epochs: int | None, hidden_size: int, batch_size: int | None, lr: float | None,
+          seed: int, test_fraction: float, out: Path, quiet: bool, as_json: bool) -> None:
+    """Train the GRU classifier and write a checkpoint.
+
+    The checkpoint holds the state_dict (the tutorial's parameter names), the config,
+    labels, training metrics and library versions; it is read back with
+    torch.load(weights_only=True).
+
+    \b
+    Example:
+      gru-deploy train --data synthetic --epochs 20 --out checkpoint.pt
+    """
+    obj["quiet"] = quiet or as_json
+    options = _train_options(data, epochs, batch_size, lr, seed)
+    ckpt = _train(data, hidden_size, options, test_fraction, obj["quiet"])
+    sha = ckpt.save(out)
+    result = {"checkpoint": str(out), "sha256": sha, "config": ckpt.spec.to_dict(),
+              "metrics": {k: v for k, v in ckpt.metrics.items() if k != "loss_history"}}
+    if as_json:
+        _emit_json(result)
+    else:
+        m = ckpt.metrics
+        click.echo(f"wrote {out}: train accuracy {m['train_accuracy']:.1%}, "
+                   f"held-out accuracy {m['test_accuracy']:.1%}, final loss {m['final_loss']:.4f}")
+
+
+@cli.command()
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Checkpoint to export (gru-deploy's, or the tutorial's plain state_dict). "
+                   "Without it the default model is trained first.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("exported"),
+              show_default=True, help="Export folder; replaced as a whole only when every check passes.")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (13..23 verified).")
+@click.option("--atol", type=float, default=1e-5, show_default=True, help="Parity gate: absolute tolerance.")
+@click.option("--rtol", type=float, default=1e-5, show_default=True, help="Parity gate: relative tolerance.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed when training the default model.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON on stdout.")
+@click.pass_obj
+def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, atol: float, rtol: float, seed: int,
+           quiet: bool, as_json: bool) -> None:
+    """Script the model, export it to ONNX and prove parity; write the export folder.
+
+    \b
+    Writes into --out:
+      model.pt       TorchScript (torch.jit.script; the time loop is a prim::Loop)
+      model.onnx     ONNX with a Loop over the dynamic `seq` axis; input x [batch, seq, I]
+      parity.json    eager vs TorchScript vs onnxruntime vs onnx reference vs float64
+      manifest.json  signature, opset, sha256 of every file, config, labels, metrics, versions
+    An element fails parity only when it exceeds both --atol and --rtol. Exit 1 (and
+    nothing written) when a guard or the parity gate fails.
+
+    \b
+    Example:
+      gru-deploy export --checkpoint checkpoint.pt --out exported/ --json
+    """
+    from gru_deploy.export import check_opset
+    from gru_deploy.verify import check_tolerances
+
+    obj["quiet"] = quiet or as_json
+    check_opset(opset)
+    check_tolerances(atol, rtol)
+    if checkpoint is None:
+        _say(obj, "no --checkpoint given: training the default model on the synthetic data set first "
+                  f"(seed {seed}; use `gru-deploy train` to keep a checkpoint)")
+        ckpt = _train("synthetic", 16, _train_options("synthetic", None, None, None, seed), 0.2, obj["quiet"])
+        _say(obj, f"trained: held-out accuracy {ckpt.metrics['test_accuracy']:.1%}")
+    else:
+        from gru_deploy.train import load_checkpoint
+
+        ckpt = load_checkpoint(checkpoint)
+    from gru_deploy.pipeline import export_to_dir
+
+    manifest = export_to_dir(ckpt, out, opset=opset, atol=atol, rtol=rtol, on_step=lambda m: _say(obj, m))
+    if as_json:
+        _emit_json({"out": str(out), "strategy": manifest["strategy"], "opset": manifest["opset"],
+                    "files": manifest["files"], "parity": manifest["parity"], "metrics": {
+                        k: v for k, v in manifest["metrics"].items() if k != "loss_history"}})
+        return
+    for note in manifest["notes"]:
+        _say(obj, f"note: {note}")
+    click.echo(f"wrote {out}/: " + ", ".join(sorted(manifest["files"]) + ["manifest.json"]))
+    for pair, s in manifest["parity"]["summary"].items():
+        click.echo(f"  parity {pair:<28} max abs {s['max_abs']:.2e}  max rel {s['max_rel']:.2e}  "
+                   f"argmax {s['argmax_agreement']:.0%}  ({s['cases']} cases)")
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--atol", type=float, default=1e-5, show_default=True, help="Absolute tolerance.")
+@click.option("--rtol", type=float, default=1e-5, show_default=True, help="Relative tolerance.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full parity report as JSON on stdout.")
+@click.pass_obj
+def verify(obj: dict, folder: Path, atol: float, rtol: float, quiet: bool, as_json: bool) -> None:
+    """Check an export folder: every checksum, then parity on the full grid.
+
+    Runs eager PyTorch (the tutorial's loop), TorchScript, onnxruntime, onnx's
+    ReferenceEvaluator and a float64 re-implementation on batch {1,3,64} x seq
+    {0,1,7,100,1000} plus a 2,048-step case. Exit 0 when parity holds, 1 when it does not.
+
+    \b
+    Example:
+      gru-deploy verify exported/ --json > parity.json
+    """
+    from gru_deploy.errors import CheckFailed
+    from gru_deploy.verify import verify_export
+
+    obj["quiet"] = quiet or as_json
+    report = verify_export(folder, atol=atol, rtol=rtol)
+    if as_json:
+        _emit_json(report.to_json())
+    else:
+        for pair, s in report.summary().items():
+            click.echo(f"{'ok  ' if s['passed'] else 'FAIL'} {pair:<28} max abs {s['max_abs']:.2e}  "
+                       f"p99 abs {s['p99_abs']:.2e}  max rel {s['max_rel']:.2e}  min atol {s['min_atol']:.2e}  "
+                       f"argmax {s['argmax_agreement']:.0%}  ({s['cases']} cases)")
+    if not report:
+        raise CheckFailed(f"parity failed for {folder}: " + "; ".join(report.failures()))
+    if not as_json:
+        click.echo(f"parity holds for {folder} (atol {atol:g}, rtol {rtol:g})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the CLI and map errors to one line and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="gru-deploy", standalone_mode=False)
+    except GruDeployError as exc:
+        if debug:
+            raise
+        click.echo(f"gru-deploy: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        if debug:
+            raise
+        hint = ""
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            hint = f" (see '{exc.ctx.command_path} --help')"
+        click.echo(f"gru-deploy: error: {exc.format_message()}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo("gru-deploy: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(0)

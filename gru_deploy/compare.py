@@ -1,0 +1,93 @@
+"""Compare two runners' outputs: error statistics and a truthy verdict (numpy only).
+
+An element fails only when it exceeds both tolerances (|a−b| > atol and
+|a−b|/|ref| > rtol), as in Polygraphy. Besides max, mean and p99 of the absolute and
+relative errors, a comparison reports the smallest atol (at the given rtol) and the
+smallest rtol (at the given atol) that would have passed, and argmax agreement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+DEFAULT_ATOL = 1e-5
+DEFAULT_RTOL = 1e-5
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """How one output of `test` differs from `ref` on one case."""
+
+    passed: bool
+    shape: tuple[int, ...]
+    max_abs: float
+    mean_abs: float
+    p99_abs: float
+    max_rel: float
+    mean_rel: float
+    p99_rel: float
+    min_atol: float
+    min_rtol: float
+    argmax_agreement: float
+    atol: float
+    rtol: float
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["shape"] = list(self.shape)
+        # NaN is not JSON: a statistic that could not be computed is null.
+        return {k: (None if isinstance(v, float) and v != v else v) for k, v in data.items()}
+
+
+def compare(ref: np.ndarray, test: np.ndarray, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> Comparison:
+    ref = np.asarray(ref)
+    test = np.asarray(test)
+    if ref.shape != test.shape:
+        return _failed(ref.shape, atol, rtol, f"shape {list(test.shape)} differs from reference {list(ref.shape)}")
+    if ref.size == 0:
+        return Comparison(True, ref.shape, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, atol, rtol)
+    r = ref.astype(np.float64)
+    t = test.astype(np.float64)
+    if not (np.isfinite(r).all() and np.isfinite(t).all()):
+        # Non-finite values are named, never compared into a pass.
+        return _failed(ref.shape, atol, rtol, "non-finite values in the outputs")
+    diff = np.abs(t - r)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(diff == 0, 0.0, diff / np.abs(r))
+    fails_rel = rel > rtol
+    fails_abs = diff > atol
+    passed = not bool(np.any(fails_rel & fails_abs))
+    min_atol = float(diff[fails_rel].max()) if fails_rel.any() else 0.0
+    min_rtol = float(rel[fails_abs].max()) if fails_abs.any() else 0.0
+    agree = 1.0
+    if r.ndim >= 1 and r.shape[-1] > 1:
+        agree = float(np.mean(np.argmax(r, axis=-1) == np.argmax(t, axis=-1)))
+    finite_rel = np.where(np.isfinite(rel), rel, np.finfo(np.float64).max)
+    return Comparison(
+        passed=passed,
+        shape=ref.shape,
+        max_abs=float(diff.max()),
+        mean_abs=float(diff.mean()),
+        p99_abs=float(np.percentile(diff, 99)),
+        max_rel=float(finite_rel.max()),
+        mean_rel=float(finite_rel.mean()),
+        p99_rel=float(np.percentile(finite_rel, 99)),
+        min_atol=min_atol,
+        min_rtol=min_rtol,
+        argmax_agreement=agree,
+        atol=atol,
+        rtol=rtol,
+        reason="" if passed else f"{int(np.sum(fails_rel & fails_abs))} element(s) exceed both atol and rtol",
+    )
+
+
+def _failed(shape: tuple[int, ...], atol: float, rtol: float, reason: str) -> Comparison:
+    nan = float("nan")
+    return Comparison(False, tuple(shape), nan, nan, nan, nan, nan, nan, nan, nan, 0.0, atol, rtol, reason)

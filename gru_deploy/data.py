@@ -1,0 +1,183 @@
+"""Data sets for training and checking: built-in synthetic, the tutorial's random data, `.npz`.
+
+Everything here is numpy only. A `Dataset` is validated when it is made, so every later
+stage can trust its shapes and values.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gru_deploy.errors import UserInputError
+
+BUILTIN = ("synthetic", "seed-random")
+DEFAULT_DATA = "synthetic"
+# Frequency bands (cycles per step) of the synthetic task, one per class.
+SYNTHETIC_BANDS = ((0.02, 0.05), (0.07, 0.11), (0.14, 0.19), (0.23, 0.30))
+SYNTHETIC_LABELS = ("very-slow", "slow", "fast", "very-fast")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """x float32 [N, T, I], y int64 [N] in [0, len(labels))."""
+
+    name: str
+    x: np.ndarray
+    y: np.ndarray
+    labels: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        validate_arrays(self.x, self.y, len(self.labels), source=self.name)
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def input_size(self) -> int:
+        return int(self.x.shape[2])
+
+    def subset(self, index: np.ndarray, name: str) -> "Dataset":
+        return Dataset(name, self.x[index], self.y[index], self.labels)
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    """A training set and the held-out set its accuracy is reported on."""
+
+    train: Dataset
+    test: Dataset
+    source: str
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "source": self.source,
+            "train_samples": len(self.train),
+            "test_samples": len(self.test),
+            "seq_len": int(self.train.x.shape[1]),
+            "input_size": self.train.input_size,
+            "labels": list(self.train.labels),
+        }
+
+
+def validate_arrays(x: np.ndarray, y: np.ndarray, num_classes: int, source: str) -> None:
+    """Raise UserInputError naming what is wrong with a data set's arrays."""
+    if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
+        raise UserInputError(f"{source}: x and y must be numpy arrays")
+    if x.ndim != 3:
+        raise UserInputError(f"{source}: x must have rank 3 [N, T, input_size], got shape {x.shape}")
+    if x.dtype != np.float32:
+        raise UserInputError(f"{source}: x must be float32, got {x.dtype} (convert with x.astype('float32'))")
+    if y.ndim != 1:
+        raise UserInputError(f"{source}: y must have rank 1 [N], got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise UserInputError(f"{source}: y must hold integer class indices, got {y.dtype}")
+    if x.shape[0] == 0:
+        raise UserInputError(f"{source}: the data set is empty (N=0)")
+    if x.shape[0] != y.shape[0]:
+        raise UserInputError(f"{source}: x has {x.shape[0]} samples but y has {y.shape[0]}")
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        raise UserInputError(f"{source}: x has an empty axis, shape {x.shape}")
+    if not np.isfinite(x).all():
+        bad = int(np.argwhere(~np.isfinite(x))[0][0])
+        raise UserInputError(f"{source}: x holds NaN or inf (first in sample {bad})")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise UserInputError(
+            f"{source}: labels must lie in [0, {num_classes - 1}], found {int(y.min())}..{int(y.max())}"
+        )
+
+
+def synthetic(n: int = 2000, seq_len: int = 40, input_size: int = 8, seed: int = 0) -> Dataset:
+    """The default task: which frequency band underlies a noisy multi-channel signal.
+
+    Each sample draws a frequency from its class's band; every channel carries that
+    frequency with its own amplitude and phase, plus Gaussian noise. Learnable by the
+    default model to well over 90% held-out accuracy.
+    """
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, len(SYNTHETIC_BANDS), size=n)
+    bands = np.asarray(SYNTHETIC_BANDS)
+    freq = rng.uniform(bands[y, 0], bands[y, 1])[:, None, None]
+    amp = rng.uniform(0.5, 1.5, size=(n, 1, input_size))
+    phase = rng.uniform(0, 2 * np.pi, size=(n, 1, input_size))
+    t = np.arange(seq_len)[None, :, None]
+    x = amp * np.sin(2 * np.pi * freq * t + phase) + rng.normal(0, 0.3, size=(n, seq_len, input_size))
+    return Dataset("synthetic", x.astype(np.float32), y.astype(np.int64), SYNTHETIC_LABELS)
+
+
+def seed_random(seed: int = 0, input_size: int = 8) -> DataSplit:
+    """The tutorial's own run: randn [1000, 10, 8] with random labels of 4 classes, and 100
+    fresh test samples. Chance accuracy (25%) is the expected result; kept for fidelity."""
+    rng = np.random.default_rng(seed)
+    labels = tuple(f"class_{i}" for i in range(4))
+
+    def make(n: int, name: str) -> Dataset:
+        x = rng.standard_normal((n, 10, input_size)).astype(np.float32)
+        return Dataset(name, x, rng.integers(0, 4, size=n).astype(np.int64), labels)
+
+    return DataSplit(make(1000, "seed-random/train"), make(100, "seed-random/test"), "seed-random")
+
+
+def load_npz(path: Path) -> Dataset:
+    """A user's data: `x` float32 [N, T, I], `y` integer [N], optional `labels` (strings)."""
+    if not path.is_file():
+        raise UserInputError(f"data file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise UserInputError(f"{path}: not a readable .npz file ({exc})") from None
+    missing = [key for key in ("x", "y") if key not in arrays]
+    if missing:
+        raise UserInputError(f"{path}: missing array(s) {missing}; an .npz needs 'x' [N, T, I] and 'y' [N]")
+    x, y = arrays["x"], arrays["y"]
+    if "labels" in arrays:
+        raw = arrays["labels"]
+        if raw.ndim != 1 or raw.dtype.kind not in "US":
+            raise UserInputError(f"{path}: 'labels' must be a 1-D array of strings")
+        labels = tuple(str(v) for v in raw)
+    else:
+        if y.ndim != 1 or y.size == 0 or not np.issubdtype(y.dtype, np.integer):
+            validate_arrays(x, y, 1, source=str(path))  # raises the precise error
+        labels = tuple(f"class_{i}" for i in range(int(y.max()) + 1))
+    return Dataset(str(path), x, y, labels)
+
+
+def split(data: Dataset, test_fraction: float, seed: int) -> DataSplit:
+    """Seeded random split into train and held-out test."""
+    if not 0.0 < test_fraction < 1.0:
+        raise UserInputError(f"test fraction must be in (0, 1), got {test_fraction}")
+    n = len(data)
+    n_test = max(1, int(round(n * test_fraction)))
+    if n - n_test < 1:
+        raise UserInputError(f"{data.name}: {n} sample(s) are too few to hold out a test split")
+    order = np.random.default_rng(seed).permutation(n)
+    return DataSplit(
+        data.subset(order[n_test:], f"{data.name}/train"),
+        data.subset(order[:n_test], f"{data.name}/test"),
+        data.name,
+    )
+
+
+def load_data(source: str, seed: int = 0, test_fraction: float = 0.2, input_size: int | None = None) -> DataSplit:
+    """Resolve `--data`: a built-in name or a path to an `.npz`."""
+    if source == "synthetic":
+        return split(synthetic(seed=seed, input_size=input_size or 8), test_fraction, seed)
+    if source == "seed-random":
+        return seed_random(seed=seed, input_size=input_size or 8)
+    path = Path(source)
+    if path.suffix != ".npz":
+        if not path.exists():
+            raise UserInputError(
+                f"unknown data set {source!r}: give one of {', '.join(BUILTIN)} or a path to an .npz file"
+            )
+        raise UserInputError(f"{source}: unsupported data file type {path.suffix!r}; use .npz")
+    data = load_npz(path)
+    if input_size is not None and data.input_size != input_size:
+        raise UserInputError(
+            f"{source}: x has {data.input_size} input channels but the model takes {input_size}"
+        )
+    return split(data, test_fraction, seed)

@@ -1,0 +1,163 @@
+"""Manifests, hashing and atomic writes: the contract between stages.
+
+A later stage reads only the manifest and the files it lists, and checks every sha256
+before using a file. Every write goes to a temporary path in the target's folder and is
+renamed into place, so an interrupted run leaves the earlier result whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from gru_deploy.errors import CheckFailed, UserInputError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "gru-deploy-export"
+MANIFEST_VERSION = 1
+REQUIRED_FIELDS = ("format", "format_version", "gru_deploy_version", "strategy", "signature", "files", "config")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a synced temp file in the same folder and `os.replace`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, json_bytes(data))
+
+
+@contextmanager
+def staged_dir(target: Path, keep: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a fresh temp folder beside `target`; on success it replaces `target`.
+
+    Files in `target` whose names are in `keep` (and are not rewritten) are carried
+    over. On any error the temp folder is removed and `target` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not target.is_dir():
+        raise UserInputError(f"{target} exists and is not a folder; choose another --out")
+    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    try:
+        yield stage
+        if target.is_dir():
+            for name in keep:
+                old = target / name
+                if old.is_file() and not (stage / name).exists():
+                    shutil.copy2(old, stage / name)
+        _fsync_dir(stage)
+        if target.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, backup / target.name)
+            os.replace(stage, target)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(stage, target)
+        _fsync_dir(target.parent)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    return {"sha256": sha256_file(path), "size": path.stat().st_size}
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """Load and validate `folder/manifest.json`; raise UserInputError naming what is wrong."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise UserInputError(f"{folder}: no such folder; run `gru-deploy export --out {folder}` first")
+    if not folder.is_dir():
+        raise UserInputError(f"{folder}: not a folder; give an export folder")
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise UserInputError(f"{folder}: no {MANIFEST_NAME}; this is not a gru-deploy export folder")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserInputError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise UserInputError(f"{path}: must hold a JSON object")
+    missing = [key for key in REQUIRED_FIELDS if key not in manifest]
+    if missing:
+        raise UserInputError(f"{path}: lacks field(s) {missing}")
+    if manifest["format"] != MANIFEST_FORMAT:
+        raise UserInputError(f"{path}: format is {manifest['format']!r}, expected {MANIFEST_FORMAT!r}")
+    if manifest["format_version"] != MANIFEST_VERSION:
+        raise UserInputError(
+            f"{path}: format_version {manifest['format_version']!r} is not supported "
+            f"(this gru-deploy reads {MANIFEST_VERSION})"
+        )
+    files = manifest["files"]
+    if not isinstance(files, dict) or not all(
+        isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("size"), int)
+        for v in files.values()
+    ):
+        raise UserInputError(f"{path}: 'files' must map names to {{sha256, size}}")
+    for name in files:
+        if Path(name).name != name or name in (".", "..", MANIFEST_NAME):
+            raise UserInputError(f"{path}: file entry {name!r} is not a plain file name")
+    return manifest
+
+
+def check_files(folder: Path, manifest: dict[str, Any], names: tuple[str, ...] | None = None) -> None:
+    """Check size and sha256 of the listed files (all by default); CheckFailed on mismatch."""
+    folder = Path(folder)
+    for name in names if names is not None else tuple(manifest["files"]):
+        entry = manifest["files"].get(name)
+        if entry is None:
+            raise UserInputError(f"{folder / MANIFEST_NAME}: lists no file {name!r}")
+        path = folder / name
+        if not path.is_file() or path.is_symlink():
+            raise CheckFailed(f"{path}: listed in the manifest but missing (or not a regular file)")
+        if path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
+            raise CheckFailed(f"{path}: sha256 does not match the manifest; the file was changed or corrupted")
+
+
+def verified_path(folder: Path, manifest: dict[str, Any], name: str) -> Path:
+    """The path of a manifest-listed file, after its checksum is checked."""
+    check_files(folder, manifest, (name,))
+    return Path(folder) / name

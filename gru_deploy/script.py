@@ -1,0 +1,106 @@
+"""TorchScript: script the classifier, prove its time loop is a real loop, save and load it.
+
+TorchScript is deprecated upstream: `torch.jit.script` warns on every call. We silence
+that warning where we call it and say it once, as a note in the export's output, because
+`model.pt` is still what libtorch runtimes (C++, Triton's pytorch backend) load.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+from gru_deploy.errors import CheckFailed, UserInputError
+
+if TYPE_CHECKING:
+    import torch
+
+DEPRECATION_NOTE = (
+    "TorchScript is deprecated upstream (torch.jit.script and the TorchScript ONNX exporter "
+    "warn that they will be removed); model.pt is kept for libtorch runtimes"
+)
+
+
+@contextmanager
+def quiet_torchscript_deprecation() -> Iterator[None]:
+    """Silence torch's TorchScript / legacy-exporter deprecation warnings (we say it once)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch(\.|$)")
+        warnings.filterwarnings("ignore", message=r".*(torch\.jit|TorchScript|legacy).*", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r".*[Tt]he feature will be removed.*")
+        yield
+
+
+def torchscript(model: "torch.nn.Module") -> "torch.jit.ScriptModule":
+    """`torch.jit.script` the classifier and check its loop survived."""
+    import torch
+
+    with quiet_torchscript_deprecation():
+        scripted = torch.jit.script(model.eval())
+    check_loop(scripted)
+    return scripted
+
+
+def check_loop(scripted: "torch.jit.ScriptModule") -> None:
+    """Raise CheckFailed unless forward has a prim::Loop whose trip count comes from the input.
+
+    A trip count that is a constant (or not derived from `x`) means the loop was
+    specialised to one length, and the model would not accept other sequence lengths.
+    """
+    graph = scripted.forward.graph
+    inputs = list(graph.inputs())
+    if len(inputs) < 2:
+        raise CheckFailed("scripted forward takes no input tensor")
+    x = inputs[1]  # inputs[0] is self
+    loops = [node for node in graph.nodes() if node.kind() == "prim::Loop"]
+    if not loops:
+        raise CheckFailed("the scripted model has no prim::Loop: its time loop was unrolled or removed")
+    for loop in loops:
+        if _depends_on(next(loop.inputs()), x):
+            return
+    raise CheckFailed(
+        "the scripted model's prim::Loop has a trip count that does not come from the input's "
+        "sequence length; the loop is specialised to one length"
+    )
+
+
+def _depends_on(value: "torch._C.Value", source: "torch._C.Value") -> bool:
+    seen: set[str] = set()
+    stack = [value]
+    while stack:
+        current = stack.pop()
+        name = current.debugName()
+        if name == source.debugName():
+            return True
+        if name in seen:
+            continue
+        seen.add(name)
+        node = current.node()
+        if node.kind() != "prim::Param":
+            stack.extend(node.inputs())
+    return False
+
+
+def to_bytes(scripted: "torch.jit.ScriptModule") -> bytes:
+    """Serialise in memory (torch.jit.save into a file aborts the process on a full disk)."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    return buffer.getvalue()
+
+
+def load(path: Path) -> "torch.jit.ScriptModule":
+    """Load a TorchScript file. It is a program: callers check its sha256 against a manifest first."""
+    import torch
+
+    try:
+        with quiet_torchscript_deprecation():
+            module = torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserInputError(f"{path}: not a loadable TorchScript file ({first[:200]})") from None
+    return module.eval()

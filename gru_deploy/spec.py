@@ -1,0 +1,69 @@
+"""ModelSpec: the sizes, names and labels every stage agrees on (numpy-free, torch-free)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from gru_deploy.errors import UserInputError
+
+INPUT_NAME = "x"
+OUTPUT_NAME = "logits"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape of the classifier: input channels, hidden units, classes and their names."""
+
+    input_size: int = 8
+    hidden_size: int = 16
+    output_size: int = 4
+    labels: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        for name in ("input_size", "hidden_size", "output_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserInputError(f"{name} must be a positive integer, got {value!r}")
+        if not self.labels:
+            object.__setattr__(self, "labels", tuple(f"class_{i}" for i in range(self.output_size)))
+        object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
+        if len(self.labels) != self.output_size:
+            raise UserInputError(
+                f"{len(self.labels)} labels given for output_size {self.output_size}; "
+                "give one label per class"
+            )
+
+    def signature(self) -> dict[str, list[dict[str, Any]]]:
+        """The classifier's I/O contract, as recorded in manifests."""
+        return {
+            "inputs": [{"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", "seq", self.input_size]}],
+            "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", self.output_size]}],
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["labels"] = list(self.labels)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "ModelSpec":
+        """Build from plain data (a checkpoint's or manifest's config), rejecting bad fields."""
+        if not isinstance(data, dict):
+            raise UserInputError(f"model config must be a mapping, got {type(data).__name__}")
+        known = {"input_size", "hidden_size", "output_size", "labels"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserInputError(f"model config has unknown fields {unknown}")
+        missing = sorted({"input_size", "hidden_size", "output_size"} - set(data))
+        if missing:
+            raise UserInputError(f"model config lacks fields {missing}")
+        labels = data.get("labels") or ()
+        if not isinstance(labels, (list, tuple)):
+            raise UserInputError("model config 'labels' must be a list of names")
+        return cls(
+            input_size=data["input_size"],
+            hidden_size=data["hidden_size"],
+            output_size=data["output_size"],
+            labels=tuple(labels),
+        )

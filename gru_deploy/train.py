@@ -1,0 +1,195 @@
+"""Training (Adam + cross-entropy, as in the tutorial, with minibatches) and checkpoints."""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from gru_deploy.data import DataSplit, Dataset
+from gru_deploy.errors import UserInputError
+from gru_deploy.manifest import atomic_write_bytes, sha256_bytes
+from gru_deploy.model import GRUClassifier, build_model, load_weights, spec_from_state_dict
+from gru_deploy.spec import ModelSpec
+from gru_deploy.versions import library_versions
+
+CHECKPOINT_FORMAT = "gru-deploy-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise UserInputError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise UserInputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserInputError(f"--lr must be a positive number, got {self.lr}")
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds: the spec, weights and how they were made."""
+
+    spec: ModelSpec
+    state_dict: dict[str, torch.Tensor]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    sha256: str | None = None  # of the file it was read from
+
+    def model(self) -> GRUClassifier:
+        return load_weights(self.spec, self.state_dict)
+
+    def to_bytes(self) -> bytes:
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_VERSION,
+            "config": self.spec.to_dict(),
+            "state_dict": self.state_dict,
+            "metrics": self.metrics,
+            "training": self.training,
+            "versions": self.versions,
+        }
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        return buffer.getvalue()
+
+    def save(self, path: Path) -> str:
+        data = self.to_bytes()
+        atomic_write_bytes(Path(path), data)
+        return sha256_bytes(data)
+
+
+def accuracy(model: GRUClassifier, data: Dataset, batch_size: int = 256) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            logits = model(torch.from_numpy(data.x[start:start + batch_size]))
+            correct += int((logits.argmax(1).numpy() == data.y[start:start + batch_size]).sum())
+    return correct / len(data)
+
+
+def train(
+    spec: ModelSpec,
+    split: DataSplit,
+    options: TrainOptions,
+    progress: Callable[[int, float], None] | None = None,
+) -> Checkpoint:
+    """Train a fresh classifier on `split.train`; report held-out accuracy on `split.test`.
+
+    `progress(epoch, loss)` is called after every epoch.
+    """
+    if split.train.input_size != spec.input_size:
+        raise UserInputError(
+            f"data has {split.train.input_size} input channels but the model takes {spec.input_size}"
+        )
+    if len(split.train.labels) != spec.output_size:
+        raise UserInputError(f"data has {len(split.train.labels)} classes but the model has {spec.output_size}")
+    torch.manual_seed(options.seed)
+    model = build_model(spec)
+    optimiser = torch.optim.Adam(model.parameters(), lr=options.lr)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    x = torch.from_numpy(split.train.x)
+    y = torch.from_numpy(split.train.y)
+    generator = torch.Generator().manual_seed(options.seed)
+    history: list[float] = []
+    for epoch in range(1, options.epochs + 1):
+        model.train()
+        order = torch.randperm(len(x), generator=generator)
+        total = 0.0
+        for start in range(0, len(x), options.batch_size):
+            index = order[start:start + options.batch_size]
+            optimiser.zero_grad()
+            loss = loss_fn(model(x[index]), y[index])
+            loss.backward()
+            optimiser.step()
+            total += loss.item() * len(index)
+        history.append(total / len(x))
+        if progress is not None:
+            progress(epoch, history[-1])
+    model.eval()
+    metrics = {
+        "train_accuracy": accuracy(model, split.train),
+        "test_accuracy": accuracy(model, split.test),
+        "final_loss": history[-1],
+        "loss_history": history,
+    }
+    training = {"data": split.describe(), "epochs": options.epochs, "batch_size": options.batch_size,
+                "lr": options.lr, "seed": options.seed, "optimizer": "Adam", "loss": "cross_entropy"}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return Checkpoint(spec, state, metrics, training, library_versions())
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint safely (`weights_only=True`, never a fallback).
+
+    Accepts gru-deploy checkpoints and the tutorial's plain state_dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"checkpoint not found: {path}")
+    raw = path.read_bytes()
+    if not raw:
+        raise UserInputError(f"{path}: the checkpoint file is empty")
+    try:
+        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError, zipfile.BadZipFile,
+            KeyError, AttributeError, TypeError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserInputError(
+            f"{path}: not a loadable weights-only PyTorch checkpoint ({first[:200]})"
+        ) from None
+    sha = sha256_bytes(raw)
+    if not isinstance(obj, dict):
+        raise UserInputError(f"{path}: holds a {type(obj).__name__}, expected a checkpoint dict or a state_dict")
+    if obj.get("format") == CHECKPOINT_FORMAT:
+        if obj.get("format_version") != CHECKPOINT_VERSION:
+            raise UserInputError(f"{path}: checkpoint format_version {obj.get('format_version')!r} is not supported")
+        state = obj.get("state_dict")
+        if not isinstance(state, dict):
+            raise UserInputError(f"{path}: checkpoint has no state_dict")
+        spec = ModelSpec.from_dict(obj.get("config"))
+        ckpt = Checkpoint(spec, dict(state), _plain(obj.get("metrics")), _plain(obj.get("training")),
+                          _plain(obj.get("versions")), sha)
+    elif all(isinstance(v, torch.Tensor) for v in obj.values()):
+        ckpt = Checkpoint(spec_from_state_dict(obj), dict(obj), {}, {"source": "state_dict"}, {}, sha)
+    else:
+        raise UserInputError(f"{path}: neither a gru-deploy checkpoint nor a tutorial state_dict")
+    ckpt.model()  # validates keys, shapes and finiteness now, with a clear message
+    return ckpt
+
+
+def _plain(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def stderr_progress(epochs: int, quiet: bool) -> tuple[Callable[[int, float], None] | None, Callable[[], None]]:
+    """A click progress bar on a terminal, nothing otherwise. Returns (callback, close)."""
+    if quiet or not sys.stderr.isatty():
+        return None, lambda: None
+    import click
+
+    bar = click.progressbar(length=epochs, label="training", file=sys.stderr,
+                            item_show_func=lambda loss: f"loss {loss:.4f}" if loss is not None else "")
+    bar.__enter__()
+
+    def update(epoch: int, loss: float) -> None:
+        bar.update(1, loss)
+
+    return update, lambda: bar.__exit__(None, None, None)
+
