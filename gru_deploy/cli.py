@@ -29,6 +29,12 @@ def _say(ctx_obj: dict[str, Any], message: str) -> None:
         click.echo(message, err=True)
 
 
+def _progress(ctx_obj: dict[str, Any], message: str) -> None:
+    """Step-by-step progress: on a terminal only, like progress bars."""
+    if not ctx_obj.get("quiet") and sys.stderr.isatty():
+        click.echo(message, err=True)
+
+
 def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, allow_nan=False))
 
@@ -138,7 +144,7 @@ def train(obj: dict, data: str, epochs: int | None, hidden_size: int, batch_size
                    "Without it the default model is trained first.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("exported"),
               show_default=True, help="Export folder; replaced as a whole only when every check passes.")
-@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (13..23 verified).")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (13..20 verified).")
 @click.option("--atol", type=float, default=1e-5, show_default=True, help="Parity gate: absolute tolerance.")
 @click.option("--rtol", type=float, default=1e-5, show_default=True, help="Parity gate: relative tolerance.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed when training the default model.")
@@ -179,7 +185,7 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, atol: floa
         ckpt = load_checkpoint(checkpoint)
     from gru_deploy.pipeline import export_to_dir
 
-    manifest = export_to_dir(ckpt, out, opset=opset, atol=atol, rtol=rtol, on_step=lambda m: _say(obj, m))
+    manifest = export_to_dir(ckpt, out, opset=opset, atol=atol, rtol=rtol, on_step=lambda m: _progress(obj, m))
     if as_json:
         _emit_json({"out": str(out), "strategy": manifest["strategy"], "opset": manifest["opset"],
                     "files": manifest["files"], "parity": manifest["parity"], "metrics": {

@@ -68,6 +68,8 @@ class GRUClassifier(nn.Module):
     the input's sequence length.
     """
 
+    __constants__ = ["hidden_size"]  # a constant to TorchScript: the gate slices are static
+
     def __init__(self, input_size: int = 8, hidden_size: int = 16, output_size: int = 4) -> None:
         super().__init__()
         self.hidden_size = hidden_size
@@ -89,7 +91,8 @@ class GRUClassifier(nn.Module):
         h = torch.zeros(x.size(0), hidden, dtype=x.dtype, device=x.device)
         for t in range(x_zr.size(0)):
             zr = torch.sigmoid(x_zr[t] + torch.mm(h, w_h_zr))
-            z, r = zr.chunk(2, 1)
+            z = zr.narrow(1, 0, hidden)
+            r = zr.narrow(1, hidden, hidden)
             h_tilde = torch.tanh(x_h[t] + torch.mm(r * h, w_hh))
             h = (1 - z) * h + z * h_tilde
         return self.fc(h)

@@ -89,7 +89,8 @@ def to_bytes(scripted: "torch.jit.ScriptModule") -> bytes:
     import torch
 
     buffer = io.BytesIO()
-    torch.jit.save(scripted, buffer)
+    with quiet_torchscript_deprecation():
+        torch.jit.save(scripted, buffer)
     return buffer.getvalue()
 
 

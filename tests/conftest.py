@@ -1,0 +1,46 @@
+"""Shared fixtures: a tiny trained checkpoint and one export of it, made once per session."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gru_deploy.data import load_data
+from gru_deploy.spec import ModelSpec
+from gru_deploy.train import Checkpoint, TrainOptions, train
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint() -> Checkpoint:
+    """Two epochs on the synthetic data: weights that are not an init, made in about a second."""
+    split = load_data("synthetic", seed=0)
+    spec = ModelSpec(labels=split.train.labels)
+    return train(spec, split, TrainOptions(epochs=2, seed=0))
+
+
+@pytest.fixture(scope="session")
+def checkpoint_file(tiny_checkpoint: Checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
+    tiny_checkpoint.sha256 = tiny_checkpoint.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def export_dir(checkpoint_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One export of the tiny checkpoint; tests that change files copy it first."""
+    from gru_deploy.pipeline import export_to_dir
+    from gru_deploy.train import load_checkpoint
+
+    out = tmp_path_factory.mktemp("export") / "exported"
+    export_to_dir(load_checkpoint(checkpoint_file), out)
+    return out
+
+
+@pytest.fixture()
+def export_copy(export_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the session export, free to corrupt."""
+    dest = tmp_path / "exported"
+    shutil.copytree(export_dir, dest)
+    return dest
