@@ -145,20 +145,28 @@ def train(obj: dict, data: str, epochs: int | None, hidden_size: int, batch_size
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("exported"),
               show_default=True, help="Export folder; replaced as a whole only when every check passes.")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (13..20 verified).")
+@click.option("--strategy", type=click.Choice(["loop", "fused", "auto"]), default="loop", show_default=True,
+              help="ONNX form: loop (the scripted loop as an ONNX Loop), fused (ONNX's GRU operator), "
+                   "auto (check both, time them at the typical shape, keep the fastest).")
+@click.option("--typical-batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Batch size that --strategy auto times.")
+@click.option("--typical-seq", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Sequence length that --strategy auto times.")
 @click.option("--atol", type=float, default=1e-5, show_default=True, help="Parity gate: absolute tolerance.")
 @click.option("--rtol", type=float, default=1e-5, show_default=True, help="Parity gate: relative tolerance.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed when training the default model.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON on stdout.")
 @click.pass_obj
-def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, atol: float, rtol: float, seed: int,
-           quiet: bool, as_json: bool) -> None:
+def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: str, typical_batch: int,
+           typical_seq: int, atol: float, rtol: float, seed: int, quiet: bool, as_json: bool) -> None:
     """Script the model, export it to ONNX and prove parity; write the export folder.
 
     \b
     Writes into --out:
       model.pt       TorchScript (torch.jit.script; the time loop is a prim::Loop)
-      model.onnx     ONNX with a Loop over the dynamic `seq` axis; input x [batch, seq, I]
+      model.onnx     ONNX, input x [batch, seq, I], dynamic batch and seq; a Loop
+                     (--strategy loop) or ONNX's GRU operator (fused)
       parity.json    eager vs TorchScript vs onnxruntime vs onnx reference vs float64
       manifest.json  signature, opset, sha256 of every file, config, labels, metrics, versions
     An element fails parity only when it exceeds both --atol and --rtol. Exit 1 (and
@@ -167,6 +175,7 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, atol: floa
     \b
     Example:
       gru-deploy export --checkpoint checkpoint.pt --out exported/ --json
+      gru-deploy export --checkpoint checkpoint.pt --strategy auto --typical-batch 32
     """
     from gru_deploy.export import check_opset
     from gru_deploy.verify import check_tolerances
@@ -185,15 +194,22 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, atol: floa
         ckpt = load_checkpoint(checkpoint)
     from gru_deploy.pipeline import export_to_dir
 
-    manifest = export_to_dir(ckpt, out, opset=opset, atol=atol, rtol=rtol, on_step=lambda m: _progress(obj, m))
+    manifest = export_to_dir(ckpt, out, opset=opset, atol=atol, rtol=rtol, strategy=strategy,
+                             typical=(typical_batch, typical_seq), on_step=lambda m: _progress(obj, m))
     if as_json:
-        _emit_json({"out": str(out), "strategy": manifest["strategy"], "opset": manifest["opset"],
+        _emit_json({"out": str(out), "strategy": manifest["strategy"], "auto": manifest["auto"],
+                    "opset": manifest["opset"],
                     "files": manifest["files"], "parity": manifest["parity"], "metrics": {
                         k: v for k, v in manifest["metrics"].items() if k != "loss_history"}})
         return
     for note in manifest["notes"]:
         _say(obj, f"note: {note}")
-    click.echo(f"wrote {out}/: " + ", ".join(sorted(manifest["files"]) + ["manifest.json"]))
+    if manifest["auto"]:
+        auto = manifest["auto"]
+        times = ", ".join(f"{k} {v:,.0f} µs" for k, v in auto["median_us"].items())
+        click.echo(f"auto: at batch {auto['typical_batch']}, seq {auto['typical_seq']}: {times}; kept {auto['chosen']}")
+    click.echo(f"wrote {out}/ (strategy {manifest['strategy']}): "
+               + ", ".join(sorted(manifest["files"]) + ["manifest.json"]))
     for pair, s in manifest["parity"]["summary"].items():
         click.echo(f"  parity {pair:<28} max abs {s['max_abs']:.2e}  max rel {s['max_rel']:.2e}  "
                    f"argmax {s['argmax_agreement']:.0%}  ({s['cases']} cases)")

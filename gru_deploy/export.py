@@ -1,4 +1,4 @@
-"""ONNX export of the scripted classifier (the `loop` strategy) and the guards around it.
+"""ONNX export: the `loop` strategy (scripted classifier → ONNX Loop) and `fused` (ONNX GRU op).
 
 The TorchScript exporter (`torch.onnx.export(..., dynamo=False)`) turns the scripted
 `prim::Loop` into an ONNX `Loop` whose trip count is the input's sequence length. Two
@@ -18,13 +18,14 @@ from gru_deploy.script import quiet_torchscript_deprecation
 from gru_deploy.spec import INPUT_NAME, OUTPUT_NAME, ModelSpec
 
 if TYPE_CHECKING:
+    import numpy as np
     import onnx
     import torch
 
 DEFAULT_OPSET = 17
 # Opsets the test suite exports and checks for parity with onnxruntime.
 SUPPORTED_OPSETS = range(13, 21)  # the TorchScript exporter stops at 20
-STRATEGIES = ("loop",)
+STRATEGIES = ("loop", "fused")
 # Example sequence lengths used to trace the export twice; they must differ.
 GUARD_LENGTHS = (3, 5)
 
@@ -126,16 +127,97 @@ def export_loop(
     op_types = check_not_unrolled(models)
     model = models[0]
     model.producer_name = "gru-deploy"
+    return _finish(model, "loop", opset, op_types, metadata)
+
+# --- fused: the cell mapped onto ONNX's GRU operator --------------------------------------
+# IR version written for fused graphs: IR 8 is read by onnxruntime 1.14 and later.
+FUSED_IR_VERSION = 8
+
+
+def fused_weights(state_dict: dict[str, Any]) -> dict[str, "np.ndarray"]:
+    """ONNX GRU's W, R, B from the tutorial's parameters (see DESIGN.md's mapping).
+
+    Gate order z, r, h. ONNX computes h' = (1−z)⊙h~ + z⊙h, so our z is ONNX's 1−z: the z
+    rows of W and R and the z bias are negated (σ(−a) = 1 − σ(a)). The hidden-side
+    Linear layers have no bias, so the recurrent biases are 0.
+    """
+    import numpy as np
+
+    w = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, dtype=np.float32)
+         for k, v in state_dict.items()}
+    hidden = w["gru.W_hz.weight"].shape[0]
+    return {
+        "W": np.concatenate([-w["gru.W_xz.weight"], w["gru.W_xr.weight"], w["gru.W_xh.weight"]])[None],
+        "R": np.concatenate([-w["gru.W_hz.weight"], w["gru.W_hr.weight"], w["gru.W_hh.weight"]])[None],
+        "B": np.concatenate([-w["gru.W_xz.bias"], w["gru.W_xr.bias"], w["gru.W_xh.bias"],
+                             np.zeros(3 * hidden, np.float32)])[None],
+        "fc_weight": w["fc.weight"],
+        "fc_bias": w["fc.bias"],
+    }
+
+
+def build_fused(state_dict: dict[str, Any], spec: ModelSpec, opset: int = DEFAULT_OPSET) -> "onnx.ModelProto":
+    """The classifier as one ONNX GRU node plus the head, safe on empty inputs.
+
+    onnxruntime's GRU kernel aborts the process when the batch or time axis is 0, so the
+    graph branches (`If`) on batch·seq == 0 and answers fc(h=0) = fc.bias without the
+    kernel: no input can reach the abort, whoever runs the file.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    arrays = fused_weights(state_dict)
+    consts = {**arrays, "zero": np.array(0, np.int64), "one": np.array(1, np.int64),
+              "axis0": np.array([0], np.int64), "out_dim": np.array([spec.output_size], np.int64)}
+    initializers = [numpy_helper.from_array(value, name) for name, value in consts.items()]
+    out_shape = ["batch", spec.output_size]
+    empty = helper.make_graph(
+        [helper.make_node("Unsqueeze", ["batch_dim", "axis0"], ["batch_1d"]),
+         helper.make_node("Concat", ["batch_1d", "out_dim"], ["empty_shape"], axis=0),
+         helper.make_node("Expand", ["fc_bias", "empty_shape"], ["logits_empty"])],
+        "empty_input", [], [helper.make_tensor_value_info("logits_empty", TensorProto.FLOAT, out_shape)])
+    full = helper.make_graph(
+        [helper.make_node("Transpose", [INPUT_NAME], ["x_time_major"], perm=[1, 0, 2]),
+         helper.make_node("GRU", ["x_time_major", "W", "R", "B"], ["", "h_last"],
+                          hidden_size=spec.hidden_size, linear_before_reset=0),
+         helper.make_node("Squeeze", ["h_last", "axis0"], ["h"]),
+         helper.make_node("Gemm", ["h", "fc_weight", "fc_bias"], ["logits_full"], transB=1)],
+        "gru", [], [helper.make_tensor_value_info("logits_full", TensorProto.FLOAT, out_shape)])
+    graph = helper.make_graph(
+        [helper.make_node("Shape", [INPUT_NAME], ["shape"]),
+         helper.make_node("Gather", ["shape", "zero"], ["batch_dim"], axis=0),
+         helper.make_node("Gather", ["shape", "one"], ["seq_dim"], axis=0),
+         helper.make_node("Mul", ["batch_dim", "seq_dim"], ["elements"]),
+         helper.make_node("Equal", ["elements", "zero"], ["is_empty"]),
+         helper.make_node("If", ["is_empty"], [OUTPUT_NAME], then_branch=empty, else_branch=full)],
+        "gru_classifier_fused",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", "seq", spec.input_size])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, out_shape)],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=FUSED_IR_VERSION,
+                             producer_name="gru-deploy")
+
+
+def export_fused(state_dict: dict[str, Any], spec: ModelSpec, opset: int = DEFAULT_OPSET,
+                 metadata: dict[str, Any] | None = None) -> ExportResult:
+    """Export the fused (ONNX GRU op) graph, checked like the others."""
+    check_opset(opset)
+    model = build_fused(state_dict, spec, opset)
+    op_types = count_ops(model.graph)
+    if "GRU" not in op_types:
+        raise CheckFailed("the fused graph has no GRU node")
+    return _finish(model, "fused", opset, op_types, metadata)
+
+
+def _finish(model: "onnx.ModelProto", strategy: str, opset: int, op_types: dict[str, int],
+            metadata: dict[str, Any] | None) -> ExportResult:
+    import onnx
+
     add_metadata(model, metadata or {})
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise CheckFailed(f"the exported ONNX graph failed onnx.checker: {str(exc).splitlines()[0]}") from None
-    return ExportResult(
-        onnx_bytes=model.SerializeToString(),
-        strategy="loop",
-        opset=opset,
-        ir_version=int(model.ir_version),
-        node_count=sum(op_types.values()),
-        op_types=op_types,
-    )
+    return ExportResult(model.SerializeToString(), strategy, opset, int(model.ir_version),
+                        sum(op_types.values()), op_types)

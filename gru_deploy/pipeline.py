@@ -7,18 +7,39 @@ parity gate passes, so a failed or interrupted export leaves the earlier export 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from gru_deploy import __version__
 from gru_deploy.compare import DEFAULT_ATOL, DEFAULT_RTOL
-from gru_deploy.errors import CheckFailed
+from gru_deploy.errors import CheckFailed, UserInputError
+from gru_deploy.export import STRATEGIES
 from gru_deploy.manifest import (MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, atomic_write_bytes,
                                  atomic_write_json, file_entry, staged_dir)
 from gru_deploy.train import Checkpoint
 from gru_deploy.versions import library_versions
 
+if TYPE_CHECKING:
+    import torch
+
+    from gru_deploy.export import ExportResult
+    from gru_deploy.spec import ModelSpec
+
+STRATEGY_CHOICES = (*STRATEGIES, "auto")
 # Files in an export dir that gru-deploy did not write and keeps across exports.
 KEEP = ("README.md",)
+
+
+def build_strategy(strategy: str, scripted: "torch.jit.ScriptModule", checkpoint: Checkpoint, opset: int,
+                   metadata: dict[str, Any]) -> "ExportResult":
+    """One ONNX graph for one strategy."""
+    from gru_deploy.export import export_fused, export_loop
+
+    meta = {**metadata, "gru_deploy.strategy": strategy}
+    if strategy == "loop":
+        return export_loop(scripted, checkpoint.spec, opset, meta)
+    if strategy == "fused":
+        return export_fused(checkpoint.state_dict, checkpoint.spec, opset, meta)
+    raise UserInputError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGY_CHOICES)}")
 
 
 def export_to_dir(
@@ -27,40 +48,68 @@ def export_to_dir(
     opset: int = 17,
     atol: float = DEFAULT_ATOL,
     rtol: float = DEFAULT_RTOL,
+    strategy: str = "loop",
+    typical: tuple[int, int] = (1, 100),
     on_step: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Write model.pt, model.onnx, parity.json and manifest.json into `out`; return the manifest.
 
-    Raises CheckFailed (and writes nothing) when a guard or the parity gate fails.
+    `strategy` is loop, fused or auto; auto checks every strategy's parity, times each at
+    the `typical` (batch, seq) in onnxruntime and keeps the fastest. Raises CheckFailed
+    (and writes nothing) when a guard or the parity gate fails.
     """
     from gru_deploy import script
-    from gru_deploy.export import check_opset, export_loop
-    from gru_deploy.verify import check_tolerances, export_runners, run_parity
+    from gru_deploy.export import check_opset
+    from gru_deploy.verify import build_runners, check_tolerances, run_parity
 
     check_opset(opset)
     check_tolerances(atol, rtol)
+    if strategy not in STRATEGY_CHOICES:
+        raise UserInputError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGY_CHOICES)}")
+    if min(typical) < 1:
+        raise UserInputError(f"the typical batch and seq must be at least 1, got {typical}")
     step = on_step or (lambda message: None)
     spec = checkpoint.spec
     model = checkpoint.model()
     step("scripting with torch.jit.script (checking the time loop stays a prim::Loop)")
     scripted = script.torchscript(model)
-    step(f"exporting to ONNX opset {opset} (TorchScript exporter; guarding against unrolling)")
+    pt_bytes = script.to_bytes(scripted)
     metadata = {
         "gru_deploy.version": __version__,
         "gru_deploy.config": spec.to_dict(),
         "gru_deploy.labels": list(spec.labels),
-        "gru_deploy.strategy": "loop",
         "gru_deploy.source_checkpoint_sha256": checkpoint.sha256 or "",
     }
-    result = export_loop(scripted, spec, opset, metadata)
+    candidates = list(STRATEGIES) if strategy == "auto" else [strategy]
+    verified: dict[str, tuple[Any, Any]] = {}
+    for name in candidates:
+        step(f"exporting strategy {name} to ONNX opset {opset}")
+        result = build_strategy(name, scripted, checkpoint, opset, metadata)
+        step(f"checking parity of {name}: eager, TorchScript, onnxruntime, onnx reference, float64")
+        report = run_parity(build_runners(spec, scripted, result.onnx_bytes), spec, atol=atol, rtol=rtol)
+        if not report:
+            raise CheckFailed(f"parity failed for strategy {name}, nothing written: " + "; ".join(report.failures()))
+        verified[name] = (result, report)
+    auto: dict[str, Any] | None = None
+    chosen = candidates[0]
+    if strategy == "auto":
+        step(f"timing {', '.join(candidates)} at batch {typical[0]}, seq {typical[1]}")
+        timings = time_strategies({n: r.onnx_bytes for n, (r, _) in verified.items()}, spec, typical)
+        chosen = min(timings, key=timings.get)
+        auto = {"typical_batch": typical[0], "typical_seq": typical[1], "median_us": timings, "chosen": chosen,
+                "threads": 1}
+    result, report = verified[chosen]
     with staged_dir(Path(out), keep=KEEP) as stage:
-        atomic_write_bytes(stage / "model.pt", script.to_bytes(scripted))
+        atomic_write_bytes(stage / "model.pt", pt_bytes)
         atomic_write_bytes(stage / "model.onnx", result.onnx_bytes)
+        parity = report.to_json()
+        atomic_write_json(stage / "parity.json", parity)
         manifest: dict[str, Any] = {
             "format": MANIFEST_FORMAT,
             "format_version": MANIFEST_VERSION,
             "gru_deploy_version": __version__,
             "strategy": result.strategy,
+            "auto": auto,
             "opset": result.opset,
             "ir_version": result.ir_version,
             "onnx": {"node_count": result.node_count, "op_types": result.op_types},
@@ -72,15 +121,25 @@ def export_to_dir(
             "source_checkpoint": {"sha256": checkpoint.sha256},
             "versions": library_versions(),
             "notes": [script.DEPRECATION_NOTE],
-            "files": {name: file_entry(stage / name) for name in ("model.pt", "model.onnx")},
+            "files": {name: file_entry(stage / name) for name in ("model.pt", "model.onnx", "parity.json")},
+            "parity": {"passed": parity["passed"], "atol": atol, "rtol": rtol, "summary": parity["summary"]},
         }
-        step("checking parity: eager, TorchScript, onnxruntime, onnx reference, float64")
-        report = run_parity(export_runners(stage, manifest), spec, atol=atol, rtol=rtol)
-        if not report:
-            raise CheckFailed("parity failed, nothing written: " + "; ".join(report.failures()))
-        parity = report.to_json()
-        atomic_write_json(stage / "parity.json", parity)
-        manifest["files"]["parity.json"] = file_entry(stage / "parity.json")
-        manifest["parity"] = {"passed": parity["passed"], "atol": atol, "rtol": rtol, "summary": parity["summary"]}
         atomic_write_json(stage / MANIFEST_NAME, manifest)
     return manifest
+
+
+def time_strategies(models: dict[str, bytes], spec: "ModelSpec", typical: tuple[int, int],
+                    budget_s: float = 0.5) -> dict[str, float]:
+    """Median onnxruntime latency (µs, one thread, one session each) of each graph at one shape."""
+    import numpy as np
+
+    from gru_deploy.bench import median_us
+    from gru_deploy.runners import OnnxRuntimeRunner
+
+    x = np.random.default_rng(0).standard_normal((typical[0], typical[1], spec.input_size)).astype(np.float32)
+    timings = {}
+    for name, onnx_bytes in models.items():
+        runner = OnnxRuntimeRunner(spec, onnx_bytes, threads=1)
+        timings[name] = round(median_us(lambda: runner.run({"x": x}), budget_s), 1)
+        del runner
+    return timings

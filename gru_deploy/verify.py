@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -19,6 +19,9 @@ from gru_deploy.compare import DEFAULT_ATOL, DEFAULT_RTOL, compare
 from gru_deploy.errors import UserInputError
 from gru_deploy.runners import Runner
 from gru_deploy.spec import INPUT_NAME, OUTPUT_NAME, ModelSpec
+
+if TYPE_CHECKING:
+    import torch
 
 GRID_BATCHES = (1, 3, 64)
 GRID_SEQS = (0, 1, 7, 100, 1000)
@@ -141,26 +144,34 @@ def check_tolerances(atol: float, rtol: float) -> None:
             raise UserInputError(f"--{name} must be a finite number >= 0, got {value}")
 
 
-def export_runners(folder: Path, manifest: dict[str, Any], threads: int = 1) -> dict[str, Runner]:
-    """Runners over an export dir's files, each file checked against the manifest first."""
+def build_runners(spec: ModelSpec, module: "torch.jit.ScriptModule", onnx_model: Path | bytes,
+                  threads: int = 1) -> dict[str, Runner]:
+    """Every runner over one model: eager and float64 on the TorchScript module's weights."""
     from gru_deploy import script
-    from gru_deploy.manifest import verified_path
     from gru_deploy.model import load_weights, weights_numpy
     from gru_deploy.runners import (Float64Runner, OnnxReferenceRunner, OnnxRuntimeRunner, eager_runner,
                                     torchscript_runner)
 
-    spec = ModelSpec.from_dict(manifest["config"])
-    module = script.load(verified_path(folder, manifest, "model.pt"))
     script.check_loop(module)
     model = load_weights(spec, dict(module.state_dict()))
-    onnx_path = verified_path(folder, manifest, "model.onnx")
+    onnx_bytes = onnx_model.read_bytes() if isinstance(onnx_model, Path) else onnx_model
     return {
         "eager": eager_runner(spec, model),
         "torchscript": torchscript_runner(spec, module),
-        "onnxruntime": OnnxRuntimeRunner(spec, onnx_path, threads=threads),
-        "onnx-reference": OnnxReferenceRunner(spec, onnx_path.read_bytes()),
+        "onnxruntime": OnnxRuntimeRunner(spec, onnx_bytes, threads=threads),
+        "onnx-reference": OnnxReferenceRunner(spec, onnx_bytes),
         "float64": Float64Runner(spec, weights_numpy(model)),
     }
+
+
+def export_runners(folder: Path, manifest: dict[str, Any], threads: int = 1) -> dict[str, Runner]:
+    """Runners over an export dir's files, each file checked against the manifest first."""
+    from gru_deploy import script
+    from gru_deploy.manifest import verified_path
+
+    spec = ModelSpec.from_dict(manifest["config"])
+    module = script.load(verified_path(folder, manifest, "model.pt"))
+    return build_runners(spec, module, verified_path(folder, manifest, "model.onnx"), threads)
 
 
 def verify_export(folder: Path, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,

@@ -14,30 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
-from typing import Callable
 
 import numpy as np
 
 SHAPES = ((1, 100), (32, 100), (1, 1000))
-
-
-def median_us(fn: Callable[[], object], budget_s: float, min_runs: int = 5, max_runs: int = 500) -> float:
-    """Median wall time of `fn` in microseconds, over as many runs as fit in `budget_s`."""
-    for _ in range(3):
-        fn()  # warm-up
-    start = time.perf_counter()
-    fn()
-    estimate = max(time.perf_counter() - start, 1e-6)
-    runs = int(min(max_runs, max(min_runs, budget_s / estimate)))
-    samples = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e6
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from gru_deploy import script
+    from gru_deploy.bench import median_us
     from gru_deploy.export import export_loop
     from gru_deploy.model import GRUClassifier, tutorial_forward
     from gru_deploy.runners import OnnxRuntimeRunner
