@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import numpy as np
+
+    from gru_deploy.spec import ModelSpec
 
 
 def median_us(fn: Callable[[], object], budget_s: float = 1.0, min_runs: int = 5, max_runs: int = 1000) -> float:
@@ -21,3 +28,145 @@ def median_us(fn: Callable[[], object], budget_s: float = 1.0, min_runs: int = 5
         fn()
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples) * 1e6
+
+
+SHAPES = ((1, 1), (1, 100), (32, 100), (1, 1000), (256, 200))
+LARGE_SHAPES = ((1, 100), (64, 100))  # for the hidden-256 / input-64 model
+SCALING = (256, (1000, 2000))  # batch, seq lengths: is the loop's cost linear in T?
+
+
+def _contenders(spec: "ModelSpec", state_dict: dict, threads: int) -> dict[str, Callable[["np.ndarray"], object]]:
+    """Callables of x (float32 numpy) for eager, TorchScript and each ONNX strategy."""
+    import torch
+
+    from gru_deploy import script
+    from gru_deploy.export import export_fused, export_loop
+    from gru_deploy.model import load_weights, tutorial_forward
+
+    model = load_weights(spec, state_dict)
+    scripted = script.torchscript(model)
+    graphs = {"onnxruntime loop": export_loop(scripted, spec).onnx_bytes,
+              "onnxruntime fused": export_fused(state_dict, spec).onnx_bytes}
+
+    def eager(x):
+        with torch.no_grad():
+            return tutorial_forward(model, torch.from_numpy(x))
+
+    def torchscript(x):
+        with torch.no_grad():
+            return scripted(torch.from_numpy(x))
+
+    found: dict[str, Callable] = {"eager": eager, "torchscript": torchscript}
+    for name, graph in graphs.items():
+        found[name] = _ort_call(spec, graph, threads)
+    return found
+
+
+def _ort_call(spec: "ModelSpec", graph: bytes, threads: int) -> Callable:
+    from gru_deploy.runners import OnnxRuntimeRunner
+
+    runner = OnnxRuntimeRunner(spec, graph, threads=threads)
+    return lambda x: runner.run({"x": x})
+
+
+def _rows(contenders: dict[str, Callable], spec: "ModelSpec", shapes, budget_s: float,
+          progress: Callable[[str], None]) -> list[dict[str, Any]]:
+    import numpy as np
+
+    rows = []
+    for batch, seq in shapes:
+        x = np.random.default_rng(batch * 7919 + seq).standard_normal((batch, seq, spec.input_size)).astype(np.float32)
+        progress(f"batch {batch}, seq {seq}")
+        timings = {name: median_us(lambda: fn(x), budget_s) for name, fn in contenders.items()}
+        fastest = min(timings.values())
+        rows.append({
+            "input_size": spec.input_size, "hidden_size": spec.hidden_size, "batch": batch, "seq": seq,
+            "median_us": timings,
+            "speedup_vs_eager": {k: timings["eager"] / v for k, v in timings.items()},
+            "times_fastest": {k: v / fastest for k, v in timings.items()},
+        })
+    return rows
+
+
+def run_bench(spec: "ModelSpec", state_dict: dict, threads: int = 1, budget_s: float = 0.5,
+              large: bool = True, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Medians of every runtime on the standard shapes, in one run; ratios to eager and to the fastest."""
+    import torch
+
+    from gru_deploy.model import GRUClassifier
+    from gru_deploy.spec import ModelSpec as Spec
+    from gru_deploy.versions import library_versions
+
+    say = progress or (lambda message: None)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        contenders = _contenders(spec, state_dict, threads)
+        rows = _rows(contenders, spec, SHAPES, budget_s, say)
+        batch, (short, long) = SCALING
+        loop = contenders["onnxruntime loop"]
+        import numpy as np
+
+        say(f"loop scaling at batch {batch}, seq {short} and {long}")
+        x_long = np.random.default_rng(1).standard_normal((batch, long, spec.input_size)).astype(np.float32)
+        x_short = np.ascontiguousarray(x_long[:, :short])
+        scaling = {"batch": batch, "seq": [short, long],
+                   "median_us": [median_us(lambda: loop(x_short), budget_s),
+                                 median_us(lambda: loop(x_long), budget_s)]}
+        scaling["ratio"] = scaling["median_us"][1] / scaling["median_us"][0]
+        if large:
+            torch.manual_seed(0)
+            big = Spec(input_size=64, hidden_size=256, output_size=spec.output_size)
+            big_state = GRUClassifier(64, 256, spec.output_size).state_dict()
+            rows += _rows(_contenders(big, big_state, threads), big, LARGE_SHAPES, budget_s, say)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return {"threads": threads, "budget_s": budget_s, "versions": library_versions(), "rows": rows,
+            "loop_scaling": scaling}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    names = list(result["rows"][0]["median_us"])
+    lines = [f"median latency in µs (speed-up vs eager); threads={result['threads']}",
+             f"{'I/H':>7} {'batch, seq':>11}" + "".join(f"{n:>26}" for n in names)]
+    for row in result["rows"]:
+        cells = "".join(f"{row['median_us'][n]:>16,.0f} ({row['speedup_vs_eager'][n]:>6.1f}x)" for n in names)
+        lines.append(f"{row['input_size']:>3}/{row['hidden_size']:<3} {row['batch']:>4}, {row['seq']:<5}" + cells)
+    s = result["loop_scaling"]
+    lines.append(f"loop scaling at batch {s['batch']}: seq {s['seq'][0]} {s['median_us'][0]:,.0f} µs, "
+                 f"seq {s['seq'][1]} {s['median_us'][1]:,.0f} µs, ratio {s['ratio']:.2f} (2.00 = linear)")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: "Path") -> None:
+    """A grouped bar chart of the medians (log scale); needs matplotlib (`pip install gru-deploy[plot]`)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from gru_deploy.errors import UserInputError
+
+        raise UserInputError("--plot needs matplotlib: pip install 'gru-deploy[plot]'") from None
+    import io
+
+    from gru_deploy.manifest import atomic_write_bytes
+
+    rows = result["rows"]
+    names = list(rows[0]["median_us"])
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ax.bar([j + i * width for j in range(len(rows))], [r["median_us"][name] for r in rows], width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
+    ax.set_xticklabels([f"{r['input_size']}/{r['hidden_size']}\n{r['batch']}×{r['seq']}" for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("median latency, µs (log)")
+    ax.set_title(f"gru-deploy bench (threads={result['threads']})")
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -251,6 +251,64 @@ def verify(obj: dict, folder: Path, atol: float, rtol: float, quiet: bool, as_js
         click.echo(f"parity holds for {folder} (atol {atol:g}, rtol {rtol:g})")
 
 
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path), required=False)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Threads for torch and for each onnxruntime session.")
+@click.option("--budget", type=click.FloatRange(min=0.01), default=0.5, show_default=True,
+              help="Seconds spent measuring each (runtime, shape).")
+@click.option("--no-large", is_flag=True, help="Skip the hidden-256 / input-64 model.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write a PNG bar chart (needs matplotlib: pip install 'gru-deploy[plot]').")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+@click.pass_obj
+def bench(obj: dict, folder: Path | None, threads: int, budget: float, no_large: bool, plot: Path | None,
+          quiet: bool, as_json: bool) -> None:
+    """Median latency of eager PyTorch, TorchScript and each ONNX strategy in onnxruntime.
+
+    Measures, in one run, the tutorial's eager loop (the reference), TorchScript, the
+    loop and fused ONNX graphs in onnxruntime (one session each, --threads threads) at
+    (batch, seq) = (1,1), (1,100), (32,100), (1,1000), (256,200), and a hidden-256 /
+    input-64 model at (1,100) and (64,100); prints medians with ratios to eager, and the
+    loop graph's cost at seq 1000 vs 2000 (batch 256). FOLDER is an export folder
+    (its weights are used; checksums are checked); without it, an untrained model.
+
+    \b
+    Example:
+      gru-deploy bench exported/ --json > bench.json
+    """
+    from gru_deploy.bench import format_table, run_bench
+    from gru_deploy.bench import plot as plot_png
+
+    obj["quiet"] = quiet or as_json
+    if folder is not None:
+        from gru_deploy import script
+        from gru_deploy.manifest import read_manifest, verified_path
+        from gru_deploy.spec import ModelSpec
+
+        manifest = read_manifest(folder)
+        spec = ModelSpec.from_dict(manifest["config"])
+        state = dict(script.load(verified_path(folder, manifest, "model.pt")).state_dict())
+    else:
+        import torch
+
+        from gru_deploy.model import GRUClassifier
+        from gru_deploy.spec import ModelSpec
+
+        _say(obj, "no FOLDER given: benchmarking an untrained default-size model (speed does not depend on weights)")
+        torch.manual_seed(0)
+        spec, state = ModelSpec(), GRUClassifier().state_dict()
+    result = run_bench(spec, state, threads=threads, budget_s=budget, large=not no_large,
+                       progress=lambda m: _progress(obj, f"measuring {m}"))
+    if plot is not None:
+        plot_png(result, plot)
+    if as_json:
+        _emit_json(result)
+    else:
+        click.echo(format_table(result))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI and map errors to one line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)

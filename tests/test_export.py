@@ -93,3 +93,64 @@ def test_every_supported_opset_exports_and_matches_onnxruntime(model, opset):
         with torch.no_grad():
             expected = tutorial_forward(model, torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(runner.run({"x": x})["logits"], expected, atol=1e-5, rtol=1e-5)
+
+
+# --- fused -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fused(model):
+    from gru_deploy.export import export_fused
+
+    return export_fused(model.state_dict(), ModelSpec())
+
+
+def test_fused_graph_is_one_gru_node_with_an_old_ir_version(fused):
+    proto = onnx.load_from_string(fused.onnx_bytes)
+    assert fused.op_types["GRU"] == 1 and "Loop" not in fused.op_types
+    assert proto.ir_version == 8  # readable by onnxruntime 1.14+, not onnx.helper's newest default
+    gru = next(n for g in (a.g for n in proto.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH)
+               for n in g.node if n.op_type == "GRU")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gru.attribute}
+    assert attrs["linear_before_reset"] == 0 and attrs["hidden_size"] == 16
+
+
+@pytest.mark.parametrize("seq", [1, 7, 1500])
+def test_fused_matches_float64_up_to_1500_steps(model, fused, seq):
+    from gru_deploy.model import weights_numpy
+    from gru_deploy.runners import Float64Runner
+
+    x = {"x": (np.random.default_rng(seq).standard_normal((3, seq, 8)) * 3).astype(np.float32)}
+    got = OnnxRuntimeRunner(ModelSpec(), fused.onnx_bytes).run(x)["logits"]
+    np.testing.assert_allclose(got, Float64Runner(ModelSpec(), weights_numpy(model)).run(x)["logits"], atol=1e-5)
+
+
+def test_empty_inputs_never_reach_the_gru_kernel(fused, model, tmp_path):
+    """Raw onnxruntime (not our runner) on the fused file: empty batch or time axis must not abort."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "fused.onnx"
+    path.write_bytes(fused.onnx_bytes)
+    code = (
+        "import json, sys, numpy as np, onnxruntime as ort\n"
+        "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+        "print(json.dumps([s.run(None, {'x': np.zeros(shape, np.float32)})[0].tolist()\n"
+        "                  for shape in [(3, 0, 8), (0, 5, 8), (0, 0, 8)]]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr  # a kernel abort would be -6 (SIGABRT)
+    seq0, batch0, both0 = json.loads(proc.stdout)
+    bias = model.fc.bias.detach().numpy()
+    np.testing.assert_allclose(np.array(seq0), np.tile(bias, (3, 1)), atol=1e-6)  # h stays 0: fc(0) = bias
+    assert batch0 == [] and both0 == []
+
+
+def test_fused_mapping_negates_only_the_z_gate(model):
+    from gru_deploy.export import fused_weights
+
+    w = fused_weights(model.state_dict())
+    h = 16
+    np.testing.assert_array_equal(w["W"][0, :h], -model.gru.W_xz.weight.detach().numpy())
+    np.testing.assert_array_equal(w["W"][0, h:2 * h], model.gru.W_xr.weight.detach().numpy())
+    np.testing.assert_array_equal(w["R"][0, 2 * h:], model.gru.W_hh.weight.detach().numpy())
+    assert not w["B"][0, 3 * h:].any()  # recurrent biases are zero
