@@ -125,8 +125,11 @@ def run_bench(spec: "ModelSpec", state_dict: dict, threads: int = 1, budget_s: f
             "loop_scaling": scaling}
 
 
+ORDER = ("eager", "torchscript", "onnxruntime loop", "onnxruntime fused")
+
+
 def format_table(result: dict[str, Any]) -> str:
-    names = list(result["rows"][0]["median_us"])
+    names = sorted(result["rows"][0]["median_us"], key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
     lines = [f"median latency in µs (speed-up vs eager); threads={result['threads']}",
              f"{'I/H':>7} {'batch, seq':>11}" + "".join(f"{n:>26}" for n in names)]
     for row in result["rows"]:
