@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.script import quiet_torchscript_deprecation
-from gru_deploy.spec import INPUT_NAME, OUTPUT_NAME, ModelSpec
+from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, OUTPUT_NAME, STATE_IN, VARIANT_IO, ModelSpec
 
 if TYPE_CHECKING:
     import numpy as np
@@ -69,21 +69,38 @@ def count_ops(graph: "onnx.GraphProto") -> dict[str, int]:
     return counts
 
 
-def _export_once(scripted: "torch.jit.ScriptModule", spec: ModelSpec, opset: int, seq_len: int) -> bytes:
+def example_inputs(spec: ModelSpec, variant: str, batch: int, seq: int) -> tuple["torch.Tensor", ...]:
+    """Example inputs of a variant, used to trace the export."""
     import torch
 
-    example = torch.zeros(2, seq_len, spec.input_size)
+    examples = {
+        INPUT_NAME: torch.zeros(batch, seq, spec.input_size),
+        STATE_IN: torch.zeros(batch, spec.hidden_size),
+        LENGTHS_NAME: torch.full((batch,), seq, dtype=torch.int64),
+    }
+    return tuple(examples[name] for name in VARIANT_IO[variant][0])
+
+
+def _export_once(scripted: "torch.jit.ScriptModule", spec: ModelSpec, opset: int, seq_len: int,
+                 variant: str = "classifier") -> bytes:
+    inputs, outputs = VARIANT_IO[variant]
+    dynamic = {}
+    for name in inputs + outputs:
+        shape = spec.tensor(name)["shape"]
+        dynamic[name] = {i: d for i, d in enumerate(shape) if isinstance(d, str)}
     buffer = io.BytesIO()
     with quiet_torchscript_deprecation():
+        import torch
+
         torch.onnx.export(
             scripted,
-            (example,),
+            example_inputs(spec, variant, 2, seq_len),
             buffer,
             dynamo=False,
             opset_version=opset,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch", 1: "seq"}, OUTPUT_NAME: {0: "batch"}},
+            input_names=list(inputs),
+            output_names=list(outputs),
+            dynamic_axes=dynamic,
             do_constant_folding=True,
         )
     return buffer.getvalue()
@@ -118,12 +135,13 @@ def export_loop(
     spec: ModelSpec,
     opset: int = DEFAULT_OPSET,
     metadata: dict[str, Any] | None = None,
+    variant: str = "classifier",
 ) -> ExportResult:
-    """Export the scripted classifier to an ONNX Loop graph, guarded and checked."""
+    """Export a scripted variant (classifier, stream, lengths) to an ONNX Loop graph, guarded and checked."""
     import onnx
 
     check_opset(opset)
-    models = [onnx.load_from_string(_export_once(scripted, spec, opset, n)) for n in GUARD_LENGTHS]
+    models = [onnx.load_from_string(_export_once(scripted, spec, opset, n, variant)) for n in GUARD_LENGTHS]
     op_types = check_not_unrolled(models)
     model = models[0]
     model.producer_name = "gru-deploy"

@@ -77,8 +77,12 @@ class GRUClassifier(nn.Module):
         self.fc = nn.Linear(hidden_size, output_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h0 = torch.zeros(x.size(0), self.hidden_size, dtype=x.dtype, device=x.device)
+        return self.fc(self.recur(x, h0))
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input projections of every step, time-major, and the merged hidden weights."""
         cell = self.gru
-        hidden = self.hidden_size
         steps = x.transpose(0, 1)  # time-major [seq, batch, input]
         # Input projections for every step at once, outside the loop.
         w_x_zr = torch.cat([cell.W_xz.weight, cell.W_xr.weight], 0)
@@ -87,23 +91,79 @@ class GRUClassifier(nn.Module):
         x_h = cell.W_xh(steps)  # [seq, batch, H]
         # Hidden projections of z and r merged into one matmul per step.
         w_h_zr = torch.cat([cell.W_hz.weight, cell.W_hr.weight], 0).t()
-        w_hh = cell.W_hh.weight.t()
-        h = torch.zeros(x.size(0), hidden, dtype=x.dtype, device=x.device)
+        return x_zr, x_h, w_h_zr, cell.W_hh.weight.t()
+
+    def step(self, x_zr: torch.Tensor, x_h: torch.Tensor, h: torch.Tensor, w_h_zr: torch.Tensor,
+             w_hh: torch.Tensor) -> torch.Tensor:
+        hidden = self.hidden_size
+        zr = torch.sigmoid(x_zr + torch.mm(h, w_h_zr))
+        z = zr.narrow(1, 0, hidden)
+        r = zr.narrow(1, hidden, hidden)
+        h_tilde = torch.tanh(x_h + torch.mm(r * h, w_hh))
+        return (1 - z) * h + z * h_tilde
+
+    def recur(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The time loop from state `h`; returns the last state."""
+        x_zr, x_h, w_h_zr, w_hh = self.project(x)
         for t in range(x_zr.size(0)):
-            zr = torch.sigmoid(x_zr[t] + torch.mm(h, w_h_zr))
-            z = zr.narrow(1, 0, hidden)
-            r = zr.narrow(1, hidden, hidden)
-            h_tilde = torch.tanh(x_h[t] + torch.mm(r * h, w_hh))
-            h = (1 - z) * h + z * h_tilde
-        return self.fc(h)
+            h = self.step(x_zr[t], x_h[t], h, w_h_zr, w_hh)
+        return h
+
+    def recur_masked(self, x: torch.Tensor, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The time loop where steps t >= lengths[b] leave sample b's state unchanged."""
+        x_zr, x_h, w_h_zr, w_hh = self.project(x)
+        for t in range(x_zr.size(0)):
+            valid = (lengths > t).unsqueeze(1)
+            h = torch.where(valid, self.step(x_zr[t], x_h[t], h, w_h_zr, w_hh), h)
+        return h
 
 
-def tutorial_forward(model: GRUClassifier, x: torch.Tensor) -> torch.Tensor:
+class StreamingClassifier(GRUClassifier):
+    """Stateful form: (x [batch, chunk, input], h0 [batch, hidden]) -> (logits, h_n).
+
+    Feeding a sequence chunk by chunk, carrying h_n into the next h0, gives the logits and
+    final state of one pass over the whole sequence.
+    """
+
+    def forward(self, x: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.recur(x, h0)
+        return self.fc(h), h
+
+
+class LengthsClassifier(GRUClassifier):
+    """Variable-length form: (x [batch, seq, input] padded, lengths int64 [batch]) -> logits.
+
+    Each sample's output equals the one it gets alone, unpadded; lengths of 0 give fc(0).
+    """
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        h0 = torch.zeros(x.size(0), self.hidden_size, dtype=x.dtype, device=x.device)
+        return self.fc(self.recur_masked(x, h0, lengths))
+
+
+VARIANT_CLASSES = {"classifier": GRUClassifier, "stream": StreamingClassifier, "lengths": LengthsClassifier}
+
+
+def as_variant(model: GRUClassifier, variant: str) -> GRUClassifier:
+    """The same weights in another form (classifier, stream, lengths)."""
+    cls = VARIANT_CLASSES[variant]
+    out = cls(model.gru.input_size, model.hidden_size, model.fc.out_features)
+    out.load_state_dict(model.state_dict())
+    return out.eval()
+
+
+def tutorial_forward(model: GRUClassifier, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
     """The tutorial's own loop: batch-major slicing, one cell call per step."""
-    h = torch.zeros(x.size(0), model.hidden_size, dtype=x.dtype, device=x.device)
+    return model.fc(tutorial_state(model, x, h))
+
+
+def tutorial_state(model: GRUClassifier, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+    """The last state of the tutorial's loop, from `h` (zeros when None)."""
+    if h is None:
+        h = torch.zeros(x.size(0), model.hidden_size, dtype=x.dtype, device=x.device)
     for t in range(x.size(1)):
         h = model.gru(x[:, t, :], h)
-    return model.fc(h)
+    return h
 
 
 def build_model(spec: ModelSpec) -> GRUClassifier:

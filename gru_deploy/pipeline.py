@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from gru_deploy.spec import ModelSpec
 
 STRATEGY_CHOICES = (*STRATEGIES, "auto")
+# Variants exported beside the classifier (always as a Loop: see docs/streaming.md).
+VARIANTS = ("stream", "lengths")
 # Files in an export dir that gru-deploy did not write and keeps across exports.
 KEEP = ("README.md",)
 
@@ -59,8 +61,9 @@ def export_to_dir(
     (and writes nothing) when a guard or the parity gate fails.
     """
     from gru_deploy import script
-    from gru_deploy.export import check_opset
-    from gru_deploy.verify import build_runners, check_tolerances, run_parity
+    from gru_deploy.export import check_opset, export_loop
+    from gru_deploy.model import as_variant
+    from gru_deploy.verify import VARIANT_FILES, build_runners, check_tolerances, parity_for_dir, run_parity
 
     check_opset(opset)
     check_tolerances(atol, rtol)
@@ -81,29 +84,39 @@ def export_to_dir(
         "gru_deploy.source_checkpoint_sha256": checkpoint.sha256 or "",
     }
     candidates = list(STRATEGIES) if strategy == "auto" else [strategy]
-    verified: dict[str, tuple[Any, Any]] = {}
+    results = {}
     for name in candidates:
         step(f"exporting strategy {name} to ONNX opset {opset}")
-        result = build_strategy(name, scripted, checkpoint, opset, metadata)
-        step(f"checking parity of {name}: eager, TorchScript, onnxruntime, onnx reference, float64")
-        report = run_parity(build_runners(spec, scripted, result.onnx_bytes), spec, atol=atol, rtol=rtol)
-        if not report:
-            raise CheckFailed(f"parity failed for strategy {name}, nothing written: " + "; ".join(report.failures()))
-        verified[name] = (result, report)
+        results[name] = build_strategy(name, scripted, checkpoint, opset, metadata)
     auto: dict[str, Any] | None = None
     chosen = candidates[0]
     if strategy == "auto":
+        for name, result in results.items():
+            step(f"checking parity of {name} before timing it")
+            report = run_parity(build_runners(spec, scripted, result.onnx_bytes), spec, atol=atol, rtol=rtol)
+            if not report:
+                raise CheckFailed(f"parity failed for strategy {name}, nothing written: "
+                                  + "; ".join(report.failures()))
         step(f"timing {', '.join(candidates)} at batch {typical[0]}, seq {typical[1]}")
-        timings = time_strategies({n: r.onnx_bytes for n, (r, _) in verified.items()}, spec, typical)
+        timings = time_strategies({n: r.onnx_bytes for n, r in results.items()}, spec, typical)
         chosen = min(timings, key=timings.get)
         auto = {"typical_batch": typical[0], "typical_seq": typical[1], "median_us": timings, "chosen": chosen,
                 "threads": 1}
-    result, report = verified[chosen]
+    result = results[chosen]
+    files = {"model.pt": pt_bytes, "model.onnx": result.onnx_bytes}
+    variants: dict[str, Any] = {}
+    for variant in VARIANTS:
+        step(f"exporting the {variant} variant (TorchScript and ONNX Loop)")
+        module = script.torchscript(as_variant(model, variant))
+        exported = export_loop(module, spec, opset, {**metadata, "gru_deploy.variant": variant}, variant=variant)
+        pt_name, onnx_name = VARIANT_FILES[variant]
+        files[pt_name] = script.to_bytes(module)
+        files[onnx_name] = exported.onnx_bytes
+        variants[variant] = {"torchscript": pt_name, "onnx": onnx_name, "strategy": "loop",
+                             "signature": spec.signature(variant), "onnx_node_count": exported.node_count}
     with staged_dir(Path(out), keep=KEEP) as stage:
-        atomic_write_bytes(stage / "model.pt", pt_bytes)
-        atomic_write_bytes(stage / "model.onnx", result.onnx_bytes)
-        parity = report.to_json()
-        atomic_write_json(stage / "parity.json", parity)
+        for name, data in files.items():
+            atomic_write_bytes(stage / name, data)
         manifest: dict[str, Any] = {
             "format": MANIFEST_FORMAT,
             "format_version": MANIFEST_VERSION,
@@ -114,6 +127,7 @@ def export_to_dir(
             "ir_version": result.ir_version,
             "onnx": {"node_count": result.node_count, "op_types": result.op_types},
             "signature": spec.signature(),
+            "variants": variants,
             "config": spec.to_dict(),
             "labels": list(spec.labels),
             "metrics": checkpoint.metrics,
@@ -121,9 +135,17 @@ def export_to_dir(
             "source_checkpoint": {"sha256": checkpoint.sha256},
             "versions": library_versions(),
             "notes": [script.DEPRECATION_NOTE],
-            "files": {name: file_entry(stage / name) for name in ("model.pt", "model.onnx", "parity.json")},
-            "parity": {"passed": parity["passed"], "atol": atol, "rtol": rtol, "summary": parity["summary"]},
+            "files": {name: file_entry(stage / name) for name in files},
         }
+        step("checking parity of every file: eager, TorchScript, onnxruntime, onnx reference, float64; "
+             "chunked streaming; padded batches")
+        report = parity_for_dir(stage, manifest, atol, rtol)
+        if not report:
+            raise CheckFailed("parity failed, nothing written: " + "; ".join(report.failures()))
+        parity = report.to_json()
+        atomic_write_json(stage / "parity.json", parity)
+        manifest["files"]["parity.json"] = file_entry(stage / "parity.json")
+        manifest["parity"] = {"passed": parity["passed"], "atol": atol, "rtol": rtol, "summary": parity["summary"]}
         atomic_write_json(stage / MANIFEST_NAME, manifest)
     return manifest
 

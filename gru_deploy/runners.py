@@ -1,20 +1,21 @@
 """Runners: one interface, `run(feed) -> outputs`, over every runtime we compare.
 
-Each runner takes a feed `{"x": float32 [batch, seq, input_size]}` and returns
-`{"logits": [batch, output_size]}` as numpy arrays. `OnnxRuntimeRunner` validates the feed
-before calling onnxruntime, whose kernels can abort the process on some edge cases; every
-path into onnxruntime goes through it.
+A runner serves one variant of the model (see `spec.VARIANT_IO`): the classifier
+(`x` → `logits`), the stateful stream (`x`, `h0` → `logits`, `h_n`) or the variable-length
+form (`x`, `lengths` → `logits`). `run` validates the feed against the variant's signature
+before any runtime sees it — rank, dtype, names, sizes, lengths in [0, seq], finiteness —
+because onnxruntime checks none of the semantics and some of its kernels abort the process
+on edge cases; an empty batch is answered without calling a runtime at all.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import numpy as np
 
 from gru_deploy.errors import UserInputError
-from gru_deploy.spec import INPUT_NAME, OUTPUT_NAME, ModelSpec
+from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, OUTPUT_NAME, STATE_IN, STATE_OUT, VARIANT_IO, ModelSpec
 
 if TYPE_CHECKING:
     import torch
@@ -23,73 +24,124 @@ Feed = Mapping[str, np.ndarray]
 Outputs = dict[str, np.ndarray]
 
 
-def validate_feed(feed: Feed, spec: ModelSpec) -> np.ndarray:
-    """Check a feed against the signature; return `x`. UserInputError says what is wrong."""
+def validate_feed(feed: Feed, spec: ModelSpec, variant: str = "classifier") -> dict[str, np.ndarray]:
+    """Check a feed against a variant's signature; UserInputError says what is wrong."""
+    inputs, _ = VARIANT_IO[variant]
     if not isinstance(feed, Mapping):
         raise UserInputError("the input must be a mapping of input names to arrays")
-    names = set(feed)
-    if names != {INPUT_NAME}:
-        raise UserInputError(f"the model takes exactly one input {INPUT_NAME!r}, got {sorted(names)}")
+    if set(feed) != set(inputs):
+        raise UserInputError(f"the {variant} model takes inputs {list(inputs)}, got {sorted(feed)}")
+    for name in inputs:
+        value = feed[name]
+        if not isinstance(value, np.ndarray):
+            raise UserInputError(f"input {name!r} must be a numpy array, got {type(value).__name__}")
+        expected = spec.tensor(name)
+        if value.dtype != np.dtype(expected["dtype"]):
+            raise UserInputError(f"input {name!r} must be {expected['dtype']}, got {value.dtype}")
+        if value.ndim != len(expected["shape"]):
+            raise UserInputError(
+                f"input {name!r} must have rank {len(expected['shape'])} {expected['shape']}, "
+                f"got shape {list(value.shape)}"
+            )
     x = feed[INPUT_NAME]
-    if not isinstance(x, np.ndarray):
-        raise UserInputError(f"input {INPUT_NAME!r} must be a numpy array, got {type(x).__name__}")
-    if x.dtype != np.float32:
-        raise UserInputError(f"input {INPUT_NAME!r} must be float32, got {x.dtype}")
-    if x.ndim != 3:
-        raise UserInputError(
-            f"input {INPUT_NAME!r} must have rank 3 [batch, seq, {spec.input_size}], got shape {list(x.shape)}"
-        )
     if x.shape[2] != spec.input_size:
         raise UserInputError(
             f"input {INPUT_NAME!r} has {x.shape[2]} channels on its last axis, the model takes {spec.input_size}"
         )
-    if x.size and not np.isfinite(x).all():
-        raise UserInputError(f"non-finite input: {INPUT_NAME!r} holds NaN or inf")
-    return x
+    batch, seq = x.shape[0], x.shape[1]
+    if STATE_IN in feed:
+        h0 = feed[STATE_IN]
+        if h0.shape != (batch, spec.hidden_size):
+            raise UserInputError(
+                f"input {STATE_IN!r} must have shape [{batch}, {spec.hidden_size}] (batch of x, hidden size), "
+                f"got {list(h0.shape)}"
+            )
+    if LENGTHS_NAME in feed:
+        lengths = feed[LENGTHS_NAME]
+        if lengths.shape[0] != batch:
+            raise UserInputError(f"input {LENGTHS_NAME!r} has {lengths.shape[0]} entries but x has batch {batch}")
+        if lengths.size and (lengths.min() < 0 or lengths.max() > seq):
+            raise UserInputError(
+                f"input {LENGTHS_NAME!r} must lie in [0, {seq}] (the padded sequence length), "
+                f"found {int(lengths.min())}..{int(lengths.max())}"
+            )
+    for name in inputs:
+        value = feed[name]
+        if value.dtype.kind == "f" and value.size and not np.isfinite(value).all():
+            raise UserInputError(f"non-finite input: {name!r} holds NaN or inf")
+    return {name: feed[name] for name in inputs}
 
 
 class Runner:
-    """Base: `name`, the spec, and `run(feed) -> outputs`."""
+    """Base: `name`, the spec, the variant, and `run(feed) -> outputs`."""
 
     name = "runner"
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, variant: str = "classifier") -> None:
+        if variant not in VARIANT_IO:
+            raise ValueError(f"unknown variant {variant!r}")
         self.spec = spec
+        self.variant = variant
+        self.outputs = VARIANT_IO[variant][1]
 
     def run(self, feed: Feed) -> Outputs:
-        x = validate_feed(feed, self.spec)
-        if x.shape[0] == 0:  # empty batch: nothing to compute, and no kernel sees it
-            return {OUTPUT_NAME: np.zeros((0, self.spec.output_size), dtype=np.float32)}
-        return {OUTPUT_NAME: self._infer(x)}
+        checked = validate_feed(feed, self.spec, self.variant)
+        if checked[INPUT_NAME].shape[0] == 0:  # empty batch: nothing to compute, no kernel sees it
+            return {name: np.zeros([0] + self.spec.tensor(name)["shape"][1:], np.float32) for name in self.outputs}
+        return self._infer(checked)
 
-    def _infer(self, x: np.ndarray) -> np.ndarray:
+    def _infer(self, feed: dict[str, np.ndarray]) -> Outputs:
         raise NotImplementedError
 
 
 class TorchRunner(Runner):
-    """A torch module (eager or TorchScript) or a function of x, run under no_grad."""
+    """A torch callable (eager or TorchScript) taking the variant's inputs in order, under no_grad."""
 
-    def __init__(self, spec: ModelSpec, fn: "torch.nn.Module", name: str) -> None:
-        super().__init__(spec)
+    def __init__(self, spec: ModelSpec, fn: Callable, name: str, variant: str = "classifier") -> None:
+        super().__init__(spec, variant)
         self.fn = fn
         self.name = name
 
-    def _infer(self, x: np.ndarray) -> np.ndarray:
+    def _infer(self, feed: dict[str, np.ndarray]) -> Outputs:
         import torch
 
         with torch.no_grad():
-            return self.fn(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+            result = self.fn(*(torch.from_numpy(np.ascontiguousarray(v)) for v in feed.values()))
+        result = result if isinstance(result, tuple) else (result,)
+        return {name: value.numpy() for name, value in zip(self.outputs, result)}
 
 
-def eager_runner(spec: ModelSpec, model: "torch.nn.Module") -> TorchRunner:
-    """The reference: the tutorial's own loop (`tutorial_forward`) on the model's weights."""
-    from gru_deploy.model import tutorial_forward
+def eager_runner(spec: ModelSpec, model: "torch.nn.Module", variant: str = "classifier") -> TorchRunner:
+    """The reference: the tutorial's own loop on the model's weights.
 
-    return TorchRunner(spec, lambda x: tutorial_forward(model, x), "eager")
+    For the stream it starts from h0; for lengths it runs each sample alone on its unpadded
+    prefix — the definition of what a padded batch must give.
+    """
+    import torch
+
+    from gru_deploy.model import tutorial_state
+
+    def classifier(x):
+        return model.fc(tutorial_state(model, x))
+
+    def stream(x, h0):
+        h = tutorial_state(model, x, h0)
+        return model.fc(h), h
+
+    def lengths(x, lengths):
+        states = [tutorial_state(model, x[b:b + 1, : int(lengths[b])]) for b in range(x.size(0))]
+        return model.fc(torch.cat(states, 0))
+
+    fns = {"classifier": classifier, "stream": stream, "lengths": lengths}
+    return TorchRunner(spec, fns[variant], "eager", variant)
 
 
-def torchscript_runner(spec: ModelSpec, module: "torch.jit.ScriptModule") -> TorchRunner:
-    return TorchRunner(spec, module, "torchscript")
+def torchscript_runner(spec: ModelSpec, module: "torch.jit.ScriptModule", variant: str = "classifier") -> TorchRunner:
+    return TorchRunner(spec, module, "torchscript", variant)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 class OnnxRuntimeRunner(Runner):
@@ -97,23 +149,24 @@ class OnnxRuntimeRunner(Runner):
 
     name = "onnxruntime"
 
-    def __init__(self, spec: ModelSpec, model: Path | bytes, threads: int = 1) -> None:
-        super().__init__(spec)
+    def __init__(self, spec: ModelSpec, model: bytes, threads: int = 1, variant: str = "classifier") -> None:
+        super().__init__(spec, variant)
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        source = str(model) if isinstance(model, Path) else model
         try:
-            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise UserInputError(f"onnxruntime cannot load the model: {first[:300]}") from None
+            raise UserInputError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
+        names = tuple(i.name for i in self.session.get_inputs())
+        if set(names) != set(VARIANT_IO[variant][0]):
+            raise UserInputError(f"the ONNX model's inputs {list(names)} do not match the {variant} signature")
 
-    def _infer(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    def _infer(self, feed: dict[str, np.ndarray]) -> Outputs:
+        return dict(zip(self.outputs, self.session.run(list(self.outputs), feed)))
 
 
 class OnnxReferenceRunner(Runner):
@@ -121,15 +174,16 @@ class OnnxReferenceRunner(Runner):
 
     name = "onnx-reference"
 
-    def __init__(self, spec: ModelSpec, model: bytes) -> None:
-        super().__init__(spec)
+    def __init__(self, spec: ModelSpec, model: bytes, variant: str = "classifier") -> None:
+        super().__init__(spec, variant)
         import onnx
         from onnx.reference import ReferenceEvaluator
 
         self.evaluator = ReferenceEvaluator(onnx.load_from_string(model))
 
-    def _infer(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self.evaluator.run([OUTPUT_NAME], {INPUT_NAME: x})[0])
+    def _infer(self, feed: dict[str, np.ndarray]) -> Outputs:
+        results = self.evaluator.run(list(self.outputs), feed)
+        return {name: np.asarray(value) for name, value in zip(self.outputs, results)}
 
 
 class Float64Runner(Runner):
@@ -137,22 +191,27 @@ class Float64Runner(Runner):
 
     name = "float64"
 
-    def __init__(self, spec: ModelSpec, weights: Mapping[str, np.ndarray]) -> None:
-        super().__init__(spec)
+    def __init__(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], variant: str = "classifier") -> None:
+        super().__init__(spec, variant)
         self.w = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
 
-    def _infer(self, x: np.ndarray) -> np.ndarray:
+    def _infer(self, feed: dict[str, np.ndarray]) -> Outputs:
         w = self.w
+        x = feed[INPUT_NAME].astype(np.float64)
+        batch, seq = x.shape[:2]
+        h = feed[STATE_IN].astype(np.float64) if STATE_IN in feed else np.zeros((batch, self.spec.hidden_size))
+        lengths = feed.get(LENGTHS_NAME, np.full(batch, seq))
 
         def sigmoid(a: np.ndarray) -> np.ndarray:
             return 1.0 / (1.0 + np.exp(-a))
 
-        x64 = x.astype(np.float64)
-        h = np.zeros((x.shape[0], self.spec.hidden_size))
-        for t in range(x.shape[1]):
-            xt = x64[:, t, :]
+        for t in range(seq):
+            xt = x[:, t, :]
             z = sigmoid(xt @ w["gru.W_xz.weight"].T + w["gru.W_xz.bias"] + h @ w["gru.W_hz.weight"].T)
             r = sigmoid(xt @ w["gru.W_xr.weight"].T + w["gru.W_xr.bias"] + h @ w["gru.W_hr.weight"].T)
             h_tilde = np.tanh(xt @ w["gru.W_xh.weight"].T + w["gru.W_xh.bias"] + (r * h) @ w["gru.W_hh.weight"].T)
-            h = (1.0 - z) * h + z * h_tilde
-        return h @ w["fc.weight"].T + w["fc.bias"]
+            h = np.where((t < lengths)[:, None], (1.0 - z) * h + z * h_tilde, h)
+        out = {OUTPUT_NAME: h @ w["fc.weight"].T + w["fc.bias"]}
+        if STATE_OUT in self.outputs:
+            out[STATE_OUT] = h
+        return out

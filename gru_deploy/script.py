@@ -50,7 +50,7 @@ def check_loop(scripted: "torch.jit.ScriptModule") -> None:
     A trip count that is a constant (or not derived from `x`) means the loop was
     specialised to one length, and the model would not accept other sequence lengths.
     """
-    graph = scripted.forward.graph
+    graph = scripted.forward.inlined_graph  # the loop may live in a method forward calls
     inputs = list(graph.inputs())
     if len(inputs) < 2:
         raise CheckFailed("scripted forward takes no input tensor")

@@ -9,6 +9,15 @@ from gru_deploy.errors import UserInputError
 
 INPUT_NAME = "x"
 OUTPUT_NAME = "logits"
+STATE_IN = "h0"
+STATE_OUT = "h_n"
+LENGTHS_NAME = "lengths"
+# Exported forms of one model: the classifier, the stateful stream, the variable-length one.
+VARIANT_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "classifier": ((INPUT_NAME,), (OUTPUT_NAME,)),
+    "stream": ((INPUT_NAME, STATE_IN), (OUTPUT_NAME, STATE_OUT)),
+    "lengths": ((INPUT_NAME, LENGTHS_NAME), (OUTPUT_NAME,)),
+}
 
 
 @dataclass(frozen=True)
@@ -34,12 +43,22 @@ class ModelSpec:
                 "give one label per class"
             )
 
-    def signature(self) -> dict[str, list[dict[str, Any]]]:
-        """The classifier's I/O contract, as recorded in manifests."""
-        return {
-            "inputs": [{"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", "seq", self.input_size]}],
-            "outputs": [{"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", self.output_size]}],
+    def tensor(self, name: str) -> dict[str, Any]:
+        """Name, dtype and shape (dynamic dims named) of one input or output."""
+        shapes: dict[str, tuple[str, list[Any]]] = {
+            INPUT_NAME: ("float32", ["batch", "seq", self.input_size]),
+            STATE_IN: ("float32", ["batch", self.hidden_size]),
+            LENGTHS_NAME: ("int64", ["batch"]),
+            OUTPUT_NAME: ("float32", ["batch", self.output_size]),
+            STATE_OUT: ("float32", ["batch", self.hidden_size]),
         }
+        dtype, shape = shapes[name]
+        return {"name": name, "dtype": dtype, "shape": shape}
+
+    def signature(self, variant: str = "classifier") -> dict[str, list[dict[str, Any]]]:
+        """A variant's I/O contract, as recorded in manifests."""
+        inputs, outputs = VARIANT_IO[variant]
+        return {"inputs": [self.tensor(n) for n in inputs], "outputs": [self.tensor(n) for n in outputs]}
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

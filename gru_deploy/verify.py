@@ -18,7 +18,7 @@ import numpy as np
 from gru_deploy.compare import DEFAULT_ATOL, DEFAULT_RTOL, compare
 from gru_deploy.errors import UserInputError
 from gru_deploy.runners import Runner
-from gru_deploy.spec import INPUT_NAME, OUTPUT_NAME, ModelSpec
+from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, OUTPUT_NAME, STATE_IN, STATE_OUT, ModelSpec
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +44,19 @@ def make_input(batch: int, seq: int, input_size: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     scale = 10.0 ** rng.uniform(-2, 1, size=(batch, 1, 1))
     return (rng.standard_normal((batch, seq, input_size)) * scale).astype(np.float32)
+
+
+def make_feed(spec: ModelSpec, variant: str, batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
+    """A grid case's feed: x, plus a random h0 (stream) or lengths {seq, 1, 0, random} (lengths)."""
+    feed = {INPUT_NAME: make_input(batch, seq, spec.input_size, seed)}
+    rng = np.random.default_rng(seed + 10_000)
+    if variant == "stream":
+        feed[STATE_IN] = rng.uniform(-1, 1, size=(batch, spec.hidden_size)).astype(np.float32)
+    if variant == "lengths":
+        lengths = rng.integers(0, seq + 1, size=batch)
+        lengths[: min(batch, 3)] = [seq, min(seq, 1), 0][: min(batch, 3)]
+        feed[LENGTHS_NAME] = lengths.astype(np.int64)
+    return feed
 
 
 @dataclass
@@ -114,27 +127,31 @@ def run_parity(
     rtol: float = DEFAULT_RTOL,
     pairs: Iterable[tuple[str, str, int | None]] = PAIRS,
     seed: int = 0,
-    on_case: Callable[[int, int], None] | None = None,
+    variant: str = "classifier",
+    prefix: str = "",
 ) -> ParityReport:
-    """Run each case through the runners named by `pairs` and compare."""
+    """Run each case through the runners named by `pairs` and compare every output.
+
+    Keys are `ref->test` for logits and `ref->test[h_n]` for other outputs, behind `prefix`.
+    """
     check_tolerances(atol, rtol)
     pairs = [p for p in pairs if p[0] in runners and p[1] in runners]
     report = ParityReport(atol, rtol)
     for index, (batch, seq) in enumerate(cases if cases is not None else grid_cases()):
-        feed = {INPUT_NAME: make_input(batch, seq, spec.input_size, seed + index)}
-        outputs: dict[str, np.ndarray] = {}
+        feed = make_feed(spec, variant, batch, seq, seed + index)
+        outputs: dict[str, dict[str, np.ndarray]] = {}
         result: dict[str, Any] = {}
         for ref, test, limit in pairs:
             if limit is not None and batch * seq > limit:
                 continue
             for name in (ref, test):
                 if name not in outputs:
-                    outputs[name] = runners[name].run(feed)[OUTPUT_NAME]
-            result[f"{ref}->{test}"] = compare(outputs[ref], outputs[test], atol, rtol).to_json()
+                    outputs[name] = runners[name].run(feed)
+            for out in outputs[ref]:
+                key = f"{prefix}{ref}->{test}" + ("" if out == OUTPUT_NAME else f"[{out}]")
+                result[key] = compare(outputs[ref][out], outputs[test][out], atol, rtol).to_json()
         report.cases.append({"batch": batch, "seq": seq, "seed": seed + index, "pairs": result,
                              "passed": all(c["passed"] for c in result.values())})
-        if on_case is not None:
-            on_case(batch, seq)
     return report
 
 
@@ -145,8 +162,8 @@ def check_tolerances(atol: float, rtol: float) -> None:
 
 
 def build_runners(spec: ModelSpec, module: "torch.jit.ScriptModule", onnx_model: Path | bytes,
-                  threads: int = 1) -> dict[str, Runner]:
-    """Every runner over one model: eager and float64 on the TorchScript module's weights."""
+                  threads: int = 1, variant: str = "classifier") -> dict[str, Runner]:
+    """Every runner over one model variant: eager and float64 on the TorchScript module's weights."""
     from gru_deploy import script
     from gru_deploy.model import load_weights, weights_numpy
     from gru_deploy.runners import (Float64Runner, OnnxReferenceRunner, OnnxRuntimeRunner, eager_runner,
@@ -156,31 +173,78 @@ def build_runners(spec: ModelSpec, module: "torch.jit.ScriptModule", onnx_model:
     model = load_weights(spec, dict(module.state_dict()))
     onnx_bytes = onnx_model.read_bytes() if isinstance(onnx_model, Path) else onnx_model
     return {
-        "eager": eager_runner(spec, model),
-        "torchscript": torchscript_runner(spec, module),
-        "onnxruntime": OnnxRuntimeRunner(spec, onnx_bytes, threads=threads),
-        "onnx-reference": OnnxReferenceRunner(spec, onnx_bytes),
-        "float64": Float64Runner(spec, weights_numpy(model)),
+        "eager": eager_runner(spec, model, variant),
+        "torchscript": torchscript_runner(spec, module, variant),
+        "onnxruntime": OnnxRuntimeRunner(spec, onnx_bytes, threads=threads, variant=variant),
+        "onnx-reference": OnnxReferenceRunner(spec, onnx_bytes, variant=variant),
+        "float64": Float64Runner(spec, weights_numpy(model), variant),
     }
 
 
-def export_runners(folder: Path, manifest: dict[str, Any], threads: int = 1) -> dict[str, Runner]:
-    """Runners over an export dir's files, each file checked against the manifest first."""
+VARIANT_FILES = {"classifier": ("model.pt", "model.onnx"), "stream": ("model_stream.pt", "model_stream.onnx"),
+                 "lengths": ("model_lengths.pt", "model_lengths.onnx")}
+# The stream and lengths variants: a smaller grid, plus a long case.
+VARIANT_CASES = tuple((b, s) for b in (1, 3, 8) for s in (0, 1, 7, 100)) + ((2, 1000),)
+CHUNK_SIZES = (1, 7, 100)
+CHUNKED_SEQ = 1000
+
+
+def export_runners(folder: Path, manifest: dict[str, Any], threads: int = 1,
+                   variant: str = "classifier") -> dict[str, Runner]:
+    """Runners over an export dir's files for one variant, each file checked against the manifest first."""
     from gru_deploy import script
     from gru_deploy.manifest import verified_path
 
     spec = ModelSpec.from_dict(manifest["config"])
-    module = script.load(verified_path(folder, manifest, "model.pt"))
-    return build_runners(spec, module, verified_path(folder, manifest, "model.onnx"), threads)
+    pt_name, onnx_name = VARIANT_FILES[variant]
+    module = script.load(verified_path(folder, manifest, pt_name))
+    return build_runners(spec, module, verified_path(folder, manifest, onnx_name), threads, variant)
 
 
-def verify_export(folder: Path, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
-                  on_case: Callable[[int, int], None] | None = None) -> ParityReport:
-    """Check every checksum of an export dir, then run the parity grid on its files."""
+def check_chunked(runner: Runner, spec: ModelSpec, atol: float, rtol: float, seq: int = CHUNKED_SEQ,
+                  chunks: Iterable[int] = CHUNK_SIZES, batch: int = 2, seed: int = 7) -> list[dict[str, Any]]:
+    """Feed one sequence in chunks, carrying h_n into h0, and compare with one pass (logits and h_n)."""
+    x = make_input(batch, seq, spec.input_size, seed)
+    h0 = np.zeros((batch, spec.hidden_size), np.float32)
+    whole = runner.run({INPUT_NAME: x, STATE_IN: h0})
+    cases = []
+    for chunk in chunks:
+        h, out = h0, None
+        for start in range(0, seq, chunk):
+            out = runner.run({INPUT_NAME: np.ascontiguousarray(x[:, start:start + chunk]), STATE_IN: h})
+            h = out[STATE_OUT]
+        pairs = {f"stream:one-pass->chunks:{runner.name}" + ("" if name == OUTPUT_NAME else f"[{name}]"):
+                 compare(whole[name], out[name], atol, rtol).to_json() for name in (OUTPUT_NAME, STATE_OUT)}
+        cases.append({"batch": batch, "seq": seq, "chunk": chunk, "pairs": pairs,
+                      "passed": all(c["passed"] for c in pairs.values())})
+    return cases
+
+
+def parity_for_dir(folder: Path, manifest: dict[str, Any], atol: float = DEFAULT_ATOL,
+                   rtol: float = DEFAULT_RTOL) -> ParityReport:
+    """The full parity gate over an export dir's files (checksums checked on load).
+
+    The classifier on the full grid; each variant the manifest lists on its grid; the stream
+    fed in chunks of 1, 7 and 100 over 1,000 steps in TorchScript and onnxruntime.
+    """
+    spec = ModelSpec.from_dict(manifest["config"])
+    report = run_parity(export_runners(folder, manifest), spec, atol=atol, rtol=rtol)
+    for variant in manifest.get("variants") or {}:
+        runners = export_runners(folder, manifest, variant=variant)
+        part = run_parity(runners, spec, cases=VARIANT_CASES, atol=atol, rtol=rtol, variant=variant,
+                          prefix=f"{variant}:")
+        report.cases.extend(part.cases)
+        if variant == "stream":
+            for name in ("torchscript", "onnxruntime"):
+                report.cases.extend(check_chunked(runners[name], spec, atol, rtol))
+    return report
+
+
+def verify_export(folder: Path, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> ParityReport:
+    """Check every checksum of an export dir, then run the parity gate on its files."""
     from gru_deploy.manifest import check_files, read_manifest
 
     check_tolerances(atol, rtol)
     manifest = read_manifest(folder)
     check_files(folder, manifest)
-    runners = export_runners(folder, manifest)
-    return run_parity(runners, ModelSpec.from_dict(manifest["config"]), atol=atol, rtol=rtol, on_case=on_case)
+    return parity_for_dir(folder, manifest, atol, rtol)

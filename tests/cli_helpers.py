@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+EXPORT_FILES = ["manifest.json", "model.onnx", "model.pt", "model_lengths.onnx", "model_lengths.pt",
+                "model_stream.onnx", "model_stream.pt", "parity.json"]
+
 
 def gru_deploy_exe() -> str:
     exe = shutil.which("gru-deploy", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))

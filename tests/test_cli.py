@@ -12,7 +12,7 @@ import pytest
 from gru_deploy import __version__
 from gru_deploy.manifest import read_manifest
 
-from cli_helpers import run_cli
+from cli_helpers import EXPORT_FILES, run_cli
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, fragment: str) -> None:
@@ -55,7 +55,7 @@ def test_train_export_verify_round_trip(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["parity"]["passed"] and summary["strategy"] == "loop"
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "model.pt", "parity.json"]
+    assert sorted(p.name for p in out.iterdir()) == EXPORT_FILES
     assert read_manifest(out)["source_checkpoint"]["sha256"] == result["sha256"]
     proc = run_cli("verify", str(out), "--json")
     assert proc.returncode == 0, proc.stderr

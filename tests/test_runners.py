@@ -30,8 +30,8 @@ def _inf():
 
 
 BAD_FEEDS = {
-    "wrong name": ({"input": GOOD}, "exactly one input"),
-    "extra input": ({"x": GOOD, "h0": GOOD}, "exactly one input"),
+    "wrong name": ({"input": GOOD}, "takes inputs"),
+    "extra input": ({"x": GOOD, "h0": GOOD}, "takes inputs"),
     "not an array": ({"x": GOOD.tolist()}, "numpy array"),
     "float64": ({"x": GOOD.astype(np.float64)}, "float32"),
     "int": ({"x": GOOD.astype(np.int64)}, "float32"),

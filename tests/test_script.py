@@ -20,7 +20,7 @@ def model():
 
 def test_scripted_graph_keeps_a_loop_over_the_input_length(model):
     scripted = script.torchscript(model)
-    loops = [n for n in scripted.forward.graph.nodes() if n.kind() == "prim::Loop"]
+    loops = [n for n in scripted.forward.inlined_graph.nodes() if n.kind() == "prim::Loop"]
     assert len(loops) == 1
     trip = next(loops[0].inputs()).node()
     assert trip.kind() == "aten::size"  # the trip count is read off the input at run time
