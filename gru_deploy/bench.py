@@ -88,9 +88,44 @@ def _rows(contenders: dict[str, Callable], spec: "ModelSpec", shapes, budget_s: 
     return rows
 
 
+def streaming_step(spec: "ModelSpec", state_dict: dict, threads: int, budget_s: float) -> dict[str, Any]:
+    """Per-step latency of streaming at batch 1: one step per call, state carried outside."""
+    import numpy as np
+    import torch
+
+    from gru_deploy import script
+    from gru_deploy.export import export_loop
+    from gru_deploy.model import as_variant, load_weights
+    from gru_deploy.runners import OnnxRuntimeRunner
+
+    model = load_weights(spec, state_dict)
+    stream = script.torchscript(as_variant(model, "stream"))
+    runner = OnnxRuntimeRunner(spec, export_loop(stream, spec, variant="stream").onnx_bytes, threads=threads,
+                               variant="stream")
+    x = np.random.default_rng(0).standard_normal((1, 1, spec.input_size)).astype(np.float32)
+    h = np.zeros((1, spec.hidden_size), np.float32)
+    xt, ht = torch.from_numpy(x), torch.from_numpy(h)
+
+    def eager_cell():
+        with torch.no_grad():
+            return model.gru(xt[:, 0], ht)
+
+    def torchscript_stream():
+        with torch.no_grad():
+            return stream(xt, ht)
+
+    timings = {"eager cell": median_us(eager_cell, budget_s),
+               "torchscript stream": median_us(torchscript_stream, budget_s),
+               "onnxruntime stream": median_us(lambda: runner.run({"x": x, "h0": h}), budget_s)}
+    return {"input_size": spec.input_size, "hidden_size": spec.hidden_size, "batch": 1, "chunk": 1,
+            "median_us_per_step": timings,
+            "speedup_vs_eager": {k: timings["eager cell"] / v for k, v in timings.items()}}
+
+
 def run_bench(spec: "ModelSpec", state_dict: dict, threads: int = 1, budget_s: float = 0.5,
               large: bool = True, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Medians of every runtime on the standard shapes, in one run; ratios to eager and to the fastest."""
+    import numpy as np
     import torch
 
     from gru_deploy.model import GRUClassifier
@@ -105,8 +140,6 @@ def run_bench(spec: "ModelSpec", state_dict: dict, threads: int = 1, budget_s: f
         rows = _rows(contenders, spec, SHAPES, budget_s, say)
         batch, (short, long) = SCALING
         loop = contenders["onnxruntime loop"]
-        import numpy as np
-
         say(f"loop scaling at batch {batch}, seq {short} and {long}")
         x_long = np.random.default_rng(1).standard_normal((batch, long, spec.input_size)).astype(np.float32)
         x_short = np.ascontiguousarray(x_long[:, :short])
@@ -119,10 +152,14 @@ def run_bench(spec: "ModelSpec", state_dict: dict, threads: int = 1, budget_s: f
             big = Spec(input_size=64, hidden_size=256, output_size=spec.output_size)
             big_state = GRUClassifier(64, 256, spec.output_size).state_dict()
             rows += _rows(_contenders(big, big_state, threads), big, LARGE_SHAPES, budget_s, say)
+        say("streaming, one step per call")
+        streaming = [streaming_step(spec, state_dict, threads, budget_s)]
+        if large:
+            streaming.append(streaming_step(big, big_state, threads, budget_s))
     finally:
         torch.set_num_threads(previous_threads)
     return {"threads": threads, "budget_s": budget_s, "versions": library_versions(), "rows": rows,
-            "loop_scaling": scaling}
+            "loop_scaling": scaling, "streaming": streaming}
 
 
 ORDER = ("eager", "torchscript", "onnxruntime loop", "onnxruntime fused")
@@ -138,6 +175,10 @@ def format_table(result: dict[str, Any]) -> str:
     s = result["loop_scaling"]
     lines.append(f"loop scaling at batch {s['batch']}: seq {s['seq'][0]} {s['median_us'][0]:,.0f} µs, "
                  f"seq {s['seq'][1]} {s['median_us'][1]:,.0f} µs, ratio {s['ratio']:.2f} (2.00 = linear)")
+    for row in result["streaming"]:
+        cells = ", ".join(f"{k} {v:,.1f} µs ({row['speedup_vs_eager'][k]:.1f}x)"
+                          for k, v in row["median_us_per_step"].items())
+        lines.append(f"streaming per step, batch 1, {row['input_size']}/{row['hidden_size']}: {cells}")
     return "\n".join(lines)
 
 

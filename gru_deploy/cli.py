@@ -254,6 +254,48 @@ def verify(obj: dict, folder: Path, atol: float, rtol: float, quiet: bool, as_js
 
 
 @cli.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--input", "input_path", type=click.Path(path_type=Path), required=True,
+              help="x as .npy: float32 [batch, seq, input_size].")
+@click.option("--lengths", "lengths_path", type=click.Path(path_type=Path), default=None,
+              help="int64 [batch] .npy: valid steps per sample of a padded x (0..seq).")
+@click.option("--state-in", type=click.Path(path_type=Path), default=None,
+              help="h0 as .npy float32 [batch, hidden] for streaming (zeros when omitted).")
+@click.option("--state-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the final state h_n here (.npy), to feed the next chunk as --state-in.")
+@click.option("--json", "as_json", is_flag=True, help="Print predictions, probabilities and logits as JSON.")
+def infer(folder: Path, input_path: Path, lengths_path: Path | None, state_in: Path | None,
+          state_out: Path | None, as_json: bool) -> None:
+    """Run onnxruntime on an export folder and print predictions with their labels.
+
+    The plain classifier runs by default; with --lengths the variable-length model
+    (padded batches); with --state-in/--state-out the streaming model, one chunk per call.
+    Inputs are validated before onnxruntime sees them (exit 2 with one line when wrong).
+
+    \b
+    Examples:
+      gru-deploy infer exported/ --input x.npy --json
+      gru-deploy infer exported/ --input padded.npy --lengths lengths.npy
+      gru-deploy infer exported/ --input chunk1.npy --state-out h.npy
+      gru-deploy infer exported/ --input chunk2.npy --state-in h.npy --state-out h.npy
+    """
+    from gru_deploy.infer import infer as run_infer
+    from gru_deploy.infer import load_array, save_array
+
+    x = load_array(input_path, "--input")
+    lengths = load_array(lengths_path, "--lengths") if lengths_path else None
+    h0 = load_array(state_in, "--state-in") if state_in else None
+    result = run_infer(folder, x, lengths=lengths, h0=h0, stream=state_out is not None)
+    if state_out is not None:
+        save_array(state_out, result.state)
+    if as_json:
+        _emit_json(result.to_json())
+        return
+    for i, item in enumerate(result.to_json()["predictions"]):
+        click.echo(f"{i}: {item['label']} (p={item['probabilities'][item['label']]:.3f})")
+
+
+@cli.command()
 @click.argument("folder", type=click.Path(path_type=Path), required=False)
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="Threads for torch and for each onnxruntime session.")

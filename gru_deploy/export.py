@@ -120,6 +120,24 @@ def check_not_unrolled(models: list["onnx.ModelProto"], needs: str | None = "Loo
     return counts[0]
 
 
+def apply_signature(model: "onnx.ModelProto", spec: ModelSpec) -> None:
+    """Write the spec's dims onto the graph's inputs and outputs (named dynamic dims, fixed sizes).
+
+    The exporter names some static sizes it could not infer through the Loop (e.g. h_n's
+    hidden size); the signature is the contract, so the graph states it exactly.
+    """
+    for value in list(model.graph.input) + list(model.graph.output):
+        shape = value.type.tensor_type.shape
+        wanted = spec.tensor(value.name)["shape"]
+        del shape.dim[:]
+        for size in wanted:
+            dim = shape.dim.add()
+            if isinstance(size, str):
+                dim.dim_param = size
+            else:
+                dim.dim_value = size
+
+
 def add_metadata(model: "onnx.ModelProto", metadata: dict[str, Any]) -> None:
     """Record plain values in `metadata_props` (JSON for anything that is not a string)."""
     del model.metadata_props[:]
@@ -145,6 +163,7 @@ def export_loop(
     op_types = check_not_unrolled(models)
     model = models[0]
     model.producer_name = "gru-deploy"
+    apply_signature(model, spec)
     return _finish(model, "loop", opset, op_types, metadata)
 
 # --- fused: the cell mapped onto ONNX's GRU operator --------------------------------------

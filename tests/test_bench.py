@@ -31,7 +31,9 @@ def test_bench_measures_every_runtime_on_every_shape(small_result):
         assert min(row["times_fastest"].values()) == 1.0
     scaling = small_result["loop_scaling"]
     assert scaling["ratio"] == pytest.approx(scaling["median_us"][1] / scaling["median_us"][0])
-    assert "loop scaling" in format_table(small_result)
+    [stream] = small_result["streaming"]
+    assert set(stream["median_us_per_step"]) == {"eager cell", "torchscript stream", "onnxruntime stream"}
+    assert "loop scaling" in format_table(small_result) and "streaming per step" in format_table(small_result)
 
 
 @pytest.mark.slow

@@ -154,3 +154,20 @@ def test_fused_mapping_negates_only_the_z_gate(model):
     np.testing.assert_array_equal(w["W"][0, h:2 * h], model.gru.W_xr.weight.detach().numpy())
     np.testing.assert_array_equal(w["R"][0, 2 * h:], model.gru.W_hh.weight.detach().numpy())
     assert not w["B"][0, 3 * h:].any()  # recurrent biases are zero
+
+
+@pytest.mark.parametrize("variant,inputs,outputs", [
+    ("stream", {"x": ["batch", "seq", 8], "h0": ["batch", 16]}, {"logits": ["batch", 4], "h_n": ["batch", 16]}),
+    ("lengths", {"x": ["batch", "seq", 8], "lengths": ["batch"]}, {"logits": ["batch", 4]}),
+])
+def test_variants_export_as_loops_with_dynamic_dims(model, variant, inputs, outputs):
+    from gru_deploy.model import as_variant
+
+    result = export_loop(script.torchscript(as_variant(model, variant)), ModelSpec(), variant=variant)
+    proto = onnx.load_from_string(result.onnx_bytes)
+    assert result.op_types.get("Loop") == 1
+
+    def dims(values):
+        return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
+
+    assert dims(proto.graph.input) == inputs and dims(proto.graph.output) == outputs

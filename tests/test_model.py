@@ -91,3 +91,33 @@ def test_float64_reference_matches_torch():
     with torch.no_grad():
         got = tutorial_forward(model, torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_streaming_form_carries_state_across_chunks():
+    from gru_deploy.model import as_variant, tutorial_state
+
+    torch.manual_seed(3)
+    model = GRUClassifier().eval()
+    stream = as_variant(model, "stream")
+    x = torch.randn(2, 30, 8)
+    h = torch.zeros(2, 16)
+    with torch.no_grad():
+        for start in range(0, 30, 7):
+            logits, h = stream(x[:, start:start + 7], h)
+        torch.testing.assert_close(h, tutorial_state(model, x), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(logits, tutorial_forward(model, x), atol=1e-6, rtol=1e-6)
+
+
+def test_lengths_form_equals_each_sample_alone():
+    from gru_deploy.model import as_variant
+
+    torch.manual_seed(4)
+    model = GRUClassifier().eval()
+    masked = as_variant(model, "lengths")
+    x = torch.randn(4, 12, 8)
+    lengths = torch.tensor([12, 1, 0, 5])
+    with torch.no_grad():
+        out = masked(x, lengths)
+        for b, n in enumerate(lengths.tolist()):
+            torch.testing.assert_close(out[b], tutorial_forward(model, x[b:b + 1, :n])[0], atol=1e-6, rtol=1e-6)
+    assert tuple(masked.state_dict()) == PARAMETER_NAMES

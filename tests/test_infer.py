@@ -1,0 +1,106 @@
+"""`gru-deploy infer`: predictions from each variant, and every invalid input refused with exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cli_helpers import run_cli
+from gru_deploy.manifest import read_manifest
+from gru_deploy.verify import export_runners
+
+
+@pytest.fixture()
+def arrays(tmp_path):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3, 40, 8)) * 2).astype(np.float32)
+    paths = {}
+
+    def put(name, value):
+        paths[name] = tmp_path / f"{name}.npy"
+        np.save(paths[name], value)
+
+    put("x", x)
+    put("lengths", np.array([40, 9, 0], np.int64))
+    put("first", np.ascontiguousarray(x[:, :25]))
+    put("second", np.ascontiguousarray(x[:, 25:]))
+    put("neg_lengths", np.array([40, -1, 0], np.int64))
+    put("long_lengths", np.array([41, 9, 0], np.int64))
+    put("short_lengths", np.array([40, 9], np.int64))
+    put("h0_wrong", np.zeros((3, 15), np.float32))
+    put("x64", x.astype(np.float64))
+    put("rank2", x[0])
+    x_nan = x.copy()
+    x_nan[1, 3, 2] = np.nan
+    put("nan", x_nan)
+    return x, paths
+
+
+def test_infer_matches_local_onnxruntime(export_dir, arrays):
+    x, paths = arrays
+    proc = run_cli("infer", str(export_dir), "--input", str(paths["x"]), "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    expected = export_runners(export_dir, read_manifest(export_dir))["onnxruntime"].run({"x": x})["logits"]
+    np.testing.assert_allclose(np.array(result["logits"]), expected, rtol=1e-6, atol=1e-6)
+    labels = read_manifest(export_dir)["labels"]
+    for item, row in zip(result["predictions"], expected):
+        assert item["label"] == labels[int(row.argmax())]
+        assert sum(item["probabilities"].values()) == pytest.approx(1.0)
+
+
+def test_infer_with_lengths_equals_each_sample_alone(export_dir, arrays, tmp_path):
+    x, paths = arrays
+    proc = run_cli("infer", str(export_dir), "--input", str(paths["x"]), "--lengths", str(paths["lengths"]),
+                   "--json")
+    assert proc.returncode == 0, proc.stderr
+    padded = np.array(json.loads(proc.stdout)["logits"])
+    runner = export_runners(export_dir, read_manifest(export_dir))["float64"]
+    for b, n in enumerate([40, 9, 0]):
+        alone = runner.run({"x": np.ascontiguousarray(x[b:b + 1, :n])})["logits"][0]
+        np.testing.assert_allclose(padded[b], alone, atol=1e-5)
+
+
+def test_infer_streams_chunk_by_chunk(export_dir, arrays, tmp_path):
+    x, paths = arrays
+    state = tmp_path / "h.npy"
+    first = run_cli("infer", str(export_dir), "--input", str(paths["first"]), "--state-out", str(state))
+    assert first.returncode == 0, first.stderr
+    second = run_cli("infer", str(export_dir), "--input", str(paths["second"]), "--state-in", str(state),
+                     "--state-out", str(state), "--json")
+    assert second.returncode == 0, second.stderr
+    whole = run_cli("infer", str(export_dir), "--input", str(paths["x"]), "--json")
+    np.testing.assert_allclose(json.loads(second.stdout)["logits"], json.loads(whole.stdout)["logits"], atol=1e-5)
+    assert np.load(state).shape == (3, 16)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--lengths", "neg_lengths"], "must lie in [0, 40]"),
+    (["--lengths", "long_lengths"], "must lie in [0, 40]"),
+    (["--lengths", "short_lengths"], "has 2 entries but x has batch 3"),
+    (["--state-in", "h0_wrong"], "must have shape [3, 16]"),
+    (["--state-in", "x"], "must have rank 2"),
+    (["--input-override", "x64"], "must be float32"),
+    (["--input-override", "rank2"], "must have rank 3"),
+    (["--input-override", "nan"], "non-finite input"),
+    (["--lengths", "lengths", "--state-out", "OUT"], "cannot be combined"),
+    (["--input-override", "missing"], "file not found"),
+])
+def test_invalid_inputs_exit_2_with_one_line(export_dir, arrays, tmp_path, args, fragment):
+    _, paths = arrays
+    input_path = paths["x"]
+    extra = []
+    for i in range(0, len(args), 2):
+        flag, name = args[i], args[i + 1]
+        value = str(tmp_path / "out.npy") if name == "OUT" else str(paths.get(name, tmp_path / "missing.npy"))
+        if flag == "--input-override":
+            input_path = value
+        else:
+            extra += [flag, value]
+    proc = run_cli("infer", str(export_dir), "--input", str(input_path), *extra)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out.npy").exists()
