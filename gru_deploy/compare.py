@@ -8,6 +8,7 @@ smallest rtol (at the given atol) that would have passed, and argmax agreement.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -42,8 +43,9 @@ class Comparison:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["shape"] = list(self.shape)
-        # NaN is not JSON: a statistic that could not be computed is null.
-        return {k: (None if isinstance(v, float) and v != v else v) for k, v in data.items()}
+        # NaN and inf are not JSON: a statistic that could not be computed, or is unbounded
+        # (relative error where the reference is 0), is null.
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in data.items()}
 
 
 def compare(ref: np.ndarray, test: np.ndarray, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> Comparison:
@@ -69,16 +71,20 @@ def compare(ref: np.ndarray, test: np.ndarray, atol: float = DEFAULT_ATOL, rtol:
     agree = 1.0
     if r.ndim >= 1 and r.shape[-1] > 1:
         agree = float(np.mean(np.argmax(r, axis=-1) == np.argmax(t, axis=-1)))
-    finite_rel = np.where(np.isfinite(rel), rel, np.finfo(np.float64).max)
+    finite = np.isfinite(rel)
+    # Unbounded relative error (reference 0, answer not) makes max_rel inf; mean and p99
+    # are taken over the finite entries, with inf when every entry is unbounded.
+    inf = float("inf")
+    finite_rel = rel[finite]
     return Comparison(
         passed=passed,
         shape=ref.shape,
         max_abs=float(diff.max()),
         mean_abs=float(diff.mean()),
         p99_abs=float(np.percentile(diff, 99)),
-        max_rel=float(finite_rel.max()),
-        mean_rel=float(finite_rel.mean()),
-        p99_rel=float(np.percentile(finite_rel, 99)),
+        max_rel=float(rel.max()),
+        mean_rel=float(finite_rel.mean()) if finite_rel.size else inf,
+        p99_rel=float(np.percentile(finite_rel, 99)) if finite_rel.size else inf,
         min_atol=min_atol,
         min_rtol=min_rtol,
         argmax_agreement=agree,

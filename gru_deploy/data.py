@@ -126,7 +126,11 @@ def load_npz(path: Path) -> Dataset:
     if not path.is_file():
         raise UserInputError(f"data file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise UserInputError(f"{path}: holds a single .npy array, not an .npz archive with 'x' and 'y' "
+                                 "(save with np.savez(path, x=x, y=y))")
+        with loaded as archive:
             arrays = {key: archive[key] for key in archive.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
         raise UserInputError(f"{path}: not a readable .npz file ({exc})") from None

@@ -130,13 +130,11 @@ def test_load_npz_zip_without_arrays(tmp_path):
         load_npz(path)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="BUG: np.load returns an ndarray for a .npy payload; `with` on it raises TypeError")
 def test_load_npz_npy_payload_is_user_error(tmp_path):
     path = tmp_path / "d.npz"
     with open(path, "wb") as handle:
         np.save(handle, _xy()[0])
-    with pytest.raises(UserInputError):
+    with pytest.raises(UserInputError, match="single .npy array"):
         load_npz(path)
 
 
