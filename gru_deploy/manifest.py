@@ -126,7 +126,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise UserInputError(f"{path}: lacks field(s) {missing}")
     if manifest["format"] != MANIFEST_FORMAT:
         raise UserInputError(f"{path}: format is {manifest['format']!r}, expected {MANIFEST_FORMAT!r}")
-    if manifest["format_version"] != MANIFEST_VERSION:
+    if type(manifest["format_version"]) is not int or manifest["format_version"] != MANIFEST_VERSION:
         raise UserInputError(
             f"{path}: format_version {manifest['format_version']!r} is not supported "
             f"(this gru-deploy reads {MANIFEST_VERSION})"
@@ -138,7 +138,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     ):
         raise UserInputError(f"{path}: 'files' must map names to {{sha256, size}}")
     for name in files:
-        if Path(name).name != name or name in (".", "..", MANIFEST_NAME):
+        if not name or Path(name).name != name or name in (".", "..", MANIFEST_NAME):
             raise UserInputError(f"{path}: file entry {name!r} is not a plain file name")
     return manifest
 

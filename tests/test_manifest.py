@@ -125,10 +125,12 @@ BAD_MANIFESTS = {
     "wrong format": (lambda f: _edit(f, lambda d: d.update(format="something-else")), "format is 'something-else'"),
     "format_version 2": (lambda f: _edit(f, lambda d: d.update(format_version=2)), "format_version 2"),
     "format_version str": (lambda f: _edit(f, lambda d: d.update(format_version="1")), "format_version '1'"),
+    "format_version bool": (lambda f: _edit(f, lambda d: d.update(format_version=True)), "format_version True"),
+    "format_version float": (lambda f: _edit(f, lambda d: d.update(format_version=1.0)), "format_version 1.0"),
     "files not a dict": (lambda f: _edit(f, lambda d: d.update(files=["model.onnx"])), "'files' must map"),
     "entry lacks sha": (lambda f: _edit(f, lambda d: d["files"].update(x={"size": 1})), "'files' must map"),
 }
-for _name in ("../model.onnx", "sub/model.onnx", "/etc/passwd", "..", ".", "manifest.json"):
+for _name in ("../model.onnx", "sub/model.onnx", "/etc/passwd", "..", ".", "manifest.json", ""):
     BAD_MANIFESTS[f"entry {_name}"] = (
         lambda f, n=_name: _edit(f, lambda d: d["files"].update({n: {"sha256": "0" * 64, "size": 1}})),
         "not a plain file name",
