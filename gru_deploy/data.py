@@ -23,15 +23,21 @@ SYNTHETIC_LABELS = ("very-slow", "slow", "fast", "very-fast")
 
 @dataclass(frozen=True)
 class Dataset:
-    """x float32 [N, T, I], y int64 [N] in [0, len(labels))."""
+    """x float32 [N, T, I], y int64 [N] in [0, len(labels)); optional lengths int [N] in [0, T].
+
+    With `lengths`, x is padded: steps at t >= lengths[n] are ignored (the state is held).
+    """
 
     name: str
     x: np.ndarray
     y: np.ndarray
     labels: tuple[str, ...]
+    lengths: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         validate_arrays(self.x, self.y, len(self.labels), source=self.name)
+        if self.lengths is not None:
+            validate_lengths(self.lengths, self.x, source=self.name)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -41,7 +47,8 @@ class Dataset:
         return int(self.x.shape[2])
 
     def subset(self, index: np.ndarray, name: str) -> "Dataset":
-        return Dataset(name, self.x[index], self.y[index], self.labels)
+        lengths = None if self.lengths is None else self.lengths[index]
+        return Dataset(name, self.x[index], self.y[index], self.labels, lengths)
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,7 @@ class DataSplit:
             "train_samples": len(self.train),
             "test_samples": len(self.test),
             "seq_len": int(self.train.x.shape[1]),
+            "variable_length": self.train.lengths is not None,
             "input_size": self.train.input_size,
             "labels": list(self.train.labels),
         }
@@ -87,6 +95,18 @@ def validate_arrays(x: np.ndarray, y: np.ndarray, num_classes: int, source: str)
     if y.min() < 0 or y.max() >= num_classes:
         raise UserInputError(
             f"{source}: labels must lie in [0, {num_classes - 1}], found {int(y.min())}..{int(y.max())}"
+        )
+
+
+def validate_lengths(lengths: np.ndarray, x: np.ndarray, source: str) -> None:
+    if not isinstance(lengths, np.ndarray) or lengths.ndim != 1 or not np.issubdtype(lengths.dtype, np.integer):
+        raise UserInputError(f"{source}: lengths must be a 1-D integer array [N]")
+    if lengths.shape[0] != x.shape[0]:
+        raise UserInputError(f"{source}: lengths has {lengths.shape[0]} entries but x has {x.shape[0]} samples")
+    if lengths.min() < 0 or lengths.max() > x.shape[1]:
+        raise UserInputError(
+            f"{source}: lengths must lie in [0, {x.shape[1]}] (the padded length), "
+            f"found {int(lengths.min())}..{int(lengths.max())}"
         )
 
 
@@ -122,7 +142,8 @@ def seed_random(seed: int = 0, input_size: int = 8) -> DataSplit:
 
 
 def load_npz(path: Path) -> Dataset:
-    """A user's data: `x` float32 [N, T, I], `y` integer [N], optional `labels` (strings)."""
+    """A user's data: `x` float32 [N, T, I], `y` integer [N], optional `labels` (strings) and
+    `lengths` (integer [N]: valid steps of each padded sample)."""
     if not path.is_file():
         raise UserInputError(f"data file not found: {path}")
     try:
@@ -147,7 +168,10 @@ def load_npz(path: Path) -> Dataset:
         if y.ndim != 1 or y.size == 0 or not np.issubdtype(y.dtype, np.integer):
             validate_arrays(x, y, 1, source=str(path))  # raises the precise error
         labels = tuple(f"class_{i}" for i in range(int(y.max()) + 1))
-    return Dataset(str(path), x, y, labels)
+    lengths = arrays.get("lengths")
+    if lengths is not None and np.issubdtype(lengths.dtype, np.integer):
+        lengths = lengths.astype(np.int64, copy=False)
+    return Dataset(str(path), x, y, labels, lengths)
 
 
 def split(data: Dataset, test_fraction: float, seed: int) -> DataSplit:

@@ -74,12 +74,22 @@ class Checkpoint:
         return sha256_bytes(data)
 
 
+def _logits(model: GRUClassifier, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """The classifier's logits; with lengths, the masked loop (state held past each length)."""
+    if lengths is None:
+        return model(x)
+    h0 = torch.zeros(x.size(0), model.hidden_size, dtype=x.dtype)
+    return model.fc(model.recur_masked(x, h0, lengths))
+
+
 def accuracy(model: GRUClassifier, data: Dataset, batch_size: int = 256) -> float:
     model.eval()
     correct = 0
+    lengths = None if data.lengths is None else torch.from_numpy(data.lengths)
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
-            logits = model(torch.from_numpy(data.x[start:start + batch_size]))
+            part = None if lengths is None else lengths[start:start + batch_size]
+            logits = _logits(model, torch.from_numpy(data.x[start:start + batch_size]), part)
             correct += int((logits.argmax(1).numpy() == data.y[start:start + batch_size]).sum())
     return correct / len(data)
 
@@ -106,6 +116,7 @@ def train(
     loss_fn = torch.nn.CrossEntropyLoss()
     x = torch.from_numpy(split.train.x)
     y = torch.from_numpy(split.train.y)
+    lengths = None if split.train.lengths is None else torch.from_numpy(split.train.lengths)
     generator = torch.Generator().manual_seed(options.seed)
     history: list[float] = []
     for epoch in range(1, options.epochs + 1):
@@ -115,7 +126,7 @@ def train(
         for start in range(0, len(x), options.batch_size):
             index = order[start:start + options.batch_size]
             optimiser.zero_grad()
-            loss = loss_fn(model(x[index]), y[index])
+            loss = loss_fn(_logits(model, x[index], None if lengths is None else lengths[index]), y[index])
             loss.backward()
             optimiser.step()
             total += loss.item() * len(index)

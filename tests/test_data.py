@@ -196,3 +196,24 @@ def test_split_is_seeded():
 def test_split_rejects_a_single_sample():
     with pytest.raises(UserInputError, match="too few"):
         split(Dataset("d", *_xy(n=1), ("a", "b", "c")), 0.2, seed=0)
+
+
+@pytest.mark.parametrize("lengths,fragment", [
+    (np.array([1, 2, 3, 99]), "must lie in"),
+    (np.array([1, 2, -1, 0]), "must lie in"),
+    (np.array([1, 2, 3]), "entries"),
+    (np.array([1.0, 2.0, 3.0, 4.0]), "integer"),
+    (np.array([[1, 2, 3, 4]]), "1-D"),
+])
+def test_load_npz_rejects_bad_lengths(tmp_path, lengths, fragment):
+    path = tmp_path / "v.npz"
+    np.savez(path, x=np.zeros((4, 5, 8), np.float32), y=np.zeros(4, np.int64), lengths=lengths)
+    with pytest.raises(UserInputError, match=fragment):
+        load_npz(path)
+
+
+def test_load_npz_keeps_lengths_through_the_split(tmp_path):
+    path = tmp_path / "v.npz"
+    np.savez(path, x=np.zeros((10, 5, 8), np.float32), y=np.zeros(10, np.int64), lengths=np.arange(10) % 6)
+    split = load_data(str(path), seed=0)
+    assert sorted(np.concatenate([split.train.lengths, split.test.lengths]).tolist()) == sorted((np.arange(10) % 6).tolist())

@@ -180,3 +180,36 @@ def test_checkpoint_to_bytes_loads_back(tmp_path):
     ckpt = Checkpoint(ModelSpec(), dict(GRUClassifier().state_dict()), {"a": 1})
     obj = torch.load(io.BytesIO(ckpt.to_bytes()), weights_only=True)
     assert obj["format"] == "gru-deploy-checkpoint" and obj["metrics"] == {"a": 1}
+
+
+# --- variable-length data ----------------------------------------------------------------
+
+def _variable_length_npz(path, padding_seed):
+    """Synthetic data cut to random lengths; the padding past each length is noise of `padding_seed`."""
+    from gru_deploy.data import synthetic
+
+    data = synthetic(n=200, seq_len=30)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 31, size=len(data))
+    x = data.x.copy()
+    pad = np.random.default_rng(padding_seed)
+    for i, n in enumerate(lengths):
+        x[i, n:] = pad.normal(0, 5, size=(30 - n, 8))
+    np.savez(path, x=x, y=data.y, lengths=lengths, labels=np.array(data.labels))
+
+
+def test_variable_length_training_ignores_the_padding(tmp_path):
+    """Masked training: what lies past each sample's length cannot change the weights."""
+    from gru_deploy.data import load_data
+
+    results = []
+    for seed in (1, 2):
+        _variable_length_npz(tmp_path / f"v{seed}.npz", padding_seed=seed)
+        split = load_data(str(tmp_path / f"v{seed}.npz"), seed=0)
+        assert split.train.lengths is not None
+        ckpt = train(ModelSpec(labels=split.train.labels), split, TrainOptions(epochs=2, seed=0))
+        assert ckpt.training["data"]["variable_length"] is True
+        results.append(ckpt)
+    for name, tensor in results[0].state_dict.items():
+        torch.testing.assert_close(tensor, results[1].state_dict[name], rtol=0, atol=0)
+    assert results[0].metrics == results[1].metrics
