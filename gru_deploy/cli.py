@@ -218,39 +218,111 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
 
 
 @cli.command()
-@click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--atol", type=float, default=1e-5, show_default=True, help="Absolute tolerance.")
-@click.option("--rtol", type=float, default=1e-5, show_default=True, help="Relative tolerance.")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--atol", type=float, default=1e-5, show_default=True, help="Absolute tolerance (export folders).")
+@click.option("--rtol", type=float, default=1e-5, show_default=True, help="Relative tolerance (export folders).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
-@click.option("--json", "as_json", is_flag=True, help="Print the full parity report as JSON on stdout.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON on stdout.")
 @click.pass_obj
-def verify(obj: dict, folder: Path, atol: float, rtol: float, quiet: bool, as_json: bool) -> None:
-    """Check an export folder: every checksum, then parity on the full grid.
+def verify(obj: dict, path: Path, atol: float, rtol: float, quiet: bool, as_json: bool) -> None:
+    """Check an export folder or a bundle (folder or .tar.gz). Exit 0 when it holds, 1 when not.
 
-    Runs eager PyTorch (the tutorial's loop), TorchScript, onnxruntime, onnx's
-    ReferenceEvaluator and a float64 re-implementation on batch {1,3,64} x seq
-    {0,1,7,100,1000} plus a 2,048-step case. Exit 0 when parity holds, 1 when it does not.
+    An export folder: every checksum, then parity of eager PyTorch (the tutorial's loop),
+    TorchScript, onnxruntime, onnx's ReferenceEvaluator and a float64 re-implementation on
+    batch {1,3,64} x seq {0,1,7,100,1000} plus 2,048 steps; the streaming and
+    variable-length models on their grids; streaming in chunks of 1, 7 and 100.
+
+    A bundle: manifest schema, every checksum, no extra or missing file, each model loads
+    in its runtime, the golden vectors reproduce within the manifest's tolerances. An
+    archive is inspected whole and only then extracted, to a temporary folder.
 
     \b
-    Example:
+    Examples:
       gru-deploy verify exported/ --json > parity.json
+      gru-deploy verify exported-edge.tar.gz
     """
     from gru_deploy.errors import CheckFailed
-    from gru_deploy.verify import verify_export
 
     obj["quiet"] = quiet or as_json
-    report = verify_export(folder, atol=atol, rtol=rtol)
+    if _is_bundle(path):
+        from gru_deploy.bundle import verify_bundle
+
+        report = verify_bundle(path)
+        if as_json:
+            _emit_json(report)
+        else:
+            click.echo(f"bundle {path} ({report['target']}): {len(report['checks'])} checks passed")
+        return
+    from gru_deploy.verify import verify_export
+
+    report = verify_export(path, atol=atol, rtol=rtol)
     if as_json:
         _emit_json(report.to_json())
     else:
         for pair, s in report.summary().items():
-            click.echo(f"{'ok  ' if s['passed'] else 'FAIL'} {pair:<28} max abs {s['max_abs']:.2e}  "
-                       f"p99 abs {s['p99_abs']:.2e}  max rel {s['max_rel']:.2e}  min atol {s['min_atol']:.2e}  "
+            click.echo(f"{'ok  ' if s['passed'] else 'FAIL'} {pair:<42} max abs {s['max_abs']:.2e}  "
+                       f"p99 abs {s['p99_abs']:.2e}  min atol {s['min_atol']:.2e}  "
                        f"argmax {s['argmax_agreement']:.0%}  ({s['cases']} cases)")
     if not report:
-        raise CheckFailed(f"parity failed for {folder}: " + "; ".join(report.failures()))
+        raise CheckFailed(f"parity failed for {path}: " + "; ".join(report.failures()))
     if not as_json:
-        click.echo(f"parity holds for {folder} (atol {atol:g}, rtol {rtol:g})")
+        click.echo(f"parity holds for {path} (atol {atol:g}, rtol {rtol:g})")
+
+
+def _is_bundle(path: Path) -> bool:
+    """A .tar.gz, or a folder whose manifest says it is a bundle."""
+    if path.is_file():
+        return True
+    manifest = path / "manifest.json"
+    if path.is_dir() and manifest.is_file():
+        try:
+            return json.loads(manifest.read_text()).get("format") == "gru-deploy-bundle"
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            return False
+    return False
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--target", type=click.Choice(["edge", "server"]), required=True,
+              help="edge: ONNX + ORT format for onnxruntime-web/mobile; server: a Triton model repository.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Bundle folder (or .tar.gz with --archive) [default: FOLDER-TARGET beside FOLDER].")
+@click.option("--archive", is_flag=True, help="Write one deterministic .tar.gz instead of a folder.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the bundle manifest as JSON on stdout.")
+@click.pass_obj
+def package(obj: dict, folder: Path, target: str, out: Path | None, archive: bool, force: bool, quiet: bool,
+            as_json: bool) -> None:
+    """Bundle an export folder for the runtimes it ships to, with manifest, checksums and golden vectors.
+
+    Reads FOLDER only through its manifest, checking every sha256 first. Every bundle holds
+    manifest.json (signatures, labels, opset and IR of each ONNX file, minimum onnxruntime,
+    sha256 and size of every file, the source export's manifest hash, parity, versions),
+    golden/ (fixed inputs and eager PyTorch's outputs as .npy and JSON) and README.txt.
+
+    \b
+    edge    model.onnx + model.ort, model_stream.onnx + .ort, required_operators.config
+    server  model_repository/ for Triton: ONNX classifier, lengths and stream models
+            (sequence batcher, implicit state) and the TorchScript model (pytorch_libtorch)
+
+    \b
+    Examples:
+      gru-deploy package exported/ --target edge
+      gru-deploy package exported/ --target server --archive --out server.tar.gz
+    """
+    from gru_deploy.package import package as build
+
+    obj["quiet"] = quiet or as_json
+    written, manifest = build(folder, target, out=out, archive=archive, force=force,
+                              on_step=lambda m: _progress(obj, m))
+    if as_json:
+        _emit_json({"out": str(written), **manifest})
+        return
+    total = sum(entry["size"] for entry in manifest["files"].values())
+    click.echo(f"wrote {written} ({target}): {len(manifest['files']) + 1} files, {total:,} bytes; "
+               f"check it with `gru-deploy verify {written}`")
 
 
 @cli.command()

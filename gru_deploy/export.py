@@ -8,9 +8,12 @@ count must not change with the example's sequence length (an unrolled graph woul
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gru_deploy.errors import CheckFailed, UserInputError
@@ -258,3 +261,35 @@ def _finish(model: "onnx.ModelProto", strategy: str, opset: int, op_types: dict[
         raise CheckFailed(f"the exported ONNX graph failed onnx.checker: {str(exc).splitlines()[0]}") from None
     return ExportResult(model.SerializeToString(), strategy, opset, int(model.ir_version),
                         sum(op_types.values()), op_types)
+
+
+def to_ort_format(onnx_files: dict[str, bytes]) -> dict[str, bytes]:
+    """ORT-format models and the minimal-build operator config, via onnxruntime's own tool.
+
+    onnxruntime's ORT-format writer is not byte-deterministic (two conversions of one model
+    differ in layout), so this runs once, at export, and packaging copies the result: the
+    same export then always packages to the same bytes.
+    """
+    import tempfile
+
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp, "in"), Path(tmp, "out")
+        src.mkdir()
+        for name, data in onnx_files.items():
+            (src / name).write_bytes(data)
+        quiet = logging.getLogger("ort_format_model.utils")
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)
+        with contextlib.redirect_stdout(io.StringIO()):
+            convert_onnx_models_to_ort(src, output_dir=dst, optimization_styles=[OptimizationStyle.Fixed])
+        quiet.setLevel(level)
+        out = {}
+        for name in onnx_files:
+            out[Path(name).with_suffix(".ort").name] = (dst / Path(name).with_suffix(".ort").name).read_bytes()
+        config = (dst / "required_operators.config").read_text()
+        # The tool names the models by absolute temp paths in its comments: keep only file names.
+        lines = [f"# - {Path(line[4:]).name}" if line.startswith("# - ") else line for line in config.splitlines()]
+        out["required_operators.config"] = ("\n".join(lines) + "\n").encode()
+    return out

@@ -61,7 +61,7 @@ def export_to_dir(
     (and writes nothing) when a guard or the parity gate fails.
     """
     from gru_deploy import script
-    from gru_deploy.export import check_opset, export_loop
+    from gru_deploy.export import check_opset, export_loop, to_ort_format
     from gru_deploy.model import as_variant
     from gru_deploy.verify import VARIANT_FILES, build_runners, check_tolerances, parity_for_dir, run_parity
 
@@ -114,6 +114,8 @@ def export_to_dir(
         files[onnx_name] = exported.onnx_bytes
         variants[variant] = {"torchscript": pt_name, "onnx": onnx_name, "strategy": "loop",
                              "signature": spec.signature(variant), "onnx_node_count": exported.node_count}
+    step("converting the classifier and stream models to ORT format (onnxruntime's converter)")
+    files.update(to_ort_format({"model.onnx": files["model.onnx"], "model_stream.onnx": files["model_stream.onnx"]}))
     with staged_dir(Path(out), keep=KEEP) as stage:
         for name, data in files.items():
             atomic_write_bytes(stage / name, data)
@@ -163,5 +165,4 @@ def time_strategies(models: dict[str, bytes], spec: "ModelSpec", typical: tuple[
     for name, onnx_bytes in models.items():
         runner = OnnxRuntimeRunner(spec, onnx_bytes, threads=1)
         timings[name] = round(median_us(lambda: runner.run({"x": x}), budget_s), 1)
-        del runner
     return timings

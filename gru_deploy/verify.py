@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import numpy as np
 
@@ -32,6 +32,7 @@ PAIRS: tuple[tuple[str, str, int | None], ...] = (
     ("eager", "onnxruntime", None),
     ("float64", "onnxruntime", None),
     ("eager", "onnx-reference", 21),
+    ("eager", "onnxruntime-ort", None),
 )
 
 
@@ -183,6 +184,7 @@ def build_runners(spec: ModelSpec, module: "torch.jit.ScriptModule", onnx_model:
 
 VARIANT_FILES = {"classifier": ("model.pt", "model.onnx"), "stream": ("model_stream.pt", "model_stream.onnx"),
                  "lengths": ("model_lengths.pt", "model_lengths.onnx")}
+ORT_FORMAT_FILES = {"classifier": "model.ort", "stream": "model_stream.ort"}
 # The stream and lengths variants: a smaller grid, plus a long case.
 VARIANT_CASES = tuple((b, s) for b in (1, 3, 8) for s in (0, 1, 7, 100)) + ((2, 1000),)
 CHUNK_SIZES = (1, 7, 100)
@@ -196,9 +198,17 @@ def export_runners(folder: Path, manifest: dict[str, Any], threads: int = 1,
     from gru_deploy.manifest import verified_path
 
     spec = ModelSpec.from_dict(manifest["config"])
+    from gru_deploy.runners import OnnxRuntimeRunner
+
     pt_name, onnx_name = VARIANT_FILES[variant]
     module = script.load(verified_path(folder, manifest, pt_name))
-    return build_runners(spec, module, verified_path(folder, manifest, onnx_name), threads, variant)
+    runners = build_runners(spec, module, verified_path(folder, manifest, onnx_name), threads, variant)
+    ort_name = ORT_FORMAT_FILES.get(variant)
+    if ort_name in manifest["files"]:
+        ort_format = verified_path(folder, manifest, ort_name).read_bytes()
+        runners["onnxruntime-ort"] = OnnxRuntimeRunner(spec, ort_format, threads=threads, variant=variant)
+        runners["onnxruntime-ort"].name = "onnxruntime-ort"
+    return runners
 
 
 def check_chunked(runner: Runner, spec: ModelSpec, atol: float, rtol: float, seq: int = CHUNKED_SEQ,

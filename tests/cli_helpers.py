@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-EXPORT_FILES = ["manifest.json", "model.onnx", "model.pt", "model_lengths.onnx", "model_lengths.pt",
-                "model_stream.onnx", "model_stream.pt", "parity.json"]
+EXPORT_FILES = ["manifest.json", "model.onnx", "model.ort", "model.pt", "model_lengths.onnx", "model_lengths.pt",
+                "model_stream.onnx", "model_stream.ort", "model_stream.pt", "parity.json", "required_operators.config"]
 
 
 def gru_deploy_exe() -> str:

@@ -33,10 +33,10 @@ def test_help_loads_neither_torch_nor_onnxruntime():
     assert "gru-deploy export" in proc.stdout
 
 
-@pytest.mark.parametrize("command", ["train", "export", "verify"])
+@pytest.mark.parametrize("command", ["train", "export", "verify", "infer", "bench", "package"])
 def test_each_command_has_help_with_an_example(command):
     proc = run_cli(command, "--help")
-    assert proc.returncode == 0 and "Example:" in proc.stdout
+    assert proc.returncode == 0 and ("Example:" in proc.stdout or "Examples:" in proc.stdout)
 
 
 def test_version():

@@ -1,0 +1,238 @@
+"""Reading and verifying bundles (folders or .tar.gz archives) through their manifests.
+
+An archive is inspected whole before anything is extracted: only regular files and
+folders, only paths the manifest lists (plus the manifest), no absolute paths or `..`,
+no links or devices, each member within its listed size — then extracted with tarfile's
+`filter='data'` as a second line of defence. A folder gets the same checks: no extra,
+missing, linked or changed file.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator
+
+import numpy as np
+
+from gru_deploy.errors import CheckFailed, UserInputError
+from gru_deploy.manifest import sha256_file
+
+BUNDLE_FIELDS = ("format", "format_version", "target", "signatures", "config", "labels", "models", "golden", "files")
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_MEMBER_BYTES = 512 << 20
+
+
+def _safe_relative(name: str) -> bool:
+    path = PurePosixPath(name)
+    return bool(name) and not path.is_absolute() and ".." not in path.parts and "\\" not in name and \
+        all(part not in ("", ".") for part in name.split("/"))
+
+
+def parse_bundle_manifest(raw: bytes, where: str) -> dict[str, Any]:
+    """Validate a bundle manifest's schema; UserInputError naming the problem."""
+    from gru_deploy.package import BUNDLE_FORMAT, BUNDLE_VERSION, TARGETS
+
+    try:
+        manifest = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserInputError(f"{where}: manifest.json is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise UserInputError(f"{where}: manifest.json must hold a JSON object")
+    missing = [k for k in BUNDLE_FIELDS if k not in manifest]
+    if missing:
+        raise UserInputError(f"{where}: manifest.json lacks field(s) {missing}")
+    if manifest["format"] != BUNDLE_FORMAT:
+        raise UserInputError(f"{where}: manifest format is {manifest['format']!r}, not a {BUNDLE_FORMAT}")
+    if type(manifest["format_version"]) is not int or manifest["format_version"] != BUNDLE_VERSION:
+        raise UserInputError(f"{where}: bundle format_version {manifest['format_version']!r} is not supported")
+    if manifest["target"] not in TARGETS:
+        raise UserInputError(f"{where}: unknown target {manifest['target']!r}")
+    files = manifest["files"]
+    if not isinstance(files, dict) or not all(
+        isinstance(v, dict) and isinstance(v.get("sha256"), str) and type(v.get("size")) is int and v["size"] >= 0
+        for v in files.values()
+    ):
+        raise UserInputError(f"{where}: manifest 'files' must map paths to {{sha256, size}}")
+    for name in files:
+        if not _safe_relative(name) or name == "manifest.json":
+            raise UserInputError(f"{where}: manifest lists an unsafe path {name!r}")
+    for name in list(manifest["models"]) + [manifest["golden"].get("file", "")]:
+        if name not in files:
+            raise UserInputError(f"{where}: manifest names {name!r} but does not list it in 'files'")
+    return manifest
+
+
+@contextmanager
+def open_bundle(path: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Yield (folder, manifest) for a bundle folder or a safely extracted .tar.gz."""
+    path = Path(path)
+    if not path.exists():
+        raise UserInputError(f"{path}: no such bundle (a folder or .tar.gz from `gru-deploy package`)")
+    if path.is_dir():
+        manifest_path = path / "manifest.json"
+        if not manifest_path.is_file():
+            raise UserInputError(f"{path}: no manifest.json; not a gru-deploy bundle")
+        yield path, parse_bundle_manifest(manifest_path.read_bytes(), str(path))
+        return
+    with tempfile.TemporaryDirectory(prefix="gru-deploy-bundle-") as tmp:
+        root, manifest = _extract(path, Path(tmp))
+        yield root, manifest
+
+
+def _extract(archive: Path, dest: Path) -> tuple[Path, dict[str, Any]]:
+    try:
+        with tarfile.open(archive, mode="r:gz") as tar:
+            members = tar.getmembers()  # reads the whole archive: a truncated one fails here
+            tops = {PurePosixPath(m.name).parts[0] for m in members if m.name}
+            if len(tops) != 1:
+                raise CheckFailed(f"{archive}: an archive must hold one top folder, found {sorted(tops)[:5]}")
+            top = tops.pop()
+            by_name = {}
+            for member in members:
+                if not _safe_relative(member.name):
+                    raise CheckFailed(f"{archive}: member {member.name!r} has an absolute or '..' path; refusing it")
+                if not (member.isfile() or member.isdir()):
+                    raise CheckFailed(f"{archive}: member {member.name!r} is a link or special file; refusing it")
+                if member.name in by_name:
+                    raise CheckFailed(f"{archive}: member {member.name!r} appears twice")
+                by_name[member.name] = member
+            manifest_member = by_name.get(f"{top}/manifest.json")
+            if manifest_member is None or not manifest_member.isfile():
+                raise UserInputError(f"{archive}: no {top}/manifest.json; not a gru-deploy bundle")
+            if manifest_member.size > MAX_MANIFEST_BYTES:
+                raise CheckFailed(f"{archive}: manifest.json is {manifest_member.size} bytes; refusing it")
+            handle = tar.extractfile(manifest_member)
+            manifest = parse_bundle_manifest(handle.read() if handle else b"", str(archive))
+            listed = {f"{top}/{name}": entry["size"] for name, entry in manifest["files"].items()}
+            folders = {str(PurePosixPath(name).parent) for name in listed} | {top}
+            folders |= {str(p) for name in listed for p in PurePosixPath(name).parents if str(p) != "."}
+            for name, member in by_name.items():
+                if member.isdir():
+                    if name not in folders:
+                        raise CheckFailed(f"{archive}: folder {name!r} is not part of the bundle")
+                elif name != manifest_member.name:
+                    if name not in listed:
+                        raise CheckFailed(f"{archive}: extra file {name!r} is not listed in the manifest")
+                    if member.size != listed[name] or member.size > MAX_MEMBER_BYTES:
+                        raise CheckFailed(f"{archive}: {name!r} is {member.size} bytes, the manifest says "
+                                          f"{listed[name]}")
+            tar.extractall(dest, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise CheckFailed(f"{archive}: not a readable .tar.gz ({str(exc).splitlines()[0][:200]}); "
+                          "it may be truncated or corrupt") from None
+    return dest / top, manifest
+
+
+def check_bundle_files(folder: Path, manifest: dict[str, Any]) -> None:
+    """No missing, extra, linked or changed file: every sha256 and size as listed."""
+    listed = set(manifest["files"]) | {"manifest.json"}
+    present = set()
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_symlink():
+            raise CheckFailed(f"{folder}: {rel} is a symbolic link; bundles hold regular files only")
+        if path.is_file():
+            present.add(rel)
+    extra = sorted(present - listed)
+    if extra:
+        raise CheckFailed(f"{folder}: extra file(s) not in the manifest: {extra[:5]}")
+    missing = sorted(listed - present)
+    if missing:
+        raise CheckFailed(f"{folder}: file(s) listed in the manifest are missing: {missing[:5]}")
+    for name, entry in manifest["files"].items():
+        path = folder / name
+        if path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
+            raise CheckFailed(f"{folder}: {name} does not match its sha256 in the manifest; changed or corrupted")
+
+
+def _golden_feed(case: dict[str, Any], folder: Path, kind: str) -> dict[str, np.ndarray]:
+    out = {}
+    for name, tensor in case[kind].items():
+        array = np.load(folder / tensor["npy"], allow_pickle=False)
+        from_json = np.asarray(tensor["data"], dtype=tensor["dtype"]).reshape(tensor["shape"])
+        if not np.array_equal(array, from_json):
+            raise CheckFailed(f"{folder}: golden {case['name']} {name}: the .npy and JSON copies differ")
+        out[name] = array
+    return out
+
+
+def verify_bundle(path: Path) -> dict[str, Any]:
+    """Check a bundle: schema, checksums, files, every model loads, golden vectors reproduce.
+
+    Returns a report; raises CheckFailed on the first failed check (UserInputError for a
+    path that is not a bundle).
+    """
+    from gru_deploy.compare import compare
+    from gru_deploy.spec import ModelSpec
+
+    checks: list[dict[str, Any]] = []
+    with open_bundle(path) as (folder, manifest):
+        checks.append({"check": "manifest schema", "passed": True})
+        check_bundle_files(folder, manifest)
+        checks.append({"check": f"{len(manifest['files'])} files: sha256, sizes, nothing extra or missing",
+                       "passed": True})
+        spec = ModelSpec.from_dict(manifest["config"])
+        sessions = {}
+        for name, info in manifest["models"].items():
+            sessions[name] = _load_model(folder / name, info["format"])
+            checks.append({"check": f"loads: {name}", "passed": True})
+        golden = json.loads((folder / manifest["golden"]["file"]).read_text())
+        atol, rtol = manifest["golden"]["atol"], manifest["golden"]["rtol"]
+        for case in golden["cases"]:
+            inputs = _golden_feed(case, folder, "inputs")
+            expected = _golden_feed(case, folder, "outputs")
+            models = [m for m, info in manifest["models"].items() if info.get("variant") == case["variant"]]
+            if case["model"] not in models:
+                raise CheckFailed(f"{path}: golden case {case['name']} names {case['model']!r}, "
+                                  f"not a {case['variant']} model of the bundle")
+            for model in models:
+                got = _run(sessions[model], manifest["models"][model]["format"], spec, case["variant"], inputs)
+                for out_name, want in expected.items():
+                    result = compare(want, got[out_name], atol, rtol)
+                    checks.append({"check": f"golden {case['name']} on {model}: {out_name}", "passed": result.passed,
+                                   "max_abs": result.max_abs})
+                    if not result:
+                        raise CheckFailed(f"{path}: golden {case['name']} on {model} ({out_name}): "
+                                          f"max abs error {result.max_abs:.3g} > atol {atol:g}")
+        return {"bundle": str(path), "target": manifest["target"], "passed": True, "checks": checks}
+
+
+def _load_model(path: Path, fmt: str) -> Any:
+    if fmt in ("onnx", "ort"):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's own exception types
+            raise CheckFailed(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})") from None
+    if fmt == "torchscript":
+        from gru_deploy import script
+
+        try:
+            return script.load(path)  # its sha256 was checked against the manifest above
+        except UserInputError as exc:
+            raise CheckFailed(str(exc)) from None
+    raise CheckFailed(f"{path}: unknown model format {fmt!r} in the manifest")
+
+
+def _run(session: Any, fmt: str, spec: Any, variant: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from gru_deploy.runners import validate_feed
+    from gru_deploy.spec import VARIANT_IO
+
+    feed = validate_feed(inputs, spec, variant)  # before the runtime sees it
+    outputs = VARIANT_IO[variant][1]
+    if fmt == "torchscript":
+        import torch
+
+        with torch.no_grad():
+            result = session(*(torch.from_numpy(v) for v in feed.values()))
+        result = result if isinstance(result, tuple) else (result,)
+        return {n: r.numpy() for n, r in zip(outputs, result)}
+    return dict(zip(outputs, session.run(list(outputs), feed)))

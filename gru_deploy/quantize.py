@@ -1,0 +1,345 @@
+"""Dynamic int8 quantisation of an exported ONNX graph, Loop bodies included.
+
+`quantize_int8` runs onnxruntime's own dynamic quantiser (`quantize_dynamic`, QInt8
+weights, `reduce_range=True` because x86 without VNNI saturates on full-range int8, and
+`EnableSubgraph` so that the Loop body is quantised too). The quantiser only quantises a
+MatMul whose B is an initializer, and it leaves the Loop body's Gemms alone (the exporter
+writes `torch.mm(h, W)` as Gemm(transB=1, beta=0) without C, a form onnxruntime's own
+Gemm→MatMul rewrite refuses). So the graph is first rewritten, exactly in fp32:
+
+* float Constant nodes holding weights (rank >= 2) become initializers, and Transpose /
+  Concat / Identity nodes whose inputs are all constants are folded into initializers;
+* Gemm(A, B[, C]) with transA=0, alpha=1, beta=1 (or no C) and a constant B becomes
+  MatMul(A, B or a pre-transposed copy of B) [+ Add(C)].
+
+Weights the body reads from the outer scope stay top-level initializers: the quantiser
+looks them up through its parent and writes their int8 copies at the top level.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from gru_deploy.errors import CheckFailed, UserInputError
+from gru_deploy.export import count_ops
+
+if TYPE_CHECKING:
+    import onnx
+
+# Highest IR version onnxruntime 1.17 reads (it reads IR 9; IR 10 came with onnx 1.16).
+MAX_IR_VERSION = 9
+FLOAT_TYPES = (1, 10, 11)  # TensorProto FLOAT, FLOAT16, DOUBLE
+INT8_TYPES = (2, 3)  # TensorProto UINT8, INT8
+FOLDABLE = ("Transpose", "Concat", "Identity")
+QUANTIZED_METADATA = "dynamic int8 (onnxruntime quantize_dynamic, QInt8 weights, reduce_range, EnableSubgraph)"
+
+
+def _subgraphs(node: "onnx.NodeProto") -> list["onnx.GraphProto"]:
+    import onnx
+
+    graphs: list[onnx.GraphProto] = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            graphs.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            graphs.extend(attr.graphs)
+    return graphs
+
+
+def _all_graphs(graph: "onnx.GraphProto") -> list["onnx.GraphProto"]:
+    """The graph and every sub-graph below it, outermost first."""
+    out, stack = [], [graph]
+    while stack:
+        current = stack.pop(0)
+        out.append(current)
+        for node in current.node:
+            stack.extend(_subgraphs(node))
+    return out
+
+
+def _float_initializers(model: "onnx.ModelProto") -> dict[str, int]:
+    """Name → bytes of every float initializer, sub-graphs included."""
+    from onnx import numpy_helper
+
+    return {t.name: numpy_helper.to_array(t).nbytes
+            for g in _all_graphs(model.graph) for t in g.initializer if t.data_type in FLOAT_TYPES}
+
+
+def _constant_weights(model: "onnx.ModelProto") -> dict[str, int]:
+    """Name → bytes of float Constant-node tensors of rank >= 2 (weights stored as nodes)."""
+    from onnx import numpy_helper
+
+    out = {}
+    for graph in _all_graphs(model.graph):
+        for node in graph.node:
+            if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+                tensor = node.attribute[0].t
+                if tensor.data_type in FLOAT_TYPES and len(tensor.dims) >= 2:
+                    out[node.output[0]] = numpy_helper.to_array(tensor).nbytes
+    return out
+
+
+def _used_names(graph: "onnx.GraphProto") -> set[str]:
+    """Every name read by a node or output of the graph or its sub-graphs."""
+    names: set[str] = set()
+    for g in _all_graphs(graph):
+        names.update(o.name for o in g.output)
+        for node in g.node:
+            names.update(node.input)
+    return names
+
+
+def _all_names(graph: "onnx.GraphProto") -> set[str]:
+    names: set[str] = set()
+    for g in _all_graphs(graph):
+        names.update(t.name for t in g.initializer)
+        names.update(v.name for v in (*g.input, *g.output, *g.value_info))
+        for node in g.node:
+            names.update(node.input)
+            names.update(node.output)
+    return names
+
+
+def _fresh(name: str, taken: set[str]) -> str:
+    candidate, i = name, 0
+    while candidate in taken or any(candidate + s in taken for s in ("_quantized", "_scale", "_zero_point")):
+        i += 1
+        candidate = f"{name}_{i}"
+    taken.add(candidate)
+    return candidate
+
+
+def _attrs(node: "onnx.NodeProto") -> dict[str, Any]:
+    import onnx
+
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def rewrite_for_quantization(model: "onnx.ModelProto") -> tuple["onnx.ModelProto", dict[str, set[str]], int]:
+    """A copy of `model` whose big weights sit where the dynamic quantiser sees them.
+
+    Returns the rewritten model, `sources` (name of each float tensor holding weights after
+    the rewrite → the original initializer / Constant names its values come from) and the
+    number of Gemm nodes turned into MatMul. The fp32 function is unchanged: folding and
+    transposing copy values, MatMul(+Add) is Gemm's definition for alpha=1, beta=1.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    top = model.graph
+    taken = _all_names(top)
+    sources: dict[str, set[str]] = {name: {name} for name in {**_float_initializers(model), **_constant_weights(model)}}
+
+    # 1. Fold weight producers into top-level initializers (values are loop-invariant).
+    def fold(graph: "onnx.GraphProto", visible: dict[str, "np.ndarray"]) -> None:
+        local = dict(visible)
+        local.update({t.name: numpy_helper.to_array(t) for t in graph.initializer})
+        kept = []
+        for node in graph.node:
+            value = None
+            if node.output[0] in outputs:  # a graph's output stays a node
+                pass
+            elif node.op_type == "Constant" and node.output[0] in sources and len(node.attribute) == 1:
+                value = numpy_helper.to_array(node.attribute[0].t)
+                origin = {node.output[0]}
+            elif node.op_type in FOLDABLE and node.input and all(i in local for i in node.input):
+                arrays = [local[i] for i in node.input]
+                if all(a.dtype.kind == "f" for a in arrays):
+                    attrs = _attrs(node)
+                    if node.op_type == "Transpose":
+                        value = np.transpose(arrays[0], attrs.get("perm"))
+                    elif node.op_type == "Concat":
+                        value = np.concatenate(arrays, axis=attrs["axis"])
+                    else:
+                        value = arrays[0]
+                    origin = set().union(*(sources.get(i, set()) for i in node.input))
+            if value is None:
+                for sub in _subgraphs(node):
+                    fold(sub, local)
+                kept.append(node)
+                continue
+            name = node.output[0]
+            top.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+            local[name] = value
+            sources[name] = origin
+        del graph.node[:]
+        graph.node.extend(kept)
+
+    outputs = {o.name for g in _all_graphs(top) for o in g.output}
+    fold(top, {})
+
+    # 2. Gemm → MatMul (+Add) against a constant (pre-transposed when transB=1) weight.
+    def owner(name: str, path: list["onnx.GraphProto"]) -> "onnx.TensorProto | None":
+        for graph in reversed(path):
+            for tensor in graph.initializer:
+                if tensor.name == name:
+                    return tensor
+        return None
+
+    transposed: dict[str, str] = {}
+    rewritten = 0
+
+    def gemms(path: list["onnx.GraphProto"]) -> None:
+        nonlocal rewritten
+        graph = path[-1]
+        nodes = []
+        for node in graph.node:
+            for sub in _subgraphs(node):
+                gemms([*path, sub])
+            attrs = _attrs(node)
+            weight = owner(node.input[1], path) if node.op_type == "Gemm" else None
+            has_c = len(node.input) > 2 and node.input[2] != ""
+            if (weight is None or attrs.get("transA", 0) != 0 or attrs.get("alpha", 1.0) != 1.0
+                    or (has_c and attrs.get("beta", 1.0) != 1.0) or len(weight.dims) != 2):
+                nodes.append(node)
+                continue
+            b_name = weight.name
+            if attrs.get("transB", 0):
+                if b_name not in transposed:
+                    t_name = _fresh(f"{b_name}_T", taken)
+                    # the copy lives beside the original, so every graph that sees B sees it
+                    home = next(g for g in reversed(path) if any(t.name == b_name for t in g.initializer))
+                    home.initializer.append(numpy_helper.from_array(
+                        np.ascontiguousarray(numpy_helper.to_array(weight).T), t_name))
+                    transposed[b_name] = t_name
+                    sources[t_name] = set(sources.get(b_name, {b_name}))
+                b_name = transposed[b_name]
+            base = node.name or f"gemm_{rewritten}"
+            if has_c:
+                product = _fresh(f"{node.output[0]}_matmul", taken)
+                nodes.append(helper.make_node("MatMul", [node.input[0], b_name], [product], name=f"{base}_MatMul"))
+                nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{base}_Add"))
+            else:
+                nodes.append(helper.make_node("MatMul", [node.input[0], b_name], [node.output[0]],
+                                              name=f"{base}_MatMul"))
+            rewritten += 1
+        del graph.node[:]
+        graph.node.extend(nodes)
+
+    gemms([top])
+
+    # 3. Drop initializers nothing reads any more (the originals of transposed copies).
+    used = _used_names(top)
+    for graph in _all_graphs(top):
+        keep = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    live = {t.name for g in _all_graphs(top) for t in g.initializer if t.data_type in FLOAT_TYPES}
+    sources = {name: origin for name, origin in sources.items() if name in live}
+    return model, sources, rewritten
+
+
+def _drop_new_value_info(model: "onnx.ModelProto", keep: set[str]) -> None:
+    for graph in _all_graphs(model.graph):
+        kept = [v for v in graph.value_info if v.name in keep]
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+
+
+@contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """The quantiser logs 'consider pre-processing' on the root logger; we have no use for it."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize_int8(onnx_bytes: bytes) -> tuple[bytes, dict[str, Any]]:
+    """Dynamic int8 (QInt8 weights, reduce_range) of a serialised ONNX model, Loop bodies included.
+
+    Returns the quantised model and a report: weight_bytes_fp32 (bytes of the float weight
+    initializers, and float Constant tensors of rank >= 2, before), weight_bytes_quantized_share
+    (the share of those bytes now stored as int8), size_before, size_after, op_types (after),
+    the weights quantised / kept in fp32, and the IR version and opset. Raises CheckFailed
+    when nothing was quantised or the result is not a valid model for the same opset.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.quant_utils import TENSOR_NAME_QUANT_SUFFIX
+
+    try:
+        original = onnx.load_from_string(onnx_bytes)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise UserInputError(f"not an ONNX model: {exc}") from None
+    weights = {**_float_initializers(original), **_constant_weights(original)}
+    weight_bytes = sum(weights.values())
+    opsets = {o.domain or "ai.onnx": o.version for o in original.opset_import}
+    prepared, sources, gemms_rewritten = rewrite_for_quantization(original)
+
+    with tempfile.TemporaryDirectory(prefix="gru-deploy-quant-") as tmp:
+        src, dst = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
+        onnx.save_model(prepared, str(src))
+        with _quiet_quantizer():
+            quantize_dynamic(
+                str(src), str(dst),
+                weight_type=QuantType.QInt8,
+                reduce_range=True,
+                per_channel=False,
+                op_types_to_quantize=["MatMul"],
+                extra_options={"EnableSubgraph": True, "MatMulConstBOnly": True},
+            )
+        quantized = onnx.load(str(dst))
+
+    # The quantiser's shape inference leaves a value_info per intermediate tensor; the input
+    # had its own (often none). They are optional and onnxruntime infers them again on load.
+    _drop_new_value_info(quantized, {v.name for g in _all_graphs(original.graph) for v in g.value_info})
+    ir_raised_from = None
+    if quantized.ir_version > MAX_IR_VERSION:
+        ir_raised_from = int(quantized.ir_version)
+        quantized.ir_version = max(min(int(original.ir_version), MAX_IR_VERSION), 3)
+    after_opsets = {o.domain or "ai.onnx": o.version for o in quantized.opset_import}
+    if after_opsets.get("ai.onnx") != opsets.get("ai.onnx"):
+        raise CheckFailed(f"quantisation changed the opset from {opsets.get('ai.onnx')} to "
+                          f"{after_opsets.get('ai.onnx')}; older onnxruntime builds may not load it")
+    # keep the input's metadata, not the quantiser's bookkeeping (e.g. onnx.infer), and say what was done
+    known = {p.key for p in original.metadata_props}
+    props = [(p.key, p.value) for p in quantized.metadata_props if p.key in known]
+    del quantized.metadata_props[:]
+    for key, value in props:
+        entry = quantized.metadata_props.add()
+        entry.key, entry.value = key, value
+    entry = quantized.metadata_props.add()
+    entry.key, entry.value = "gru_deploy.quantization", QUANTIZED_METADATA
+    try:
+        onnx.checker.check_model(quantized, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise CheckFailed(f"the quantised graph failed onnx.checker: {str(exc).splitlines()[0]}") from None
+
+    after = {t.name: t.data_type for g in _all_graphs(quantized.graph) for t in g.initializer}
+    pending: dict[str, bool] = {}  # original weight → every rewritten form of it is int8 now
+    for name, origin in sources.items():
+        is_int8 = after.get(name) is None and after.get(name + TENSOR_NAME_QUANT_SUFFIX) in INT8_TYPES
+        for o in origin:
+            pending[o] = pending.get(o, True) and is_int8
+    done = {o for o, ok in pending.items() if ok}
+    quantized_bytes = sum(weights[o] for o in done if o in weights)
+    share = quantized_bytes / weight_bytes if weight_bytes else 0.0
+    if share == 0:
+        raise CheckFailed("dynamic quantisation left every weight in float: the graph has no MatMul/Gemm "
+                          "against a constant weight that onnxruntime's quantiser can quantise")
+    out = quantized.SerializeToString()
+    report = {
+        "weight_bytes_fp32": weight_bytes,
+        "weight_bytes_quantized": quantized_bytes,
+        "weight_bytes_quantized_share": round(share, 4),
+        "size_before": len(onnx_bytes),
+        "size_after": len(out),
+        "op_types": dict(sorted(count_ops(quantized.graph).items())),
+        "weights_quantized": sorted(done),
+        "weights_fp32": sorted(set(weights) - done),
+        "gemm_rewritten_to_matmul": gemms_rewritten,
+        "ir_version": int(quantized.ir_version),
+        "ir_version_lowered_from": ir_raised_from,
+        "opset": after_opsets,
+    }
+    return out, report

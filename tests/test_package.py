@@ -1,0 +1,225 @@
+"""Bundles: both targets build and verify; Triton configs parse; archives are deterministic;
+every tampered or malformed bundle is refused."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+
+from cli_helpers import run_cli
+from gru_deploy.bundle import verify_bundle
+from gru_deploy.errors import CheckFailed, UserInputError
+from gru_deploy.package import package
+
+
+@pytest.fixture(scope="module")
+def bundles(export_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundles")
+    made = {}
+    for target in ("edge", "server"):
+        made[target], _ = package(export_dir, target, out=root / target)
+        made[f"{target}.tar.gz"], _ = package(export_dir, target, out=root / f"{target}.tar.gz", archive=True)
+    return made
+
+
+@pytest.mark.parametrize("name", ["edge", "server", "edge.tar.gz", "server.tar.gz"])
+def test_bundles_verify(bundles, name):
+    report = verify_bundle(bundles[name])
+    assert report["passed"] and any("golden" in c["check"] for c in report["checks"])
+
+
+def test_edge_bundle_contents(bundles):
+    root = bundles["edge"]
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert {"model.onnx", "model.ort", "model_stream.onnx", "model_stream.ort", "required_operators.config",
+            "README.txt", "golden/golden.json"} <= set(manifest["files"])
+    for name, info in manifest["models"].items():
+        if info["format"] == "onnx":
+            assert info["ir_version"] <= 9 and info["opset"] <= 20  # readable by onnxruntime 1.17
+    config = (root / "required_operators.config").read_text()
+    assert "ai.onnx;" in config and "Loop" in config and "/tmp" not in config
+    assert manifest["onnxruntime"]["min_version"] == "1.17"
+    assert manifest["source_export"]["manifest_sha256"] and manifest["parity"]["passed"]
+
+
+def test_golden_vectors_agree_in_npy_and_json(bundles):
+    root = bundles["server"]
+    golden = json.loads((root / "golden" / "golden.json").read_text())
+    assert {c["variant"] for c in golden["cases"]} == {"classifier", "stream", "lengths"}
+    for case in golden["cases"]:
+        for tensors in (case["inputs"], case["outputs"]):
+            for tensor in tensors.values():
+                array = np.load(root / tensor["npy"])
+                assert array.shape == tuple(tensor["shape"]) and str(array.dtype) == tensor["dtype"]
+                np.testing.assert_array_equal(array.ravel(), np.asarray(tensor["data"], dtype=tensor["dtype"]))
+
+
+def test_every_triton_config_parses_with_tritons_own_protobuf(bundles):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    configs = sorted((bundles["server"] / "model_repository").glob("*/config.pbtxt"))
+    assert len(configs) == 4
+    parsed = {}
+    for path in configs:
+        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        assert config.name == path.parent.name and config.max_batch_size > 0
+        assert list(config.input[0].dims) == [-1, 8] and list(config.output[0].dims) == [4]
+        assert (path.parent / "1").is_dir()
+        parsed[config.name] = config
+    assert parsed["gru_classifier"].platform == "onnxruntime_onnx"
+    assert parsed["gru_classifier"].HasField("dynamic_batching")
+    torchscript = parsed["gru_classifier_torchscript"]
+    assert torchscript.platform == "pytorch_libtorch" and torchscript.input[0].name == "x__0"
+    state = parsed["gru_classifier_stream"].sequence_batching.state[0]
+    assert (state.input_name, state.output_name, list(state.dims)) == ("h0", "h_n", [16])
+    assert state.initial_state[0].zero_data
+    lengths = parsed["gru_classifier_lengths"].input[1]
+    assert lengths.name == "lengths" and list(lengths.dims) == [1]
+
+
+def test_a_typo_in_a_config_fails_to_parse(bundles):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    text = (bundles["server"] / "model_repository" / "gru_classifier" / "config.pbtxt").read_text()
+    with pytest.raises(text_format.ParseError):
+        text_format.Parse(text.replace("max_batch_size", "max_batchsize"), model_config_pb2.ModelConfig())
+
+
+def test_archives_are_deterministic(export_dir, tmp_path, bundles):
+    again, _ = package(export_dir, "edge", out=tmp_path / "edge.tar.gz", archive=True)
+    assert again.read_bytes() == bundles["edge.tar.gz"].read_bytes()
+    with tarfile.open(again) as tar:
+        members = tar.getmembers()
+    names = [m.name for m in members]
+    assert names == sorted(names) and all(not n.startswith("/") and ".." not in n for n in names)
+    assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 and not m.uname for m in members)
+
+
+def test_out_that_exists_is_refused_without_force(export_dir, bundles, tmp_path):
+    before = (bundles["edge"] / "manifest.json").read_bytes()
+    proc = run_cli("package", str(export_dir), "--target", "edge", "--out", str(bundles["edge"]))
+    assert proc.returncode == 2 and "--force" in proc.stderr
+    assert (bundles["edge"] / "manifest.json").read_bytes() == before
+
+
+def test_package_refuses_an_export_with_a_bad_checksum(export_copy, tmp_path):
+    (export_copy / "model_stream.onnx").write_bytes((export_copy / "model_stream.onnx").read_bytes()[:-1])
+    with pytest.raises(CheckFailed, match="sha256"):
+        package(export_copy, "edge", out=tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+
+
+# --- tampered and malformed bundles --------------------------------------------------------
+
+def _flip_byte(root):
+    path = root / "model.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def _edit_manifest(root, change):
+    data = json.loads((root / "manifest.json").read_text())
+    change(data)
+    (root / "manifest.json").write_text(json.dumps(data))
+
+
+def _change_golden(root):
+    """A wrong expected output, with the checksums updated to match: only the golden check can catch it."""
+    from gru_deploy.manifest import sha256_file
+
+    golden_path = root / "golden" / "golden.json"
+    golden = json.loads(golden_path.read_text())
+    tensor = golden["cases"][0]["outputs"]["logits"]
+    tensor["data"][0] += 0.5
+    np.save(root / tensor["npy"], np.asarray(tensor["data"], dtype=tensor["dtype"]).reshape(tensor["shape"]))
+    golden_path.write_text(json.dumps(golden))
+
+    def fix(d):
+        for rel in ("golden/golden.json", tensor["npy"]):
+            d["files"][rel] = {"sha256": sha256_file(root / rel), "size": (root / rel).stat().st_size}
+
+    _edit_manifest(root, fix)
+
+
+FOLDER_CASES = {
+    "one byte changed": (_flip_byte, CheckFailed, "sha256"),
+    "missing file": (lambda r: (r / "model.ort").unlink(), CheckFailed, "missing"),
+    "extra file": (lambda r: (r / "notes.txt").write_text("hi"), CheckFailed, "extra"),
+    "symlink": (lambda r: ((r / "model.ort").unlink(), (r / "model.ort").symlink_to(r / "model.onnx")),
+                CheckFailed, "symbolic link"),
+    "manifest not JSON": (lambda r: (r / "manifest.json").write_text("{not json"), UserInputError, "not valid JSON"),
+    "manifest lacks fields": (lambda r: _edit_manifest(r, lambda d: d.pop("golden")), UserInputError, "lacks"),
+    "unsafe path listed": (lambda r: _edit_manifest(r, lambda d: d["files"].update({"../x": {"sha256": "0",
+                                                                                          "size": 1}})),
+                           UserInputError, "unsafe path"),
+    "golden output changed": (lambda r: _change_golden(r), CheckFailed, "golden classifier_0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FOLDER_CASES))
+def test_verify_refuses_a_bad_bundle_folder(bundles, tmp_path, case):
+    corrupt, error, fragment = FOLDER_CASES[case]
+    root = tmp_path / "edge"
+    shutil.copytree(bundles["edge"], root)
+    corrupt(root)
+    with pytest.raises(error, match=fragment):
+        verify_bundle(root)
+
+
+def _tar_with(members):
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w:gz") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return raw.getvalue()
+
+
+def _member(name, data=b"x", kind=tarfile.REGTYPE, link=""):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    return info, data if kind == tarfile.REGTYPE else None
+
+
+def _with_real_bundle(bundles, extra):
+    with tarfile.open(bundles["edge.tar.gz"]) as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
+    return _tar_with(members + extra)
+
+
+ARCHIVE_CASES = {
+    "dot-dot path": lambda b: _with_real_bundle(b, [_member("edge/../evil.txt")]),
+    "absolute path": lambda b: _tar_with([_member("/etc/evil")]),
+    "symlink": lambda b: _with_real_bundle(b, [_member("edge/link", kind=tarfile.SYMTYPE, link="/etc/passwd")]),
+    "hard link": lambda b: _with_real_bundle(b, [_member("edge/hard", kind=tarfile.LNKTYPE, link="edge/model.onnx")]),
+    "extra member": lambda b: _with_real_bundle(b, [_member("edge/extra.bin")]),
+    "truncated": lambda b: b["edge.tar.gz"].read_bytes()[: len(b["edge.tar.gz"].read_bytes()) // 2],
+    "not gzip": lambda b: b"plain text, not an archive",
+}
+
+
+@pytest.mark.parametrize("case", sorted(ARCHIVE_CASES))
+def test_verify_refuses_a_bad_archive_before_extracting(bundles, tmp_path, case):
+    path = tmp_path / "bad.tar.gz"
+    path.write_bytes(ARCHIVE_CASES[case](bundles))
+    proc = run_cli("verify", str(path))
+    assert proc.returncode == 1, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_verify_cli_on_a_tampered_bundle_exits_1(bundles, tmp_path):
+    root = tmp_path / "server"
+    shutil.copytree(bundles["server"], root)
+    target = root / "model_repository" / "gru_classifier_torchscript" / "1" / "model.pt"
+    target.write_bytes(target.read_bytes() + b"\0")
+    proc = run_cli("verify", str(root))
+    assert proc.returncode == 1 and "sha256" in proc.stderr
