@@ -66,6 +66,21 @@ def parse_bundle_manifest(raw: bytes, where: str) -> dict[str, Any]:
     return manifest
 
 
+def is_bundle(path: Path) -> bool:
+    """A file (an archive), or a folder whose manifest says it is a bundle."""
+    path = Path(path)
+    if path.is_file():
+        return True
+    manifest = path / "manifest.json"
+    if path.is_dir() and manifest.is_file():
+        try:
+            data = json.loads(manifest.read_text())
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return isinstance(data, dict) and data.get("format") == "gru-deploy-bundle"
+    return False
+
+
 @contextmanager
 def open_bundle(path: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
     """Yield (folder, manifest) for a bundle folder or a safely extracted .tar.gz."""

@@ -243,8 +243,10 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, quiet: bool, as_json
     """
     from gru_deploy.errors import CheckFailed
 
+    from gru_deploy.bundle import is_bundle
+
     obj["quiet"] = quiet or as_json
-    if _is_bundle(path):
+    if is_bundle(path):
         from gru_deploy.bundle import verify_bundle
 
         report = verify_bundle(path)
@@ -267,19 +269,6 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, quiet: bool, as_json
         raise CheckFailed(f"parity failed for {path}: " + "; ".join(report.failures()))
     if not as_json:
         click.echo(f"parity holds for {path} (atol {atol:g}, rtol {rtol:g})")
-
-
-def _is_bundle(path: Path) -> bool:
-    """A .tar.gz, or a folder whose manifest says it is a bundle."""
-    if path.is_file():
-        return True
-    manifest = path / "manifest.json"
-    if path.is_dir() and manifest.is_file():
-        try:
-            return json.loads(manifest.read_text()).get("format") == "gru-deploy-bundle"
-        except (ValueError, AttributeError, UnicodeDecodeError):
-            return False
-    return False
 
 
 @cli.command()
@@ -338,7 +327,7 @@ def package(obj: dict, folder: Path, target: str, out: Path | None, archive: boo
 @click.option("--json", "as_json", is_flag=True, help="Print predictions, probabilities and logits as JSON.")
 def infer(folder: Path, input_path: Path, lengths_path: Path | None, state_in: Path | None,
           state_out: Path | None, as_json: bool) -> None:
-    """Run onnxruntime on an export folder and print predictions with their labels.
+    """Run onnxruntime on an export folder or a bundle and print predictions with their labels.
 
     The plain classifier runs by default; with --lengths the variable-length model
     (padded batches); with --state-in/--state-out the streaming model, one chunk per call.
@@ -423,6 +412,30 @@ def bench(obj: dict, folder: Path | None, threads: int, budget: float, no_large:
         _emit_json(result)
     else:
         click.echo(format_table(result))
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def inspect(path: Path, as_json: bool) -> None:
+    """Show what an export folder, a bundle (folder or .tar.gz) or an .onnx file holds.
+
+    Signature, labels, every file with its size and checksum status (ok, CHANGED,
+    missing), and for each ONNX model its inputs, outputs, op types, opset and IR version.
+    Runs nothing; use `gru-deploy verify` to check numbers.
+
+    \b
+    Examples:
+      gru-deploy inspect exported/
+      gru-deploy inspect exported/model.onnx --json
+    """
+    from gru_deploy.describe import format_report, inspect_path
+
+    report = inspect_path(path)
+    if as_json:
+        _emit_json(report)
+    else:
+        click.echo(format_report(report))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -68,26 +68,40 @@ def infer(folder: Path, x: np.ndarray, lengths: np.ndarray | None = None, h0: np
     stateful one, whose final state is returned. Every file is checked against the manifest
     first, and every input is validated before onnxruntime sees it.
     """
-    from gru_deploy.manifest import read_manifest, verified_path
     from gru_deploy.runners import OnnxRuntimeRunner
-    from gru_deploy.verify import VARIANT_FILES
 
     if lengths is not None and (stream or h0 is not None):
         raise UserInputError("--lengths cannot be combined with --state-in/--state-out: "
                              "pad and use lengths, or stream chunk by chunk")
-    manifest = read_manifest(folder)
-    spec = ModelSpec.from_dict(manifest["config"])
     variant = "lengths" if lengths is not None else "stream" if (stream or h0 is not None) else "classifier"
-    if variant != "classifier" and variant not in (manifest.get("variants") or {}):
-        raise UserInputError(f"{folder}: this export has no {variant} model; re-export with this gru-deploy")
+    spec, model = _model_bytes(Path(folder), variant)
     feed: dict[str, Any] = {INPUT_NAME: x}
     if variant == "lengths":
         feed[LENGTHS_NAME] = lengths
     if variant == "stream":
         batch = x.shape[0] if isinstance(x, np.ndarray) and x.ndim == 3 else 0
         feed[STATE_IN] = h0 if h0 is not None else np.zeros((batch, spec.hidden_size), np.float32)
-    onnx_path = verified_path(folder, manifest, VARIANT_FILES[variant][1])
-    runner = OnnxRuntimeRunner(spec, onnx_path.read_bytes(), threads=threads, variant=variant)
+    runner = OnnxRuntimeRunner(spec, model, threads=threads, variant=variant)
     out = runner.run(feed)
     logits = out[OUTPUT_NAME]
     return Prediction(logits, softmax(logits), spec.labels, out.get(STATE_OUT))
+
+
+def _model_bytes(path: Path, variant: str) -> tuple[ModelSpec, bytes]:
+    """The spec and checked ONNX bytes of one variant, from an export folder or a bundle."""
+    from gru_deploy.bundle import check_bundle_files, is_bundle, open_bundle
+    from gru_deploy.manifest import read_manifest, verified_path
+    from gru_deploy.verify import VARIANT_FILES
+
+    if is_bundle(path):
+        with open_bundle(path) as (folder, manifest):
+            check_bundle_files(folder, manifest)
+            names = [n for n, info in manifest["models"].items()
+                     if info.get("variant") == variant and info["format"] == "onnx"]
+            if not names:
+                raise UserInputError(f"{path}: this {manifest['target']} bundle has no {variant} ONNX model")
+            return ModelSpec.from_dict(manifest["config"]), (folder / names[0]).read_bytes()
+    manifest = read_manifest(path)
+    if variant != "classifier" and variant not in (manifest.get("variants") or {}):
+        raise UserInputError(f"{path}: this export has no {variant} model; re-export with this gru-deploy")
+    return ModelSpec.from_dict(manifest["config"]), verified_path(path, manifest, VARIANT_FILES[variant][1]).read_bytes()

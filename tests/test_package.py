@@ -223,3 +223,34 @@ def test_verify_cli_on_a_tampered_bundle_exits_1(bundles, tmp_path):
     target.write_bytes(target.read_bytes() + b"\0")
     proc = run_cli("verify", str(root))
     assert proc.returncode == 1 and "sha256" in proc.stderr
+
+
+# --- inspect and infer on bundles -----------------------------------------------------------
+
+def test_inspect_reports_files_and_models(bundles, export_copy, tmp_path):
+    proc = run_cli("inspect", str(bundles["server.tar.gz"]), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["kind"] == "bundle" and report["target"] == "server"
+    assert all(f["status"] == "ok" for f in report["files"].values())
+    onnx = report["onnx"]["model_repository/gru_classifier_stream/1/model.onnx"]
+    assert [i["name"] for i in onnx["inputs"]] == ["x", "h0"] and onnx["op_types"]["Loop"] == 1
+    (export_copy / "model.ort").write_bytes(b"changed")
+    report = json.loads(run_cli("inspect", str(export_copy), "--json").stdout)
+    assert report["files"]["model.ort"]["status"] == "CHANGED" and report["files"]["model.onnx"]["status"] == "ok"
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    proc = run_cli("inspect", str(empty))
+    assert proc.returncode == 2 and "empty" in proc.stderr
+
+
+def test_infer_runs_on_bundles(bundles, export_dir, tmp_path):
+    x = np.random.default_rng(5).standard_normal((2, 9, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    results = []
+    for path in (export_dir, bundles["edge"], bundles["server.tar.gz"]):
+        proc = run_cli("infer", str(path), "--input", str(tmp_path / "x.npy"), "--json")
+        assert proc.returncode == 0, proc.stderr
+        results.append(np.array(json.loads(proc.stdout)["logits"]))
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_array_equal(results[0], results[2])
