@@ -200,19 +200,20 @@ def verify_bundle(path: Path) -> dict[str, Any]:
         for case in golden["cases"]:
             inputs = _golden_feed(case, folder, "inputs")
             expected = _golden_feed(case, folder, "outputs")
-            models = [m for m, info in manifest["models"].items() if info.get("variant") == case["variant"]]
+            models = [m for m, info in manifest["models"].items() if info.get("variant") == case["variant"]
+                      and info.get("quantized") == case.get("quantized")]
             if case["model"] not in models:
                 raise CheckFailed(f"{path}: golden case {case['name']} names {case['model']!r}, "
                                   f"not a {case['variant']} model of the bundle")
             for model in models:
                 got = _run(sessions[model], manifest["models"][model]["format"], spec, case["variant"], inputs)
                 for out_name, want in expected.items():
-                    result = compare(want, got[out_name], atol, rtol)
+                    result = compare(want, got[out_name], case.get("atol", atol), case.get("rtol", rtol))
                     checks.append({"check": f"golden {case['name']} on {model}: {out_name}", "passed": result.passed,
                                    "max_abs": result.max_abs})
                     if not result:
                         raise CheckFailed(f"{path}: golden {case['name']} on {model} ({out_name}): "
-                                          f"max abs error {result.max_abs:.3g} > atol {atol:g}")
+                                          f"max abs error {result.max_abs:.3g} > atol {case.get('atol', atol):g}")
         return {"bundle": str(path), "target": manifest["target"], "passed": True, "checks": checks}
 
 

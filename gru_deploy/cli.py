@@ -278,12 +278,14 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, quiet: bool, as_json
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Bundle folder (or .tar.gz with --archive) [default: FOLDER-TARGET beside FOLDER].")
 @click.option("--archive", is_flag=True, help="Write one deterministic .tar.gz instead of a folder.")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="edge only: add int8 models (onnxruntime dynamic quantisation, Loop bodies included).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the bundle manifest as JSON on stdout.")
 @click.pass_obj
-def package(obj: dict, folder: Path, target: str, out: Path | None, archive: bool, force: bool, quiet: bool,
-            as_json: bool) -> None:
+def package(obj: dict, folder: Path, target: str, out: Path | None, archive: bool, quantize: str | None,
+            force: bool, quiet: bool, as_json: bool) -> None:
     """Bundle an export folder for the runtimes it ships to, with manifest, checksums and golden vectors.
 
     Reads FOLDER only through its manifest, checking every sha256 first. Every bundle holds
@@ -299,16 +301,22 @@ def package(obj: dict, folder: Path, target: str, out: Path | None, archive: boo
     \b
     Examples:
       gru-deploy package exported/ --target edge
+      gru-deploy package exported/ --target edge --quantize int8
       gru-deploy package exported/ --target server --archive --out server.tar.gz
     """
     from gru_deploy.package import package as build
 
     obj["quiet"] = quiet or as_json
     written, manifest = build(folder, target, out=out, archive=archive, force=force,
-                              on_step=lambda m: _progress(obj, m))
+                              on_step=lambda m: _progress(obj, m), quantize=quantize)
     if as_json:
         _emit_json({"out": str(written), **manifest})
         return
+    for name, q in ((manifest.get("quantization") or {}).get("models") or {}).items():
+        p = q["parity_vs_eager"]
+        click.echo(f"int8 {name}: {q['weight_bytes_quantized_share']:.0%} of weight bytes int8, "
+                   f"{q['size_before']:,} -> {q['size_after']:,} bytes; vs eager: max abs {p['max_abs_vs_eager']:.3g}, "
+                   f"argmax agreement {p['argmax_agreement']:.0%}")
     total = sum(entry["size"] for entry in manifest["files"].values())
     click.echo(f"wrote {written} ({target}): {len(manifest['files']) + 1} files, {total:,} bytes; "
                f"check it with `gru-deploy verify {written}`")

@@ -21,7 +21,7 @@ import numpy as np
 from gru_deploy import __version__
 from gru_deploy.errors import UserInputError
 from gru_deploy.manifest import atomic_write_bytes, json_bytes, sha256_bytes, staged_dir
-from gru_deploy.spec import STATE_IN, STATE_OUT, VARIANT_IO, ModelSpec
+from gru_deploy.spec import OUTPUT_NAME, STATE_IN, STATE_OUT, VARIANT_IO, ModelSpec
 
 BUNDLE_FORMAT = "gru-deploy-bundle"
 BUNDLE_VERSION = 1
@@ -45,18 +45,27 @@ def _tensor_json(array: np.ndarray) -> dict[str, Any]:
     return {"dtype": str(array.dtype), "shape": list(array.shape), "data": array.ravel().tolist()}
 
 
+INT8_GOLDEN_TOL = 1e-4  # an int8 model against its own recorded outputs (runtime rounding may differ)
+
+
 def golden_vectors(export_dir: Path, manifest: dict[str, Any], variants: tuple[str, ...], files: dict[str, str],
-                   atol: float, rtol: float) -> dict[str, bytes]:
+                   atol: float, rtol: float, int8: dict[str, tuple[str, bytes]] | None = None
+                   ) -> tuple[dict[str, bytes], dict[str, Any]]:
     """Fixed inputs and the outputs eager PyTorch (the tutorial's loop) gives for them.
 
     Written as `.npy` and as plain JSON, so C++, JavaScript or mobile tests can read them
     without Python. `files` maps each variant to the bundle file the case is checked on.
+    `int8` maps a variant to its quantised model (path, bytes): its cases record the int8
+    model's own outputs (checked at 1e-4), and the int8-vs-eager error is returned as parity.
     """
+    from gru_deploy.compare import compare
+    from gru_deploy.runners import OnnxRuntimeRunner
     from gru_deploy.verify import export_runners, make_feed
 
     spec = ModelSpec.from_dict(manifest["config"])
     out: dict[str, bytes] = {}
-    cases = []
+    cases: list[dict[str, Any]] = []
+    parity: dict[str, list[dict[str, Any]]] = {}
     for index, (variant, batch, seq) in enumerate(GOLDEN_CASES):
         if variant not in variants:
             continue
@@ -72,10 +81,28 @@ def golden_vectors(export_dir: Path, manifest: dict[str, Any], variants: tuple[s
                 out[path] = _npy(np.ascontiguousarray(array))
                 case[kind][tensor_name] = {**_tensor_json(array), "npy": path}
         cases.append(case)
+        if int8 and variant in int8:
+            model_path, model_bytes = int8[variant]
+            got = OnnxRuntimeRunner(spec, model_bytes, variant=variant).run(feed)
+            q_name = f"{name}_int8"
+            q_case = {"name": q_name, "variant": variant, "model": model_path, "quantized": "int8",
+                      "atol": INT8_GOLDEN_TOL, "rtol": INT8_GOLDEN_TOL, "inputs": case["inputs"], "outputs": {}}
+            for tensor_name, array in got.items():
+                path = f"{GOLDEN_DIR}/{q_name}.{tensor_name}.npy"
+                out[path] = _npy(np.ascontiguousarray(array))
+                q_case["outputs"][tensor_name] = {**_tensor_json(array), "npy": path}
+            cases.append(q_case)
+            c = compare(result[OUTPUT_NAME], got[OUTPUT_NAME])
+            parity.setdefault(variant, []).append({"case": name, "max_abs": c.max_abs,
+                                                   "argmax_agreement": c.argmax_agreement})
     document = {"format_version": 1, "atol": atol, "rtol": rtol,
-                "reference": "eager PyTorch (the tutorial's loop)", "cases": cases}
+                "reference": "eager PyTorch (the tutorial's loop); int8 cases: the int8 model's own outputs",
+                "cases": cases}
     out[f"{GOLDEN_DIR}/golden.json"] = json_bytes(document)
-    return out
+    summary = {v: {"max_abs_vs_eager": max(r["max_abs"] for r in rows),
+                   "argmax_agreement": min(r["argmax_agreement"] for r in rows), "cases": rows}
+               for v, rows in parity.items()}
+    return out, summary
 
 
 def _onnx_info(data: bytes) -> dict[str, Any]:
@@ -218,13 +245,18 @@ def _server_files(export_dir: Path, manifest: dict[str, Any], spec: ModelSpec) -
     return files, golden_files
 
 
-def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] | None = None) -> dict[str, bytes]:
+def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] | None = None,
+                 quantize: str | None = None) -> dict[str, bytes]:
     """Every file of a bundle, manifest included, as {relative path: bytes}."""
     from gru_deploy.manifest import check_files, read_manifest
     from gru_deploy.versions import library_versions
 
     if target not in TARGETS:
         raise UserInputError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if quantize not in (None, "int8"):
+        raise UserInputError(f"unknown --quantize {quantize!r}; the choice is int8")
+    if quantize and target != "edge":
+        raise UserInputError("--quantize int8 is for --target edge (server runtimes run the fp32 models)")
     step = on_step or (lambda message: None)
     export_dir = Path(export_dir)
     source = read_manifest(export_dir)
@@ -238,9 +270,27 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
         files, golden_models = _edge_files(export_dir, source)
     else:
         files, golden_models = _server_files(export_dir, source, spec)
+    int8: dict[str, tuple[str, bytes]] = {}
+    quantization: dict[str, Any] | None = None
+    if quantize == "int8":
+        from gru_deploy.quantize import quantize_int8
+
+        quantization = {"method": "onnxruntime dynamic quantisation, QInt8 weights, reduce_range, "
+                                  "Loop bodies included", "models": {}}
+        for variant, fp32_name in golden_models.items():
+            step(f"quantising {fp32_name} to int8")
+            q_name = fp32_name.replace(".onnx", ".int8.onnx")
+            files[q_name], report = quantize_int8(files[fp32_name])
+            int8[variant] = (q_name, files[q_name])
+            quantization["models"][q_name] = {k: report[k] for k in (
+                "weight_bytes_fp32", "weight_bytes_quantized_share", "size_before", "size_after")}
     step("computing golden vectors with eager PyTorch")
     atol, rtol = source["parity"]["atol"], source["parity"]["rtol"]
-    files.update(golden_vectors(export_dir, source, tuple(golden_models), golden_models, atol, rtol))
+    golden, int8_parity = golden_vectors(export_dir, source, tuple(golden_models), golden_models, atol, rtol, int8)
+    files.update(golden)
+    if quantization is not None:
+        for variant, (q_name, _) in int8.items():
+            quantization["models"][q_name]["parity_vs_eager"] = int8_parity[variant]
     files["README.txt"] = _readme(target, spec)
     models = {}
     formats = {".onnx": "onnx", ".ort": "ort", ".pt": "torchscript"}
@@ -250,6 +300,8 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
             continue
         variant = "stream" if "stream" in path else "lengths" if "lengths" in path else "classifier"
         models[path] = {"format": fmt, "variant": variant, **(_onnx_info(data) if fmt == "onnx" else {})}
+        if ".int8." in path:
+            models[path]["quantized"] = "int8"
     variants = {v: spec.signature(v) for v in golden_models}
     manifest = {
         "format": BUNDLE_FORMAT,
@@ -263,6 +315,7 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
         "models": models,
         "onnxruntime": {"min_version": MIN_ONNXRUNTIME},
         "golden": {"file": f"{GOLDEN_DIR}/golden.json", "atol": atol, "rtol": rtol},
+        "quantization": quantization,
         "source_export": {"manifest_sha256": sha256_bytes((export_dir / "manifest.json").read_bytes()),
                           "strategy": source["strategy"], "metrics": {k: v for k, v in source["metrics"].items()
                                                                         if k != "loss_history"}},
@@ -306,7 +359,7 @@ def _fix(info: tarfile.TarInfo) -> None:
 
 
 def package(export_dir: Path, target: str, out: Path | None = None, archive: bool = False, force: bool = False,
-            on_step: Callable[[str], None] | None = None) -> tuple[Path, dict[str, Any]]:
+            on_step: Callable[[str], None] | None = None, quantize: str | None = None) -> tuple[Path, dict[str, Any]]:
     """Build a bundle from an export folder and write it (folder, or .tar.gz with `archive`)."""
     export_dir = Path(export_dir)
     if out is None:
@@ -318,7 +371,7 @@ def package(export_dir: Path, target: str, out: Path | None = None, archive: boo
         raise UserInputError(f"{out} exists; choose another --out or pass --force to replace it")
     if out.exists() and archive and not out.is_file():
         raise UserInputError(f"{out} exists and is not a file; choose another --out")
-    files = build_bundle(export_dir, target, on_step)
+    files = build_bundle(export_dir, target, on_step, quantize)
     if archive:
         atomic_write_bytes(out, archive_bytes(files, out.name[: -len(".tar.gz")]))
     else:

@@ -254,3 +254,23 @@ def test_infer_runs_on_bundles(bundles, export_dir, tmp_path):
         results.append(np.array(json.loads(proc.stdout)["logits"]))
     np.testing.assert_array_equal(results[0], results[1])
     np.testing.assert_array_equal(results[0], results[2])
+
+
+def test_int8_edge_bundle(export_dir, tmp_path):
+    out, manifest = package(export_dir, "edge", out=tmp_path / "q.tar.gz", archive=True, quantize="int8")
+    assert verify_bundle(out)["passed"]
+    models = manifest["quantization"]["models"]
+    assert set(models) == {"model.int8.onnx", "model_stream.int8.onnx"}
+    for info in models.values():
+        assert info["weight_bytes_quantized_share"] > 0.5
+        assert info["parity_vs_eager"]["argmax_agreement"] >= 0.9
+        assert 0 < info["parity_vs_eager"]["max_abs_vs_eager"] < 0.5  # int8 really changed the numbers
+    assert manifest["models"]["model.int8.onnx"]["quantized"] == "int8"
+    (tmp_path / "again").mkdir()
+    again, _ = package(export_dir, "edge", out=tmp_path / "again" / "q.tar.gz", archive=True, quantize="int8")
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_int8_is_for_edge_only(export_dir, tmp_path):
+    with pytest.raises(UserInputError, match="edge"):
+        package(export_dir, "server", out=tmp_path / "s", quantize="int8")
