@@ -19,49 +19,25 @@ from typing import Any, Iterator
 import numpy as np
 
 from gru_deploy.errors import CheckFailed, UserInputError
-from gru_deploy.manifest import sha256_file
+from gru_deploy.manifest import check_file_entries, parse_manifest, safe_relative_name, sha256_file
 
 BUNDLE_FIELDS = ("format", "format_version", "target", "signatures", "config", "labels", "models", "golden", "files")
 MAX_MANIFEST_BYTES = 4 << 20
 MAX_MEMBER_BYTES = 512 << 20
 
 
-def _safe_relative(name: str) -> bool:
-    path = PurePosixPath(name)
-    return bool(name) and not path.is_absolute() and ".." not in path.parts and "\\" not in name and \
-        all(part not in ("", ".") for part in name.split("/"))
-
-
 def parse_bundle_manifest(raw: bytes, where: str) -> dict[str, Any]:
     """Validate a bundle manifest's schema; UserInputError naming the problem."""
     from gru_deploy.package import BUNDLE_FORMAT, BUNDLE_VERSION, TARGETS
 
-    try:
-        manifest = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserInputError(f"{where}: manifest.json is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise UserInputError(f"{where}: manifest.json must hold a JSON object")
-    missing = [k for k in BUNDLE_FIELDS if k not in manifest]
-    if missing:
-        raise UserInputError(f"{where}: manifest.json lacks field(s) {missing}")
-    if manifest["format"] != BUNDLE_FORMAT:
-        raise UserInputError(f"{where}: manifest format is {manifest['format']!r}, not a {BUNDLE_FORMAT}")
-    if type(manifest["format_version"]) is not int or manifest["format_version"] != BUNDLE_VERSION:
-        raise UserInputError(f"{where}: bundle format_version {manifest['format_version']!r} is not supported")
+    manifest = parse_manifest(raw, f"{where}: manifest.json", BUNDLE_FORMAT, BUNDLE_VERSION, BUNDLE_FIELDS)
     if manifest["target"] not in TARGETS:
         raise UserInputError(f"{where}: unknown target {manifest['target']!r}")
-    files = manifest["files"]
-    if not isinstance(files, dict) or not all(
-        isinstance(v, dict) and isinstance(v.get("sha256"), str) and type(v.get("size")) is int and v["size"] >= 0
-        for v in files.values()
-    ):
-        raise UserInputError(f"{where}: manifest 'files' must map paths to {{sha256, size}}")
-    for name in files:
-        if not _safe_relative(name) or name == "manifest.json":
-            raise UserInputError(f"{where}: manifest lists an unsafe path {name!r}")
+    check_file_entries(manifest["files"], f"{where}: manifest.json", nested=True)
+    if not isinstance(manifest["models"], dict) or not isinstance(manifest["golden"], dict):
+        raise UserInputError(f"{where}: manifest.json 'models' and 'golden' must be objects")
     for name in list(manifest["models"]) + [manifest["golden"].get("file", "")]:
-        if name not in files:
+        if name not in manifest["files"]:
             raise UserInputError(f"{where}: manifest names {name!r} but does not list it in 'files'")
     return manifest
 
@@ -108,7 +84,7 @@ def _extract(archive: Path, dest: Path) -> tuple[Path, dict[str, Any]]:
             top = tops.pop()
             by_name = {}
             for member in members:
-                if not _safe_relative(member.name):
+                if not safe_relative_name(member.name, nested=True):
                     raise CheckFailed(f"{archive}: member {member.name!r} has an absolute or '..' path; refusing it")
                 if not (member.isfile() or member.isdir()):
                     raise CheckFailed(f"{archive}: member {member.name!r} is a link or special file; refusing it")

@@ -115,32 +115,52 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST_NAME
     if not path.is_file():
         raise UserInputError(f"{folder}: no {MANIFEST_NAME}; this is not a gru-deploy export folder")
+    manifest = parse_manifest(path.read_bytes(), str(path), MANIFEST_FORMAT, MANIFEST_VERSION, REQUIRED_FIELDS)
+    check_file_entries(manifest["files"], str(path), nested=False)
+    return manifest
+
+
+def parse_manifest(raw: bytes, where: str, fmt: str, version: int, fields: tuple[str, ...]) -> dict[str, Any]:
+    """JSON object with the required fields, the expected format and a supported version."""
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserInputError(f"{path}: not valid JSON ({exc})") from None
+        raise UserInputError(f"{where}: not valid JSON ({exc})") from None
     if not isinstance(manifest, dict):
-        raise UserInputError(f"{path}: must hold a JSON object")
-    missing = [key for key in REQUIRED_FIELDS if key not in manifest]
+        raise UserInputError(f"{where}: must hold a JSON object")
+    missing = [key for key in fields if key not in manifest]
     if missing:
-        raise UserInputError(f"{path}: lacks field(s) {missing}")
-    if manifest["format"] != MANIFEST_FORMAT:
-        raise UserInputError(f"{path}: format is {manifest['format']!r}, expected {MANIFEST_FORMAT!r}")
-    if type(manifest["format_version"]) is not int or manifest["format_version"] != MANIFEST_VERSION:
+        raise UserInputError(f"{where}: lacks field(s) {missing}")
+    if manifest["format"] != fmt:
+        raise UserInputError(f"{where}: format is {manifest['format']!r}, expected {fmt!r}")
+    if type(manifest["format_version"]) is not int or manifest["format_version"] != version:
         raise UserInputError(
-            f"{path}: format_version {manifest['format_version']!r} is not supported "
-            f"(this gru-deploy reads {MANIFEST_VERSION})"
+            f"{where}: format_version {manifest['format_version']!r} is not supported (this gru-deploy reads {version})"
         )
-    files = manifest["files"]
+    return manifest
+
+
+def check_file_entries(files: Any, where: str, nested: bool) -> None:
+    """'files' maps names to {sha256, size}; names are plain file names, or with `nested`,
+    relative paths without '..', '.', empty parts or backslashes."""
     if not isinstance(files, dict) or not all(
-        isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("size"), int)
+        isinstance(v, dict) and isinstance(v.get("sha256"), str) and type(v.get("size")) is int and v["size"] >= 0
         for v in files.values()
     ):
-        raise UserInputError(f"{path}: 'files' must map names to {{sha256, size}}")
+        raise UserInputError(f"{where}: 'files' must map names to {{sha256, size}}")
     for name in files:
-        if not name or Path(name).name != name or name in (".", "..", MANIFEST_NAME):
-            raise UserInputError(f"{path}: file entry {name!r} is not a plain file name")
-    return manifest
+        if name == MANIFEST_NAME or not safe_relative_name(name, nested):
+            kind = "an unsafe path" if nested else "not a plain file name"
+            raise UserInputError(f"{where}: file entry {name!r} is {kind}")
+
+
+def safe_relative_name(name: str, nested: bool) -> bool:
+    if not name or "\\" in name:
+        return False
+    parts = name.split("/")
+    if not nested and len(parts) != 1:
+        return False
+    return not name.startswith("/") and all(part not in ("", ".", "..") for part in parts)
 
 
 def check_files(folder: Path, manifest: dict[str, Any], names: tuple[str, ...] | None = None) -> None:
