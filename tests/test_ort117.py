@@ -203,3 +203,21 @@ def test_check_script_reports_failures(tmp_path):
     proc = run(sys.executable, str(CHECK), str(tmp_path), str(golden))
     assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "1 passed, 0 failed"
     assert run(sys.executable, str(CHECK), str(tmp_path / "nope"), str(golden)).returncode == 2
+
+
+@pytest.mark.slow
+def test_edge_bundle_golden_vectors_reproduce_in_ort117(old_python, export_dir, tmp_path):
+    """The shipped edge bundle (fp32 .onnx and .ort, int8 .onnx) against its own golden.json, in 1.17."""
+    from gru_deploy.package import package
+
+    bundle, _ = package(export_dir, "edge", out=tmp_path / "edge", quantize="int8")
+    golden = json.loads((bundle / "golden" / "golden.json").read_text())
+    cases = golden["cases"]
+    ort_cases = [{**c, "model": c["model"].replace(".onnx", ".ort")} for c in cases if "quantized" not in c]
+    checked = tmp_path / "golden-all.json"
+    checked.write_text(json.dumps({"cases": cases + ort_cases}))
+    proc, results = check(old_python, bundle, checked)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == f"{len(cases) + len(ort_cases)} passed, 0 failed"
+    models = {case["model"] for case in cases + ort_cases}
+    assert {"model.onnx", "model.ort", "model.int8.onnx", "model_stream.ort"} <= models
