@@ -446,6 +446,53 @@ def inspect(path: Path, as_json: bool) -> None:
         click.echo(format_report(report))
 
 
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--model-name", default=None, help="Name in the URL [default: gru_classifier].")
+@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Samples grouped into one onnxruntime call; 1 turns dynamic batching off.")
+@click.option("--max-delay-ms", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="How long a request may wait for others to batch with.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="onnxruntime intra-op threads.")
+@click.option("--max-body-mb", type=click.FloatRange(min=0.001), default=8.0, show_default=True,
+              help="Largest request body accepted (413 above it).")
+@click.option("--max-seq", type=click.IntRange(min=1), default=100_000, show_default=True,
+              help="Longest sequence accepted (413 above it).")
+def serve(path: Path, host: str, port: int, model_name: str | None, max_batch: int, max_delay_ms: float,
+          threads: int, max_body_mb: float, max_seq: int) -> None:
+    """Serve an export folder or bundle over HTTP with the KServe v2 / Triton protocol.
+
+    \b
+    GET  /v2/health/live, /v2/health/ready, /v2, /v2/models/NAME, /v2/models/NAME/ready
+    POST /v2/models/NAME/infer   inputs x FP32 [batch, seq, I], optional lengths INT64 [batch];
+                                 outputs logits, probabilities, label (BYTES); JSON or the
+                                 binary tensor extension (tritonclient.http works as is)
+    GET  /metrics                Prometheus: requests, errors, latency, batch sizes
+    Concurrent requests are batched into one onnxruntime call, padded with lengths so each
+    answer equals the one it gets alone. SIGTERM / Ctrl-C finish in-flight requests first.
+    Needs the serve extra: pip install 'gru-deploy[serve]'.
+
+    \b
+    Example:
+      gru-deploy serve exported-server.tar.gz --port 8000
+    """
+    import importlib.util
+
+    if not all(importlib.util.find_spec(m) for m in ("aiohttp", "prometheus_client")):
+        from gru_deploy.errors import UserInputError
+
+        raise UserInputError("serve needs aiohttp and prometheus-client: pip install 'gru-deploy[serve]'")
+    from gru_deploy.serve import Limits
+    from gru_deploy.serve import serve as run_server
+
+    limits = Limits(max_body_bytes=int(max_body_mb * (1 << 20)), max_seq=max_seq)
+    run_server(path, host=host, port=port, model_name=model_name, max_batch=max_batch, max_delay_ms=max_delay_ms,
+               threads=threads, limits=limits, print_fn=lambda m: click.echo(m, err=True))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI and map errors to one line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)

@@ -1,0 +1,397 @@
+"""`serve`: onnxruntime behind aiohttp, speaking the Open Inference Protocol (KServe v2 /
+Triton REST), with dynamic batching.
+
+Requests hold `x` FP32 [batch, seq, input_size] and optionally `lengths` INT64 [batch].
+Concurrent requests are grouped into one onnxruntime call (up to --max-batch samples,
+waiting at most --max-delay-ms), padded to the longest sequence and run through the
+variable-length model, so each answer equals the one the request gets alone. Every tensor
+is validated before onnxruntime sees it; client errors get a 4xx and a v2 error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+from gru_deploy.errors import UserInputError
+from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, OUTPUT_NAME, ModelSpec
+
+DATATYPES = {"FP32": np.float32, "INT64": np.int64, "INT32": np.int32}
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+class ClientError(Exception):
+    """A request the server refuses: status code and message for the v2 error body."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 8 << 20
+    max_elements: int = 4 << 20
+    max_seq: int = 100_000
+    max_json_depth: int = 32
+
+
+@dataclass
+class Pending:
+    x: np.ndarray
+    lengths: np.ndarray
+    future: asyncio.Future = field(repr=False)
+
+
+class Model:
+    """The variable-length model in one onnxruntime session, plus the batcher in front of it."""
+
+    def __init__(self, name: str, spec: ModelSpec, onnx_bytes: bytes, threads: int, max_batch: int,
+                 max_delay_ms: float) -> None:
+        from gru_deploy.runners import OnnxRuntimeRunner
+
+        self.name, self.spec = name, spec
+        self.runner = OnnxRuntimeRunner(spec, onnx_bytes, threads=threads, variant="lengths")
+        self.max_batch, self.max_delay = max_batch, max_delay_ms / 1000.0
+        self.queue: asyncio.Queue[Pending] | None = None
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
+        self.batch_sizes: list[int] = []
+
+    def run(self, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        return self.runner.run({INPUT_NAME: x, LENGTHS_NAME: lengths})[OUTPUT_NAME]
+
+    async def infer(self, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        if self.max_batch <= 1 or self.queue is None:
+            return await loop.run_in_executor(self.executor, self.run, x, lengths)
+        future: asyncio.Future = loop.create_future()
+        await self.queue.put(Pending(x, lengths, future))
+        return await future
+
+    async def batcher(self) -> None:
+        """Collect requests until max_batch samples or max_delay, run them as one padded batch."""
+        assert self.queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self.queue.get()
+            group, samples = [first], first.x.shape[0]
+            deadline = loop.time() + self.max_delay
+            while samples < self.max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    break
+                if samples + item.x.shape[0] > self.max_batch:
+                    await self._run_group(group)  # full: run what we have, start again with this one
+                    group, samples, deadline = [], 0, loop.time() + self.max_delay
+                group.append(item)
+                samples += item.x.shape[0]
+            await self._run_group(group)
+
+    async def _run_group(self, group: list[Pending]) -> None:
+        if not group:
+            return
+        seq = max(p.x.shape[1] for p in group)
+        x = np.zeros((sum(p.x.shape[0] for p in group), seq, self.spec.input_size), np.float32)
+        row = 0
+        for p in group:
+            x[row:row + p.x.shape[0], : p.x.shape[1]] = p.x
+            row += p.x.shape[0]
+        lengths = np.concatenate([p.lengths for p in group])
+        self.batch_sizes.append(len(lengths))
+        try:
+            logits = await asyncio.get_running_loop().run_in_executor(self.executor, self.run, x, lengths)
+        except Exception as exc:  # a runtime failure fails the requests of this batch, not the server
+            for p in group:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            return
+        row = 0
+        for p in group:
+            if not p.future.done():
+                p.future.set_result(logits[row:row + p.x.shape[0]])
+            row += p.x.shape[0]
+
+
+def load_model(path: Path, threads: int, max_batch: int, max_delay_ms: float, name: str | None) -> Model:
+    """The lengths model of an export folder or a bundle, checked against its manifest."""
+    from gru_deploy.infer import _model_bytes
+
+    spec, onnx_bytes = _model_bytes(Path(path), "lengths")
+    return Model(name or "gru_classifier", spec, onnx_bytes, threads, max_batch, max_delay_ms)
+
+
+# --- protocol ------------------------------------------------------------------------------
+
+def _depth(value: Any, limit: int, level: int = 0) -> None:
+    if level > limit:
+        raise ClientError(400, f"JSON nested deeper than {limit} levels")
+    if isinstance(value, dict):
+        for v in value.values():
+            _depth(v, limit, level + 1)
+    elif isinstance(value, list) and value and isinstance(value[0], (list, dict)):
+        for v in value:
+            _depth(v, limit, level + 1)
+
+
+def parse_request(body: bytes, header_length: str | None, limits: Limits) -> tuple[dict, dict[str, np.ndarray]]:
+    """Decode a v2 infer request (JSON, or JSON + binary tensors) into its header and arrays."""
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise ClientError(400, f"{HEADER_LENGTH} must be an integer") from None
+        if not 0 <= n <= len(body):
+            raise ClientError(400, f"{HEADER_LENGTH} {n} exceeds the body ({len(body)} bytes)")
+        head, binary = body[:n], body[n:]
+    else:
+        head, binary = body, b""
+    try:
+        request = json.loads(head)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ClientError(400, f"malformed JSON: {exc}") from None
+    _depth(request, limits.max_json_depth)
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
+        raise ClientError(400, "the request must be a JSON object with an 'inputs' list")
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for item in request["inputs"]:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ClientError(400, "each input needs a 'name', 'shape', 'datatype' and data")
+        name, shape, datatype = item["name"], item.get("shape"), item.get("datatype")
+        if name in arrays:
+            raise ClientError(400, f"input {name!r} given twice")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ClientError(400, f"input {name!r}: 'shape' must be a list of non-negative integers")
+        if datatype not in DATATYPES:
+            raise ClientError(400, f"input {name!r}: datatype {datatype!r} is not one of {sorted(DATATYPES)}")
+        count = int(np.prod(shape)) if shape else 1
+        if count > limits.max_elements:
+            raise ClientError(413, f"input {name!r} has {count} elements; the limit is {limits.max_elements}")
+        dtype = np.dtype(DATATYPES[datatype])
+        params = item.get("parameters") or {}
+        if "binary_data_size" in params:
+            size = params["binary_data_size"]
+            if type(size) is not int or size != count * dtype.itemsize or offset + size > len(binary):
+                raise ClientError(400, f"input {name!r}: binary_data_size does not match its shape and datatype")
+            array = np.frombuffer(binary[offset:offset + size], dtype=dtype.newbyteorder("<")).astype(dtype)
+            offset += size
+        else:
+            data = item.get("data")
+            if data is None:
+                raise ClientError(400, f"input {name!r} has no 'data'")
+            try:
+                array = np.asarray(data, dtype=dtype)
+            except (ValueError, TypeError, OverflowError):
+                raise ClientError(400, f"input {name!r}: data is not a list of {datatype} numbers") from None
+            if array.size != count:
+                raise ClientError(400, f"input {name!r}: {array.size} values for shape {shape}")
+        arrays[name] = array.reshape(shape)
+    if offset != len(binary):
+        raise ClientError(400, "binary data left over after the inputs")
+    return request, arrays
+
+
+def validate(arrays: dict[str, np.ndarray], spec: ModelSpec, limits: Limits) -> tuple[np.ndarray, np.ndarray]:
+    """x and lengths (seq per sample when absent), checked before the runtime sees them."""
+    from gru_deploy.runners import validate_feed
+
+    if INPUT_NAME not in arrays:
+        raise ClientError(400, f"missing input {INPUT_NAME!r}")
+    unknown = sorted(set(arrays) - {INPUT_NAME, LENGTHS_NAME})
+    if unknown:
+        raise ClientError(400, f"unknown input(s) {unknown}; the model takes {INPUT_NAME!r} and {LENGTHS_NAME!r}")
+    x = arrays[INPUT_NAME]
+    if x.ndim == 3 and x.shape[1] > limits.max_seq:
+        raise ClientError(413, f"sequence length {x.shape[1]} exceeds the limit {limits.max_seq}")
+    lengths = arrays.get(LENGTHS_NAME)
+    if lengths is None and x.ndim == 3:
+        lengths = np.full(x.shape[0], x.shape[1], np.int64)
+    elif lengths is not None:
+        lengths = lengths.astype(np.int64)
+    try:
+        feed = validate_feed({INPUT_NAME: x, LENGTHS_NAME: lengths}, spec, "lengths")
+    except UserInputError as exc:
+        raise ClientError(400, str(exc)) from None
+    if x.shape[0] == 0:
+        raise ClientError(400, f"input {INPUT_NAME!r} has an empty batch")
+    return feed[INPUT_NAME], feed[LENGTHS_NAME]
+
+
+def encode_response(model: Model, request: dict, logits: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """The v2 response with the requested outputs, binary where the request asked for it."""
+    from gru_deploy.infer import softmax
+
+    probabilities = softmax(logits)
+    labels = np.array([model.spec.labels[i] for i in logits.argmax(axis=1)], dtype=object)
+    available = {"logits": ("FP32", logits.astype(np.float32)), "probabilities": ("FP32", probabilities),
+                 "label": ("BYTES", labels)}
+    wanted = request.get("outputs") or [{"name": "logits"}]
+    if not isinstance(wanted, list) or not all(isinstance(o, dict) and "name" in o for o in wanted):
+        raise ClientError(400, "'outputs' must be a list of {name}")
+    binary_default = bool((request.get("parameters") or {}).get("binary_data_output", False))
+    outputs, chunks = [], []
+    for item in wanted:
+        name = item["name"]
+        if name not in available:
+            raise ClientError(400, f"unknown output {name!r}; choose from {sorted(available)}")
+        datatype, array = available[name]
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if (item.get("parameters") or {}).get("binary_data", binary_default):
+            raw = (b"".join(struct.pack("<I", len(s.encode())) + s.encode() for s in array.ravel())
+                   if datatype == "BYTES" else array.astype("<f4").tobytes())
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = array.ravel().tolist()
+        outputs.append(entry)
+    head = json.dumps({"model_name": model.name, "model_version": "1", "id": request.get("id", ""),
+                       "outputs": outputs}).encode()
+    if chunks:
+        return head + b"".join(chunks), {HEADER_LENGTH: str(len(head)), "Content-Type": "application/octet-stream"}
+    return head, {"Content-Type": "application/json"}
+
+
+# --- the application -----------------------------------------------------------------------
+
+def make_app(model: Model, limits: Limits | None = None) -> "web.Application":
+    from aiohttp import web
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+    from gru_deploy import __version__
+
+    limits = limits or Limits()
+    registry = CollectorRegistry()
+    requests = Counter("gru_deploy_requests", "Inference requests", ["status"], registry=registry)
+    latency = Histogram("gru_deploy_request_seconds", "Inference request latency", registry=registry,
+                        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
+    batch = Histogram("gru_deploy_batch_size", "Samples per onnxruntime call", registry=registry,
+                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+
+    def error(status: int, message: str) -> web.Response:
+        return web.json_response({"error": message}, status=status)
+
+    @web.middleware
+    async def v2_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ClientError as exc:
+            return error(exc.status, str(exc))
+        except web.HTTPRequestEntityTooLarge:
+            return error(413, f"request body exceeds the limit of {limits.max_body_bytes} bytes")
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                return error(exc.status, exc.reason)
+            raise
+
+    def check_model(name: str) -> None:
+        if name != model.name:
+            raise ClientError(404, f"unknown model {name!r}; this server serves {model.name!r}")
+
+    async def live(request: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.json_response({"ready": True})
+
+    async def server_metadata(request: web.Request) -> web.Response:
+        return web.json_response({"name": "gru-deploy", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+    def tensor_meta(name: str, datatype: str, shape: list[int]) -> dict[str, Any]:
+        return {"name": name, "datatype": datatype, "shape": shape}
+
+    async def model_metadata(request: web.Request) -> web.Response:
+        check_model(request.match_info["name"])
+        s = model.spec
+        return web.json_response({
+            "name": model.name, "versions": ["1"], "platform": "onnxruntime_onnx",
+            "inputs": [tensor_meta(INPUT_NAME, "FP32", [-1, -1, s.input_size]), tensor_meta(LENGTHS_NAME, "INT64", [-1])],
+            "outputs": [tensor_meta("logits", "FP32", [-1, s.output_size]),
+                        tensor_meta("probabilities", "FP32", [-1, s.output_size]), tensor_meta("label", "BYTES", [-1])],
+        })
+
+    async def model_ready(request: web.Request) -> web.Response:
+        check_model(request.match_info["name"])
+        return web.json_response({"name": model.name, "ready": True})
+
+    async def infer(request: web.Request) -> web.Response:
+        start = time.perf_counter()
+        status = "200"
+        try:
+            check_model(request.match_info["name"])
+            if request.content_length is not None and request.content_length > limits.max_body_bytes:
+                raise ClientError(413, f"request body exceeds the limit of {limits.max_body_bytes} bytes")
+            body = await request.read()
+            header, arrays = parse_request(body, request.headers.get(HEADER_LENGTH), limits)
+            x, lengths = validate(arrays, model.spec, limits)
+            done = len(model.batch_sizes)
+            logits = await model.infer(x, lengths)
+            for size in model.batch_sizes[done:]:
+                batch.observe(size)
+            if model.max_batch <= 1:
+                batch.observe(x.shape[0])
+            payload, headers = encode_response(model, header, logits)
+            return web.Response(body=payload, headers=headers)
+        except ClientError as exc:
+            status = str(exc.status)
+            raise
+        except Exception:
+            status = "500"
+            raise
+        finally:
+            requests.labels(status=status).inc()
+            latency.observe(time.perf_counter() - start)
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def start_batcher(app: web.Application) -> None:
+        if model.max_batch > 1:
+            model.queue = asyncio.Queue()
+            app["batcher"] = asyncio.create_task(model.batcher())
+
+    async def stop_batcher(app: web.Application) -> None:
+        task = app.get("batcher")
+        if task is not None:
+            task.cancel()
+        model.executor.shutdown(wait=True)
+
+    app = web.Application(client_max_size=limits.max_body_bytes, middlewares=[v2_errors])
+    app.on_startup.append(start_batcher)
+    app.on_cleanup.append(stop_batcher)
+    app.add_routes([
+        web.get("/v2/health/live", live), web.get("/v2/health/ready", ready), web.get("/v2", server_metadata),
+        web.get("/v2/models/{name}", model_metadata), web.get("/v2/models/{name}/versions/{version}", model_metadata),
+        web.get("/v2/models/{name}/ready", model_ready),
+        web.get("/v2/models/{name}/versions/{version}/ready", model_ready),
+        web.post("/v2/models/{name}/infer", infer), web.post("/v2/models/{name}/versions/{version}/infer", infer),
+        web.get("/metrics", metrics),
+    ])
+    return app
+
+
+def serve(path: Path, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
+          max_batch: int = 32, max_delay_ms: float = 2.0, threads: int = 1, limits: Limits | None = None,
+          print_fn: Any = print) -> None:
+    """Run the server until SIGINT/SIGTERM; in-flight requests finish before it exits."""
+    from aiohttp import web
+
+    model = load_model(path, threads, max_batch, max_delay_ms, model_name)
+    app = make_app(model, limits)
+    print_fn(f"serving {model.name} from {path} on http://{host}:{port} (max batch {max_batch}, "
+             f"max delay {max_delay_ms} ms); Ctrl-C stops")
+    web.run_app(app, host=host, port=port, print=None, shutdown_timeout=10.0, handle_signals=True)
