@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -38,8 +37,8 @@ def free_port() -> int:
 
 def start(path: str, args: list[str]) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    exe = shutil.which("gru-deploy") or "gru-deploy"
-    proc = subprocess.Popen([exe, "serve", path, "--port", str(port), *args], stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "gru_deploy", "serve", path, "--port", str(port), *args],
+                            stderr=subprocess.DEVNULL)
     for _ in range(300):
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1):
