@@ -194,6 +194,10 @@ def verify_bundle(path: Path) -> dict[str, Any]:
 
 
 def _load_model(path: Path, fmt: str) -> Any:
+    if fmt == "onnx":
+        from gru_deploy.export import check_onnx_bytes
+
+        check_onnx_bytes(path.read_bytes(), str(path))
     if fmt in ("onnx", "ort"):
         import onnxruntime as ort
 

@@ -7,7 +7,9 @@ onnx and onnxruntime are imported inside command bodies so `--help` stays fast.
 
 from __future__ import annotations
 
+import errno
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -497,6 +499,9 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI and map errors to one line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    if hasattr(signal, "SIGXFSZ"):
+        # Past a file size limit, fail the write (EFBIG, reported as one line) instead of dying.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         cli.main(args=args, prog_name="gru-deploy", standalone_mode=False)
     except GruDeployError as exc:
@@ -514,6 +519,12 @@ def main(argv: list[str] | None = None) -> None:
             hint = f" (see '{exc.ctx.command_path} --help')"
         click.echo(f"gru-deploy: error: {exc.format_message()}{hint}", err=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        if debug or exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
+            raise
+        click.echo(f"gru-deploy: error: cannot write {exc.filename or 'output'}: {exc.strerror}; "
+                   "earlier results are left as they were", err=True)
+        sys.exit(1)
     except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("gru-deploy: interrupted", err=True)
         sys.exit(130)

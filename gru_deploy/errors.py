@@ -23,3 +23,12 @@ class CheckFailed(GruDeployError):
     """A check ran and failed: parity, checksum, unrolled graph (exit 1)."""
 
     exit_code = 1
+
+
+class WriteFailed(GruDeployError):
+    """An output could not be written (disk full, file size limit, permissions): exit 1.
+
+    Writes are atomic, so the earlier file or folder is left as it was.
+    """
+
+    exit_code = 1

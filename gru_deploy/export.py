@@ -282,8 +282,14 @@ def to_ort_format(onnx_files: dict[str, bytes]) -> dict[str, bytes]:
         quiet = logging.getLogger("ort_format_model.utils")
         level = quiet.level
         quiet.setLevel(logging.WARNING)
-        with contextlib.redirect_stdout(io.StringIO()):
-            convert_onnx_models_to_ort(src, output_dir=dst, optimization_styles=[OptimizationStyle.Fixed])
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                convert_onnx_models_to_ort(src, output_dir=dst, optimization_styles=[OptimizationStyle.Fixed])
+        except Exception as exc:  # onnxruntime's own Fail type; e.g. a full disk while it writes
+            from gru_deploy.errors import WriteFailed
+
+            raise WriteFailed(f"onnxruntime could not write the ORT-format models: "
+                              f"{str(exc).strip().splitlines()[0][:300]}") from None
         quiet.setLevel(level)
         out = {}
         for name in onnx_files:
@@ -293,3 +299,36 @@ def to_ort_format(onnx_files: dict[str, bytes]) -> dict[str, bytes]:
         lines = [f"# - {Path(line[4:]).name}" if line.startswith("# - ") else line for line in config.splitlines()]
         out["required_operators.config"] = ("\n".join(lines) + "\n").encode()
     return out
+
+
+# Op types our exporters write (loop, fused, the variants, ORT's quantiser): a model from
+# elsewhere with any other op is refused before a runtime loads it.
+KNOWN_OPS = frozenset({
+    "Add", "Cast", "Concat", "Constant", "ConstantOfShape", "DequantizeLinear", "Div", "DynamicQuantizeLinear",
+    "Equal", "Expand", "Gather", "Gemm", "Greater", "GRU", "Identity", "If", "Less", "Loop", "MatMul",
+    "MatMulInteger", "Mul", "Neg", "QuantizeLinear", "Reshape", "Shape", "Sigmoid", "Slice", "Split", "Squeeze",
+    "Sub", "Tanh", "Transpose", "Unsqueeze", "Where", "DynamicQuantizeMatMul",
+})
+
+
+def check_onnx_bytes(data: bytes, where: str) -> "onnx.ModelProto":
+    """Refuse an ONNX file we did not make: empty, unparsable, external data, unknown ops."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    if not data:
+        raise CheckFailed(f"{where}: the ONNX file is empty")
+    try:
+        model = onnx.load_from_string(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise CheckFailed(f"{where}: not an ONNX model ({str(exc).splitlines()[0][:200]})") from None
+    if not model.graph.node:
+        raise CheckFailed(f"{where}: the ONNX model has no graph nodes")
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise CheckFailed(f"{where}: tensor {tensor.name!r} refers to external data; bundles hold "
+                              "self-contained models only")
+    unknown = sorted(set(count_ops(model.graph)) - KNOWN_OPS)
+    if unknown:
+        raise CheckFailed(f"{where}: op type(s) {unknown} are not ones gru-deploy writes; refusing the model")
+    return model

@@ -90,6 +90,7 @@ def infer(folder: Path, x: np.ndarray, lengths: np.ndarray | None = None, h0: np
 def _model_bytes(path: Path, variant: str) -> tuple[ModelSpec, bytes]:
     """The spec and checked ONNX bytes of one variant, from an export folder or a bundle."""
     from gru_deploy.bundle import check_bundle_files, is_bundle, open_bundle
+    from gru_deploy.export import check_onnx_bytes
     from gru_deploy.manifest import read_manifest, verified_path
     from gru_deploy.verify import VARIANT_FILES
 
@@ -100,7 +101,9 @@ def _model_bytes(path: Path, variant: str) -> tuple[ModelSpec, bytes]:
                      if info.get("variant") == variant and info["format"] == "onnx"]
             if not names:
                 raise UserInputError(f"{path}: this {manifest['target']} bundle has no {variant} ONNX model")
-            return ModelSpec.from_dict(manifest["config"]), (folder / names[0]).read_bytes()
+            data = (folder / names[0]).read_bytes()
+            check_onnx_bytes(data, f"{path}: {names[0]}")
+            return ModelSpec.from_dict(manifest["config"]), data
     manifest = read_manifest(path)
     if variant != "classifier" and variant not in (manifest.get("variants") or {}):
         raise UserInputError(f"{path}: this export has no {variant} model; re-export with this gru-deploy")

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from gru_deploy.errors import CheckFailed, UserInputError
+from gru_deploy.errors import CheckFailed, UserInputError, WriteFailed
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "gru-deploy-export"
@@ -40,13 +40,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` via a synced temp file in the same folder and `os.replace`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise WriteFailed(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk (ENOSPC), a file size limit (EFBIG), a read-only folder
+        Path(tmp).unlink(missing_ok=True)
+        raise WriteFailed(f"cannot write {path}: {exc.strerror or exc}; nothing was changed there") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -68,10 +74,17 @@ def staged_dir(target: Path, keep: tuple[str, ...] = ()) -> Iterator[Path]:
     over. On any error the temp folder is removed and `target` is left as it was.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteFailed(f"cannot create {target.parent}: {exc.strerror or exc}") from None
     if target.exists() and not target.is_dir():
         raise UserInputError(f"{target} exists and is not a folder; choose another --out")
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    _restore_interrupted_swap(target)
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    except OSError as exc:
+        raise WriteFailed(f"cannot write beside {target}: {exc.strerror or exc}") from None
     try:
         yield stage
         if target.is_dir():
@@ -91,6 +104,18 @@ def staged_dir(target: Path, keep: tuple[str, ...] = ()) -> Iterator[Path]:
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def _restore_interrupted_swap(target: Path) -> None:
+    """A run killed between moving the old folder aside and moving the new one in left the
+    old one in `.NAME.old-*/NAME`: put it back before anything else."""
+    if target.exists():
+        return
+    for backup in sorted(target.parent.glob(f".{target.name}.old-*/{target.name}")):
+        if backup.is_dir():
+            os.replace(backup, target)
+            shutil.rmtree(backup.parent, ignore_errors=True)
+            return
 
 
 def _fsync_dir(path: Path) -> None:

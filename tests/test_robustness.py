@@ -1,0 +1,207 @@
+"""Fault injection: kill -9 mid-write, a full disk, hostile ONNX files, random inputs through every runner.
+
+Each case ends with the documented exit code, no signal death and nothing half-written
+(see docs/robustness.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cli_helpers import gru_deploy_exe, run_cli
+from gru_deploy.errors import CheckFailed
+from gru_deploy.manifest import read_manifest, sha256_file
+from gru_deploy.verify import verify_export
+
+
+def _spawn(*args, preexec=None):
+    return subprocess.Popen([gru_deploy_exe(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=preexec)
+
+
+def _other_checkpoint(tmp_path):
+    import torch
+
+    from gru_deploy.model import GRUClassifier
+
+    torch.manual_seed(99)
+    path = tmp_path / "other.pt"
+    torch.save(GRUClassifier().state_dict(), path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kill_9_during_export_leaves_old_or_new_complete(export_copy, tmp_path, seed):
+    old_sha = read_manifest(export_copy)["source_checkpoint"]["sha256"]
+    other = _other_checkpoint(tmp_path)
+    proc = _spawn("export", "--checkpoint", str(other), "--out", str(export_copy), "-q")
+    time.sleep(random.Random(seed).uniform(0.5, 5.0))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_cli("inspect", str(export_copy))  # a later command restores an interrupted swap
+    manifest = read_manifest(export_copy)
+    assert manifest["source_checkpoint"]["sha256"] in (old_sha, sha256_file(other))
+    assert verify_export(export_copy)  # complete: every checksum and the parity gate
+    rerun = run_cli("export", "--checkpoint", str(other), "--out", str(export_copy), "-q")
+    assert rerun.returncode == 0, rerun.stderr
+    assert read_manifest(export_copy)["source_checkpoint"]["sha256"] == sha256_file(other)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kill_9_during_package_leaves_nothing_half_written(export_dir, tmp_path, seed):
+    out = tmp_path / "edge.tar.gz"
+    proc = _spawn("package", str(export_dir), "--target", "edge", "--archive", "--out", str(out), "-q")
+    time.sleep(random.Random(seed).uniform(0.3, 2.5))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if out.exists():  # the archive is renamed into place whole, or not at all
+        assert run_cli("verify", str(out)).returncode == 0
+    assert not [p for p in tmp_path.iterdir() if p.name != out.name and not p.name.startswith(".")]
+    rerun = run_cli("package", str(export_dir), "--target", "edge", "--archive", "--out", str(out), "--force")
+    assert rerun.returncode == 0 and run_cli("verify", str(out)).returncode == 0
+
+
+@pytest.mark.parametrize("limit", [20_000, 60_000])
+def test_full_disk_is_exit_1_and_changes_nothing(export_copy, checkpoint_file, limit):
+    before = {p.name: p.read_bytes() for p in export_copy.iterdir()}
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = _spawn("export", "--checkpoint", str(checkpoint_file), "--out", str(export_copy), "-q", preexec=small_files)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and ("File too large" in lines[0] or "could not write" in lines[0])
+    assert "Traceback" not in stderr
+    assert {p.name: p.read_bytes() for p in export_copy.iterdir()} == before
+    assert not [p for p in export_copy.parent.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+# --- hostile ONNX files in a bundle ----------------------------------------------------------
+
+def _onnx_with(kind):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 8])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])
+    if kind == "unknown op":
+        nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[1], keepdims=0),
+                 helper.make_node("Softmax", ["m"], ["logits"])]
+        graph = helper.make_graph(nodes, "g", [x], [y])
+    else:  # external data
+        weight = numpy_helper.from_array(np.zeros((8, 4), np.float32), "w")
+        weight.data_location = TensorProto.EXTERNAL
+        del weight.external_data[:]
+        entry = weight.external_data.add()
+        entry.key, entry.value = "location", "../../etc/passwd"
+        weight.ClearField("raw_data")
+        nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[1], keepdims=0),
+                 helper.make_node("MatMul", ["m", "w"], ["logits"])]
+        graph = helper.make_graph(nodes, "g", [x], [y], [weight])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8).SerializeToString()
+
+
+@pytest.mark.parametrize("kind,fragment", [
+    ("empty", "empty"), ("garbage", "not an ONNX model"), ("unknown op", "not ones gru-deploy writes"),
+    ("external data", "external data"),
+])
+def test_hostile_onnx_in_a_bundle_is_refused_before_loading(export_dir, tmp_path, kind, fragment):
+    from gru_deploy.bundle import verify_bundle
+    from gru_deploy.package import package
+
+    root, _ = package(export_dir, "edge", out=tmp_path / "edge")
+    raw = {"empty": b"", "garbage": b"\x08\x07garbage"}
+    data = raw[kind] if kind in raw else _onnx_with(kind)
+    (root / "model.onnx").write_bytes(data)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = {"sha256": sha256_file(root / "model.onnx"), "size": len(data)}
+    (root / "manifest.json").write_text(json.dumps(manifest))  # checksums updated: only the guard can catch it
+    with pytest.raises(CheckFailed, match=fragment):
+        verify_bundle(root)
+
+
+# --- random shapes and values through every runner, in a subprocess ---------------------------
+
+FUZZ = r'''
+import sys, numpy as np
+from hypothesis import given, settings, strategies as st, HealthCheck
+from gru_deploy.errors import UserInputError
+from gru_deploy.manifest import read_manifest
+from gru_deploy.verify import export_runners
+from gru_deploy.export import export_fused
+from gru_deploy.runners import OnnxRuntimeRunner
+
+folder = sys.argv[1]
+manifest = read_manifest(folder)
+runners = {}
+for variant in ("classifier", "stream", "lengths"):
+    for name, runner in export_runners(folder, manifest, variant=variant).items():
+        if name != "onnx-reference":
+            runners[(variant, name)] = runner
+import torch
+fused = export_fused(dict(torch.jit.load(folder + "/model.pt").state_dict()), runners[("classifier", "eager")].spec)
+runners[("classifier", "onnxruntime-fused")] = OnnxRuntimeRunner(runners[("classifier", "eager")].spec, fused.onnx_bytes)
+values = st.sampled_from([0.0, 1.0, -1.0, 1e30, -1e30, 3.4e38, np.nan, np.inf, -np.inf, 1e-30])
+outcomes = {"ok": 0, "refused": 0}
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(batch=st.integers(0, 3), seq=st.integers(0, 5), channels=st.sampled_from([8, 0, 7]),
+       fill=values, dtype=st.sampled_from(["float32", "float64", "int64"]), rank=st.sampled_from([3, 2, 4]),
+       lengths=st.integers(-2, 7), h=st.integers(0, 17))
+def check(batch, seq, channels, fill, dtype, rank, lengths, h):
+    shape = [(batch, seq, channels), (batch, seq), (batch, seq, channels, 1)][[3, 2, 4].index(rank)]
+    x = np.full(shape, fill).astype(dtype) if dtype != "int64" or np.isfinite(fill) else np.zeros(shape, dtype)
+    for (variant, name), runner in runners.items():
+        feed = {"x": x}
+        if variant == "stream":
+            feed["h0"] = np.zeros((batch, h), np.float32)
+        if variant == "lengths":
+            feed["lengths"] = np.full(batch, lengths, np.int64)
+        try:
+            runner.run(feed)
+            outcomes["ok"] += 1
+        except UserInputError:
+            outcomes["refused"] += 1
+
+check()
+import json
+print(json.dumps(outcomes))
+'''
+
+
+@pytest.mark.slow
+def test_random_inputs_never_kill_the_process(export_dir):
+    proc = subprocess.run([sys.executable, "-c", FUZZ, str(export_dir)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode} (negative: killed by signal {-proc.returncode})\n" \
+                                 f"{proc.stderr[-2000:]}"
+    outcomes = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert outcomes["ok"] > 0 and outcomes["refused"] > 0
+
+
+def test_recovery_puts_back_a_folder_moved_aside(export_copy):
+    """The one window of the folder swap: old moved aside, new not yet in. The next run restores it."""
+    from gru_deploy.manifest import staged_dir
+
+    backup = export_copy.parent / f".{export_copy.name}.old-test"
+    backup.mkdir()
+    os.replace(export_copy, backup / export_copy.name)
+    with pytest.raises(RuntimeError):
+        with staged_dir(export_copy):
+            raise RuntimeError("fail after the restore")
+    assert verify_export(export_copy) and not backup.exists()
+    shutil.rmtree(backup, ignore_errors=True)
