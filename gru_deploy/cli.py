@@ -463,8 +463,10 @@ def inspect(path: Path, as_json: bool) -> None:
               help="Largest request body accepted (413 above it).")
 @click.option("--max-seq", type=click.IntRange(min=1), default=100_000, show_default=True,
               help="Longest sequence accepted (413 above it).")
+@click.option("--read-timeout-s", type=click.FloatRange(min=0.01), default=10.0, show_default=True,
+              help="A request body that has not arrived by then gets 408 (slow clients).")
 def serve(path: Path, host: str, port: int, model_name: str | None, max_batch: int, max_delay_ms: float,
-          threads: int, max_body_mb: float, max_seq: int) -> None:
+          threads: int, max_body_mb: float, max_seq: int, read_timeout_s: float) -> None:
     """Serve an export folder or bundle over HTTP with the KServe v2 / Triton protocol.
 
     \b
@@ -490,7 +492,7 @@ def serve(path: Path, host: str, port: int, model_name: str | None, max_batch: i
     from gru_deploy.serve import Limits
     from gru_deploy.serve import serve as run_server
 
-    limits = Limits(max_body_bytes=int(max_body_mb * (1 << 20)), max_seq=max_seq)
+    limits = Limits(max_body_bytes=int(max_body_mb * (1 << 20)), max_seq=max_seq, read_timeout_s=read_timeout_s)
     run_server(path, host=host, port=port, model_name=model_name, max_batch=max_batch, max_delay_ms=max_delay_ms,
                threads=threads, limits=limits, print_fn=lambda m: click.echo(m, err=True))
 

@@ -45,6 +45,7 @@ class Limits:
     max_elements: int = 4 << 20
     max_seq: int = 100_000
     max_json_depth: int = 32
+    read_timeout_s: float = 10.0
 
 
 @dataclass
@@ -335,7 +336,10 @@ def make_app(model: Model, limits: Limits | None = None) -> "web.Application":
             check_model(request.match_info["name"])
             if request.content_length is not None and request.content_length > limits.max_body_bytes:
                 raise ClientError(413, f"request body exceeds the limit of {limits.max_body_bytes} bytes")
-            body = await request.read()
+            try:
+                body = await asyncio.wait_for(request.read(), limits.read_timeout_s)
+            except asyncio.TimeoutError:
+                raise ClientError(408, f"the request body did not arrive within {limits.read_timeout_s:g} s") from None
             header, arrays = parse_request(body, request.headers.get(HEADER_LENGTH), limits)
             x, lengths = validate(arrays, model.spec, limits)
             done = len(model.batch_sizes)

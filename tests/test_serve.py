@@ -50,7 +50,8 @@ def start(path, *args):
 
 @pytest.fixture(scope="module")
 def server(export_dir):
-    proc, port, url = start(export_dir, "--max-batch", "32", "--max-delay-ms", "3", "--max-body-mb", "0.25")
+    proc, port, url = start(export_dir, "--max-batch", "32", "--max-delay-ms", "3", "--max-body-mb", "0.25",
+                            "--read-timeout-s", "1")
     yield {"port": port, "url": url, "client": http.InferenceServerClient(f"127.0.0.1:{port}", concurrency=4)}
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == 0  # graceful shutdown on SIGTERM
@@ -189,3 +190,22 @@ def test_padded_request_with_lengths_equals_each_sample_alone(server, local):
     got = server["client"].infer(NAME, inputs).as_numpy("logits")
     for b, n in enumerate(lengths):
         np.testing.assert_allclose(got[b], local(np.ascontiguousarray(x[b:b + 1, :n]))[0], atol=1e-5)
+
+
+def test_a_slow_client_times_out_and_the_server_keeps_serving(server):
+    with socket.create_connection(("127.0.0.1", server["port"]), timeout=10) as sock:
+        sock.sendall(f"POST /v2/models/{NAME}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     "Content-Length: 1000\r\n\r\n{\"inputs\"".encode())
+        started = time.monotonic()
+        reply = sock.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 408") and '"error"' in reply
+    assert time.monotonic() - started < 8
+    assert server["client"].is_server_ready()
+
+
+def test_oversized_content_length_is_refused_before_the_body_is_read(server):
+    with socket.create_connection(("127.0.0.1", server["port"]), timeout=10) as sock:
+        sock.sendall(f"POST /v2/models/{NAME}/infer HTTP/1.1\r\nHost: x\r\n"
+                     "Content-Length: 999999999\r\n\r\n".encode())
+        reply = sock.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 413") and '"error"' in reply
