@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gru_deploy import manifest as mf
-from gru_deploy.errors import CheckFailed, UserInputError
+from gru_deploy.errors import CheckFailed, UserInputError, WriteFailed
 from gru_deploy.manifest import atomic_write_bytes, check_files, read_manifest, staged_dir
 
 
@@ -37,7 +37,7 @@ def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
         raise OSError("disk on fire")
 
     monkeypatch.setattr(mf.os, "replace", boom)
-    with pytest.raises(OSError, match="disk on fire"):
+    with pytest.raises(WriteFailed, match="disk on fire"):  # one line, exit 1
         atomic_write_bytes(path, b"new contents")
     assert path.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["f.bin"]

@@ -94,7 +94,6 @@ def test_full_disk_is_exit_1_and_changes_nothing(export_copy, checkpoint_file, l
 
 def _onnx_with(kind):
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 8])
