@@ -14,7 +14,7 @@ import numpy as np
 
 from gru_deploy.errors import UserInputError
 
-BUILTIN = ("synthetic", "seed-random")
+BUILTIN = ("synthetic", "seed-random", "basicmotions", "japanesevowels")
 DEFAULT_DATA = "synthetic"
 # Frequency bands (cycles per step) of the synthetic task, one per class.
 SYNTHETIC_BANDS = ((0.02, 0.05), (0.07, 0.11), (0.14, 0.19), (0.23, 0.30))
@@ -190,8 +190,18 @@ def split(data: Dataset, test_fraction: float, seed: int) -> DataSplit:
     )
 
 
-def load_data(source: str, seed: int = 0, test_fraction: float = 0.2, input_size: int | None = None) -> DataSplit:
-    """Resolve `--data`: a built-in name or a path to an `.npz`."""
+def load_data(source: str, seed: int = 0, test_fraction: float = 0.2, input_size: int | None = None,
+              test: str | None = None) -> DataSplit:
+    """Resolve `--data`: a built-in name, a path to an `.npz`, or a `.ts` file (with `test`, its test split)."""
+    if test is not None and not source.endswith(".ts"):
+        raise UserInputError("--test goes with a --data PATH_TRAIN.ts file")
+    if source in TS_DATASETS:
+        return load_builtin_ts(source)
+    if source.endswith(".ts"):
+        train = load_ts(Path(source))
+        if test is not None:
+            return _ts_split(train, load_ts(Path(test)), source)
+        return split(train, test_fraction, seed)
     if source == "synthetic":
         return split(synthetic(seed=seed, input_size=input_size or 8), test_fraction, seed)
     if source == "seed-random":
@@ -202,10 +212,152 @@ def load_data(source: str, seed: int = 0, test_fraction: float = 0.2, input_size
             raise UserInputError(
                 f"unknown data set {source!r}: give one of {', '.join(BUILTIN)} or a path to an .npz file"
             )
-        raise UserInputError(f"{source}: unsupported data file type {path.suffix!r}; use .npz")
+        raise UserInputError(f"{source}: unsupported data file type {path.suffix!r}; use .npz or .ts")
     data = load_npz(path)
     if input_size is not None and data.input_size != input_size:
         raise UserInputError(
             f"{source}: x has {data.input_size} input channels but the model takes {input_size}"
         )
     return split(data, test_fraction, seed)
+
+
+# --- UEA/UCR .ts files ------------------------------------------------------------------------
+
+TS_DATASETS = {"basicmotions": "BasicMotions", "japanesevowels": "JapaneseVowels"}
+
+
+def load_ts(path: Path) -> Dataset:
+    """Read a UEA/UCR `.ts` file (the sktime/aeon text format) into a Dataset.
+
+    Header lines `@problemName`, `@timeStamps`, `@missing`, `@univariate`, `@dimensions`,
+    `@equalLength`, `@seriesLength`, `@classLabel true L1 L2 …`, then `@data` and one case a
+    line: dimensions separated by `:`, values by `,`, the class label last. Unequal lengths
+    are padded with zeros, with `lengths` recording each case's length. Missing values (`?`,
+    NaN) are refused with the line number: impute them before training. Every format error
+    names its line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"data file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise UserInputError(f"{path}: not a text .ts file ({exc.reason} at byte {exc.start})") from None
+    header: dict[str, str] = {}
+    labels: tuple[str, ...] | None = None
+    cases: list[tuple[int, list[list[float]], str]] = []
+    in_data = False
+    for number, raw in enumerate(lines, start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{path}:{number}"
+        if not in_data:
+            if not line.startswith("@"):
+                raise UserInputError(f"{where}: expected a @header line or @data before the data")
+            tag, _, rest = line[1:].partition(" ")
+            tag = tag.lower()
+            if tag == "data":
+                in_data = True
+            elif tag == "classlabel":
+                parts = rest.split()
+                if not parts or parts[0].lower() != "true" or len(parts) < 2:
+                    raise UserInputError(f"{where}: @classLabel must be 'true' followed by the class labels")
+                labels = tuple(parts[1:])
+            elif tag == "timestamps" and rest.strip().lower() == "true":
+                raise UserInputError(f"{where}: time-stamped .ts files are not supported")
+            elif tag == "targetlabel" and rest.strip().lower() == "true":
+                raise UserInputError(f"{where}: regression (.ts @targetLabel) is not supported; give class labels")
+            else:
+                header[tag] = rest.strip()
+            continue
+        if labels is None:
+            raise UserInputError(f"{where}: data before any @classLabel line")
+        fields = line.split(":")
+        label = fields[-1].strip()
+        if label not in labels:
+            raise UserInputError(f"{where}: class label {label!r} is not one of @classLabel {list(labels)}")
+        series = []
+        for dim, field_text in enumerate(fields[:-1]):
+            values = field_text.split(",")
+            if any(v.strip() in ("?", "") or v.strip().lower() == "nan" for v in values):
+                raise UserInputError(f"{where}: missing value in dimension {dim + 1}; impute missing values "
+                                     "before training")
+            try:
+                series.append([float(v) for v in values])
+            except ValueError:
+                bad = next(v for v in values if not _is_float(v))
+                raise UserInputError(f"{where}: {bad.strip()!r} in dimension {dim + 1} is not a number") from None
+        cases.append((number, series, label))
+    if not in_data:
+        raise UserInputError(f"{path}: no @data line")
+    if not cases:
+        raise UserInputError(f"{path}: no cases after @data")
+    dims = int(header["dimensions"]) if header.get("dimensions", "").isdigit() else len(cases[0][1])
+    equal = header.get("equallength", "true").lower() == "true"
+    for number, series, _ in cases:
+        if len(series) != dims:
+            raise UserInputError(f"{path}:{number}: {len(series)} dimensions, the file declares {dims}")
+        if len({len(s) for s in series}) != 1:
+            raise UserInputError(f"{path}:{number}: the dimensions of one case differ in length")
+    lengths = np.array([len(series[0]) for _, series, _ in cases], np.int64)
+    if equal:
+        for (number, _, _), length in zip(cases, lengths):
+            if length != lengths[0]:
+                raise UserInputError(f"{path}:{number}: length {int(length)} differs from the first case's "
+                                     f"{int(lengths[0])}, but @equalLength is true")
+    x = np.zeros((len(cases), int(lengths.max()), dims), np.float32)
+    for i, (_, series, _) in enumerate(cases):
+        x[i, : lengths[i]] = np.asarray(series, np.float32).T
+    if not np.isfinite(x).all():
+        raise UserInputError(f"{path}: values overflow float32")
+    y = np.array([labels.index(label) for _, _, label in cases], np.int64)
+    return Dataset(str(path), x, y, labels, None if equal else lengths)
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def aeon_data_dir() -> Path:
+    """The folder of data sets the `aeon` package ships, found without importing aeon (slow)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("aeon")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserInputError("the real data sets come from the aeon package: pip install 'gru-deploy[datasets]'")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+    if not folder.is_dir():
+        raise UserInputError(f"the installed aeon has no data folder at {folder}; reinstall gru-deploy[datasets]")
+    return folder
+
+
+def load_builtin_ts(name: str) -> DataSplit:
+    """basicmotions or japanesevowels, with the train/test split as shipped."""
+    problem = TS_DATASETS[name]
+    folder = aeon_data_dir() / problem
+    train = load_ts(folder / f"{problem}_TRAIN.ts")
+    test = load_ts(folder / f"{problem}_TEST.ts")
+    return _ts_split(train, test, name)
+
+
+def _ts_split(train: Dataset, test: Dataset, source: str) -> DataSplit:
+    """Pad train and test to one length (lengths mark the real ends) and check they agree."""
+    if train.labels != test.labels:
+        raise UserInputError(f"{source}: train and test declare different class labels")
+    if train.input_size != test.input_size:
+        raise UserInputError(f"{source}: train has {train.input_size} dimensions, test {test.input_size}")
+    seq = max(train.x.shape[1], test.x.shape[1])
+    variable = train.lengths is not None or test.lengths is not None or train.x.shape[1] != test.x.shape[1]
+
+    def pad(d: Dataset, name: str) -> Dataset:
+        x = np.zeros((len(d), seq, d.input_size), np.float32)
+        x[:, : d.x.shape[1]] = d.x
+        lengths = d.lengths if d.lengths is not None else np.full(len(d), d.x.shape[1], np.int64)
+        return Dataset(name, x, d.y, d.labels, lengths if variable else None)
+
+    return DataSplit(pad(train, f"{source}/train"), pad(test, f"{source}/test"), source)
