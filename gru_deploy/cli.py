@@ -24,6 +24,9 @@ DATA_DEFAULTS = {
     "seed-random": {"epochs": 20, "batch_size": 1000, "lr": 1e-3},
 }
 GENERIC_DEFAULTS = {"epochs": 20, "batch_size": 64, "lr": 1e-2}
+# Real data sets (.ts): small, so more epochs and smaller batches; normalised per channel.
+REAL_DEFAULTS = {"epochs": 40, "batch_size": 16, "lr": 1e-2}
+REAL_DATA = ("basicmotions", "japanesevowels")
 
 
 def _say(ctx_obj: dict[str, Any], message: str) -> None:
@@ -60,24 +63,27 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
-def _train_options(data: str, epochs: int | None, batch_size: int | None, lr: float | None, seed: int):
+def _train_options(data: str, epochs: int | None, batch_size: int | None, lr: float | None, seed: int,
+                   normalize: bool | None = None):
     from gru_deploy.train import TrainOptions
 
-    defaults = DATA_DEFAULTS.get(data, GENERIC_DEFAULTS)
+    real = data in REAL_DATA or data.endswith(".ts")
+    defaults = DATA_DEFAULTS.get(data, REAL_DEFAULTS if real else GENERIC_DEFAULTS)
     return TrainOptions(
         epochs=epochs if epochs is not None else defaults["epochs"],
         batch_size=batch_size if batch_size is not None else defaults["batch_size"],
         lr=lr if lr is not None else defaults["lr"],
         seed=seed,
+        normalize=real if normalize is None else normalize,
     )
 
 
-def _train(data: str, hidden_size: int, options: Any, test_fraction: float, quiet: bool):
+def _train(data: str, hidden_size: int, options: Any, test_fraction: float, quiet: bool, test: str | None = None):
     from gru_deploy.data import load_data
     from gru_deploy.spec import ModelSpec
     from gru_deploy.train import stderr_progress, train
 
-    split = load_data(data, seed=options.seed, test_fraction=test_fraction)
+    split = load_data(data, seed=options.seed, test_fraction=test_fraction, test=test)
     spec = ModelSpec(input_size=split.train.input_size, hidden_size=hidden_size,
                      output_size=len(split.train.labels), labels=split.train.labels)
     progress, close = stderr_progress(options.epochs, quiet)
@@ -90,8 +96,14 @@ def _train(data: str, hidden_size: int, options: Any, test_fraction: float, quie
 def _data_options(func):
     options = [
         click.option("--data", default="synthetic", show_default=True, metavar="NAME|PATH",
-                     help="Built-in data set (synthetic, seed-random) or an .npz with x [N,T,I] float32, "
-                          "y [N] int, optional labels."),
+                     help="Built-in data set (synthetic, seed-random; basicmotions, japanesevowels with the "
+                          "datasets extra), an .npz with x [N,T,I] float32, y [N] int, optional labels and "
+                          "lengths, or a UEA/UCR .ts file."),
+        click.option("--test", "test_path", default=None, metavar="PATH_TEST.ts",
+                     help="With --data PATH_TRAIN.ts: the test split (else --test-fraction is held out)."),
+        click.option("--normalize/--no-normalize", default=None,
+                     help="Per-channel normalisation learned on the training split, baked into the model "
+                          "[default: on for .ts and real data sets, off otherwise]."),
         click.option("--epochs", type=int, default=None, help="Training epochs [default: 20]."),
         click.option("--hidden-size", type=click.IntRange(min=1), default=16, show_default=True),
         click.option("--batch-size", type=int, default=None,
@@ -114,8 +126,9 @@ def _data_options(func):
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.pass_obj
-def train(obj: dict, data: str, epochs: int | None, hidden_size: int, batch_size: int | None, lr: float | None,
-          seed: int, test_fraction: float, out: Path, quiet: bool, as_json: bool) -> None:
+def train(obj: dict, data: str, test_path: str | None, normalize: bool | None, epochs: int | None,
+          hidden_size: int, batch_size: int | None, lr: float | None, seed: int, test_fraction: float, out: Path,
+          quiet: bool, as_json: bool) -> None:
     """Train the GRU classifier and write a checkpoint.
 
     The checkpoint holds the state_dict (the tutorial's parameter names), the config,
@@ -125,10 +138,12 @@ def train(obj: dict, data: str, epochs: int | None, hidden_size: int, batch_size
     \b
     Example:
       gru-deploy train --data synthetic --epochs 20 --out checkpoint.pt
+      gru-deploy train --data japanesevowels --hidden-size 32 --out jv.pt
+      gru-deploy train --data TRAIN.ts --test TEST.ts
     """
     obj["quiet"] = quiet or as_json
-    options = _train_options(data, epochs, batch_size, lr, seed)
-    ckpt = _train(data, hidden_size, options, test_fraction, obj["quiet"])
+    options = _train_options(data, epochs, batch_size, lr, seed, normalize)
+    ckpt = _train(data, hidden_size, options, test_fraction, obj["quiet"], test_path)
     sha = ckpt.save(out)
     result = {"checkpoint": str(out), "sha256": sha, "config": ckpt.spec.to_dict(),
               "metrics": {k: v for k, v in ckpt.metrics.items() if k != "loss_history"}}
@@ -223,10 +238,15 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--atol", type=float, default=1e-5, show_default=True, help="Absolute tolerance (export folders).")
 @click.option("--rtol", type=float, default=1e-5, show_default=True, help="Relative tolerance (export folders).")
+@click.option("--data", default=None, metavar="NAME|PATH",
+              help="Also report accuracy on this data set's test split (as in train --data): eager, "
+                   "onnxruntime fp32 (both strategies) and int8, with agreement with eager.")
+@click.option("--test", "test_path", default=None, metavar="PATH_TEST.ts", help="With --data PATH_TRAIN.ts.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON on stdout.")
 @click.pass_obj
-def verify(obj: dict, path: Path, atol: float, rtol: float, quiet: bool, as_json: bool) -> None:
+def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, test_path: str | None, quiet: bool,
+           as_json: bool) -> None:
     """Check an export folder or a bundle (folder or .tar.gz). Exit 0 when it holds, 1 when not.
 
     An export folder: every checksum, then parity of eager PyTorch (the tutorial's loop),
@@ -257,16 +277,21 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, quiet: bool, as_json
         else:
             click.echo(f"bundle {path} ({report['target']}): {len(report['checks'])} checks passed")
         return
-    from gru_deploy.verify import verify_export
+    from gru_deploy.verify import deployment_accuracy, verify_export
 
     report = verify_export(path, atol=atol, rtol=rtol)
+    accuracy = deployment_accuracy(path, data, test_path) if data else None
     if as_json:
-        _emit_json(report.to_json())
+        _emit_json({**report.to_json(), "deployment_accuracy": accuracy})
     else:
         for pair, s in report.summary().items():
             click.echo(f"{'ok  ' if s['passed'] else 'FAIL'} {pair:<42} max abs {s['max_abs']:.2e}  "
                        f"p99 abs {s['p99_abs']:.2e}  min atol {s['min_atol']:.2e}  "
                        f"argmax {s['argmax_agreement']:.0%}  ({s['cases']} cases)")
+    if accuracy and not as_json:
+        click.echo(f"accuracy on {accuracy['data']} test split ({accuracy['test_samples']} samples):")
+        for name, row in accuracy["runtimes"].items():
+            click.echo(f"  {name:<36} {row['accuracy']:.1%}  (agrees with eager on {row['agreement_with_eager']:.1%})")
     if not report:
         raise CheckFailed(f"parity failed for {path}: " + "; ".join(report.failures()))
     if not as_json:
@@ -404,7 +429,9 @@ def bench(obj: dict, folder: Path | None, threads: int, budget: float, no_large:
 
         manifest = read_manifest(folder)
         spec = ModelSpec.from_dict(manifest["config"])
-        state = dict(script.load(verified_path(folder, manifest, "model.pt")).state_dict())
+        from gru_deploy.model import tutorial_parameters
+
+        state = tutorial_parameters(script.load(verified_path(folder, manifest, "model.pt")).state_dict())
     else:
         import torch
 

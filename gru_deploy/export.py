@@ -216,8 +216,16 @@ def build_fused(state_dict: dict[str, Any], spec: ModelSpec, opset: int = DEFAUL
          helper.make_node("Concat", ["batch_1d", "out_dim"], ["empty_shape"], axis=0),
          helper.make_node("Expand", ["fc_bias", "empty_shape"], ["logits_empty"])],
         "empty_input", [], [helper.make_tensor_value_info("logits_empty", TensorProto.FLOAT, out_shape)])
+    prologue, x_in = [], INPUT_NAME
+    if spec.normalization is not None:  # (x - mean) / std, as the scripted model does
+        mean, std = spec.normalization
+        initializers += [numpy_helper.from_array(np.asarray(mean, np.float32), "norm_mean"),
+                         numpy_helper.from_array(1.0 / np.asarray(std, np.float32), "norm_scale")]
+        prologue = [helper.make_node("Sub", [INPUT_NAME, "norm_mean"], ["x_centered"]),
+                    helper.make_node("Mul", ["x_centered", "norm_scale"], ["x_normalized"])]
+        x_in = "x_normalized"
     full = helper.make_graph(
-        [helper.make_node("Transpose", [INPUT_NAME], ["x_time_major"], perm=[1, 0, 2]),
+        prologue + [helper.make_node("Transpose", [x_in], ["x_time_major"], perm=[1, 0, 2]),
          helper.make_node("GRU", ["x_time_major", "W", "R", "B"], ["", "h_last"],
                           hidden_size=spec.hidden_size, linear_before_reset=0),
          helper.make_node("Squeeze", ["h_last", "axis0"], ["h"]),

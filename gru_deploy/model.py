@@ -68,13 +68,27 @@ class GRUClassifier(nn.Module):
     the input's sequence length.
     """
 
-    __constants__ = ["hidden_size"]  # a constant to TorchScript: the gate slices are static
+    # Constants to TorchScript: the gate slices are static, the normalisation branch folds away.
+    __constants__ = ["hidden_size", "normalize"]
 
-    def __init__(self, input_size: int = 8, hidden_size: int = 16, output_size: int = 4) -> None:
+    def __init__(self, input_size: int = 8, hidden_size: int = 16, output_size: int = 4,
+                 normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.gru = GRUCell(input_size, hidden_size)
         self.fc = nn.Linear(hidden_size, output_size)
+        # Not in the state_dict (persistent=False): the tutorial's state_dict still loads as is;
+        # the values travel in the config and are baked into the scripted and exported graphs.
+        self.normalize = normalization is not None
+        mean, std = normalization if normalization is not None else ((0.0,) * input_size, (1.0,) * input_size)
+        self.register_buffer("norm_mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("norm_scale", 1.0 / torch.tensor(std, dtype=torch.float32), persistent=False)
+
+    def normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - mean) / std per channel, when the model was trained on normalised data."""
+        if self.normalize:
+            return (x - self.norm_mean) * self.norm_scale
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h0 = torch.zeros(x.size(0), self.hidden_size, dtype=x.dtype, device=x.device)
@@ -83,7 +97,7 @@ class GRUClassifier(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Input projections of every step, time-major, and the merged hidden weights."""
         cell = self.gru
-        steps = x.transpose(0, 1)  # time-major [seq, batch, input]
+        steps = self.normalized(x).transpose(0, 1)  # time-major [seq, batch, input]
         # Input projections for every step at once, outside the loop.
         w_x_zr = torch.cat([cell.W_xz.weight, cell.W_xr.weight], 0)
         b_x_zr = torch.cat([cell.W_xz.bias, cell.W_xr.bias], 0)
@@ -148,6 +162,8 @@ def as_variant(model: GRUClassifier, variant: str) -> GRUClassifier:
     """The same weights in another form (classifier, stream, lengths)."""
     cls = VARIANT_CLASSES[variant]
     out = cls(model.gru.input_size, model.hidden_size, model.fc.out_features)
+    out.normalize = model.normalize
+    out.norm_mean, out.norm_scale = model.norm_mean.clone(), model.norm_scale.clone()
     out.load_state_dict(model.state_dict())
     return out.eval()
 
@@ -161,13 +177,14 @@ def tutorial_state(model: GRUClassifier, x: torch.Tensor, h: torch.Tensor | None
     """The last state of the tutorial's loop, from `h` (zeros when None)."""
     if h is None:
         h = torch.zeros(x.size(0), model.hidden_size, dtype=x.dtype, device=x.device)
+    x = model.normalized(x)
     for t in range(x.size(1)):
         h = model.gru(x[:, t, :], h)
     return h
 
 
 def build_model(spec: ModelSpec) -> GRUClassifier:
-    return GRUClassifier(spec.input_size, spec.hidden_size, spec.output_size)
+    return GRUClassifier(spec.input_size, spec.hidden_size, spec.output_size, spec.normalization)
 
 
 def spec_from_state_dict(state_dict: Mapping[str, Any], labels: tuple[str, ...] = ()) -> ModelSpec:
@@ -217,6 +234,11 @@ def load_weights(spec: ModelSpec, state_dict: Mapping[str, Any]) -> GRUClassifie
     return model.eval()
 
 
+def tutorial_parameters(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Only the tutorial's parameters (a scripted module's state_dict also lists its buffers)."""
+    return {k: v for k, v in state.items() if k in PARAMETER_NAMES}
+
+
 def weights_numpy(model: nn.Module) -> dict[str, "np.ndarray"]:
     """The parameters as float64 numpy arrays, keyed by the tutorial's names."""
-    return {k: v.detach().cpu().double().numpy() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().double().numpy() for k, v in tutorial_parameters(model.state_dict()).items()}

@@ -198,6 +198,9 @@ class Float64Runner(Runner):
     def _infer(self, feed: dict[str, np.ndarray]) -> Outputs:
         w = self.w
         x = feed[INPUT_NAME].astype(np.float64)
+        if self.spec.normalization is not None:
+            mean, std = (np.asarray(v, np.float64) for v in self.spec.normalization)
+            x = (x - mean) / std
         batch, seq = x.shape[:2]
         h = feed[STATE_IN].astype(np.float64) if STATE_IN in feed else np.zeros((batch, self.spec.hidden_size))
         lengths = feed.get(LENGTHS_NAME, np.full(batch, seq))

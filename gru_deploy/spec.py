@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,6 +29,9 @@ class ModelSpec:
     hidden_size: int = 16
     output_size: int = 4
     labels: tuple[str, ...] = field(default=())
+    # Per-channel (mean, std) learned on the training split; the exported graphs apply
+    # (x - mean) / std themselves, so no runtime needs to know about it.
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def __post_init__(self) -> None:
         for name in ("input_size", "hidden_size", "output_size"):
@@ -42,6 +46,16 @@ class ModelSpec:
                 f"{len(self.labels)} labels given for output_size {self.output_size}; "
                 "give one label per class"
             )
+        if self.normalization is not None:
+            try:
+                mean, std = (tuple(float(v) for v in part) for part in self.normalization)
+            except (TypeError, ValueError):
+                raise UserInputError("normalization must be a pair of number lists (mean, std)") from None
+            if len(mean) != self.input_size or len(std) != self.input_size:
+                raise UserInputError(f"normalization needs {self.input_size} means and stds, one per input channel")
+            if not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+                raise UserInputError("normalization means must be finite and stds finite and positive")
+            object.__setattr__(self, "normalization", (mean, std))
 
     def tensor(self, name: str) -> dict[str, Any]:
         """Name, dtype and shape (dynamic dims named) of one input or output."""
@@ -63,6 +77,10 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["labels"] = list(self.labels)
+        if self.normalization is None:
+            del data["normalization"]
+        else:
+            data["normalization"] = {"mean": list(self.normalization[0]), "std": list(self.normalization[1])}
         return data
 
     @classmethod
@@ -70,7 +88,7 @@ class ModelSpec:
         """Build from plain data (a checkpoint's or manifest's config), rejecting bad fields."""
         if not isinstance(data, dict):
             raise UserInputError(f"model config must be a mapping, got {type(data).__name__}")
-        known = {"input_size", "hidden_size", "output_size", "labels"}
+        known = {"input_size", "hidden_size", "output_size", "labels", "normalization"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise UserInputError(f"model config has unknown fields {unknown}")
@@ -80,9 +98,15 @@ class ModelSpec:
         labels = data.get("labels") or ()
         if not isinstance(labels, (list, tuple)):
             raise UserInputError("model config 'labels' must be a list of names")
+        norm = data.get("normalization")
+        if norm is not None:
+            if not isinstance(norm, dict) or set(norm) != {"mean", "std"}:
+                raise UserInputError("model config 'normalization' must be {mean: [...], std: [...]}")
+            norm = (norm["mean"], norm["std"])
         return cls(
             input_size=data["input_size"],
             hidden_size=data["hidden_size"],
             output_size=data["output_size"],
             labels=tuple(labels),
+            normalization=norm,
         )

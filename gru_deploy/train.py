@@ -7,10 +7,11 @@ import math
 import pickle
 import sys
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from gru_deploy.data import DataSplit, Dataset
@@ -30,6 +31,7 @@ class TrainOptions:
     batch_size: int = 64
     lr: float = 1e-2
     seed: int = 0
+    normalize: bool = False  # learn per-channel mean/std on the training split, bake them into the model
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -94,6 +96,20 @@ def accuracy(model: GRUClassifier, data: Dataset, batch_size: int = 256) -> floa
     return correct / len(data)
 
 
+def channel_statistics(data: Dataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std over the valid steps of the training data (std floored at 1e-6)."""
+    x = data.x
+    if data.lengths is not None:
+        valid = np.arange(x.shape[1])[None, :] < data.lengths[:, None]
+        values = x[valid]
+    else:
+        values = x.reshape(-1, x.shape[2])
+    if values.shape[0] == 0:
+        raise UserInputError(f"{data.name}: no valid steps to learn the normalisation from")
+    values = values.astype(np.float64)
+    return tuple(values.mean(0).tolist()), tuple(np.maximum(values.std(0), 1e-6).tolist())
+
+
 def train(
     spec: ModelSpec,
     split: DataSplit,
@@ -110,6 +126,8 @@ def train(
         )
     if len(split.train.labels) != spec.output_size:
         raise UserInputError(f"data has {len(split.train.labels)} classes but the model has {spec.output_size}")
+    if options.normalize:
+        spec = replace(spec, normalization=channel_statistics(split.train))
     torch.manual_seed(options.seed)
     model = build_model(spec)
     optimiser = torch.optim.Adam(model.parameters(), lr=options.lr)
@@ -141,6 +159,7 @@ def train(
         "loss_history": history,
     }
     training = {"data": split.describe(), "epochs": options.epochs, "batch_size": options.batch_size,
+                "normalize": options.normalize,
                 "lr": options.lr, "seed": options.seed, "optimizer": "Adam", "loss": "cross_entropy"}
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return Checkpoint(spec, state, metrics, training, library_versions())

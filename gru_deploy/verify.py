@@ -166,12 +166,12 @@ def build_runners(spec: ModelSpec, module: "torch.jit.ScriptModule", onnx_model:
                   threads: int = 1, variant: str = "classifier") -> dict[str, Runner]:
     """Every runner over one model variant: eager and float64 on the TorchScript module's weights."""
     from gru_deploy import script
-    from gru_deploy.model import load_weights, weights_numpy
+    from gru_deploy.model import load_weights, tutorial_parameters, weights_numpy
     from gru_deploy.runners import (Float64Runner, OnnxReferenceRunner, OnnxRuntimeRunner, eager_runner,
                                     torchscript_runner)
 
     script.check_loop(module)
-    model = load_weights(spec, dict(module.state_dict()))
+    model = load_weights(spec, tutorial_parameters(module.state_dict()))
     onnx_bytes = onnx_model.read_bytes() if isinstance(onnx_model, Path) else onnx_model
     return {
         "eager": eager_runner(spec, model, variant),
@@ -258,3 +258,51 @@ def verify_export(folder: Path, atol: float = DEFAULT_ATOL, rtol: float = DEFAUL
     manifest = read_manifest(folder)
     check_files(folder, manifest)
     return parity_for_dir(folder, manifest, atol, rtol)
+
+
+def deployment_accuracy(folder: Path, data: str, test: str | None = None, seed: int = 0,
+                        test_fraction: float = 0.2) -> dict[str, Any]:
+    """Accuracy on a data set's test split of eager PyTorch, onnxruntime fp32 (the export's
+    strategy and the other one, built from the same weights) and int8, with each one's argmax
+    agreement with eager. Variable-length data runs through the lengths models."""
+    from gru_deploy.data import load_data
+    from gru_deploy.export import export_fused, export_loop
+    from gru_deploy.manifest import check_files, read_manifest
+    from gru_deploy.quantize import quantize_int8
+    from gru_deploy.runners import OnnxRuntimeRunner
+
+    manifest = read_manifest(folder)
+    check_files(folder, manifest)
+    spec = ModelSpec.from_dict(manifest["config"])
+    split = load_data(data, seed=seed, test_fraction=test_fraction, input_size=spec.input_size, test=test)
+    dataset = split.test
+    if list(dataset.labels) != list(spec.labels):
+        raise UserInputError(f"{data}: its labels {list(dataset.labels)} are not the model's {list(spec.labels)}")
+    variant = "lengths" if dataset.lengths is not None else "classifier"
+    runners = export_runners(folder, manifest, variant=variant)
+    graphs: dict[str, bytes] = {}
+    if variant == "classifier":
+        module = runners["torchscript"].fn
+        weights = {k: v for k, v in module.state_dict().items()}
+        graphs[f"onnxruntime {manifest['strategy']} (exported)"] = (folder / "model.onnx").read_bytes()
+        other = "fused" if manifest["strategy"] == "loop" else "loop"
+        graphs[f"onnxruntime {other}"] = (export_fused(weights, spec).onnx_bytes if other == "fused"
+                                          else export_loop(module, spec).onnx_bytes)
+        int8_source = (folder / "model.onnx").read_bytes()
+    else:
+        graphs["onnxruntime loop lengths (exported)"] = (folder / "model_lengths.onnx").read_bytes()
+        int8_source = graphs["onnxruntime loop lengths (exported)"]
+    int8_bytes, int8_report = quantize_int8(int8_source)
+    graphs["onnxruntime int8"] = int8_bytes
+    feed = {INPUT_NAME: dataset.x}
+    if variant == "lengths":
+        feed[LENGTHS_NAME] = dataset.lengths
+    predictions = {"eager": runners["eager"].run(feed)[OUTPUT_NAME].argmax(1)}
+    for name, graph in graphs.items():
+        predictions[name] = OnnxRuntimeRunner(spec, graph, variant=variant).run(feed)[OUTPUT_NAME].argmax(1)
+    rows = {name: {"accuracy": float((pred == dataset.y).mean()),
+                   "agreement_with_eager": float((pred == predictions["eager"]).mean())}
+            for name, pred in predictions.items()}
+    return {"data": data, "test_samples": len(dataset), "variable_length": variant == "lengths", "runtimes": rows,
+            "int8_weight_share": int8_report["weight_bytes_quantized_share"],
+            "accuracy_recorded_at_training": manifest.get("metrics", {}).get("test_accuracy")}
