@@ -11,18 +11,10 @@ from gru_deploy.errors import UserInputError
 def onnx_summary(data: bytes, where: str) -> dict[str, Any]:
     """Signature, op counts (sub-graphs included), opset, IR version and metadata keys of an ONNX model."""
     import onnx
-    from google.protobuf.message import DecodeError
 
-    from gru_deploy.export import count_ops
+    from gru_deploy.export import count_ops, parse_onnx
 
-    if not data:
-        raise UserInputError(f"{where}: the file is empty, not an ONNX model")
-    try:
-        model = onnx.load_from_string(data)
-    except (DecodeError, ValueError, RuntimeError) as exc:
-        raise UserInputError(f"{where}: not an ONNX model ({str(exc).splitlines()[0][:200]})") from None
-    if not model.graph.node:
-        raise UserInputError(f"{where}: holds no graph nodes; not an exported model")
+    model = parse_onnx(data, where, UserInputError)
 
     def value(v: Any) -> dict[str, Any]:
         dims = [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]

@@ -54,21 +54,36 @@ def check_opset(opset: int) -> int:
     return opset
 
 
-def count_ops(graph: "onnx.GraphProto") -> dict[str, int]:
-    """Op types and counts in a graph, sub-graphs (Loop/Scan/If bodies) included."""
+def subgraphs(node: "onnx.NodeProto") -> list["onnx.GraphProto"]:
+    """The graphs held in a node's attributes (Loop and Scan bodies, If branches)."""
     import onnx
 
-    counts: dict[str, int] = {}
-    stack = [graph]
+    graphs: list[onnx.GraphProto] = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            graphs.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            graphs.extend(attr.graphs)
+    return graphs
+
+
+def all_graphs(graph: "onnx.GraphProto") -> list["onnx.GraphProto"]:
+    """The graph and every sub-graph below it, outermost first."""
+    out, stack = [], [graph]
     while stack:
-        current = stack.pop()
+        current = stack.pop(0)
+        out.append(current)
+        for node in current.node:
+            stack.extend(subgraphs(node))
+    return out
+
+
+def count_ops(graph: "onnx.GraphProto") -> dict[str, int]:
+    """Op types and counts in a graph, sub-graphs (Loop/Scan/If bodies) included."""
+    counts: dict[str, int] = {}
+    for current in all_graphs(graph):
         for node in current.node:
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    stack.append(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    stack.extend(attr.graphs)
     return counts
 
 
@@ -319,19 +334,27 @@ KNOWN_OPS = frozenset({
 })
 
 
-def check_onnx_bytes(data: bytes, where: str) -> "onnx.ModelProto":
-    """Refuse an ONNX file we did not make: empty, unparsable, external data, unknown ops."""
+def parse_onnx(data: bytes, where: str, error: type[Exception] = CheckFailed) -> "onnx.ModelProto":
+    """Parse ONNX bytes, refusing an empty file, garbage or a model without nodes with `error`."""
     import onnx
     from google.protobuf.message import DecodeError
 
     if not data:
-        raise CheckFailed(f"{where}: the ONNX file is empty")
+        raise error(f"{where}: the ONNX file is empty")
     try:
         model = onnx.load_from_string(data)
     except (DecodeError, ValueError, RuntimeError) as exc:
-        raise CheckFailed(f"{where}: not an ONNX model ({str(exc).splitlines()[0][:200]})") from None
+        raise error(f"{where}: not an ONNX model ({str(exc).splitlines()[0][:200]})") from None
     if not model.graph.node:
-        raise CheckFailed(f"{where}: the ONNX model has no graph nodes")
+        raise error(f"{where}: the ONNX model has no graph nodes")
+    return model
+
+
+def check_onnx_bytes(data: bytes, where: str) -> "onnx.ModelProto":
+    """Refuse an ONNX file we did not make: empty, unparsable, external data, unknown ops."""
+    import onnx
+
+    model = parse_onnx(data, where)
     for tensor in onnx.external_data_helper._get_all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             raise CheckFailed(f"{where}: tensor {tensor.name!r} refers to external data; bundles hold "

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from gru_deploy.errors import CheckFailed, UserInputError
-from gru_deploy.export import count_ops
+from gru_deploy.export import all_graphs, count_ops, subgraphs
 
 if TYPE_CHECKING:
     import onnx
@@ -38,35 +38,12 @@ FOLDABLE = ("Transpose", "Concat", "Identity")
 QUANTIZED_METADATA = "dynamic int8 (onnxruntime quantize_dynamic, QInt8 weights, reduce_range, EnableSubgraph)"
 
 
-def _subgraphs(node: "onnx.NodeProto") -> list["onnx.GraphProto"]:
-    import onnx
-
-    graphs: list[onnx.GraphProto] = []
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            graphs.append(attr.g)
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            graphs.extend(attr.graphs)
-    return graphs
-
-
-def _all_graphs(graph: "onnx.GraphProto") -> list["onnx.GraphProto"]:
-    """The graph and every sub-graph below it, outermost first."""
-    out, stack = [], [graph]
-    while stack:
-        current = stack.pop(0)
-        out.append(current)
-        for node in current.node:
-            stack.extend(_subgraphs(node))
-    return out
-
-
 def _float_initializers(model: "onnx.ModelProto") -> dict[str, int]:
     """Name → bytes of every float initializer, sub-graphs included."""
     from onnx import numpy_helper
 
     return {t.name: numpy_helper.to_array(t).nbytes
-            for g in _all_graphs(model.graph) for t in g.initializer if t.data_type in FLOAT_TYPES}
+            for g in all_graphs(model.graph) for t in g.initializer if t.data_type in FLOAT_TYPES}
 
 
 def _constant_weights(model: "onnx.ModelProto") -> dict[str, int]:
@@ -74,7 +51,7 @@ def _constant_weights(model: "onnx.ModelProto") -> dict[str, int]:
     from onnx import numpy_helper
 
     out = {}
-    for graph in _all_graphs(model.graph):
+    for graph in all_graphs(model.graph):
         for node in graph.node:
             if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
                 tensor = node.attribute[0].t
@@ -86,7 +63,7 @@ def _constant_weights(model: "onnx.ModelProto") -> dict[str, int]:
 def _used_names(graph: "onnx.GraphProto") -> set[str]:
     """Every name read by a node or output of the graph or its sub-graphs."""
     names: set[str] = set()
-    for g in _all_graphs(graph):
+    for g in all_graphs(graph):
         names.update(o.name for o in g.output)
         for node in g.node:
             names.update(node.input)
@@ -95,7 +72,7 @@ def _used_names(graph: "onnx.GraphProto") -> set[str]:
 
 def _all_names(graph: "onnx.GraphProto") -> set[str]:
     names: set[str] = set()
-    for g in _all_graphs(graph):
+    for g in all_graphs(graph):
         names.update(t.name for t in g.initializer)
         names.update(v.name for v in (*g.input, *g.output, *g.value_info))
         for node in g.node:
@@ -160,7 +137,7 @@ def rewrite_for_quantization(model: "onnx.ModelProto") -> tuple["onnx.ModelProto
                         value = arrays[0]
                     origin = set().union(*(sources.get(i, set()) for i in node.input))
             if value is None:
-                for sub in _subgraphs(node):
+                for sub in subgraphs(node):
                     fold(sub, local)
                 kept.append(node)
                 continue
@@ -171,7 +148,7 @@ def rewrite_for_quantization(model: "onnx.ModelProto") -> tuple["onnx.ModelProto
         del graph.node[:]
         graph.node.extend(kept)
 
-    outputs = {o.name for g in _all_graphs(top) for o in g.output}
+    outputs = {o.name for g in all_graphs(top) for o in g.output}
     fold(top, {})
 
     # 2. Gemm → MatMul (+Add) against a constant (pre-transposed when transB=1) weight.
@@ -190,7 +167,7 @@ def rewrite_for_quantization(model: "onnx.ModelProto") -> tuple["onnx.ModelProto
         graph = path[-1]
         nodes = []
         for node in graph.node:
-            for sub in _subgraphs(node):
+            for sub in subgraphs(node):
                 gemms([*path, sub])
             attrs = _attrs(node)
             weight = owner(node.input[1], path) if node.op_type == "Gemm" else None
@@ -226,17 +203,17 @@ def rewrite_for_quantization(model: "onnx.ModelProto") -> tuple["onnx.ModelProto
 
     # 3. Drop initializers nothing reads any more (the originals of transposed copies).
     used = _used_names(top)
-    for graph in _all_graphs(top):
+    for graph in all_graphs(top):
         keep = [t for t in graph.initializer if t.name in used]
         del graph.initializer[:]
         graph.initializer.extend(keep)
-    live = {t.name for g in _all_graphs(top) for t in g.initializer if t.data_type in FLOAT_TYPES}
+    live = {t.name for g in all_graphs(top) for t in g.initializer if t.data_type in FLOAT_TYPES}
     sources = {name: origin for name, origin in sources.items() if name in live}
     return model, sources, rewritten
 
 
 def _drop_new_value_info(model: "onnx.ModelProto", keep: set[str]) -> None:
-    for graph in _all_graphs(model.graph):
+    for graph in all_graphs(model.graph):
         kept = [v for v in graph.value_info if v.name in keep]
         del graph.value_info[:]
         graph.value_info.extend(kept)
@@ -292,7 +269,7 @@ def quantize_int8(onnx_bytes: bytes) -> tuple[bytes, dict[str, Any]]:
 
     # The quantiser's shape inference leaves a value_info per intermediate tensor; the input
     # had its own (often none). They are optional and onnxruntime infers them again on load.
-    _drop_new_value_info(quantized, {v.name for g in _all_graphs(original.graph) for v in g.value_info})
+    _drop_new_value_info(quantized, {v.name for g in all_graphs(original.graph) for v in g.value_info})
     ir_raised_from = None
     if quantized.ir_version > MAX_IR_VERSION:
         ir_raised_from = int(quantized.ir_version)
@@ -315,7 +292,7 @@ def quantize_int8(onnx_bytes: bytes) -> tuple[bytes, dict[str, Any]]:
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise CheckFailed(f"the quantised graph failed onnx.checker: {str(exc).splitlines()[0]}") from None
 
-    after = {t.name: t.data_type for g in _all_graphs(quantized.graph) for t in g.initializer}
+    after = {t.name: t.data_type for g in all_graphs(quantized.graph) for t in g.initializer}
     pending: dict[str, bool] = {}  # original weight → every rewritten form of it is int8 now
     for name, origin in sources.items():
         is_int8 = after.get(name) is None and after.get(name + TENSOR_NAME_QUANT_SUFFIX) in INT8_TYPES
