@@ -182,7 +182,13 @@ def verify_bundle(path: Path) -> dict[str, Any]:
                 raise CheckFailed(f"{path}: golden case {case['name']} names {case['model']!r}, "
                                   f"not a {case['variant']} model of the bundle")
             for model in models:
-                got = _run(sessions[model], manifest["models"][model]["format"], spec, case["variant"], inputs)
+                try:
+                    got = _run(sessions[model], manifest["models"][model]["format"], spec, case["variant"], inputs)
+                except UserInputError as exc:
+                    raise CheckFailed(f"{path}: golden {case['name']} does not fit {model}: {exc}") from None
+                except Exception as exc:  # the runtime refused the model's own golden inputs
+                    raise CheckFailed(f"{path}: {model} failed on golden {case['name']}: "
+                                      f"{str(exc).strip().splitlines()[0][:200]}") from None
                 for out_name, want in expected.items():
                     result = compare(want, got[out_name], case.get("atol", atol), case.get("rtol", rtol))
                     checks.append({"check": f"golden {case['name']} on {model}: {out_name}", "passed": result.passed,

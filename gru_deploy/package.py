@@ -27,6 +27,7 @@ BUNDLE_FORMAT = "gru-deploy-bundle"
 BUNDLE_VERSION = 1
 TARGETS = ("edge", "server")
 MIN_ONNXRUNTIME = "1.17"
+TESTED_OLD_ONNXRUNTIME = "1.17.3"  # tests/test_ort117.py runs the edge bundle's golden vectors there
 MODEL_NAME = "gru_classifier"
 GOLDEN_DIR = "golden"
 # (variant, batch, seq) of the golden cases; lengths cases use lengths {seq, 1, 0}.
@@ -103,6 +104,12 @@ def golden_vectors(export_dir: Path, manifest: dict[str, Any], variants: tuple[s
                    "argmax_agreement": min(r["argmax_agreement"] for r in rows), "cases": rows}
                for v, rows in parity.items()}
     return out, summary
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def _onnx_info(data: bytes) -> dict[str, Any]:
@@ -313,7 +320,7 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
         "config": spec.to_dict(),
         "labels": list(spec.labels),
         "models": models,
-        "onnxruntime": {"min_version": MIN_ONNXRUNTIME},
+        "onnxruntime": {"min_version": MIN_ONNXRUNTIME, "tested": [TESTED_OLD_ONNXRUNTIME, _ort_version()]},
         "golden": {"file": f"{GOLDEN_DIR}/golden.json", "atol": atol, "rtol": rtol},
         "quantization": quantization,
         "source_export": {"manifest_sha256": sha256_bytes((export_dir / "manifest.json").read_bytes()),

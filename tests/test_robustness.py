@@ -102,6 +102,23 @@ def _onnx_with(kind):
         nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[1], keepdims=0),
                  helper.make_node("Softmax", ["m"], ["logits"])]
         graph = helper.make_graph(nodes, "g", [x], [y])
+    elif kind == "unknown op in a sub-graph":
+        inner = helper.make_graph([helper.make_node("Softmax", ["x"], ["s"])], "body", [],
+                                  [helper.make_tensor_value_info("s", TensorProto.FLOAT, None)])
+        nodes = [helper.make_node("Constant", [], ["c"], value=helper.make_tensor("c", TensorProto.BOOL, [], [True])),
+                 helper.make_node("If", ["c"], ["logits"], then_branch=inner, else_branch=inner)]
+        graph = helper.make_graph(nodes, "g", [x], [y])
+    elif kind == "custom domain op":
+        nodes = [helper.make_node("Gemm", ["x"], ["logits"], domain="com.evil")]
+        graph = helper.make_graph(nodes, "g", [x], [y])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.evil", 1)],
+                                 ir_version=8).SerializeToString()
+    elif kind == "wrong input name":
+        z = helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", "seq", 8])
+        nodes = [helper.make_node("Transpose", ["z"], ["t"], perm=[1, 0, 2]),
+                 helper.make_node("Gather", ["t", "i"], ["logits"], axis=0)]
+        index = numpy_helper.from_array(np.array(0, np.int64), "i")
+        graph = helper.make_graph(nodes, "g", [z], [y], [index])
     else:  # external data
         weight = numpy_helper.from_array(np.zeros((8, 4), np.float32), "w")
         weight.data_location = TensorProto.EXTERNAL
@@ -115,16 +132,30 @@ def _onnx_with(kind):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8).SerializeToString()
 
 
+def _no_nodes(data):
+    import onnx
+
+    model = onnx.load_from_string(data)
+    del model.graph.node[:]
+    return model.SerializeToString()
+
+
 @pytest.mark.parametrize("kind,fragment", [
-    ("empty", "empty"), ("garbage", "not an ONNX model"), ("unknown op", "not ones gru-deploy writes"),
-    ("external data", "external data"),
+    ("empty", "empty"), ("garbage", "not an ONNX model"), ("truncated", "not an ONNX model|failed on golden"),
+    ("no nodes", "no graph nodes"), ("unknown op", "not ones gru-deploy writes"),
+    ("unknown op in a sub-graph", "not ones gru-deploy writes"), ("custom domain op", "not ones gru-deploy writes|"
+                                                                  "cannot load"),
+    ("external data", "external data"), ("wrong input name", "does not fit|failed on golden|cannot load"),
+    ("the stream model as the classifier", "does not fit|failed on golden"),
 ])
 def test_hostile_onnx_in_a_bundle_is_refused_before_loading(export_dir, tmp_path, kind, fragment):
     from gru_deploy.bundle import verify_bundle
     from gru_deploy.package import package
 
     root, _ = package(export_dir, "edge", out=tmp_path / "edge")
-    raw = {"empty": b"", "garbage": b"\x08\x07garbage"}
+    original = (root / "model.onnx").read_bytes()
+    raw = {"empty": b"", "garbage": b"\x08\x07garbage", "truncated": original[: len(original) // 2],
+           "no nodes": _no_nodes(original), "the stream model as the classifier": (root / "model_stream.onnx").read_bytes()}
     data = raw[kind] if kind in raw else _onnx_with(kind)
     (root / "model.onnx").write_bytes(data)
     manifest = json.loads((root / "manifest.json").read_text())
@@ -204,3 +235,15 @@ def test_recovery_puts_back_a_folder_moved_aside(export_copy):
             raise RuntimeError("fail after the restore")
     assert verify_export(export_copy) and not backup.exists()
     shutil.rmtree(backup, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_export_exits_130_and_keeps_the_old_export(export_copy, tmp_path):
+    before = {p.name: p.read_bytes() for p in export_copy.iterdir()}
+    proc = _spawn("export", "--checkpoint", str(_other_checkpoint(tmp_path)), "--out", str(export_copy), "-q")
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines() == ["gru-deploy: interrupted"]
+    assert {p.name: p.read_bytes() for p in export_copy.iterdir()} == before
