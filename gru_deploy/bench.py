@@ -40,12 +40,13 @@ def _contenders(spec: "ModelSpec", state_dict: dict, threads: int) -> dict[str, 
     import torch
 
     from gru_deploy import script
-    from gru_deploy.export import export_fused, export_loop
+    from gru_deploy.export import export_fused, export_loop, export_scan
     from gru_deploy.model import load_weights, tutorial_forward
 
     model = load_weights(spec, state_dict)
     scripted = script.torchscript(model)
     graphs = {"onnxruntime loop": export_loop(scripted, spec).onnx_bytes,
+              "onnxruntime scan": export_scan(model, spec).onnx_bytes,
               "onnxruntime fused": export_fused(state_dict, spec).onnx_bytes}
 
     def eager(x):
@@ -162,7 +163,7 @@ def run_bench(spec: "ModelSpec", state_dict: dict, threads: int = 1, budget_s: f
             "loop_scaling": scaling, "streaming": streaming}
 
 
-ORDER = ("eager", "torchscript", "onnxruntime loop", "onnxruntime fused")
+ORDER = ("eager", "torchscript", "onnxruntime loop", "onnxruntime scan", "onnxruntime fused")
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -162,9 +162,10 @@ def train(obj: dict, data: str, test_path: str | None, normalize: bool | None, e
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("exported"),
               show_default=True, help="Export folder; replaced as a whole only when every check passes.")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (13..20 verified).")
-@click.option("--strategy", type=click.Choice(["loop", "fused", "auto"]), default="loop", show_default=True,
-              help="ONNX form: loop (the scripted loop as an ONNX Loop), fused (ONNX's GRU operator), "
-                   "auto (check both, time them at the typical shape, keep the fastest).")
+@click.option("--strategy", type=click.Choice(["loop", "fused", "scan", "auto"]), default="loop", show_default=True,
+              help="ONNX form: loop (the scripted loop as an ONNX Loop), fused (ONNX's GRU operator), scan "
+                   "(torch.export + the dynamo exporter to an ONNX Scan, no TorchScript; opset >= 18), "
+                   "auto (check each, time them at the typical shape, keep the fastest).")
 @click.option("--typical-batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Batch size that --strategy auto times.")
 @click.option("--typical-seq", type=click.IntRange(min=1), default=100, show_default=True,

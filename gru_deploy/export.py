@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 DEFAULT_OPSET = 17
 # Opsets the test suite exports and checks for parity with onnxruntime.
 SUPPORTED_OPSETS = range(13, 21)  # the TorchScript exporter stops at 20
-STRATEGIES = ("loop", "fused")
+STRATEGIES = ("loop", "fused", "scan")
 # Example sequence lengths used to trace the export twice; they must differ.
 GUARD_LENGTHS = (3, 5)
 
@@ -328,7 +328,7 @@ def to_ort_format(onnx_files: dict[str, bytes]) -> dict[str, bytes]:
 # elsewhere with any other op is refused before a runtime loads it.
 KNOWN_OPS = frozenset({
     "Add", "Cast", "Concat", "Constant", "ConstantOfShape", "DequantizeLinear", "Div", "DynamicQuantizeLinear",
-    "Equal", "Expand", "Gather", "Gemm", "Greater", "GRU", "Identity", "If", "Less", "Loop", "MatMul",
+    "Equal", "Expand", "Gather", "Gemm", "Greater", "GRU", "Identity", "If", "Less", "Loop", "MatMul", "Scan",
     "MatMulInteger", "Mul", "Neg", "QuantizeLinear", "Reshape", "Shape", "Sigmoid", "Slice", "Split", "Squeeze",
     "Sub", "Tanh", "Transpose", "Unsqueeze", "Where", "DynamicQuantizeMatMul",
 })
@@ -363,3 +363,85 @@ def check_onnx_bytes(data: bytes, where: str) -> "onnx.ModelProto":
     if unknown:
         raise CheckFailed(f"{where}: op type(s) {unknown} are not ones gru-deploy writes; refusing the model")
     return model
+
+
+# --- scan: torch.export + the dynamo ONNX exporter, no TorchScript ---------------------------
+SCAN_MIN_OPSET = 18  # the dynamo exporter writes opset 18 and later
+
+
+def _export_scan_once(module: "torch.nn.Module", spec: ModelSpec, opset: int, seq_len: int) -> "onnx.ModelProto":
+    import warnings
+
+    import torch
+
+    example = (torch.zeros(2, seq_len, spec.input_size),)
+    dims = {INPUT_NAME: {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}}
+    noisy = logging.getLogger("torch.onnx")
+    level = noisy.level
+    noisy.setLevel(logging.ERROR)  # "torchvision is not installed" and friends
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.export.export(module, example, dynamic_shapes=dims, strict=False)
+        onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+                                         output_names=[OUTPUT_NAME], verbose=False)
+    noisy.setLevel(level)
+    return onnx_program.model_proto
+
+
+def guard_empty_sequence(model: "onnx.ModelProto", spec: ModelSpec, fc_bias: "np.ndarray") -> None:
+    """Wrap the graph in `If(batch·seq == 0)`: empty inputs get fc(h=0) = fc.bias without
+    running the recurrence (onnxruntime's Scan fails on a zero-length sequence and its GRU
+    kernel aborts the process)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    inner_out = f"{OUTPUT_NAME}_nonempty"
+    for node in all_graphs(graph)[0].node:
+        node.output[:] = [inner_out if o == OUTPUT_NAME else o for o in node.output]
+    out_shape = ["batch", spec.output_size]
+    body = helper.make_graph(list(graph.node), "nonempty", [],
+                             [helper.make_tensor_value_info(inner_out, TensorProto.FLOAT, out_shape)],
+                             value_info=list(graph.value_info))
+    empty = helper.make_graph(
+        [helper.make_node("Unsqueeze", ["guard_batch", "guard_axis0"], ["guard_batch_1d"]),
+         helper.make_node("Concat", ["guard_batch_1d", "guard_out_dim"], ["guard_shape"], axis=0),
+         helper.make_node("Expand", ["guard_fc_bias", "guard_shape"], ["logits_empty"])],
+        "empty_input", [], [helper.make_tensor_value_info("logits_empty", TensorProto.FLOAT, out_shape)])
+    del graph.node[:]
+    del graph.value_info[:]
+    consts = {"guard_zero": np.array(0, np.int64), "guard_one": np.array(1, np.int64),
+              "guard_axis0": np.array([0], np.int64), "guard_out_dim": np.array([spec.output_size], np.int64),
+              "guard_fc_bias": np.asarray(fc_bias, np.float32)}
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+    graph.node.extend([
+        helper.make_node("Shape", [INPUT_NAME], ["guard_shape_x"]),
+        helper.make_node("Gather", ["guard_shape_x", "guard_zero"], ["guard_batch"], axis=0),
+        helper.make_node("Gather", ["guard_shape_x", "guard_one"], ["guard_seq"], axis=0),
+        helper.make_node("Mul", ["guard_batch", "guard_seq"], ["guard_elements"]),
+        helper.make_node("Equal", ["guard_elements", "guard_zero"], ["guard_is_empty"]),
+        helper.make_node("If", ["guard_is_empty"], [OUTPUT_NAME], then_branch=empty, else_branch=body),
+    ])
+
+
+def export_scan(model: "torch.nn.Module", spec: ModelSpec, opset: int = DEFAULT_OPSET,
+                metadata: dict[str, Any] | None = None) -> ExportResult:
+    """The classifier as an ONNX Scan via torch.export and the dynamo exporter (no TorchScript).
+
+    Exported at two example lengths: a graph whose op counts differ between them (a plain
+    `torch.export` of the Python loop unrolls) or that has no Scan is refused.
+    """
+    from gru_deploy.model import ScanClassifier
+
+    check_opset(opset)
+    opset = max(opset, SCAN_MIN_OPSET)
+    module = ScanClassifier(model).eval()
+    models = [_export_scan_once(module, spec, opset, n) for n in GUARD_LENGTHS]
+    check_not_unrolled(models, needs="Scan")
+    proto = models[0]
+    guard_empty_sequence(proto, spec, model.fc.bias.detach().cpu().numpy())
+    apply_signature(proto, spec)
+    proto.producer_name = "gru-deploy"
+    if proto.ir_version > 9:  # the dynamo exporter writes IR 10; opset 18 needs only IR 8
+        proto.ir_version = 8
+    return _finish(proto, "scan", opset, count_ops(proto.graph), metadata)

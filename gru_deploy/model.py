@@ -242,3 +242,36 @@ def tutorial_parameters(state: Mapping[str, Any]) -> dict[str, Any]:
 def weights_numpy(model: nn.Module) -> dict[str, "np.ndarray"]:
     """The parameters as float64 numpy arrays, keyed by the tutorial's names."""
     return {k: v.detach().cpu().double().numpy() for k, v in tutorial_parameters(model.state_dict()).items()}
+
+
+class ScanClassifier(nn.Module):
+    """The same classifier stepped by torch's `scan` higher-order op, for `torch.export`.
+
+    No TorchScript: this is the path that survives TorchScript's removal. The step takes the
+    z, r and candidate input projections as three scanned inputs (slicing one merged tensor
+    inside the step breaks the ONNX exporter's decomposition of `scan` in torch 2.13) and
+    reads the hidden weights from the module.
+    """
+
+    def __init__(self, model: GRUClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch._higher_order_ops.scan import scan
+
+        m = self.model
+        cell = m.gru
+        steps = m.normalized(x).transpose(0, 1)
+        h0 = steps.new_zeros(steps.shape[1], m.hidden_size)
+
+        def step(h: torch.Tensor, xs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+            x_z, x_r, x_h = xs
+            z = torch.sigmoid(x_z + cell.W_hz(h))
+            r = torch.sigmoid(x_r + cell.W_hr(h))
+            h_tilde = torch.tanh(x_h + cell.W_hh(r * h))
+            h_next = (1 - z) * h + z * h_tilde
+            return h_next, h_next.clone()
+
+        h, _ = scan(step, h0, (cell.W_xz(steps), cell.W_xr(steps), cell.W_xh(steps)))
+        return m.fc(h)

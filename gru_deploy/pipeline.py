@@ -34,13 +34,15 @@ KEEP = ("README.md",)
 def build_strategy(strategy: str, scripted: "torch.jit.ScriptModule", checkpoint: Checkpoint, opset: int,
                    metadata: dict[str, Any]) -> "ExportResult":
     """One ONNX graph for one strategy."""
-    from gru_deploy.export import export_fused, export_loop
+    from gru_deploy.export import export_fused, export_loop, export_scan
 
     meta = {**metadata, "gru_deploy.strategy": strategy}
     if strategy == "loop":
         return export_loop(scripted, checkpoint.spec, opset, meta)
     if strategy == "fused":
         return export_fused(checkpoint.state_dict, checkpoint.spec, opset, meta)
+    if strategy == "scan":
+        return export_scan(checkpoint.model(), checkpoint.spec, opset, meta)
     raise UserInputError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGY_CHOICES)}")
 
 

@@ -26,7 +26,7 @@ def test_bench_measures_every_runtime_on_every_shape(small_result):
     shapes = [(r["batch"], r["seq"]) for r in small_result["rows"]]
     assert shapes == [(1, 1), (1, 100), (32, 100), (1, 1000), (256, 200)]
     for row in small_result["rows"]:
-        assert set(row["median_us"]) == {"eager", "torchscript", "onnxruntime loop", "onnxruntime fused"}
+        assert set(row["median_us"]) == {"eager", "torchscript", "onnxruntime loop", "onnxruntime scan", "onnxruntime fused"}
         assert row["speedup_vs_eager"]["eager"] == 1.0
         assert min(row["times_fastest"].values()) == 1.0
     scaling = small_result["loop_scaling"]

@@ -171,3 +171,46 @@ def test_variants_export_as_loops_with_dynamic_dims(model, variant, inputs, outp
         return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
 
     assert dims(proto.graph.input) == inputs and dims(proto.graph.output) == outputs
+
+
+
+# --- scan (torch.export, no TorchScript) ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def scan(model):
+    from gru_deploy.export import export_scan
+
+    return export_scan(model, ModelSpec())
+
+
+@pytest.mark.parametrize("seq", [0, 1, 7, 1500])
+def test_scan_matches_float64_up_to_1500_steps(model, scan, seq):
+    from gru_deploy.model import weights_numpy
+    from gru_deploy.runners import Float64Runner
+
+    assert scan.op_types["Scan"] == 1 and scan.opset >= 18 and scan.ir_version <= 9
+    x = {"x": (np.random.default_rng(seq).standard_normal((3, seq, 8)) * 3).astype(np.float32)}
+    got = OnnxRuntimeRunner(ModelSpec(), scan.onnx_bytes).run(x)["logits"]
+    np.testing.assert_allclose(got, Float64Runner(ModelSpec(), weights_numpy(model)).run(x)["logits"], atol=1e-5)
+
+
+def test_scan_graph_answers_empty_inputs_itself(scan, model):
+    """Raw onnxruntime (not our runner): its Scan fails on a zero-length sequence; the graph's guard answers."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(scan.onnx_bytes, providers=["CPUExecutionProvider"])
+    out = session.run(None, {"x": np.zeros((3, 0, 8), np.float32)})[0]
+    np.testing.assert_allclose(out, np.tile(model.fc.bias.detach().numpy(), (3, 1)), atol=1e-6)
+    assert session.run(None, {"x": np.zeros((0, 4, 8), np.float32)})[0].shape == (0, 4)
+
+
+def test_plain_dynamo_export_of_the_for_loop_unrolls_and_the_guard_refuses_it(model):
+    import warnings
+
+    graphs = []
+    for n in GUARD_LENGTHS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graphs.append(torch.onnx.export(model, (torch.zeros(2, n, 8),), dynamo=True, verbose=False).model_proto)
+    with pytest.raises(CheckFailed, match="unrolled"):
+        check_not_unrolled(graphs, needs="Scan")

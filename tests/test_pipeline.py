@@ -21,7 +21,7 @@ def test_fused_export_verifies(tiny_checkpoint, tmp_path):
 def test_auto_keeps_the_fastest_it_measured(tiny_checkpoint, tmp_path):
     manifest = export_to_dir(tiny_checkpoint, tmp_path / "auto", strategy="auto", typical=(2, 30))
     auto = manifest["auto"]
-    assert set(auto["median_us"]) == {"loop", "fused"}
+    assert set(auto["median_us"]) == {"loop", "fused", "scan"}
     assert auto["chosen"] == min(auto["median_us"], key=auto["median_us"].get) == manifest["strategy"]
     assert (auto["typical_batch"], auto["typical_seq"]) == (2, 30)
     assert read_manifest(tmp_path / "auto")["auto"] == auto
@@ -45,3 +45,10 @@ def test_bad_options_write_nothing(tiny_checkpoint, tmp_path, kwargs, fragment):
     with pytest.raises(UserInputError, match=fragment):
         export_to_dir(tiny_checkpoint, tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_scan_export_verifies_without_torchscript_in_its_graph(tiny_checkpoint, tmp_path):
+    manifest = export_to_dir(tiny_checkpoint, tmp_path / "scan", strategy="scan")
+    assert manifest["strategy"] == "scan" and manifest["onnx"]["op_types"]["Scan"] == 1
+    assert "Loop" not in manifest["onnx"]["op_types"] and manifest["opset"] >= 18
+    assert verify_export(tmp_path / "scan")
