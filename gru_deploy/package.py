@@ -185,6 +185,7 @@ A GRU sequence classifier for onnxruntime on devices and in browsers.
   model_stream.onnx / model_stream.ort   streaming: (x [batch, chunk, {i}], h0 [batch, {h}]) -> (logits, h_n)
   required_operators.config              operators for an onnxruntime minimal build (ORT format)
   golden/                                fixed inputs and expected outputs (.npy and golden.json)
+  web/index.html, web/app.js             a static page: onnxruntime-web (WASM) on the first golden case
   manifest.json                          signature, labels, sha256 of every file, versions
 
 Labels (index order): {labels}
@@ -194,6 +195,8 @@ Streaming: start with h0 = zeros, feed chunks of any length, pass h_n on as the 
 Python:      onnxruntime.InferenceSession("model.onnx").run(["logits"], {{"x": x}})
 JavaScript:  const s = await ort.InferenceSession.create("model.onnx");   // onnxruntime-web / -node
              const out = await s.run({{ x: new ort.Tensor("float32", data, [1, seq, {i}]) }});
+Browser:     serve this folder over HTTP, copy onnxruntime-web's dist/ to web/ort/ (or open
+             web/index.html?ort=URL/ort.min.js), open http://HOST:PORT/web/index.html
 Mobile:      load model.ort with onnxruntime-mobile (or a minimal build from required_operators.config).
 Check it:    gru-deploy verify <this folder or archive>
 """
@@ -215,6 +218,20 @@ Check:  gru-deploy verify <this folder or archive>
 """
 
 
+# The edge bundle's static page (web/): onnxruntime-web (WASM) runs model.onnx on the first golden
+# classifier case and shows the label, the class probabilities and whether the logits match.
+# onnxruntime-web itself is not shipped (its wasm is 10+ MB): the page loads ort.min.js from
+# ?ort=URL, by default ./ort/ort.min.js (onnxruntime-web's dist/ copied to web/ort/).
+# tests/test_examples_browser.py opens it in headless Chromium.
+
+def web_files() -> dict[str, bytes]:
+    """The page files (gru_deploy/web/, shipped as package data), as bundle paths and bytes."""
+    from importlib import resources
+
+    folder = resources.files("gru_deploy") / "web"
+    return {f"web/{name}": (folder / name).read_bytes() for name in ("index.html", "app.js")}
+
+
 def _readme(target: str, spec: ModelSpec) -> bytes:
     template = README_EDGE if target == "edge" else README_SERVER
     title = f"gru-deploy {target} bundle — {MODEL_NAME}"
@@ -230,6 +247,7 @@ def _edge_files(export_dir: Path, manifest: dict[str, Any]) -> tuple[dict[str, b
     if missing:
         raise UserInputError(f"{export_dir}: the export lacks {missing}; re-export it with this gru-deploy")
     files = {name: (export_dir / name).read_bytes() for name in EDGE_FILES}
+    files.update(web_files())
     return files, {"classifier": "model.onnx", "stream": "model_stream.onnx"}
 
 
