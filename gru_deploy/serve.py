@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -67,9 +67,10 @@ class Model:
         self.max_batch, self.max_delay = max_batch, max_delay_ms / 1000.0
         self.queue: asyncio.Queue[Pending] | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
-        self.batch_sizes: list[int] = []
+        self.on_batch: Callable[[int], None] = lambda size: None  # samples per onnxruntime call
 
     def run(self, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        self.on_batch(x.shape[0])
         return self.runner.run({INPUT_NAME: x, LENGTHS_NAME: lengths})[OUTPUT_NAME]
 
     async def infer(self, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -113,7 +114,6 @@ class Model:
             x[row:row + p.x.shape[0], : p.x.shape[1]] = p.x
             row += p.x.shape[0]
         lengths = np.concatenate([p.lengths for p in group])
-        self.batch_sizes.append(len(lengths))
         try:
             logits = await asyncio.get_running_loop().run_in_executor(self.executor, self.run, x, lengths)
         except Exception as exc:  # a runtime failure fails the requests of this batch, not the server
@@ -282,6 +282,7 @@ def make_app(model: Model, limits: Limits | None = None) -> "web.Application":
                         buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
     batch = Histogram("gru_deploy_batch_size", "Samples per onnxruntime call", registry=registry,
                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+    model.on_batch = batch.observe  # once per onnxruntime call, batched or not
 
     def error(status: int, message: str) -> web.Response:
         return web.json_response({"error": message}, status=status)
@@ -342,12 +343,7 @@ def make_app(model: Model, limits: Limits | None = None) -> "web.Application":
                 raise ClientError(408, f"the request body did not arrive within {limits.read_timeout_s:g} s") from None
             header, arrays = parse_request(body, request.headers.get(HEADER_LENGTH), limits)
             x, lengths = validate(arrays, model.spec, limits)
-            done = len(model.batch_sizes)
             logits = await model.infer(x, lengths)
-            for size in model.batch_sizes[done:]:
-                batch.observe(size)
-            if model.max_batch <= 1:
-                batch.observe(x.shape[0])
             payload, headers = encode_response(model, header, logits)
             return web.Response(body=payload, headers=headers)
         except ClientError as exc:
