@@ -31,8 +31,8 @@ VARIANTS = ("stream", "lengths")
 KEEP = ("README.md",)
 
 
-def build_strategy(strategy: str, scripted: "torch.jit.ScriptModule", checkpoint: Checkpoint, opset: int,
-                   metadata: dict[str, Any]) -> "ExportResult":
+def build_strategy(strategy: str, model: "torch.nn.Module", scripted: "torch.jit.ScriptModule",
+                   checkpoint: Checkpoint, opset: int, metadata: dict[str, Any]) -> "ExportResult":
     """One ONNX graph for one strategy."""
     from gru_deploy.export import export_fused, export_loop, export_scan
 
@@ -42,7 +42,7 @@ def build_strategy(strategy: str, scripted: "torch.jit.ScriptModule", checkpoint
     if strategy == "fused":
         return export_fused(checkpoint.state_dict, checkpoint.spec, opset, meta)
     if strategy == "scan":
-        return export_scan(checkpoint.model(), checkpoint.spec, opset, meta)
+        return export_scan(model, checkpoint.spec, opset, meta)
     raise UserInputError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGY_CHOICES)}")
 
 
@@ -89,7 +89,7 @@ def export_to_dir(
     results = {}
     for name in candidates:
         step(f"exporting strategy {name} to ONNX opset {opset}")
-        results[name] = build_strategy(name, scripted, checkpoint, opset, metadata)
+        results[name] = build_strategy(name, model, scripted, checkpoint, opset, metadata)
     auto: dict[str, Any] | None = None
     chosen = candidates[0]
     if strategy == "auto":
