@@ -33,6 +33,9 @@ def median_us(fn: Callable[[], object], budget_s: float = 1.0, min_runs: int = 5
 SHAPES = ((1, 1), (1, 100), (32, 100), (1, 1000), (256, 200))
 LARGE_SHAPES = ((1, 100), (64, 100))  # for the hidden-256 / input-64 model
 SCALING = (256, (1000, 2000))  # batch, seq lengths: is the loop's cost linear in T?
+# Doubling T doubles a linear loop's time (ratio 2); the tutorial's batch-major slicing, whose
+# cost grows with T², measured 3.8 (docs/performance.md). Below this ratio we call it linear.
+LINEAR_BELOW = 3.0
 
 
 def _contenders(spec: "ModelSpec", state_dict: dict, threads: int) -> dict[str, Callable[["np.ndarray"], object]]:
@@ -148,6 +151,8 @@ def run_bench(spec: "ModelSpec", state_dict: dict, threads: int = 1, budget_s: f
                    "median_us": [median_us(lambda: loop(x_short), budget_s),
                                  median_us(lambda: loop(x_long), budget_s)]}
         scaling["ratio"] = scaling["median_us"][1] / scaling["median_us"][0]
+        scaling["linear_below"] = LINEAR_BELOW
+        scaling["linear"] = scaling["ratio"] < LINEAR_BELOW
         if large:
             torch.manual_seed(0)
             big = Spec(input_size=64, hidden_size=256, output_size=spec.output_size)
@@ -175,7 +180,9 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{row['input_size']:>3}/{row['hidden_size']:<3} {row['batch']:>4}, {row['seq']:<5}" + cells)
     s = result["loop_scaling"]
     lines.append(f"loop scaling at batch {s['batch']}: seq {s['seq'][0]} {s['median_us'][0]:,.0f} µs, "
-                 f"seq {s['seq'][1]} {s['median_us'][1]:,.0f} µs, ratio {s['ratio']:.2f} (2.00 = linear)")
+                 f"seq {s['seq'][1]} {s['median_us'][1]:,.0f} µs, ratio {s['ratio']:.2f} (2.00 = linear): "
+                 + (f"linear (under {s['linear_below']:.2f})" if s["linear"]
+                    else f"NOT LINEAR (at or over {s['linear_below']:.2f})"))
     for row in result["streaming"]:
         cells = ", ".join(f"{k} {v:,.1f} µs ({row['speedup_vs_eager'][k]:.1f}x)"
                           for k, v in row["median_us_per_step"].items())

@@ -42,11 +42,19 @@ def parse_bundle_manifest(raw: bytes, where: str) -> dict[str, Any]:
     return manifest
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
 def is_bundle(path: Path) -> bool:
-    """A file (an archive), or a folder whose manifest says it is a bundle."""
+    """A gzip file (a bundle archive, perhaps corrupt), or a folder whose manifest says it is a
+    bundle. Any other file is neither an export folder nor a bundle: UserInputError."""
     path = Path(path)
     if path.is_file():
-        return True
+        with open(path, "rb") as handle:
+            if handle.read(2) == GZIP_MAGIC:
+                return True
+        raise UserInputError(f"{path}: not an export folder or a bundle (a folder from `gru-deploy export`, or a "
+                             "folder or .tar.gz from `gru-deploy package`)")
     manifest = path / "manifest.json"
     if path.is_dir() and manifest.is_file():
         try:
@@ -152,51 +160,119 @@ def _golden_feed(case: dict[str, Any], folder: Path, kind: str) -> dict[str, np.
 
 
 def verify_bundle(path: Path) -> dict[str, Any]:
-    """Check a bundle: schema, checksums, files, every model loads, golden vectors reproduce.
+    """Check a bundle: schema, checksums, files, every model loads, golden vectors reproduce,
+    int8 models within their recorded gate against eager.
 
-    Returns a report; raises CheckFailed on the first failed check (UserInputError for a
-    path that is not a bundle).
+    Returns a report of every check run — {check, passed, message on failure} — with
+    `passed` over all; a failed check does not stop the independent ones after it, but
+    nothing is loaded from a bundle whose files do not match their checksums. A corrupt
+    archive is one failed check; a path that is not a bundle raises UserInputError.
     """
-    from gru_deploy.compare import compare
+    checks: list[dict[str, Any]] = []
+    report = {"bundle": str(path), "target": None, "passed": False, "checks": checks}
+
+    def fail(check: str, message: str) -> None:
+        checks.append({"check": check, "passed": False, "message": message})
+
+    try:
+        with open_bundle(path) as (folder, manifest):
+            report["target"] = manifest["target"]
+            checks.append({"check": "manifest schema", "passed": True})
+            try:
+                check_bundle_files(folder, manifest)
+            except CheckFailed as exc:
+                fail("files: sha256, sizes, nothing extra or missing", str(exc))
+            else:
+                checks.append({"check": f"{len(manifest['files'])} files: sha256, sizes, nothing extra or missing",
+                               "passed": True})
+                _check_models(path, folder, manifest, checks)
+    except CheckFailed as exc:  # an archive that cannot be read or fails its inspection
+        fail("archive", str(exc))
+    report["passed"] = bool(checks) and all(c["passed"] for c in checks)
+    return report
+
+
+def first_failure(report: dict[str, Any]) -> str:
+    """The message of a report's first failed check (for the one-line error)."""
+    failed = [c for c in report["checks"] if not c["passed"]]
+    return f"{failed[0]['message']}" + (f" (and {len(failed) - 1} more failed check(s))" if len(failed) > 1 else "")
+
+
+def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: list[dict[str, Any]]) -> None:
+    from gru_deploy.compare import compare, int8_gate
     from gru_deploy.spec import ModelSpec
 
-    checks: list[dict[str, Any]] = []
-    with open_bundle(path) as (folder, manifest):
-        checks.append({"check": "manifest schema", "passed": True})
-        check_bundle_files(folder, manifest)
-        checks.append({"check": f"{len(manifest['files'])} files: sha256, sizes, nothing extra or missing",
-                       "passed": True})
-        spec = ModelSpec.from_dict(manifest["config"])
-        sessions = {}
-        for name, info in manifest["models"].items():
+    spec = ModelSpec.from_dict(manifest["config"])
+    sessions = {}
+    for name, info in manifest["models"].items():
+        try:
             sessions[name] = _load_model(folder / name, info["format"])
             checks.append({"check": f"loads: {name}", "passed": True})
-        golden = json.loads((folder / manifest["golden"]["file"]).read_text())
-        atol, rtol = manifest["golden"]["atol"], manifest["golden"]["rtol"]
-        for case in golden["cases"]:
+        except CheckFailed as exc:
+            checks.append({"check": f"loads: {name}", "passed": False, "message": str(exc)})
+    golden = json.loads((folder / manifest["golden"]["file"]).read_text())
+    atol, rtol = manifest["golden"]["atol"], manifest["golden"]["rtol"]
+    expected_by_case: dict[str, dict[str, np.ndarray]] = {}
+    int8_runs: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    for case in golden["cases"]:
+        try:
             inputs = _golden_feed(case, folder, "inputs")
             expected = _golden_feed(case, folder, "outputs")
-            models = [m for m, info in manifest["models"].items() if info.get("variant") == case["variant"]
-                      and info.get("quantized") == case.get("quantized")]
-            if case["model"] not in models:
-                raise CheckFailed(f"{path}: golden case {case['name']} names {case['model']!r}, "
-                                  f"not a {case['variant']} model of the bundle")
-            for model in models:
-                try:
-                    got = _run(sessions[model], manifest["models"][model]["format"], spec, case["variant"], inputs)
-                except UserInputError as exc:
-                    raise CheckFailed(f"{path}: golden {case['name']} does not fit {model}: {exc}") from None
-                except Exception as exc:  # the runtime refused the model's own golden inputs
-                    raise CheckFailed(f"{path}: {model} failed on golden {case['name']}: "
-                                      f"{str(exc).strip().splitlines()[0][:200]}") from None
-                for out_name, want in expected.items():
-                    result = compare(want, got[out_name], case.get("atol", atol), case.get("rtol", rtol))
-                    checks.append({"check": f"golden {case['name']} on {model}: {out_name}", "passed": result.passed,
-                                   "max_abs": result.max_abs})
-                    if not result:
-                        raise CheckFailed(f"{path}: golden {case['name']} on {model} ({out_name}): "
-                                          f"max abs error {result.max_abs:.3g} > atol {case.get('atol', atol):g}")
-        return {"bundle": str(path), "target": manifest["target"], "passed": True, "checks": checks}
+        except CheckFailed as exc:
+            checks.append({"check": f"golden {case['name']}: data", "passed": False, "message": str(exc)})
+            continue
+        expected_by_case[case["name"]] = expected
+        precision = case.get("precision", "fp32")
+        models = [m for m, info in manifest["models"].items() if info.get("variant") == case["variant"]
+                  and info.get("precision", "fp32") == precision]
+        if case["model"] not in models:
+            checks.append({"check": f"golden {case['name']}: model", "passed": False,
+                           "message": f"{path}: golden case {case['name']} names {case['model']!r}, "
+                                      f"not a {precision} {case['variant']} model of the bundle"})
+            continue
+        case_atol, case_rtol = case.get("atol", atol), case.get("rtol", rtol)
+        for model in models:
+            check = f"golden {case['name']} on {model}"
+            if model not in sessions:
+                continue  # its load failure is reported above
+            try:
+                got = _run(sessions[model], manifest["models"][model]["format"], spec, case["variant"], inputs)
+            except UserInputError as exc:
+                checks.append({"check": check, "passed": False,
+                               "message": f"{path}: golden {case['name']} does not fit {model}: {exc}"})
+                continue
+            except Exception as exc:  # the runtime refused the model's own golden inputs
+                checks.append({"check": check, "passed": False, "message": f"{path}: {model} failed on golden "
+                               f"{case['name']}: {str(exc).strip().splitlines()[0][:200]}"})
+                continue
+            for out_name, want in expected.items():
+                result = compare(want, got[out_name], case_atol, case_rtol)
+                entry = {"check": f"{check}: {out_name}", "passed": result.passed, "max_abs": result.max_abs}
+                if not result:
+                    entry["message"] = (f"{path}: golden {case['name']} on {model} ({out_name}): max abs error "
+                                        f"{result.max_abs:.3g}, max rel {result.max_rel:.3g}: elements exceed both "
+                                        f"atol {case_atol:g} and rtol {case_rtol:g}")
+                checks.append(entry)
+            if precision == "int8" and case.get("eager_case") in expected_by_case:
+                refs, tests = int8_runs.setdefault(model, ([], []))
+                refs.append(expected_by_case[case["eager_case"]]["logits"])
+                tests.append(got["logits"])
+    quantization = manifest.get("quantization") or {}
+    for model, record in (quantization.get("models") or {}).items():
+        check = f"int8 gate: {model} vs eager on the golden inputs"
+        gate = record.get("gate_vs_eager") or {}
+        if model not in int8_runs or "max_abs_bound" not in gate:
+            checks.append({"check": check, "passed": False,
+                           "message": f"{path}: no golden int8 run with an eager reference and a recorded bound for "
+                                      f"{model}; re-package with this gru-deploy"})
+            continue
+        refs, tests = int8_runs[model]
+        verdict = int8_gate(np.concatenate(refs), np.concatenate(tests), gate["max_abs_bound"])
+        entry = {"check": check, "passed": verdict["passed"], "max_abs": verdict["max_abs"],
+                 "max_abs_bound": gate["max_abs_bound"], "argmax_agreement": verdict["argmax_agreement"]}
+        if not verdict["passed"]:
+            entry["message"] = f"{path}: int8 {model} against eager: {verdict['reason']}"
+        checks.append(entry)
 
 
 def _load_model(path: Path, fmt: str) -> Any:

@@ -225,6 +225,9 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
     if manifest["auto"]:
         auto = manifest["auto"]
         times = ", ".join(f"{k} {v:,.0f} µs" for k, v in auto["median_us"].items())
+        if auto.get("retimed"):
+            times += "; within 20%, timed again: " + ", ".join(
+                f"{k} {v:,.0f} µs" for k, v in auto["retimed"]["median_us"].items())
         click.echo(f"auto: at batch {auto['typical_batch']}, seq {auto['typical_seq']}: {times}; kept {auto['chosen']}")
     click.echo(f"wrote {out}/ (strategy {manifest['strategy']}): "
                + ", ".join(sorted(manifest["files"]) + ["manifest.json"]))
@@ -237,17 +240,22 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
 
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--atol", type=float, default=1e-5, show_default=True, help="Absolute tolerance (export folders).")
-@click.option("--rtol", type=float, default=1e-5, show_default=True, help="Relative tolerance (export folders).")
+@click.option("--atol", type=float, default=1e-5, show_default=True,
+              help="Absolute tolerance (export folders; a bundle uses its manifest's).")
+@click.option("--rtol", type=float, default=1e-5, show_default=True,
+              help="Relative tolerance (export folders; a bundle uses its manifest's).")
 @click.option("--data", default=None, metavar="NAME|PATH",
               help="Also report accuracy on this data set's test split (as in train --data): eager, "
                    "onnxruntime fp32 (both strategies) and int8, with agreement with eager.")
 @click.option("--test", "test_path", default=None, metavar="PATH_TEST.ts", help="With --data PATH_TRAIN.ts.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
-@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output (progress shows per case, on a terminal).")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON on stdout (also on failure).")
+@click.option("--junit-xml", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
+              help="Also write the parity report as JUnit XML for CI, one testcase per case and runner pair "
+                   "(export folders; written also when parity fails).")
 @click.pass_obj
 def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, test_path: str | None, quiet: bool,
-           as_json: bool) -> None:
+           as_json: bool, junit_xml: Path | None) -> None:
     """Check an export folder or a bundle (folder or .tar.gz). Exit 0 when it holds, 1 when not.
 
     An export folder: every checksum, then parity of eager PyTorch (the tutorial's loop),
@@ -264,23 +272,40 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
       gru-deploy verify exported/ --json > parity.json
       gru-deploy verify exported-edge.tar.gz
     """
+    from gru_deploy.bundle import is_bundle
     from gru_deploy.errors import CheckFailed
 
-    from gru_deploy.bundle import is_bundle
-
     obj["quiet"] = quiet or as_json
+    ctx = click.get_current_context()
     if is_bundle(path):
-        from gru_deploy.bundle import verify_bundle
+        from gru_deploy.bundle import first_failure, verify_bundle
 
+        given = [f"--{name.replace('_path', '').replace('_', '-')}"
+                 for name in ("atol", "rtol", "data", "test_path", "junit_xml")
+                 if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} apply to export folders (the parity grid); a bundle is "
+                                   "checked against its golden vectors and the tolerances its manifest records")
         report = verify_bundle(path)
         if as_json:
             _emit_json(report)
-        else:
+        elif report["passed"]:
             click.echo(f"bundle {path} ({report['target']}): {len(report['checks'])} checks passed")
+        else:
+            for check in report["checks"]:
+                if not check["passed"]:
+                    click.echo(f"FAIL {check['check']}: {check['message']}")
+        if not report["passed"]:
+            raise CheckFailed(f"bundle {path} fails: {first_failure(report)}")
         return
     from gru_deploy.verify import deployment_accuracy, verify_export
 
-    report = verify_export(path, atol=atol, rtol=rtol)
+    report = verify_export(path, atol=atol, rtol=rtol, on_case=lambda m: _progress(obj, m))
+    if junit_xml is not None:  # before the verdict: a failing run is when CI needs the report
+        from gru_deploy.junit import parity_junit_xml
+        from gru_deploy.manifest import atomic_write_bytes
+
+        atomic_write_bytes(junit_xml, parity_junit_xml(report.to_json(), f"gru-deploy verify {path}"))
     accuracy = deployment_accuracy(path, data, test_path) if data else None
     if as_json:
         _emit_json({**report.to_json(), "deployment_accuracy": accuracy})
@@ -307,13 +332,19 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
               help="Bundle folder (or .tar.gz with --archive) [default: FOLDER-TARGET beside FOLDER].")
 @click.option("--archive", is_flag=True, help="Write one deterministic .tar.gz instead of a folder.")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="edge only: add int8 models (onnxruntime dynamic quantisation, Loop bodies included).")
+              help="edge only: add int8 models (onnxruntime dynamic quantisation of the Loop form, its body "
+                   "included), gated against eager on the golden inputs. Refused for a fused export "
+                   "(onnxruntime has no int8 GRU kernel).")
+@click.option("--check-with", "check_with", multiple=True, metavar="PYTHON",
+              help="Also run the golden vectors on every .onnx/.ort model with this Python interpreter (e.g. a "
+                   "venv holding another onnxruntime; needs numpy and onnxruntime there) and record the result "
+                   "in the manifest. Repeatable; a failure writes nothing.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the bundle manifest as JSON on stdout.")
 @click.pass_obj
 def package(obj: dict, folder: Path, target: str, out: Path | None, archive: bool, quantize: str | None,
-            force: bool, quiet: bool, as_json: bool) -> None:
+            check_with: tuple[str, ...], force: bool, quiet: bool, as_json: bool) -> None:
     """Bundle an export folder for the runtimes it ships to, with manifest, checksums and golden vectors.
 
     Reads FOLDER only through its manifest, checking every sha256 first. Every bundle holds
@@ -336,15 +367,17 @@ def package(obj: dict, folder: Path, target: str, out: Path | None, archive: boo
 
     obj["quiet"] = quiet or as_json
     written, manifest = build(folder, target, out=out, archive=archive, force=force,
-                              on_step=lambda m: _progress(obj, m), quantize=quantize)
+                              on_step=lambda m: _progress(obj, m), quantize=quantize, check_with=check_with)
     if as_json:
         _emit_json({"out": str(written), **manifest})
         return
     for name, q in ((manifest.get("quantization") or {}).get("models") or {}).items():
-        p = q["parity_vs_eager"]
+        g = q["gate_vs_eager"]
         click.echo(f"int8 {name}: {q['weight_bytes_quantized_share']:.0%} of weight bytes int8, "
-                   f"{q['size_before']:,} -> {q['size_after']:,} bytes; vs eager: max abs {p['max_abs_vs_eager']:.3g}, "
-                   f"argmax agreement {p['argmax_agreement']:.0%}")
+                   f"{q['size_before']:,} -> {q['size_after']:,} bytes; vs eager on the golden inputs: max abs "
+                   f"{g['max_abs']:.3g} (bound {g['max_abs_bound']:.3g}), argmax agreement {g['argmax_agreement']:.0%}")
+    for run in manifest["onnxruntime"]["checked_with"]:
+        click.echo(f"golden vectors pass in onnxruntime {run['onnxruntime']} ({run['python']}): {run['cases']} runs")
     total = sum(entry["size"] for entry in manifest["files"].values())
     click.echo(f"wrote {written} ({target}): {len(manifest['files']) + 1} files, {total:,} bytes; "
                f"check it with `gru-deploy verify {written}`")
@@ -360,14 +393,22 @@ def package(obj: dict, folder: Path, target: str, out: Path | None, archive: boo
               help="h0 as .npy float32 [batch, hidden] for streaming (zeros when omitted).")
 @click.option("--state-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the final state h_n here (.npy), to feed the next chunk as --state-in.")
-@click.option("--json", "as_json", is_flag=True, help="Print predictions, probabilities and logits as JSON.")
+@click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="Which model runs: fp32, or the int8 one of an edge bundle packaged with --quantize int8.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="onnxruntime intra-op threads.")
+@click.option("--quiet", "-q", is_flag=True, help="Do not say which model file ran (on stderr).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the model file and precision that ran, predictions, probabilities and logits as JSON.")
 def infer(folder: Path, input_path: Path, lengths_path: Path | None, state_in: Path | None,
-          state_out: Path | None, as_json: bool) -> None:
+          state_out: Path | None, precision: str, threads: int, quiet: bool, as_json: bool) -> None:
     """Run onnxruntime on an export folder or a bundle and print predictions with their labels.
 
     The plain classifier runs by default; with --lengths the variable-length model
     (padded batches); with --state-in/--state-out the streaming model, one chunk per call.
-    Inputs are validated before onnxruntime sees them (exit 2 with one line when wrong).
+    The model file is the one the manifest lists for that variant and --precision (fp32
+    unless asked); the output names it. Inputs are validated before onnxruntime sees them
+    (exit 2 with one line when wrong).
 
     \b
     Examples:
@@ -382,12 +423,15 @@ def infer(folder: Path, input_path: Path, lengths_path: Path | None, state_in: P
     x = load_array(input_path, "--input")
     lengths = load_array(lengths_path, "--lengths") if lengths_path else None
     h0 = load_array(state_in, "--state-in") if state_in else None
-    result = run_infer(folder, x, lengths=lengths, h0=h0, stream=state_out is not None)
+    result = run_infer(folder, x, lengths=lengths, h0=h0, stream=state_out is not None, threads=threads,
+                       precision=precision)
     if state_out is not None:
         save_array(state_out, result.state)
     if as_json:
         _emit_json(result.to_json())
         return
+    if not quiet:
+        click.echo(f"ran {result.model} ({result.precision}) in onnxruntime", err=True)
     for i, item in enumerate(result.to_json()["predictions"]):
         click.echo(f"{i}: {item['label']} (p={item['probabilities'][item['label']]:.3f})")
 
@@ -409,11 +453,13 @@ def bench(obj: dict, folder: Path | None, threads: int, budget: float, no_large:
     """Median latency of eager PyTorch, TorchScript and each ONNX strategy in onnxruntime.
 
     Measures, in one run, the tutorial's eager loop (the reference), TorchScript, the
-    loop and fused ONNX graphs in onnxruntime (one session each, --threads threads) at
+    loop, scan and fused ONNX graphs in onnxruntime (one session each, --threads threads) at
     (batch, seq) = (1,1), (1,100), (32,100), (1,1000), (256,200), and a hidden-256 /
-    input-64 model at (1,100) and (64,100); prints medians with ratios to eager, and the
-    loop graph's cost at seq 1000 vs 2000 (batch 256). FOLDER is an export folder
-    (its weights are used; checksums are checked); without it, an untrained model.
+    input-64 model at (1,100) and (64,100); prints medians with ratios to eager; reports the
+    loop graph's cost at seq 1000 vs 2000 (batch 256) and whether it is linear (ratio under
+    3; a T-squared cost gives ~4), and streaming's per-step cost. FOLDER is an export folder
+    (its weights are used; checksums are checked); without it, an untrained model. Reports
+    only: the exit code does not depend on the timings.
 
     \b
     Example:
@@ -425,14 +471,15 @@ def bench(obj: dict, folder: Path | None, threads: int, budget: float, no_large:
     obj["quiet"] = quiet or as_json
     if folder is not None:
         from gru_deploy import script
-        from gru_deploy.manifest import read_manifest, verified_path
+        from gru_deploy.manifest import read_manifest, select_model, verified_path
         from gru_deploy.spec import ModelSpec
 
         manifest = read_manifest(folder)
         spec = ModelSpec.from_dict(manifest["config"])
         from gru_deploy.model import tutorial_parameters
 
-        state = tutorial_parameters(script.load(verified_path(folder, manifest, "model.pt")).state_dict())
+        pt_name = select_model(manifest, "classifier", "torchscript", where=str(folder))
+        state = tutorial_parameters(script.load(verified_path(folder, manifest, pt_name)).state_dict())
     else:
         import torch
 
@@ -493,8 +540,15 @@ def inspect(path: Path, as_json: bool) -> None:
               help="Longest sequence accepted (413 above it).")
 @click.option("--read-timeout-s", type=click.FloatRange(min=0.01), default=10.0, show_default=True,
               help="A request body that has not arrived by then gets 408 (slow clients).")
+@click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="Which variable-length model the manifest lists to serve (int8 only where one was packaged).")
+@click.option("--group-by-length/--no-group-by-length", default=True, show_default=True,
+              help="Split each batch into onnxruntime calls of similar sequence length, shortest first, so a "
+                   "short request never runs padded to a long one; --no-group-by-length pads the whole batch "
+                   "to its longest request.")
 def serve(path: Path, host: str, port: int, model_name: str | None, max_batch: int, max_delay_ms: float,
-          threads: int, max_body_mb: float, max_seq: int, read_timeout_s: float) -> None:
+          threads: int, max_body_mb: float, max_seq: int, read_timeout_s: float, precision: str,
+          group_by_length: bool) -> None:
     """Serve an export folder or bundle over HTTP with the KServe v2 / Triton protocol.
 
     \b
@@ -522,7 +576,8 @@ def serve(path: Path, host: str, port: int, model_name: str | None, max_batch: i
 
     limits = Limits(max_body_bytes=int(max_body_mb * (1 << 20)), max_seq=max_seq, read_timeout_s=read_timeout_s)
     run_server(path, host=host, port=port, model_name=model_name, max_batch=max_batch, max_delay_ms=max_delay_ms,
-               threads=threads, limits=limits, print_fn=lambda m: click.echo(m, err=True))
+               threads=threads, limits=limits, print_fn=lambda m: click.echo(m, err=True), precision=precision,
+               group_by_length=group_by_length)
 
 
 def main(argv: list[str] | None = None) -> None:

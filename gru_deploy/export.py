@@ -45,6 +45,14 @@ class ExportResult:
     op_types: dict[str, int] = field(default_factory=dict)
 
 
+def min_ir_version(opset: int) -> int:
+    """The lowest ONNX IR version that can carry `opset` (from onnx's own version table):
+    8 up to opset 18, 9 for 19 and 20. Older runtimes read what needs no newer IR."""
+    from onnx import helper
+
+    return int(helper.find_min_ir_version_for([helper.make_opsetid("", opset)]))
+
+
 def check_opset(opset: int) -> int:
     if opset not in SUPPORTED_OPSETS:
         raise UserInputError(
@@ -185,12 +193,12 @@ def export_loop(
     return _finish(model, "loop", opset, op_types, metadata)
 
 # --- fused: the cell mapped onto ONNX's GRU operator --------------------------------------
-# IR version written for fused graphs: IR 8 is read by onnxruntime 1.14 and later.
-FUSED_IR_VERSION = 8
+# Fused graphs carry the lowest IR version their opset allows (min_ir_version), so that
+# older runtimes read them.
 
 
 def fused_weights(state_dict: dict[str, Any]) -> dict[str, "np.ndarray"]:
-    """ONNX GRU's W, R, B from the tutorial's parameters (see DESIGN.md's mapping).
+    """ONNX GRU's W, R, B from the tutorial's parameters.
 
     Gate order z, r, h. ONNX computes h' = (1−z)⊙h~ + z⊙h, so our z is ONNX's 1−z: the z
     rows of W and R and the z bias are negated (σ(−a) = 1 − σ(a)). The hidden-side
@@ -258,7 +266,7 @@ def build_fused(state_dict: dict[str, Any], spec: ModelSpec, opset: int = DEFAUL
         [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, out_shape)],
         initializers,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=FUSED_IR_VERSION,
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=min_ir_version(opset),
                              producer_name="gru-deploy")
 
 
@@ -313,7 +321,8 @@ def to_ort_format(onnx_files: dict[str, bytes]) -> dict[str, bytes]:
 
             raise WriteFailed(f"onnxruntime could not write the ORT-format models: "
                               f"{str(exc).strip().splitlines()[0][:300]}") from None
-        quiet.setLevel(level)
+        finally:
+            quiet.setLevel(level)
         out = {}
         for name in onnx_files:
             out[Path(name).with_suffix(".ort").name] = (dst / Path(name).with_suffix(".ort").name).read_bytes()
@@ -379,12 +388,14 @@ def _export_scan_once(module: "torch.nn.Module", spec: ModelSpec, opset: int, se
     noisy = logging.getLogger("torch.onnx")
     level = noisy.level
     noisy.setLevel(logging.ERROR)  # "torchvision is not installed" and friends
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        program = torch.export.export(module, example, dynamic_shapes=dims, strict=False)
-        onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                                         output_names=[OUTPUT_NAME], verbose=False)
-    noisy.setLevel(level)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.export.export(module, example, dynamic_shapes=dims, strict=False)
+            onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+                                             output_names=[OUTPUT_NAME], verbose=False)
+    finally:
+        noisy.setLevel(level)
     return onnx_program.model_proto
 
 
@@ -442,6 +453,6 @@ def export_scan(model: "torch.nn.Module", spec: ModelSpec, opset: int = DEFAULT_
     guard_empty_sequence(proto, spec, model.fc.bias.detach().cpu().numpy())
     apply_signature(proto, spec)
     proto.producer_name = "gru-deploy"
-    if proto.ir_version > 9:  # the dynamo exporter writes IR 10; opset 18 needs only IR 8
-        proto.ir_version = 8
+    # The dynamo exporter writes the newest IR; older runtimes read the lowest the opset allows.
+    proto.ir_version = min_ir_version(opset)
     return _finish(proto, "scan", opset, count_ops(proto.graph), metadata)

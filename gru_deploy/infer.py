@@ -48,9 +48,13 @@ class Prediction:
     probabilities: np.ndarray
     labels: tuple[str, ...]
     state: np.ndarray | None = None
+    model: str = ""  # the model file that ran, as the manifest names it
+    precision: str = "fp32"
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "model": self.model,
+            "precision": self.precision,
             "predictions": [
                 {"index": int(i), "label": self.labels[int(i)],
                  "probabilities": {label: float(p) for label, p in zip(self.labels, probs)}}
@@ -61,12 +65,14 @@ class Prediction:
 
 
 def infer(folder: Path, x: np.ndarray, lengths: np.ndarray | None = None, h0: np.ndarray | None = None,
-          stream: bool = False, threads: int = 1) -> Prediction:
-    """Run onnxruntime on an export folder's model for `x`.
+          stream: bool = False, threads: int = 1, precision: str = "fp32") -> Prediction:
+    """Run onnxruntime on an export folder's or bundle's model for `x`.
 
     With `lengths` the variable-length model runs; with `stream` (h0 defaults to zeros) the
-    stateful one, whose final state is returned. Every file is checked against the manifest
-    first, and every input is validated before onnxruntime sees it.
+    stateful one, whose final state is returned. `precision` picks the fp32 model (the
+    default) or the int8 one of an edge bundle packaged with --quantize int8; the model is
+    the one the manifest lists for that variant and precision. Every file is checked
+    against the manifest first, and every input is validated before onnxruntime sees it.
     """
     from gru_deploy.runners import OnnxRuntimeRunner
 
@@ -74,37 +80,61 @@ def infer(folder: Path, x: np.ndarray, lengths: np.ndarray | None = None, h0: np
         raise UserInputError("--lengths cannot be combined with --state-in/--state-out: "
                              "pad and use lengths, or stream chunk by chunk")
     variant = "lengths" if lengths is not None else "stream" if (stream or h0 is not None) else "classifier"
-    spec, model = _model_bytes(Path(folder), variant)
+    chosen = load_model_bytes(Path(folder), variant, precision)
+    spec = chosen.spec
     feed: dict[str, Any] = {INPUT_NAME: x}
     if variant == "lengths":
         feed[LENGTHS_NAME] = lengths
     if variant == "stream":
         batch = x.shape[0] if isinstance(x, np.ndarray) and x.ndim == 3 else 0
         feed[STATE_IN] = h0 if h0 is not None else np.zeros((batch, spec.hidden_size), np.float32)
-    runner = OnnxRuntimeRunner(spec, model, threads=threads, variant=variant)
+    runner = OnnxRuntimeRunner(spec, chosen.data, threads=threads, variant=variant)
     out = runner.run(feed)
     logits = out[OUTPUT_NAME]
-    return Prediction(logits, softmax(logits), spec.labels, out.get(STATE_OUT))
+    return Prediction(logits, softmax(logits), spec.labels, out.get(STATE_OUT), chosen.name, precision)
 
 
-def _model_bytes(path: Path, variant: str) -> tuple[ModelSpec, bytes]:
-    """The spec and checked ONNX bytes of one variant, from an export folder or a bundle."""
+@dataclass
+class ChosenModel:
+    """One model file picked through a manifest: its name there, checked bytes and the spec."""
+
+    name: str
+    data: bytes
+    spec: ModelSpec
+    precision: str
+
+
+def load_model_bytes(path: Path, variant: str, precision: str = "fp32") -> ChosenModel:
+    """The ONNX model the manifest lists for (variant, precision), from an export folder or a
+    bundle, its sha256 checked; UserInputError saying what is missing and what to do."""
     from gru_deploy.bundle import check_bundle_files, is_bundle, open_bundle
     from gru_deploy.export import check_onnx_bytes
-    from gru_deploy.manifest import read_manifest, verified_path
-    from gru_deploy.verify import VARIANT_FILES
+    from gru_deploy.manifest import PRECISIONS, read_manifest, verified_path
 
+    if precision not in PRECISIONS:
+        raise UserInputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    hint = ("; package the export with `gru-deploy package DIR --target edge --quantize int8` for int8 models"
+            if precision == "int8" else "")
     if is_bundle(path):
         with open_bundle(path) as (folder, manifest):
             check_bundle_files(folder, manifest)
-            names = [n for n, info in manifest["models"].items()
-                     if info.get("variant") == variant and info["format"] == "onnx"]
-            if not names:
-                raise UserInputError(f"{path}: this {manifest['target']} bundle has no {variant} ONNX model")
-            data = (folder / names[0]).read_bytes()
-            check_onnx_bytes(data, f"{path}: {names[0]}")
-            return ModelSpec.from_dict(manifest["config"]), data
+            if manifest["target"] == "edge" and variant == "lengths":
+                hint = ("; an edge bundle carries the classifier and stream models only: serve an export folder or "
+                        "a server bundle (`gru-deploy package DIR --target server`)")
+            name = _select(manifest, variant, precision, f"{path} ({manifest['target']} bundle)", hint)
+            data = (folder / name).read_bytes()
+            check_onnx_bytes(data, f"{path}: {name}")
+            return ChosenModel(name, data, ModelSpec.from_dict(manifest["config"]), precision)
     manifest = read_manifest(path)
-    if variant != "classifier" and variant not in (manifest.get("variants") or {}):
-        raise UserInputError(f"{path}: this export has no {variant} model; re-export with this gru-deploy")
-    return ModelSpec.from_dict(manifest["config"]), verified_path(path, manifest, VARIANT_FILES[variant][1]).read_bytes()
+    name = _select(manifest, variant, precision, f"{path} (export folder)", hint)
+    return ChosenModel(name, verified_path(path, manifest, name).read_bytes(), ModelSpec.from_dict(manifest["config"]),
+                       precision)
+
+
+def _select(manifest: dict[str, Any], variant: str, precision: str, where: str, hint: str) -> str:
+    from gru_deploy.manifest import select_model
+
+    try:
+        return select_model(manifest, variant, "onnx", precision, where)
+    except UserInputError as exc:
+        raise UserInputError(f"{exc}{hint}") from None

@@ -20,8 +20,10 @@ from gru_deploy.errors import CheckFailed, UserInputError, WriteFailed
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "gru-deploy-export"
-MANIFEST_VERSION = 1
-REQUIRED_FIELDS = ("format", "format_version", "gru_deploy_version", "strategy", "signature", "files", "config")
+MANIFEST_VERSION = 2  # 2: a "models" record names each model file's variant, format and precision
+REQUIRED_FIELDS = ("format", "format_version", "gru_deploy_version", "strategy", "signature", "files", "config",
+                   "models")
+PRECISIONS = ("fp32", "int8")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -80,9 +82,9 @@ def staged_dir(target: Path, keep: tuple[str, ...] = ()) -> Iterator[Path]:
         raise WriteFailed(f"cannot create {target.parent}: {exc.strerror or exc}") from None
     if target.exists() and not target.is_dir():
         raise UserInputError(f"{target} exists and is not a folder; choose another --out")
-    _restore_interrupted_swap(target)
+    _recover_interrupted_runs(target)
     try:
-        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-{os.getpid()}-", dir=target.parent))
     except OSError as exc:
         raise WriteFailed(f"cannot write beside {target}: {exc.strerror or exc}") from None
     try:
@@ -94,7 +96,7 @@ def staged_dir(target: Path, keep: tuple[str, ...] = ()) -> Iterator[Path]:
                     shutil.copy2(old, stage / name)
         _fsync_dir(stage)
         if target.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
             os.replace(target, backup / target.name)
             os.replace(stage, target)
             shutil.rmtree(backup, ignore_errors=True)
@@ -106,16 +108,40 @@ def staged_dir(target: Path, keep: tuple[str, ...] = ()) -> Iterator[Path]:
             shutil.rmtree(stage, ignore_errors=True)
 
 
-def _restore_interrupted_swap(target: Path) -> None:
-    """A run killed between moving the old folder aside and moving the new one in left the
-    old one in `.NAME.old-*/NAME`: put it back before anything else."""
-    if target.exists():
-        return
-    for backup in sorted(target.parent.glob(f".{target.name}.old-*/{target.name}")):
-        if backup.is_dir():
-            os.replace(backup, target)
-            shutil.rmtree(backup.parent, ignore_errors=True)
-            return
+def _recover_interrupted_runs(target: Path) -> None:
+    """Repair what a run killed mid-way (kill -9, power loss) left beside `target`.
+
+    Its hidden folders are named `.NAME.staging-PID-*` and `.NAME.old-PID-*`; those whose
+    process is gone are the killed run's. If it died between moving the old folder aside and
+    moving the new one in, `target` is missing: the newest moved-aside folder goes back. Then
+    every staging or moved-aside folder of a dead run is deleted (a swap that had moved the new
+    folder in left the old one behind; a run killed while building left its staging folder).
+    Folders of a live process (a concurrent run) are left alone.
+    """
+    parent = target.parent
+    dead = [p for kind in ("staging", "old") for p in parent.glob(f".{target.name}.{kind}-*")
+            if p.is_dir() and not _owner_alive(p.name.split(f".{kind}-", 1)[1])]
+    backups = [p for p in dead if ".old-" in p.name and (p / target.name).is_dir()]
+    if not target.exists() and backups:
+        newest = max(backups, key=lambda p: p.stat().st_mtime_ns)
+        os.replace(newest / target.name, target)
+    for path in dead:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _owner_alive(suffix: str) -> bool:
+    """Whether the process whose PID starts `suffix` (`PID-random`) is running; False for a
+    name without one (an older gru-deploy's)."""
+    pid = suffix.split("-", 1)[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by someone else
+        return True
+    return int(pid) != 0
 
 
 def _fsync_dir(path: Path) -> None:
@@ -200,6 +226,37 @@ def check_files(folder: Path, manifest: dict[str, Any], names: tuple[str, ...] |
             raise CheckFailed(f"{path}: listed in the manifest but missing (or not a regular file)")
         if path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
             raise CheckFailed(f"{path}: sha256 does not match the manifest; the file was changed or corrupted")
+
+
+def find_models(manifest: dict[str, Any], variant: str, fmt: str = "onnx", precision: str = "fp32",
+                where: str = "") -> list[str]:
+    """Every model file the manifest's "models" record lists for (variant, format, precision)."""
+    models = manifest.get("models")
+    if not isinstance(models, dict):
+        raise UserInputError(f"{where}: the manifest has no 'models' record; re-export or re-package it "
+                             "with this gru-deploy")
+    return [name for name, info in models.items() if isinstance(info, dict) and info.get("variant") == variant
+            and info.get("format") == fmt and info.get("precision", "fp32") == precision]
+
+
+def select_model(manifest: dict[str, Any], variant: str, fmt: str = "onnx", precision: str = "fp32",
+                 where: str = "") -> str:
+    """The one model file the manifest lists for (variant, format, precision).
+
+    Files are chosen by what the manifest says they are, never by their names or order;
+    UserInputError when the manifest lists none (or, a manifest gru-deploy did not write,
+    several).
+    """
+    found = find_models(manifest, variant, fmt, precision, where)
+    if not found:
+        have = sorted({f"{i.get('variant')} {i.get('format')} {i.get('precision', 'fp32')}"
+                       for i in manifest["models"].values() if isinstance(i, dict)})
+        raise UserInputError(f"{where}: no {precision} {fmt} model for the {variant} variant here "
+                             f"(it holds: {', '.join(have)})")
+    if len(found) > 1:
+        raise UserInputError(f"{where}: the manifest lists several {precision} {fmt} {variant} models {found}; "
+                             "it is not one gru-deploy wrote")
+    return found[0]
 
 
 def verified_path(folder: Path, manifest: dict[str, Any], name: str) -> Path:

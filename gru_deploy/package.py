@@ -26,8 +26,6 @@ from gru_deploy.spec import OUTPUT_NAME, STATE_IN, STATE_OUT, VARIANT_IO, ModelS
 BUNDLE_FORMAT = "gru-deploy-bundle"
 BUNDLE_VERSION = 1
 TARGETS = ("edge", "server")
-MIN_ONNXRUNTIME = "1.17"
-TESTED_OLD_ONNXRUNTIME = "1.17.3"  # tests/test_ort117.py runs the edge bundle's golden vectors there
 MODEL_NAME = "gru_classifier"
 GOLDEN_DIR = "golden"
 # (variant, batch, seq) of the golden cases; lengths cases use lengths {seq, 1, 0}.
@@ -49,26 +47,30 @@ def _tensor_json(array: np.ndarray) -> dict[str, Any]:
 INT8_GOLDEN_TOL = 1e-4  # an int8 model against its own recorded outputs (runtime rounding may differ)
 
 
-def golden_vectors(export_dir: Path, manifest: dict[str, Any], variants: tuple[str, ...], files: dict[str, str],
-                   atol: float, rtol: float, int8: dict[str, tuple[str, bytes]] | None = None
-                   ) -> tuple[dict[str, bytes], dict[str, Any]]:
-    """Fixed inputs and the outputs eager PyTorch (the tutorial's loop) gives for them.
+def golden_vectors(export_dir: Path, manifest: dict[str, Any], files: dict[str, str], atol: float, rtol: float,
+                   int8: dict[str, tuple[str, bytes]] | None = None) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """Fixed inputs and the outputs eager PyTorch gives for them, per variant in `files`.
 
     Written as `.npy` and as plain JSON, so C++, JavaScript or mobile tests can read them
-    without Python. `files` maps each variant to the bundle file the case is checked on.
-    `int8` maps a variant to its quantised model (path, bytes): its cases record the int8
-    model's own outputs (checked at 1e-4), and the int8-vs-eager error is returned as parity.
+    without Python. `files` maps each variant to the bundle file its cases name. `int8`
+    maps a variant to its quantised model (bundle path, bytes): its cases record the int8
+    model's own outputs (checked at 1e-4 on reproduction) and name the fp32 case holding
+    eager's outputs for the same inputs, against which the int8 gate is judged. Returns the
+    files and, per int8 variant, the gate's verdict (compare.int8_gate).
     """
-    from gru_deploy.compare import compare
+    import onnxruntime
+    import torch
+
+    from gru_deploy.compare import int8_gate
     from gru_deploy.runners import OnnxRuntimeRunner
     from gru_deploy.verify import export_runners, make_feed
 
     spec = ModelSpec.from_dict(manifest["config"])
     out: dict[str, bytes] = {}
     cases: list[dict[str, Any]] = []
-    parity: dict[str, list[dict[str, Any]]] = {}
+    pairs: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
     for index, (variant, batch, seq) in enumerate(GOLDEN_CASES):
-        if variant not in variants:
+        if variant not in files:
             continue
         eager = export_runners(export_dir, manifest, variant=variant)["eager"]
         feed = make_feed(spec, variant, batch, seq, seed=1000 + index)
@@ -86,30 +88,24 @@ def golden_vectors(export_dir: Path, manifest: dict[str, Any], variants: tuple[s
             model_path, model_bytes = int8[variant]
             got = OnnxRuntimeRunner(spec, model_bytes, variant=variant).run(feed)
             q_name = f"{name}_int8"
-            q_case = {"name": q_name, "variant": variant, "model": model_path, "quantized": "int8",
-                      "atol": INT8_GOLDEN_TOL, "rtol": INT8_GOLDEN_TOL, "inputs": case["inputs"], "outputs": {}}
+            q_case = {"name": q_name, "variant": variant, "model": model_path, "precision": "int8",
+                      "eager_case": name, "atol": INT8_GOLDEN_TOL, "rtol": INT8_GOLDEN_TOL,
+                      "inputs": case["inputs"], "outputs": {}}
             for tensor_name, array in got.items():
                 path = f"{GOLDEN_DIR}/{q_name}.{tensor_name}.npy"
                 out[path] = _npy(np.ascontiguousarray(array))
                 q_case["outputs"][tensor_name] = {**_tensor_json(array), "npy": path}
             cases.append(q_case)
-            c = compare(result[OUTPUT_NAME], got[OUTPUT_NAME])
-            parity.setdefault(variant, []).append({"case": name, "max_abs": c.max_abs,
-                                                   "argmax_agreement": c.argmax_agreement})
-    document = {"format_version": 1, "atol": atol, "rtol": rtol,
-                "reference": "eager PyTorch (the tutorial's loop); int8 cases: the int8 model's own outputs",
-                "cases": cases}
+            refs, tests = pairs.setdefault(variant, ([], []))
+            refs.append(result[OUTPUT_NAME])
+            tests.append(got[OUTPUT_NAME])
+    references = {"fp32": f"eager PyTorch {torch.__version__}"}
+    if pairs:
+        references["int8"] = f"the int8 model in onnxruntime {onnxruntime.__version__}"
+    document = {"format_version": 1, "atol": atol, "rtol": rtol, "reference": references, "cases": cases}
     out[f"{GOLDEN_DIR}/golden.json"] = json_bytes(document)
-    summary = {v: {"max_abs_vs_eager": max(r["max_abs"] for r in rows),
-                   "argmax_agreement": min(r["argmax_agreement"] for r in rows), "cases": rows}
-               for v, rows in parity.items()}
-    return out, summary
-
-
-def _ort_version() -> str:
-    import onnxruntime
-
-    return onnxruntime.__version__
+    gates = {variant: int8_gate(np.concatenate(refs), np.concatenate(tests)) for variant, (refs, tests) in pairs.items()}
+    return out, gates
 
 
 def _onnx_info(data: bytes) -> dict[str, Any]:
@@ -120,6 +116,31 @@ def _onnx_info(data: bytes) -> dict[str, Any]:
     model = onnx.load_from_string(data)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     return {"ir_version": int(model.ir_version), "opset": opset, "op_types": count_ops(model.graph)}
+
+
+def runtime_record(models: dict[str, dict[str, Any]], golden: dict[str, Any], converted_with: str) -> dict[str, Any]:
+    """What the manifest may say about runtimes: what produced the golden outputs, and the
+    oldest onnxruntime whose opset and IR support covers every ONNX model (derived from the
+    models, not tested). Runs in other runtimes are added only when they happened."""
+    import onnxruntime
+
+    from gru_deploy.versions import ORT_OPSET_IR, onnxruntime_floor
+
+    onnx_models = {name: info for name, info in models.items() if info["format"] == "onnx"}
+    record: dict[str, Any] = {"golden_outputs": golden, "bundle_made_with": onnxruntime.__version__}
+    if onnx_models:
+        opset = max(info["opset"] for info in onnx_models.values())
+        ir = max(info["ir_version"] for info in onnx_models.values())
+        floor = onnxruntime_floor(opset, ir)
+        record["onnx_compatibility"] = {
+            "max_opset": opset, "max_ir_version": ir, "min_onnxruntime": floor,
+            "derived_from": f"onnxruntime's opset/IR table, releases {ORT_OPSET_IR[0][0]}-{ORT_OPSET_IR[-1][0]}",
+        }
+    ort_files = sorted(name for name, info in models.items() if info["format"] == "ort")
+    if ort_files:
+        record["ort_format"] = {"files": ort_files, "converted_with_onnxruntime": converted_with}
+    record["checked_with"] = []
+    return record
 
 
 def _dims(shape: list[Any]) -> str:
@@ -232,47 +253,90 @@ def web_files() -> dict[str, bytes]:
     return {f"web/{name}": (folder / name).read_bytes() for name in ("index.html", "app.js")}
 
 
-def _readme(target: str, spec: ModelSpec) -> bytes:
+def _readme(target: str, spec: ModelSpec, min_ort: str) -> bytes:
     template = README_EDGE if target == "edge" else README_SERVER
     title = f"gru-deploy {target} bundle — {MODEL_NAME}"
     return template.format(name=MODEL_NAME, rule="=" * len(title), i=spec.input_size, o=spec.output_size,
-                           h=spec.hidden_size, labels=", ".join(spec.labels), min_ort=MIN_ONNXRUNTIME).encode()
+                           h=spec.hidden_size, labels=", ".join(spec.labels), min_ort=min_ort).encode()
 
 
-EDGE_FILES = ("model.onnx", "model.ort", "model_stream.onnx", "model_stream.ort", "required_operators.config")
+# A model in a bundle: its path there, the export file it is copied from, and what it is.
+Model = tuple[str, str, str, str]  # (bundle path, export file, variant, format)
 
 
-def _edge_files(export_dir: Path, manifest: dict[str, Any]) -> tuple[dict[str, bytes], dict[str, str]]:
-    missing = [name for name in EDGE_FILES if name not in manifest["files"]]
-    if missing:
-        raise UserInputError(f"{export_dir}: the export lacks {missing}; re-export it with this gru-deploy")
-    files = {name: (export_dir / name).read_bytes() for name in EDGE_FILES}
-    files.update(web_files())
-    return files, {"classifier": "model.onnx", "stream": "model_stream.onnx"}
+def _edge_models(source: dict[str, Any], where: str) -> list[Model]:
+    """The classifier and stream models, .onnx and .ort, as the export's manifest lists them."""
+    from gru_deploy.manifest import select_model
+
+    out = []
+    for variant in EDGE_VARIANTS:
+        for fmt in ("onnx", "ort"):
+            name = select_model(source, variant, fmt, where=where)
+            out.append((name, name, variant, fmt))
+    return out
 
 
-def _server_files(export_dir: Path, manifest: dict[str, Any], spec: ModelSpec) -> tuple[dict[str, bytes], dict[str, str]]:
-    repo = "model_repository"
-    models = {  # Triton model name: (variant, platform, source file, file name in the version folder)
-        MODEL_NAME: ("classifier", "onnxruntime_onnx", "model.onnx", "model.onnx"),
-        f"{MODEL_NAME}_lengths": ("lengths", "onnxruntime_onnx", "model_lengths.onnx", "model.onnx"),
-        f"{MODEL_NAME}_stream": ("stream", "onnxruntime_onnx", "model_stream.onnx", "model.onnx"),
-        f"{MODEL_NAME}_torchscript": ("classifier", "pytorch_libtorch", "model.pt", "model.pt"),
-    }
-    files: dict[str, bytes] = {}
-    for name, (variant, platform, source, target) in models.items():
-        files[f"{repo}/{name}/1/{target}"] = (export_dir / source).read_bytes()
-        files[f"{repo}/{name}/config.pbtxt"] = triton_config(
-            name, platform, spec, variant, libtorch_names=platform == "pytorch_libtorch").encode()
-    golden_files = {"classifier": f"{repo}/{MODEL_NAME}/1/model.onnx",
-                    "lengths": f"{repo}/{MODEL_NAME}_lengths/1/model.onnx",
-                    "stream": f"{repo}/{MODEL_NAME}_stream/1/model.onnx"}
-    return files, golden_files
+def _server_models(source: dict[str, Any], where: str) -> list[Model]:
+    """A Triton repository: the ONNX classifier, lengths and stream models and the TorchScript classifier."""
+    from gru_deploy.manifest import select_model
+
+    layout = ((MODEL_NAME, "classifier", "onnx", "model.onnx"),
+              (f"{MODEL_NAME}_lengths", "lengths", "onnx", "model.onnx"),
+              (f"{MODEL_NAME}_stream", "stream", "onnx", "model.onnx"),
+              (f"{MODEL_NAME}_torchscript", "classifier", "torchscript", "model.pt"))
+    return [(f"{REPOSITORY}/{triton}/1/{file}", select_model(source, variant, fmt, where=where), variant, fmt)
+            for triton, variant, fmt, file in layout]
+
+
+REPOSITORY = "model_repository"
+PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
+# Below this share of weight bytes in int8, a "quantised" model is not one: refuse it.
+MIN_INT8_SHARE = 0.5
+
+
+def _quantize(files: dict[str, bytes], models: dict[str, dict[str, Any]], source: dict[str, Any],
+              step: Callable[[str], None]) -> tuple[dict[str, tuple[str, bytes]], dict[str, Any]]:
+    """int8 copies of the bundle's fp32 ONNX models; refuses a model the quantiser barely touches."""
+    from gru_deploy.quantize import quantize_int8
+
+    int8: dict[str, tuple[str, bytes]] = {}
+    record: dict[str, Any] = {"models": {}}
+    for path, info in list(models.items()):
+        if info["format"] != "onnx" or info["precision"] != "fp32":
+            continue
+        step(f"quantising {path} to int8")
+        q_bytes, report = quantize_int8(files[path])
+        share = report["weight_bytes_quantized_share"]
+        if share < MIN_INT8_SHARE:
+            strategy = source["models"][info["source"]].get("strategy")
+            raise UserInputError(
+                f"--quantize int8: onnxruntime's dynamic quantiser would store only {share:.0%} of {path}'s weight "
+                f"bytes as int8 (ops kept in float: {', '.join(report['float_weight_consumers']) or 'none'}); "
+                + (f"the {strategy} strategy's recurrence has no int8 kernel in onnxruntime (onnxruntime#9796). "
+                   if strategy != "loop" else "")
+                + "Export with `--strategy loop` and package that for int8, or package without --quantize.")
+        q_path = str(PurePosixPath(path).with_suffix(".int8.onnx"))
+        files[q_path] = q_bytes
+        int8[info["variant"]] = (q_path, q_bytes)
+        models[q_path] = {"variant": info["variant"], "format": "onnx", "precision": "int8", "quantized_from": path,
+                          **_onnx_info(q_bytes)}
+        record["settings"] = report["settings"]
+        record["models"][q_path] = {k: report[k] for k in (
+            "weight_bytes_fp32", "weight_bytes_quantized", "weight_bytes_quantized_share", "size_before",
+            "size_after", "quantized_op_types", "float_weight_consumers", "int8_weights_in_subgraphs")}
+    return int8, record
 
 
 def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] | None = None,
-                 quantize: str | None = None) -> dict[str, bytes]:
-    """Every file of a bundle, manifest included, as {relative path: bytes}."""
+                 quantize: str | None = None, check_with: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """Every file of a bundle, manifest included, as {relative path: bytes}.
+
+    Models are chosen by what the export's manifest says they are. With `quantize`, int8
+    models are added and gated against eager on the golden inputs (compare.int8_gate). With
+    `check_with`, the golden vectors are also run by each of those Python interpreters (a
+    venv with another onnxruntime) and the results recorded: a failure writes nothing.
+    """
+    from gru_deploy.errors import CheckFailed
     from gru_deploy.manifest import check_files, read_manifest
     from gru_deploy.versions import library_versions
 
@@ -291,42 +355,50 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
         raise UserInputError(f"{export_dir}: the export lacks the {', '.join(missing)} model(s); re-export it")
     spec = ModelSpec.from_dict(source["config"])
     step(f"building the {target} files")
+    where = str(export_dir)
+    chosen = _edge_models(source, where) if target == "edge" else _server_models(source, where)
+    files: dict[str, bytes] = {}
+    models: dict[str, dict[str, Any]] = {}
+    for path, name, variant, fmt in chosen:
+        files[path] = (export_dir / name).read_bytes()
+        models[path] = {"variant": variant, "format": fmt, "precision": "fp32", "source": name,
+                        **(_onnx_info(files[path]) if fmt == "onnx" else {})}
     if target == "edge":
-        files, golden_models = _edge_files(export_dir, source)
+        files["required_operators.config"] = (export_dir / "required_operators.config").read_bytes()
+        files.update(web_files())
     else:
-        files, golden_models = _server_files(export_dir, source, spec)
+        for path, _, variant, fmt in chosen:
+            triton = PurePosixPath(path).parts[1]
+            files[f"{REPOSITORY}/{triton}/config.pbtxt"] = triton_config(
+                triton, PLATFORMS[fmt], spec, variant, libtorch_names=fmt == "torchscript").encode()
+    # golden cases name each variant's fp32 ONNX model; verify runs them on every model of the variant
+    golden_models = {info["variant"]: path for path, info in models.items() if info["format"] == "onnx"}
     int8: dict[str, tuple[str, bytes]] = {}
     quantization: dict[str, Any] | None = None
     if quantize == "int8":
-        from gru_deploy.quantize import quantize_int8
-
-        quantization = {"method": "onnxruntime dynamic quantisation, QInt8 weights, reduce_range, "
-                                  "Loop bodies included", "models": {}}
-        for variant, fp32_name in golden_models.items():
-            step(f"quantising {fp32_name} to int8")
-            q_name = fp32_name.replace(".onnx", ".int8.onnx")
-            files[q_name], report = quantize_int8(files[fp32_name])
-            int8[variant] = (q_name, files[q_name])
-            quantization["models"][q_name] = {k: report[k] for k in (
-                "weight_bytes_fp32", "weight_bytes_quantized_share", "size_before", "size_after")}
+        int8, quantization = _quantize(files, models, source, step)
     step("computing golden vectors with eager PyTorch")
     atol, rtol = source["parity"]["atol"], source["parity"]["rtol"]
-    golden, int8_parity = golden_vectors(export_dir, source, tuple(golden_models), golden_models, atol, rtol, int8)
+    golden, gates = golden_vectors(export_dir, source, golden_models, atol, rtol, int8)
     files.update(golden)
     if quantization is not None:
-        for variant, (q_name, _) in int8.items():
-            quantization["models"][q_name]["parity_vs_eager"] = int8_parity[variant]
-    files["README.txt"] = _readme(target, spec)
-    models = {}
-    formats = {".onnx": "onnx", ".ort": "ort", ".pt": "torchscript"}
-    for path, data in sorted(files.items()):
-        fmt = formats.get(Path(path).suffix)
-        if fmt is None:
-            continue
-        variant = "stream" if "stream" in path else "lengths" if "lengths" in path else "classifier"
-        models[path] = {"format": fmt, "variant": variant, **(_onnx_info(data) if fmt == "onnx" else {})}
-        if ".int8." in path:
-            models[path]["quantized"] = "int8"
+        for variant, (q_path, _) in int8.items():
+            gate = gates[variant]
+            quantization["models"][q_path]["gate_vs_eager"] = gate
+            if not gate["passed"]:
+                raise CheckFailed(f"int8 {q_path} fails its gate against eager on the golden inputs: "
+                                  f"{gate['reason']}; nothing written")
+    golden_doc = json.loads(golden[f"{GOLDEN_DIR}/golden.json"])
+    runtimes = runtime_record(models, golden_doc["reference"], source["versions"].get("onnxruntime", "unknown"))
+    for python in check_with:
+        step(f"running the golden vectors with {python}")
+        result = check_golden_elsewhere(python, files, models)
+        runtimes["checked_with"].append(result)
+        if not result["passed"]:
+            raise CheckFailed(f"the golden vectors fail in {python} (onnxruntime {result.get('onnxruntime')}): "
+                              f"{result['failures'][0] if result['failures'] else result.get('error')}; nothing written")
+    floor = (runtimes.get("onnx_compatibility") or {}).get("min_onnxruntime") or "a recent release"
+    files["README.txt"] = _readme(target, spec, floor)
     variants = {v: spec.signature(v) for v in golden_models}
     manifest = {
         "format": BUNDLE_FORMAT,
@@ -337,8 +409,8 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
         "signatures": variants,
         "config": spec.to_dict(),
         "labels": list(spec.labels),
-        "models": models,
-        "onnxruntime": {"min_version": MIN_ONNXRUNTIME, "tested": [TESTED_OLD_ONNXRUNTIME, _ort_version()]},
+        "models": dict(sorted(models.items())),
+        "onnxruntime": runtimes,
         "golden": {"file": f"{GOLDEN_DIR}/golden.json", "atol": atol, "rtol": rtol},
         "quantization": quantization,
         "source_export": {"manifest_sha256": sha256_bytes((export_dir / "manifest.json").read_bytes()),
@@ -350,6 +422,54 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
     }
     files["manifest.json"] = json_bytes(manifest)
     return files
+
+
+def check_golden_elsewhere(python: str, files: dict[str, bytes], models: dict[str, dict[str, Any]],
+                           timeout_s: float = 600) -> dict[str, Any]:
+    """Run the bundle's golden cases on its ONNX and ORT-format models with another Python
+    (numpy + onnxruntime, e.g. a venv holding an older onnxruntime), via golden_check.py.
+
+    Every case runs on every .onnx / .ort model of its variant and precision. Returns what
+    happened: that Python's onnxruntime version, cases run, passed, failures.
+    """
+    import os
+    import subprocess
+    import tempfile
+
+    from gru_deploy import golden_check
+
+    document = json.loads(files[f"{GOLDEN_DIR}/golden.json"])
+    cases = []
+    for case in document["cases"]:
+        precision = case.get("precision", "fp32")
+        for path, info in models.items():
+            if info["variant"] == case["variant"] and info["precision"] == precision and info["format"] in ("onnx", "ort"):
+                cases.append({**case, "model": path, "atol": case.get("atol", document["atol"]),
+                              "rtol": case.get("rtol", document["rtol"])})
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env["PYTHONNOUSERSITE"] = "1"
+    with tempfile.TemporaryDirectory(prefix="gru-deploy-check-") as tmp:
+        folder = Path(tmp)
+        for path in {c["model"] for c in cases}:
+            (folder / path).parent.mkdir(parents=True, exist_ok=True)
+            (folder / path).write_bytes(files[path])
+        (folder / "cases.json").write_text(json.dumps({"cases": cases}))
+        try:
+            proc = subprocess.run([python, golden_check.__file__, str(folder), str(folder / "cases.json"),
+                                   "--json", str(folder / "results.json")],
+                                  capture_output=True, text=True, timeout=timeout_s, env=env)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise UserInputError(f"--check-with {python}: cannot run it ({exc})") from None
+        results_path = folder / "results.json"
+        if proc.returncode not in (0, 1) or not results_path.is_file():
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+            raise UserInputError(f"--check-with {python}: golden_check did not run there (exit {proc.returncode}: "
+                                 f"{tail}); it needs numpy and onnxruntime")
+        results = json.loads(results_path.read_text())
+    failures = [f"{r['model']}: {r.get('error', '')}" for r in results["results"] if not r["passed"]]
+    return {"python": python, "onnxruntime": results["onnxruntime"], "numpy": results.get("numpy"),
+            "cases": len(results["results"]), "passed": not failures and proc.returncode == 0,
+            "failures": failures[:10]}
 
 
 def archive_bytes(files: dict[str, bytes], root: str) -> bytes:
@@ -384,7 +504,8 @@ def _fix(info: tarfile.TarInfo) -> None:
 
 
 def package(export_dir: Path, target: str, out: Path | None = None, archive: bool = False, force: bool = False,
-            on_step: Callable[[str], None] | None = None, quantize: str | None = None) -> tuple[Path, dict[str, Any]]:
+            on_step: Callable[[str], None] | None = None, quantize: str | None = None,
+            check_with: tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]]:
     """Build a bundle from an export folder and write it (folder, or .tar.gz with `archive`)."""
     export_dir = Path(export_dir)
     if out is None:
@@ -396,7 +517,7 @@ def package(export_dir: Path, target: str, out: Path | None = None, archive: boo
         raise UserInputError(f"{out} exists; choose another --out or pass --force to replace it")
     if out.exists() and archive and not out.is_file():
         raise UserInputError(f"{out} exists and is not a file; choose another --out")
-    files = build_bundle(export_dir, target, on_step, quantize)
+    files = build_bundle(export_dir, target, on_step, quantize, check_with)
     if archive:
         atomic_write_bytes(out, archive_bytes(files, out.name[: -len(".tar.gz")]))
     else:

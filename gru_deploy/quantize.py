@@ -35,7 +35,6 @@ MAX_IR_VERSION = 9
 FLOAT_TYPES = (1, 10, 11)  # TensorProto FLOAT, FLOAT16, DOUBLE
 INT8_TYPES = (2, 3)  # TensorProto UINT8, INT8
 FOLDABLE = ("Transpose", "Concat", "Identity")
-QUANTIZED_METADATA = "dynamic int8 (onnxruntime quantize_dynamic, QInt8 weights, reduce_range, EnableSubgraph)"
 
 
 def _float_initializers(model: "onnx.ModelProto") -> dict[str, int]:
@@ -240,7 +239,10 @@ def quantize_int8(onnx_bytes: bytes) -> tuple[bytes, dict[str, Any]]:
     the weights quantised / kept in fp32, and the IR version and opset. Raises CheckFailed
     when nothing was quantised or the result is not a valid model for the same opset.
     """
+    import json
+
     import onnx
+    import onnxruntime
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.quant_utils import TENSOR_NAME_QUANT_SUFFIX
 
@@ -253,18 +255,13 @@ def quantize_int8(onnx_bytes: bytes) -> tuple[bytes, dict[str, Any]]:
     opsets = {o.domain or "ai.onnx": o.version for o in original.opset_import}
     prepared, sources, gemms_rewritten = rewrite_for_quantization(original)
 
+    settings = {"weight_type": "QInt8", "reduce_range": True, "per_channel": False,
+                "op_types_to_quantize": ["MatMul"], "extra_options": {"EnableSubgraph": True, "MatMulConstBOnly": True}}
     with tempfile.TemporaryDirectory(prefix="gru-deploy-quant-") as tmp:
         src, dst = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
         onnx.save_model(prepared, str(src))
         with _quiet_quantizer():
-            quantize_dynamic(
-                str(src), str(dst),
-                weight_type=QuantType.QInt8,
-                reduce_range=True,
-                per_channel=False,
-                op_types_to_quantize=["MatMul"],
-                extra_options={"EnableSubgraph": True, "MatMulConstBOnly": True},
-            )
+            quantize_dynamic(str(src), str(dst), **{**settings, "weight_type": getattr(QuantType, settings["weight_type"])})
         quantized = onnx.load(str(dst))
 
     # The quantiser's shape inference leaves a value_info per intermediate tensor; the input
@@ -286,7 +283,9 @@ def quantize_int8(onnx_bytes: bytes) -> tuple[bytes, dict[str, Any]]:
         entry = quantized.metadata_props.add()
         entry.key, entry.value = key, value
     entry = quantized.metadata_props.add()
-    entry.key, entry.value = "gru_deploy.quantization", QUANTIZED_METADATA
+    entry.key = "gru_deploy.quantization"
+    entry.value = json.dumps({"tool": f"onnxruntime {onnxruntime.__version__} quantize_dynamic", **settings},
+                             sort_keys=True)
     try:
         onnx.checker.check_model(quantized, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
@@ -305,7 +304,18 @@ def quantize_int8(onnx_bytes: bytes) -> tuple[bytes, dict[str, Any]]:
         raise CheckFailed("dynamic quantisation left every weight in float: the graph has no MatMul/Gemm "
                           "against a constant weight that onnxruntime's quantiser can quantise")
     out = quantized.SerializeToString()
+    before_ops, after_ops = count_ops(original.graph), count_ops(quantized.graph)
+    int8_names = {t.name for g in all_graphs(quantized.graph) for t in g.initializer if t.data_type in INT8_TYPES}
+    in_subgraphs = sorted({i for g in all_graphs(quantized.graph)[1:] for n in g.node for i in n.input} & int8_names)
+    float_left = set(weights) - done
+    consumers = sorted({n.op_type for g in all_graphs(original.graph) for n in g.node
+                        if float_left & set(n.input)} - {"Constant"})
     report = {
+        "settings": {"tool": f"onnxruntime {onnxruntime.__version__} quantize_dynamic", **settings},
+        "quantized_op_types": {op: n - before_ops.get(op, 0) for op, n in sorted(after_ops.items())
+                               if n > before_ops.get(op, 0)},
+        "float_weight_consumers": consumers,
+        "int8_weights_in_subgraphs": len(in_subgraphs),
         "weight_bytes_fp32": weight_bytes,
         "weight_bytes_quantized": quantized_bytes,
         "weight_bytes_quantized_share": round(share, 4),

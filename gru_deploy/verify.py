@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -34,6 +34,15 @@ PAIRS: tuple[tuple[str, str, int | None], ...] = (
     ("eager", "onnx-reference", 21),
     ("eager", "onnxruntime-ort", None),
 )
+
+
+# A case's atol grows by this many times float32's own error on its input (Monte Carlo
+# arithmetic on the float64 reference). Measured on 9 stream cases of a trained model (AMD
+# EPYC, torch 2.13): eager's distance from float64 was 0.4x to 6.5x that estimate; an
+# ill-conditioned case (a random h0 that the model amplifies ~400x) reached 1e-4 in eager
+# and 4e-5 in onnxruntime. On well-conditioned inputs the estimate is ~1e-7, so the gate
+# stays atol there; a wrong export (errors far above float32's) still fails.
+NOISE_FACTOR = 10.0
 
 
 def grid_cases() -> list[tuple[int, int]]:
@@ -130,16 +139,26 @@ def run_parity(
     seed: int = 0,
     variant: str = "classifier",
     prefix: str = "",
+    on_case: Callable[[str], None] | None = None,
 ) -> ParityReport:
     """Run each case through the runners named by `pairs` and compare every output.
 
     Keys are `ref->test` for logits and `ref->test[h_n]` for other outputs, behind `prefix`.
+    Each case's atol is `atol` plus NOISE_FACTOR times float32's own error on that input,
+    measured on the float64 reference (`Float64Runner.float32_noise`); both are recorded.
+    `on_case` hears of each case before it runs (progress).
     """
     check_tolerances(atol, rtol)
     pairs = [p for p in pairs if p[0] in runners and p[1] in runners]
     report = ParityReport(atol, rtol)
-    for index, (batch, seq) in enumerate(cases if cases is not None else grid_cases()):
+    all_cases = list(cases if cases is not None else grid_cases())
+    for index, (batch, seq) in enumerate(all_cases):
+        if on_case is not None:
+            on_case(f"{prefix or 'classifier:'} case {index + 1}/{len(all_cases)}: batch {batch}, seq {seq}")
         feed = make_feed(spec, variant, batch, seq, seed + index)
+        # float32's own error on this input (the float64 reference under Monte Carlo arithmetic):
+        # where the trajectory amplifies rounding, two correct float32 runtimes differ that much.
+        noise = runners["float64"].float32_noise(feed, seed=seed + index) if "float64" in runners else {}
         outputs: dict[str, dict[str, np.ndarray]] = {}
         result: dict[str, Any] = {}
         for ref, test, limit in pairs:
@@ -150,9 +169,10 @@ def run_parity(
                     outputs[name] = runners[name].run(feed)
             for out in outputs[ref]:
                 key = f"{prefix}{ref}->{test}" + ("" if out == OUTPUT_NAME else f"[{out}]")
-                result[key] = compare(outputs[ref][out], outputs[test][out], atol, rtol).to_json()
+                case_atol = atol + NOISE_FACTOR * noise.get(out, 0.0)
+                result[key] = compare(outputs[ref][out], outputs[test][out], case_atol, rtol).to_json()
         report.cases.append({"batch": batch, "seq": seq, "seed": seed + index, "pairs": result,
-                             "passed": all(c["passed"] for c in result.values())})
+                             "float32_noise": noise, "passed": all(c["passed"] for c in result.values())})
     return report
 
 
@@ -182,9 +202,6 @@ def build_runners(spec: ModelSpec, module: "torch.jit.ScriptModule", onnx_model:
     }
 
 
-VARIANT_FILES = {"classifier": ("model.pt", "model.onnx"), "stream": ("model_stream.pt", "model_stream.onnx"),
-                 "lengths": ("model_lengths.pt", "model_lengths.onnx")}
-ORT_FORMAT_FILES = {"classifier": "model.ort", "stream": "model_stream.ort"}
 # The stream and lengths variants: a smaller grid, plus a long case.
 VARIANT_CASES = tuple((b, s) for b in (1, 3, 8) for s in (0, 1, 7, 100)) + ((2, 1000),)
 CHUNK_SIZES = (1, 7, 100)
@@ -195,16 +212,17 @@ def export_runners(folder: Path, manifest: dict[str, Any], threads: int = 1,
                    variant: str = "classifier") -> dict[str, Runner]:
     """Runners over an export dir's files for one variant, each file checked against the manifest first."""
     from gru_deploy import script
-    from gru_deploy.manifest import verified_path
-
-    spec = ModelSpec.from_dict(manifest["config"])
+    from gru_deploy.manifest import find_models, select_model, verified_path
     from gru_deploy.runners import OnnxRuntimeRunner
 
-    pt_name, onnx_name = VARIANT_FILES[variant]
+    spec = ModelSpec.from_dict(manifest["config"])
+    where = str(folder)
+    pt_name = select_model(manifest, variant, "torchscript", where=where)
+    onnx_name = select_model(manifest, variant, "onnx", where=where)
     module = script.load(verified_path(folder, manifest, pt_name))
     runners = build_runners(spec, module, verified_path(folder, manifest, onnx_name), threads, variant)
-    ort_name = ORT_FORMAT_FILES.get(variant)
-    if ort_name in manifest["files"]:
+    if find_models(manifest, variant, "ort", where=where):
+        ort_name = select_model(manifest, variant, "ort", where=where)
         ort_format = verified_path(folder, manifest, ort_name).read_bytes()
         runners["onnxruntime-ort"] = OnnxRuntimeRunner(spec, ort_format, threads=threads, variant=variant)
         runners["onnxruntime-ort"].name = "onnxruntime-ort"
@@ -225,39 +243,44 @@ def check_chunked(runner: Runner, spec: ModelSpec, atol: float, rtol: float, seq
             h = out[STATE_OUT]
         pairs = {f"stream:one-pass->chunks:{runner.name}" + ("" if name == OUTPUT_NAME else f"[{name}]"):
                  compare(whole[name], out[name], atol, rtol).to_json() for name in (OUTPUT_NAME, STATE_OUT)}
+        for name, c in zip((OUTPUT_NAME, STATE_OUT), pairs.values()):
+            c["bit_identical"] = bool(np.array_equal(whole[name], out[name]))
         cases.append({"batch": batch, "seq": seq, "chunk": chunk, "pairs": pairs,
                       "passed": all(c["passed"] for c in pairs.values())})
     return cases
 
 
 def parity_for_dir(folder: Path, manifest: dict[str, Any], atol: float = DEFAULT_ATOL,
-                   rtol: float = DEFAULT_RTOL) -> ParityReport:
+                   rtol: float = DEFAULT_RTOL, on_case: Callable[[str], None] | None = None) -> ParityReport:
     """The full parity gate over an export dir's files (checksums checked on load).
 
     The classifier on the full grid; each variant the manifest lists on its grid; the stream
     fed in chunks of 1, 7 and 100 over 1,000 steps in TorchScript and onnxruntime.
     """
     spec = ModelSpec.from_dict(manifest["config"])
-    report = run_parity(export_runners(folder, manifest), spec, atol=atol, rtol=rtol)
+    report = run_parity(export_runners(folder, manifest), spec, atol=atol, rtol=rtol, on_case=on_case)
     for variant in manifest.get("variants") or {}:
         runners = export_runners(folder, manifest, variant=variant)
         part = run_parity(runners, spec, cases=VARIANT_CASES, atol=atol, rtol=rtol, variant=variant,
-                          prefix=f"{variant}:")
+                          prefix=f"{variant}:", on_case=on_case)
         report.cases.extend(part.cases)
         if variant == "stream":
             for name in ("torchscript", "onnxruntime"):
+                if on_case is not None:
+                    on_case(f"stream: chunks of {', '.join(map(str, CHUNK_SIZES))} in {name}")
                 report.cases.extend(check_chunked(runners[name], spec, atol, rtol))
     return report
 
 
-def verify_export(folder: Path, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> ParityReport:
+def verify_export(folder: Path, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+                  on_case: Callable[[str], None] | None = None) -> ParityReport:
     """Check every checksum of an export dir, then run the parity gate on its files."""
     from gru_deploy.manifest import check_files, read_manifest
 
     check_tolerances(atol, rtol)
     manifest = read_manifest(folder)
     check_files(folder, manifest)
-    return parity_for_dir(folder, manifest, atol, rtol)
+    return parity_for_dir(folder, manifest, atol, rtol, on_case)
 
 
 def deployment_accuracy(folder: Path, data: str, test: str | None = None, seed: int = 0,
@@ -267,7 +290,7 @@ def deployment_accuracy(folder: Path, data: str, test: str | None = None, seed: 
     agreement with eager. Variable-length data runs through the lengths models."""
     from gru_deploy.data import load_data
     from gru_deploy.export import export_fused, export_loop
-    from gru_deploy.manifest import check_files, read_manifest
+    from gru_deploy.manifest import check_files, read_manifest, select_model
     from gru_deploy.quantize import quantize_int8
     from gru_deploy.runners import OnnxRuntimeRunner
 
@@ -281,19 +304,21 @@ def deployment_accuracy(folder: Path, data: str, test: str | None = None, seed: 
     variant = "lengths" if dataset.lengths is not None else "classifier"
     runners = export_runners(folder, manifest, variant=variant)
     graphs: dict[str, bytes] = {}
+    onnx_name = select_model(manifest, variant, "onnx", where=str(folder))
+    strategy = manifest["models"][onnx_name].get("strategy", "loop")
+    graphs[f"onnxruntime {strategy} (exported)"] = (folder / onnx_name).read_bytes()  # checked above
+    loop_graph = graphs[f"onnxruntime {strategy} (exported)"] if strategy == "loop" else None
     if variant == "classifier":
         module = runners["torchscript"].fn
-        weights = {k: v for k, v in module.state_dict().items()}
-        graphs[f"onnxruntime {manifest['strategy']} (exported)"] = (folder / "model.onnx").read_bytes()
-        other = "fused" if manifest["strategy"] == "loop" else "loop"
-        graphs[f"onnxruntime {other}"] = (export_fused(weights, spec).onnx_bytes if other == "fused"
-                                          else export_loop(module, spec).onnx_bytes)
-        int8_source = (folder / "model.onnx").read_bytes()
-    else:
-        graphs["onnxruntime loop lengths (exported)"] = (folder / "model_lengths.onnx").read_bytes()
-        int8_source = graphs["onnxruntime loop lengths (exported)"]
-    int8_bytes, int8_report = quantize_int8(int8_source)
-    graphs["onnxruntime int8"] = int8_bytes
+        if strategy == "loop":
+            graphs["onnxruntime fused"] = export_fused(dict(module.state_dict()), spec).onnx_bytes
+        else:
+            loop_graph = graphs["onnxruntime loop"] = export_loop(module, spec).onnx_bytes
+    if loop_graph is None:
+        raise UserInputError(f"{folder}: no loop form of the {variant} model to quantise")
+    # int8 runs on the loop form: onnxruntime has no int8 GRU kernel (see quantize.py)
+    int8_bytes, int8_report = quantize_int8(loop_graph)
+    graphs["onnxruntime int8 (loop form)"] = int8_bytes
     feed = {INPUT_NAME: dataset.x}
     if variant == "lengths":
         feed[LENGTHS_NAME] = dataset.lengths

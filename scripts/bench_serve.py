@@ -2,12 +2,16 @@
 """Throughput and latency of `gru-deploy serve` with dynamic batching on and off (loopback only).
 
 Starts the server in a subprocess on a free 127.0.0.1 port for each setting, then runs
-1, 8 and 32 concurrent tritonclient.http clients, each sending single-sample requests of
-random length (10..100 steps) until --requests requests are done or --seconds pass —
-bounded in count and in time. Prints requests/s and p50/p99 latency per setting, measured
-in one run. A benchmark, not a test.
+concurrent tritonclient.http clients, each sending single-sample requests until --requests
+requests are done or --seconds pass — bounded in count and in time. Prints requests/s and
+p50/p99 latency per setting, measured in one run. A benchmark, not a test.
 
-    python scripts/bench_serve.py EXPORT_OR_BUNDLE [--requests 800] [--seconds 20] [--json]
+--workload uniform (the default): lengths 10..100 steps; batching on and off; 1, 8 and 32 clients.
+--workload mixed: most requests 1..20 steps, --long-fraction of them 2,000..10,000 steps;
+batching on with grouping by length on and off (serve's --group-by-length/--no-group-by-length);
+8 and 32 clients; latency reported separately for the short and the long requests.
+
+    python scripts/bench_serve.py EXPORT_OR_BUNDLE [--workload mixed] [--requests 800] [--seconds 20] [--json]
 """
 
 from __future__ import annotations
@@ -24,9 +28,13 @@ import urllib.request
 
 import numpy as np
 
-CLIENTS = (1, 8, 32)
-SETTINGS = {"batching on (max 32, 2 ms)": ["--max-batch", "32", "--max-delay-ms", "2"],
-            "batching off": ["--max-batch", "1"]}
+BATCHING = ["--max-batch", "32", "--max-delay-ms", "2"]
+WORKLOADS = {  # clients, {setting: serve flags}
+    "uniform": ((1, 8, 32), {"batching on (max 32, 2 ms)": BATCHING, "batching off": ["--max-batch", "1"]}),
+    "mixed": ((8, 32), {"grouping by length on": [*BATCHING, "--group-by-length"],
+                        "grouping by length off": [*BATCHING, "--no-group-by-length"]}),
+}
+SHORT, LONG = (1, 20), (2_000, 10_000)  # the mixed workload's lengths, inclusive
 
 
 def free_port() -> int:
@@ -40,6 +48,8 @@ def start(path: str, args: list[str]) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen([sys.executable, "-m", "gru_deploy", "serve", path, "--port", str(port), *args],
                             stderr=subprocess.DEVNULL)
     for _ in range(300):
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}: gru-deploy serve {' '.join(args)}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1):
                 return proc, port
@@ -49,12 +59,31 @@ def start(path: str, args: list[str]) -> tuple[subprocess.Popen, int]:
     raise SystemExit("the server did not start")
 
 
-def load(port: int, clients: int, total: int, seconds: float) -> dict[str, float]:
+def sequence_lengths(workload: str, total: int, long_fraction: float, rng: np.random.Generator) -> np.ndarray:
+    if workload == "uniform":
+        return rng.integers(10, 101, size=total)
+    short, long = rng.integers(SHORT[0], SHORT[1] + 1, size=total), rng.integers(LONG[0], LONG[1] + 1, size=total)
+    return np.where(rng.random(total) < long_fraction, long, short)
+
+
+def percentiles(latencies: list[float], prefix: str = "") -> dict[str, float]:
+    lat = np.array(latencies) * 1000
+    if not len(lat):
+        return {f"{prefix}requests": 0, f"{prefix}p50_ms": float("nan"), f"{prefix}p99_ms": float("nan")}
+    return {f"{prefix}requests": len(lat), f"{prefix}p50_ms": float(np.percentile(lat, 50)),
+            f"{prefix}p99_ms": float(np.percentile(lat, 99))}
+
+
+def load(port: int, clients: int, total: int, seconds: float, workload: str = "uniform",
+         long_fraction: float = 0.05) -> dict[str, float]:
     import tritonclient.http as http
 
     rng = np.random.default_rng(0)
-    inputs = [rng.standard_normal((1, int(n), 8)).astype(np.float32) for n in rng.integers(10, 101, size=total)]
+    inputs = [rng.standard_normal((1, int(n), 8)).astype(np.float32)
+              for n in sequence_lengths(workload, total, long_fraction, rng)]
     latencies: list[float] = []
+    short_latencies: list[float] = []
+    long_latencies: list[float] = []
     lock = threading.Lock()
     counter = iter(range(total))
     stop = time.monotonic() + seconds
@@ -72,6 +101,7 @@ def load(port: int, clients: int, total: int, seconds: float) -> dict[str, float
             client.infer("gru_classifier", [tensor])
             with lock:
                 latencies.append(time.perf_counter() - t0)
+                (short_latencies if inputs[i].shape[1] <= SHORT[1] else long_latencies).append(latencies[-1])
 
     start_time = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(clients)]
@@ -80,31 +110,44 @@ def load(port: int, clients: int, total: int, seconds: float) -> dict[str, float
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start_time
-    lat = np.array(latencies) * 1000
-    return {"requests": len(lat), "seconds": elapsed, "throughput_rps": len(lat) / elapsed,
-            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+    result = {"seconds": elapsed, "throughput_rps": len(latencies) / elapsed, **percentiles(latencies)}
+    if workload == "mixed":
+        result.update(percentiles(short_latencies, "short_") | percentiles(long_latencies, "long_"))
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", help="export folder or bundle")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="uniform",
+                        help="uniform: 10..100 steps; mixed: 1..20 steps and some 2,000..10,000")
+    parser.add_argument("--long-fraction", type=float, default=0.05, help="share of long requests (mixed)")
     parser.add_argument("--requests", type=int, default=800, help="requests per (setting, clients) at most")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds per (setting, clients) at most")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    clients_list, settings = WORKLOADS[args.workload]
     rows = []
-    for setting, flags in SETTINGS.items():
+    for setting, flags in settings.items():
         proc, port = start(args.path, flags)
         try:
             load(port, 4, 50, 5)  # warm-up
-            for clients in CLIENTS:
+            for clients in clients_list:
                 rows.append({"setting": setting, "clients": clients,
-                             **load(port, clients, args.requests, args.seconds)})
+                             **load(port, clients, args.requests, args.seconds, args.workload, args.long_fraction)})
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=20)
     if args.json:
         print(json.dumps(rows, indent=2))
+        return 0
+    if args.workload == "mixed":
+        print(f"{'setting':<26}{'clients':>8}{'req/s':>8}{'short':>7}{'p50 ms':>9}{'p99 ms':>9}"
+              f"{'long':>6}{'p50 ms':>9}{'p99 ms':>9}")
+        for r in rows:
+            print(f"{r['setting']:<26}{r['clients']:>8}{r['throughput_rps']:>8.0f}{r['short_requests']:>7}"
+                  f"{r['short_p50_ms']:>9.2f}{r['short_p99_ms']:>9.2f}{r['long_requests']:>6}"
+                  f"{r['long_p50_ms']:>9.2f}{r['long_p99_ms']:>9.2f}")
         return 0
     print(f"{'setting':<28}{'clients':>8}{'requests':>10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
     for r in rows:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -27,13 +28,60 @@ def test_bench_measures_every_runtime_on_every_shape(small_result):
     assert shapes == [(1, 1), (1, 100), (32, 100), (1, 1000), (256, 200)]
     for row in small_result["rows"]:
         assert set(row["median_us"]) == {"eager", "torchscript", "onnxruntime loop", "onnxruntime scan", "onnxruntime fused"}
-        assert row["speedup_vs_eager"]["eager"] == 1.0
-        assert min(row["times_fastest"].values()) == 1.0
-    scaling = small_result["loop_scaling"]
-    assert scaling["ratio"] == pytest.approx(scaling["median_us"][1] / scaling["median_us"][0])
     [stream] = small_result["streaming"]
     assert set(stream["median_us_per_step"]) == {"eager cell", "torchscript stream", "onnxruntime stream"}
-    assert "loop scaling" in format_table(small_result) and "streaming per step" in format_table(small_result)
+
+
+def test_bench_ratios_are_quotients_of_the_medians(small_result):
+    """speed-up = eager / runtime and times-fastest = runtime / fastest, for every runtime of every row."""
+    for row in small_result["rows"]:
+        medians = row["median_us"]
+        fastest = min(medians.values())
+        for name, value in medians.items():
+            assert row["speedup_vs_eager"][name] == pytest.approx(medians["eager"] / value), name
+            assert row["times_fastest"][name] == pytest.approx(value / fastest), name
+    scaling = small_result["loop_scaling"]
+    assert scaling["ratio"] == pytest.approx(scaling["median_us"][1] / scaling["median_us"][0])
+    for stream in small_result["streaming"]:
+        medians = stream["median_us_per_step"]
+        for name, value in medians.items():
+            assert stream["speedup_vs_eager"][name] == pytest.approx(medians["eager cell"] / value), name
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(n.replace(",", "")) for n in re.findall(r"\d[\d,]*(?:\.\d+)?", text)]
+
+
+def test_bench_table_shows_what_was_measured(small_result):
+    """Each row of the table holds that row's medians and speed-ups, under its column's name."""
+    lines = format_table(small_result).splitlines()
+    header = re.split(r"\s{2,}", lines[1].strip())
+    assert header[:2] == ["I/H", "batch, seq"]
+    names = header[2:]
+    assert sorted(names) == sorted(small_result["rows"][0]["median_us"])
+    table_rows = lines[2:2 + len(small_result["rows"])]
+    for row, line in zip(small_result["rows"], table_rows):
+        label = re.match(r"\s*(\d+)/(\d+)\s+(\d+), (\d+)\s", line)
+        assert label, line
+        assert [int(n) for n in label.groups()] == [row["input_size"], row["hidden_size"], row["batch"], row["seq"]]
+        shown = _numbers(line[label.end():])
+        assert len(shown) == 2 * len(names), line
+        for i, name in enumerate(names):
+            assert shown[2 * i] == pytest.approx(row["median_us"][name], abs=0.501), (name, line)
+            assert shown[2 * i + 1] == pytest.approx(row["speedup_vs_eager"][name], abs=0.051), (name, line)
+    scaling = small_result["loop_scaling"]
+    [scaling_line] = [line for line in lines if line.startswith("loop scaling")]
+    assert _numbers(scaling_line) == pytest.approx(
+        [scaling["batch"], scaling["seq"][0], scaling["median_us"][0], scaling["seq"][1], scaling["median_us"][1],
+         scaling["ratio"], 2.0, scaling["linear_below"]], abs=0.5)
+    assert f"ratio {scaling['ratio']:.2f}" in scaling_line
+    assert scaling["linear"] == (scaling["ratio"] < scaling["linear_below"])
+    assert ("NOT LINEAR" in scaling_line) != scaling["linear"]
+    stream_lines = [line for line in lines if line.startswith("streaming per step")]
+    assert len(stream_lines) == len(small_result["streaming"])
+    for stream, line in zip(small_result["streaming"], stream_lines):
+        for name, value in stream["median_us_per_step"].items():
+            assert f"{name} {value:,.1f} µs ({stream['speedup_vs_eager'][name]:.1f}x)" in line
 
 
 @pytest.mark.slow

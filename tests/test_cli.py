@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,12 +45,26 @@ def test_version():
     assert proc.returncode == 0 and __version__ in proc.stdout
 
 
+def held_out_accuracy(checkpoint: Path, data: str, seed: int, test_fraction: float) -> float:
+    """The checkpoint's accuracy on the test split `train --data` holds out, recomputed from its weights."""
+    import torch
+
+    from gru_deploy.data import load_data
+    from gru_deploy.train import load_checkpoint
+
+    test = load_data(data, seed=seed, test_fraction=test_fraction).test
+    with torch.no_grad():
+        logits = load_checkpoint(checkpoint).model().eval()(torch.from_numpy(test.x))
+    return float(np.mean(logits.argmax(1).numpy() == test.y))
+
+
 def test_train_export_verify_round_trip(tmp_path):
     ckpt = tmp_path / "c.pt"
     proc = run_cli("train", "--epochs", "2", "--out", str(ckpt), "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert result["checkpoint"] == str(ckpt) and ckpt.is_file() and 0 <= result["metrics"]["test_accuracy"] <= 1
+    assert result["checkpoint"] == str(ckpt) and ckpt.is_file()
+    assert result["metrics"]["test_accuracy"] == held_out_accuracy(ckpt, "synthetic", seed=0, test_fraction=0.2)
     out = tmp_path / "exp"
     proc = run_cli("export", "--checkpoint", str(ckpt), "--out", str(out), "--json")
     assert proc.returncode == 0, proc.stderr

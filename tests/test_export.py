@@ -214,3 +214,43 @@ def test_plain_dynamo_export_of_the_for_loop_unrolls_and_the_guard_refuses_it(mo
             graphs.append(torch.onnx.export(model, (torch.zeros(2, n, 8),), dynamo=True, verbose=False).model_proto)
     with pytest.raises(CheckFailed, match="unrolled"):
         check_not_unrolled(graphs, needs="Scan")
+
+
+@pytest.mark.parametrize("opset, ir", [(17, 8), (18, 8), (19, 9), (20, 9)])
+def test_ir_version_follows_the_opset(opset, ir):
+    """The lowest IR version that carries the opset (onnx's own table), for old runtimes and a valid model."""
+    from gru_deploy.export import min_ir_version
+
+    assert min_ir_version(opset) == ir
+
+
+@pytest.mark.slow
+def test_scan_and_fused_at_opset_19_carry_ir_9_and_pass_the_checker(model):
+    """IR 8 with opset 19 is an invalid model; the scan export used to force IR 8 whatever the opset."""
+    from gru_deploy.export import export_fused, export_scan
+
+    for result in (export_scan(model, ModelSpec(), 19), export_fused(model.state_dict(), ModelSpec(), 19)):
+        proto = onnx.load_from_string(result.onnx_bytes)
+        assert (result.opset, proto.ir_version) == (19, 9), result.strategy
+        onnx.checker.check_model(proto, full_check=True)
+
+
+def test_logger_levels_are_restored_when_an_export_fails(model, monkeypatch):
+    """The exporters quiet torch.onnx's and onnxruntime's loggers while they run, and put them back
+    in `finally`, also when the export raises."""
+    import logging
+
+    import torch
+
+    from gru_deploy.export import export_scan
+
+    noisy = logging.getLogger("torch.onnx")
+    noisy.setLevel(logging.INFO)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("export failed")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with pytest.raises(RuntimeError, match="export failed"):
+        export_scan(model, ModelSpec())
+    assert noisy.level == logging.INFO

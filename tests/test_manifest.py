@@ -103,7 +103,7 @@ def test_staged_dir_refuses_a_file_target(tmp_path):
 
 def test_read_manifest_on_export(export_copy):
     manifest = read_manifest(export_copy)
-    assert manifest["format"] == "gru-deploy-export" and manifest["format_version"] == 1
+    assert manifest["format"] == "gru-deploy-export" and manifest["format_version"] == 2
     assert "model.onnx" in manifest["files"]
     check_files(export_copy, manifest)  # untouched export checks out
 
@@ -123,10 +123,12 @@ BAD_MANIFESTS = {
     "missing files": (lambda f: _edit(f, lambda d: d.pop("files")), r"lacks field.*'files'"),
     "missing signature": (lambda f: _edit(f, lambda d: d.pop("signature")), r"lacks field.*'signature'"),
     "wrong format": (lambda f: _edit(f, lambda d: d.update(format="something-else")), "format is 'something-else'"),
-    "format_version 2": (lambda f: _edit(f, lambda d: d.update(format_version=2)), "format_version 2"),
-    "format_version str": (lambda f: _edit(f, lambda d: d.update(format_version="1")), "format_version '1'"),
+    "format_version 1": (lambda f: _edit(f, lambda d: d.update(format_version=1)), "format_version 1"),
+    "missing models": (lambda f: _edit(f, lambda d: d.pop("models")), r"lacks field.*'models'"),
+    "format_version str": (lambda f: _edit(f, lambda d: d.update(format_version="2")), "format_version '2'"),
     "format_version bool": (lambda f: _edit(f, lambda d: d.update(format_version=True)), "format_version True"),
-    "format_version float": (lambda f: _edit(f, lambda d: d.update(format_version=1.0)), "format_version 1.0"),
+    "format_version 3": (lambda f: _edit(f, lambda d: d.update(format_version=3)), "format_version 3"),
+    "format_version float": (lambda f: _edit(f, lambda d: d.update(format_version=2.0)), "format_version 2.0"),
     "files not a dict": (lambda f: _edit(f, lambda d: d.update(files=["model.onnx"])), "'files' must map"),
     "entry lacks sha": (lambda f: _edit(f, lambda d: d["files"].update(x={"size": 1})), "'files' must map"),
 }
@@ -190,3 +192,17 @@ def test_check_files_detects(export_copy, corrupt, match):
 def test_check_files_unlisted_name(export_copy):
     with pytest.raises(UserInputError, match="lists no file 'other.bin'"):
         check_files(export_copy, read_manifest(export_copy), ("other.bin",))
+
+
+def test_models_are_chosen_by_the_manifest_not_by_name(export_copy):
+    """select_model reads the "models" record: renaming what a record says moves the choice."""
+    from gru_deploy.manifest import select_model
+
+    manifest = read_manifest(export_copy)
+    assert select_model(manifest, "classifier") == "model.onnx"
+    assert select_model(manifest, "lengths", "torchscript") == "model_lengths.pt"
+    manifest["models"]["model_stream.onnx"]["variant"] = "classifier"
+    with pytest.raises(UserInputError, match="several"):
+        select_model(manifest, "classifier")
+    with pytest.raises(UserInputError, match="no int8 onnx model for the stream variant"):
+        select_model(manifest, "stream", precision="int8")

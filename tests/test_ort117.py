@@ -2,8 +2,8 @@
 
 A venv with onnxruntime 1.17.3 and numpy<2 (plus onnx 1.16, which 1.17's .ort converter
 imports) is made once under ~/.cache/gru-deploy/ort117-venv (GRU_DEPLOY_ORT117_VENV moves
-it) and reused. scripts/check_ort117.py runs there against golden outputs computed with
-the current onnxruntime.
+it) and reused. gru_deploy/golden_check.py runs there against golden outputs computed with
+the current onnxruntime, directly and through `package --check-with`.
 
 Measured (onnxruntime 1.32 here): .onnx fp32 and int8 load and match in 1.17; an .ort made
 by 1.32's converter loads and matches in 1.17 (both converters write ORT format version 6);
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECK = ROOT / "scripts" / "check_ort117.py"
+CHECK = ROOT / "gru_deploy" / "golden_check.py"
 OLD_ORT = "1.17.3"
 OLD_PACKAGES = [f"onnxruntime=={OLD_ORT}", "numpy<2", "onnx==1.16.2"]
 VENV = Path(os.environ.get("GRU_DEPLOY_ORT117_VENV", Path.home() / ".cache" / "gru-deploy" / "ort117-venv"))
@@ -125,7 +125,7 @@ def golden_for(models: dict[str, Path], suffix: str) -> Path:
 def check(python: Path | str, folder: Path, golden: Path) -> tuple[subprocess.CompletedProcess, dict]:
     results = golden.with_name(f"results-{folder.name}-{abs(hash(str(python)))}.json")
     proc = run(python, str(CHECK), str(folder), str(golden), "--json", str(results))
-    print(f"\n$ check_ort117.py {folder.name} ({Path(python).parent.parent.name})\n{proc.stdout}{proc.stderr[-2000:]}")
+    print(f"\n$ golden_check.py {folder.name} ({Path(python).parent.parent.name})\n{proc.stdout}{proc.stderr[-2000:]}")
     return proc, json.loads(results.read_text()) if results.is_file() else {}
 
 
@@ -206,18 +206,27 @@ def test_check_script_reports_failures(tmp_path):
 
 
 @pytest.mark.slow
-def test_edge_bundle_golden_vectors_reproduce_in_ort117(old_python, export_dir, tmp_path):
-    """The shipped edge bundle (fp32 .onnx and .ort, int8 .onnx) against its own golden.json, in 1.17."""
+def test_package_check_with_runs_the_golden_vectors_in_ort117_and_records_it(old_python, export_dir, tmp_path):
+    """`package --check-with PYTHON`: the shipped edge bundle (fp32 .onnx and .ort, int8 .onnx)
+    against its own golden vectors in 1.17, recorded in the manifest only because it ran."""
     from gru_deploy.package import package
 
-    bundle, _ = package(export_dir, "edge", out=tmp_path / "edge", quantize="int8")
+    bundle, manifest = package(export_dir, "edge", out=tmp_path / "edge", quantize="int8",
+                               check_with=(str(old_python),))
+    [run_117] = manifest["onnxruntime"]["checked_with"]
     golden = json.loads((bundle / "golden" / "golden.json").read_text())
-    cases = golden["cases"]
-    ort_cases = [{**c, "model": c["model"].replace(".onnx", ".ort")} for c in cases if "quantized" not in c]
-    checked = tmp_path / "golden-all.json"
-    checked.write_text(json.dumps({"cases": cases + ort_cases}))
-    proc, results = check(old_python, bundle, checked)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == f"{len(cases) + len(ort_cases)} passed, 0 failed"
-    models = {case["model"] for case in cases + ort_cases}
-    assert {"model.onnx", "model.ort", "model.int8.onnx", "model_stream.ort"} <= models
+    fp32 = [c for c in golden["cases"] if c.get("precision", "fp32") == "fp32"]
+    int8 = [c for c in golden["cases"] if c.get("precision") == "int8"]
+    # every fp32 case on .onnx and .ort, every int8 case on its .onnx
+    assert run_117 == {"python": str(old_python), "onnxruntime": OLD_ORT, "numpy": run_117["numpy"],
+                       "cases": 2 * len(fp32) + len(int8), "passed": True, "failures": []}
+    assert len(int8) == 4 and len(fp32) == 4
+
+
+def test_check_with_a_python_that_cannot_run_it_writes_nothing(export_dir, tmp_path):
+    from gru_deploy.errors import UserInputError
+    from gru_deploy.package import package
+
+    with pytest.raises(UserInputError, match="--check-with"):
+        package(export_dir, "edge", out=tmp_path / "edge", check_with=(str(tmp_path / "no-python"),))
+    assert not (tmp_path / "edge").exists()

@@ -3,6 +3,7 @@ every tampered or malformed bundle is refused."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import shutil
@@ -43,8 +44,43 @@ def test_edge_bundle_contents(bundles):
             assert info["ir_version"] <= 9 and info["opset"] <= 20  # readable by onnxruntime 1.17
     config = (root / "required_operators.config").read_text()
     assert "ai.onnx;" in config and "Loop" in config and "/tmp" not in config
-    assert manifest["onnxruntime"]["min_version"] == "1.17"
     assert manifest["source_export"]["manifest_sha256"] and manifest["parity"]["passed"]
+
+
+def test_runtime_claims_are_what_was_computed(bundles):
+    """No 'tested with' list that nothing ran: the golden outputs' producer, and a floor derived
+    from the models' opset and IR version through onnxruntime's table."""
+    import torch
+
+    from gru_deploy.versions import onnxruntime_floor
+
+    for target in ("edge", "server"):
+        manifest = json.loads((bundles[target] / "manifest.json").read_text())
+        runtimes = manifest["onnxruntime"]
+        assert "tested" not in runtimes and runtimes["checked_with"] == []
+        assert runtimes["golden_outputs"] == {"fp32": f"eager PyTorch {torch.__version__}"}
+        onnx_models = [m for m in manifest["models"].values() if m["format"] == "onnx"]
+        opset, ir = max(m["opset"] for m in onnx_models), max(m["ir_version"] for m in onnx_models)
+        compat = runtimes["onnx_compatibility"]
+        assert (compat["max_opset"], compat["max_ir_version"]) == (opset, ir)
+        assert compat["min_onnxruntime"] == onnxruntime_floor(opset, ir) == "1.12"  # opset 17, IR 8
+        readme = (bundles[target] / "README.txt").read_text()
+        assert target == "server" or f"Needs onnxruntime >= {compat['min_onnxruntime']}" in readme
+    assert onnxruntime_floor(18, 8) == "1.14" and onnxruntime_floor(20, 9) == "1.17"
+    assert onnxruntime_floor(19, 10) == "1.18" and onnxruntime_floor(30, 9) is None
+
+
+def test_models_are_recorded_with_variant_format_and_precision(bundles):
+    """Every model in a bundle says what it is and which export file it came from: nothing
+    downstream guesses from a file name."""
+    edge = json.loads((bundles["edge"] / "manifest.json").read_text())["models"]
+    assert {(n, m["variant"], m["format"], m["precision"], m["source"]) for n, m in edge.items()} == {
+        ("model.onnx", "classifier", "onnx", "fp32", "model.onnx"), ("model.ort", "classifier", "ort", "fp32", "model.ort"),
+        ("model_stream.onnx", "stream", "onnx", "fp32", "model_stream.onnx"),
+        ("model_stream.ort", "stream", "ort", "fp32", "model_stream.ort")}
+    server = json.loads((bundles["server"] / "manifest.json").read_text())["models"]
+    lengths = server["model_repository/gru_classifier_lengths/1/model.onnx"]
+    assert (lengths["variant"], lengths["source"]) == ("lengths", "model_lengths.onnx")
 
 
 def test_golden_vectors_agree_in_npy_and_json(bundles):
@@ -166,12 +202,45 @@ FOLDER_CASES = {
 
 @pytest.mark.parametrize("case", sorted(FOLDER_CASES))
 def test_verify_refuses_a_bad_bundle_folder(bundles, tmp_path, case):
+    """A check failure is a failed entry of the report (with its message); a malformed manifest
+    is a user error."""
     corrupt, error, fragment = FOLDER_CASES[case]
     root = tmp_path / "edge"
     shutil.copytree(bundles["edge"], root)
     corrupt(root)
-    with pytest.raises(error, match=fragment):
-        verify_bundle(root)
+    if error is UserInputError:
+        with pytest.raises(UserInputError, match=fragment):
+            verify_bundle(root)
+        return
+    report = verify_bundle(root)
+    failed = [c for c in report["checks"] if not c["passed"]]
+    assert not report["passed"] and failed and any(fragment in c["message"] for c in failed)
+
+
+def test_verify_bundle_json_reports_every_check_on_failure(bundles, tmp_path):
+    root = tmp_path / "edge"
+    shutil.copytree(bundles["edge"], root)
+    _change_golden(root)
+    proc = run_cli("verify", str(root), "--json")
+    assert proc.returncode == 1
+    report = json.loads(proc.stdout)
+    assert report["passed"] is False and report["target"] == "edge"
+    failed = [c for c in report["checks"] if not c["passed"]]
+    assert failed and all(c["message"] for c in failed) and "golden classifier_0" in failed[0]["message"]
+    assert any(c["passed"] for c in report["checks"])  # the checks after the failing one still ran
+    assert "elements exceed both atol" in failed[0]["message"]
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_verify_on_a_file_that_is_no_bundle_is_a_usage_error(export_dir):
+    proc = run_cli("verify", str(export_dir / "model.onnx"))
+    assert proc.returncode == 2 and "not an export folder or a bundle" in proc.stderr
+
+
+def test_verify_bundle_refuses_options_it_does_not_use(bundles):
+    for option in (["--atol", "1e-3"], ["--data", "synthetic"], ["--junit-xml", "r.xml"]):
+        proc = run_cli("verify", str(bundles["edge"]), *option)
+        assert proc.returncode == 2 and option[0] in proc.stderr, proc.stderr
 
 
 def _tar_with(members):
@@ -202,7 +271,7 @@ ARCHIVE_CASES = {
     "hard link": lambda b: _with_real_bundle(b, [_member("edge/hard", kind=tarfile.LNKTYPE, link="edge/model.onnx")]),
     "extra member": lambda b: _with_real_bundle(b, [_member("edge/extra.bin")]),
     "truncated": lambda b: b["edge.tar.gz"].read_bytes()[: len(b["edge.tar.gz"].read_bytes()) // 2],
-    "not gzip": lambda b: b"plain text, not an archive",
+    "not a tar inside gzip": lambda b: gzip.compress(b"plain text, not a tar"),
 }
 
 
@@ -256,19 +325,87 @@ def test_infer_runs_on_bundles(bundles, export_dir, tmp_path):
     np.testing.assert_array_equal(results[0], results[2])
 
 
-def test_int8_edge_bundle(export_dir, tmp_path):
-    out, manifest = package(export_dir, "edge", out=tmp_path / "q.tar.gz", archive=True, quantize="int8")
+@pytest.fixture(scope="module")
+def int8_bundle(export_dir, tmp_path_factory):
+    out, manifest = package(export_dir, "edge", out=tmp_path_factory.mktemp("int8") / "q.tar.gz", archive=True,
+                            quantize="int8")
+    return out, manifest
+
+
+def test_int8_edge_bundle(export_dir, int8_bundle, tmp_path):
+    out, manifest = int8_bundle
     assert verify_bundle(out)["passed"]
     models = manifest["quantization"]["models"]
     assert set(models) == {"model.int8.onnx", "model_stream.int8.onnx"}
     for info in models.values():
-        assert info["weight_bytes_quantized_share"] > 0.5
-        assert info["parity_vs_eager"]["argmax_agreement"] >= 0.9
-        assert 0 < info["parity_vs_eager"]["max_abs_vs_eager"] < 0.5  # int8 really changed the numbers
-    assert manifest["models"]["model.int8.onnx"]["quantized"] == "int8"
+        assert info["weight_bytes_quantized_share"] > 0.5 and info["int8_weights_in_subgraphs"] > 0
+        assert info["quantized_op_types"]["MatMulInteger"] >= 4  # the three gates' weights and the head
+        gate = info["gate_vs_eager"]
+        assert gate["passed"] and 0 < gate["max_abs"] <= gate["max_abs_bound"]  # int8 really changed the numbers
+    assert manifest["quantization"]["settings"]["weight_type"] == "QInt8"
+    assert manifest["models"]["model.int8.onnx"]["precision"] == "int8"
+    assert manifest["models"]["model.int8.onnx"]["quantized_from"] == "model.onnx"
+    assert manifest["onnxruntime"]["golden_outputs"]["int8"].startswith("the int8 model in onnxruntime")
     (tmp_path / "again").mkdir()
     again, _ = package(export_dir, "edge", out=tmp_path / "again" / "q.tar.gz", archive=True, quantize="int8")
     assert again.read_bytes() == out.read_bytes()
+
+
+def test_infer_on_an_int8_bundle_runs_fp32_unless_asked(export_dir, int8_bundle, tmp_path):
+    """The fp32 model by default, exactly the export's logits; --precision int8 runs the int8 one;
+    both say which file ran."""
+    x = np.random.default_rng(7).standard_normal((3, 20, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    runs = {}
+    for path, extra in ((export_dir, []), (int8_bundle[0], []), (int8_bundle[0], ["--precision", "int8"])):
+        proc = run_cli("infer", str(path), "--input", str(tmp_path / "x.npy"), "--json", *extra)
+        assert proc.returncode == 0, proc.stderr
+        runs[(str(path), tuple(extra))] = json.loads(proc.stdout)
+    export_run, fp32_run, int8_run = runs.values()
+    assert (fp32_run["model"], fp32_run["precision"]) == ("model.onnx", "fp32")
+    assert (int8_run["model"], int8_run["precision"]) == ("model.int8.onnx", "int8")
+    assert fp32_run["logits"] == export_run["logits"]
+    assert np.abs(np.array(int8_run["logits"]) - np.array(fp32_run["logits"])).max() > 1e-4
+    proc = run_cli("infer", str(int8_bundle[0]), "--input", str(tmp_path / "x.npy"), "--precision", "int8")
+    assert proc.returncode == 0 and "ran model.int8.onnx (int8)" in proc.stderr
+    proc = run_cli("infer", str(export_dir), "--input", str(tmp_path / "x.npy"), "--precision", "int8")
+    assert proc.returncode == 2 and "--quantize int8" in proc.stderr
+
+
+def test_int8_gate_is_checked_at_verify_against_the_recorded_bound(int8_bundle, tmp_path):
+    with tarfile.open(int8_bundle[0]) as tar:
+        tar.extractall(tmp_path, filter="data")
+    root = tmp_path / "q"
+    _edit_manifest(root, lambda d: d["quantization"]["models"]["model.int8.onnx"]["gate_vs_eager"].update(
+        {"max_abs_bound": 1e-6}))
+    report = verify_bundle(root)
+    failed = [c for c in report["checks"] if not c["passed"]]
+    assert not report["passed"] and [c["check"] for c in failed] == [
+        "int8 gate: model.int8.onnx vs eager on the golden inputs"]
+    assert "max abs" in failed[0]["message"]
+
+
+def test_int8_gate_at_package_time_refuses_and_writes_nothing(export_dir, tmp_path, monkeypatch):
+    from gru_deploy import compare
+
+    monkeypatch.setattr(compare, "INT8_BOUND_FRACTION", 1e-6)
+    with pytest.raises(CheckFailed, match="gate against eager"):
+        package(export_dir, "edge", out=tmp_path / "q", quantize="int8")
+    assert not (tmp_path / "q").exists()
+
+
+def test_int8_of_a_fused_model_is_refused_with_the_reason(tiny_checkpoint):
+    """onnxruntime has no int8 GRU kernel: the quantiser would touch only the head."""
+    from gru_deploy.export import export_fused
+    from gru_deploy.package import _quantize
+
+    fused = export_fused(tiny_checkpoint.state_dict, tiny_checkpoint.spec).onnx_bytes
+    files = {"model.onnx": fused}
+    models = {"model.onnx": {"variant": "classifier", "format": "onnx", "precision": "fp32", "source": "model.onnx"}}
+    source = {"models": {"model.onnx": {"strategy": "fused"}}}
+    with pytest.raises(UserInputError, match=r"onnxruntime#9796.*--strategy loop") as caught:
+        _quantize(files, models, source, lambda m: None)
+    assert "GRU" in str(caught.value) and set(files) == {"model.onnx"}
 
 
 def test_int8_is_for_edge_only(export_dir, tmp_path):

@@ -18,22 +18,70 @@ def test_fused_export_verifies(tiny_checkpoint, tmp_path):
     assert verify_export(tmp_path / "fused")
 
 
-def test_auto_keeps_the_fastest_it_measured(tiny_checkpoint, tmp_path):
+STRATEGY_OP = {"loop": "Loop", "fused": "GRU", "scan": "Scan"}
+
+
+def op_types(graph: "onnx.GraphProto") -> set[str]:
+    """Every op type in an ONNX graph, its sub-graphs (If branches, Loop and Scan bodies) included."""
+    found = set()
+    for node in graph.node:
+        found.add(node.op_type)
+        for attribute in node.attribute:
+            for sub in [attribute.g, *attribute.graphs]:
+                found |= op_types(sub)
+    return found
+
+
+def test_auto_keeps_the_fastest_it_measured(tiny_checkpoint, tmp_path, monkeypatch):
+    """auto's timings decide: the graph timed fastest is the one written, and the timings recorded."""
+    import onnx
+
+    from gru_deploy import pipeline
+
+    timed: dict[str, bytes] = {}
+    medians = {"loop": 30.0, "fused": 20.0, "scan": 10.0}  # scan: not the first candidate; far apart: no re-timing
+
+    def fake_time_strategies(models, spec, typical, budget_s=0.5):
+        assert tuple(typical) == (2, 30)
+        for name, graph in models.items():  # each strategy's own graph is timed under its name
+            assert STRATEGY_OP[name] in op_types(onnx.load_from_string(graph).graph), name
+        timed.update(models)
+        return {name: medians[name] for name in models}
+
+    monkeypatch.setattr(pipeline, "time_strategies", fake_time_strategies)
     manifest = export_to_dir(tiny_checkpoint, tmp_path / "auto", strategy="auto", typical=(2, 30))
     auto = manifest["auto"]
-    assert set(auto["median_us"]) == {"loop", "fused", "scan"}
-    assert auto["chosen"] == min(auto["median_us"], key=auto["median_us"].get) == manifest["strategy"]
+    assert auto["median_us"] == medians and auto["chosen"] == "scan" == manifest["strategy"]
+    assert (tmp_path / "auto" / "model.onnx").read_bytes() == timed["scan"]
     assert (auto["typical_batch"], auto["typical_seq"]) == (2, 30)
     assert read_manifest(tmp_path / "auto")["auto"] == auto
 
 
-def test_time_strategies_reports_positive_medians(export_dir):
-    spec_config = read_manifest(export_dir)["config"]
-    from gru_deploy.spec import ModelSpec
+def test_time_strategies_times_each_graph_on_the_typical_input(tiny_checkpoint, monkeypatch):
+    """Each name's median is taken of that name's graph, on a (batch, seq) input of the typical shape."""
+    import numpy as np
 
-    onnx_bytes = (export_dir / "model.onnx").read_bytes()
-    timings = time_strategies({"a": onnx_bytes}, ModelSpec.from_dict(spec_config), (1, 5), budget_s=0.05)
-    assert timings["a"] > 0
+    from gru_deploy import bench
+    from gru_deploy.export import export_fused
+    from gru_deploy.runners import OnnxRuntimeRunner
+
+    spec = tiny_checkpoint.spec
+    shifted = {**tiny_checkpoint.state_dict, "fc.bias": tiny_checkpoint.state_dict["fc.bias"] + 1.0}
+    graphs = {"a": export_fused(tiny_checkpoint.state_dict, spec).onnx_bytes,
+              "b": export_fused(shifted, spec).onnx_bytes}
+    outputs = []
+
+    def fake_median_us(fn, budget_s=1.0, min_runs=5, max_runs=1000):
+        outputs.append(fn())
+        return 10.04 * len(outputs)
+
+    monkeypatch.setattr(bench, "median_us", fake_median_us)
+    timings = time_strategies(graphs, spec, (3, 5), budget_s=0.05)
+    assert timings == {"a": 10.0, "b": 20.1}  # the medians, rounded to 0.1 µs, in the order given
+    x = np.random.default_rng(0).standard_normal((3, 5, spec.input_size)).astype(np.float32)
+    for (name, graph), output in zip(graphs.items(), outputs):
+        expected = OnnxRuntimeRunner(spec, graph).run({"x": x})
+        np.testing.assert_array_equal(output["logits"], expected["logits"], err_msg=name)
 
 
 @pytest.mark.parametrize("kwargs,fragment", [

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -20,7 +21,7 @@ import pytest
 
 from cli_helpers import gru_deploy_exe, run_cli
 from gru_deploy.errors import CheckFailed
-from gru_deploy.manifest import read_manifest, sha256_file
+from gru_deploy.manifest import _recover_interrupted_runs, read_manifest, sha256_file
 from gru_deploy.verify import verify_export
 
 
@@ -49,13 +50,75 @@ def test_kill_9_during_export_leaves_old_or_new_complete(export_copy, tmp_path, 
     time.sleep(random.Random(seed).uniform(0.5, 5.0))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    run_cli("inspect", str(export_copy))  # a later command restores an interrupted swap
+    _recover_interrupted_runs(export_copy)  # what the next export does first (the swap window: see below)
     manifest = read_manifest(export_copy)
     assert manifest["source_checkpoint"]["sha256"] in (old_sha, sha256_file(other))
     assert verify_export(export_copy)  # complete: every checksum and the parity gate
     rerun = run_cli("export", "--checkpoint", str(other), "--out", str(export_copy), "-q")
     assert rerun.returncode == 0, rerun.stderr
     assert read_manifest(export_copy)["source_checkpoint"]["sha256"] == sha256_file(other)
+
+
+# Runs `gru-deploy ARGS...` with staged_dir's os.replace wrapped: right after the rename that
+# opens POINT of the folder swap, the process SIGKILLs itself. Only the manifest module's view
+# of `os` changes, so every other rename is the real one.
+SWAP_KILLER = """
+import os, signal, sys, types
+from pathlib import Path
+
+from gru_deploy import manifest
+from gru_deploy.cli import main
+
+target, point = Path(sys.argv[1]).absolute(), sys.argv[2]
+real_replace = os.replace
+
+
+def replace(src, dst, *args, **kwargs):
+    real_replace(src, dst, *args, **kwargs)
+    src, dst = Path(src).absolute(), Path(dst).absolute()
+    old_aside = dst.name == target.name and dst.parent.name.startswith(f".{target.name}.old-")
+    new_in = dst == target and src.name.startswith(f".{target.name}.staging-")
+    if (point == "old-aside" and old_aside) or (point == "new-in" and new_in):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+manifest.os = types.SimpleNamespace(**{**vars(os), "replace": replace})
+main(sys.argv[3:])
+"""
+
+
+class SwapLeftovers(AssertionError):
+    """Hidden folders of an interrupted swap that the next run left beside the export."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["old-aside", "new-in"])
+def test_kill_9_inside_the_folder_swap_is_repaired_by_the_next_run(export_copy, tmp_path, point):
+    """kill -9 exactly inside the folder swap (old moved aside, new not in; new in, old not deleted):
+    the next export finds the old export (or the new one) whole in place, and nothing else beside it."""
+    from gru_deploy.manifest import check_files
+
+    old_sha = read_manifest(export_copy)["source_checkpoint"]["sha256"]
+    other = _other_checkpoint(tmp_path)
+    killed = subprocess.run([sys.executable, "-c", SWAP_KILLER, str(export_copy), point,
+                             "export", "--checkpoint", str(other), "--out", str(export_copy), "-q"],
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr  # it died inside the swap, not before
+    if point == "old-aside":
+        assert not export_copy.exists()  # the window: no export in place until the next run
+    else:
+        assert read_manifest(export_copy)["source_checkpoint"]["sha256"] == sha256_file(other)
+    # The next run: staged_dir repairs the swap first, then this export fails its parity gate
+    # (zero tolerances), so what it leaves in place is what the repair put there.
+    rerun = run_cli("export", "--checkpoint", str(other), "--out", str(export_copy), "--atol", "0", "--rtol", "0")
+    assert rerun.returncode == 1 and "parity failed" in rerun.stderr, rerun.stderr
+    expected = old_sha if point == "old-aside" else sha256_file(other)
+    manifest = read_manifest(export_copy)
+    assert manifest["source_checkpoint"]["sha256"] == expected
+    check_files(export_copy, manifest)  # complete: every listed file, every checksum
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(f".{export_copy.name}."))
+    if leftovers:
+        raise SwapLeftovers(f"left beside {export_copy.name}: {leftovers}")
 
 
 @pytest.mark.slow
@@ -161,8 +224,10 @@ def test_hostile_onnx_in_a_bundle_is_refused_before_loading(export_dir, tmp_path
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["files"]["model.onnx"] = {"sha256": sha256_file(root / "model.onnx"), "size": len(data)}
     (root / "manifest.json").write_text(json.dumps(manifest))  # checksums updated: only the guard can catch it
-    with pytest.raises(CheckFailed, match=fragment):
-        verify_bundle(root)
+    report = verify_bundle(root)
+    failed = [c for c in report["checks"] if not c["passed"]]
+    assert not report["passed"] and failed, report
+    assert re.search(fragment, failed[0]["message"]) and "model.onnx" in failed[0]["message"], failed[0]
 
 
 # --- random shapes and values through every runner, in a subprocess ---------------------------
@@ -235,6 +300,23 @@ def test_recovery_puts_back_a_folder_moved_aside(export_copy):
             raise RuntimeError("fail after the restore")
     assert verify_export(export_copy) and not backup.exists()
     shutil.rmtree(backup, ignore_errors=True)
+
+
+def test_recovery_restores_the_newest_backup_and_leaves_live_runs_alone(tmp_path):
+    """A stale backup left by an older crash must not win over the folder moved aside last; a
+    concurrent run's staging folder (its process alive) is not touched."""
+    target = tmp_path / "out"
+    for name, content, when in (("old-999999991-a", "stale", 1_000), ("old-999999992-z", "newest", 2_000)):
+        (tmp_path / f".out.{name}" / "out").mkdir(parents=True)
+        (tmp_path / f".out.{name}" / "out" / "v").write_text(content)
+        os.utime(tmp_path / f".out.{name}", (when, when))
+    live = tmp_path / f".out.staging-{os.getpid()}-x"
+    live.mkdir()
+    dead = tmp_path / ".out.staging-999999993-y"
+    dead.mkdir()
+    _recover_interrupted_runs(target)
+    assert (target / "v").read_text() == "newest"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name])
 
 
 @pytest.mark.slow

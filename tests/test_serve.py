@@ -1,7 +1,9 @@
-"""`gru-deploy serve`: a real server in a subprocess on a loopback port, driven by tritonclient.http."""
+"""`gru-deploy serve`: a real server in a subprocess on a loopback port, driven by tritonclient.http;
+the batcher's failure and length-grouping rules in-process, with the failures injected."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
@@ -14,8 +16,10 @@ import urllib.request
 import numpy as np
 import pytest
 
+import gru_deploy.serve as serving
 from cli_helpers import gru_deploy_exe
 from gru_deploy.manifest import read_manifest
+from gru_deploy.serve import Pending, length_groups, load_model, make_app
 from gru_deploy.verify import export_runners
 
 import tritonclient.http as http  # noqa: E402  (the test extra installs tritonclient[http])
@@ -209,3 +213,160 @@ def test_oversized_content_length_is_refused_before_the_body_is_read(server):
                      "Content-Length: 999999999\r\n\r\n".encode())
         reply = sock.recv(4096).decode()
     assert reply.startswith("HTTP/1.1 413") and '"error"' in reply
+
+
+# --- the batcher, in-process ---------------------------------------------------------------
+
+def run_async(coro, timeout: float = 30.0):
+    """Run `coro` on a fresh event loop; a request that never gets an answer (the batcher gone)
+    fails the test after `timeout` seconds instead of hanging it."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+class PaddingFails:
+    """numpy as serve.py sees it, except that its first np.zeros (the padded batch) raises."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    def zeros(self, shape, *args, **kwargs):
+        if not self.failed:
+            self.failed = True
+            raise MemoryError(f"Unable to allocate the padded batch of shape {shape}")
+        return np.zeros(shape, *args, **kwargs)
+
+
+def fail_once(function, exc: Exception):
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise exc
+        return function(*args, **kwargs)
+    return wrapper
+
+
+INJECTED = {  # where the first group fails, and with what; max batch
+    "padding the batch (MemoryError)": 3,
+    "onnxruntime (multi-line message)": 3,
+    "splitting by length": 3,
+    "onnxruntime, batching off": 1,
+}
+
+
+@pytest.mark.parametrize("where", sorted(INJECTED))
+def test_a_failed_group_gets_v2_500s_and_later_requests_are_served(export_dir, local, monkeypatch, where):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    max_batch = INJECTED[where]
+    # a group closes when max_batch samples are in (the delay is far longer than the test), so the
+    # first max_batch requests are exactly the first group, whatever the timing
+    model = load_model(export_dir, 1, max_batch, 60_000.0, None)
+    if where.startswith("padding"):
+        monkeypatch.setattr(serving, "np", PaddingFails())
+    elif where.startswith("onnxruntime"):
+        error = RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : injected\n  second line")
+        monkeypatch.setattr(model.runner, "run", fail_once(model.runner.run, error))
+    else:
+        monkeypatch.setattr(serving, "length_groups", fail_once(serving.length_groups, ValueError("injected")))
+    rng = np.random.default_rng(5)
+    first = [rng.standard_normal((1, 7, 8)).astype(np.float32) for _ in range(max_batch)]
+    later = [rng.standard_normal((1, n, 8)).astype(np.float32) for n in (3, 9, 11)[:max_batch]]
+
+    async def scenario():
+        async with TestClient(TestServer(make_app(model))) as client:
+            async def infer(x):
+                body = _json([{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}])
+                response = await client.post(f"/v2/models/{NAME}/infer", data=body)
+                return response.status, response.content_type, await response.text()
+
+            failed = await asyncio.gather(*(infer(x) for x in first))
+            served = await asyncio.gather(*(infer(x) for x in later))
+            metrics = await (await client.get("/metrics")).text()
+            return failed, served, metrics
+
+    failed, served, metrics = run_async(scenario())
+    for status, content_type, text in failed:
+        assert (status, content_type) == (500, "application/json")
+        message = json.loads(text)
+        assert set(message) == {"error"} and message["error"].startswith("internal error: ")
+        assert "injected" in message["error"] or "Unable to allocate" in message["error"]
+        assert "\n" not in message["error"]
+    for x, (status, _, text) in zip(later, served):
+        assert status == 200
+        logits = np.array(json.loads(text)["outputs"][0]["data"], np.float32).reshape(1, -1)
+        np.testing.assert_allclose(logits, local(x), atol=1e-5, rtol=1e-5)
+    assert f'gru_deploy_requests_total{{status="500"}} {float(len(first))}' in metrics
+
+
+def calls_of(model, monkeypatch) -> list[tuple[int, ...]]:
+    """The padded shape of x of each onnxruntime call the model makes, in order."""
+    calls: list[tuple[int, ...]] = []
+    run = model.run
+
+    def recording(x, lengths):
+        calls.append(x.shape)
+        return run(x, lengths)
+    monkeypatch.setattr(model, "run", recording)
+    return calls
+
+
+@pytest.mark.parametrize("group_by_length, expected", [
+    (True, [(2, 3, 8), (2, 500, 8), (1, 20_000, 8)]),  # shortest first; never padded to 20,000
+    (False, [(5, 20_000, 8)]),  # the switch off: one call padded to the longest
+])
+def test_requests_of_far_apart_lengths_run_in_separate_calls_shortest_first(export_dir, local, monkeypatch,
+                                                                           group_by_length, expected):
+    seqs = [20_000, 3, 500, 1, 300]
+    model = load_model(export_dir, 1, len(seqs), 60_000.0, None, group_by_length=group_by_length)
+    calls = calls_of(model, monkeypatch)
+    rng = np.random.default_rng(6)
+    xs = [rng.standard_normal((1, n, 8)).astype(np.float32) for n in seqs]
+
+    async def scenario():
+        model.queue = asyncio.Queue()
+        batcher = asyncio.create_task(model.batcher())
+        try:  # one group: it closes when all len(seqs) samples are in
+            return await asyncio.gather(*(model.infer(x, np.array([x.shape[1]], np.int64)) for x in xs))
+        finally:
+            batcher.cancel()
+            model.executor.shutdown(wait=True)
+
+    answers = run_async(scenario(), timeout=120)
+    assert calls == expected
+    for x, got in zip(xs, answers):
+        np.testing.assert_allclose(got, local(x), atol=1e-5, rtol=1e-5)  # as each gets alone
+
+
+def test_length_groups_bound_the_padding_and_keep_similar_lengths_together():
+    def pending(seq: int, batch: int = 1) -> Pending:
+        return Pending(np.zeros((batch, seq, 8), np.float32), np.full(batch, seq, np.int64), None)
+
+    def seqs(parts):
+        return [[p.x.shape[1] for p in part] for part in parts]
+
+    assert seqs(length_groups([pending(n) for n in (10, 100, 55, 138, 30)])) == [[10, 30, 55, 100, 138]]  # slack 128
+    assert seqs(length_groups([pending(n) for n in (20_000, 1, 2_000, 16_000, 16_001, 129, 130)])) == \
+        [[1], [129, 130], [2_000], [16_000, 16_001, 20_000]]  # padded to at most 8x, or 128 steps more
+    assert seqs(length_groups([pending(n) for n in (129, 1)])) == [[1, 129]]
+    assert seqs(length_groups([pending(n) for n in (130, 1)])) == [[1], [130]]
+    assert seqs(length_groups([pending(n) for n in (5, 1, 9)], ratio=1, slack=0)) == [[1], [5], [9]]
+    assert length_groups([]) == []
+    same = [pending(7, batch=b) for b in (1, 3, 2)]
+    assert length_groups(same) == [same]  # equal lengths: arrival order kept
+
+
+def test_serve_on_an_edge_bundle_says_what_to_package(export_dir, tmp_path):
+    """An edge bundle has no variable-length model: exit 2 naming the server target."""
+    from cli_helpers import run_cli
+    from gru_deploy.package import package
+
+    edge, _ = package(export_dir, "edge", out=tmp_path / "edge")
+    proc = run_cli("serve", str(edge), "--port", str(free_port()))
+    assert proc.returncode == 2 and "--target server" in proc.stderr, proc.stderr
+    proc = run_cli("serve", str(export_dir), "--port", str(free_port()), "--precision", "int8")
+    assert proc.returncode == 2 and "no int8 onnx model for the lengths variant" in proc.stderr, proc.stderr

@@ -14,7 +14,8 @@ from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.manifest import atomic_write_json, read_manifest, sha256_file
 from gru_deploy.runners import Runner
 from gru_deploy.spec import ModelSpec
-from gru_deploy.verify import GRID_BATCHES, GRID_SEQS, export_runners, grid_cases, make_input, run_parity, verify_export
+from gru_deploy.verify import (GRID_BATCHES, GRID_SEQS, VARIANT_CASES, export_runners, grid_cases, make_input,
+                               run_parity, verify_export)
 
 
 def test_export_dir_holds_its_files_and_a_complete_manifest(export_dir):
@@ -141,3 +142,48 @@ def test_copy_of_an_export_still_verifies(export_dir, tmp_path):
     dest = tmp_path / "moved"
     shutil.copytree(export_dir, dest)
     assert verify_export(dest)
+
+
+def test_verify_reports_progress_per_case(export_dir):
+    """One message per parity case (the CLI shows them on stderr on a terminal; --quiet drops them)."""
+    heard: list[str] = []
+    report = verify_export(export_dir, on_case=heard.append)
+    parity_cases = [c for c in report.cases if "chunk" not in c]
+    case_lines = [m for m in heard if " case " in m]
+    assert len(case_lines) == len(parity_cases) == len(grid_cases()) + 2 * len(VARIANT_CASES)
+    assert case_lines[0] == f"classifier: case 1/{len(grid_cases())}: batch 1, seq 0"
+    assert sum("chunks of" in m for m in heard) == 2
+
+
+def test_an_ill_conditioned_case_widens_its_atol_by_float32s_own_error(export_dir):
+    """Each case records float32's own error on its input (Monte Carlo arithmetic on the float64
+    reference) and its atol is atol + NOISE_FACTOR x that; on well-conditioned inputs it is tiny."""
+    from gru_deploy.verify import NOISE_FACTOR
+
+    report = json.loads((export_dir / "parity.json").read_text())
+    for case in report["cases"]:
+        if "float32_noise" not in case:
+            continue  # chunked streaming compares one runtime with itself
+        for key, c in case["pairs"].items():
+            out = "h_n" if key.endswith("[h_n]") else "logits"
+            assert c["atol"] == pytest.approx(report["atol"] + NOISE_FACTOR * case["float32_noise"][out])
+    noise = [v for case in report["cases"] for v in case.get("float32_noise", {}).values()]
+    assert 0 < np.median(noise) < 1e-6
+
+
+def test_float32_noise_grows_where_the_trajectory_amplifies_rounding():
+    """A cell whose recurrent weights are large amplifies a rounding; one that forgets does not."""
+    import torch
+
+    from gru_deploy.model import GRUClassifier, weights_numpy
+    from gru_deploy.runners import Float64Runner
+
+    torch.manual_seed(0)
+    model = GRUClassifier()
+    feed = {"x": make_input(2, 200, 8, seed=1)}
+    quiet = Float64Runner(ModelSpec(), weights_numpy(model)).float32_noise(feed)["logits"]
+    with torch.no_grad():
+        for name in ("W_hz", "W_hr", "W_hh"):
+            getattr(model.gru, name).weight.mul_(8.0)
+    loud = Float64Runner(ModelSpec(), weights_numpy(model)).float32_noise(feed)["logits"]
+    assert quiet < 1e-5 and loud > 10 * quiet

@@ -4,10 +4,10 @@
 //                                      script only fetches optional CUDA libraries)
 //   node run.mjs path/to/edge-bundle
 //
-// For every classifier and stream case in golden/golden.json it runs the case's model
-// (model.onnx, model_stream.onnx, ...) and, when the bundle has it, the ORT-format twin
-// (model.ort, model_stream.ort), and compares the outputs with the golden ones (eager
-// PyTorch). Then it feeds each stream case chunk by chunk (chunks of 1 and of 5 steps),
+// For every classifier and stream case in golden/golden.json it runs every .onnx and .ort
+// model that manifest.json lists for the case's variant and precision (fp32: model.onnx and
+// model.ort, ...; int8: model.int8.onnx) and compares the outputs with the golden ones (eager
+// PyTorch; an int8 case, the int8 model's own). Then it feeds each stream case chunk by chunk (chunks of 1 and of 5 steps),
 // carrying h_n into the next h0, and checks that the final logits and h_n equal one pass.
 // Exit 0 when everything is within tolerance (golden.json's atol, 1e-5; a case's own atol
 // where it has one), 1 otherwise, 2 on bad usage.
@@ -27,6 +27,16 @@ if (!bundle) usage("missing the bundle folder");
 const goldenPath = join(bundle, "golden", "golden.json");
 if (!existsSync(goldenPath)) usage(`${goldenPath} not found (is ${bundle} a gru-deploy edge bundle folder?)`);
 const golden = JSON.parse(readFileSync(goldenPath, "utf8"));
+const manifest = JSON.parse(readFileSync(join(bundle, "manifest.json"), "utf8"));
+
+// The models to run a case on: what the manifest says they are, never a file-name pattern.
+function modelsFor(c) {
+  const precision = c.precision ?? "fp32";
+  return Object.entries(manifest.models)
+    .filter(([, m]) => m.variant === c.variant && (m.precision ?? "fp32") === precision
+      && (m.format === "onnx" || m.format === "ort"))
+    .map(([path, m]) => ({ path, format: m.format, precision }));
+}
 const defaultAtol = golden.atol ?? 1e-5;
 
 function toTensor(t) {
@@ -84,17 +94,16 @@ console.log(`onnxruntime-node ${ort.env.versions?.node ?? ort.env.versions?.comm
 for (const c of cases) {
   const tol = c.atol ?? defaultAtol;
   const feeds = Object.fromEntries(Object.entries(c.inputs).map(([name, t]) => [name, toTensor(t)]));
-  const models = [c.model];
-  const twin = c.model.replace(/\.onnx$/, ".ort");
-  if (twin !== c.model && existsSync(join(bundle, twin))) models.push(twin);
-  for (const model of models) {
-    const kind = model.endsWith(".ort") ? "ort" : "onnx";
+  const models = modelsFor(c);
+  if (!models.some((m) => m.path === c.model)) usage(`golden case ${c.name} names ${c.model}, not a model the manifest lists`);
+  for (const { path: model, format, precision } of models) {
+    const kind = precision === "fp32" ? format : `${format}-${precision}`;
     const s = await session(model);
     const result = await s.run(feeds);
     for (const [name, want] of Object.entries(c.outputs)) {
       const got = result[name];
       const error = got && sameShape(got.dims, want.shape) ? maxAbs(got.data, want.data) : Infinity;
-      record(c.quantized ? `${kind}-${c.quantized}` : kind, error, tol, `${c.name} ${model} ${name}`);
+      record(kind, error, tol, `${c.name} ${model} ${name}`);
     }
     if (c.variant !== "stream") continue;
     // Chunk by chunk, carrying the state: must equal the one pass just made.

@@ -81,7 +81,7 @@
     status("loading the bundle from " + bundleUrl.href);
     var manifest = await fetchOk(new URL("manifest.json", bundleUrl), "json");
     var golden = await fetchOk(new URL("golden/golden.json", bundleUrl), "json");
-    var gcase = golden.cases.filter(function (c) { return c.variant === "classifier" && !c.quantized; })[0];
+    var gcase = golden.cases.filter(function (c) { return c.variant === "classifier" && (c.precision || "fp32") === "fp32"; })[0];
     if (!gcase) throw new Error("golden.json has no classifier case");
     var model = await fetchOk(new URL(gcase.model, bundleUrl), "bytes");
     status("running " + gcase.model + " with onnxruntime-web " + (ort.env.versions && ort.env.versions.web || "") + " (wasm)");

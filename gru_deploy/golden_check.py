@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Check ONNX / ORT-format models against golden outputs in whatever onnxruntime this Python has.
 
-Standalone on purpose (numpy and onnxruntime only, no gru_deploy) so that it runs in a bare
-venv holding an old runtime, e.g. onnxruntime 1.17.3:
+Standalone on purpose (numpy and onnxruntime only, nothing else of gru_deploy) so that it
+runs in a bare venv holding another runtime, e.g. onnxruntime 1.17.3; `gru-deploy package
+--check-with PYTHON` runs it that way and records the result in the bundle manifest:
 
-    python scripts/check_ort117.py MODEL_DIR golden.json [--json results.json]
+    python gru_deploy/golden_check.py MODEL_DIR golden.json [--json results.json]
 
 golden.json:
 
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: no case for {', '.join(unchecked)}")
     print(f"{passed} passed, {failed} failed")
     if args.json is not None:
-        args.json.write_text(json.dumps({"onnxruntime": ort.__version__, "results": records}, indent=2))
+        args.json.write_text(json.dumps({"onnxruntime": ort.__version__, "numpy": np.__version__, "results": records},
+                                        indent=2))
     return 0 if failed == 0 else 1
 
 
