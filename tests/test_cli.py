@@ -157,3 +157,20 @@ def test_tutorial_state_dict_exports(tmp_path):
     manifest = read_manifest(tmp_path / "e")
     assert manifest["config"] == {"input_size": 8, "hidden_size": 12, "output_size": 3,
                                   "labels": ["class_0", "class_1", "class_2"]}
+
+
+def test_the_readme_cli_reference_names_every_option():
+    """Every option of every command appears in README's CLI reference, on that command's lines."""
+    import re
+
+    from gru_deploy.cli import cli
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## CLI reference", 1)[1].split("```", 2)[1]
+    entries = re.split(r"\n(?=gru-deploy )", block)
+    for name, command in cli.commands.items():
+        [entry] = [e for e in entries if e.startswith(f"gru-deploy {name} ")]
+        for param in command.params:
+            for opt in [*param.opts, *param.secondary_opts]:
+                if opt.startswith("--") and opt != "--help":
+                    assert opt in entry, f"README's CLI reference lacks {name} {opt}"

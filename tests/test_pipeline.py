@@ -100,3 +100,25 @@ def test_scan_export_verifies_without_torchscript_in_its_graph(tiny_checkpoint, 
     assert manifest["strategy"] == "scan" and manifest["onnx"]["op_types"]["Scan"] == 1
     assert "Loop" not in manifest["onnx"]["op_types"] and manifest["opset"] >= 18
     assert verify_export(tmp_path / "scan")
+
+
+def test_auto_times_the_two_fastest_again_when_they_are_close():
+    """Within 20%: the second, longer timing of the two decides, and both timings are recorded."""
+    from gru_deploy.pipeline import RETIME_BUDGET_S, TIMING_BUDGET_S, choose_fastest
+
+    graphs = {"loop": b"L", "fused": b"F", "scan": b"S"}
+    calls = []
+
+    def timer(models, budget):
+        calls.append((sorted(models), budget))
+        return {"loop": 10.0, "fused": 11.5, "scan": 30.0} if len(calls) == 1 else {"loop": 12.0, "fused": 9.0}
+
+    chosen, record = choose_fastest(graphs, timer)
+    assert chosen == "fused" and record["chosen"] == "fused"
+    assert calls == [(["fused", "loop", "scan"], TIMING_BUDGET_S), (["fused", "loop"], RETIME_BUDGET_S)]
+    assert record["median_us"]["loop"] == 10.0 and record["retimed"]["median_us"] == {"loop": 12.0, "fused": 9.0}
+    # far apart: one timing decides and nothing is timed again
+    calls.clear()
+    chosen, record = choose_fastest(graphs, lambda models, budget: (calls.append(1), {"loop": 10.0, "fused": 13.0,
+                                                                                     "scan": 30.0})[1])
+    assert chosen == "loop" and "retimed" not in record and len(calls) == 1
