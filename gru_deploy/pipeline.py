@@ -85,6 +85,8 @@ def export_to_dir(
     step = on_step or (lambda message: None)
     spec = checkpoint.spec
     model = checkpoint.model()
+    torch_version = library_versions()["torch"]
+    script.take_deprecations()  # what this export hears, not what earlier work in this process heard
     step("scripting with torch.jit.script (checking the time loop stays a prim::Loop)")
     scripted = script.torchscript(model)
     pt_bytes = script.to_bytes(scripted)
@@ -133,6 +135,7 @@ def export_to_dir(
                              "opset": exported.opset, "ir_version": exported.ir_version}
         variants[variant] = {"torchscript": pt_name, "onnx": onnx_name, "strategy": "loop",
                              "signature": spec.signature(variant), "onnx_node_count": exported.node_count}
+    deprecations = script.take_deprecations()
     step("converting the classifier and stream models to ORT format (onnxruntime's converter)")
     ort_sources = [name for name, info in models.items() if info["format"] == "onnx" and info["variant"] in ORT_VARIANTS]
     converted = to_ort_format({name: files[name] for name in ort_sources})
@@ -163,7 +166,9 @@ def export_to_dir(
             "training": checkpoint.training,
             "source_checkpoint": {"sha256": checkpoint.sha256},
             "versions": library_versions(),
-            "notes": [script.DEPRECATION_NOTE] + ([
+            "notes": [f"torch {torch_version} deprecates what model.pt is made with (gru-deploy silences it and "
+                      "keeps model.pt for libtorch runtimes): " + " | ".join(m[:120] for m in deprecations)
+                      ] * bool(deprecations) + ([
                 f"--strategy {result.strategy} wrote opset {result.opset}, not the {opset} asked for: the dynamo "
                 f"exporter behind it starts at opset 18"] if result.opset != opset else []),
             "files": {name: file_entry(stage / name) for name in files},

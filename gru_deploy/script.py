@@ -1,13 +1,15 @@
 """TorchScript: script the classifier, prove its time loop is a real loop, save and load it.
 
 TorchScript is deprecated upstream: `torch.jit.script` warns on every call. We silence
-that warning where we call it and say it once, as a note in the export's output, because
-`model.pt` is still what libtorch runtimes (C++, Triton's pytorch backend) load.
+that warning where we call it and report what torch said once, as a note in the export's
+manifest and output, because `model.pt` is still what libtorch runtimes (C++, Triton's
+pytorch backend) load.
 """
 
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,20 +20,34 @@ from gru_deploy.errors import CheckFailed, UserInputError
 if TYPE_CHECKING:
     import torch
 
-DEPRECATION_NOTE = (
-    "TorchScript is deprecated upstream (torch.jit.script and the TorchScript ONNX exporter "
-    "warn that they will be removed); model.pt is kept for libtorch runtimes"
-)
+# Deprecation messages torch gave while gru-deploy scripted or exported (first line each, in
+# order), silenced where they arose and reported once by whoever takes them (take_deprecations).
+_DEPRECATIONS: dict[str, None] = {}
+_DEPRECATION = re.compile(r"torch\.jit|TorchScript|legacy|[Tt]he feature will be removed")
 
 
 @contextmanager
 def quiet_torchscript_deprecation() -> Iterator[None]:
-    """Silence torch's TorchScript / legacy-exporter deprecation warnings (we say it once)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch(\.|$)")
-        warnings.filterwarnings("ignore", message=r".*(torch\.jit|TorchScript|legacy).*", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=r".*[Tt]he feature will be removed.*")
+    """Silence torch's TorchScript / legacy-exporter deprecation warnings, remembering what they
+    said (take_deprecations); every other warning goes on as it would have."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         yield
+    for w in caught:
+        text = str(w.message).strip()
+        torch_deprecation = issubclass(w.category, (DeprecationWarning, FutureWarning, UserWarning)) and (
+            _DEPRECATION.search(text) or (issubclass(w.category, DeprecationWarning) and "torch" in w.filename))
+        if torch_deprecation:
+            _DEPRECATIONS.setdefault((text.splitlines() or [""])[0][:300], None)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def take_deprecations() -> list[str]:
+    """The deprecation messages torch gave since the last call (first line each), and forget them."""
+    found = list(_DEPRECATIONS)
+    _DEPRECATIONS.clear()
+    return found
 
 
 def torchscript(model: "torch.nn.Module") -> "torch.jit.ScriptModule":

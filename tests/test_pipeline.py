@@ -99,6 +99,9 @@ def test_scan_export_verifies_without_torchscript_in_its_graph(tiny_checkpoint, 
     manifest = export_to_dir(tiny_checkpoint, tmp_path / "scan", strategy="scan")
     assert manifest["strategy"] == "scan" and manifest["onnx"]["op_types"]["Scan"] == 1
     assert "Loop" not in manifest["onnx"]["op_types"] and manifest["opset"] >= 18
+    # the default --opset 17 was raised to 18, and the manifest (and so export's output) says so
+    assert manifest["opset"] == 18 and manifest["models"]["model.onnx"]["ir_version"] == 8
+    assert any("wrote opset 18, not the 17 asked for" in note for note in manifest["notes"])
     assert verify_export(tmp_path / "scan")
 
 

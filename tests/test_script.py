@@ -72,3 +72,22 @@ def test_load_rejects_a_file_that_is_not_torchscript(tmp_path):
     bad.write_bytes(b"not a zip archive")
     with pytest.raises(UserInputError, match="not a loadable TorchScript"):
         script.load(bad)
+
+
+def test_the_deprecation_note_is_what_torch_said(model):
+    """The export's note quotes the warnings torch raised while scripting, not a fixed sentence;
+    other warnings pass through."""
+    import warnings
+
+    from gru_deploy.script import take_deprecations, torchscript
+
+    take_deprecations()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torchscript(model)
+        with script.quiet_torchscript_deprecation():
+            warnings.warn("an unrelated warning", RuntimeWarning)
+    heard = take_deprecations()
+    assert heard and all("deprecated" in m.lower() or "removed" in m.lower() for m in heard)
+    assert take_deprecations() == []
+    assert [str(w.message) for w in caught] == ["an unrelated warning"]
