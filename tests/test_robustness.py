@@ -323,7 +323,12 @@ def test_recovery_restores_the_newest_backup_and_leaves_live_runs_alone(tmp_path
 def test_ctrl_c_during_export_exits_130_and_keeps_the_old_export(export_copy, tmp_path):
     before = {p.name: p.read_bytes() for p in export_copy.iterdir()}
     proc = _spawn("export", "--checkpoint", str(_other_checkpoint(tmp_path)), "--out", str(export_copy), "-q")
-    time.sleep(2.0)
+    # Interrupt while the new export is being written and checked: its staging folder exists
+    # (a fixed sleep raced a fast machine, where the export had finished by then).
+    deadline = time.monotonic() + 120
+    while not list(export_copy.parent.glob(f".{export_copy.name}.staging-*")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the export never started writing"
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
