@@ -8,4 +8,12 @@ __version__ = "0.1.0"
 
 from gru_deploy.errors import CheckFailed, GruDeployError, UserInputError  # noqa: E402
 
-__all__ = ["__version__", "GruDeployError", "UserInputError", "CheckFailed"]
+__all__ = ["__version__", "GruDeployError", "UserInputError", "CheckFailed", "Stream"]
+
+
+def __getattr__(name: str):  # noqa: ANN202 - lazy: `import gru_deploy` loads no onnxruntime
+    if name == "Stream":
+        from gru_deploy.stream import Stream
+
+        return Stream
+    raise AttributeError(f"module 'gru_deploy' has no attribute {name!r}")

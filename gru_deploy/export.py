@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.script import quiet_torchscript_deprecation
-from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, OUTPUT_NAME, STATE_IN, VARIANT_IO, ModelSpec
+from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, OUTPUT_NAME, STATE_IN, STATE_OUT, VARIANT_IO, ModelSpec
 
 if TYPE_CHECKING:
     import numpy as np
@@ -219,26 +219,43 @@ def fused_weights(state_dict: dict[str, Any]) -> dict[str, "np.ndarray"]:
     }
 
 
-def build_fused(state_dict: dict[str, Any], spec: ModelSpec, opset: int = DEFAULT_OPSET) -> "onnx.ModelProto":
-    """The classifier as one ONNX GRU node plus the head, safe on empty inputs.
+def build_fused(state_dict: dict[str, Any], spec: ModelSpec, opset: int = DEFAULT_OPSET,
+                variant: str = "classifier") -> "onnx.ModelProto":
+    """One variant as one ONNX GRU node plus the head, safe on empty inputs.
 
-    onnxruntime's GRU kernel aborts the process when the batch or time axis is 0, so the
-    graph branches (`If`) on batch·seq == 0 and answers fc(h=0) = fc.bias without the
-    kernel: no input can reach the abort, whoever runs the file.
+    classifier: x -> logits. stream: (x, h0) -> (logits, h_n), h0 as the GRU's initial_h and
+    its Y_h as h_n. lengths: (x, lengths) -> logits through the GRU's sequence_lens.
+    onnxruntime's GRU kernel aborts the process when the batch or time axis is 0, and has had
+    out-of-bounds reads on a sequence_lens of 0, so: the graph branches (`If`) on
+    batch·seq == 0 and answers without the kernel (fc(0) = fc.bias; for the stream, fc(h0)
+    and h_n = h0); and the kernel gets max(lengths, 1), the state of a length-0 sample being
+    set back to 0 after it. No input can reach the abort, whoever runs the file.
     """
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
+    inputs, outputs = VARIANT_IO[variant]
     arrays = fused_weights(state_dict)
     consts = {**arrays, "zero": np.array(0, np.int64), "one": np.array(1, np.int64),
-              "axis0": np.array([0], np.int64), "out_dim": np.array([spec.output_size], np.int64)}
+              "axis0": np.array([0], np.int64), "axis1": np.array([1], np.int64),
+              "out_dim": np.array([spec.output_size], np.int64), "zero_f": np.array(0.0, np.float32)}
     initializers = [numpy_helper.from_array(value, name) for name, value in consts.items()]
     out_shape = ["batch", spec.output_size]
-    empty = helper.make_graph(
-        [helper.make_node("Unsqueeze", ["batch_dim", "axis0"], ["batch_1d"]),
-         helper.make_node("Concat", ["batch_1d", "out_dim"], ["empty_shape"], axis=0),
-         helper.make_node("Expand", ["fc_bias", "empty_shape"], ["logits_empty"])],
-        "empty_input", [], [helper.make_tensor_value_info("logits_empty", TensorProto.FLOAT, out_shape)])
+    state_shape = ["batch", spec.hidden_size]
+
+    def value(name: str, shape: list[Any]) -> "onnx.ValueInfoProto":
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+    if variant == "stream":  # nothing to step through: the state stays h0, the logits are fc(h0)
+        empty_nodes = [helper.make_node("Gemm", [STATE_IN, "fc_weight", "fc_bias"], ["logits_empty"], transB=1),
+                       helper.make_node("Identity", [STATE_IN], ["h_n_empty"])]
+        empty_outputs = [value("logits_empty", out_shape), value("h_n_empty", state_shape)]
+    else:
+        empty_nodes = [helper.make_node("Unsqueeze", ["batch_dim", "axis0"], ["batch_1d"]),
+                       helper.make_node("Concat", ["batch_1d", "out_dim"], ["empty_shape"], axis=0),
+                       helper.make_node("Expand", ["fc_bias", "empty_shape"], ["logits_empty"])]
+        empty_outputs = [value("logits_empty", out_shape)]
+    empty = helper.make_graph(empty_nodes, "empty_input", [], empty_outputs)
     prologue, x_in = [], INPUT_NAME
     if spec.normalization is not None:  # (x - mean) / std, as the scripted model does
         mean, std = spec.normalization
@@ -247,34 +264,93 @@ def build_fused(state_dict: dict[str, Any], spec: ModelSpec, opset: int = DEFAUL
         prologue = [helper.make_node("Sub", [INPUT_NAME, "norm_mean"], ["x_centered"]),
                     helper.make_node("Mul", ["x_centered", "norm_scale"], ["x_normalized"])]
         x_in = "x_normalized"
-    full = helper.make_graph(
-        prologue + [helper.make_node("Transpose", [x_in], ["x_time_major"], perm=[1, 0, 2]),
-         helper.make_node("GRU", ["x_time_major", "W", "R", "B"], ["", "h_last"],
-                          hidden_size=spec.hidden_size, linear_before_reset=0),
-         helper.make_node("Squeeze", ["h_last", "axis0"], ["h"]),
-         helper.make_node("Gemm", ["h", "fc_weight", "fc_bias"], ["logits_full"], transB=1)],
-        "gru", [], [helper.make_tensor_value_info("logits_full", TensorProto.FLOAT, out_shape)])
+    gru_inputs = ["x_time_major", "W", "R", "B"]
+    nodes = prologue + [helper.make_node("Transpose", [x_in], ["x_time_major"], perm=[1, 0, 2])]
+    if variant == "stream":
+        nodes.append(helper.make_node("Unsqueeze", [STATE_IN, "axis0"], ["initial_h"]))
+        gru_inputs += ["", "initial_h"]
+    if variant == "lengths":
+        nodes += [helper.make_node("Max", [LENGTHS_NAME, "one"], ["lengths_at_least_1"]),
+                  helper.make_node("Cast", ["lengths_at_least_1"], ["sequence_lens"], to=TensorProto.INT32)]
+        gru_inputs += ["sequence_lens"]
+    nodes += [helper.make_node("GRU", gru_inputs, ["", "h_last"], hidden_size=spec.hidden_size,
+                               linear_before_reset=0),
+              helper.make_node("Squeeze", ["h_last", "axis0"], ["h_kernel"])]
+    if variant == "lengths":  # a length-0 sample ran one step in the kernel: its state is h0 = 0
+        nodes += [helper.make_node("Equal", [LENGTHS_NAME, "zero"], ["no_steps"]),
+                  helper.make_node("Unsqueeze", ["no_steps", "axis1"], ["no_steps_2d"]),
+                  helper.make_node("Where", ["no_steps_2d", "zero_f", "h_kernel"], ["h"])]
+    else:
+        nodes.append(helper.make_node("Identity", ["h_kernel"], ["h"]))
+    nodes.append(helper.make_node("Gemm", ["h", "fc_weight", "fc_bias"], ["logits_full"], transB=1))
+    full_outputs = [value("logits_full", out_shape)]
+    if variant == "stream":
+        nodes.append(helper.make_node("Identity", ["h"], ["h_n_full"]))
+        full_outputs.append(value("h_n_full", state_shape))
+    full = helper.make_graph(nodes, "gru", [], full_outputs)
+    graph_inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", "seq", spec.input_size])]
+    if variant == "stream":
+        graph_inputs.append(value(STATE_IN, state_shape))
+    if variant == "lengths":
+        graph_inputs.append(helper.make_tensor_value_info(LENGTHS_NAME, TensorProto.INT64, ["batch"]))
+    graph_outputs = [value(OUTPUT_NAME, out_shape)] + ([value(STATE_OUT, state_shape)] if variant == "stream" else [])
     graph = helper.make_graph(
         [helper.make_node("Shape", [INPUT_NAME], ["shape"]),
          helper.make_node("Gather", ["shape", "zero"], ["batch_dim"], axis=0),
          helper.make_node("Gather", ["shape", "one"], ["seq_dim"], axis=0),
          helper.make_node("Mul", ["batch_dim", "seq_dim"], ["elements"]),
          helper.make_node("Equal", ["elements", "zero"], ["is_empty"]),
-         helper.make_node("If", ["is_empty"], [OUTPUT_NAME], then_branch=empty, else_branch=full)],
-        "gru_classifier_fused",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", "seq", spec.input_size])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, out_shape)],
-        initializers,
+         helper.make_node("If", ["is_empty"], list(outputs), then_branch=empty, else_branch=full)],
+        f"gru_{variant}_fused", graph_inputs, graph_outputs, initializers,
     )
+    assert [i.name for i in graph.input] == list(inputs)
+    used = {name for g in all_graphs(graph) for node in g.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]  # a variant uses only some of the constants
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=min_ir_version(opset),
                              producer_name="gru-deploy")
 
 
+def without_empty_guard(onnx_bytes: bytes) -> bytes | None:
+    """The non-empty branch of a guarded graph (build_fused's or the scan export's `If` on
+    batch·seq == 0) as a graph of its own, for a caller that never feeds an empty axis (the
+    streaming API steps batch >= 1, one step at a time); None for a graph without the guard.
+
+    The nodes are the branch's own, so it computes exactly what the guarded graph computes on
+    non-empty inputs; it only skips the Shape/Gather/Equal/If work each call.
+    """
+    import onnx
+    from onnx import helper
+
+    model = onnx.load_from_string(onnx_bytes)
+    top = model.graph
+    guard = [n for n in top.node if n.op_type == "If" and len(n.input) == 1 and n.input[0] in ("is_empty",
+                                                                                                 "guard_is_empty")]
+    if len(guard) != 1:
+        return None
+    branch = next(a.g for a in guard[0].attribute if a.name == "else_branch")
+    rename = dict(zip((o.name for o in branch.output), guard[0].output))
+    nodes = []
+    for node in branch.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.output[:] = [rename.get(o, o) for o in copy.output]
+        nodes.append(copy)
+    used = {name for node in nodes for name in node.input}
+    graph = helper.make_graph(nodes, f"{top.name}_nonempty", list(top.input), list(top.output),
+                              [t for t in top.initializer if t.name in used], value_info=list(branch.value_info))
+    step = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version,
+                             producer_name="gru-deploy")
+    onnx.checker.check_model(step)
+    return step.SerializeToString()
+
+
 def export_fused(state_dict: dict[str, Any], spec: ModelSpec, opset: int = DEFAULT_OPSET,
-                 metadata: dict[str, Any] | None = None) -> ExportResult:
-    """Export the fused (ONNX GRU op) graph, checked like the others."""
+                 metadata: dict[str, Any] | None = None, variant: str = "classifier") -> ExportResult:
+    """Export one variant's fused (ONNX GRU op) graph, checked like the others."""
     check_opset(opset)
-    model = build_fused(state_dict, spec, opset)
+    model = build_fused(state_dict, spec, opset, variant)
     op_types = count_ops(model.graph)
     if "GRU" not in op_types:
         raise CheckFailed("the fused graph has no GRU node")

@@ -74,7 +74,7 @@ def infer(folder: Path, x: np.ndarray, lengths: np.ndarray | None = None, h0: np
     the one the manifest lists for that variant and precision. Every file is checked
     against the manifest first, and every input is validated before onnxruntime sees it.
     """
-    from gru_deploy.runners import OnnxRuntimeRunner
+    from gru_deploy.runners import OnnxRuntimeRunner, validate_feed
 
     if lengths is not None and (stream or h0 is not None):
         raise UserInputError("--lengths cannot be combined with --state-in/--state-out: "
@@ -88,6 +88,14 @@ def infer(folder: Path, x: np.ndarray, lengths: np.ndarray | None = None, h0: np
     if variant == "stream":
         batch = x.shape[0] if isinstance(x, np.ndarray) and x.ndim == 3 else 0
         feed[STATE_IN] = h0 if h0 is not None else np.zeros((batch, spec.hidden_size), np.float32)
+        validate_feed(feed, spec, variant)
+        if batch > 0:  # the streaming API's code path: the state set, the chunk fed, the state read back
+            from gru_deploy.stream import Stream
+
+            stream = Stream(folder, batch, precision, threads, _chosen=chosen)
+            stream.state = feed[STATE_IN]
+            logits = stream.run(x)
+            return Prediction(logits, softmax(logits), spec.labels, stream.state, chosen.name, precision)
     runner = OnnxRuntimeRunner(spec, chosen.data, threads=threads, variant=variant)
     out = runner.run(feed)
     logits = out[OUTPUT_NAME]

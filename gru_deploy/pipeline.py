@@ -29,6 +29,9 @@ STRATEGY_CHOICES = (*STRATEGIES, "auto")
 VARIANTS = ("stream", "lengths")
 VARIANT_FILES = {"stream": ("model_stream.pt", "model_stream.onnx"),
                  "lengths": ("model_lengths.pt", "model_lengths.onnx")}
+# The forms each --strategy exports the stream and lengths variants in (auto times both and
+# keeps the faster at the variant's workload); scan has no variant form yet: loop.
+VARIANT_FORMS = {"loop": ("loop",), "fused": ("fused",), "scan": ("loop",), "auto": ("loop", "fused")}
 # Variants that also get an ORT-format copy (for onnxruntime mobile / minimal builds).
 ORT_VARIANTS = ("classifier", "stream")
 # auto: seconds of timing per candidate; when the two fastest are within RETIME_WITHIN of each
@@ -72,9 +75,9 @@ def export_to_dir(
     (and writes nothing) when a guard or the parity gate fails.
     """
     from gru_deploy import script
-    from gru_deploy.export import check_opset, export_loop, to_ort_format
+    from gru_deploy.export import check_opset, export_fused, export_loop, to_ort_format
     from gru_deploy.model import as_variant
-    from gru_deploy.verify import build_runners, check_tolerances, parity_for_dir, run_parity
+    from gru_deploy.verify import VARIANT_CASES, build_runners, check_tolerances, parity_for_dir, run_parity
 
     check_opset(opset)
     check_tolerances(atol, rtol)
@@ -123,18 +126,45 @@ def export_to_dir(
                        "opset": result.opset, "ir_version": result.ir_version},
     }
     variants: dict[str, Any] = {}
+    variant_notes: list[str] = []
     for variant in VARIANTS:
-        step(f"exporting the {variant} variant (TorchScript and ONNX Loop)")
         module = script.torchscript(as_variant(model, variant))
-        exported = export_loop(module, spec, opset, {**metadata, "gru_deploy.variant": variant}, variant=variant)
+        forms = VARIANT_FORMS[strategy]
+        if strategy == "scan":
+            variant_notes.append(f"--strategy scan: the {variant} variant is exported as a loop (there is no scan "
+                                 "form of it yet)")
+        built = {}
+        for form in forms:
+            step(f"exporting the {variant} variant as {form} (and TorchScript)")
+            meta = {**metadata, "gru_deploy.variant": variant, "gru_deploy.strategy": form}
+            built[form] = (export_loop(module, spec, opset, meta, variant=variant) if form == "loop"
+                           else export_fused(checkpoint.state_dict, spec, opset, meta, variant=variant))
+        variant_auto = None
+        form = forms[0]
+        if len(forms) > 1:
+            for name, candidate in built.items():
+                step(f"checking parity of the {variant} variant as {name} before timing it")
+                report = run_parity(build_runners(spec, module, candidate.onnx_bytes, variant=variant), spec,
+                                    cases=VARIANT_CASES, atol=atol, rtol=rtol, variant=variant)
+                if not report:
+                    raise CheckFailed(f"parity failed for the {variant} variant as {name}, nothing written: "
+                                      + "; ".join(report.failures()))
+            workload = variant_workload(variant, typical)
+            step(f"timing the {variant} variant as {', '.join(forms)} at {workload['description']}")
+            form, variant_auto = choose_fastest(
+                {n: b.onnx_bytes for n, b in built.items()},
+                lambda models, budget: time_strategies(models, spec, typical, budget, variant=variant), step)
+            variant_auto = {**workload, "threads": 1, **variant_auto}
+        exported = built[form]
         pt_name, onnx_name = VARIANT_FILES[variant]
         files[pt_name] = script.to_bytes(module)
         files[onnx_name] = exported.onnx_bytes
         models[pt_name] = {"variant": variant, "format": "torchscript", "precision": "fp32"}
-        models[onnx_name] = {"variant": variant, "format": "onnx", "precision": "fp32", "strategy": "loop",
+        models[onnx_name] = {"variant": variant, "format": "onnx", "precision": "fp32", "strategy": form,
                              "opset": exported.opset, "ir_version": exported.ir_version}
-        variants[variant] = {"torchscript": pt_name, "onnx": onnx_name, "strategy": "loop",
-                             "signature": spec.signature(variant), "onnx_node_count": exported.node_count}
+        variants[variant] = {"torchscript": pt_name, "onnx": onnx_name, "strategy": form, "auto": variant_auto,
+                             "signature": spec.signature(variant), "onnx_node_count": exported.node_count,
+                             "op_types": exported.op_types}
     deprecations = script.take_deprecations()
     step("converting the classifier and stream models to ORT format (onnxruntime's converter)")
     ort_sources = [name for name, info in models.items() if info["format"] == "onnx" and info["variant"] in ORT_VARIANTS]
@@ -166,7 +196,7 @@ def export_to_dir(
             "training": checkpoint.training,
             "source_checkpoint": {"sha256": checkpoint.sha256},
             "versions": library_versions(),
-            "notes": [f"torch {torch_version} deprecates what model.pt is made with (gru-deploy silences it and "
+            "notes": variant_notes + [f"torch {torch_version} deprecates what model.pt is made with (gru-deploy silences it and "
                       "keeps model.pt for libtorch runtimes): " + " | ".join(m[:120] for m in deprecations)
                       ] * bool(deprecations) + ([
                 f"--strategy {result.strategy} wrote opset {result.opset}, not the {opset} asked for: the dynamo "
@@ -181,7 +211,8 @@ def export_to_dir(
         parity = report.to_json()
         atomic_write_json(stage / "parity.json", parity)
         manifest["files"]["parity.json"] = file_entry(stage / "parity.json")
-        manifest["parity"] = {"passed": parity["passed"], "atol": atol, "rtol": rtol, "summary": parity["summary"]}
+        manifest["parity"] = {"passed": parity["passed"], "atol": atol, "rtol": rtol, "notes": parity["notes"],
+                              "summary": parity["summary"]}
         atomic_write_json(stage / MANIFEST_NAME, manifest)
     return manifest
 
@@ -206,17 +237,46 @@ def choose_fastest(graphs: dict[str, bytes], time_fn: Callable[[dict[str, bytes]
     return record["chosen"], record
 
 
-def time_strategies(models: dict[str, bytes], spec: "ModelSpec", typical: tuple[int, int],
-                    budget_s: float = TIMING_BUDGET_S) -> dict[str, float]:
-    """Median onnxruntime latency (µs, one thread, one session each) of each graph at one shape."""
+def variant_workload(variant: str, typical: tuple[int, int]) -> dict[str, Any]:
+    """What auto times a variant on: the classifier and the lengths model at the typical (batch,
+    seq), the lengths model with lengths spread over 1..seq; the stream model one step per call
+    (streaming's unit of work) at the typical batch."""
+    batch, seq = typical
+    if variant == "stream":
+        return {"typical_batch": batch, "steps_per_call": 1, "description": f"batch {batch}, one step per call"}
+    if variant == "lengths":
+        return {"typical_batch": batch, "typical_seq": seq, "lengths": f"uniform in 1..{seq}",
+                "description": f"batch {batch}, seq {seq}, lengths 1..{seq}"}
+    return {"typical_batch": batch, "typical_seq": seq, "description": f"batch {batch}, seq {seq}"}
+
+
+def workload_feed(spec: "ModelSpec", variant: str, typical: tuple[int, int]) -> dict[str, Any]:
+    """The inputs variant_workload describes (fixed seed)."""
     import numpy as np
 
+    from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN
+
+    rng = np.random.default_rng(0)
+    batch, seq = typical
+    steps = 1 if variant == "stream" else seq
+    feed = {INPUT_NAME: rng.standard_normal((batch, steps, spec.input_size)).astype(np.float32)}
+    if variant == "stream":
+        feed[STATE_IN] = rng.uniform(-1, 1, (batch, spec.hidden_size)).astype(np.float32)
+    if variant == "lengths":
+        feed[LENGTHS_NAME] = rng.integers(1, seq + 1, batch).astype(np.int64)
+    return feed
+
+
+def time_strategies(models: dict[str, bytes], spec: "ModelSpec", typical: tuple[int, int],
+                    budget_s: float = TIMING_BUDGET_S, variant: str = "classifier") -> dict[str, float]:
+    """Median onnxruntime latency (µs, one thread, one session each) of each graph of one variant
+    on its workload (variant_workload)."""
     from gru_deploy.bench import median_us
     from gru_deploy.runners import OnnxRuntimeRunner
 
-    x = np.random.default_rng(0).standard_normal((typical[0], typical[1], spec.input_size)).astype(np.float32)
+    feed = workload_feed(spec, variant, typical)
     timings = {}
     for name, onnx_bytes in models.items():
-        runner = OnnxRuntimeRunner(spec, onnx_bytes, threads=1)
-        timings[name] = round(median_us(lambda: runner.run({"x": x}), budget_s), 1)
+        runner = OnnxRuntimeRunner(spec, onnx_bytes, threads=1, variant=variant)
+        timings[name] = round(median_us(lambda: runner.run(feed), budget_s), 1)
     return timings

@@ -76,6 +76,7 @@ class ParityReport:
     atol: float
     rtol: float
     cases: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # comparisons that could not be made, and why
 
     @property
     def passed(self) -> bool:
@@ -117,7 +118,7 @@ class ParityReport:
         return lines
 
     def to_json(self) -> dict[str, Any]:
-        return {"passed": self.passed, "atol": self.atol, "rtol": self.rtol,
+        return {"passed": self.passed, "atol": self.atol, "rtol": self.rtol, "notes": self.notes,
                 "summary": _json_safe(self.summary()), "cases": self.cases}
 
 
@@ -149,8 +150,12 @@ def run_parity(
     `on_case` hears of each case before it runs (progress).
     """
     check_tolerances(atol, rtol)
-    pairs = [p for p in pairs if p[0] in runners and p[1] in runners]
     report = ParityReport(atol, rtol)
+    for name, runner in runners.items():
+        if getattr(runner, "unsupported", ""):
+            report.notes.append(f"{prefix}{name} not compared: {runner.unsupported}")
+    runners = {name: r for name, r in runners.items() if not getattr(r, "unsupported", "")}
+    pairs = [p for p in pairs if p[0] in runners and p[1] in runners]
     all_cases = list(cases if cases is not None else grid_cases())
     for index, (batch, seq) in enumerate(all_cases):
         if on_case is not None:
@@ -264,6 +269,7 @@ def parity_for_dir(folder: Path, manifest: dict[str, Any], atol: float = DEFAULT
         part = run_parity(runners, spec, cases=VARIANT_CASES, atol=atol, rtol=rtol, variant=variant,
                           prefix=f"{variant}:", on_case=on_case)
         report.cases.extend(part.cases)
+        report.notes.extend(part.notes)
         if variant == "stream":
             for name in ("torchscript", "onnxruntime"):
                 if on_case is not None:
@@ -291,6 +297,7 @@ def deployment_accuracy(folder: Path, data: str, test: str | None = None, seed: 
     from gru_deploy.data import load_data
     from gru_deploy.export import export_fused, export_loop
     from gru_deploy.manifest import check_files, read_manifest, select_model
+    from gru_deploy.model import tutorial_parameters
     from gru_deploy.quantize import quantize_int8
     from gru_deploy.runners import OnnxRuntimeRunner
 
@@ -307,16 +314,14 @@ def deployment_accuracy(folder: Path, data: str, test: str | None = None, seed: 
     onnx_name = select_model(manifest, variant, "onnx", where=str(folder))
     strategy = manifest["models"][onnx_name].get("strategy", "loop")
     graphs[f"onnxruntime {strategy} (exported)"] = (folder / onnx_name).read_bytes()  # checked above
-    loop_graph = graphs[f"onnxruntime {strategy} (exported)"] if strategy == "loop" else None
-    if variant == "classifier":
-        module = runners["torchscript"].fn
-        if strategy == "loop":
-            graphs["onnxruntime fused"] = export_fused(dict(module.state_dict()), spec).onnx_bytes
-        else:
-            loop_graph = graphs["onnxruntime loop"] = export_loop(module, spec).onnx_bytes
-    if loop_graph is None:
-        raise UserInputError(f"{folder}: no loop form of the {variant} model to quantise")
-    # int8 runs on the loop form: onnxruntime has no int8 GRU kernel (see quantize.py)
+    module = runners["torchscript"].fn  # this variant's TorchScript, checked against the manifest
+    if strategy == "loop":
+        loop_graph = graphs[f"onnxruntime {strategy} (exported)"]
+        graphs["onnxruntime fused"] = export_fused(tutorial_parameters(module.state_dict()), spec,
+                                                   variant=variant).onnx_bytes
+    else:
+        loop_graph = graphs["onnxruntime loop"] = export_loop(module, spec, variant=variant).onnx_bytes
+    # int8 runs on the loop form: onnxruntime has no int8 GRU kernel (onnxruntime#9796)
     int8_bytes, int8_report = quantize_int8(loop_graph)
     graphs["onnxruntime int8 (loop form)"] = int8_bytes
     feed = {INPUT_NAME: dataset.x}

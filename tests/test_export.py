@@ -145,6 +145,49 @@ def test_empty_inputs_never_reach_the_gru_kernel(fused, model, tmp_path):
     assert batch0 == [] and both0 == []
 
 
+def test_fused_variants_answer_empty_inputs_and_zero_lengths_without_the_kernel(model, tmp_path):
+    """Raw onnxruntime on the fused stream and lengths files: empty axes and lengths of 0 answer
+    what the model means (stream: h_n = h0, fc(h0); lengths 0: fc(0)) and never abort."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from gru_deploy.export import export_fused
+    from gru_deploy.model import tutorial_state
+
+    for variant in ("stream", "lengths"):
+        (tmp_path / f"{variant}.onnx").write_bytes(export_fused(model.state_dict(), ModelSpec(), variant=variant).onnx_bytes)
+    code = (
+        "import json, sys, numpy as np, onnxruntime as ort\n"
+        "def session(name): return ort.InferenceSession(sys.argv[1] + '/' + name, providers=['CPUExecutionProvider'])\n"
+        "stream, lengths = session('stream.onnx'), session('lengths.onnx')\n"
+        "h0 = np.linspace(-1, 1, 3 * 16, dtype=np.float32).reshape(3, 16)\n"
+        "out = {'stream_seq0': [a.tolist() for a in stream.run(None, {'x': np.zeros((3, 0, 8), np.float32), 'h0': h0})],\n"
+        "       'stream_batch0': [a.tolist() for a in stream.run(None, {'x': np.zeros((0, 4, 8), np.float32),\n"
+        "                                                                'h0': np.zeros((0, 16), np.float32)})],\n"
+        "       'lengths_seq0': lengths.run(None, {'x': np.zeros((2, 0, 8), np.float32), 'lengths': np.zeros(2, np.int64)})[0].tolist(),\n"
+        "       'lengths_batch0': lengths.run(None, {'x': np.zeros((0, 3, 8), np.float32), 'lengths': np.zeros(0, np.int64)})[0].tolist(),\n"
+        "       'lengths_mixed': lengths.run(None, {'x': np.ones((3, 5, 8), np.float32), 'lengths': np.array([0, 5, 2])})[0].tolist()}\n"
+        "print(json.dumps(out))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr  # a kernel abort would be -6 (SIGABRT)
+    out = json.loads(proc.stdout)
+    h0 = np.linspace(-1, 1, 3 * 16, dtype=np.float32).reshape(3, 16)
+    with torch.no_grad():
+        fc_h0 = model.fc(torch.from_numpy(h0)).numpy()
+        x = torch.ones(3, 5, 8)
+        mixed = [model.fc(tutorial_state(model, x[b:b + 1, :n]))[0].numpy() for b, n in enumerate([0, 5, 2])]
+    logits, h_n = out["stream_seq0"]
+    np.testing.assert_allclose(np.array(logits), fc_h0, atol=1e-6)
+    np.testing.assert_array_equal(np.array(h_n), h0)
+    assert out["stream_batch0"] == [[], []] and out["lengths_batch0"] == []
+    bias = model.fc.bias.detach().numpy()
+    np.testing.assert_allclose(np.array(out["lengths_seq0"]), np.tile(bias, (2, 1)), atol=1e-6)
+    np.testing.assert_allclose(np.array(out["lengths_mixed"]), np.stack(mixed), atol=1e-5)
+
+
 def test_fused_mapping_negates_only_the_z_gate(model):
     from gru_deploy.export import fused_weights
 

@@ -15,6 +15,17 @@ def test_fused_export_verifies(tiny_checkpoint, tmp_path):
     assert manifest["strategy"] == "fused" and manifest["onnx"]["op_types"]["GRU"] == 1
     assert manifest["ir_version"] == 8 and manifest["auto"] is None
     assert (tmp_path / "fused" / "model.pt").is_file()  # TorchScript kept whatever the ONNX strategy
+    # every variant in the chosen form: one GRU node, no Loop; the parity gate covered each
+    for variant in ("stream", "lengths"):
+        record = manifest["variants"][variant]
+        assert record["strategy"] == "fused" and record["op_types"]["GRU"] == 1 and "Loop" not in record["op_types"]
+        assert manifest["models"][record["onnx"]]["strategy"] == "fused"
+    summary = manifest["parity"]["summary"]
+    assert summary["stream:eager->onnxruntime[h_n]"]["passed"] and summary["lengths:float64->onnxruntime"]["passed"]
+    assert summary["stream:one-pass->chunks:onnxruntime"]["passed"]
+    # onnx's reference GRU ignores sequence_lens: that pair is not run for the lengths model, and it says so
+    assert "lengths:eager->onnx-reference" not in summary and "stream:eager->onnx-reference" in summary
+    assert any("sequence_lens" in note for note in manifest["parity"]["notes"])
     assert verify_export(tmp_path / "fused")
 
 
@@ -38,23 +49,32 @@ def test_auto_keeps_the_fastest_it_measured(tiny_checkpoint, tmp_path, monkeypat
 
     from gru_deploy import pipeline
 
-    timed: dict[str, bytes] = {}
+    timed: dict[tuple[str, str], bytes] = {}
     medians = {"loop": 30.0, "fused": 20.0, "scan": 10.0}  # scan: not the first candidate; far apart: no re-timing
+    variant_medians = {"stream": {"loop": 5.0, "fused": 9.0}, "lengths": {"loop": 50.0, "fused": 20.0}}
 
-    def fake_time_strategies(models, spec, typical, budget_s=0.5):
+    def fake_time_strategies(models, spec, typical, budget_s=0.5, variant="classifier"):
         assert tuple(typical) == (2, 30)
         for name, graph in models.items():  # each strategy's own graph is timed under its name
             assert STRATEGY_OP[name] in op_types(onnx.load_from_string(graph).graph), name
-        timed.update(models)
-        return {name: medians[name] for name in models}
+            timed[(variant, name)] = graph
+        chosen_from = medians if variant == "classifier" else variant_medians[variant]
+        return {name: chosen_from[name] for name in models}
 
     monkeypatch.setattr(pipeline, "time_strategies", fake_time_strategies)
     manifest = export_to_dir(tiny_checkpoint, tmp_path / "auto", strategy="auto", typical=(2, 30))
     auto = manifest["auto"]
     assert auto["median_us"] == medians and auto["chosen"] == "scan" == manifest["strategy"]
-    assert (tmp_path / "auto" / "model.onnx").read_bytes() == timed["scan"]
+    assert (tmp_path / "auto" / "model.onnx").read_bytes() == timed[("classifier", "scan")]
     assert (auto["typical_batch"], auto["typical_seq"]) == (2, 30)
     assert read_manifest(tmp_path / "auto")["auto"] == auto
+    # each variant chose by its own timings, at its own workload, and wrote the graph it timed
+    for variant, chosen in (("stream", "loop"), ("lengths", "fused")):
+        record = manifest["variants"][variant]
+        assert record["strategy"] == chosen == record["auto"]["chosen"] == manifest["models"][record["onnx"]]["strategy"]
+        assert record["auto"]["median_us"] == variant_medians[variant]
+        assert (tmp_path / "auto" / record["onnx"]).read_bytes() == timed[(variant, chosen)]
+    assert manifest["variants"]["stream"]["auto"]["steps_per_call"] == 1
 
 
 def test_time_strategies_times_each_graph_on_the_typical_input(tiny_checkpoint, monkeypatch):

@@ -1,0 +1,147 @@
+"""`Stream`: one live sequence (or a batch of them) stepped through the stream model.
+
+For edge and online use, where a model sees one time step at a time: the state stays inside
+onnxruntime's bound buffers between calls, with no numpy round trip and no re-allocation.
+
+    from gru_deploy import Stream
+    stream = Stream("exported-edge/")          # an export folder or a bundle
+    for x_t in sensor:                          # x_t: float32 [input_size] (or [batch, input_size])
+        logits = stream.step(x_t)
+    stream.reset()                              # the next sequence starts from zeros
+
+The model is the stream variant the manifest lists (in the export's chosen form: a fused
+`GRU` node or a Loop), its file checked against the manifest. `step` runs it with
+onnxruntime's io_binding: x, the two state buffers and the logits are allocated once; the
+state ping-pongs between the two buffers (one is h0 while the other receives h_n), so a step
+copies only x in and the logits out. `run(chunk)` feeds a chunk of any length the same way
+(it is what `gru-deploy infer --state-in/--state-out` uses).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gru_deploy.errors import UserInputError
+from gru_deploy.spec import INPUT_NAME, OUTPUT_NAME, STATE_IN, STATE_OUT
+
+
+def session_options(threads: int) -> Any:
+    """onnxruntime session options for `threads` intra-op threads.
+
+    With more than one thread, the pool's workers do not spin while waiting for work: on a
+    machine with few cores, spinning workers take the cores the caller and other processes
+    need (measured: docs/performance.md). Inter-op parallelism stays off (our graphs are a
+    chain).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if threads > 1:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+class Stream:
+    """A batch of live sequences in the stream model: `step(x_t) -> logits`, `state`, `reset()`."""
+
+    def __init__(self, path: str | Path, batch: int = 1, precision: str = "fp32", threads: int = 1,
+                 _chosen: Any = None) -> None:
+        import onnxruntime as ort
+
+        from gru_deploy.export import without_empty_guard
+        from gru_deploy.infer import load_model_bytes
+
+        if type(batch) is not int or batch < 1:
+            raise UserInputError(f"a Stream needs a batch of at least 1 sequence, got {batch!r}")
+        chosen = _chosen if _chosen is not None else load_model_bytes(Path(path), "stream", precision)
+        self.spec, self.model, self.precision, self.batch = chosen.spec, chosen.name, chosen.precision, batch
+        # `step` never feeds an empty axis, so it may run the guarded graph's non-empty branch
+        # alone (the same nodes, without the per-call guard); `run` takes any chunk: the whole graph.
+        step_graph = without_empty_guard(chosen.data) or chosen.data
+        try:
+            self.session = ort.InferenceSession(chosen.data, session_options(threads),
+                                                providers=["CPUExecutionProvider"])
+            self._step_session = ort.InferenceSession(step_graph, session_options(threads),
+                                                      providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's own error types
+            raise UserInputError(f"{path}: onnxruntime cannot load {chosen.name}: "
+                                 f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from None
+        self.guard_skipped = step_graph is not chosen.data
+        hidden, inputs, outputs = self.spec.hidden_size, self.spec.input_size, self.spec.output_size
+        self._x = np.zeros((batch, 1, inputs), np.float32)
+        self._h = [np.zeros((batch, hidden), np.float32), np.zeros((batch, hidden), np.float32)]
+        self._logits = np.zeros((batch, outputs), np.float32)
+        values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in
+                  (("x", self._x), ("h0", self._h[0]), ("h1", self._h[1]), ("logits", self._logits))}
+        self._bindings = []  # [0]: h0 <- buffer 0, h_n -> buffer 1; [1]: the other way round
+        for state_in, state_out in (("h0", "h1"), ("h1", "h0")):
+            binding = self._step_session.io_binding()
+            binding.bind_ortvalue_input(INPUT_NAME, values["x"])
+            binding.bind_ortvalue_input(STATE_IN, values[state_in])
+            binding.bind_ortvalue_output(OUTPUT_NAME, values["logits"])
+            binding.bind_ortvalue_output(STATE_OUT, values[state_out])
+            self._bindings.append(binding)
+        self._current = 0  # which buffer holds the state
+
+    def step(self, x_t: np.ndarray) -> np.ndarray:
+        """One time step for every sequence: x_t float32 [batch, input_size] (or [input_size]
+        for a batch of 1). Returns the logits after it, [batch, output_size] (a copy)."""
+        if x_t.__class__ is not np.ndarray:
+            x_t = np.asarray(x_t)
+        if x_t.shape == (self.spec.input_size,) and self.batch == 1:
+            x_t = x_t[None]
+        if x_t.shape != (self.batch, self.spec.input_size):
+            raise UserInputError(f"step takes x_t of shape [{self.batch}, {self.spec.input_size}] (batch, input "
+                                 f"size), got {list(x_t.shape)}")
+        if x_t.dtype != np.float32:
+            raise UserInputError(f"step takes float32 x_t, got {x_t.dtype}")
+        if not np.isfinite(x_t).all():
+            raise UserInputError("non-finite input: x_t holds NaN or inf")
+        self._x[:, 0, :] = x_t
+        self._step_session.run_with_iobinding(self._bindings[self._current])
+        self._current ^= 1
+        return self._logits.copy()
+
+    def run(self, chunk: np.ndarray) -> np.ndarray:
+        """Feed a chunk x [batch, steps, input_size] (any number of steps, 0 included), carrying
+        the state; returns the logits after its last step (fc(state) for 0 steps)."""
+        from gru_deploy.runners import validate_feed
+
+        chunk = np.asarray(chunk)
+        if chunk.ndim == 3 and chunk.shape[0] != self.batch:
+            raise UserInputError(f"this Stream holds {self.batch} sequence(s); the chunk has batch {chunk.shape[0]}")
+        feed = validate_feed({INPUT_NAME: chunk, STATE_IN: self._h[self._current]}, self.spec, "stream")
+        if chunk.shape[1] == 1:
+            return self.step(chunk[:, 0])
+        logits, h_n = self.session.run([OUTPUT_NAME, STATE_OUT], feed)
+        self._h[self._current][...] = h_n
+        return logits
+
+    @property
+    def state(self) -> np.ndarray:
+        """The hidden state of every sequence, [batch, hidden] (a copy)."""
+        return self._h[self._current].copy()
+
+    @state.setter
+    def state(self, h: np.ndarray) -> None:
+        h = np.asarray(h)
+        if h.shape != (self.batch, self.spec.hidden_size) or h.dtype != np.float32:
+            raise UserInputError(f"the state must be float32 [{self.batch}, {self.spec.hidden_size}], got "
+                                 f"{h.dtype} {list(h.shape)}")
+        if not np.isfinite(h).all():
+            raise UserInputError("non-finite state: it holds NaN or inf")
+        self._h[self._current][...] = h
+
+    def reset(self) -> None:
+        """Start every sequence again from the zero state."""
+        self._h[self._current][...] = 0.0
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.spec.labels

@@ -1,0 +1,134 @@
+"""The streaming API: `gru_deploy.Stream` against the stream model it runs, on loop and fused exports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gru_deploy.errors import UserInputError
+from gru_deploy.infer import load_model_bytes
+from gru_deploy.runners import OnnxRuntimeRunner
+from gru_deploy.verify import export_runners
+
+
+@pytest.fixture(scope="module")
+def fused_export(tiny_checkpoint, tmp_path_factory):
+    from gru_deploy.pipeline import export_to_dir
+
+    out = tmp_path_factory.mktemp("stream") / "fused"
+    export_to_dir(tiny_checkpoint, out, strategy="fused")
+    return out
+
+
+@pytest.fixture(params=["loop", "fused"])
+def export(request, export_dir, fused_export):
+    return export_dir if request.param == "loop" else fused_export
+
+
+def one_pass(path, x, h0):
+    """The stream model the manifest lists, run by our plain runner over the whole sequence."""
+    chosen = load_model_bytes(path, "stream")
+    return OnnxRuntimeRunner(chosen.spec, chosen.data, variant="stream").run({"x": x, "h0": h0})
+
+
+def test_steps_equal_one_pass_of_the_stream_model_and_eager(export):
+    from gru_deploy import Stream
+    from gru_deploy.manifest import read_manifest
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 40, 8)).astype(np.float32)
+    h0 = rng.uniform(-0.5, 0.5, (3, 16)).astype(np.float32)
+    stream = Stream(export, batch=3)
+    stream.state = h0
+    for t in range(x.shape[1]):
+        logits = stream.step(x[:, t])
+    whole = one_pass(export, x, h0)
+    np.testing.assert_allclose(logits, whole["logits"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(stream.state, whole["h_n"], atol=1e-6, rtol=0)
+    eager = export_runners(export, read_manifest(export), variant="stream")["eager"].run({"x": x, "h0": h0})
+    np.testing.assert_allclose(logits, eager["logits"], atol=1e-5, rtol=1e-5)
+    # each sequence of the batch is independent: the second alone gives its row
+    alone = Stream(export)
+    alone.state = h0[1:2]
+    for t in range(x.shape[1]):
+        row = alone.step(x[1, t])
+    np.testing.assert_allclose(row[0], logits[1], atol=1e-6, rtol=0)
+
+
+def test_the_fused_step_skips_the_guard_and_computes_what_the_guarded_graph_does(fused_export, export_dir):
+    """For a fused model the step graph is the guarded graph's non-empty branch: the same numbers, bit for bit."""
+    from gru_deploy import Stream
+
+    stream = Stream(fused_export)
+    assert stream.guard_skipped and stream.model == "model_stream.onnx"
+    assert not Stream(export_dir).guard_skipped  # a Loop graph has no guard: it runs as it is
+    x = np.random.default_rng(4).standard_normal((1, 1, 8)).astype(np.float32)
+    h0 = np.full((1, 16), 0.25, np.float32)
+    stream.state = h0
+    got = stream.step(x[0, 0])
+    want = one_pass(fused_export, x, h0)
+    np.testing.assert_array_equal(got, want["logits"])
+    np.testing.assert_array_equal(stream.state, want["h_n"])
+
+
+def test_state_get_set_reset_and_chunks(export):
+    from gru_deploy import Stream
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 12, 8)).astype(np.float32)
+    stream = Stream(export, batch=2)
+    np.testing.assert_array_equal(stream.state, np.zeros((2, 16), np.float32))
+    first = stream.run(x[:, :5])  # a chunk, then steps, then a chunk: one pass over all 12
+    for t in range(5, 9):
+        stream.step(x[:, t])
+    last = stream.run(x[:, 9:])
+    whole = one_pass(export, x, np.zeros((2, 16), np.float32))
+    np.testing.assert_allclose(last, whole["logits"], atol=1e-6, rtol=0)
+    state = stream.state
+    state[:] = 7.0  # a copy: changing it changes nothing
+    np.testing.assert_allclose(stream.state, whole["h_n"], atol=1e-6, rtol=0)
+    empty = stream.run(np.zeros((2, 0, 8), np.float32))  # no steps: fc(state), state unchanged
+    np.testing.assert_allclose(empty, last, atol=1e-6, rtol=0)
+    stream.reset()
+    np.testing.assert_array_equal(stream.state, np.zeros((2, 16), np.float32))
+    np.testing.assert_allclose(stream.run(x[:, :5]), first, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    (np.zeros((2, 8), np.float32), r"shape \[1, 8\]"),
+    (np.zeros(8, np.float64), "float32"),
+    (np.array([np.nan] + [0.0] * 7, np.float32), "non-finite"),
+])
+def test_bad_steps_are_user_errors_and_leave_the_state(export_dir, bad, fragment):
+    from gru_deploy import Stream
+
+    stream = Stream(export_dir)
+    stream.step(np.ones(8, np.float32))
+    before = stream.state
+    with pytest.raises(UserInputError, match=fragment):
+        stream.step(bad)
+    np.testing.assert_array_equal(stream.state, before)
+
+
+def test_bad_streams_and_states_are_user_errors(export_dir):
+    from gru_deploy import Stream
+
+    with pytest.raises(UserInputError, match="at least 1"):
+        Stream(export_dir, batch=0)
+    with pytest.raises(UserInputError, match="no int8 onnx model for the stream variant"):
+        Stream(export_dir, precision="int8")
+    stream = Stream(export_dir, batch=2)
+    with pytest.raises(UserInputError, match=r"float32 \[2, 16\]"):
+        stream.state = np.zeros((1, 16), np.float32)
+    with pytest.raises(UserInputError, match="batch 3"):
+        stream.run(np.zeros((3, 4, 8), np.float32))
+
+
+def test_importing_gru_deploy_loads_no_onnxruntime_until_stream_is_used():
+    code = ("import sys, gru_deploy; assert 'onnxruntime' not in sys.modules and 'torch' not in sys.modules; "
+            "assert gru_deploy.Stream.__name__ == 'Stream'; print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
