@@ -92,20 +92,65 @@ def _rows(contenders: dict[str, Callable], spec: "ModelSpec", shapes, budget_s: 
     return rows
 
 
+def gru_step_reference(spec: "ModelSpec", state_dict: dict, threads: int) -> Callable[[], object]:
+    """The floor for one streaming step: one ONNX `GRU` node (seq 1, batch 1, no head, no guard)
+    run with io_binding, its state ping-ponged between two bound buffers."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from gru_deploy.export import fused_weights, min_ir_version
+    from gru_deploy.runners import session_options
+
+    w = fused_weights(state_dict)
+    h, i = spec.hidden_size, spec.input_size
+    graph = helper.make_graph(
+        [helper.make_node("GRU", ["x", "W", "R", "B", "", "h0"], ["", "h_n"], hidden_size=h, linear_before_reset=0)],
+        "one_gru_node",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, i]),
+         helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, 1, h])],
+        [helper.make_tensor_value_info("h_n", TensorProto.FLOAT, [1, 1, h])],
+        [numpy_helper.from_array(w[k], k) for k in ("W", "R", "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=min_ir_version(17))
+    session = ort.InferenceSession(model.SerializeToString(), session_options(threads),
+                                   providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((1, 1, i)).astype(np.float32)
+    buffers = [np.zeros((1, 1, h), np.float32), np.zeros((1, 1, h), np.float32)]
+    values = [ort.OrtValue.ortvalue_from_numpy(b) for b in buffers]
+    x_value = ort.OrtValue.ortvalue_from_numpy(x)
+    bindings = []
+    for a, b in ((0, 1), (1, 0)):
+        binding = session.io_binding()
+        binding.bind_ortvalue_input("x", x_value)
+        binding.bind_ortvalue_input("h0", values[a])
+        binding.bind_ortvalue_output("h_n", values[b])
+        bindings.append(binding)
+    turn = [0]
+
+    def step() -> None:
+        session.run_with_iobinding(bindings[turn[0]])
+        turn[0] ^= 1
+
+    return step
+
+
 def streaming_step(spec: "ModelSpec", state_dict: dict, threads: int, budget_s: float) -> dict[str, Any]:
-    """Per-step latency of streaming at batch 1: one step per call, state carried outside."""
+    """Per-step latency of streaming at batch 1, one step per call: the eager cell, the
+    TorchScript and ONNX stream models (loop and fused) with a plain `run()`, the streaming
+    API (`gru_deploy.Stream`, io_binding) over each, and the one-GRU-node io_binding floor."""
     import numpy as np
     import torch
 
     from gru_deploy import script
-    from gru_deploy.export import export_loop
+    from gru_deploy.export import export_fused, export_loop
     from gru_deploy.model import as_variant, load_weights
     from gru_deploy.runners import OnnxRuntimeRunner
+    from gru_deploy.stream import Stream
 
     model = load_weights(spec, state_dict)
     stream = script.torchscript(as_variant(model, "stream"))
-    runner = OnnxRuntimeRunner(spec, export_loop(stream, spec, variant="stream").onnx_bytes, threads=threads,
-                               variant="stream")
+    graphs = {"loop": export_loop(stream, spec, variant="stream").onnx_bytes,
+              "fused": export_fused(state_dict, spec, variant="stream").onnx_bytes}
     x = np.random.default_rng(0).standard_normal((1, 1, spec.input_size)).astype(np.float32)
     h = np.zeros((1, spec.hidden_size), np.float32)
     xt, ht = torch.from_numpy(x), torch.from_numpy(h)
@@ -119,11 +164,49 @@ def streaming_step(spec: "ModelSpec", state_dict: dict, threads: int, budget_s: 
             return stream(xt, ht)
 
     timings = {"eager cell": median_us(eager_cell, budget_s),
-               "torchscript stream": median_us(torchscript_stream, budget_s),
-               "onnxruntime stream": median_us(lambda: runner.run({"x": x, "h0": h}), budget_s)}
+               "torchscript stream": median_us(torchscript_stream, budget_s)}
+    for form, graph in graphs.items():
+        runner = OnnxRuntimeRunner(spec, graph, threads=threads, variant="stream")
+        timings[f"onnxruntime stream {form}, run()"] = median_us(lambda: runner.run({"x": x, "h0": h}), budget_s)
+        api = Stream.from_onnx(graph, spec, threads=threads)
+        x_t = x[0, 0]
+        timings[f"Stream API, {form}"] = median_us(lambda: api.step(x_t), budget_s)
+    timings["one GRU node, io_binding"] = median_us(gru_step_reference(spec, state_dict, threads), budget_s)
+    floor = timings["one GRU node, io_binding"]
+    today = timings["onnxruntime stream loop, run()"]
     return {"input_size": spec.input_size, "hidden_size": spec.hidden_size, "batch": 1, "chunk": 1,
             "median_us_per_step": timings,
-            "speedup_vs_eager": {k: timings["eager cell"] / v for k, v in timings.items()}}
+            "speedup_vs_eager": {k: timings["eager cell"] / v for k, v in timings.items()},
+            "vs_loop_stream_run": {k: v / today for k, v in timings.items()},
+            "vs_one_gru_node": {k: v / floor for k, v in timings.items()}}
+
+
+LENGTHS_SHAPES = ((1, 100), (32, 100))
+
+
+def lengths_rows(spec: "ModelSpec", state_dict: dict, threads: int, budget_s: float) -> list[dict[str, Any]]:
+    """The variable-length model, loop vs fused, on padded batches with lengths spread over 1..seq."""
+    import numpy as np
+
+    from gru_deploy import script
+    from gru_deploy.export import export_fused, export_loop
+    from gru_deploy.model import as_variant, load_weights
+    from gru_deploy.runners import OnnxRuntimeRunner
+
+    module = script.torchscript(as_variant(load_weights(spec, state_dict), "lengths"))
+    runners = {"onnxruntime lengths loop": OnnxRuntimeRunner(spec, export_loop(module, spec, variant="lengths")
+                                                             .onnx_bytes, threads=threads, variant="lengths"),
+               "onnxruntime lengths fused": OnnxRuntimeRunner(spec, export_fused(state_dict, spec, variant="lengths")
+                                                              .onnx_bytes, threads=threads, variant="lengths")}
+    rows = []
+    for batch, seq in LENGTHS_SHAPES:
+        rng = np.random.default_rng(batch * 31 + seq)
+        feed = {"x": rng.standard_normal((batch, seq, spec.input_size)).astype(np.float32),
+                "lengths": rng.integers(1, seq + 1, batch).astype(np.int64)}
+        timings = {name: median_us(lambda: r.run(feed), budget_s) for name, r in runners.items()}
+        rows.append({"batch": batch, "seq": seq, "lengths": f"uniform in 1..{seq}", "median_us": timings,
+                     "fused_vs_loop": timings["onnxruntime lengths fused"] / timings["onnxruntime lengths loop"]})
+    return rows
 
 
 def run_bench(spec: "ModelSpec", state_dict: dict, threads: int = 1, budget_s: float = 0.5,
@@ -162,10 +245,12 @@ def run_bench(spec: "ModelSpec", state_dict: dict, threads: int = 1, budget_s: f
         streaming = [streaming_step(spec, state_dict, threads, budget_s)]
         if large:
             streaming.append(streaming_step(big, big_state, threads, budget_s))
+        say("the variable-length model, loop and fused")
+        lengths = lengths_rows(spec, state_dict, threads, budget_s)
     finally:
         torch.set_num_threads(previous_threads)
     return {"threads": threads, "budget_s": budget_s, "versions": library_versions(), "rows": rows,
-            "loop_scaling": scaling, "streaming": streaming}
+            "loop_scaling": scaling, "streaming": streaming, "lengths": lengths}
 
 
 ORDER = ("eager", "torchscript", "onnxruntime loop", "onnxruntime scan", "onnxruntime fused")
@@ -187,6 +272,14 @@ def format_table(result: dict[str, Any]) -> str:
         cells = ", ".join(f"{k} {v:,.1f} µs ({row['speedup_vs_eager'][k]:.1f}x)"
                           for k, v in row["median_us_per_step"].items())
         lines.append(f"streaming per step, batch 1, {row['input_size']}/{row['hidden_size']}: {cells}")
+        api = [k for k in row["vs_one_gru_node"] if k.startswith("Stream API")]
+        lines.append("  Stream API per step: " + ", ".join(
+            f"{k} {row['vs_loop_stream_run'][k]:.2f}x the loop stream model's run(), "
+            f"{row['vs_one_gru_node'][k]:.2f}x one GRU node with io_binding" for k in api))
+    for row in result.get("lengths", []):
+        cells = ", ".join(f"{k} {v:,.0f} µs" for k, v in row["median_us"].items())
+        lines.append(f"lengths model at batch {row['batch']}, seq {row['seq']} (lengths {row['lengths']}): {cells}; "
+                     f"fused/loop {row['fused_vs_loop']:.2f}")
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ on edge cases; an empty batch is answered without calling a runtime at all.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
@@ -146,6 +146,26 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
+def session_options(threads: int, spinning: bool = True) -> Any:
+    """onnxruntime session options for `threads` intra-op threads; inter-op parallelism off
+    (our graphs are one chain).
+
+    The pool's workers spin while they wait for work (onnxruntime's default): in two runs of
+    scripts/bench_threads.py on this 2-core machine, 2 threads without spinning were 1.01-1.13x
+    the time of 1 thread in every cell (1.95x once), while with spinning they were 0.84-0.92x for
+    loop and scan at batch 256 and 1.00-1.08x elsewhere, with one outlier per run (1.32x, 1.84x)
+    that the other run did not repeat (docs/performance.md).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return options
+
+
 class OnnxRuntimeRunner(Runner):
     """onnxruntime on the CPU execution provider, one session, its own thread setting."""
 
@@ -155,12 +175,8 @@ class OnnxRuntimeRunner(Runner):
         super().__init__(spec, variant)
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise UserInputError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
         names = tuple(i.name for i in self.session.get_inputs())

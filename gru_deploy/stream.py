@@ -28,25 +28,6 @@ from gru_deploy.errors import UserInputError
 from gru_deploy.spec import INPUT_NAME, OUTPUT_NAME, STATE_IN, STATE_OUT
 
 
-def session_options(threads: int) -> Any:
-    """onnxruntime session options for `threads` intra-op threads.
-
-    With more than one thread, the pool's workers do not spin while waiting for work: on a
-    machine with few cores, spinning workers take the cores the caller and other processes
-    need (measured: docs/performance.md). Inter-op parallelism stays off (our graphs are a
-    chain).
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    if threads > 1:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
-
-
 class Stream:
     """A batch of live sequences in the stream model: `step(x_t) -> logits`, `state`, `reset()`."""
 
@@ -55,6 +36,7 @@ class Stream:
         import onnxruntime as ort
 
         from gru_deploy.export import without_empty_guard
+        from gru_deploy.runners import session_options
         from gru_deploy.infer import load_model_bytes
 
         if type(batch) is not int or batch < 1:
@@ -88,6 +70,14 @@ class Stream:
             binding.bind_ortvalue_output(STATE_OUT, values[state_out])
             self._bindings.append(binding)
         self._current = 0  # which buffer holds the state
+
+    @classmethod
+    def from_onnx(cls, onnx_bytes: bytes, spec: Any, batch: int = 1, threads: int = 1,
+                  name: str = "model_stream.onnx") -> "Stream":
+        """A Stream over a stream model given as bytes (benchmarks, tests): no manifest, no checks."""
+        from gru_deploy.infer import ChosenModel
+
+        return cls("", batch, "fp32", threads, _chosen=ChosenModel(name, onnx_bytes, spec, "fp32"))
 
     def step(self, x_t: np.ndarray) -> np.ndarray:
         """One time step for every sequence: x_t float32 [batch, input_size] (or [input_size]

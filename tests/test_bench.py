@@ -29,7 +29,10 @@ def test_bench_measures_every_runtime_on_every_shape(small_result):
     for row in small_result["rows"]:
         assert set(row["median_us"]) == {"eager", "torchscript", "onnxruntime loop", "onnxruntime scan", "onnxruntime fused"}
     [stream] = small_result["streaming"]
-    assert set(stream["median_us_per_step"]) == {"eager cell", "torchscript stream", "onnxruntime stream"}
+    assert set(stream["median_us_per_step"]) == {
+        "eager cell", "torchscript stream", "onnxruntime stream loop, run()", "onnxruntime stream fused, run()",
+        "Stream API, loop", "Stream API, fused", "one GRU node, io_binding"}
+    assert [(r["batch"], r["seq"]) for r in small_result["lengths"]] == [(1, 100), (32, 100)]
 
 
 def test_bench_ratios_are_quotients_of_the_medians(small_result):
@@ -46,6 +49,13 @@ def test_bench_ratios_are_quotients_of_the_medians(small_result):
         medians = stream["median_us_per_step"]
         for name, value in medians.items():
             assert stream["speedup_vs_eager"][name] == pytest.approx(medians["eager cell"] / value), name
+            assert stream["vs_one_gru_node"][name] == pytest.approx(value / medians["one GRU node, io_binding"])
+            assert stream["vs_loop_stream_run"][name] == pytest.approx(
+                value / medians["onnxruntime stream loop, run()"])
+    for row in small_result["lengths"]:
+        medians = row["median_us"]
+        assert row["fused_vs_loop"] == pytest.approx(medians["onnxruntime lengths fused"]
+                                                     / medians["onnxruntime lengths loop"])
 
 
 def _numbers(text: str) -> list[float]:
