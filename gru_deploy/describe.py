@@ -62,6 +62,7 @@ def inspect_path(path: Path) -> dict[str, Any]:
                     if n.endswith(".onnx") and s == "ok"}
             return {"kind": "bundle", "path": str(path), "target": manifest["target"],
                     "signatures": manifest["signatures"], "labels": manifest["labels"],
+                    "models": _models(manifest),
                     "files": {n: {**manifest["files"][n], "status": s} for n, s in status.items()}, "onnx": onnx}
     manifest = read_manifest(path)
     status = _file_status(path, manifest["files"])
@@ -69,10 +70,17 @@ def inspect_path(path: Path) -> dict[str, Any]:
             if n.endswith(".onnx") and s == "ok"}
     return {"kind": "export", "path": str(path), "strategy": manifest["strategy"], "signature": manifest["signature"],
             "variants": {k: v["signature"] for k, v in (manifest.get("variants") or {}).items()},
+            "models": _models(manifest),
             "labels": manifest["labels"], "metrics": {k: v for k, v in manifest.get("metrics", {}).items()
                                                       if k != "loss_history"},
             "parity_passed": (manifest.get("parity") or {}).get("passed"),
             "files": {n: {**manifest["files"][n], "status": s} for n, s in status.items()}, "onnx": onnx}
+
+
+def _models(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each model file with what the manifest says it is: variant, format, precision and form."""
+    return {name: {k: info[k] for k in ("variant", "format", "precision", "strategy") if k in info}
+            for name, info in (manifest.get("models") or {}).items()}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -84,6 +92,9 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("labels: " + ", ".join(report["labels"]))
         for name, entry in report["files"].items():
             lines.append(f"  {entry['status']:<8} {entry['size']:>10,}  {name}")
+        for name, info in report.get("models", {}).items():
+            form = f", {info['strategy']}" if "strategy" in info else ""
+            lines.append(f"  model {name}: {info['variant']} ({info['format']}, {info['precision']}{form})")
         onnx_items = report["onnx"]
     for name, info in onnx_items.items():
         sig = ", ".join(f"{v['name']} {v['dtype']}{v['shape']}" for v in info["inputs"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from gru_deploy.errors import UserInputError
@@ -145,3 +147,17 @@ def test_auto_times_the_two_fastest_again_when_they_are_close():
     chosen, record = choose_fastest(graphs, lambda models, budget: (calls.append(1), {"loop": 10.0, "fused": 13.0,
                                                                                      "scan": 30.0})[1])
     assert chosen == "loop" and "retimed" not in record and len(calls) == 1
+
+
+def test_inspect_shows_each_variants_form(tiny_checkpoint, tmp_path):
+    from cli_helpers import run_cli
+
+    export_to_dir(tiny_checkpoint, tmp_path / "fused", strategy="fused")
+    proc = run_cli("inspect", str(tmp_path / "fused"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    models = json.loads(proc.stdout)["models"]
+    assert {n: (m["variant"], m.get("strategy")) for n, m in models.items() if m["format"] == "onnx"} == {
+        "model.onnx": ("classifier", "fused"), "model_stream.onnx": ("stream", "fused"),
+        "model_lengths.onnx": ("lengths", "fused")}
+    text = run_cli("inspect", str(tmp_path / "fused")).stdout
+    assert "model model_lengths.onnx: lengths (onnx, fp32, fused)" in text

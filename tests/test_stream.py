@@ -132,3 +132,15 @@ def test_importing_gru_deploy_loads_no_onnxruntime_until_stream_is_used():
             "assert gru_deploy.Stream.__name__ == 'Stream'; print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_the_readme_streaming_example_runs(export_dir, capsys):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [block] = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:] if "from gru_deploy import Stream" in b]
+    assert len(block.strip().splitlines()) <= 12  # a short example
+    exec(compile(block.replace('"exported/"', repr(str(export_dir))), "README.md", "exec"), {})
+    from gru_deploy.manifest import read_manifest
+
+    assert capsys.readouterr().out.strip() in read_manifest(export_dir)["labels"]
