@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 
@@ -116,42 +117,62 @@ def load(port: int, clients: int, total: int, seconds: float, workload: str = "u
     return result
 
 
+def lengths_form(path: str) -> str:
+    """'NAME (loop)' / 'NAME (fused)': the folder and the form of the lengths model its manifest lists."""
+    from gru_deploy.infer import load_model_bytes
+    from gru_deploy.manifest import read_manifest
+
+    name = Path(path).name
+    try:
+        manifest = read_manifest(Path(path))
+    except Exception:  # a bundle: its manifest names the export it came from, not the form
+        return f"{name} ({load_model_bytes(Path(path), 'lengths').name})"
+    info = manifest["models"][manifest["variants"]["lengths"]["onnx"]]
+    return f"{name} ({info.get('strategy', '?')})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("path", help="export folder or bundle")
+    parser.add_argument("path", nargs="+", help="export folder(s) or bundle(s); several are measured in one run "
+                                                "(e.g. a loop and a fused export of one checkpoint)")
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="uniform",
                         help="uniform: 10..100 steps; mixed: 1..20 steps and some 2,000..10,000")
     parser.add_argument("--long-fraction", type=float, default=0.05, help="share of long requests (mixed)")
     parser.add_argument("--requests", type=int, default=800, help="requests per (setting, clients) at most")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds per (setting, clients) at most")
+    parser.add_argument("--clients", type=int, nargs="+", default=None, help="concurrent clients to run with "
+                        "[default: 1 8 32 for uniform, 8 32 for mixed]")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     clients_list, settings = WORKLOADS[args.workload]
+    clients_list = tuple(args.clients) if args.clients else clients_list
     rows = []
-    for setting, flags in settings.items():
-        proc, port = start(args.path, flags)
-        try:
-            load(port, 4, 50, 5)  # warm-up
-            for clients in clients_list:
-                rows.append({"setting": setting, "clients": clients,
-                             **load(port, clients, args.requests, args.seconds, args.workload, args.long_fraction)})
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=20)
+    for path in args.path:
+        for setting, flags in settings.items():
+            proc, port = start(path, flags)
+            try:
+                load(port, 4, 50, 5)  # warm-up
+                for clients in clients_list:
+                    rows.append({"model": lengths_form(path), "setting": setting, "clients": clients,
+                                 **load(port, clients, args.requests, args.seconds, args.workload,
+                                        args.long_fraction)})
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=20)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     if args.workload == "mixed":
-        print(f"{'setting':<26}{'clients':>8}{'req/s':>8}{'short':>7}{'p50 ms':>9}{'p99 ms':>9}"
+        print(f"{'served model':<34}{'setting':<26}{'clients':>8}{'req/s':>8}{'short':>7}{'p50 ms':>9}{'p99 ms':>9}"
               f"{'long':>6}{'p50 ms':>9}{'p99 ms':>9}")
         for r in rows:
-            print(f"{r['setting']:<26}{r['clients']:>8}{r['throughput_rps']:>8.0f}{r['short_requests']:>7}"
+            print(f"{r['model']:<34}{r['setting']:<26}{r['clients']:>8}{r['throughput_rps']:>8.0f}{r['short_requests']:>7}"
                   f"{r['short_p50_ms']:>9.2f}{r['short_p99_ms']:>9.2f}{r['long_requests']:>6}"
                   f"{r['long_p50_ms']:>9.2f}{r['long_p99_ms']:>9.2f}")
         return 0
-    print(f"{'setting':<28}{'clients':>8}{'requests':>10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+    print(f"{'served model':<34}{'setting':<28}{'clients':>8}{'requests':>10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
     for r in rows:
-        print(f"{r['setting']:<28}{r['clients']:>8}{r['requests']:>10}{r['throughput_rps']:>10.0f}"
+        print(f"{r['model']:<34}{r['setting']:<28}{r['clients']:>8}{r['requests']:>10}{r['throughput_rps']:>10.0f}"
               f"{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}")
     return 0
 
