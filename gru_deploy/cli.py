@@ -163,9 +163,10 @@ def train(obj: dict, data: str, test_path: str | None, normalize: bool | None, e
               show_default=True, help="Export folder; replaced as a whole only when every check passes.")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (13..20 verified).")
 @click.option("--strategy", type=click.Choice(["loop", "fused", "scan", "auto"]), default="loop", show_default=True,
-              help="ONNX form: loop (the scripted loop as an ONNX Loop), fused (ONNX's GRU operator), scan "
-                   "(torch.export + the dynamo exporter to an ONNX Scan, no TorchScript; opset >= 18), "
-                   "auto (check each, time them at the typical shape, keep the fastest).")
+              help="ONNX form of the classifier, stream and lengths models: loop (the scripted loop as an ONNX "
+                   "Loop), fused (ONNX's GRU operator), scan (torch.export + the dynamo exporter to an ONNX Scan, "
+                   "no TorchScript; opset >= 18; the stream and lengths models stay loops), auto (check each, "
+                   "time them at each model's typical workload, keep the fastest).")
 @click.option("--typical-batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Batch size that --strategy auto times.")
 @click.option("--typical-seq", type=click.IntRange(min=1), default=100, show_default=True,
@@ -184,7 +185,10 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
     Writes into --out:
       model.pt       TorchScript (torch.jit.script; the time loop is a prim::Loop)
       model.onnx     ONNX, input x [batch, seq, I], dynamic batch and seq; a Loop
-                     (--strategy loop) or ONNX's GRU operator (fused)
+                     (--strategy loop), ONNX's GRU operator (fused) or a Scan
+      model_stream.* (x, h0) -> (logits, h_n), and model_lengths.* (x, lengths) ->
+                     logits: TorchScript and ONNX, in the same form (scan: Loop)
+      model*.ort     ORT format of the classifier and stream models
       parity.json    eager vs TorchScript vs onnxruntime vs onnx reference vs float64
       manifest.json  signature, opset, sha256 of every file, config, labels, metrics, versions
     An element fails parity only when it exceeds both --atol and --rtol. Exit 1 (and

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import onnx
@@ -124,11 +125,18 @@ def test_fused_matches_float64_up_to_1500_steps(model, fused, seq):
     np.testing.assert_allclose(got, Float64Runner(ModelSpec(), weights_numpy(model)).run(x)["logits"], atol=1e-5)
 
 
-def test_empty_inputs_never_reach_the_gru_kernel(fused, model, tmp_path):
-    """Raw onnxruntime (not our runner) on the fused file: empty batch or time axis must not abort."""
+def run_isolated(code: str, *args: str) -> Any:
+    """Run `code` (it prints JSON) in a fresh Python: a kernel abort kills that process, not the tests."""
     import subprocess
     import sys
 
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr  # a kernel abort would be -6 (SIGABRT)
+    return json.loads(proc.stdout)
+
+
+def test_empty_inputs_never_reach_the_gru_kernel(fused, model, tmp_path):
+    """Raw onnxruntime (not our runner) on the fused file: empty batch or time axis must not abort."""
     path = tmp_path / "fused.onnx"
     path.write_bytes(fused.onnx_bytes)
     code = (
@@ -137,9 +145,7 @@ def test_empty_inputs_never_reach_the_gru_kernel(fused, model, tmp_path):
         "print(json.dumps([s.run(None, {'x': np.zeros(shape, np.float32)})[0].tolist()\n"
         "                  for shape in [(3, 0, 8), (0, 5, 8), (0, 0, 8)]]))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr  # a kernel abort would be -6 (SIGABRT)
-    seq0, batch0, both0 = json.loads(proc.stdout)
+    seq0, batch0, both0 = run_isolated(code, str(path))
     bias = model.fc.bias.detach().numpy()
     np.testing.assert_allclose(np.array(seq0), np.tile(bias, (3, 1)), atol=1e-6)  # h stays 0: fc(0) = bias
     assert batch0 == [] and both0 == []
@@ -148,9 +154,6 @@ def test_empty_inputs_never_reach_the_gru_kernel(fused, model, tmp_path):
 def test_fused_variants_answer_empty_inputs_and_zero_lengths_without_the_kernel(model, tmp_path):
     """Raw onnxruntime on the fused stream and lengths files: empty axes and lengths of 0 answer
     what the model means (stream: h_n = h0, fc(h0); lengths 0: fc(0)) and never abort."""
-    import subprocess
-    import sys
-
     import torch
 
     from gru_deploy.export import export_fused
@@ -171,9 +174,7 @@ def test_fused_variants_answer_empty_inputs_and_zero_lengths_without_the_kernel(
         "       'lengths_mixed': lengths.run(None, {'x': np.ones((3, 5, 8), np.float32), 'lengths': np.array([0, 5, 2])})[0].tolist()}\n"
         "print(json.dumps(out))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr  # a kernel abort would be -6 (SIGABRT)
-    out = json.loads(proc.stdout)
+    out = run_isolated(code, str(tmp_path))
     h0 = np.linspace(-1, 1, 3 * 16, dtype=np.float32).reshape(3, 16)
     with torch.no_grad():
         fc_h0 = model.fc(torch.from_numpy(h0)).numpy()

@@ -322,7 +322,10 @@ def test_recovery_restores_the_newest_backup_and_leaves_live_runs_alone(tmp_path
 @pytest.mark.slow
 def test_ctrl_c_during_export_exits_130_and_keeps_the_old_export(export_copy, tmp_path):
     before = {p.name: p.read_bytes() for p in export_copy.iterdir()}
-    proc = _spawn("export", "--checkpoint", str(_other_checkpoint(tmp_path)), "--out", str(export_copy), "-q")
+    # A terminal's Ctrl-C reaches a foreground process whose SIGINT is the default; a test run
+    # started in the background (`cmd &` in a script) passes SIGINT on ignored, so reset it.
+    proc = _spawn("export", "--checkpoint", str(_other_checkpoint(tmp_path)), "--out", str(export_copy), "-q",
+                  preexec=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # Interrupt while the new export is being written and checked: its staging folder exists
     # (a fixed sleep raced a fast machine, where the export had finished by then).
     deadline = time.monotonic() + 120
