@@ -7,6 +7,7 @@ import json
 import pytest
 
 from gru_deploy.errors import UserInputError
+from gru_deploy.export import count_ops
 from gru_deploy.manifest import read_manifest
 from gru_deploy.pipeline import export_to_dir, time_strategies
 from gru_deploy.verify import verify_export
@@ -34,17 +35,6 @@ def test_fused_export_verifies(tiny_checkpoint, tmp_path):
 STRATEGY_OP = {"loop": "Loop", "fused": "GRU", "scan": "Scan"}
 
 
-def op_types(graph: "onnx.GraphProto") -> set[str]:
-    """Every op type in an ONNX graph, its sub-graphs (If branches, Loop and Scan bodies) included."""
-    found = set()
-    for node in graph.node:
-        found.add(node.op_type)
-        for attribute in node.attribute:
-            for sub in [attribute.g, *attribute.graphs]:
-                found |= op_types(sub)
-    return found
-
-
 def test_auto_keeps_the_fastest_it_measured(tiny_checkpoint, tmp_path, monkeypatch):
     """auto's timings decide: the graph timed fastest is the one written, and the timings recorded."""
     import onnx
@@ -58,7 +48,7 @@ def test_auto_keeps_the_fastest_it_measured(tiny_checkpoint, tmp_path, monkeypat
     def fake_time_strategies(models, spec, typical, budget_s=0.5, variant="classifier"):
         assert tuple(typical) == (2, 30)
         for name, graph in models.items():  # each strategy's own graph is timed under its name
-            assert STRATEGY_OP[name] in op_types(onnx.load_from_string(graph).graph), name
+            assert STRATEGY_OP[name] in count_ops(onnx.load_from_string(graph).graph), name
             timed[(variant, name)] = graph
         chosen_from = medians if variant == "classifier" else variant_medians[variant]
         return {name: chosen_from[name] for name in models}

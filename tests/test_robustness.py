@@ -20,7 +20,6 @@ import time
 import pytest
 
 from cli_helpers import gru_deploy_exe, run_cli
-from gru_deploy.errors import CheckFailed
 from gru_deploy.manifest import _recover_interrupted_runs, read_manifest, sha256_file
 from gru_deploy.verify import verify_export
 
