@@ -413,7 +413,7 @@ def to_ort_format(onnx_files: dict[str, bytes]) -> dict[str, bytes]:
 # elsewhere with any other op is refused before a runtime loads it.
 KNOWN_OPS = frozenset({
     "Add", "Cast", "Concat", "Constant", "ConstantOfShape", "DequantizeLinear", "Div", "DynamicQuantizeLinear",
-    "Equal", "Expand", "Gather", "Gemm", "Greater", "GRU", "Identity", "If", "Less", "Loop", "MatMul", "Scan",
+    "Equal", "Expand", "Gather", "Gemm", "Greater", "GRU", "Identity", "If", "Less", "Loop", "MatMul", "Max", "Scan",
     "MatMulInteger", "Mul", "Neg", "QuantizeLinear", "Reshape", "Shape", "Sigmoid", "Slice", "Split", "Squeeze",
     "Sub", "Tanh", "Transpose", "Unsqueeze", "Where", "DynamicQuantizeMatMul",
 })

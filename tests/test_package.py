@@ -411,3 +411,17 @@ def test_int8_of_a_fused_model_is_refused_with_the_reason(tiny_checkpoint):
 def test_int8_is_for_edge_only(export_dir, tmp_path):
     with pytest.raises(UserInputError, match="edge"):
         package(export_dir, "server", out=tmp_path / "s", quantize="int8")
+
+
+def test_a_fused_export_packages_and_verifies_for_both_targets(tiny_checkpoint, tmp_path):
+    """Every op the fused variants use is one the bundle guard knows; the Triton models and the
+    edge files carry the fused forms the export chose."""
+    from gru_deploy.pipeline import export_to_dir
+
+    export_to_dir(tiny_checkpoint, tmp_path / "fused", strategy="fused")
+    for target in ("edge", "server"):
+        out, manifest = package(tmp_path / "fused", target, out=tmp_path / target)
+        report = verify_bundle(out)
+        assert report["passed"], [c for c in report["checks"] if not c["passed"]]
+        onnx_models = [info for info in manifest["models"].values() if info["format"] == "onnx"]
+        assert onnx_models and all(info["op_types"].get("GRU") == 1 for info in onnx_models)
