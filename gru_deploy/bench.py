@@ -38,19 +38,40 @@ SCALING = (256, (1000, 2000))  # batch, seq lengths: is the loop's cost linear i
 LINEAR_BELOW = 3.0
 
 
+def classifier_graphs(spec: "ModelSpec", model: Any, scripted: Any = None) -> dict[str, bytes]:
+    """The classifier's three ONNX forms, {"loop", "scan", "fused"}, of one eager model."""
+    from gru_deploy import script
+    from gru_deploy.export import export_fused, export_loop, export_scan
+
+    scripted = scripted if scripted is not None else script.torchscript(model)
+    return {"loop": export_loop(scripted, spec).onnx_bytes,
+            "scan": export_scan(model, spec).onnx_bytes,
+            "fused": export_fused(model.state_dict(), spec).onnx_bytes}
+
+
+def default_graphs() -> tuple["ModelSpec", dict[str, bytes]]:
+    """The default-size model, untrained (seed 0; speed does not depend on the weights), and its
+    three ONNX forms: what the benchmark scripts time."""
+    import torch
+
+    from gru_deploy.model import GRUClassifier
+    from gru_deploy.spec import ModelSpec
+
+    torch.manual_seed(0)
+    spec = ModelSpec()
+    return spec, classifier_graphs(spec, GRUClassifier().eval())
+
+
 def _contenders(spec: "ModelSpec", state_dict: dict, threads: int) -> dict[str, Callable[["np.ndarray"], object]]:
     """Callables of x (float32 numpy) for eager, TorchScript and each ONNX strategy."""
     import torch
 
     from gru_deploy import script
-    from gru_deploy.export import export_fused, export_loop, export_scan
     from gru_deploy.model import load_weights, tutorial_forward
 
     model = load_weights(spec, state_dict)
     scripted = script.torchscript(model)
-    graphs = {"onnxruntime loop": export_loop(scripted, spec).onnx_bytes,
-              "onnxruntime scan": export_scan(model, spec).onnx_bytes,
-              "onnxruntime fused": export_fused(state_dict, spec).onnx_bytes}
+    graphs = {f"onnxruntime {name}": graph for name, graph in classifier_graphs(spec, model, scripted).items()}
 
     def eager(x):
         with torch.no_grad():

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from gru_deploy.spec import ModelSpec
 
 STRATEGY_CHOICES = (*STRATEGIES, "auto")
-# Variants exported beside the classifier (always as a Loop today), and their file names.
+# Variants exported beside the classifier, and their file names.
 VARIANTS = ("stream", "lengths")
 VARIANT_FILES = {"stream": ("model_stream.pt", "model_stream.onnx"),
                  "lengths": ("model_lengths.pt", "model_lengths.onnx")}
@@ -77,7 +77,7 @@ def export_to_dir(
     from gru_deploy import script
     from gru_deploy.export import check_opset, export_fused, export_loop, to_ort_format
     from gru_deploy.model import as_variant
-    from gru_deploy.verify import VARIANT_CASES, build_runners, check_tolerances, parity_for_dir, run_parity
+    from gru_deploy.verify import build_runners, check_tolerances, parity_for_dir
 
     check_opset(opset)
     check_tolerances(atol, rtol)
@@ -88,7 +88,6 @@ def export_to_dir(
     step = on_step or (lambda message: None)
     spec = checkpoint.spec
     model = checkpoint.model()
-    torch_version = library_versions()["torch"]
     script.take_deprecations()  # what this export hears, not what earlier work in this process heard
     step("scripting with torch.jit.script (checking the time loop stays a prim::Loop)")
     scripted = script.torchscript(model)
@@ -109,10 +108,7 @@ def export_to_dir(
     if strategy == "auto":
         for name, result in results.items():
             step(f"checking parity of {name} before timing it")
-            report = run_parity(build_runners(spec, scripted, result.onnx_bytes), spec, atol=atol, rtol=rtol)
-            if not report:
-                raise CheckFailed(f"parity failed for strategy {name}, nothing written: "
-                                  + "; ".join(report.failures()))
+            check_candidate(f"strategy {name}", build_runners(spec, scripted, result.onnx_bytes), spec, atol, rtol)
         step(f"timing {', '.join(candidates)} at batch {typical[0]}, seq {typical[1]}")
         graphs = {n: r.onnx_bytes for n, r in results.items()}
         chosen, auto = choose_fastest(graphs, lambda models, budget: time_strategies(models, spec, typical, budget),
@@ -144,11 +140,9 @@ def export_to_dir(
         if len(forms) > 1:
             for name, candidate in built.items():
                 step(f"checking parity of the {variant} variant as {name} before timing it")
-                report = run_parity(build_runners(spec, module, candidate.onnx_bytes, variant=variant), spec,
-                                    cases=VARIANT_CASES, atol=atol, rtol=rtol, variant=variant)
-                if not report:
-                    raise CheckFailed(f"parity failed for the {variant} variant as {name}, nothing written: "
-                                      + "; ".join(report.failures()))
+                check_candidate(f"the {variant} variant as {name}",
+                                build_runners(spec, module, candidate.onnx_bytes, variant=variant), spec, atol, rtol,
+                                variant)
             workload = variant_workload(variant, typical)
             step(f"timing the {variant} variant as {', '.join(forms)} at {workload['description']}")
             form, variant_auto = choose_fastest(
@@ -165,7 +159,15 @@ def export_to_dir(
         variants[variant] = {"torchscript": pt_name, "onnx": onnx_name, "strategy": form, "auto": variant_auto,
                              "signature": spec.signature(variant), "onnx_node_count": exported.node_count,
                              "op_types": exported.op_types}
+    notes = list(variant_notes)
     deprecations = script.take_deprecations()
+    if deprecations:
+        notes.append(f"torch {library_versions()['torch']} deprecates what model.pt is made with (gru-deploy "
+                     "silences it and keeps model.pt for libtorch runtimes): "
+                     + " | ".join(m[:120] for m in deprecations))
+    if result.opset != opset:
+        notes.append(f"--strategy {result.strategy} wrote opset {result.opset}, not the {opset} asked for: the "
+                     "dynamo exporter behind it starts at opset 18")
     step("converting the classifier and stream models to ORT format (onnxruntime's converter)")
     ort_sources = [name for name, info in models.items() if info["format"] == "onnx" and info["variant"] in ORT_VARIANTS]
     converted = to_ort_format({name: files[name] for name in ort_sources})
@@ -196,11 +198,7 @@ def export_to_dir(
             "training": checkpoint.training,
             "source_checkpoint": {"sha256": checkpoint.sha256},
             "versions": library_versions(),
-            "notes": variant_notes + [f"torch {torch_version} deprecates what model.pt is made with (gru-deploy silences it and "
-                      "keeps model.pt for libtorch runtimes): " + " | ".join(m[:120] for m in deprecations)
-                      ] * bool(deprecations) + ([
-                f"--strategy {result.strategy} wrote opset {result.opset}, not the {opset} asked for: the dynamo "
-                f"exporter behind it starts at opset 18"] if result.opset != opset else []),
+            "notes": notes,
             "files": {name: file_entry(stage / name) for name in files},
         }
         step("checking parity of every file: eager, TorchScript, onnxruntime, onnx reference, float64; "
@@ -215,6 +213,18 @@ def export_to_dir(
                               "summary": parity["summary"]}
         atomic_write_json(stage / MANIFEST_NAME, manifest)
     return manifest
+
+
+def check_candidate(what: str, runners: dict[str, Any], spec: "ModelSpec", atol: float, rtol: float,
+                    variant: str = "classifier") -> None:
+    """auto's check before timing a candidate: the classifier's full grid, a variant's grid;
+    CheckFailed (nothing written) when parity fails."""
+    from gru_deploy.verify import VARIANT_CASES, run_parity
+
+    cases = None if variant == "classifier" else VARIANT_CASES
+    report = run_parity(runners, spec, cases=cases, atol=atol, rtol=rtol, variant=variant)
+    if not report:
+        raise CheckFailed(f"parity failed for {what}, nothing written: " + "; ".join(report.failures()))
 
 
 def choose_fastest(graphs: dict[str, bytes], time_fn: Callable[[dict[str, bytes], float], dict[str, float]],

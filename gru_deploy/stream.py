@@ -45,16 +45,16 @@ class Stream:
         self.spec, self.model, self.precision, self.batch = chosen.spec, chosen.name, chosen.precision, batch
         # `step` never feeds an empty axis, so it may run the guarded graph's non-empty branch
         # alone (the same nodes, without the per-call guard); `run` takes any chunk: the whole graph.
-        step_graph = without_empty_guard(chosen.data) or chosen.data
+        step_graph = without_empty_guard(chosen.data)
         try:
             self.session = ort.InferenceSession(chosen.data, session_options(threads),
                                                 providers=["CPUExecutionProvider"])
-            self._step_session = ort.InferenceSession(step_graph, session_options(threads),
-                                                      providers=["CPUExecutionProvider"])
+            self._step_session = self.session if step_graph is None else ort.InferenceSession(
+                step_graph, session_options(threads), providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime's own error types
             raise UserInputError(f"{path}: onnxruntime cannot load {chosen.name}: "
                                  f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from None
-        self.guard_skipped = step_graph is not chosen.data
+        self.guard_skipped = step_graph is not None
         hidden, inputs, outputs = self.spec.hidden_size, self.spec.input_size, self.spec.output_size
         self._x = np.zeros((batch, 1, inputs), np.float32)
         self._h = [np.zeros((batch, hidden), np.float32), np.zeros((batch, hidden), np.float32)]

@@ -24,20 +24,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import onnxruntime as ort
-    import torch
 
-    from gru_deploy import script
-    from gru_deploy.bench import SHAPES
-    from gru_deploy.export import export_fused, export_loop, export_scan
-    from gru_deploy.model import GRUClassifier
+    from gru_deploy.bench import SHAPES, default_graphs
     from gru_deploy.pipeline import choose_fastest, time_strategies
-    from gru_deploy.spec import ModelSpec
 
-    torch.manual_seed(0)
-    spec, model = ModelSpec(), GRUClassifier().eval()
-    graphs = {"loop": export_loop(script.torchscript(model), spec).onnx_bytes,
-              "scan": export_scan(model, spec).onnx_bytes,
-              "fused": export_fused(model.state_dict(), spec).onnx_bytes}
+    spec, graphs = default_graphs()
     rows = []
     for shape in SHAPES:
         chosen, record = choose_fastest(graphs, lambda models, budget: time_strategies(models, spec, shape, budget))

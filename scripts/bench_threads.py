@@ -28,20 +28,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import onnxruntime as ort
-    import torch
 
-    from gru_deploy import script
-    from gru_deploy.bench import median_us
-    from gru_deploy.export import export_fused, export_loop, export_scan
-    from gru_deploy.model import GRUClassifier
+    from gru_deploy.bench import default_graphs, median_us
     from gru_deploy.runners import session_options
-    from gru_deploy.spec import ModelSpec
 
-    torch.manual_seed(0)
-    spec, model = ModelSpec(), GRUClassifier().eval()
-    graphs = {"loop": export_loop(script.torchscript(model), spec).onnx_bytes,
-              "scan": export_scan(model, spec).onnx_bytes,
-              "fused": export_fused(model.state_dict(), spec).onnx_bytes}
+    spec, graphs = default_graphs()
     rows = []
     for batch, seq in SHAPES:
         x = np.random.default_rng(batch + seq).standard_normal((batch, seq, spec.input_size)).astype(np.float32)
