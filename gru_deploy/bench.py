@@ -49,6 +49,17 @@ def classifier_graphs(spec: "ModelSpec", model: Any, scripted: Any = None) -> di
             "fused": export_fused(model.state_dict(), spec).onnx_bytes}
 
 
+def variant_graphs(spec: "ModelSpec", model: Any, variant: str) -> dict[str, bytes]:
+    """The stream or lengths variant's three ONNX forms, {"loop", "scan", "fused"}, of one eager model."""
+    from gru_deploy import script
+    from gru_deploy.export import export_fused, export_loop, export_scan
+    from gru_deploy.model import as_variant
+
+    return {"loop": export_loop(script.torchscript(as_variant(model, variant)), spec, variant=variant).onnx_bytes,
+            "scan": export_scan(model, spec, variant=variant).onnx_bytes,
+            "fused": export_fused(model.state_dict(), spec, variant=variant).onnx_bytes}
+
+
 def default_graphs() -> tuple["ModelSpec", dict[str, bytes]]:
     """The default-size model, untrained (seed 0; speed does not depend on the weights), and its
     three ONNX forms: what the benchmark scripts time."""
@@ -157,21 +168,19 @@ def gru_step_reference(spec: "ModelSpec", state_dict: dict, threads: int) -> Cal
 
 def streaming_step(spec: "ModelSpec", state_dict: dict, threads: int, budget_s: float) -> dict[str, Any]:
     """Per-step latency of streaming at batch 1, one step per call: the eager cell, the
-    TorchScript and ONNX stream models (loop and fused) with a plain `run()`, the streaming
-    API (`gru_deploy.Stream`, io_binding) over each, and the one-GRU-node io_binding floor."""
+    TorchScript and ONNX stream models (loop, scan and fused) with a plain `run()`, the
+    streaming API (`gru_deploy.Stream`, io_binding) over each, and the one-GRU-node io_binding floor."""
     import numpy as np
     import torch
 
     from gru_deploy import script
-    from gru_deploy.export import export_fused, export_loop
     from gru_deploy.model import as_variant, load_weights
     from gru_deploy.runners import OnnxRuntimeRunner
     from gru_deploy.stream import Stream
 
     model = load_weights(spec, state_dict)
     stream = script.torchscript(as_variant(model, "stream"))
-    graphs = {"loop": export_loop(stream, spec, variant="stream").onnx_bytes,
-              "fused": export_fused(state_dict, spec, variant="stream").onnx_bytes}
+    graphs = variant_graphs(spec, model, "stream")
     x = np.random.default_rng(0).standard_normal((1, 1, spec.input_size)).astype(np.float32)
     h = np.zeros((1, spec.hidden_size), np.float32)
     xt, ht = torch.from_numpy(x), torch.from_numpy(h)
@@ -206,27 +215,25 @@ LENGTHS_SHAPES = ((1, 100), (32, 100))
 
 
 def lengths_rows(spec: "ModelSpec", state_dict: dict, threads: int, budget_s: float) -> list[dict[str, Any]]:
-    """The variable-length model, loop vs fused, on padded batches with lengths spread over 1..seq."""
+    """The variable-length model in each form (loop, scan, fused) on padded batches with lengths
+    spread over 1..seq; ratios to the loop form."""
     import numpy as np
 
-    from gru_deploy import script
-    from gru_deploy.export import export_fused, export_loop
-    from gru_deploy.model import as_variant, load_weights
+    from gru_deploy.model import load_weights
     from gru_deploy.runners import OnnxRuntimeRunner
 
-    module = script.torchscript(as_variant(load_weights(spec, state_dict), "lengths"))
-    runners = {"onnxruntime lengths loop": OnnxRuntimeRunner(spec, export_loop(module, spec, variant="lengths")
-                                                             .onnx_bytes, threads=threads, variant="lengths"),
-               "onnxruntime lengths fused": OnnxRuntimeRunner(spec, export_fused(state_dict, spec, variant="lengths")
-                                                              .onnx_bytes, threads=threads, variant="lengths")}
+    graphs = variant_graphs(spec, load_weights(spec, state_dict), "lengths")
+    runners = {f"onnxruntime lengths {form}": OnnxRuntimeRunner(spec, graph, threads=threads, variant="lengths")
+               for form, graph in graphs.items()}
     rows = []
     for batch, seq in LENGTHS_SHAPES:
         rng = np.random.default_rng(batch * 31 + seq)
         feed = {"x": rng.standard_normal((batch, seq, spec.input_size)).astype(np.float32),
                 "lengths": rng.integers(1, seq + 1, batch).astype(np.int64)}
         timings = {name: median_us(lambda: r.run(feed), budget_s) for name, r in runners.items()}
+        loop = timings["onnxruntime lengths loop"]
         rows.append({"batch": batch, "seq": seq, "lengths": f"uniform in 1..{seq}", "median_us": timings,
-                     "fused_vs_loop": timings["onnxruntime lengths fused"] / timings["onnxruntime lengths loop"]})
+                     "vs_loop": {name: value / loop for name, value in timings.items()}})
     return rows
 
 
@@ -266,7 +273,7 @@ def run_bench(spec: "ModelSpec", state_dict: dict, threads: int = 1, budget_s: f
         streaming = [streaming_step(spec, state_dict, threads, budget_s)]
         if large:
             streaming.append(streaming_step(big, big_state, threads, budget_s))
-        say("the variable-length model, loop and fused")
+        say("the variable-length model, loop, scan and fused")
         lengths = lengths_rows(spec, state_dict, threads, budget_s)
     finally:
         torch.set_num_threads(previous_threads)
@@ -299,8 +306,9 @@ def format_table(result: dict[str, Any]) -> str:
             f"{row['vs_one_gru_node'][k]:.2f}x one GRU node with io_binding" for k in api))
     for row in result.get("lengths", []):
         cells = ", ".join(f"{k} {v:,.0f} µs" for k, v in row["median_us"].items())
+        ratios = ", ".join(f"{k.rsplit(' ', 1)[-1]} {v:.2f}x" for k, v in row["vs_loop"].items() if "loop" not in k)
         lines.append(f"lengths model at batch {row['batch']}, seq {row['seq']} (lengths {row['lengths']}): {cells}; "
-                     f"fused/loop {row['fused_vs_loop']:.2f}")
+                     f"vs loop: {ratios}")
     return "\n".join(lines)
 
 

@@ -165,7 +165,7 @@ def train(obj: dict, data: str, test_path: str | None, normalize: bool | None, e
 @click.option("--strategy", type=click.Choice(["loop", "fused", "scan", "auto"]), default="loop", show_default=True,
               help="ONNX form of the classifier, stream and lengths models: loop (the scripted loop as an ONNX "
                    "Loop), fused (ONNX's GRU operator), scan (torch.export + the dynamo exporter to an ONNX Scan, "
-                   "no TorchScript; opset >= 18; the stream and lengths models stay loops), auto (check each, "
+                   "no TorchScript in the graph; opset >= 18), auto (check each, "
                    "time them at each model's typical workload, keep the fastest).")
 @click.option("--typical-batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Batch size that --strategy auto times.")
@@ -187,7 +187,7 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
       model.onnx     ONNX, input x [batch, seq, I], dynamic batch and seq; a Loop
                      (--strategy loop), ONNX's GRU operator (fused) or a Scan
       model_stream.* (x, h0) -> (logits, h_n), and model_lengths.* (x, lengths) ->
-                     logits: TorchScript and ONNX, in the same form (scan: Loop)
+                     logits: TorchScript and ONNX, in the same form
       model*.ort     ORT format of the classifier and stream models
       parity.json    eager vs TorchScript vs onnxruntime vs onnx reference vs float64
       manifest.json  signature, opset, sha256 of every file, config, labels, metrics, versions

@@ -250,28 +250,56 @@ class ScanClassifier(nn.Module):
     No TorchScript: this is the path that survives TorchScript's removal. The step takes the
     z, r and candidate input projections as three scanned inputs (slicing one merged tensor
     inside the step breaks the ONNX exporter's decomposition of `scan` in torch 2.13) and
-    reads the hidden weights from the module.
+    reads the hidden weights from the module. `recur` runs from any state, optionally with a
+    per-step validity mask (the lengths variant), so the three variants share it.
     """
 
     def __init__(self, model: GRUClassifier) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def recur(self, x: torch.Tensor, h0: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         from torch._higher_order_ops.scan import scan
 
         m = self.model
         cell = m.gru
         steps = m.normalized(x).transpose(0, 1)
-        h0 = steps.new_zeros(steps.shape[1], m.hidden_size)
+        xs = [cell.W_xz(steps), cell.W_xr(steps), cell.W_xh(steps)]
+        if lengths is not None:  # valid[t, b] = t < lengths[b], as [seq, batch, 1]
+            positions = torch.arange(steps.shape[0], device=x.device).unsqueeze(1)
+            xs.append((positions < lengths.unsqueeze(0)).unsqueeze(2))
 
-        def step(h: torch.Tensor, xs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
-            x_z, x_r, x_h = xs
-            z = torch.sigmoid(x_z + cell.W_hz(h))
-            r = torch.sigmoid(x_r + cell.W_hr(h))
-            h_tilde = torch.tanh(x_h + cell.W_hh(r * h))
+        def step(h: torch.Tensor, inputs: list[torch.Tensor]):
+            z = torch.sigmoid(inputs[0] + cell.W_hz(h))
+            r = torch.sigmoid(inputs[1] + cell.W_hr(h))
+            h_tilde = torch.tanh(inputs[2] + cell.W_hh(r * h))
             h_next = (1 - z) * h + z * h_tilde
+            if len(inputs) > 3:
+                h_next = torch.where(inputs[3], h_next, h)
             return h_next, h_next.clone()
 
-        h, _ = scan(step, h0, (cell.W_xz(steps), cell.W_xr(steps), cell.W_xh(steps)))
-        return m.fc(h)
+        h, _ = scan(step, h0, xs)
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        return m.fc(self.recur(x, x.new_zeros(x.shape[0], m.hidden_size)))
+
+
+class ScanStream(ScanClassifier):
+    """The stream variant as a scan: (x, h0) -> (logits, h_n)."""
+
+    def forward(self, x: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.recur(x, h0)
+        return self.model.fc(h), h
+
+
+class ScanLengths(ScanClassifier):
+    """The lengths variant as a scan: (x, lengths) -> logits, steps past a sample's length masked."""
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        return m.fc(self.recur(x, x.new_zeros(x.shape[0], m.hidden_size), lengths))
+
+
+SCAN_CLASSES = {"classifier": ScanClassifier, "stream": ScanStream, "lengths": ScanLengths}

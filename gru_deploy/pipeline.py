@@ -29,9 +29,9 @@ STRATEGY_CHOICES = (*STRATEGIES, "auto")
 VARIANTS = ("stream", "lengths")
 VARIANT_FILES = {"stream": ("model_stream.pt", "model_stream.onnx"),
                  "lengths": ("model_lengths.pt", "model_lengths.onnx")}
-# The forms each --strategy exports the stream and lengths variants in (auto times both and
-# keeps the faster at the variant's workload); scan has no variant form yet: loop.
-VARIANT_FORMS = {"loop": ("loop",), "fused": ("fused",), "scan": ("loop",), "auto": ("loop", "fused")}
+# The forms each --strategy exports the stream and lengths variants in (auto checks and times
+# every one and keeps the fastest at the variant's workload).
+VARIANT_FORMS = {"loop": ("loop",), "fused": ("fused",), "scan": ("scan",), "auto": ("loop", "fused", "scan")}
 # Variants that also get an ORT-format copy (for onnxruntime mobile / minimal builds).
 ORT_VARIANTS = ("classifier", "stream")
 # auto: seconds of timing per candidate; when the two fastest are within RETIME_WITHIN of each
@@ -58,6 +58,18 @@ def build_strategy(strategy: str, model: "torch.nn.Module", scripted: "torch.jit
     raise UserInputError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGY_CHOICES)}")
 
 
+def build_variant(form: str, variant: str, model: "torch.nn.Module", module: "torch.jit.ScriptModule",
+                  checkpoint: Checkpoint, opset: int, metadata: dict[str, Any]) -> "ExportResult":
+    """One ONNX graph of the stream or lengths variant in one form (loop, fused, scan)."""
+    from gru_deploy.export import export_fused, export_loop, export_scan
+
+    if form == "loop":
+        return export_loop(module, checkpoint.spec, opset, metadata, variant=variant)
+    if form == "fused":
+        return export_fused(checkpoint.state_dict, checkpoint.spec, opset, metadata, variant=variant)
+    return export_scan(model, checkpoint.spec, opset, metadata, variant=variant)
+
+
 def export_to_dir(
     checkpoint: Checkpoint,
     out: Path,
@@ -70,12 +82,12 @@ def export_to_dir(
 ) -> dict[str, Any]:
     """Write model.pt, model.onnx, parity.json and manifest.json into `out`; return the manifest.
 
-    `strategy` is loop, fused or auto; auto checks every strategy's parity, times each at
+    `strategy` is loop, fused, scan or auto; auto checks every strategy's parity, times each at
     the `typical` (batch, seq) in onnxruntime and keeps the fastest. Raises CheckFailed
     (and writes nothing) when a guard or the parity gate fails.
     """
     from gru_deploy import script
-    from gru_deploy.export import check_opset, export_fused, export_loop, to_ort_format
+    from gru_deploy.export import check_opset, to_ort_format
     from gru_deploy.model import as_variant
     from gru_deploy.verify import build_runners, check_tolerances, parity_for_dir
 
@@ -122,19 +134,14 @@ def export_to_dir(
                        "opset": result.opset, "ir_version": result.ir_version},
     }
     variants: dict[str, Any] = {}
-    variant_notes: list[str] = []
     for variant in VARIANTS:
         module = script.torchscript(as_variant(model, variant))
         forms = VARIANT_FORMS[strategy]
-        if strategy == "scan":
-            variant_notes.append(f"--strategy scan: the {variant} variant is exported as a loop (there is no scan "
-                                 "form of it yet)")
         built = {}
         for form in forms:
             step(f"exporting the {variant} variant as {form} (and TorchScript)")
             meta = {**metadata, "gru_deploy.variant": variant, "gru_deploy.strategy": form}
-            built[form] = (export_loop(module, spec, opset, meta, variant=variant) if form == "loop"
-                           else export_fused(checkpoint.state_dict, spec, opset, meta, variant=variant))
+            built[form] = build_variant(form, variant, model, module, checkpoint, opset, meta)
         variant_auto = None
         form = forms[0]
         if len(forms) > 1:
@@ -159,15 +166,18 @@ def export_to_dir(
         variants[variant] = {"torchscript": pt_name, "onnx": onnx_name, "strategy": form, "auto": variant_auto,
                              "signature": spec.signature(variant), "onnx_node_count": exported.node_count,
                              "op_types": exported.op_types}
-    notes = list(variant_notes)
+    notes: list[str] = []
     deprecations = script.take_deprecations()
     if deprecations:
         notes.append(f"torch {library_versions()['torch']} deprecates what model.pt is made with (gru-deploy "
                      "silences it and keeps model.pt for libtorch runtimes): "
                      + " | ".join(m[:120] for m in deprecations))
-    if result.opset != opset:
-        notes.append(f"--strategy {result.strategy} wrote opset {result.opset}, not the {opset} asked for: the "
-                     "dynamo exporter behind it starts at opset 18")
+    raised = {name: info for name, info in models.items() if info.get("opset", opset) != opset}
+    if raised:
+        written = sorted({info["opset"] for info in raised.values()})
+        notes.append(f"{', '.join(raised)} ({', '.join(sorted({info['strategy'] for info in raised.values()}))}) "
+                     f"written at opset {', '.join(map(str, written))}, not the {opset} asked for: the dynamo "
+                     "exporter behind scan starts at opset 18")
     step("converting the classifier and stream models to ORT format (onnxruntime's converter)")
     ort_sources = [name for name, info in models.items() if info["format"] == "onnx" and info["variant"] in ORT_VARIANTS]
     converted = to_ort_format({name: files[name] for name in ort_sources})

@@ -30,8 +30,8 @@ def test_bench_measures_every_runtime_on_every_shape(small_result):
         assert set(row["median_us"]) == {"eager", "torchscript", "onnxruntime loop", "onnxruntime scan", "onnxruntime fused"}
     [stream] = small_result["streaming"]
     assert set(stream["median_us_per_step"]) == {
-        "eager cell", "torchscript stream", "onnxruntime stream loop, run()", "onnxruntime stream fused, run()",
-        "Stream API, loop", "Stream API, fused", "one GRU node, io_binding"}
+        "eager cell", "torchscript stream", *(f"onnxruntime stream {form}, run()" for form in ("loop", "scan", "fused")),
+        "Stream API, loop", "Stream API, scan", "Stream API, fused", "one GRU node, io_binding"}
     assert [(r["batch"], r["seq"]) for r in small_result["lengths"]] == [(1, 100), (32, 100)]
 
 
@@ -54,8 +54,9 @@ def test_bench_ratios_are_quotients_of_the_medians(small_result):
                 value / medians["onnxruntime stream loop, run()"])
     for row in small_result["lengths"]:
         medians = row["median_us"]
-        assert row["fused_vs_loop"] == pytest.approx(medians["onnxruntime lengths fused"]
-                                                     / medians["onnxruntime lengths loop"])
+        assert set(medians) == {f"onnxruntime lengths {form}" for form in ("loop", "scan", "fused")}
+        for name, value in medians.items():
+            assert row["vs_loop"][name] == pytest.approx(value / medians["onnxruntime lengths loop"])
 
 
 def _numbers(text: str) -> list[float]:

@@ -151,16 +151,21 @@ def test_empty_inputs_never_reach_the_gru_kernel(fused, model, tmp_path):
     assert batch0 == [] and both0 == []
 
 
-def test_fused_variants_answer_empty_inputs_and_zero_lengths_without_the_kernel(model, tmp_path):
-    """Raw onnxruntime on the fused stream and lengths files: empty axes and lengths of 0 answer
-    what the model means (stream: h_n = h0, fc(h0); lengths 0: fc(0)) and never abort."""
+@pytest.mark.parametrize("form", ["fused", "scan"])
+def test_variants_answer_empty_inputs_and_zero_lengths_without_the_recurrence(model, tmp_path, form):
+    """Raw onnxruntime on the fused and scan stream and lengths files: empty axes and lengths of 0
+    answer what the model means (stream: h_n = h0, fc(h0); lengths 0: fc(0)) and never abort
+    (the GRU kernel aborts on an empty axis, Scan fails on a zero-length sequence)."""
     import torch
 
-    from gru_deploy.export import export_fused
+    from gru_deploy.export import export_fused, export_scan
     from gru_deploy.model import tutorial_state
 
     for variant in ("stream", "lengths"):
-        (tmp_path / f"{variant}.onnx").write_bytes(export_fused(model.state_dict(), ModelSpec(), variant=variant).onnx_bytes)
+        result = (export_fused(model.state_dict(), ModelSpec(), variant=variant) if form == "fused"
+                  else export_scan(model, ModelSpec(), variant=variant))
+        assert result.strategy == form and result.op_types[{"fused": "GRU", "scan": "Scan"}[form]] == 1
+        (tmp_path / f"{variant}.onnx").write_bytes(result.onnx_bytes)
     code = (
         "import json, sys, numpy as np, onnxruntime as ort\n"
         "def session(name): return ort.InferenceSession(sys.argv[1] + '/' + name, providers=['CPUExecutionProvider'])\n"
@@ -204,12 +209,15 @@ def test_fused_mapping_negates_only_the_z_gate(model):
     ("stream", {"x": ["batch", "seq", 8], "h0": ["batch", 16]}, {"logits": ["batch", 4], "h_n": ["batch", 16]}),
     ("lengths", {"x": ["batch", "seq", 8], "lengths": ["batch"]}, {"logits": ["batch", 4]}),
 ])
-def test_variants_export_as_loops_with_dynamic_dims(model, variant, inputs, outputs):
+@pytest.mark.parametrize("form", ["loop", "scan"])
+def test_variants_export_with_dynamic_dims(model, variant, inputs, outputs, form):
+    from gru_deploy.export import export_scan
     from gru_deploy.model import as_variant
 
-    result = export_loop(script.torchscript(as_variant(model, variant)), ModelSpec(), variant=variant)
+    result = (export_loop(script.torchscript(as_variant(model, variant)), ModelSpec(), variant=variant)
+              if form == "loop" else export_scan(model, ModelSpec(), variant=variant))
     proto = onnx.load_from_string(result.onnx_bytes)
-    assert result.op_types.get("Loop") == 1
+    assert result.op_types.get({"loop": "Loop", "scan": "Scan"}[form]) == 1
 
     def dims(values):
         return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}

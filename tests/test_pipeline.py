@@ -43,7 +43,8 @@ def test_auto_keeps_the_fastest_it_measured(tiny_checkpoint, tmp_path, monkeypat
 
     timed: dict[tuple[str, str], bytes] = {}
     medians = {"loop": 30.0, "fused": 20.0, "scan": 10.0}  # scan: not the first candidate; far apart: no re-timing
-    variant_medians = {"stream": {"loop": 5.0, "fused": 9.0}, "lengths": {"loop": 50.0, "fused": 20.0}}
+    variant_medians = {"stream": {"loop": 5.0, "fused": 9.0, "scan": 30.0},
+                       "lengths": {"loop": 50.0, "fused": 20.0, "scan": 10.0}}
 
     def fake_time_strategies(models, spec, typical, budget_s=0.5, variant="classifier"):
         assert tuple(typical) == (2, 30)
@@ -61,7 +62,7 @@ def test_auto_keeps_the_fastest_it_measured(tiny_checkpoint, tmp_path, monkeypat
     assert (auto["typical_batch"], auto["typical_seq"]) == (2, 30)
     assert read_manifest(tmp_path / "auto")["auto"] == auto
     # each variant chose by its own timings, at its own workload, and wrote the graph it timed
-    for variant, chosen in (("stream", "loop"), ("lengths", "fused")):
+    for variant, chosen in (("stream", "loop"), ("lengths", "scan")):
         record = manifest["variants"][variant]
         assert record["strategy"] == chosen == record["auto"]["chosen"] == manifest["models"][record["onnx"]]["strategy"]
         assert record["auto"]["median_us"] == variant_medians[variant]
@@ -107,14 +108,22 @@ def test_bad_options_write_nothing(tiny_checkpoint, tmp_path, kwargs, fragment):
     assert not (tmp_path / "out").exists()
 
 
-def test_scan_export_verifies_without_torchscript_in_its_graph(tiny_checkpoint, tmp_path):
-    manifest = export_to_dir(tiny_checkpoint, tmp_path / "scan", strategy="scan")
+def test_scan_export_verifies_without_torchscript_in_its_graph(scan_export):
+    manifest = read_manifest(scan_export)
     assert manifest["strategy"] == "scan" and manifest["onnx"]["op_types"]["Scan"] == 1
     assert "Loop" not in manifest["onnx"]["op_types"] and manifest["opset"] >= 18
     # the default --opset 17 was raised to 18, and the manifest (and so export's output) says so
     assert manifest["opset"] == 18 and manifest["models"]["model.onnx"]["ir_version"] == 8
-    assert any("wrote opset 18, not the 17 asked for" in note for note in manifest["notes"])
-    assert verify_export(tmp_path / "scan")
+    assert any("opset 18, not the 17 asked for" in note for note in manifest["notes"])
+    # every variant a Scan too, and the parity gate (chunked = one pass, padded = unpadded) covered each
+    for variant in ("stream", "lengths"):
+        record = manifest["variants"][variant]
+        assert record["strategy"] == "scan" and record["op_types"]["Scan"] == 1 and "Loop" not in record["op_types"]
+        assert manifest["models"][record["onnx"]]["opset"] == 18
+    summary = manifest["parity"]["summary"]
+    assert summary["stream:one-pass->chunks:onnxruntime"]["passed"] and summary["lengths:float64->onnxruntime"]["passed"]
+    assert summary["lengths:eager->onnx-reference"]["passed"]
+    assert verify_export(scan_export)
 
 
 def test_auto_times_the_two_fastest_again_when_they_are_close():
