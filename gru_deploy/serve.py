@@ -104,10 +104,15 @@ class Model:
         self.queue: asyncio.Queue[Pending] | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
         self.on_batch: Callable[[int], None] = lambda size: None  # samples per onnxruntime call
+        # Requests read or being checked but not yet queued: the batcher waits for more only while
+        # one of them (or the queue) could still join its group.
+        self.arriving = 0
 
     def run(self, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """One onnxruntime call. Each request was validated on arrival (`validate`) and a padded
+        batch of them is valid too, so the runner's own check of the whole batch is skipped."""
         self.on_batch(x.shape[0])
-        return self.runner.run({INPUT_NAME: x, LENGTHS_NAME: lengths})[OUTPUT_NAME]
+        return self.runner._infer({INPUT_NAME: x, LENGTHS_NAME: lengths})[OUTPUT_NAME]
 
     async def infer(self, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         loop = asyncio.get_running_loop()
@@ -118,8 +123,8 @@ class Model:
         return await future
 
     async def batcher(self) -> None:
-        """Collect requests until max_batch samples or max_delay, then run them in parts of similar
-        length, shortest first. Whatever fails in one round fails the requests of that round and
+        """Collect requests until max_batch samples or max_delay (or until no other request is
+        queued or arriving), then run them in parts of similar length, shortest first. Whatever fails in one round fails the requests of that round and
         nothing else: the loop goes on with the next request."""
         assert self.queue is not None
         loop = asyncio.get_running_loop()
@@ -132,6 +137,9 @@ class Model:
                 group = [first]
                 samples, deadline = first.x.shape[0], loop.time() + self.max_delay
                 while samples < self.max_batch:
+                    await asyncio.sleep(0)  # let requests whose bytes are in run their handlers first
+                    if self.queue.empty() and self.arriving == 0:
+                        break  # nothing else could join: waiting would only add latency
                     timeout = deadline - loop.time()
                     if timeout <= 0:
                         break
@@ -285,10 +293,11 @@ def encode_response(model: Model, request: dict, logits: np.ndarray) -> tuple[by
     """The v2 response with the requested outputs, binary where the request asked for it."""
     from gru_deploy.infer import softmax
 
-    probabilities = softmax(logits)
-    labels = np.array([model.spec.labels[i] for i in logits.argmax(axis=1)], dtype=object)
-    available = {"logits": ("FP32", logits.astype(np.float32)), "probabilities": ("FP32", probabilities),
-                 "label": ("BYTES", labels)}
+    available = {  # computed only when asked for
+        "logits": ("FP32", lambda: logits.astype(np.float32)),
+        "probabilities": ("FP32", lambda: softmax(logits)),
+        "label": ("BYTES", lambda: np.array([model.spec.labels[i] for i in logits.argmax(axis=1)], dtype=object)),
+    }
     wanted = request.get("outputs") or [{"name": "logits"}]
     if not isinstance(wanted, list) or not all(isinstance(o, dict) and "name" in o for o in wanted):
         raise ClientError(400, "'outputs' must be a list of {name}")
@@ -298,7 +307,8 @@ def encode_response(model: Model, request: dict, logits: np.ndarray) -> tuple[by
         name = item["name"]
         if name not in available:
             raise ClientError(400, f"unknown output {name!r}; choose from {sorted(available)}")
-        datatype, array = available[name]
+        datatype, compute = available[name]
+        array = compute()
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if (item.get("parameters") or {}).get("binary_data", binary_default):
             raw = (b"".join(struct.pack("<I", len(s.encode())) + s.encode() for s in array.ravel())
@@ -390,6 +400,8 @@ def make_app(model: Model, limits: Limits | None = None) -> "web.Application":
     async def infer(request: web.Request) -> web.Response:
         start = time.perf_counter()
         status = "200"
+        model.arriving += 1
+        arriving = True
         try:
             check_model(request.match_info["name"])
             if request.content_length is not None and request.content_length > limits.max_body_bytes:
@@ -400,6 +412,8 @@ def make_app(model: Model, limits: Limits | None = None) -> "web.Application":
                 raise ClientError(408, f"the request body did not arrive within {limits.read_timeout_s:g} s") from None
             header, arrays = parse_request(body, request.headers.get(HEADER_LENGTH), limits)
             x, lengths = validate(arrays, model.spec, limits)
+            model.arriving -= 1
+            arriving = False
             logits = await model.infer(x, lengths)
             payload, headers = encode_response(model, header, logits)
             return web.Response(body=payload, headers=headers)
@@ -410,6 +424,8 @@ def make_app(model: Model, limits: Limits | None = None) -> "web.Application":
             status = "500"
             raise
         finally:
+            if arriving:
+                model.arriving -= 1
             requests.labels(status=status).inc()
             latency.observe(time.perf_counter() - start)
 

@@ -263,14 +263,16 @@ def test_a_failed_group_gets_v2_500s_and_later_requests_are_served(export_dir, l
     from aiohttp.test_utils import TestClient, TestServer
 
     max_batch = INJECTED[where]
-    # a group closes when max_batch samples are in (the delay is far longer than the test), so the
+    # a group closes when max_batch samples are in (the delay is far longer than the test, and a
+    # request counted as arriving that never queues keeps the batcher waiting for more), so the
     # first max_batch requests are exactly the first group, whatever the timing
     model = load_model(export_dir, 1, max_batch, 60_000.0, None)
+    model.arriving = 1
     if where.startswith("padding"):
         monkeypatch.setattr(serving, "np", PaddingFails())
     elif where.startswith("onnxruntime"):
         error = RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : injected\n  second line")
-        monkeypatch.setattr(model.runner, "run", fail_once(model.runner.run, error))
+        monkeypatch.setattr(model.runner, "_infer", fail_once(model.runner._infer, error))
     else:
         monkeypatch.setattr(serving, "length_groups", fail_once(serving.length_groups, ValueError("injected")))
     rng = np.random.default_rng(5)
@@ -340,6 +342,36 @@ def test_requests_of_far_apart_lengths_run_in_separate_calls_shortest_first(expo
     assert calls == expected
     for x, got in zip(xs, answers):
         np.testing.assert_allclose(got, local(x), atol=1e-5, rtol=1e-5)  # as each gets alone
+
+
+def test_a_lone_request_does_not_wait_for_the_batching_delay(export_dir, local, monkeypatch):
+    """Nothing queued and nothing arriving: the group runs at once, not after --max-delay-ms
+    (60 s here, twice the scenario's timeout); with a request arriving, the batcher waits for it."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    model = load_model(export_dir, 1, 8, 60_000.0, None)
+    calls = calls_of(model, monkeypatch)
+    x = np.random.default_rng(8).standard_normal((1, 5, 8)).astype(np.float32)
+    body = _json([{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}])
+
+    async def scenario():
+        async with TestClient(TestServer(make_app(model))) as client:
+            response = await client.post(f"/v2/models/{NAME}/infer", data=body)
+            alone = response.status, await response.json()
+            model.arriving += 1  # one more request is on its way: the next group waits for it
+            waiting = asyncio.ensure_future(client.post(f"/v2/models/{NAME}/infer", data=body))
+            await asyncio.sleep(0.5)
+            held = not waiting.done()
+            model.arriving -= 1
+            second = model.infer(x, np.array([5], np.int64))  # it arrives and joins the same group
+            answers = await asyncio.gather(waiting, second)
+            return alone, held, answers[0].status
+
+    (status, answer), held, second_status = run_async(scenario())
+    assert status == 200 and second_status == 200 and held
+    np.testing.assert_allclose(np.array(answer["outputs"][0]["data"], np.float32).reshape(1, -1), local(x),
+                               atol=1e-5, rtol=1e-5)
+    assert calls == [(1, 5, 8), (2, 5, 8)]
 
 
 def test_length_groups_bound_the_padding_and_keep_similar_lengths_together():
