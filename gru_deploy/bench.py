@@ -39,23 +39,21 @@ LINEAR_BELOW = 3.0
 
 
 def classifier_graphs(spec: "ModelSpec", model: Any, scripted: Any = None) -> dict[str, bytes]:
-    """The classifier's three ONNX forms, {"loop", "scan", "fused"}, of one eager model."""
-    from gru_deploy import script
-    from gru_deploy.export import export_fused, export_loop, export_scan
-
-    scripted = scripted if scripted is not None else script.torchscript(model)
-    return {"loop": export_loop(scripted, spec).onnx_bytes,
-            "scan": export_scan(model, spec).onnx_bytes,
-            "fused": export_fused(model.state_dict(), spec).onnx_bytes}
+    """The classifier's four ONNX forms, {"loop", "stepwise", "scan", "fused"}, of one eager model."""
+    return variant_graphs(spec, model, "classifier", scripted)
 
 
-def variant_graphs(spec: "ModelSpec", model: Any, variant: str) -> dict[str, bytes]:
-    """The stream or lengths variant's three ONNX forms, {"loop", "scan", "fused"}, of one eager model."""
+def variant_graphs(spec: "ModelSpec", model: Any, variant: str, scripted: Any = None) -> dict[str, bytes]:
+    """A variant's four ONNX forms, {"loop", "stepwise", "scan", "fused"}, of one eager model
+    (`scripted`: the variant's TorchScript module when the caller has it)."""
     from gru_deploy import script
     from gru_deploy.export import export_fused, export_loop, export_scan
     from gru_deploy.model import as_variant
 
-    return {"loop": export_loop(script.torchscript(as_variant(model, variant)), spec, variant=variant).onnx_bytes,
+    scripted = scripted if scripted is not None else script.torchscript(as_variant(model, variant))
+    stepwise = script.torchscript(as_variant(model, variant, hoist=False))
+    return {"loop": export_loop(scripted, spec, variant=variant).onnx_bytes,
+            "stepwise": export_loop(stepwise, spec, variant=variant, strategy="stepwise").onnx_bytes,
             "scan": export_scan(model, spec, variant=variant).onnx_bytes,
             "fused": export_fused(model.state_dict(), spec, variant=variant).onnx_bytes}
 
@@ -168,7 +166,7 @@ def gru_step_reference(spec: "ModelSpec", state_dict: dict, threads: int) -> Cal
 
 def streaming_step(spec: "ModelSpec", state_dict: dict, threads: int, budget_s: float) -> dict[str, Any]:
     """Per-step latency of streaming at batch 1, one step per call: the eager cell, the
-    TorchScript and ONNX stream models (loop, scan and fused) with a plain `run()`, the
+    TorchScript and ONNX stream models (each form) with a plain `run()`, the
     streaming API (`gru_deploy.Stream`, io_binding) over each, and the one-GRU-node io_binding floor."""
     import numpy as np
     import torch
@@ -180,7 +178,7 @@ def streaming_step(spec: "ModelSpec", state_dict: dict, threads: int, budget_s: 
 
     model = load_weights(spec, state_dict)
     stream = script.torchscript(as_variant(model, "stream"))
-    graphs = variant_graphs(spec, model, "stream")
+    graphs = variant_graphs(spec, model, "stream", stream)
     x = np.random.default_rng(0).standard_normal((1, 1, spec.input_size)).astype(np.float32)
     h = np.zeros((1, spec.hidden_size), np.float32)
     xt, ht = torch.from_numpy(x), torch.from_numpy(h)
@@ -215,7 +213,7 @@ LENGTHS_SHAPES = ((1, 100), (32, 100))
 
 
 def lengths_rows(spec: "ModelSpec", state_dict: dict, threads: int, budget_s: float) -> list[dict[str, Any]]:
-    """The variable-length model in each form (loop, scan, fused) on padded batches with lengths
+    """The variable-length model in each form (loop, stepwise, scan, fused) on padded batches with lengths
     spread over 1..seq; ratios to the loop form."""
     import numpy as np
 
@@ -273,7 +271,7 @@ def run_bench(spec: "ModelSpec", state_dict: dict, threads: int = 1, budget_s: f
         streaming = [streaming_step(spec, state_dict, threads, budget_s)]
         if large:
             streaming.append(streaming_step(big, big_state, threads, budget_s))
-        say("the variable-length model, loop, scan and fused")
+        say("the variable-length model in each form")
         lengths = lengths_rows(spec, state_dict, threads, budget_s)
     finally:
         torch.set_num_threads(previous_threads)
@@ -281,7 +279,8 @@ def run_bench(spec: "ModelSpec", state_dict: dict, threads: int = 1, budget_s: f
             "loop_scaling": scaling, "streaming": streaming, "lengths": lengths}
 
 
-ORDER = ("eager", "torchscript", "onnxruntime loop", "onnxruntime scan", "onnxruntime fused")
+ORDER = ("eager", "torchscript", "onnxruntime loop", "onnxruntime stepwise", "onnxruntime scan",
+         "onnxruntime fused")
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 DEFAULT_OPSET = 17
 # Opsets the test suite exports and checks for parity with onnxruntime.
 SUPPORTED_OPSETS = range(13, 21)  # the TorchScript exporter stops at 20
-STRATEGIES = ("loop", "fused", "scan")
+STRATEGIES = ("loop", "fused", "scan", "stepwise")
 # Example sequence lengths used to trace the export twice; they must differ.
 GUARD_LENGTHS = (3, 5)
 
@@ -180,8 +180,10 @@ def export_loop(
     opset: int = DEFAULT_OPSET,
     metadata: dict[str, Any] | None = None,
     variant: str = "classifier",
+    strategy: str = "loop",
 ) -> ExportResult:
-    """Export a scripted variant (classifier, stream, lengths) to an ONNX Loop graph, guarded and checked."""
+    """Export a scripted variant (classifier, stream, lengths) to an ONNX Loop graph, guarded and
+    checked; `strategy` names the form (loop: projections hoisted; stepwise: per step)."""
     import onnx
 
     check_opset(opset)
@@ -190,7 +192,7 @@ def export_loop(
     model = models[0]
     model.producer_name = "gru-deploy"
     apply_signature(model, spec)
-    return _finish(model, "loop", opset, op_types, metadata)
+    return _finish(model, strategy, opset, op_types, metadata)
 
 # --- fused: the cell mapped onto ONNX's GRU operator --------------------------------------
 # Fused graphs carry the lowest IR version their opset allows (min_ir_version), so that

@@ -69,7 +69,7 @@ class GRUClassifier(nn.Module):
     """
 
     # Constants to TorchScript: the gate slices are static, the normalisation branch folds away.
-    __constants__ = ["hidden_size", "normalize"]
+    __constants__ = ["hidden_size", "normalize", "hoist"]
 
     def __init__(self, input_size: int = 8, hidden_size: int = 16, output_size: int = 4,
                  normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> None:
@@ -83,6 +83,10 @@ class GRUClassifier(nn.Module):
         mean, std = normalization if normalization is not None else ((0.0,) * input_size, (1.0,) * input_size)
         self.register_buffer("norm_mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
         self.register_buffer("norm_scale", 1.0 / torch.tensor(std, dtype=torch.float32), persistent=False)
+        # True: the input projections of every step in one matmul before the loop (fastest at
+        # small batch); False: the cell as written, once per step, time-major (the `stepwise`
+        # export; no [seq, batch, 3H] buffer, faster at large batch x long sequences).
+        self.hoist = True
 
     def normalized(self, x: torch.Tensor) -> torch.Tensor:
         """(x - mean) / std per channel, when the model was trained on normalised data."""
@@ -118,6 +122,11 @@ class GRUClassifier(nn.Module):
 
     def recur(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """The time loop from state `h`; returns the last state."""
+        if not self.hoist:
+            steps = self.normalized(x).transpose(0, 1)
+            for t in range(steps.size(0)):
+                h = self.gru(steps[t], h)
+            return h
         x_zr, x_h, w_h_zr, w_hh = self.project(x)
         for t in range(x_zr.size(0)):
             h = self.step(x_zr[t], x_h[t], h, w_h_zr, w_hh)
@@ -125,6 +134,11 @@ class GRUClassifier(nn.Module):
 
     def recur_masked(self, x: torch.Tensor, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The time loop where steps t >= lengths[b] leave sample b's state unchanged."""
+        if not self.hoist:
+            steps = self.normalized(x).transpose(0, 1)
+            for t in range(steps.size(0)):
+                h = torch.where((lengths > t).unsqueeze(1), self.gru(steps[t], h), h)
+            return h
         x_zr, x_h, w_h_zr, w_hh = self.project(x)
         for t in range(x_zr.size(0)):
             valid = (lengths > t).unsqueeze(1)
@@ -158,10 +172,12 @@ class LengthsClassifier(GRUClassifier):
 VARIANT_CLASSES = {"classifier": GRUClassifier, "stream": StreamingClassifier, "lengths": LengthsClassifier}
 
 
-def as_variant(model: GRUClassifier, variant: str) -> GRUClassifier:
-    """The same weights in another form (classifier, stream, lengths)."""
+def as_variant(model: GRUClassifier, variant: str, hoist: bool = True) -> GRUClassifier:
+    """The same weights in another form (classifier, stream, lengths), with the input
+    projections hoisted out of the loop or (hoist=False) computed per step."""
     cls = VARIANT_CLASSES[variant]
     out = cls(model.gru.input_size, model.hidden_size, model.fc.out_features)
+    out.hoist = hoist
     out.normalize = model.normalize
     out.norm_mean, out.norm_scale = model.norm_mean.clone(), model.norm_scale.clone()
     out.load_state_dict(model.state_dict())

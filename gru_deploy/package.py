@@ -313,7 +313,7 @@ def _quantize(files: dict[str, bytes], models: dict[str, dict[str, Any]], source
                 f"--quantize int8: onnxruntime's dynamic quantiser would store only {share:.0%} of {path}'s weight "
                 f"bytes as int8 (ops kept in float: {', '.join(report['float_weight_consumers']) or 'none'}); "
                 + (f"the {strategy} strategy's recurrence has no int8 kernel in onnxruntime (onnxruntime#9796). "
-                   if strategy != "loop" else "")
+                   if strategy == "fused" else "")
                 + "Export with `--strategy loop` and package that for int8, or package without --quantize.")
         q_path = str(PurePosixPath(path).with_suffix(".int8.onnx"))
         files[q_path] = q_bytes

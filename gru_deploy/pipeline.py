@@ -31,7 +31,7 @@ VARIANT_FILES = {"stream": ("model_stream.pt", "model_stream.onnx"),
                  "lengths": ("model_lengths.pt", "model_lengths.onnx")}
 # The forms each --strategy exports the stream and lengths variants in (auto checks and times
 # every one and keeps the fastest at the variant's workload).
-VARIANT_FORMS = {"loop": ("loop",), "fused": ("fused",), "scan": ("scan",), "auto": ("loop", "fused", "scan")}
+VARIANT_FORMS = {**{name: (name,) for name in STRATEGIES}, "auto": STRATEGIES}
 # Variants that also get an ORT-format copy (for onnxruntime mobile / minimal builds).
 ORT_VARIANTS = ("classifier", "stream")
 # auto: seconds of timing per candidate; when the two fastest are within RETIME_WITHIN of each
@@ -51,6 +51,8 @@ def build_strategy(strategy: str, model: "torch.nn.Module", scripted: "torch.jit
     meta = {**metadata, "gru_deploy.strategy": strategy}
     if strategy == "loop":
         return export_loop(scripted, checkpoint.spec, opset, meta)
+    if strategy == "stepwise":
+        return build_variant("stepwise", "classifier", model, scripted, checkpoint, opset, meta)
     if strategy == "fused":
         return export_fused(checkpoint.state_dict, checkpoint.spec, opset, meta)
     if strategy == "scan":
@@ -60,11 +62,16 @@ def build_strategy(strategy: str, model: "torch.nn.Module", scripted: "torch.jit
 
 def build_variant(form: str, variant: str, model: "torch.nn.Module", module: "torch.jit.ScriptModule",
                   checkpoint: Checkpoint, opset: int, metadata: dict[str, Any]) -> "ExportResult":
-    """One ONNX graph of the stream or lengths variant in one form (loop, fused, scan)."""
+    """One ONNX graph of a variant in one form (loop, fused, scan, stepwise)."""
+    from gru_deploy import script
     from gru_deploy.export import export_fused, export_loop, export_scan
+    from gru_deploy.model import as_variant
 
     if form == "loop":
         return export_loop(module, checkpoint.spec, opset, metadata, variant=variant)
+    if form == "stepwise":  # the same weights, each step's input projection inside the loop
+        stepwise = script.torchscript(as_variant(model, variant, hoist=False))
+        return export_loop(stepwise, checkpoint.spec, opset, metadata, variant=variant, strategy="stepwise")
     if form == "fused":
         return export_fused(checkpoint.state_dict, checkpoint.spec, opset, metadata, variant=variant)
     return export_scan(model, checkpoint.spec, opset, metadata, variant=variant)

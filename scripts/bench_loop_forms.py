@@ -75,15 +75,33 @@ class MergedForm(TutorialForm):
         return self.fc(h)
 
 
+def form_graphs(model: GRUClassifier, spec) -> dict[str, bytes]:
+    """Each form of `model` scripted and exported as an ONNX Loop, checked against the
+    tutorial's eager code (1e-5)."""
+    from gru_deploy import script
+    from gru_deploy.export import export_loop
+    from gru_deploy.runners import OnnxRuntimeRunner
+
+    forms = {"tutorial": TutorialForm(model), "time-major": TimeMajorForm(model),
+             "merged in loop": MergedForm(model), "export form": model}
+    check = torch.randn(3, 50, spec.input_size)
+    with torch.no_grad():
+        expected = tutorial_forward(model, check).numpy()
+    graphs = {}
+    for name, form in forms.items():
+        graphs[name] = export_loop(script.torchscript(form.eval()), spec).onnx_bytes
+        got = OnnxRuntimeRunner(spec, graphs[name], threads=1).run({"x": check.numpy()})["logits"]
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    return graphs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=1.0, help="seconds per measurement")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    from gru_deploy import script
     from gru_deploy.bench import median_us
-    from gru_deploy.export import export_loop
     from gru_deploy.runners import OnnxRuntimeRunner
     from gru_deploy.spec import ModelSpec
 
@@ -91,16 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     spec = ModelSpec()
     model = GRUClassifier().eval()
-    forms = {"tutorial": TutorialForm(model), "time-major": TimeMajorForm(model),
-             "merged in loop": MergedForm(model), "export form": model}
-    runners = {}
-    check = torch.randn(3, 50, 8)
-    for name, form in forms.items():
-        graph = export_loop(script.torchscript(form.eval()), spec).onnx_bytes
-        runners[name] = OnnxRuntimeRunner(spec, graph, threads=1)
-        with torch.no_grad():
-            expected = tutorial_forward(model, check).numpy()
-        np.testing.assert_allclose(runners[name].run({"x": check.numpy()})["logits"], expected, atol=1e-5)
+    graphs = form_graphs(model, spec)
+    forms = list(graphs)
+    runners = {name: OnnxRuntimeRunner(spec, graph, threads=1) for name, graph in graphs.items()}
     rows = []
     for batch, seq in SHAPES:
         x = np.random.default_rng(seq).standard_normal((batch, seq, 8)).astype(np.float32)

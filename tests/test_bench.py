@@ -18,6 +18,9 @@ def test_median_us_counts_calls_within_bounds():
     assert value >= 0 and 3 + 1 + 5 <= len(calls) <= 3 + 1 + 20
 
 
+FORMS = ("loop", "stepwise", "scan", "fused")
+
+
 @pytest.fixture(scope="module")
 def small_result(tiny_checkpoint):
     return run_bench(tiny_checkpoint.spec, tiny_checkpoint.state_dict, budget_s=0.01, large=False)
@@ -27,11 +30,12 @@ def test_bench_measures_every_runtime_on_every_shape(small_result):
     shapes = [(r["batch"], r["seq"]) for r in small_result["rows"]]
     assert shapes == [(1, 1), (1, 100), (32, 100), (1, 1000), (256, 200)]
     for row in small_result["rows"]:
-        assert set(row["median_us"]) == {"eager", "torchscript", "onnxruntime loop", "onnxruntime scan", "onnxruntime fused"}
+        assert set(row["median_us"]) == {"eager", "torchscript", "onnxruntime loop", "onnxruntime stepwise",
+                                         "onnxruntime scan", "onnxruntime fused"}
     [stream] = small_result["streaming"]
     assert set(stream["median_us_per_step"]) == {
-        "eager cell", "torchscript stream", *(f"onnxruntime stream {form}, run()" for form in ("loop", "scan", "fused")),
-        "Stream API, loop", "Stream API, scan", "Stream API, fused", "one GRU node, io_binding"}
+        "eager cell", "torchscript stream", "one GRU node, io_binding",
+        *(f"onnxruntime stream {form}, run()" for form in FORMS), *(f"Stream API, {form}" for form in FORMS)}
     assert [(r["batch"], r["seq"]) for r in small_result["lengths"]] == [(1, 100), (32, 100)]
 
 
@@ -54,7 +58,7 @@ def test_bench_ratios_are_quotients_of_the_medians(small_result):
                 value / medians["onnxruntime stream loop, run()"])
     for row in small_result["lengths"]:
         medians = row["median_us"]
-        assert set(medians) == {f"onnxruntime lengths {form}" for form in ("loop", "scan", "fused")}
+        assert set(medians) == {f"onnxruntime lengths {form}" for form in FORMS}
         for name, value in medians.items():
             assert row["vs_loop"][name] == pytest.approx(value / medians["onnxruntime lengths loop"])
 

@@ -32,7 +32,7 @@ def test_fused_export_verifies(tiny_checkpoint, tmp_path):
     assert verify_export(tmp_path / "fused")
 
 
-STRATEGY_OP = {"loop": "Loop", "fused": "GRU", "scan": "Scan"}
+STRATEGY_OP = {"loop": "Loop", "fused": "GRU", "scan": "Scan", "stepwise": "Loop"}
 
 
 def test_auto_keeps_the_fastest_it_measured(tiny_checkpoint, tmp_path, monkeypatch):
@@ -42,9 +42,10 @@ def test_auto_keeps_the_fastest_it_measured(tiny_checkpoint, tmp_path, monkeypat
     from gru_deploy import pipeline
 
     timed: dict[tuple[str, str], bytes] = {}
-    medians = {"loop": 30.0, "fused": 20.0, "scan": 10.0}  # scan: not the first candidate; far apart: no re-timing
-    variant_medians = {"stream": {"loop": 5.0, "fused": 9.0, "scan": 30.0},
-                       "lengths": {"loop": 50.0, "fused": 20.0, "scan": 10.0}}
+    # scan: not the first candidate; far apart: no re-timing
+    medians = {"loop": 30.0, "fused": 20.0, "scan": 10.0, "stepwise": 40.0}
+    variant_medians = {"stream": {"loop": 5.0, "fused": 9.0, "scan": 30.0, "stepwise": 12.0},
+                       "lengths": {"loop": 50.0, "fused": 20.0, "scan": 10.0, "stepwise": 60.0}}
 
     def fake_time_strategies(models, spec, typical, budget_s=0.5, variant="classifier"):
         assert tuple(typical) == (2, 30)
@@ -124,6 +125,34 @@ def test_scan_export_verifies_without_torchscript_in_its_graph(scan_export):
     assert summary["stream:one-pass->chunks:onnxruntime"]["passed"] and summary["lengths:float64->onnxruntime"]["passed"]
     assert summary["lengths:eager->onnx-reference"]["passed"]
     assert verify_export(scan_export)
+
+
+def test_stepwise_export_projects_inside_the_loop_and_verifies(tiny_checkpoint, export_dir, tmp_path):
+    """stepwise: every variant a Loop whose body computes the input projections (the loop form
+    computes them once, before its Loop); the parity gate covered each."""
+    import onnx
+
+    from gru_deploy.export import subgraphs
+
+    manifest = export_to_dir(tiny_checkpoint, tmp_path / "stepwise", strategy="stepwise")
+    loop_manifest = read_manifest(export_dir)
+    for variant, record in [("classifier", manifest["models"]["model.onnx"]),
+                            *((v, manifest["variants"][v]) for v in ("stream", "lengths"))]:
+        onnx_name = "model.onnx" if variant == "classifier" else record["onnx"]
+        assert manifest["models"][onnx_name]["strategy"] == "stepwise", variant
+
+        def body_ops(folder):
+            graph = onnx.load(str(folder / onnx_name)).graph
+            [loop] = [n for n in graph.node if n.op_type == "Loop"]
+            return count_ops(subgraphs(loop)[0])
+
+        def matmuls(ops):
+            return ops.get("MatMul", 0) + ops.get("Gemm", 0)
+
+        assert matmuls(body_ops(tmp_path / "stepwise")) > matmuls(body_ops(export_dir)), variant
+    assert manifest["strategy"] == "stepwise" and loop_manifest["strategy"] == "loop"
+    assert manifest["parity"]["summary"]["stream:one-pass->chunks:onnxruntime"]["passed"]
+    assert verify_export(tmp_path / "stepwise")
 
 
 def test_auto_times_the_two_fastest_again_when_they_are_close():
