@@ -13,7 +13,7 @@ __all__ = ["__version__", "GruDeployError", "UserInputError", "CheckFailed", "St
 
 def __getattr__(name: str):  # noqa: ANN202 - lazy: `import gru_deploy` loads no onnxruntime
     if name == "Stream":
-        from gru_deploy.stream import Stream
+        from gru_deploy.serve.stream import Stream
 
         return Stream
     raise AttributeError(f"module 'gru_deploy' has no attribute {name!r}")

@@ -46,9 +46,9 @@ def classifier_graphs(spec: "ModelSpec", model: Any, scripted: Any = None) -> di
 def variant_graphs(spec: "ModelSpec", model: Any, variant: str, scripted: Any = None) -> dict[str, bytes]:
     """A variant's four ONNX forms, {"loop", "stepwise", "scan", "fused"}, of one eager model
     (`scripted`: the variant's TorchScript module when the caller has it)."""
-    from gru_deploy import script
-    from gru_deploy.export import export_fused, export_loop, export_scan
-    from gru_deploy.model import as_variant
+    from gru_deploy.convert import script
+    from gru_deploy.convert.graphs import export_fused, export_loop, export_scan
+    from gru_deploy.models.tutorial import as_variant
 
     scripted = scripted if scripted is not None else script.torchscript(as_variant(model, variant))
     stepwise = script.torchscript(as_variant(model, variant, hoist=False))
@@ -63,7 +63,7 @@ def default_graphs() -> tuple["ModelSpec", dict[str, bytes]]:
     three ONNX forms: what the benchmark scripts time."""
     import torch
 
-    from gru_deploy.model import GRUClassifier
+    from gru_deploy.models.tutorial import GRUClassifier
     from gru_deploy.spec import ModelSpec
 
     torch.manual_seed(0)
@@ -75,8 +75,8 @@ def _contenders(spec: "ModelSpec", state_dict: dict, threads: int) -> dict[str, 
     """Callables of x (float32 numpy) for eager, TorchScript and each ONNX strategy."""
     import torch
 
-    from gru_deploy import script
-    from gru_deploy.model import load_weights, tutorial_forward
+    from gru_deploy.convert import script
+    from gru_deploy.models.tutorial import load_weights, tutorial_forward
 
     model = load_weights(spec, state_dict)
     scripted = script.torchscript(model)
@@ -97,7 +97,7 @@ def _contenders(spec: "ModelSpec", state_dict: dict, threads: int) -> dict[str, 
 
 
 def _ort_call(spec: "ModelSpec", graph: bytes, threads: int) -> Callable:
-    from gru_deploy.runners import OnnxRuntimeRunner
+    from gru_deploy.check.runners import OnnxRuntimeRunner
 
     runner = OnnxRuntimeRunner(spec, graph, threads=threads)
     return lambda x: runner.run({"x": x})
@@ -129,8 +129,8 @@ def gru_step_reference(spec: "ModelSpec", state_dict: dict, threads: int) -> Cal
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from gru_deploy.export import fused_weights, min_ir_version
-    from gru_deploy.runners import session_options
+    from gru_deploy.convert.graphs import fused_weights, min_ir_version
+    from gru_deploy.check.runners import session_options
 
     w = fused_weights(state_dict)
     h, i = spec.hidden_size, spec.input_size
@@ -171,10 +171,10 @@ def streaming_step(spec: "ModelSpec", state_dict: dict, threads: int, budget_s: 
     import numpy as np
     import torch
 
-    from gru_deploy import script
-    from gru_deploy.model import as_variant, load_weights
-    from gru_deploy.runners import OnnxRuntimeRunner
-    from gru_deploy.stream import Stream
+    from gru_deploy.convert import script
+    from gru_deploy.models.tutorial import as_variant, load_weights
+    from gru_deploy.check.runners import OnnxRuntimeRunner
+    from gru_deploy.serve.stream import Stream
 
     model = load_weights(spec, state_dict)
     stream = script.torchscript(as_variant(model, "stream"))
@@ -217,8 +217,8 @@ def lengths_rows(spec: "ModelSpec", state_dict: dict, threads: int, budget_s: fl
     spread over 1..seq; ratios to the loop form."""
     import numpy as np
 
-    from gru_deploy.model import load_weights
-    from gru_deploy.runners import OnnxRuntimeRunner
+    from gru_deploy.models.tutorial import load_weights
+    from gru_deploy.check.runners import OnnxRuntimeRunner
 
     graphs = variant_graphs(spec, load_weights(spec, state_dict), "lengths")
     runners = {f"onnxruntime lengths {form}": OnnxRuntimeRunner(spec, graph, threads=threads, variant="lengths")
@@ -241,7 +241,7 @@ def run_bench(spec: "ModelSpec", state_dict: dict, threads: int = 1, budget_s: f
     import numpy as np
     import torch
 
-    from gru_deploy.model import GRUClassifier
+    from gru_deploy.models.tutorial import GRUClassifier
     from gru_deploy.spec import ModelSpec as Spec
     from gru_deploy.versions import library_versions
 

@@ -202,8 +202,8 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
       gru-deploy export --checkpoint checkpoint.pt --out exported/ --json
       gru-deploy export --checkpoint checkpoint.pt --strategy auto --typical-batch 32
     """
-    from gru_deploy.export import check_opset
-    from gru_deploy.verify import check_tolerances
+    from gru_deploy.convert.graphs import check_opset
+    from gru_deploy.check.verify import check_tolerances
 
     obj["quiet"] = quiet or as_json
     check_opset(opset)
@@ -217,7 +217,7 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
         from gru_deploy.train import load_checkpoint
 
         ckpt = load_checkpoint(checkpoint)
-    from gru_deploy.pipeline import export_to_dir
+    from gru_deploy.convert.folder import export_to_dir
 
     manifest = export_to_dir(ckpt, out, opset=opset, atol=atol, rtol=rtol, strategy=strategy,
                              typical=(typical_batch, typical_seq), on_step=lambda m: _progress(obj, m))
@@ -279,13 +279,13 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
       gru-deploy verify exported/ --json > parity.json
       gru-deploy verify exported-edge.tar.gz
     """
-    from gru_deploy.bundle import is_bundle
+    from gru_deploy.bundle.read import is_bundle
     from gru_deploy.errors import CheckFailed
 
     obj["quiet"] = quiet or as_json
     ctx = click.get_current_context()
     if is_bundle(path):
-        from gru_deploy.bundle import first_failure, verify_bundle
+        from gru_deploy.bundle.read import first_failure, verify_bundle
 
         given = [f"--{name.replace('_path', '').replace('_', '-')}"
                  for name in ("atol", "rtol", "data", "test_path", "junit_xml")
@@ -305,11 +305,11 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
         if not report["passed"]:
             raise CheckFailed(f"bundle {path} fails: {first_failure(report)}")
         return
-    from gru_deploy.verify import deployment_accuracy, verify_export
+    from gru_deploy.check.verify import deployment_accuracy, verify_export
 
     report = verify_export(path, atol=atol, rtol=rtol, on_case=lambda m: _progress(obj, m))
     if junit_xml is not None:  # before the verdict: a failing run is when CI needs the report
-        from gru_deploy.junit import parity_junit_xml
+        from gru_deploy.check.junit import parity_junit_xml
         from gru_deploy.manifest import atomic_write_bytes
 
         atomic_write_bytes(junit_xml, parity_junit_xml(report.to_json(), f"gru-deploy verify {path}"))
@@ -370,7 +370,7 @@ def package(obj: dict, folder: Path, target: str, out: Path | None, archive: boo
       gru-deploy package exported/ --target edge --quantize int8
       gru-deploy package exported/ --target server --archive --out server.tar.gz
     """
-    from gru_deploy.package import package as build
+    from gru_deploy.bundle.package import package as build
 
     obj["quiet"] = quiet or as_json
     written, manifest = build(folder, target, out=out, archive=archive, force=force,
@@ -424,8 +424,8 @@ def infer(folder: Path, input_path: Path, lengths_path: Path | None, state_in: P
       gru-deploy infer exported/ --input chunk1.npy --state-out h.npy
       gru-deploy infer exported/ --input chunk2.npy --state-in h.npy --state-out h.npy
     """
-    from gru_deploy.infer import infer as run_infer
-    from gru_deploy.infer import load_array, save_array
+    from gru_deploy.serve.infer import infer as run_infer
+    from gru_deploy.serve.infer import load_array, save_array
 
     x = load_array(input_path, "--input")
     lengths = load_array(lengths_path, "--lengths") if lengths_path else None
@@ -477,20 +477,20 @@ def bench(obj: dict, folder: Path | None, threads: int, budget: float, no_large:
 
     obj["quiet"] = quiet or as_json
     if folder is not None:
-        from gru_deploy import script
+        from gru_deploy.convert import script
         from gru_deploy.manifest import read_manifest, select_model, verified_path
         from gru_deploy.spec import ModelSpec
 
         manifest = read_manifest(folder)
         spec = ModelSpec.from_dict(manifest["config"])
-        from gru_deploy.model import tutorial_parameters
+        from gru_deploy.models.tutorial import tutorial_parameters
 
         pt_name = select_model(manifest, "classifier", "torchscript", where=str(folder))
         state = tutorial_parameters(script.load(verified_path(folder, manifest, pt_name)).state_dict())
     else:
         import torch
 
-        from gru_deploy.model import GRUClassifier
+        from gru_deploy.models.tutorial import GRUClassifier
         from gru_deploy.spec import ModelSpec
 
         _say(obj, "no FOLDER given: benchmarking an untrained default-size model (speed does not depend on weights)")
@@ -521,7 +521,7 @@ def inspect(path: Path, as_json: bool) -> None:
       gru-deploy inspect exported/
       gru-deploy inspect exported/model.onnx --json
     """
-    from gru_deploy.describe import format_report, inspect_path
+    from gru_deploy.bundle.inspection import format_report, inspect_path
 
     report = inspect_path(path)
     if as_json:
@@ -579,8 +579,8 @@ def serve(path: Path, host: str, port: int, model_name: str | None, max_batch: i
         from gru_deploy.errors import UserInputError
 
         raise UserInputError("serve needs aiohttp and prometheus-client: pip install 'gru-deploy[serve]'")
-    from gru_deploy.serve import Limits
-    from gru_deploy.serve import serve as run_server
+    from gru_deploy.serve.server import Limits
+    from gru_deploy.serve.server import serve as run_server
 
     limits = Limits(max_body_bytes=int(max_body_mb * (1 << 20)), max_seq=max_seq, read_timeout_s=read_timeout_s)
     run_server(path, host=host, port=port, model_name=model_name, max_batch=max_batch, max_delay_ms=max_delay_ms,

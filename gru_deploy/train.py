@@ -17,7 +17,7 @@ import torch
 from gru_deploy.data import DataSplit, Dataset
 from gru_deploy.errors import UserInputError
 from gru_deploy.manifest import atomic_write_bytes, sha256_bytes
-from gru_deploy.model import GRUClassifier, build_model, load_weights, spec_from_state_dict
+from gru_deploy.models.tutorial import GRUClassifier, build_model, load_weights, spec_from_state_dict
 from gru_deploy.spec import ModelSpec
 from gru_deploy.versions import library_versions
 

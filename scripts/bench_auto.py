@@ -28,12 +28,12 @@ def main() -> None:
     import onnxruntime as ort
 
     from gru_deploy.bench import SHAPES, default_graphs
-    from gru_deploy.pipeline import choose_fastest, time_strategies
+    from gru_deploy.convert.folder import choose_fastest, time_strategies
 
     import torch
     from bench_loop_forms import form_graphs
 
-    from gru_deploy.model import GRUClassifier
+    from gru_deploy.models.tutorial import GRUClassifier
 
     spec, graphs = default_graphs()
     torch.manual_seed(0)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gru_deploy.model import GRUCell, GRUClassifier, tutorial_forward
+from gru_deploy.models.tutorial import GRUCell, GRUClassifier, tutorial_forward
 
 SHAPES = ((1, 100), (32, 100), (256, 200), (256, 1000), (256, 2000))
 
@@ -78,9 +78,9 @@ class MergedForm(TutorialForm):
 def form_graphs(model: GRUClassifier, spec) -> dict[str, bytes]:
     """Each form of `model` scripted and exported as an ONNX Loop, checked against the
     tutorial's eager code (1e-5)."""
-    from gru_deploy import script
-    from gru_deploy.export import export_loop
-    from gru_deploy.runners import OnnxRuntimeRunner
+    from gru_deploy.convert import script
+    from gru_deploy.convert.graphs import export_loop
+    from gru_deploy.check.runners import OnnxRuntimeRunner
 
     forms = {"tutorial": TutorialForm(model), "time-major": TimeMajorForm(model),
              "merged in loop": MergedForm(model), "export form": model}
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from gru_deploy.bench import median_us
-    from gru_deploy.runners import OnnxRuntimeRunner
+    from gru_deploy.check.runners import OnnxRuntimeRunner
     from gru_deploy.spec import ModelSpec
 
     torch.set_num_threads(1)

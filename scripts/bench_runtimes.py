@@ -31,11 +31,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from gru_deploy import script
+    from gru_deploy.convert import script
     from gru_deploy.bench import median_us
-    from gru_deploy.export import export_loop
-    from gru_deploy.model import GRUClassifier, tutorial_forward
-    from gru_deploy.runners import OnnxRuntimeRunner
+    from gru_deploy.convert.graphs import export_loop
+    from gru_deploy.models.tutorial import GRUClassifier, tutorial_forward
+    from gru_deploy.check.runners import OnnxRuntimeRunner
     from gru_deploy.spec import ModelSpec
     from gru_deploy.train import load_checkpoint
 

@@ -119,7 +119,7 @@ def load(port: int, clients: int, total: int, seconds: float, workload: str = "u
 
 def lengths_form(path: str) -> str:
     """'NAME (loop)' / 'NAME (fused)': the folder and the form of the lengths model its manifest lists."""
-    from gru_deploy.infer import load_model_bytes
+    from gru_deploy.serve.infer import load_model_bytes
     from gru_deploy.manifest import read_manifest
 
     name = Path(path).name

@@ -30,7 +30,7 @@ def main() -> None:
     import onnxruntime as ort
 
     from gru_deploy.bench import default_graphs, median_us
-    from gru_deploy.runners import session_options
+    from gru_deploy.check.runners import session_options
 
     spec, graphs = default_graphs()
     rows = []

@@ -30,7 +30,7 @@ def checkpoint_file(tiny_checkpoint: Checkpoint, tmp_path_factory: pytest.TempPa
 @pytest.fixture(scope="session")
 def export_dir(checkpoint_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One export of the tiny checkpoint; tests that change files copy it first."""
-    from gru_deploy.pipeline import export_to_dir
+    from gru_deploy.convert.folder import export_to_dir
     from gru_deploy.train import load_checkpoint
 
     out = tmp_path_factory.mktemp("export") / "exported"
@@ -41,7 +41,7 @@ def export_dir(checkpoint_file: Path, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="session")
 def scan_export(tiny_checkpoint: Checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An export of the tiny checkpoint with --strategy scan (every variant a Scan graph)."""
-    from gru_deploy.pipeline import export_to_dir
+    from gru_deploy.convert.folder import export_to_dir
 
     out = tmp_path_factory.mktemp("export") / "scan"
     export_to_dir(tiny_checkpoint, out, strategy="scan")

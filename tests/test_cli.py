@@ -147,7 +147,7 @@ def test_tutorial_state_dict_exports(tmp_path):
     """A plain state_dict saved by the tutorial's own code is a valid checkpoint."""
     import torch
 
-    from gru_deploy.model import GRUClassifier
+    from gru_deploy.models.tutorial import GRUClassifier
 
     torch.manual_seed(5)
     path = tmp_path / "tutorial.pt"

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from gru_deploy.compare import compare
+from gru_deploy.check.compare import compare
 
 REF = np.array([[1.0, 2.0, -3.0], [0.5, 4.0, 10.0]], dtype=np.float32)
 

@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 
 from examples_helpers import EXAMPLES, npm_folder, require_tools
-from gru_deploy.bundle import verify_bundle
-from gru_deploy.package import package, web_files
+from gru_deploy.bundle.read import verify_bundle
+from gru_deploy.bundle.package import package, web_files
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 PAGE_TOL = 1e-4

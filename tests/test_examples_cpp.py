@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from examples_helpers import APT_HINT, CACHE, EXAMPLES, digest, require_tools
-from gru_deploy.package import package
+from gru_deploy.bundle.package import package
 
 SOURCE = EXAMPLES / "cpp"
 BUILD = CACHE / "cpp-build"

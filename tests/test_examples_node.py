@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from examples_helpers import EXAMPLES, npm_folder
-from gru_deploy.package import package
+from gru_deploy.bundle.package import package
 
 TOL = 1e-5
 

@@ -10,12 +10,12 @@ import onnx
 import pytest
 import torch
 
-from gru_deploy import script
+from gru_deploy.convert import script
 from gru_deploy.errors import CheckFailed, UserInputError
-from gru_deploy.export import (GUARD_LENGTHS, SUPPORTED_OPSETS, _export_once, check_not_unrolled, check_opset,
+from gru_deploy.convert.graphs import (GUARD_LENGTHS, SUPPORTED_OPSETS, _export_once, check_not_unrolled, check_opset,
                                count_ops, export_loop)
-from gru_deploy.model import GRUClassifier, tutorial_forward
-from gru_deploy.runners import OnnxRuntimeRunner
+from gru_deploy.models.tutorial import GRUClassifier, tutorial_forward
+from gru_deploy.check.runners import OnnxRuntimeRunner
 from gru_deploy.spec import ModelSpec
 
 
@@ -100,7 +100,7 @@ def test_every_supported_opset_exports_and_matches_onnxruntime(model, opset):
 
 @pytest.fixture(scope="module")
 def fused(model):
-    from gru_deploy.export import export_fused
+    from gru_deploy.convert.graphs import export_fused
 
     return export_fused(model.state_dict(), ModelSpec())
 
@@ -117,8 +117,8 @@ def test_fused_graph_is_one_gru_node_with_an_old_ir_version(fused):
 
 @pytest.mark.parametrize("seq", [1, 7, 1500])
 def test_fused_matches_float64_up_to_1500_steps(model, fused, seq):
-    from gru_deploy.model import weights_numpy
-    from gru_deploy.runners import Float64Runner
+    from gru_deploy.models.tutorial import weights_numpy
+    from gru_deploy.check.runners import Float64Runner
 
     x = {"x": (np.random.default_rng(seq).standard_normal((3, seq, 8)) * 3).astype(np.float32)}
     got = OnnxRuntimeRunner(ModelSpec(), fused.onnx_bytes).run(x)["logits"]
@@ -158,8 +158,8 @@ def test_variants_answer_empty_inputs_and_zero_lengths_without_the_recurrence(mo
     (the GRU kernel aborts on an empty axis, Scan fails on a zero-length sequence)."""
     import torch
 
-    from gru_deploy.export import export_fused, export_scan
-    from gru_deploy.model import tutorial_state
+    from gru_deploy.convert.graphs import export_fused, export_scan
+    from gru_deploy.models.tutorial import tutorial_state
 
     for variant in ("stream", "lengths"):
         result = (export_fused(model.state_dict(), ModelSpec(), variant=variant) if form == "fused"
@@ -195,7 +195,7 @@ def test_variants_answer_empty_inputs_and_zero_lengths_without_the_recurrence(mo
 
 
 def test_fused_mapping_negates_only_the_z_gate(model):
-    from gru_deploy.export import fused_weights
+    from gru_deploy.convert.graphs import fused_weights
 
     w = fused_weights(model.state_dict())
     h = 16
@@ -211,8 +211,8 @@ def test_fused_mapping_negates_only_the_z_gate(model):
 ])
 @pytest.mark.parametrize("form", ["loop", "scan"])
 def test_variants_export_with_dynamic_dims(model, variant, inputs, outputs, form):
-    from gru_deploy.export import export_scan
-    from gru_deploy.model import as_variant
+    from gru_deploy.convert.graphs import export_scan
+    from gru_deploy.models.tutorial import as_variant
 
     result = (export_loop(script.torchscript(as_variant(model, variant)), ModelSpec(), variant=variant)
               if form == "loop" else export_scan(model, ModelSpec(), variant=variant))
@@ -230,15 +230,15 @@ def test_variants_export_with_dynamic_dims(model, variant, inputs, outputs, form
 
 @pytest.fixture(scope="module")
 def scan(model):
-    from gru_deploy.export import export_scan
+    from gru_deploy.convert.graphs import export_scan
 
     return export_scan(model, ModelSpec())
 
 
 @pytest.mark.parametrize("seq", [0, 1, 7, 1500])
 def test_scan_matches_float64_up_to_1500_steps(model, scan, seq):
-    from gru_deploy.model import weights_numpy
-    from gru_deploy.runners import Float64Runner
+    from gru_deploy.models.tutorial import weights_numpy
+    from gru_deploy.check.runners import Float64Runner
 
     assert scan.op_types["Scan"] == 1 and scan.opset >= 18 and scan.ir_version <= 9
     x = {"x": (np.random.default_rng(seq).standard_normal((3, seq, 8)) * 3).astype(np.float32)}
@@ -271,7 +271,7 @@ def test_plain_dynamo_export_of_the_for_loop_unrolls_and_the_guard_refuses_it(mo
 @pytest.mark.parametrize("opset, ir", [(17, 8), (18, 8), (19, 9), (20, 9)])
 def test_ir_version_follows_the_opset(opset, ir):
     """The lowest IR version that carries the opset (onnx's own table), for old runtimes and a valid model."""
-    from gru_deploy.export import min_ir_version
+    from gru_deploy.convert.graphs import min_ir_version
 
     assert min_ir_version(opset) == ir
 
@@ -279,7 +279,7 @@ def test_ir_version_follows_the_opset(opset, ir):
 @pytest.mark.slow
 def test_scan_and_fused_at_opset_19_carry_ir_9_and_pass_the_checker(model):
     """IR 8 with opset 19 is an invalid model; the scan export used to force IR 8 whatever the opset."""
-    from gru_deploy.export import export_fused, export_scan
+    from gru_deploy.convert.graphs import export_fused, export_scan
 
     for result in (export_scan(model, ModelSpec(), 19), export_fused(model.state_dict(), ModelSpec(), 19)):
         proto = onnx.load_from_string(result.onnx_bytes)
@@ -294,7 +294,7 @@ def test_logger_levels_are_restored_when_an_export_fails(model, monkeypatch):
 
     import torch
 
-    from gru_deploy.export import export_scan
+    from gru_deploy.convert.graphs import export_scan
 
     noisy = logging.getLogger("torch.onnx")
     noisy.setLevel(logging.INFO)

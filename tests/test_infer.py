@@ -9,7 +9,7 @@ import pytest
 
 from cli_helpers import run_cli
 from gru_deploy.manifest import read_manifest
-from gru_deploy.verify import export_runners
+from gru_deploy.check.verify import export_runners
 
 
 @pytest.fixture()

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from junitparser import Failure, JUnitXml
 
-from gru_deploy.compare import compare
-from gru_deploy.junit import parity_junit_xml
+from gru_deploy.check.compare import compare
+from gru_deploy.check.junit import parity_junit_xml
 from gru_deploy.manifest import file_entry, json_bytes, read_manifest
 
 from cli_helpers import run_cli
@@ -43,7 +43,7 @@ def case_label(case: dict[str, Any]) -> str:
 
 
 def test_the_junit_module_loads_neither_torch_nor_numpy():
-    code = ("import sys, gru_deploy.junit\n"
+    code = ("import sys, gru_deploy.check.junit\n"
             "heavy = {'torch', 'numpy', 'onnxruntime'} & set(sys.modules)\nassert not heavy, heavy\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -53,7 +53,7 @@ def test_the_junit_module_loads_neither_torch_nor_numpy():
 def passing_report(export_dir: Path) -> dict[str, Any]:
     """A real parity report over the session export's files, on a few small cases."""
     from gru_deploy.spec import ModelSpec
-    from gru_deploy.verify import export_runners, run_parity
+    from gru_deploy.check.verify import export_runners, run_parity
 
     manifest = read_manifest(export_dir)
     report = run_parity(export_runners(export_dir, manifest), ModelSpec.from_dict(manifest["config"]),
@@ -113,9 +113,9 @@ def _diverging_export(export_dir: Path, tiny_checkpoint: Any, tmp_path: Path) ->
     TorchScript still matches eager, onnxruntime is off by 1 in every logit."""
     import shutil
 
-    from gru_deploy import script
-    from gru_deploy.export import export_loop
-    from gru_deploy.model import load_weights
+    from gru_deploy.convert import script
+    from gru_deploy.convert.graphs import export_loop
+    from gru_deploy.models.tutorial import load_weights
 
     folder = tmp_path / "diverging"
     shutil.copytree(export_dir, folder)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from gru_deploy.model import PARAMETER_NAMES, GRUCell, GRUClassifier, tutorial_forward, weights_numpy
-from gru_deploy.runners import Float64Runner
+from gru_deploy.models.tutorial import PARAMETER_NAMES, GRUCell, GRUClassifier, tutorial_forward, weights_numpy
+from gru_deploy.check.runners import Float64Runner
 from gru_deploy.spec import ModelSpec
 
 
@@ -94,7 +94,7 @@ def test_float64_reference_matches_torch():
 
 
 def test_streaming_form_carries_state_across_chunks():
-    from gru_deploy.model import as_variant, tutorial_state
+    from gru_deploy.models.tutorial import as_variant, tutorial_state
 
     torch.manual_seed(3)
     model = GRUClassifier().eval()
@@ -109,7 +109,7 @@ def test_streaming_form_carries_state_across_chunks():
 
 
 def test_lengths_form_equals_each_sample_alone():
-    from gru_deploy.model import as_variant
+    from gru_deploy.models.tutorial import as_variant
 
     torch.manual_seed(4)
     model = GRUClassifier().eval()

@@ -2,7 +2,7 @@
 
 A venv with onnxruntime 1.17.3 and numpy<2 (plus onnx 1.16, which 1.17's .ort converter
 imports) is made once under ~/.cache/gru-deploy/ort117-venv (GRU_DEPLOY_ORT117_VENV moves
-it) and reused. gru_deploy/golden_check.py runs there against golden outputs computed with
+it) and reused. gru_deploy/bundle/golden_check.py runs there against golden outputs computed with
 the current onnxruntime, directly and through `package --check-with`.
 
 Measured (onnxruntime 1.32 here): .onnx fp32 and int8 load and match in 1.17; an .ort made
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECK = ROOT / "gru_deploy" / "golden_check.py"
+CHECK = ROOT / "gru_deploy" / "bundle" / "golden_check.py"
 OLD_ORT = "1.17.3"
 OLD_PACKAGES = [f"onnxruntime=={OLD_ORT}", "numpy<2", "onnx==1.16.2"]
 VENV = Path(os.environ.get("GRU_DEPLOY_ORT117_VENV", Path.home() / ".cache" / "gru-deploy" / "ort117-venv"))
@@ -86,10 +86,10 @@ def models(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
     import onnxruntime as ort
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
-    from gru_deploy.export import export_loop
-    from gru_deploy.model import as_variant
-    from gru_deploy.quantize import quantize_int8
-    from gru_deploy.script import torchscript
+    from gru_deploy.convert.graphs import export_loop
+    from gru_deploy.models.tutorial import as_variant
+    from gru_deploy.bundle.quantize import quantize_int8
+    from gru_deploy.convert.script import torchscript
 
     base = tmp_path_factory.mktemp("ort117")
     onnx_dir, ort_dir = base / "onnx", base / "ort132"
@@ -209,7 +209,7 @@ def test_check_script_reports_failures(tmp_path):
 def test_package_check_with_runs_the_golden_vectors_in_ort117_and_records_it(old_python, export_dir, tmp_path):
     """`package --check-with PYTHON`: the shipped edge bundle (fp32 .onnx and .ort, int8 .onnx)
     against its own golden vectors in 1.17, recorded in the manifest only because it ran."""
-    from gru_deploy.package import package
+    from gru_deploy.bundle.package import package
 
     bundle, manifest = package(export_dir, "edge", out=tmp_path / "edge", quantize="int8",
                                check_with=(str(old_python),))
@@ -225,7 +225,7 @@ def test_package_check_with_runs_the_golden_vectors_in_ort117_and_records_it(old
 
 def test_check_with_a_python_that_cannot_run_it_writes_nothing(export_dir, tmp_path):
     from gru_deploy.errors import UserInputError
-    from gru_deploy.package import package
+    from gru_deploy.bundle.package import package
 
     with pytest.raises(UserInputError, match="--check-with"):
         package(export_dir, "edge", out=tmp_path / "edge", check_with=(str(tmp_path / "no-python"),))

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from cli_helpers import run_cli
-from gru_deploy.bundle import verify_bundle
+from gru_deploy.bundle.read import verify_bundle
 from gru_deploy.errors import CheckFailed, UserInputError
-from gru_deploy.package import package
+from gru_deploy.bundle.package import package
 
 
 @pytest.fixture(scope="module")
@@ -386,7 +386,7 @@ def test_int8_gate_is_checked_at_verify_against_the_recorded_bound(int8_bundle, 
 
 
 def test_int8_gate_at_package_time_refuses_and_writes_nothing(export_dir, tmp_path, monkeypatch):
-    from gru_deploy import compare
+    from gru_deploy.check import compare
 
     monkeypatch.setattr(compare, "INT8_BOUND_FRACTION", 1e-6)
     with pytest.raises(CheckFailed, match="gate against eager"):
@@ -396,8 +396,8 @@ def test_int8_gate_at_package_time_refuses_and_writes_nothing(export_dir, tmp_pa
 
 def test_int8_of_a_fused_model_is_refused_with_the_reason(tiny_checkpoint):
     """onnxruntime has no int8 GRU kernel: the quantiser would touch only the head."""
-    from gru_deploy.export import export_fused
-    from gru_deploy.package import _quantize
+    from gru_deploy.convert.graphs import export_fused
+    from gru_deploy.bundle.package import _quantize
 
     fused = export_fused(tiny_checkpoint.state_dict, tiny_checkpoint.spec).onnx_bytes
     files = {"model.onnx": fused}
@@ -416,7 +416,7 @@ def test_int8_is_for_edge_only(export_dir, tmp_path):
 def test_a_fused_export_packages_and_verifies_for_both_targets(tiny_checkpoint, tmp_path):
     """Every op the fused variants use is one the bundle guard knows; the Triton models and the
     edge files carry the fused forms the export chose."""
-    from gru_deploy.pipeline import export_to_dir
+    from gru_deploy.convert.folder import export_to_dir
 
     export_to_dir(tiny_checkpoint, tmp_path / "fused", strategy="fused")
     for target in ("edge", "server"):

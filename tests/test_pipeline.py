@@ -7,10 +7,10 @@ import json
 import pytest
 
 from gru_deploy.errors import UserInputError
-from gru_deploy.export import count_ops
+from gru_deploy.convert.graphs import count_ops
 from gru_deploy.manifest import read_manifest
-from gru_deploy.pipeline import export_to_dir, time_strategies
-from gru_deploy.verify import verify_export
+from gru_deploy.convert.folder import export_to_dir, time_strategies
+from gru_deploy.check.verify import verify_export
 
 
 def test_fused_export_verifies(tiny_checkpoint, tmp_path):
@@ -39,7 +39,7 @@ def test_auto_keeps_the_fastest_it_measured(tiny_checkpoint, tmp_path, monkeypat
     """auto's timings decide: the graph timed fastest is the one written, and the timings recorded."""
     import onnx
 
-    from gru_deploy import pipeline
+    from gru_deploy.convert import folder as pipeline
 
     timed: dict[tuple[str, str], bytes] = {}
     # scan: not the first candidate; far apart: no re-timing
@@ -76,8 +76,8 @@ def test_time_strategies_times_each_graph_on_the_typical_input(tiny_checkpoint, 
     import numpy as np
 
     from gru_deploy import bench
-    from gru_deploy.export import export_fused
-    from gru_deploy.runners import OnnxRuntimeRunner
+    from gru_deploy.convert.graphs import export_fused
+    from gru_deploy.check.runners import OnnxRuntimeRunner
 
     spec = tiny_checkpoint.spec
     shifted = {**tiny_checkpoint.state_dict, "fc.bias": tiny_checkpoint.state_dict["fc.bias"] + 1.0}
@@ -132,7 +132,7 @@ def test_stepwise_export_projects_inside_the_loop_and_verifies(tiny_checkpoint, 
     computes them once, before its Loop); the parity gate covered each."""
     import onnx
 
-    from gru_deploy.export import subgraphs
+    from gru_deploy.convert.graphs import subgraphs
 
     manifest = export_to_dir(tiny_checkpoint, tmp_path / "stepwise", strategy="stepwise")
     loop_manifest = read_manifest(export_dir)
@@ -157,7 +157,7 @@ def test_stepwise_export_projects_inside_the_loop_and_verifies(tiny_checkpoint, 
 
 def test_auto_times_the_two_fastest_again_when_they_are_close():
     """Within 20%: the second, longer timing of the two decides, and both timings are recorded."""
-    from gru_deploy.pipeline import RETIME_BUDGET_S, TIMING_BUDGET_S, choose_fastest
+    from gru_deploy.convert.folder import RETIME_BUDGET_S, TIMING_BUDGET_S, choose_fastest
 
     graphs = {"loop": b"L", "fused": b"F", "scan": b"S"}
     calls = []

@@ -1,4 +1,4 @@
-"""Dynamic int8 quantisation (gru_deploy.quantize): the Loop body's hidden matmuls become int8."""
+"""Dynamic int8 quantisation (gru_deploy.bundle.quantize): the Loop body's hidden matmuls become int8."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import onnx
 import pytest
 
 from gru_deploy.errors import CheckFailed
-from gru_deploy.export import count_ops, export_loop
-from gru_deploy.model import GRUClassifier, as_variant
-from gru_deploy.quantize import MAX_IR_VERSION, quantize_int8, rewrite_for_quantization
-from gru_deploy.script import torchscript
+from gru_deploy.convert.graphs import count_ops, export_loop
+from gru_deploy.models.tutorial import GRUClassifier, as_variant
+from gru_deploy.bundle.quantize import MAX_IR_VERSION, quantize_int8, rewrite_for_quantization
+from gru_deploy.convert.script import torchscript
 from gru_deploy.spec import ModelSpec
 
 # Max |int8 − fp32| on the logits of random N(0,1) inputs [4, 50, 8]. Measured: 0.014..0.017

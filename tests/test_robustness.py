@@ -21,7 +21,7 @@ import pytest
 
 from cli_helpers import gru_deploy_exe, run_cli
 from gru_deploy.manifest import _recover_interrupted_runs, read_manifest, sha256_file
-from gru_deploy.verify import verify_export
+from gru_deploy.check.verify import verify_export
 
 
 def _spawn(*args, preexec=None):
@@ -32,7 +32,7 @@ def _spawn(*args, preexec=None):
 def _other_checkpoint(tmp_path):
     import torch
 
-    from gru_deploy.model import GRUClassifier
+    from gru_deploy.models.tutorial import GRUClassifier
 
     torch.manual_seed(99)
     path = tmp_path / "other.pt"
@@ -211,8 +211,8 @@ def _no_nodes(data):
     ("the stream model as the classifier", "does not fit|failed on golden"),
 ])
 def test_hostile_onnx_in_a_bundle_is_refused_before_loading(export_dir, tmp_path, kind, fragment):
-    from gru_deploy.bundle import verify_bundle
-    from gru_deploy.package import package
+    from gru_deploy.bundle.read import verify_bundle
+    from gru_deploy.bundle.package import package
 
     root, _ = package(export_dir, "edge", out=tmp_path / "edge")
     original = (root / "model.onnx").read_bytes()
@@ -236,9 +236,9 @@ import sys, numpy as np
 from hypothesis import given, settings, strategies as st, HealthCheck
 from gru_deploy.errors import UserInputError
 from gru_deploy.manifest import read_manifest
-from gru_deploy.verify import export_runners
-from gru_deploy.export import export_fused
-from gru_deploy.runners import OnnxRuntimeRunner
+from gru_deploy.check.verify import export_runners
+from gru_deploy.convert.graphs import export_fused
+from gru_deploy.check.runners import OnnxRuntimeRunner
 
 folder = sys.argv[1]
 manifest = read_manifest(folder)

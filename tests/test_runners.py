@@ -7,7 +7,7 @@ import pytest
 
 from gru_deploy.errors import UserInputError
 from gru_deploy.manifest import read_manifest
-from gru_deploy.verify import export_runners
+from gru_deploy.check.verify import export_runners
 
 GOOD = np.zeros((2, 5, 8), dtype=np.float32)
 
@@ -62,7 +62,7 @@ def test_empty_batch_and_empty_sequence(runners, name):
 
 
 def test_onnxruntime_runner_rejects_an_unloadable_model(tmp_path):
-    from gru_deploy.runners import OnnxRuntimeRunner
+    from gru_deploy.check.runners import OnnxRuntimeRunner
     from gru_deploy.spec import ModelSpec
 
     with pytest.raises(UserInputError, match="onnxruntime cannot load"):

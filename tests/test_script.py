@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 
-from gru_deploy import script
+from gru_deploy.convert import script
 from gru_deploy.errors import CheckFailed, UserInputError
-from gru_deploy.model import GRUClassifier, tutorial_forward
+from gru_deploy.models.tutorial import GRUClassifier, tutorial_forward
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_the_deprecation_note_is_what_torch_said(model):
     other warnings pass through."""
     import warnings
 
-    from gru_deploy.script import take_deprecations, torchscript
+    from gru_deploy.convert.script import take_deprecations, torchscript
 
     take_deprecations()
     with warnings.catch_warnings(record=True) as caught:

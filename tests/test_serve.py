@@ -16,11 +16,11 @@ import urllib.request
 import numpy as np
 import pytest
 
-import gru_deploy.serve as serving
+import gru_deploy.serve.server as serving
 from cli_helpers import gru_deploy_exe
 from gru_deploy.manifest import read_manifest
-from gru_deploy.serve import Pending, length_groups, load_model, make_app
-from gru_deploy.verify import export_runners
+from gru_deploy.serve.server import Pending, length_groups, load_model, make_app
+from gru_deploy.check.verify import export_runners
 
 import tritonclient.http as http  # noqa: E402  (the test extra installs tritonclient[http])
 
@@ -395,7 +395,7 @@ def test_length_groups_bound_the_padding_and_keep_similar_lengths_together():
 def test_serve_on_an_edge_bundle_says_what_to_package(export_dir, tmp_path):
     """An edge bundle has no variable-length model: exit 2 naming the server target."""
     from cli_helpers import run_cli
-    from gru_deploy.package import package
+    from gru_deploy.bundle.package import package
 
     edge, _ = package(export_dir, "edge", out=tmp_path / "edge")
     proc = run_cli("serve", str(edge), "--port", str(free_port()))

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from gru_deploy.errors import UserInputError
-from gru_deploy.infer import load_model_bytes
-from gru_deploy.runners import OnnxRuntimeRunner
-from gru_deploy.verify import export_runners
+from gru_deploy.serve.infer import load_model_bytes
+from gru_deploy.check.runners import OnnxRuntimeRunner
+from gru_deploy.check.verify import export_runners
 
 
 @pytest.fixture(scope="module")
 def fused_export(tiny_checkpoint, tmp_path_factory):
-    from gru_deploy.pipeline import export_to_dir
+    from gru_deploy.convert.folder import export_to_dir
 
     out = tmp_path_factory.mktemp("stream") / "fused"
     export_to_dir(tiny_checkpoint, out, strategy="fused")

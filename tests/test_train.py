@@ -11,7 +11,7 @@ import torch
 from gru_deploy.data import DataSplit, load_data
 from gru_deploy.errors import UserInputError
 from gru_deploy.manifest import sha256_file
-from gru_deploy.model import GRUClassifier
+from gru_deploy.models.tutorial import GRUClassifier
 from gru_deploy.spec import ModelSpec
 from gru_deploy.train import Checkpoint, TrainOptions, load_checkpoint, train
 

@@ -12,9 +12,9 @@ from cli_helpers import EXPORT_FILES
 
 from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.manifest import atomic_write_json, read_manifest, sha256_file
-from gru_deploy.runners import Runner
+from gru_deploy.check.runners import Runner
 from gru_deploy.spec import ModelSpec
-from gru_deploy.verify import (GRID_BATCHES, GRID_SEQS, VARIANT_CASES, export_runners, grid_cases, make_input,
+from gru_deploy.check.verify import (GRID_BATCHES, GRID_SEQS, VARIANT_CASES, export_runners, grid_cases, make_input,
                                run_parity, verify_export)
 
 
@@ -95,9 +95,9 @@ def test_verify_fails_on_a_model_that_computes_something_else(export_copy, tmp_p
     """Swap in another model's ONNX (checksum updated): the checksums pass, parity must not."""
     import torch
 
-    from gru_deploy import script
-    from gru_deploy.export import export_loop
-    from gru_deploy.model import GRUClassifier
+    from gru_deploy.convert import script
+    from gru_deploy.convert.graphs import export_loop
+    from gru_deploy.models.tutorial import GRUClassifier
 
     torch.manual_seed(123)
     other = export_loop(script.torchscript(GRUClassifier().eval()), ModelSpec())
@@ -158,7 +158,7 @@ def test_verify_reports_progress_per_case(export_dir):
 def test_an_ill_conditioned_case_widens_its_atol_by_float32s_own_error(export_dir):
     """Each case records float32's own error on its input (Monte Carlo arithmetic on the float64
     reference) and its atol is atol + NOISE_FACTOR x that; on well-conditioned inputs it is tiny."""
-    from gru_deploy.verify import NOISE_FACTOR
+    from gru_deploy.check.verify import NOISE_FACTOR
 
     report = json.loads((export_dir / "parity.json").read_text())
     for case in report["cases"]:
@@ -175,8 +175,8 @@ def test_float32_noise_grows_where_the_trajectory_amplifies_rounding():
     """A cell whose recurrent weights are large amplifies a rounding; one that forgets does not."""
     import torch
 
-    from gru_deploy.model import GRUClassifier, weights_numpy
-    from gru_deploy.runners import Float64Runner
+    from gru_deploy.models.tutorial import GRUClassifier, weights_numpy
+    from gru_deploy.check.runners import Float64Runner
 
     torch.manual_seed(0)
     model = GRUClassifier()

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from gru_deploy import __version__
-from gru_deploy.compare import DEFAULT_ATOL, DEFAULT_RTOL
+from gru_deploy.check.compare import DEFAULT_ATOL, DEFAULT_RTOL
 from gru_deploy.errors import CheckFailed, UserInputError
-from gru_deploy.export import STRATEGIES
+from gru_deploy.convert.graphs import STRATEGIES
 from gru_deploy.manifest import (MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, atomic_write_bytes,
                                  atomic_write_json, file_entry, staged_dir)
 from gru_deploy.train import Checkpoint
@@ -21,7 +21,7 @@ from gru_deploy.versions import library_versions
 if TYPE_CHECKING:
     import torch
 
-    from gru_deploy.export import ExportResult
+    from gru_deploy.convert.graphs import ExportResult
     from gru_deploy.spec import ModelSpec
 
 STRATEGY_CHOICES = (*STRATEGIES, "auto")
@@ -46,7 +46,7 @@ KEEP = ("README.md",)
 def build_strategy(strategy: str, model: "torch.nn.Module", scripted: "torch.jit.ScriptModule",
                    checkpoint: Checkpoint, opset: int, metadata: dict[str, Any]) -> "ExportResult":
     """One ONNX graph for one strategy."""
-    from gru_deploy.export import export_fused, export_loop, export_scan
+    from gru_deploy.convert.graphs import export_fused, export_loop, export_scan
 
     meta = {**metadata, "gru_deploy.strategy": strategy}
     if strategy == "loop":
@@ -63,9 +63,9 @@ def build_strategy(strategy: str, model: "torch.nn.Module", scripted: "torch.jit
 def build_variant(form: str, variant: str, model: "torch.nn.Module", module: "torch.jit.ScriptModule",
                   checkpoint: Checkpoint, opset: int, metadata: dict[str, Any]) -> "ExportResult":
     """One ONNX graph of a variant in one form (loop, fused, scan, stepwise)."""
-    from gru_deploy import script
-    from gru_deploy.export import export_fused, export_loop, export_scan
-    from gru_deploy.model import as_variant
+    from gru_deploy.convert import script
+    from gru_deploy.convert.graphs import export_fused, export_loop, export_scan
+    from gru_deploy.models.tutorial import as_variant
 
     if form == "loop":
         return export_loop(module, checkpoint.spec, opset, metadata, variant=variant)
@@ -93,10 +93,10 @@ def export_to_dir(
     the `typical` (batch, seq) in onnxruntime and keeps the fastest. Raises CheckFailed
     (and writes nothing) when a guard or the parity gate fails.
     """
-    from gru_deploy import script
-    from gru_deploy.export import check_opset, to_ort_format
-    from gru_deploy.model import as_variant
-    from gru_deploy.verify import build_runners, check_tolerances, parity_for_dir
+    from gru_deploy.convert import script
+    from gru_deploy.convert.graphs import check_opset, to_ort_format
+    from gru_deploy.models.tutorial import as_variant
+    from gru_deploy.check.verify import build_runners, check_tolerances, parity_for_dir
 
     check_opset(opset)
     check_tolerances(atol, rtol)
@@ -236,7 +236,7 @@ def check_candidate(what: str, runners: dict[str, Any], spec: "ModelSpec", atol:
                     variant: str = "classifier") -> None:
     """auto's check before timing a candidate: the classifier's full grid, a variant's grid;
     CheckFailed (nothing written) when parity fails."""
-    from gru_deploy.verify import VARIANT_CASES, run_parity
+    from gru_deploy.check.verify import VARIANT_CASES, run_parity
 
     cases = None if variant == "classifier" else VARIANT_CASES
     report = run_parity(runners, spec, cases=cases, atol=atol, rtol=rtol, variant=variant)
@@ -299,7 +299,7 @@ def time_strategies(models: dict[str, bytes], spec: "ModelSpec", typical: tuple[
     """Median onnxruntime latency (µs, one thread, one session each) of each graph of one variant
     on its workload (variant_workload)."""
     from gru_deploy.bench import median_us
-    from gru_deploy.runners import OnnxRuntimeRunner
+    from gru_deploy.check.runners import OnnxRuntimeRunner
 
     feed = workload_feed(spec, variant, typical)
     timings = {}

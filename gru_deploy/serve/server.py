@@ -94,7 +94,7 @@ class Model:
 
     def __init__(self, name: str, spec: ModelSpec, onnx_bytes: bytes, threads: int, max_batch: int,
                  max_delay_ms: float, group_by_length: bool = True) -> None:
-        from gru_deploy.runners import OnnxRuntimeRunner
+        from gru_deploy.check.runners import OnnxRuntimeRunner
 
         self.name, self.spec = name, spec
         self.file, self.precision = "", "fp32"  # the manifest's name of the model file, and its precision
@@ -183,7 +183,7 @@ class Model:
 def load_model(path: Path, threads: int, max_batch: int, max_delay_ms: float, name: str | None,
                precision: str = "fp32", group_by_length: bool = True) -> Model:
     """The lengths model (of `precision`) the manifest of an export folder or bundle lists, checked."""
-    from gru_deploy.infer import load_model_bytes
+    from gru_deploy.serve.infer import load_model_bytes
 
     chosen = load_model_bytes(Path(path), "lengths", precision)
     model = Model(name or "gru_classifier", chosen.spec, chosen.data, threads, max_batch, max_delay_ms,
@@ -265,7 +265,7 @@ def parse_request(body: bytes, header_length: str | None, limits: Limits) -> tup
 
 def validate(arrays: dict[str, np.ndarray], spec: ModelSpec, limits: Limits) -> tuple[np.ndarray, np.ndarray]:
     """x and lengths (seq per sample when absent), checked before the runtime sees them."""
-    from gru_deploy.runners import validate_feed
+    from gru_deploy.check.runners import validate_feed
 
     if INPUT_NAME not in arrays:
         raise ClientError(400, f"missing input {INPUT_NAME!r}")
@@ -291,7 +291,7 @@ def validate(arrays: dict[str, np.ndarray], spec: ModelSpec, limits: Limits) -> 
 
 def encode_response(model: Model, request: dict, logits: np.ndarray) -> tuple[bytes, dict[str, str]]:
     """The v2 response with the requested outputs, binary where the request asked for it."""
-    from gru_deploy.infer import softmax
+    from gru_deploy.serve.infer import softmax
 
     available = {  # computed only when asked for
         "logits": ("FP32", lambda: logits.astype(np.float32)),

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from gru_deploy.errors import CheckFailed, UserInputError
-from gru_deploy.export import all_graphs, count_ops, subgraphs
+from gru_deploy.convert.graphs import all_graphs, count_ops, subgraphs
 
 if TYPE_CHECKING:
     import onnx

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from gru_deploy.compare import DEFAULT_ATOL, DEFAULT_RTOL, compare
+from gru_deploy.check.compare import DEFAULT_ATOL, DEFAULT_RTOL, compare
 from gru_deploy.errors import UserInputError
-from gru_deploy.runners import Runner
+from gru_deploy.check.runners import Runner
 from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, OUTPUT_NAME, STATE_IN, STATE_OUT, ModelSpec
 
 if TYPE_CHECKING:
@@ -190,9 +190,9 @@ def check_tolerances(atol: float, rtol: float) -> None:
 def build_runners(spec: ModelSpec, module: "torch.jit.ScriptModule", onnx_model: Path | bytes,
                   threads: int = 1, variant: str = "classifier") -> dict[str, Runner]:
     """Every runner over one model variant: eager and float64 on the TorchScript module's weights."""
-    from gru_deploy import script
-    from gru_deploy.model import load_weights, tutorial_parameters, weights_numpy
-    from gru_deploy.runners import (Float64Runner, OnnxReferenceRunner, OnnxRuntimeRunner, eager_runner,
+    from gru_deploy.convert import script
+    from gru_deploy.models.tutorial import load_weights, tutorial_parameters, weights_numpy
+    from gru_deploy.check.runners import (Float64Runner, OnnxReferenceRunner, OnnxRuntimeRunner, eager_runner,
                                     torchscript_runner)
 
     script.check_loop(module)
@@ -216,9 +216,9 @@ CHUNKED_SEQ = 1000
 def export_runners(folder: Path, manifest: dict[str, Any], threads: int = 1,
                    variant: str = "classifier") -> dict[str, Runner]:
     """Runners over an export dir's files for one variant, each file checked against the manifest first."""
-    from gru_deploy import script
+    from gru_deploy.convert import script
     from gru_deploy.manifest import find_models, select_model, verified_path
-    from gru_deploy.runners import OnnxRuntimeRunner
+    from gru_deploy.check.runners import OnnxRuntimeRunner
 
     spec = ModelSpec.from_dict(manifest["config"])
     where = str(folder)
@@ -295,11 +295,11 @@ def deployment_accuracy(folder: Path, data: str, test: str | None = None, seed: 
     strategy and the other one, built from the same weights) and int8, with each one's argmax
     agreement with eager. Variable-length data runs through the lengths models."""
     from gru_deploy.data import load_data
-    from gru_deploy.export import export_fused, export_loop
+    from gru_deploy.convert.graphs import export_fused, export_loop
     from gru_deploy.manifest import check_files, read_manifest, select_model
-    from gru_deploy.model import tutorial_parameters
-    from gru_deploy.quantize import quantize_int8
-    from gru_deploy.runners import OnnxRuntimeRunner
+    from gru_deploy.models.tutorial import tutorial_parameters
+    from gru_deploy.bundle.quantize import quantize_int8
+    from gru_deploy.check.runners import OnnxRuntimeRunner
 
     manifest = read_manifest(folder)
     check_files(folder, manifest)

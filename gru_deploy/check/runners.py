@@ -121,7 +121,7 @@ def eager_runner(spec: ModelSpec, model: "torch.nn.Module", variant: str = "clas
     """
     import torch
 
-    from gru_deploy.model import tutorial_state
+    from gru_deploy.models.tutorial import tutorial_state
 
     def classifier(x):
         return model.fc(tutorial_state(model, x))
@@ -191,7 +191,7 @@ def reference_gaps(model: "onnx.ModelProto") -> str:
     """What onnx's ReferenceEvaluator would compute wrongly in `model`, or "": its GRU ignores
     the `sequence_lens` input (onnx/reference/ops/op_gru.py), so a fused lengths model would
     be judged against a reference that runs every sample to the padded end."""
-    from gru_deploy.export import all_graphs
+    from gru_deploy.convert.graphs import all_graphs
 
     for graph in all_graphs(model.graph):
         for node in graph.node:

@@ -74,7 +74,7 @@ def infer(folder: Path, x: np.ndarray, lengths: np.ndarray | None = None, h0: np
     the one the manifest lists for that variant and precision. Every file is checked
     against the manifest first, and every input is validated before onnxruntime sees it.
     """
-    from gru_deploy.runners import OnnxRuntimeRunner, validate_feed
+    from gru_deploy.check.runners import OnnxRuntimeRunner, validate_feed
 
     if lengths is not None and (stream or h0 is not None):
         raise UserInputError("--lengths cannot be combined with --state-in/--state-out: "
@@ -90,7 +90,7 @@ def infer(folder: Path, x: np.ndarray, lengths: np.ndarray | None = None, h0: np
         feed[STATE_IN] = h0 if h0 is not None else np.zeros((batch, spec.hidden_size), np.float32)
         validate_feed(feed, spec, variant)
         if batch > 0:  # the streaming API's code path: the state set, the chunk fed, the state read back
-            from gru_deploy.stream import Stream
+            from gru_deploy.serve.stream import Stream
 
             stream = Stream(folder, batch, precision, threads, _chosen=chosen)
             stream.state = feed[STATE_IN]
@@ -115,8 +115,8 @@ class ChosenModel:
 def load_model_bytes(path: Path, variant: str, precision: str = "fp32") -> ChosenModel:
     """The ONNX model the manifest lists for (variant, precision), from an export folder or a
     bundle, its sha256 checked; UserInputError saying what is missing and what to do."""
-    from gru_deploy.bundle import check_bundle_files, is_bundle, open_bundle
-    from gru_deploy.export import check_onnx_bytes
+    from gru_deploy.bundle.read import check_bundle_files, is_bundle, open_bundle
+    from gru_deploy.convert.graphs import check_onnx_bytes
     from gru_deploy.manifest import PRECISIONS, read_manifest, verified_path
 
     if precision not in PRECISIONS:

@@ -35,9 +35,9 @@ class Stream:
                  _chosen: Any = None) -> None:
         import onnxruntime as ort
 
-        from gru_deploy.export import without_empty_guard
-        from gru_deploy.runners import session_options
-        from gru_deploy.infer import load_model_bytes
+        from gru_deploy.convert.graphs import without_empty_guard
+        from gru_deploy.check.runners import session_options
+        from gru_deploy.serve.infer import load_model_bytes
 
         if type(batch) is not int or batch < 1:
             raise UserInputError(f"a Stream needs a batch of at least 1 sequence, got {batch!r}")
@@ -75,7 +75,7 @@ class Stream:
     def from_onnx(cls, onnx_bytes: bytes, spec: Any, batch: int = 1, threads: int = 1,
                   name: str = "model_stream.onnx") -> "Stream":
         """A Stream over a stream model given as bytes (benchmarks, tests): no manifest, no checks."""
-        from gru_deploy.infer import ChosenModel
+        from gru_deploy.serve.infer import ChosenModel
 
         return cls("", batch, "fp32", threads, _chosen=ChosenModel(name, onnx_bytes, spec, "fp32"))
 
@@ -101,7 +101,7 @@ class Stream:
     def run(self, chunk: np.ndarray) -> np.ndarray:
         """Feed a chunk x [batch, steps, input_size] (any number of steps, 0 included), carrying
         the state; returns the logits after its last step (fc(state) for 0 steps)."""
-        from gru_deploy.runners import validate_feed
+        from gru_deploy.check.runners import validate_feed
 
         chunk = np.asarray(chunk)
         if chunk.ndim == 3 and chunk.shape[0] != self.batch:

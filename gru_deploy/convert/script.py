@@ -75,7 +75,7 @@ def check_loop(scripted: "torch.jit.ScriptModule") -> None:
     if not loops:
         raise CheckFailed("the scripted model has no prim::Loop: its time loop was unrolled or removed")
     for loop in loops:
-        if _depends_on(next(loop.inputs()), x):
+        if depends_on(next(loop.inputs()), x):
             return
     raise CheckFailed(
         "the scripted model's prim::Loop has a trip count that does not come from the input's "
@@ -83,7 +83,7 @@ def check_loop(scripted: "torch.jit.ScriptModule") -> None:
     )
 
 
-def _depends_on(value: "torch._C.Value", source: "torch._C.Value") -> bool:
+def depends_on(value: "torch._C.Value", source: "torch._C.Value") -> bool:
     seen: set[str] = set()
     stack = [value]
     while stack:

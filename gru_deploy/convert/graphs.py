@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gru_deploy.errors import CheckFailed, UserInputError
-from gru_deploy.script import quiet_torchscript_deprecation
+from gru_deploy.convert.script import quiet_torchscript_deprecation
 from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, OUTPUT_NAME, STATE_IN, STATE_OUT, VARIANT_IO, ModelSpec
 
 if TYPE_CHECKING:
@@ -545,7 +545,7 @@ def export_scan(model: "torch.nn.Module", spec: ModelSpec, opset: int = DEFAULT_
     Exported at two example lengths: a graph whose op counts differ between them (a plain
     `torch.export` of the Python loop unrolls) or that has no Scan is refused.
     """
-    from gru_deploy.model import SCAN_CLASSES
+    from gru_deploy.models.tutorial import SCAN_CLASSES
 
     check_opset(opset)
     opset = max(opset, SCAN_MIN_OPSET)

@@ -12,7 +12,7 @@ def onnx_summary(data: bytes, where: str) -> dict[str, Any]:
     """Signature, op counts (sub-graphs included), opset, IR version and metadata keys of an ONNX model."""
     import onnx
 
-    from gru_deploy.export import count_ops, parse_onnx
+    from gru_deploy.convert.graphs import count_ops, parse_onnx
 
     model = parse_onnx(data, where, UserInputError)
 
@@ -49,7 +49,7 @@ def _file_status(folder: Path, files: dict[str, Any]) -> dict[str, str]:
 
 def inspect_path(path: Path) -> dict[str, Any]:
     """A report for an export folder, a bundle (folder or .tar.gz) or an .onnx file."""
-    from gru_deploy.bundle import is_bundle, open_bundle
+    from gru_deploy.bundle.read import is_bundle, open_bundle
     from gru_deploy.manifest import read_manifest
 
     path = Path(path)

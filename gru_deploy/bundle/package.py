@@ -61,9 +61,9 @@ def golden_vectors(export_dir: Path, manifest: dict[str, Any], files: dict[str, 
     import onnxruntime
     import torch
 
-    from gru_deploy.compare import int8_gate
-    from gru_deploy.runners import OnnxRuntimeRunner
-    from gru_deploy.verify import export_runners, make_feed
+    from gru_deploy.check.compare import int8_gate
+    from gru_deploy.check.runners import OnnxRuntimeRunner
+    from gru_deploy.check.verify import export_runners, make_feed
 
     spec = ModelSpec.from_dict(manifest["config"])
     out: dict[str, bytes] = {}
@@ -111,7 +111,7 @@ def golden_vectors(export_dir: Path, manifest: dict[str, Any], files: dict[str, 
 def _onnx_info(data: bytes) -> dict[str, Any]:
     import onnx
 
-    from gru_deploy.export import count_ops
+    from gru_deploy.convert.graphs import count_ops
 
     model = onnx.load_from_string(data)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -297,7 +297,7 @@ MIN_INT8_SHARE = 0.5
 def _quantize(files: dict[str, bytes], models: dict[str, dict[str, Any]], source: dict[str, Any],
               step: Callable[[str], None]) -> tuple[dict[str, tuple[str, bytes]], dict[str, Any]]:
     """int8 copies of the bundle's fp32 ONNX models; refuses a model the quantiser barely touches."""
-    from gru_deploy.quantize import quantize_int8
+    from gru_deploy.bundle.quantize import quantize_int8
 
     int8: dict[str, tuple[str, bytes]] = {}
     record: dict[str, Any] = {"models": {}}
@@ -436,7 +436,7 @@ def check_golden_elsewhere(python: str, files: dict[str, bytes], models: dict[st
     import subprocess
     import tempfile
 
-    from gru_deploy import golden_check
+    from gru_deploy.bundle import golden_check
 
     document = json.loads(files[f"{GOLDEN_DIR}/golden.json"])
     cases = []

@@ -28,7 +28,7 @@ MAX_MEMBER_BYTES = 512 << 20
 
 def parse_bundle_manifest(raw: bytes, where: str) -> dict[str, Any]:
     """Validate a bundle manifest's schema; UserInputError naming the problem."""
-    from gru_deploy.package import BUNDLE_FORMAT, BUNDLE_VERSION, TARGETS
+    from gru_deploy.bundle.package import BUNDLE_FORMAT, BUNDLE_VERSION, TARGETS
 
     manifest = parse_manifest(raw, f"{where}: manifest.json", BUNDLE_FORMAT, BUNDLE_VERSION, BUNDLE_FIELDS)
     if manifest["target"] not in TARGETS:
@@ -199,7 +199,7 @@ def first_failure(report: dict[str, Any]) -> str:
 
 
 def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: list[dict[str, Any]]) -> None:
-    from gru_deploy.compare import compare, int8_gate
+    from gru_deploy.check.compare import compare, int8_gate
     from gru_deploy.spec import ModelSpec
 
     spec = ModelSpec.from_dict(manifest["config"])
@@ -277,7 +277,7 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
 
 def _load_model(path: Path, fmt: str) -> Any:
     if fmt == "onnx":
-        from gru_deploy.export import check_onnx_bytes
+        from gru_deploy.convert.graphs import check_onnx_bytes
 
         check_onnx_bytes(path.read_bytes(), str(path))
     if fmt in ("onnx", "ort"):
@@ -291,7 +291,7 @@ def _load_model(path: Path, fmt: str) -> Any:
         except Exception as exc:  # onnxruntime's own exception types
             raise CheckFailed(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})") from None
     if fmt == "torchscript":
-        from gru_deploy import script
+        from gru_deploy.convert import script
 
         try:
             return script.load(path)  # its sha256 was checked against the manifest above
@@ -301,7 +301,7 @@ def _load_model(path: Path, fmt: str) -> Any:
 
 
 def _run(session: Any, fmt: str, spec: Any, variant: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from gru_deploy.runners import validate_feed
+    from gru_deploy.check.runners import validate_feed
     from gru_deploy.spec import VARIANT_IO
 
     feed = validate_feed(inputs, spec, variant)  # before the runtime sees it

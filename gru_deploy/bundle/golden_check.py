@@ -5,7 +5,7 @@ Standalone on purpose (numpy and onnxruntime only, nothing else of gru_deploy) s
 runs in a bare venv holding another runtime, e.g. onnxruntime 1.17.3; `gru-deploy package
 --check-with PYTHON` runs it that way and records the result in the bundle manifest:
 
-    python gru_deploy/golden_check.py MODEL_DIR golden.json [--json results.json]
+    python gru_deploy/bundle/golden_check.py MODEL_DIR golden.json [--json results.json]
 
 golden.json:
 

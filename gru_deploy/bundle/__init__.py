@@ -1,0 +1,1 @@
+"""Edge and server bundles: packaging, int8 quantisation, reading and verifying bundles, inspect."""

@@ -1,0 +1,1 @@
+"""Proving the graphs compute what PyTorch computes: runners, tolerances, the parity grid, accuracy, JUnit reports."""

@@ -1,0 +1,1 @@
+"""Running an export: one-shot inference, the streaming API, and the HTTP server."""
