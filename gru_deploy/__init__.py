@@ -8,7 +8,10 @@ __version__ = "0.1.0"
 
 from gru_deploy.errors import CheckFailed, GruDeployError, UserInputError  # noqa: E402
 
-__all__ = ["__version__", "GruDeployError", "UserInputError", "CheckFailed", "Stream"]
+from gru_deploy.api import export, load, package, verify  # noqa: E402  (torch loads inside them)
+
+__all__ = ["__version__", "GruDeployError", "UserInputError", "CheckFailed", "Stream", "export", "verify",
+           "package", "load"]
 
 
 def __getattr__(name: str):  # noqa: ANN202 - lazy: `import gru_deploy` loads no onnxruntime

@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from gru_deploy import __version__
-from gru_deploy.errors import GruDeployError
+from gru_deploy.errors import GruDeployError, UserInputError
 
 DATA_DEFAULTS = {
     # The tutorial's own run: 20 full-batch epochs of Adam at lr 1e-3.
@@ -177,11 +177,24 @@ def train(obj: dict, data: str, test_path: str | None, normalize: bool | None, e
 @click.option("--atol", type=float, default=1e-5, show_default=True, help="Parity gate: absolute tolerance.")
 @click.option("--rtol", type=float, default=1e-5, show_default=True, help="Parity gate: relative tolerance.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed when training the default model.")
+@click.option("--model", "model_ref", default=None, metavar="FILE.py:NAME|PKG.MODULE:NAME",
+              help="Your own recurrent model instead of the tutorial's: a class or a factory returning a "
+                   "torch.nn.Module. gru-deploy imports and runs that code (it is yours: only name code you "
+                   "trust); --checkpoint holds its state_dict (and optionally its constructor arguments "
+                   "under model_args) and is loaded with weights_only=True.")
+@click.option("--model-args", default=None, metavar="JSON",
+              help="With --model: constructor keyword arguments as a JSON object (over the checkpoint's).")
+@click.option("--input-size", type=click.IntRange(min=1), default=None,
+              help="With --model: input channels, when they cannot be read off the model's first layer.")
+@click.option("--output-names", default=None, metavar="A,B,...",
+              help="With --model: names of the outputs [default: logits for one output, output_0, ... for "
+                   "several].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON on stdout.")
 @click.pass_obj
 def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: str, typical_batch: int,
-           typical_seq: int, atol: float, rtol: float, seed: int, quiet: bool, as_json: bool) -> None:
+           typical_seq: int, atol: float, rtol: float, seed: int, model_ref: str | None, model_args: str | None,
+           input_size: int | None, output_names: str | None, quiet: bool, as_json: bool) -> None:
     """Script the model, export it to ONNX and prove parity; write the export folder.
 
     \b
@@ -197,10 +210,18 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
     An element fails parity only when it exceeds both --atol and --rtol. Exit 1 (and
     nothing written) when a guard or the parity gate fails.
 
+    With --model, your own module: its recurrence must run over x's time axis (a loop over
+    x.size(1), or torch.nn.GRU/LSTM): a loop with a fixed trip count is refused (exit 1,
+    naming the line), a module TorchScript cannot compile is exit 2 with TorchScript's message.
+    Its outputs (any number, [batch, ...] or per step [batch, seq, ...]) are read off the
+    module; parity of every output is proved against the module run in float64 up to 2,048
+    steps. Writes model.pt, model.onnx (--strategy loop), parity.json, manifest.json.
+
     \b
     Example:
       gru-deploy export --checkpoint checkpoint.pt --out exported/ --json
       gru-deploy export --checkpoint checkpoint.pt --strategy auto --typical-batch 32
+      gru-deploy export --model my_models.py:TwoLayerGRU --checkpoint ck.pt --out mine/
     """
     from gru_deploy.convert.graphs import check_opset
     from gru_deploy.check.verify import check_tolerances
@@ -208,6 +229,13 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
     obj["quiet"] = quiet or as_json
     check_opset(opset)
     check_tolerances(atol, rtol)
+    if model_ref is not None:
+        _export_user_model(obj, model_ref, model_args, input_size, output_names, checkpoint, out, opset, strategy,
+                           atol, rtol, as_json)
+        return
+    for name, value in (("--model-args", model_args), ("--input-size", input_size), ("--output-names", output_names)):
+        if value is not None:
+            raise UserInputError(f"{name} applies to your own model: give --model FILE.py:NAME too")
     if checkpoint is None:
         _say(obj, "no --checkpoint given: training the default model on the synthetic data set first "
                   f"(seed {seed}; use `gru-deploy train` to keep a checkpoint)")
@@ -243,6 +271,35 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
     cases = len(json.loads((out / "parity.json").read_text())["cases"])
     click.echo(f"parity holds: {len(summary)} comparisons over {cases} cases; worst max abs error "
                f"{summary[worst_pair]['max_abs']:.2e} ({worst_pair}); details in {out / 'parity.json'}")
+
+
+def _export_user_model(obj: dict, model_ref: str, model_args: str | None, input_size: int | None,
+                       output_names: str | None, checkpoint: Path | None, out: Path, opset: int, strategy: str,
+                       atol: float, rtol: float, as_json: bool) -> None:
+    from gru_deploy.convert.user import export_user_model
+    from gru_deploy.models.user import load_user_model, parse_model_args
+
+    if strategy != "loop":
+        raise UserInputError(f"--model: --strategy {strategy} maps the tutorial's cell; your own model exports "
+                             "as --strategy loop (its scripted loop or recurrent operator as ONNX)")
+    if checkpoint is None:
+        raise UserInputError("--model needs --checkpoint: the state_dict of your trained model "
+                             "(torch.save({'state_dict': model.state_dict(), 'model_args': {...}}, 'ck.pt'))")
+    names = [n.strip() for n in output_names.split(",")] if output_names else None
+    model = load_user_model(model_ref, parse_model_args(model_args), checkpoint)
+    manifest = export_user_model(model, out, opset=opset, atol=atol, rtol=rtol, input_size=input_size,
+                                 output_names=names, on_step=lambda m: _progress(obj, m))
+    if as_json:
+        _emit_json({"out": str(out), "model": manifest["model"], "signature": manifest["signature"],
+                    "opset": manifest["opset"], "files": manifest["files"], "parity": manifest["parity"]})
+        return
+    outputs = ", ".join(f"{o['name']} {o['shape']}" for o in manifest["signature"]["outputs"])
+    click.echo(f"wrote {out}/ ({model_ref}; recurrence kept as {manifest['model']['recurrence']}; outputs "
+               f"{outputs}): " + ", ".join(sorted(manifest["files"]) + ["manifest.json"]))
+    summary = manifest["parity"]["summary"]
+    worst = max(summary, key=lambda k: summary[k]["max_abs"])
+    click.echo(f"parity holds: {len(summary)} comparisons; worst max abs error {summary[worst]['max_abs']:.2e} "
+               f"({worst}); details in {out / 'parity.json'}")
 
 
 @cli.command()
@@ -305,8 +362,27 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
         if not report["passed"]:
             raise CheckFailed(f"bundle {path} fails: {first_failure(report)}")
         return
-    from gru_deploy.check.verify import deployment_accuracy, verify_export
+    from gru_deploy.check.verify import check_tolerances, deployment_accuracy, user_export_parity, verify_export
 
+    check_tolerances(atol, rtol)
+    if data or junit_xml:
+        from gru_deploy.manifest import read_manifest, tutorial_only
+
+        tutorial_only(read_manifest(path), str(path), "verify --data and --junit-xml")
+    user = user_export_parity(path, atol, rtol, on_case=lambda m: _progress(obj, m))
+    if user is not None:
+        if as_json:
+            _emit_json(user)
+        else:
+            for pair, s in user["summary"].items():
+                click.echo(f"{'ok  ' if s['passed'] else 'FAIL'} {pair:<46} max abs {s['max_abs']:.2e}  "
+                           f"({s['cases']} cases)")
+        if not user["passed"]:
+            raise CheckFailed(f"parity failed for {path}: " + "; ".join(
+                f"{k}: max abs {v['max_abs']:.3g}" for k, v in user["summary"].items() if not v["passed"]))
+        if not as_json:
+            click.echo(f"parity holds for {path} (atol {atol:g}, rtol {rtol:g})")
+        return
     report = verify_export(path, atol=atol, rtol=rtol, on_case=lambda m: _progress(obj, m))
     if junit_xml is not None:  # before the verdict: a failing run is when CI needs the report
         from gru_deploy.check.junit import parity_junit_xml
@@ -426,7 +502,24 @@ def infer(folder: Path, input_path: Path, lengths_path: Path | None, state_in: P
     """
     from gru_deploy.serve.infer import infer as run_infer
     from gru_deploy.serve.infer import load_array, save_array
+    from gru_deploy.serve.user import infer_user, user_export
 
+    manifest = user_export(folder)
+    if manifest is not None:  # your own model: its one model file, every output of its signature
+        given = [name for name, value in (("--lengths", lengths_path), ("--state-in", state_in),
+                                          ("--state-out", state_out)) if value is not None]
+        if given or precision != "fp32":
+            raise UserInputError(f"{folder} is an export of your own model, which has one fp32 model and no stream "
+                                 f"or lengths variant: drop {', '.join(given) or '--precision int8'}")
+        result = infer_user(folder, manifest, load_array(input_path, "--input"), threads)
+        if as_json:
+            _emit_json(result.to_json())
+            return
+        if not quiet:
+            click.echo(f"ran {result.model} (fp32) in onnxruntime", err=True)
+        for line in result.lines():
+            click.echo(line)
+        return
     x = load_array(input_path, "--input")
     lengths = load_array(lengths_path, "--lengths") if lengths_path else None
     h0 = load_array(state_in, "--state-in") if state_in else None
@@ -478,10 +571,11 @@ def bench(obj: dict, folder: Path | None, threads: int, budget: float, no_large:
     obj["quiet"] = quiet or as_json
     if folder is not None:
         from gru_deploy.convert import script
-        from gru_deploy.manifest import read_manifest, select_model, verified_path
+        from gru_deploy.manifest import read_manifest, select_model, tutorial_only, verified_path
         from gru_deploy.spec import ModelSpec
 
         manifest = read_manifest(folder)
+        tutorial_only(manifest, str(folder), "bench")
         spec = ModelSpec.from_dict(manifest["config"])
         from gru_deploy.models.tutorial import tutorial_parameters
 

@@ -156,6 +156,16 @@ def file_entry(path: Path) -> dict[str, Any]:
     return {"sha256": sha256_file(path), "size": path.stat().st_size}
 
 
+def tutorial_only(manifest: dict[str, Any], where: str, what: str) -> None:
+    """UserInputError when `manifest` is an export of a user's own model (`export --model`):
+    `what` handles exports of the tutorial model only, in this version."""
+    model = manifest.get("model")
+    if isinstance(model, dict) and model.get("kind") == "user":
+        raise UserInputError(f"{where} is an export of your own model ({model.get('reference')}); {what} handles "
+                             "exports of the tutorial model only in this version (export, verify and inspect "
+                             "handle yours)")
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
     """Load and validate `folder/manifest.json`; raise UserInputError naming what is wrong."""
     folder = Path(folder)

@@ -337,7 +337,7 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
     venv with another onnxruntime) and the results recorded: a failure writes nothing.
     """
     from gru_deploy.errors import CheckFailed
-    from gru_deploy.manifest import check_files, read_manifest
+    from gru_deploy.manifest import check_files, read_manifest, tutorial_only
     from gru_deploy.versions import library_versions
 
     if target not in TARGETS:
@@ -349,6 +349,7 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
     step = on_step or (lambda message: None)
     export_dir = Path(export_dir)
     source = read_manifest(export_dir)
+    tutorial_only(source, str(export_dir), "package")
     check_files(export_dir, source)  # every sha256, before any file is used
     missing = [v for v in ("stream", "lengths") if v not in (source.get("variants") or {})]
     if missing:

@@ -289,6 +289,20 @@ def verify_export(folder: Path, atol: float = DEFAULT_ATOL, rtol: float = DEFAUL
     return parity_for_dir(folder, manifest, atol, rtol, on_case)
 
 
+def user_export_parity(folder: Path, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL,
+                       on_case: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+    """The parity report of an export folder of a user's own model (checksums first); None for
+    a folder of the tutorial model."""
+    from gru_deploy.convert.user import is_user_export, verify_user_export
+    from gru_deploy.manifest import check_files, read_manifest
+
+    manifest = read_manifest(folder)
+    if not is_user_export(manifest):
+        return None
+    check_files(folder, manifest)
+    return verify_user_export(Path(folder), manifest, atol, rtol, on_case)
+
+
 def deployment_accuracy(folder: Path, data: str, test: str | None = None, seed: int = 0,
                         test_fraction: float = 0.2) -> dict[str, Any]:
     """Accuracy on a data set's test split of eager PyTorch, onnxruntime fp32 (the export's
@@ -296,12 +310,13 @@ def deployment_accuracy(folder: Path, data: str, test: str | None = None, seed: 
     agreement with eager. Variable-length data runs through the lengths models."""
     from gru_deploy.data import load_data
     from gru_deploy.convert.graphs import export_fused, export_loop
-    from gru_deploy.manifest import check_files, read_manifest, select_model
+    from gru_deploy.manifest import check_files, read_manifest, select_model, tutorial_only
     from gru_deploy.models.tutorial import tutorial_parameters
     from gru_deploy.bundle.quantize import quantize_int8
     from gru_deploy.check.runners import OnnxRuntimeRunner
 
     manifest = read_manifest(folder)
+    tutorial_only(manifest, str(folder), "verify --data")
     check_files(folder, manifest)
     spec = ModelSpec.from_dict(manifest["config"])
     split = load_data(data, seed=seed, test_fraction=test_fraction, input_size=spec.input_size, test=test)

@@ -442,8 +442,10 @@ def parse_onnx(data: bytes, where: str, error: type[Exception] = CheckFailed) ->
     return model
 
 
-def check_onnx_bytes(data: bytes, where: str) -> "onnx.ModelProto":
-    """Refuse an ONNX file we did not make: empty, unparsable, external data, unknown ops."""
+def check_onnx_bytes(data: bytes, where: str, known: frozenset[str] | None = None) -> "onnx.ModelProto":
+    """Refuse an ONNX file we did not make: empty, unparsable, external data, ops outside the
+    default domain, ops other than `known` (default: the ops our exporters write for the
+    tutorial model; for a user's model, the ops its export recorded in the manifest)."""
     import onnx
 
     model = parse_onnx(data, where)
@@ -451,7 +453,10 @@ def check_onnx_bytes(data: bytes, where: str) -> "onnx.ModelProto":
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             raise CheckFailed(f"{where}: tensor {tensor.name!r} refers to external data; bundles hold "
                               "self-contained models only")
-    unknown = sorted(set(count_ops(model.graph)) - KNOWN_OPS)
+    domains = sorted({node.domain for g in all_graphs(model.graph) for node in g.node} - {"", "ai.onnx"})
+    if domains and known is not None:
+        raise CheckFailed(f"{where}: ops of domain(s) {domains}; gru-deploy runs standard ONNX ops only")
+    unknown = sorted(set(count_ops(model.graph)) - (KNOWN_OPS if known is None else known))
     if unknown:
         raise CheckFailed(f"{where}: op type(s) {unknown} are not ones gru-deploy writes; refusing the model")
     return model

@@ -117,7 +117,7 @@ def load_model_bytes(path: Path, variant: str, precision: str = "fp32") -> Chose
     bundle, its sha256 checked; UserInputError saying what is missing and what to do."""
     from gru_deploy.bundle.read import check_bundle_files, is_bundle, open_bundle
     from gru_deploy.convert.graphs import check_onnx_bytes
-    from gru_deploy.manifest import PRECISIONS, read_manifest, verified_path
+    from gru_deploy.manifest import PRECISIONS, read_manifest, tutorial_only, verified_path
 
     if precision not in PRECISIONS:
         raise UserInputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -134,6 +134,7 @@ def load_model_bytes(path: Path, variant: str, precision: str = "fp32") -> Chose
             check_onnx_bytes(data, f"{path}: {name}")
             return ChosenModel(name, data, ModelSpec.from_dict(manifest["config"]), precision)
     manifest = read_manifest(path)
+    tutorial_only(manifest, str(path), "infer, serve and Stream")
     name = _select(manifest, variant, precision, f"{path} (export folder)", hint)
     return ChosenModel(name, verified_path(path, manifest, name).read_bytes(), ModelSpec.from_dict(manifest["config"]),
                        precision)

@@ -1,0 +1,149 @@
+"""gru-deploy from Python: `export`, `verify`, `package` and `load`, for training scripts and CI.
+
+    import gru_deploy
+
+    gru_deploy.export(checkpoint="checkpoint.pt", out="exported")                 # the tutorial model
+    gru_deploy.export(my_module, out="mine")                                     # your own module
+    gru_deploy.export("my_models.py:TwoLayerGRU", checkpoint="ck.pt", out="mine")
+    report = gru_deploy.verify("mine")                                           # report["passed"]
+    bundle, manifest = gru_deploy.package("exported", "edge")
+    model = gru_deploy.load("exported")
+    probabilities = model.predict(x)["probabilities"]
+
+Errors are the CLI's: `UserInputError` for bad input, `CheckFailed` when a check fails, both
+`GruDeployError`. Importing gru_deploy loads no torch; these functions load what they need.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from gru_deploy.errors import UserInputError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from gru_deploy.train import Checkpoint
+
+
+def export(model: "torch.nn.Module | str | None" = None, *, checkpoint: "str | Path | Checkpoint | None" = None,
+           out: str | Path = "exported", model_args: dict[str, Any] | None = None, input_size: int | None = None,
+           output_names: list[str] | None = None, strategy: str = "loop", opset: int = 17, atol: float = 1e-5,
+           rtol: float = 1e-5, typical: tuple[int, int] = (1, 100),
+           on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Export a model to `out` (written whole, only when every check passes); return its manifest.
+
+    `model` None: the tutorial classifier from `checkpoint` (a path or a `Checkpoint`), in
+    `strategy` form (loop, stepwise, scan, fused, auto). `model` an `nn.Module`: your own,
+    as it is (weights included). `model` a string `file.py:Name` / `package.module:Name`:
+    your own, built with `model_args` over the checkpoint's and loaded from `checkpoint`.
+    """
+    from gru_deploy.convert.user import export_user_model
+
+    if model is None:
+        from gru_deploy.convert.folder import export_to_dir
+        from gru_deploy.train import Checkpoint, load_checkpoint
+
+        if checkpoint is None:
+            raise UserInputError("export: give checkpoint= (train one with `gru-deploy train`) or model=")
+        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(Path(checkpoint))
+        return export_to_dir(ckpt, Path(out), opset=opset, atol=atol, rtol=rtol, strategy=strategy, typical=typical,
+                             on_step=on_step)
+    if strategy != "loop":
+        raise UserInputError(f"export: strategy {strategy!r} maps the tutorial's cell; your own model exports as "
+                             "strategy='loop'")
+    user = _user_model(model, model_args, checkpoint)
+    return export_user_model(user, Path(out), opset=opset, atol=atol, rtol=rtol, input_size=input_size,
+                             output_names=output_names, on_step=on_step)
+
+
+def _user_model(model: Any, model_args: dict[str, Any] | None, checkpoint: Any) -> Any:
+    import torch
+
+    from gru_deploy.models.user import UserModel, load_user_model
+
+    if isinstance(model, str):
+        if checkpoint is None:
+            raise UserInputError("export: a model named by its file or module needs checkpoint= (its state_dict)")
+        return load_user_model(model, model_args, Path(checkpoint))
+    if isinstance(model, torch.nn.Module):
+        if checkpoint is not None or model_args:
+            raise UserInputError("export: a module instance carries its weights; drop checkpoint= and model_args=")
+        cls = type(model)
+        return UserModel(model.eval(), f"{cls.__module__}:{cls.__qualname__}", None)
+    raise UserInputError(f"export: model must be an nn.Module or 'file.py:Name', got {type(model).__name__}")
+
+
+def verify(path: str | Path, atol: float = 1e-5, rtol: float = 1e-5) -> dict[str, Any]:
+    """Check an export folder (checksums, then the parity grid) or a bundle (schema, checksums,
+    each model loads, golden vectors); the report as the CLI's --json prints it. Read
+    `report["passed"]`; nothing is raised for a check that fails, only for unusable input."""
+    from gru_deploy.bundle.read import is_bundle, verify_bundle
+    from gru_deploy.check.verify import user_export_parity, verify_export
+
+    path = Path(path)
+    if is_bundle(path):
+        return verify_bundle(path)
+    user = user_export_parity(path, atol, rtol)
+    if user is not None:
+        return user
+    return verify_export(path, atol=atol, rtol=rtol).to_json()
+
+
+def package(export_dir: str | Path, target: str, out: str | Path | None = None, quantize: str | None = None,
+            archive: bool = False, force: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Build an edge or server bundle from an export folder; (where it was written, its manifest)."""
+    from gru_deploy.bundle.package import package as build
+
+    return build(Path(export_dir), target, out=Path(out) if out is not None else None, archive=archive, force=force,
+                 quantize=quantize)
+
+
+class Loaded:
+    """An export folder or bundle, ready to run: `predict(x, lengths=None)` and `stream(batch)`."""
+
+    def __init__(self, path: Path, threads: int = 1) -> None:
+        from gru_deploy.serve.user import user_export
+
+        self.path, self.threads = path, threads
+        self.manifest = user_export(path)  # None: the tutorial model (export folder or bundle)
+
+    @property
+    def signature(self) -> dict[str, Any]:
+        if self.manifest is not None:
+            return self.manifest["signature"]
+        from gru_deploy.serve.infer import load_model_bytes
+
+        return load_model_bytes(self.path, "classifier").spec.signature()
+
+    def predict(self, x: "np.ndarray", lengths: "np.ndarray | None" = None) -> dict[str, "np.ndarray"]:
+        """Every output by name (the tutorial model: logits and probabilities); `lengths` runs the
+        variable-length model of the tutorial model's export on a padded x."""
+        if self.manifest is not None:
+            from gru_deploy.serve.user import infer_user
+
+            if lengths is not None:
+                raise UserInputError(f"{self.path}: your own model's export has no lengths variant")
+            return infer_user(self.path, self.manifest, x, self.threads).outputs
+        from gru_deploy.serve.infer import infer
+
+        result = infer(self.path, x, lengths=lengths, threads=self.threads)
+        return {"logits": result.logits, "probabilities": result.probabilities}
+
+    def stream(self, batch: int = 1) -> Any:
+        """The streaming API (`gru_deploy.Stream`) over the export's stream model."""
+        from gru_deploy.serve.stream import Stream
+
+        if self.manifest is not None:
+            raise UserInputError(f"{self.path}: your own model's export has no stream variant")
+        return Stream(self.path, batch, threads=self.threads)
+
+
+def load(path: str | Path, threads: int = 1) -> Loaded:
+    """An export folder or a bundle to run from Python (files checked against the manifest when used)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserInputError(f"{path}: no such export folder or bundle")
+    return Loaded(path, threads)

@@ -1,0 +1,484 @@
+"""Export the user's own recurrent model: script it, check its recurrence runs over the input's
+time axis, read its signature off the module, export it to ONNX and prove parity against the
+module itself run in float64.
+
+The checks are the tutorial path's, made generic: the loop is kept (a `prim::Loop` whose trip
+count comes from `x`, or a recurrent operator such as `torch.nn.GRU`'s, which exports to ONNX
+`GRU` over the dynamic axis), the graph's node count must not change with the example length,
+and every output is compared, eager vs TorchScript vs onnxruntime vs onnx's reference vs the
+float64 module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from gru_deploy.errors import CheckFailed, UserInputError
+from gru_deploy.spec import INPUT_NAME
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from gru_deploy.models.user import UserModel
+
+RECURRENT_OPS = ("aten::gru", "aten::lstm", "aten::rnn_tanh", "aten::rnn_relu")
+ONNX_RECURRENCE = ("Loop", "Scan", "GRU", "LSTM", "RNN")
+# Probes that name each output axis: (batch, seq) pairs whose sizes differ from each other.
+PROBES = ((2, 3), (3, 5))
+# The parity grid for user models: (batch, seq); the onnx reference evaluator (pure Python)
+# runs up to REFERENCE_MAX_SEQ steps.
+USER_CASES = ((1, 1), (3, 7), (2, 100), (1, 2048))
+REFERENCE_MAX_SEQ = 100
+
+
+def _where(text: str) -> str:
+    """'file:line' from a TorchScript message or source range, or '' when it names none."""
+    match = re.search(r'File "([^"]+)", line (\d+)', text)
+    if match:
+        return f"{match.group(1)}:{match.group(2)}"
+    match = re.search(r"at (\S+\.py):(\d+)", text)
+    return f"{match.group(1)}:{match.group(2)}" if match else ""
+
+
+def script_user(model: "UserModel") -> "torch.jit.ScriptModule":
+    """torch.jit.script the user's module; a module TorchScript cannot compile is a user error
+    naming TorchScript's message and the user's file and line."""
+    import torch
+
+    from gru_deploy.convert.script import quiet_torchscript_deprecation
+
+    try:
+        with quiet_torchscript_deprecation():
+            return torch.jit.script(model.module)
+    except Exception as exc:  # TorchScript raises several types; all mean "cannot compile this"
+        text = str(exc)
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        where = _where(text)
+        raise UserInputError(f"TorchScript cannot compile {model.reference}: {lines[0] if lines else type(exc).__name__}"
+                             + (f" (at {where})" if where else "")
+                             + "; make the module scriptable (torch.jit.script) and try again") from None
+
+
+def _walk(block: Any):
+    for node in block.nodes():
+        yield node
+        for inner in node.blocks():
+            yield from _walk(inner)
+
+
+def check_recurrence(scripted: "torch.jit.ScriptModule", reference: str) -> str:
+    """How the recurrence is kept: 'loop' (a prim::Loop whose trip count comes from x) or the
+    recurrent operator's name. CheckFailed, naming the line, for a loop with a constant trip
+    count; CheckFailed when there is no recurrence at all."""
+    from gru_deploy.convert.script import depends_on
+
+    graph = scripted.forward.inlined_graph
+    inputs = list(graph.inputs())
+    if len(inputs) < 2:
+        raise CheckFailed(f"{reference}: forward takes no input tensor")
+    x = inputs[1]
+    nodes = list(_walk(graph))
+    recurrent = sorted({n.kind() for n in nodes if n.kind() in RECURRENT_OPS})
+    loops = [n for n in nodes if n.kind() == "prim::Loop"]
+    if any(depends_on(next(loop.inputs()), x) for loop in loops):
+        return "loop"
+    if recurrent:
+        return recurrent[0].split("::")[1]
+    if loops:
+        where = _where(loops[0].sourceRange())
+        raise CheckFailed(f"{reference}: the loop at {where or 'an unknown line'} runs a fixed number of times, not "
+                          "over the input's time axis (x.size(1)): the model would accept one sequence length "
+                          "only; loop over `range(x.size(1))`")
+    raise CheckFailed(f"{reference}: no recurrence over the input's time axis (neither a loop over x.size(1) nor "
+                      "a recurrent operator such as torch.nn.GRU); gru-deploy exports recurrent models")
+
+
+@dataclass
+class UserSignature:
+    """Inputs and outputs as the manifest records them: name, dtype, shape (dynamic dims named)."""
+
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"inputs": self.inputs, "outputs": self.outputs}
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o["name"] for o in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t["name"]: {i: d for i, d in enumerate(t["shape"]) if isinstance(d, str)}
+                for t in self.inputs + self.outputs}
+
+
+def as_outputs(value: Any, reference: str) -> tuple["torch.Tensor", ...]:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return tuple(value)
+    raise UserInputError(f"{reference}: forward must return a tensor or a tuple of tensors, got "
+                         f"{type(value).__name__}")
+
+
+def discover_signature(module: "torch.nn.Module", input_size: int, reference: str,
+                       output_names: list[str] | None = None) -> UserSignature:
+    """Run the module at two (batch, seq) probes and name each output axis: 'batch' where it
+    follows the batch, 'seq' where it follows the sequence length, a size where it is fixed."""
+    import torch
+
+    shapes = []
+    for batch, seq in PROBES:
+        x = torch.randn(batch, seq, input_size, generator=torch.Generator().manual_seed(batch))
+        try:
+            with torch.no_grad():
+                outputs = as_outputs(module(x), reference)
+        except UserInputError:
+            raise
+        except Exception as exc:
+            raise UserInputError(f"{reference} fails on an input of shape [{batch}, {seq}, {input_size}]: "
+                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
+                                 "is --input-size right?") from None
+        for i, out in enumerate(outputs):
+            if out.dtype != torch.float32:
+                raise UserInputError(f"{reference}: output {i} is {out.dtype}; gru-deploy exports float32 outputs")
+        shapes.append([list(out.shape) for out in outputs])
+    if len(shapes[0]) != len(shapes[1]) or any(len(a) != len(b) for a, b in zip(*shapes)):
+        raise UserInputError(f"{reference}: the number or rank of outputs changes with the input's shape")
+    names = output_names or (["logits"] if len(shapes[0]) == 1 else [f"output_{i}" for i in range(len(shapes[0]))])
+    if len(names) != len(shapes[0]) or len(set(names)) != len(names) or INPUT_NAME in names:
+        raise UserInputError(f"--output-names: give {len(shapes[0])} distinct names other than {INPUT_NAME!r}")
+    outputs = []
+    for name, first, second in zip(names, *shapes):
+        dims: list[Any] = []
+        for a, b in zip(first, second):
+            if (a, b) == (PROBES[0][0], PROBES[1][0]):
+                dims.append("batch")
+            elif (a, b) == (PROBES[0][1], PROBES[1][1]):
+                dims.append("seq")
+            elif a == b:
+                dims.append(a)
+            else:
+                raise UserInputError(f"{reference}: output {name!r} has an axis of size {a} then {b} that follows "
+                                     "neither the batch nor the sequence length")
+        if not dims or dims[0] != "batch":
+            raise UserInputError(f"{reference}: output {name!r} must have the batch as its first axis, got {dims}")
+        outputs.append({"name": name, "dtype": "float32", "shape": dims})
+    inputs = [{"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", "seq", input_size]}]
+    return UserSignature(inputs, outputs)
+
+
+@contextlib.contextmanager
+def _quiet_stdout_fd():
+    """Send file descriptor 1 (C++ writes too) to a scratch file for the duration."""
+    import os
+    import sys
+    import tempfile
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as scratch:
+        os.dup2(scratch.fileno(), 1)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def export_user_onnx(scripted: "torch.jit.ScriptModule", signature: UserSignature, opset: int) -> tuple[bytes, dict]:
+    """The scripted module as ONNX (TorchScript exporter), exported at two example lengths and
+    refused when its node count changes between them or it holds no recurrence."""
+    import onnx
+    import torch
+
+    from gru_deploy.convert.graphs import GUARD_LENGTHS, _finish, check_not_unrolled, check_opset
+    from gru_deploy.convert.script import quiet_torchscript_deprecation
+
+    check_opset(opset)
+    input_size = signature.inputs[0]["shape"][2]
+    models = []
+    for seq in GUARD_LENGTHS:
+        buffer = io.BytesIO()
+        try:  # the exporter prints the whole IR graph on stdout (from C++) when it fails
+            with quiet_torchscript_deprecation(), _quiet_stdout_fd():
+                torch.onnx.export(scripted, (torch.zeros(2, seq, input_size),), buffer, dynamo=False,
+                                  opset_version=opset, input_names=[INPUT_NAME], output_names=signature.output_names,
+                                  dynamic_axes=signature.dynamic_axes(), do_constant_folding=True)
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            hint = (" (seen with a scripted torch.nn.GRUCell, whose forward compares input.dim() with a tuple: "
+                    "write the cell out, as the tutorial does, or use torch.nn.GRU)"
+                    if "expected node type prim::ListConstruct" in first else "")
+            raise CheckFailed(f"the ONNX exporter failed on the scripted model: {type(exc).__name__}: "
+                              f"{first[:300]}{hint}") from None
+        models.append(onnx.load_from_string(buffer.getvalue()))
+    op_types = check_not_unrolled(models, needs=None)
+    if not any(op in op_types for op in ONNX_RECURRENCE):
+        raise CheckFailed("refusing to write a graph without a Loop or recurrent node: the time loop was unrolled")
+    model = models[0]
+    for value, wanted in zip(list(model.graph.input) + list(model.graph.output), signature.inputs + signature.outputs):
+        shape = value.type.tensor_type.shape
+        del shape.dim[:]
+        for size in wanted["shape"]:
+            dim = shape.dim.add()
+            if isinstance(size, str):
+                dim.dim_param = size
+            else:
+                dim.dim_value = size
+    model.producer_name = "gru-deploy"
+    result = _finish(model, "loop", opset, op_types, {"gru_deploy.model": "user"})
+    return result.onnx_bytes, {"opset": result.opset, "ir_version": result.ir_version,
+                               "node_count": result.node_count, "op_types": result.op_types}
+
+
+# --- parity ---------------------------------------------------------------------------------
+
+REFERENCE_FILE = "reference_float64.npz"
+
+
+def user_runners(module: "torch.nn.Module | None", scripted: "torch.jit.ScriptModule", onnx_bytes: bytes,
+                 signature: UserSignature, stored: dict[str, "np.ndarray"] | None = None
+                 ) -> dict[str, Callable[["np.ndarray"], list["np.ndarray"]]]:
+    """Callables of x (float32 numpy) returning every output as numpy: eager and float64 (the
+    user's module, and a float64 copy of it) when the module is at hand, TorchScript,
+    onnxruntime and onnx's reference evaluator. Without the module (verify), float64 answers
+    from `stored`: the float64 outputs the export computed from the module (REFERENCE_FILE)."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from onnx.reference import ReferenceEvaluator
+
+    from gru_deploy.check.runners import session_options
+
+    def torch_call(fn: Any, dtype: "torch.dtype") -> Callable:
+        def run(x: "np.ndarray") -> list["np.ndarray"]:
+            with torch.no_grad():
+                out = as_outputs(fn(torch.from_numpy(x).to(dtype)), "the model")
+            return [o.double().numpy() for o in out]
+        return run
+
+    session = ort.InferenceSession(onnx_bytes, session_options(1), providers=["CPUExecutionProvider"])
+    reference = ReferenceEvaluator(onnx_bytes)
+    names = signature.output_names
+    runners: dict[str, Callable] = {}
+    if module is not None:
+        runners["eager"] = torch_call(module, torch.float32)
+    runners["torchscript"] = torch_call(scripted, torch.float32)
+    runners["onnxruntime"] = lambda x: [np.asarray(o, np.float64) for o in session.run(names, {INPUT_NAME: x})]
+    runners["onnx-reference"] = lambda x: [np.asarray(o, np.float64) for o in reference.run(names, {INPUT_NAME: x})]
+    if module is not None:
+        runners["float64"] = torch_call(copy.deepcopy(module).double(), torch.float64)
+    elif stored is not None:
+        def recorded(x: "np.ndarray") -> list["np.ndarray"]:
+            key = f"{x.shape[0]}x{x.shape[1]}"
+            if f"{key}/{names[0]}" not in stored:
+                raise CheckFailed(f"{REFERENCE_FILE} holds no float64 outputs for batch {x.shape[0]}, seq {x.shape[1]}")
+            return [stored[f"{key}/{name}"] for name in names]
+        runners["float64"] = recorded
+    return runners
+
+
+def case_input(batch: int, seq: int, input_size: int) -> "np.ndarray":
+    """The parity grid's input for (batch, seq): the same at export and at verify."""
+    import numpy as np
+
+    return np.random.default_rng(batch * 1009 + seq).standard_normal((batch, seq, input_size)).astype(np.float32)
+
+
+def float64_outputs(run: Callable, signature: UserSignature, cases: tuple[tuple[int, int], ...]) -> bytes:
+    """The float64 module's outputs on every case, as an .npz (keys 'BxS/name')."""
+    import numpy as np
+
+    input_size = signature.inputs[0]["shape"][2]
+    arrays = {}
+    for batch, seq in cases:
+        for name, out in zip(signature.output_names, run(case_input(batch, seq, input_size))):
+            arrays[f"{batch}x{seq}/{name}"] = out
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def user_parity(runners: dict[str, Callable], signature: UserSignature, atol: float, rtol: float,
+                cases: tuple[tuple[int, int], ...] = USER_CASES,
+                on_case: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Every runner against float64 (and each against eager or TorchScript) on every case, every
+    output, by `check.compare` (an element fails only when it exceeds both atol and rtol, as for
+    the tutorial model). Empty axes are not run: a user graph's recurrent kernel may abort on
+    them (onnxruntime's GRU does)."""
+    from gru_deploy.check.compare import compare
+
+    input_size = signature.inputs[0]["shape"][2]
+    first = "eager" if "eager" in runners else "torchscript"
+    pairs = [("float64", name) for name in runners if name != "float64"] + \
+            [(first, name) for name in runners if name not in (first, "float64")]
+    results, summary = [], {}
+    for batch, seq in cases:
+        if on_case:
+            on_case(f"batch {batch}, seq {seq}")
+        x = case_input(batch, seq, input_size)
+        outs = {}
+        for name, run in runners.items():
+            if name == "onnx-reference" and seq > REFERENCE_MAX_SEQ:
+                continue
+            try:
+                outs[name] = run(x)
+            except UserInputError:
+                raise
+            except Exception as exc:
+                if name == "float64":
+                    raise UserInputError(
+                        f"the float64 reference (your module after .double()) failed: {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}; create tensors inside forward with the "
+                        "input's dtype (e.g. x.new_zeros)") from None
+                raise CheckFailed(f"{name} failed at batch {batch}, seq {seq}: {type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        for ref, got in pairs:
+            if ref not in outs or got not in outs:
+                continue
+            for name, a, b in zip(signature.output_names, outs[got], outs[ref]):
+                comparison = compare(b, a, atol, rtol)
+                error, passed = comparison.max_abs, comparison.passed
+                key = f"{ref}->{got}[{name}]"
+                results.append({"pair": key, "batch": batch, "seq": seq, **comparison.to_json()})
+                entry = summary.setdefault(key, {"max_abs": 0.0, "cases": 0, "passed": True})
+                entry["max_abs"] = max(entry["max_abs"], error)
+                entry["cases"] += 1
+                entry["passed"] = entry["passed"] and passed
+    passed = all(entry["passed"] for entry in summary.values())
+    return {"passed": passed, "atol": atol, "rtol": rtol, "cases": [list(c) for c in cases], "summary": summary,
+            "results": results,
+            "notes": [f"onnx's reference evaluator runs up to {REFERENCE_MAX_SEQ} steps (it is pure Python)",
+                      "empty batches and sequences are not run: a recurrent kernel may abort on them"]}
+
+
+def failures(parity: dict[str, Any]) -> list[str]:
+    return [f"{key}: max abs error {entry['max_abs']:.3g}" for key, entry in parity["summary"].items()
+            if not entry["passed"]]
+
+
+# --- the export folder ----------------------------------------------------------------------
+
+def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: float = 1e-5, rtol: float = 1e-5,
+                      input_size: int | None = None, output_names: list[str] | None = None,
+                      on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Write model.pt, model.onnx, parity.json and manifest.json for a user's model into `out`,
+    all at once and only when every check passes; return the manifest."""
+    from gru_deploy import __version__
+    from gru_deploy.check.verify import check_tolerances
+    from gru_deploy.convert import script
+    from gru_deploy.convert.folder import KEEP
+    from gru_deploy.manifest import (MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, atomic_write_bytes,
+                                     atomic_write_json, file_entry, staged_dir)
+    from gru_deploy.models.user import input_size_of
+    from gru_deploy.versions import library_versions
+
+    check_tolerances(atol, rtol)
+    step = on_step or (lambda message: None)
+    size = input_size or input_size_of(model.module)
+    if size is None:
+        raise UserInputError(f"{model.reference}: cannot read the input size off its layers; pass --input-size")
+    step(f"scripting {model.reference} with torch.jit.script")
+    scripted = script_user(model)
+    kept = check_recurrence(scripted, model.reference)
+    step(f"reading the signature off the module (input [batch, seq, {size}])")
+    signature = discover_signature(model.module, size, model.reference, output_names)
+    step(f"exporting to ONNX opset {opset} (the loop kept: {kept})")
+    onnx_bytes, graph = export_user_onnx(scripted, signature, opset)
+    pt_bytes = script.to_bytes(scripted)
+    step("checking parity of every output: eager, TorchScript, onnxruntime, onnx reference, float64")
+    runners = user_runners(model.module, scripted, onnx_bytes, signature)
+    parity = user_parity(runners, signature, atol, rtol)
+    if not parity["passed"]:
+        raise CheckFailed("parity failed, nothing written: " + "; ".join(failures(parity)))
+    reference_bytes = float64_outputs(runners["float64"], signature, USER_CASES)
+    models = {
+        "model.pt": {"variant": "classifier", "format": "torchscript", "precision": "fp32"},
+        "model.onnx": {"variant": "classifier", "format": "onnx", "precision": "fp32", "strategy": "loop",
+                       "opset": graph["opset"], "ir_version": graph["ir_version"]},
+    }
+    with staged_dir(Path(out), keep=KEEP) as stage:
+        atomic_write_bytes(stage / "model.pt", pt_bytes)
+        atomic_write_bytes(stage / "model.onnx", onnx_bytes)
+        atomic_write_json(stage / "parity.json", parity)
+        atomic_write_bytes(stage / REFERENCE_FILE, reference_bytes)
+        manifest: dict[str, Any] = {
+            "format": MANIFEST_FORMAT,
+            "format_version": MANIFEST_VERSION,
+            "gru_deploy_version": __version__,
+            "model": {**model.record(), "recurrence": kept},
+            "strategy": "loop",
+            "auto": None,
+            "opset": graph["opset"],
+            "ir_version": graph["ir_version"],
+            "onnx": {"node_count": graph["node_count"], "op_types": graph["op_types"]},
+            "signature": signature.to_dict(),
+            "models": models,
+            "variants": {},
+            "config": {"input_size": size},
+            "labels": [],
+            "metrics": {},
+            "training": {},
+            "source_checkpoint": {"sha256": model.checkpoint_sha256},
+            "versions": library_versions(),
+            "notes": ["a user model: the stream and lengths variants are absent (the model defines no h0 or "
+                      "lengths input)"],
+            "reference": {"file": REFERENCE_FILE, "computed_by": f"{model.reference} in float64 (module.double())",
+                          "cases": [list(c) for c in USER_CASES]},
+            "files": {name: file_entry(stage / name)
+                      for name in ("model.pt", "model.onnx", "parity.json", REFERENCE_FILE)},
+            "parity": {"passed": True, "atol": atol, "rtol": rtol, "notes": parity["notes"],
+                       "summary": parity["summary"]},
+        }
+        atomic_write_json(stage / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def is_user_export(manifest: dict[str, Any]) -> bool:
+    return isinstance(manifest.get("model"), dict) and manifest["model"].get("kind") == "user"
+
+
+def verify_user_export(folder: Path, manifest: dict[str, Any], atol: float, rtol: float,
+                       on_case: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Parity of a user export's files, without the user's code: TorchScript (model.pt) is the
+    PyTorch side, and the float64 outputs the export computed from the user's module (its
+    REFERENCE_FILE, checksum-verified) the reference."""
+    import numpy as np
+
+    from gru_deploy.convert import script
+    from gru_deploy.manifest import select_model, verified_path
+
+    signature = UserSignature(manifest["signature"]["inputs"], manifest["signature"]["outputs"])
+    pt = verified_path(folder, manifest, select_model(manifest, "classifier", "torchscript", where=str(folder)))
+    onnx_path = verified_path(folder, manifest, select_model(manifest, "classifier", "onnx", where=str(folder)))
+    from gru_deploy.convert.graphs import check_onnx_bytes
+
+    recorded = (manifest.get("onnx") or {}).get("op_types")
+    if not isinstance(recorded, dict):
+        raise UserInputError(f"{folder}/manifest.json: onnx.op_types is missing; re-export the model")
+    onnx_bytes = onnx_path.read_bytes()
+    check_onnx_bytes(onnx_bytes, f"{folder}: {onnx_path.name}", known=frozenset(recorded))
+    scripted = script.load(pt)
+    check_recurrence(scripted, str(pt))
+    reference = manifest.get("reference") or {}
+    with np.load(verified_path(folder, manifest, reference.get("file", REFERENCE_FILE)), allow_pickle=False) as data:
+        stored = {key: data[key] for key in data.files}
+    cases = reference.get("cases", USER_CASES)
+    if not isinstance(cases, (list, tuple)) or not all(
+            isinstance(c, (list, tuple)) and len(c) == 2 and all(type(v) is int and 1 <= v <= 100_000 for v in c)
+            for c in cases):
+        raise UserInputError(f"{folder}/manifest.json: reference.cases must be a list of [batch, seq] pairs")
+    cases = tuple(tuple(c) for c in cases)
+    return user_parity(user_runners(None, scripted, onnx_bytes, signature, stored), signature, atol, rtol,
+                       cases=cases, on_case=on_case)

@@ -1,0 +1,103 @@
+"""Inference on an export of the user's own model: every output of the signature the manifest
+records, from the ONNX file it lists, with the input checked before onnxruntime sees it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gru_deploy.errors import UserInputError
+from gru_deploy.spec import INPUT_NAME
+
+
+@dataclass
+class UserPrediction:
+    outputs: dict[str, np.ndarray]
+    signature: dict[str, Any]
+    model: str  # the model file that ran, as the manifest names it
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "signature": self.signature,
+                "outputs": {name: {"shape": list(value.shape), "data": value.tolist()}
+                            for name, value in self.outputs.items()}}
+
+    def lines(self, limit: int = 8) -> list[str]:
+        """A readable summary: per sample, the argmax of each class-like output (per step for a
+        per-step output), else the values; at most `limit` samples."""
+        out = []
+        for spec in self.signature["outputs"]:
+            name, shape = spec["name"], spec["shape"]
+            value = self.outputs[name]
+            out.append(f"{name} {list(value.shape)} ({', '.join(str(d) for d in shape)})")
+            for i, row in enumerate(value[:limit]):
+                if row.ndim == 1 and row.size > 1:
+                    out.append(f"  sample {i}: argmax {int(row.argmax())}  " + " ".join(f"{v:.4f}" for v in row[:8])
+                               + (" ..." if row.size > 8 else ""))
+                elif row.ndim == 2 and shape[1] == "seq":
+                    steps = row.argmax(axis=-1)
+                    out.append(f"  sample {i}: argmax per step " + " ".join(str(int(s)) for s in steps[:40])
+                               + (" ..." if steps.size > 40 else ""))
+                else:
+                    flat = np.ravel(row)
+                    out.append(f"  sample {i}: " + " ".join(f"{v:.4f}" for v in flat[:8]) + (" ..." if flat.size > 8 else ""))
+            if value.shape[0] > limit:
+                out.append(f"  ... {value.shape[0] - limit} more samples (--json prints all)")
+        return out
+
+
+def check_user_input(x: Any, signature: dict[str, Any]) -> np.ndarray:
+    """x as the signature's float32 [batch, seq, input_size], non-empty and finite: a user graph
+    may hold onnxruntime's GRU or LSTM kernel, which aborts the process on an empty axis."""
+    want = signature["inputs"][0]
+    size = want["shape"][2]
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+        raise UserInputError(f"input {INPUT_NAME!r} must be a float32 array, got "
+                             f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.ndim != 3 or x.shape[2] != size:
+        raise UserInputError(f"input {INPUT_NAME!r} must have shape [batch, seq, {size}], got {list(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise UserInputError(f"input {INPUT_NAME!r} has an empty batch or sequence ({list(x.shape)}): "
+                             "nothing to run")
+    if not np.isfinite(x).all():
+        raise UserInputError(f"non-finite input: {INPUT_NAME!r} holds NaN or inf")
+    return np.ascontiguousarray(x)
+
+
+def infer_user(folder: Path, manifest: dict[str, Any], x: Any, threads: int = 1) -> UserPrediction:
+    """Run the ONNX model the manifest lists (checksum checked) on x; every output by name."""
+    import onnxruntime as ort
+
+    from gru_deploy.check.runners import session_options
+    from gru_deploy.convert.graphs import check_onnx_bytes
+    from gru_deploy.manifest import select_model, verified_path
+
+    signature = manifest["signature"]
+    x = check_user_input(x, signature)
+    name = select_model(manifest, "classifier", "onnx", where=str(folder))
+    data = verified_path(folder, manifest, name).read_bytes()
+    recorded = manifest.get("onnx", {}).get("op_types")
+    if not isinstance(recorded, dict):
+        raise UserInputError(f"{folder}/manifest.json: onnx.op_types is missing; re-export the model")
+    check_onnx_bytes(data, f"{folder}: {name}", known=frozenset(recorded))
+    session = ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
+    names = [o["name"] for o in signature["outputs"]]
+    values = session.run(names, {INPUT_NAME: x})
+    return UserPrediction(dict(zip(names, values)), signature, name)
+
+
+def user_export(path: Path) -> dict[str, Any] | None:
+    """The manifest of an export folder of the user's own model; None for anything else (a
+    bundle, a tutorial export, a path that is not an export folder: the tutorial path reports
+    those)."""
+    from gru_deploy.bundle.read import is_bundle
+    from gru_deploy.convert.user import is_user_export
+    from gru_deploy.manifest import MANIFEST_NAME, read_manifest
+
+    path = Path(path)
+    if not path.is_dir() or not (path / MANIFEST_NAME).is_file() or is_bundle(path):
+        return None
+    manifest = read_manifest(path)
+    return manifest if is_user_export(manifest) else None

@@ -1,0 +1,271 @@
+"""The user's own model (`export --model file.py:Name`): stacked cells with their own names,
+torch.nn.GRU, an LSTM cell loop, a per-step tagger, and the two it must refuse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cli_helpers import run_cli
+from gru_deploy.errors import CheckFailed, UserInputError
+
+MODELS = Path(__file__).parent / "user_models.py"
+ACCEPTED = {  # name: (output shapes in the manifest, how the recurrence is kept, the ONNX op holding it)
+    "TwoLayerGRU": ([["batch", 3]], "loop", "Loop"),
+    "TorchGRUClassifier": ([["batch", 4]], "gru", "GRU"),
+    "LSTMLoop": ([["batch", 2], ["batch", 8]], "loop", "Loop"),
+    "Tagger": ([["batch", "seq", 5]], "loop", "Loop"),
+}
+
+
+def ref(name: str) -> str:
+    return f"{MODELS}:{name}"
+
+
+def user_checkpoint(name: str, folder: Path, **args) -> Path:
+    """A trained-looking checkpoint: the module's own init, scaled so the state moves, saved as data."""
+    from gru_deploy.models.user import load_user_model
+
+    torch.manual_seed(len(name))
+    module = load_user_model(ref(name), args).module
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(1.5)
+    path = folder / f"{name}.pt"
+    torch.save({"state_dict": module.state_dict(), "model_args": args}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Each accepted model exported once through the CLI, from a checkpoint holding its args."""
+    folder = tmp_path_factory.mktemp("user")
+    done = {}
+    for name in ACCEPTED:
+        ckpt = user_checkpoint(name, folder)
+        out = folder / f"{name}_export"
+        proc = run_cli("export", "--model", ref(name), "--checkpoint", str(ckpt), "--out", str(out), "--json")
+        assert proc.returncode == 0, (name, proc.stderr[-2000:])
+        done[name] = (out, json.loads(proc.stdout), ckpt)
+    return done
+
+
+@pytest.mark.parametrize("name", sorted(ACCEPTED))
+def test_a_user_model_exports_with_its_own_signature_and_parity_to_float64(exports, name):
+    from gru_deploy.manifest import read_manifest
+
+    out, summary, _ = exports[name]
+    shapes, kept, op = ACCEPTED[name]
+    manifest = read_manifest(out)
+    assert [o["shape"] for o in manifest["signature"]["outputs"]] == shapes
+    assert manifest["signature"]["inputs"][0]["shape"][:2] == ["batch", "seq"]
+    assert manifest["model"]["kind"] == "user" and manifest["model"]["recurrence"] == kept
+    assert op in manifest["onnx"]["op_types"] and manifest["variants"] == {}
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"] and [2048] == [s for _, s in parity["cases"] if s > 1000]
+    for key, entry in parity["summary"].items():  # every output, every runner, up to 2,048 steps
+        if key.startswith("float64->"):
+            assert entry["max_abs"] <= 1e-5, (key, entry)
+    runners = {key.split("->")[1].split("[")[0] for key in parity["summary"]}
+    assert runners == {"eager", "torchscript", "onnxruntime", "onnx-reference"}
+    assert summary["parity"]["passed"] and summary["model"]["reference"].endswith(f":{name}")
+
+
+@pytest.mark.parametrize("name", sorted(ACCEPTED))
+def test_verify_reruns_a_user_export_without_the_users_code(exports, name):
+    out, _, _ = exports[name]
+    proc = run_cli("verify", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["passed"] and any(key.startswith("float64->onnxruntime") for key in report["summary"])
+
+
+def test_onnxruntime_on_the_exported_file_matches_the_users_module(exports):
+    """Independent of gru-deploy's runners: raw onnxruntime on model.onnx against the user's module."""
+    import onnxruntime as ort
+
+    from gru_deploy.models.user import load_user_model
+
+    out, _, ckpt = exports["Tagger"]
+    module = load_user_model(ref("Tagger"), checkpoint=ckpt).module
+    x = np.random.default_rng(1).standard_normal((2, 37, 3)).astype(np.float32)
+    got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    assert got.shape == (2, 37, 5)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_verify_of_a_tampered_user_export_fails(exports, tmp_path):
+    """A model.onnx computing something else (the head's bias shifted) fails parity at verify."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from gru_deploy.manifest import atomic_write_json, file_entry, read_manifest
+
+    out = tmp_path / "tampered"
+    shutil.copytree(exports["TwoLayerGRU"][0], out)
+    model = onnx.load(str(out / "model.onnx"))
+    [bias] = [t for t in model.graph.initializer if t.name.endswith("head.bias")]
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + 1.0, bias.name))
+    onnx.save(model, str(out / "model.onnx"))
+    manifest = read_manifest(out)
+    manifest["files"]["model.onnx"] = file_entry(out / "model.onnx")  # checksums fixed: only parity can tell
+    atomic_write_json(out / "manifest.json", manifest)
+    proc = run_cli("verify", str(out))
+    assert proc.returncode == 1 and "onnxruntime" in proc.stderr + proc.stdout
+
+
+def test_model_args_on_the_command_line_override_the_checkpoints(tmp_path):
+    ckpt = user_checkpoint("TwoLayerGRU", tmp_path, hidden=7)
+    out = tmp_path / "out"
+    proc = run_cli("export", "--model", ref("TwoLayerGRU"), "--model-args", '{"hidden": 7, "classes": 3}',
+                   "--checkpoint", str(ckpt), "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bad = run_cli("export", "--model", ref("TwoLayerGRU"), "--model-args", '{"hidden": 9}',
+                  "--checkpoint", str(ckpt), "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "does not fit" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_constant_trip_count_is_refused_naming_the_line(tmp_path):
+    ckpt = user_checkpoint("FixedSteps", tmp_path)
+    proc = run_cli("export", "--model", ref("FixedSteps"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "o"))
+    line = next(i for i, text in enumerate(MODELS.read_text().splitlines(), 1) if "range(10)" in text)
+    assert proc.returncode == 1, proc.stderr
+    assert f"user_models.py:{line}" in proc.stderr and "fixed number of times" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_an_unscriptable_module_is_a_user_error_with_torchscripts_message_and_line(tmp_path):
+    ckpt = user_checkpoint("Unscriptable", tmp_path)
+    proc = run_cli("export", "--model", ref("Unscriptable"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "o"))
+    line = next(i for i, text in enumerate(MODELS.read_text().splitlines(), 1) if text.strip() == "try:")
+    assert proc.returncode == 2, proc.stderr
+    assert "try blocks aren't supported" in proc.stderr and f"user_models.py:{line}" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("model, fragment", [
+    ("no_colon.py", "path/to/file.py:Name"),
+    ("missing.py:Model", "is not a file"),
+    (f"{MODELS}:NoSuchModel", "has no 'NoSuchModel'"),
+    ("no_such_package_xyz.mod:Model", "cannot import no_such_package_xyz.mod"),
+])
+def test_bad_model_references_are_one_line_user_errors(tmp_path, model, fragment):
+    ckpt = user_checkpoint("TwoLayerGRU", tmp_path)
+    proc = run_cli("export", "--model", model, "--checkpoint", str(ckpt), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and fragment in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_factory_function_and_a_package_module_path_work(tmp_path, monkeypatch):
+    """`file.py:factory` (a function returning the module) and `package.module:Name` (importable)."""
+    from gru_deploy.models.user import load_user_model
+
+    model = load_user_model(ref("tagger_factory"), {"tags": 4})
+    assert type(model.module).__name__ == "Tagger" and model.module.tag.out_features == 4
+    monkeypatch.syspath_prepend(str(MODELS.parent))
+    assert type(load_user_model("user_models:LSTMLoop").module).__name__ == "LSTMLoop"
+    with pytest.raises(UserInputError, match="not a torch.nn.Module"):
+        load_user_model("json:dumps", {"obj": 1})
+
+
+def test_a_module_with_no_recurrence_is_refused():
+    from gru_deploy.convert.script import quiet_torchscript_deprecation
+    from gru_deploy.convert.user import check_recurrence
+
+    class Mean(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean(1)
+
+    with quiet_torchscript_deprecation():
+        scripted = torch.jit.script(Mean())
+    with pytest.raises(CheckFailed, match="no recurrence over the input's time axis"):
+        check_recurrence(scripted, "Mean")
+
+
+def test_the_tutorial_export_is_unchanged_without_model(export_dir):
+    """No --model: the tutorial classifier as before (its manifest has no user model record)."""
+    from gru_deploy.manifest import read_manifest
+
+    manifest = read_manifest(export_dir)
+    assert "model" not in manifest and set(manifest["variants"]) == {"stream", "lengths"}
+
+
+@pytest.mark.parametrize("command", ["package", "serve", "bench", "verify-data"])
+def test_the_tutorial_only_commands_say_so_on_a_user_export(exports, tmp_path, command):
+    """package, serve (and Stream, which chooses its model the same way), bench and verify --data
+    handle the tutorial model's exports only so far: exit 2, one line, nothing written."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = exports["TwoLayerGRU"][0]
+    argv = {"package": ["package", str(out), "--target", "edge", "--out", str(tmp_path / "edge")],
+            "serve": ["serve", str(out), "--port", str(port)],
+            "bench": ["bench", str(out), "--budget", "0.01", "--no-large"],
+            "verify-data": ["verify", str(out), "--data", "synthetic"]}[command]
+    proc = run_cli(*argv)
+    assert proc.returncode == 2, proc.stderr
+    assert "your own model" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "edge").exists()
+
+
+def test_inspect_shows_a_user_export(exports):
+    proc = run_cli("inspect", str(exports["LSTMLoop"][0]), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "model.onnx" in json.loads(proc.stdout)["files"]
+
+
+def test_the_readme_example_model_trains_exports_and_verifies(tmp_path):
+    """examples/own_model/my_models.py and the README's three commands, as written."""
+    import subprocess
+    import sys
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "own_model" / "my_models.py"
+    ckpt = tmp_path / "ck.pt"
+    trained = subprocess.run([sys.executable, str(example), str(ckpt)], capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0 and ckpt.is_file(), trained.stderr
+    out = tmp_path / "mine"
+    proc = run_cli("export", "--model", f"{example}:TwoLayerGRU", "--checkpoint", str(ckpt), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert run_cli("verify", str(out)).returncode == 0
+
+
+def test_infer_runs_every_output_of_a_user_export(exports, tmp_path):
+    """infer on a user export: the manifest's model file, every output by name, each equal to the
+    user's module on the same input; a per-step output printed per step; bad input one line."""
+    from gru_deploy.models.user import load_user_model
+
+    x = np.random.default_rng(3).standard_normal((2, 9, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out, _, ckpt = exports["Tagger"]
+    proc = run_cli("infer", str(out), "--input", str(tmp_path / "x.npy"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["model"] == "model.onnx" and result["outputs"]["logits"]["shape"] == [2, 9, 5]
+    with torch.no_grad():
+        want = load_user_model(ref("Tagger"), checkpoint=ckpt).module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.array(result["outputs"]["logits"]["data"]), want, atol=1e-5, rtol=1e-5)
+    text = run_cli("infer", str(out), "--input", str(tmp_path / "x.npy"))
+    steps = " ".join(str(int(s)) for s in want[0].argmax(-1))
+    assert text.returncode == 0 and f"sample 0: argmax per step {steps}" in text.stdout, text.stdout
+    lstm = exports["LSTMLoop"][0]
+    np.save(tmp_path / "x4.npy", x[:, :, :2].repeat(2, axis=2))
+    two = json.loads(run_cli("infer", str(lstm), "--input", str(tmp_path / "x4.npy"), "--json").stdout)
+    assert [two["outputs"][n]["shape"] for n in ("output_0", "output_1")] == [[2, 2], [2, 8]]
+    for bad, fragment in [((2, 9, 4), "[batch, seq, 3]"), ((0, 9, 3), "empty batch or sequence"),
+                          ((2, 0, 3), "empty batch or sequence")]:
+        np.save(tmp_path / "bad.npy", np.zeros(bad, np.float32))
+        proc = run_cli("infer", str(out), "--input", str(tmp_path / "bad.npy"))
+        assert proc.returncode == 2 and fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = run_cli("infer", str(out), "--input", str(tmp_path / "x.npy"), "--state-out", str(tmp_path / "h.npy"))
+    assert proc.returncode == 2 and "--state-out" in proc.stderr

@@ -1,0 +1,151 @@
+"""Models a user of the tutorial writes next, loaded by the tests through `--model tests/user_models.py:Name`.
+
+Each is the user's own code, with its own attribute names; none is gru-deploy's.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+from torch import nn
+
+
+class Cell(nn.Module):
+    """The tutorial's cell, renamed: what a user copies into a file of their own."""
+
+    def __init__(self, n_in: int, n_hidden: int) -> None:
+        super().__init__()
+        self.update_x = nn.Linear(n_in, n_hidden)
+        self.update_h = nn.Linear(n_hidden, n_hidden, bias=False)
+        self.reset_x = nn.Linear(n_in, n_hidden)
+        self.reset_h = nn.Linear(n_hidden, n_hidden, bias=False)
+        self.cand_x = nn.Linear(n_in, n_hidden)
+        self.cand_h = nn.Linear(n_hidden, n_hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        z = torch.sigmoid(self.update_x(x) + self.update_h(h))
+        r = torch.sigmoid(self.reset_x(x) + self.reset_h(h))
+        candidate = torch.tanh(self.cand_x(x) + self.cand_h(r * h))
+        return (1 - z) * h + z * candidate
+
+
+class TwoLayerGRU(nn.Module):
+    """Two stacked cells stepped by one loop over time, a head on the top layer's last state."""
+
+    def __init__(self, input_size: int = 5, hidden: int = 12, classes: int = 3) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.lower = Cell(input_size, hidden)
+        self.upper = Cell(hidden, hidden)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h1 = x.new_zeros(x.size(0), self.hidden)
+        h2 = x.new_zeros(x.size(0), self.hidden)
+        for t in range(x.size(1)):
+            h1 = self.lower(x[:, t], h1)
+            h2 = self.upper(h1, h2)
+        return self.head(h2)
+
+
+class TorchGRUClassifier(nn.Module):
+    """torch.nn.GRU (two layers, batch first) and a head on the last step's output."""
+
+    def __init__(self, input_size: int = 6, hidden: int = 10, classes: int = 4) -> None:
+        super().__init__()
+        self.gru = nn.GRU(input_size, hidden, num_layers=2, batch_first=True)
+        self.fc = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.gru(x)
+        return self.fc(out[:, -1])
+
+
+class LSTMLoop(nn.Module):
+    """An nn.LSTMCell stepped by a loop; returns the logits and the final hidden state."""
+
+    def __init__(self, input_size: int = 4, hidden: int = 8, classes: int = 2) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.cell = nn.LSTMCell(input_size, hidden)
+        self.out = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        h = x.new_zeros(x.size(0), self.hidden)
+        c = x.new_zeros(x.size(0), self.hidden)
+        for t in range(x.size(1)):
+            h, c = self.cell(x[:, t], (h, c))
+        return self.out(h), h
+
+
+class Tagger(nn.Module):
+    """A per-step output: one label per time step, [batch, seq, tags]."""
+
+    def __init__(self, input_size: int = 3, hidden: int = 8, tags: int = 5) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.cell = Cell(input_size, hidden)
+        self.tag = nn.Linear(hidden, tags)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.size(0), self.hidden)
+        steps: List[torch.Tensor] = []
+        for t in range(x.size(1)):
+            h = self.cell(x[:, t], h)
+            steps.append(self.tag(h))
+        return torch.stack(steps, 1)
+
+
+class FixedSteps(nn.Module):
+    """A loop of ten steps whatever the input: the model accepts one length only."""
+
+    def __init__(self, input_size: int = 4, hidden: int = 6) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.cell = nn.GRUCell(input_size, hidden)
+        self.fc = nn.Linear(hidden, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.size(0), self.hidden)
+        for t in range(10):
+            h = self.cell(x[:, t], h)
+        return self.fc(h)
+
+
+class Unscriptable(nn.Module):
+    """A forward TorchScript cannot compile (try/except)."""
+
+    def __init__(self, input_size: int = 4, hidden: int = 6) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.cell = nn.GRUCell(input_size, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.size(0), self.hidden)
+        try:
+            for t in range(x.size(1)):
+                h = self.cell(x[:, t], h)
+        except RuntimeError:
+            pass
+        return h
+
+
+def tagger_factory(tags: int = 5) -> nn.Module:
+    """A factory function, not a class: `--model tests/user_models.py:tagger_factory`."""
+    return Tagger(tags=tags)
+
+
+class TorchCellLoop(nn.Module):
+    """torch.nn.GRUCell stepped by a loop."""
+
+    def __init__(self, input_size: int = 3, hidden: int = 4) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.cell = nn.GRUCell(input_size, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.size(0), self.hidden)
+        for t in range(x.size(1)):
+            h = self.cell(x[:, t], h)
+        return h
