@@ -105,27 +105,22 @@ class Loaded:
     """An export folder or bundle, ready to run: `predict(x, lengths=None)` and `stream(batch)`."""
 
     def __init__(self, path: Path, threads: int = 1) -> None:
-        from gru_deploy.serve.user import user_export
+        from gru_deploy.serve.user import user_export, user_model_kind
 
         self.path, self.threads = path, threads
-        self.manifest = user_export(path)  # None: the tutorial model (export folder or bundle)
-
-    @property
-    def signature(self) -> dict[str, Any]:
-        if self.manifest is not None:
-            return self.manifest["signature"]
-        from gru_deploy.serve.infer import load_model_bytes
-
-        return load_model_bytes(self.path, "classifier").spec.signature()
+        self.kind = user_model_kind(path)  # None: the tutorial model; "export" / "bundle": your own
+        self.manifest = user_export(path) if self.kind == "export" else None
 
     def predict(self, x: "np.ndarray", lengths: "np.ndarray | None" = None) -> dict[str, "np.ndarray"]:
         """Every output by name (the tutorial model: logits and probabilities); `lengths` runs the
         variable-length model of the tutorial model's export on a padded x."""
-        if self.manifest is not None:
-            from gru_deploy.serve.user import infer_user
+        if self.kind is not None:
+            from gru_deploy.serve.user import infer_user, infer_user_bundle
 
             if lengths is not None:
-                raise UserInputError(f"{self.path}: your own model's export has no lengths variant")
+                raise UserInputError(f"{self.path}: your own model has no lengths variant")
+            if self.kind == "bundle":
+                return infer_user_bundle(self.path, x, self.threads).outputs
             return infer_user(self.path, self.manifest, x, self.threads).outputs
         from gru_deploy.serve.infer import infer
 
@@ -136,8 +131,8 @@ class Loaded:
         """The streaming API (`gru_deploy.Stream`) over the export's stream model."""
         from gru_deploy.serve.stream import Stream
 
-        if self.manifest is not None:
-            raise UserInputError(f"{self.path}: your own model's export has no stream variant")
+        if self.kind is not None:
+            raise UserInputError(f"{self.path}: your own model has no stream variant")
         return Stream(self.path, batch, threads=self.threads)
 
 

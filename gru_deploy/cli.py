@@ -502,16 +502,18 @@ def infer(folder: Path, input_path: Path, lengths_path: Path | None, state_in: P
     """
     from gru_deploy.serve.infer import infer as run_infer
     from gru_deploy.serve.infer import load_array, save_array
-    from gru_deploy.serve.user import infer_user, user_export
+    from gru_deploy.serve.user import infer_user, infer_user_bundle, user_export, user_model_kind
 
-    manifest = user_export(folder)
-    if manifest is not None:  # your own model: its one model file, every output of its signature
+    kind = user_model_kind(folder)
+    if kind is not None:  # your own model: its one model file, every output of its signature
         given = [name for name, value in (("--lengths", lengths_path), ("--state-in", state_in),
                                           ("--state-out", state_out)) if value is not None]
         if given or precision != "fp32":
-            raise UserInputError(f"{folder} is an export of your own model, which has one fp32 model and no stream "
+            raise UserInputError(f"{folder} holds your own model, which has one fp32 model and no stream "
                                  f"or lengths variant: drop {', '.join(given) or '--precision int8'}")
-        result = infer_user(folder, manifest, load_array(input_path, "--input"), threads)
+        x = load_array(input_path, "--input")
+        result = (infer_user(folder, user_export(folder), x, threads) if kind == "export"
+                  else infer_user_bundle(folder, x, threads))
         if as_json:
             _emit_json(result.to_json())
             return

@@ -39,6 +39,9 @@ def test_export_verify_load_a_module_instance(tmp_path):
         np.testing.assert_allclose(got, module(torch.from_numpy(x)).numpy(), atol=1e-5, rtol=1e-5)
     with pytest.raises(UserInputError, match="no stream variant"):
         gru_deploy.load(tmp_path / "mine").stream()
+    bundle, _ = gru_deploy.package(tmp_path / "mine", "edge", out=tmp_path / "mine-edge")
+    assert gru_deploy.verify(bundle)["passed"]
+    np.testing.assert_allclose(gru_deploy.load(bundle).predict(x)["logits"], got, atol=1e-6)
 
 
 def test_the_api_on_the_tutorial_export_matches_the_cli_path(export_dir, tmp_path):

@@ -199,17 +199,18 @@ def test_the_tutorial_export_is_unchanged_without_model(export_dir):
     assert "model" not in manifest and set(manifest["variants"]) == {"stream", "lengths"}
 
 
-@pytest.mark.parametrize("command", ["package", "serve", "bench", "verify-data"])
+@pytest.mark.parametrize("command", ["package-int8", "serve", "bench", "verify-data"])
 def test_the_tutorial_only_commands_say_so_on_a_user_export(exports, tmp_path, command):
-    """package, serve (and Stream, which chooses its model the same way), bench and verify --data
-    handle the tutorial model's exports only so far: exit 2, one line, nothing written."""
+    """package --quantize, serve (and Stream, which chooses its model the same way), bench and
+    verify --data handle the tutorial model's exports only so far: exit 2, one line, nothing written."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     out = exports["TwoLayerGRU"][0]
-    argv = {"package": ["package", str(out), "--target", "edge", "--out", str(tmp_path / "edge")],
+    argv = {"package-int8": ["package", str(out), "--target", "edge", "--quantize", "int8", "--out",
+                             str(tmp_path / "edge")],
             "serve": ["serve", str(out), "--port", str(port)],
             "bench": ["bench", str(out), "--budget", "0.01", "--no-large"],
             "verify-data": ["verify", str(out), "--data", "synthetic"]}[command]
@@ -269,3 +270,57 @@ def test_infer_runs_every_output_of_a_user_export(exports, tmp_path):
         assert proc.returncode == 2 and fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     proc = run_cli("infer", str(out), "--input", str(tmp_path / "x.npy"), "--state-out", str(tmp_path / "h.npy"))
     assert proc.returncode == 2 and "--state-out" in proc.stderr
+
+
+@pytest.mark.parametrize("name", sorted(ACCEPTED))
+def test_user_bundles_package_verify_and_infer(exports, tmp_path, name):
+    """export -> package (edge folder, server archive) -> verify BUNDLE -> infer on the bundle,
+    equal to the export's own model; a bundle whose golden outputs were changed fails verify."""
+    import shutil
+
+    from gru_deploy.manifest import atomic_write_json, read_manifest, sha256_file
+
+    out = exports[name][0]
+    signature = read_manifest(out)["signature"]
+    size = signature["inputs"][0]["shape"][2]
+    x = np.random.default_rng(7).standard_normal((2, 13, size)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    local = json.loads(run_cli("infer", str(out), "--input", str(tmp_path / "x.npy"), "--json").stdout)
+    for target, where in (("edge", tmp_path / "edge"), ("server", tmp_path / "server.tar.gz")):
+        argv = ["package", str(out), "--target", target, "--out", str(where)] + (["--archive"] if "tar" in where.name else [])
+        proc = run_cli(*argv)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        report = json.loads(run_cli("verify", str(where), "--json").stdout)
+        assert report["passed"], [c for c in report["checks"] if not c["passed"]]
+        golden = [c for c in report["checks"] if c["check"].startswith("golden")]
+        assert len(golden) >= 2 * len(signature["outputs"])
+        proc = run_cli("infer", str(where), "--input", str(tmp_path / "x.npy"), "--json")
+        assert proc.returncode == 0, proc.stderr
+        for output, value in json.loads(proc.stdout)["outputs"].items():
+            np.testing.assert_allclose(value["data"], local["outputs"][output]["data"], atol=1e-6)
+    edge = json.loads((tmp_path / "edge" / "manifest.json").read_text())
+    assert {"onnx", "ort"} <= {info["format"] for info in edge["models"].values()}
+    shutil.copytree(tmp_path / "edge", tmp_path / "edge-bad")
+    golden_file = tmp_path / "edge-bad" / "golden" / "golden.json"
+    document = json.loads(golden_file.read_text())
+    first = document["cases"][0]["outputs"][signature["outputs"][0]["name"]]
+    array = np.load(tmp_path / "edge-bad" / first["npy"]) + 1.0
+    np.save(tmp_path / "edge-bad" / first["npy"], array)
+    first["data"] = array.ravel().tolist()
+    golden_file.write_text(json.dumps(document))
+    manifest = json.loads((tmp_path / "edge-bad" / "manifest.json").read_text())
+    for rel in (first["npy"], "golden/golden.json"):  # checksums fixed: only the golden check can tell
+        path = tmp_path / "edge-bad" / rel
+        manifest["files"][rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    atomic_write_json(tmp_path / "edge-bad" / "manifest.json", manifest)
+    bad = run_cli("verify", str(tmp_path / "edge-bad"))
+    assert bad.returncode == 1 and "golden" in bad.stdout + bad.stderr
+
+
+def test_a_user_server_bundle_has_triton_configs_from_the_signature(exports, tmp_path):
+    out = exports["Tagger"][0]
+    assert run_cli("package", str(out), "--target", "server", "--out", str(tmp_path / "s")).returncode == 0
+    config = (tmp_path / "s" / "model_repository" / "model" / "config.pbtxt").read_text()
+    assert 'name: "logits"' in config and "dims: [ -1, 5 ]" in config and "dims: [ -1, 3 ]" in config
+    libtorch = (tmp_path / "s" / "model_repository" / "model_torchscript" / "config.pbtxt").read_text()
+    assert 'name: "x__0"' in libtorch and 'name: "logits__0"' in libtorch

@@ -337,7 +337,8 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
     venv with another onnxruntime) and the results recorded: a failure writes nothing.
     """
     from gru_deploy.errors import CheckFailed
-    from gru_deploy.manifest import check_files, read_manifest, tutorial_only
+    from gru_deploy.convert.user import is_user_export
+    from gru_deploy.manifest import check_files, read_manifest
     from gru_deploy.versions import library_versions
 
     if target not in TARGETS:
@@ -349,8 +350,14 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
     step = on_step or (lambda message: None)
     export_dir = Path(export_dir)
     source = read_manifest(export_dir)
-    tutorial_only(source, str(export_dir), "package")
     check_files(export_dir, source)  # every sha256, before any file is used
+    if is_user_export(source):  # your own model: its one model, golden vectors from its float64 outputs
+        from gru_deploy.bundle.user import build_user_bundle
+
+        if quantize or check_with:
+            raise UserInputError(f"{export_dir} is an export of your own model: --quantize and --check-with handle "
+                                 "exports of the tutorial model only in this version")
+        return build_user_bundle(export_dir, source, target, step)
     missing = [v for v in ("stream", "lengths") if v not in (source.get("variants") or {})]
     if missing:
         raise UserInputError(f"{export_dir}: the export lacks the {', '.join(missing)} model(s); re-export it")

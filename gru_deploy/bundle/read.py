@@ -202,11 +202,16 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
     from gru_deploy.check.compare import compare, int8_gate
     from gru_deploy.spec import ModelSpec
 
-    spec = ModelSpec.from_dict(manifest["config"])
+    from gru_deploy.bundle.user import is_user_bundle
+
+    user = is_user_bundle(manifest)
+    # a user's model: its signature instead of the tutorial's spec, and the ops its export recorded
+    spec = manifest["signatures"]["classifier"] if user else ModelSpec.from_dict(manifest["config"])
     sessions = {}
     for name, info in manifest["models"].items():
         try:
-            sessions[name] = _load_model(folder / name, info["format"])
+            known = frozenset(info.get("op_types") or ()) if user else None
+            sessions[name] = _load_model(folder / name, info["format"], known)
             checks.append({"check": f"loads: {name}", "passed": True})
         except CheckFailed as exc:
             checks.append({"check": f"loads: {name}", "passed": False, "message": str(exc)})
@@ -275,11 +280,11 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
         checks.append(entry)
 
 
-def _load_model(path: Path, fmt: str) -> Any:
+def _load_model(path: Path, fmt: str, known: frozenset[str] | None = None) -> Any:
     if fmt == "onnx":
         from gru_deploy.convert.graphs import check_onnx_bytes
 
-        check_onnx_bytes(path.read_bytes(), str(path))
+        check_onnx_bytes(path.read_bytes(), str(path), known)
     if fmt in ("onnx", "ort"):
         import onnxruntime as ort
 
@@ -301,11 +306,20 @@ def _load_model(path: Path, fmt: str) -> Any:
 
 
 def _run(session: Any, fmt: str, spec: Any, variant: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`spec`: the tutorial's ModelSpec, or a user model's signature (a dict)."""
     from gru_deploy.check.runners import validate_feed
-    from gru_deploy.spec import VARIANT_IO
+    from gru_deploy.spec import INPUT_NAME, VARIANT_IO
 
-    feed = validate_feed(inputs, spec, variant)  # before the runtime sees it
-    outputs = VARIANT_IO[variant][1]
+    if isinstance(spec, dict):  # before the runtime sees it: a user graph may abort on an empty axis
+        from gru_deploy.serve.user import check_user_input
+
+        if set(inputs) != {INPUT_NAME}:
+            raise UserInputError(f"golden inputs {sorted(inputs)}; the model takes {INPUT_NAME!r} only")
+        feed = {INPUT_NAME: check_user_input(inputs[INPUT_NAME], spec)}
+        outputs = tuple(o["name"] for o in spec["outputs"])
+    else:
+        feed = validate_feed(inputs, spec, variant)
+        outputs = VARIANT_IO[variant][1]
     if fmt == "torchscript":
         import torch
 

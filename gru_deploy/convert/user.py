@@ -403,16 +403,31 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
     if not parity["passed"]:
         raise CheckFailed("parity failed, nothing written: " + "; ".join(failures(parity)))
     reference_bytes = float64_outputs(runners["float64"], signature, USER_CASES)
+    step("converting model.onnx to ORT format (onnxruntime's converter)")
+    from gru_deploy.convert.graphs import to_ort_format
+    from gru_deploy.errors import WriteFailed
+
+    notes = ["a user model: the stream and lengths variants are absent (the model defines no h0 or lengths input)"]
+    try:
+        ort_files = to_ort_format({"model.onnx": onnx_bytes})
+    except WriteFailed as exc:  # an op the ORT-format writer does not take: the edge bundle goes without
+        ort_files = {}
+        notes.append(f"no ORT-format copy: {exc}")
     models = {
         "model.pt": {"variant": "classifier", "format": "torchscript", "precision": "fp32"},
         "model.onnx": {"variant": "classifier", "format": "onnx", "precision": "fp32", "strategy": "loop",
                        "opset": graph["opset"], "ir_version": graph["ir_version"]},
     }
+    if "model.ort" in ort_files:
+        models["model.ort"] = {"variant": "classifier", "format": "ort", "precision": "fp32",
+                               "converted_from": "model.onnx"}
     with staged_dir(Path(out), keep=KEEP) as stage:
         atomic_write_bytes(stage / "model.pt", pt_bytes)
         atomic_write_bytes(stage / "model.onnx", onnx_bytes)
         atomic_write_json(stage / "parity.json", parity)
         atomic_write_bytes(stage / REFERENCE_FILE, reference_bytes)
+        for name, data in ort_files.items():
+            atomic_write_bytes(stage / name, data)
         manifest: dict[str, Any] = {
             "format": MANIFEST_FORMAT,
             "format_version": MANIFEST_VERSION,
@@ -432,12 +447,11 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
             "training": {},
             "source_checkpoint": {"sha256": model.checkpoint_sha256},
             "versions": library_versions(),
-            "notes": ["a user model: the stream and lengths variants are absent (the model defines no h0 or "
-                      "lengths input)"],
+            "notes": notes,
             "reference": {"file": REFERENCE_FILE, "computed_by": f"{model.reference} in float64 (module.double())",
                           "cases": [list(c) for c in USER_CASES]},
             "files": {name: file_entry(stage / name)
-                      for name in ("model.pt", "model.onnx", "parity.json", REFERENCE_FILE)},
+                      for name in ("model.pt", "model.onnx", "parity.json", REFERENCE_FILE, *ort_files)},
             "parity": {"passed": True, "atol": atol, "rtol": rtol, "notes": parity["notes"],
                        "summary": parity["summary"]},
         }

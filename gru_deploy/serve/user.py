@@ -66,26 +66,65 @@ def check_user_input(x: Any, signature: dict[str, Any]) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def infer_user(folder: Path, manifest: dict[str, Any], x: Any, threads: int = 1) -> UserPrediction:
-    """Run the ONNX model the manifest lists (checksum checked) on x; every output by name."""
+def _run_onnx(data: bytes, where: str, signature: dict[str, Any], recorded: Any, x: np.ndarray, name: str,
+              threads: int) -> UserPrediction:
     import onnxruntime as ort
 
     from gru_deploy.check.runners import session_options
     from gru_deploy.convert.graphs import check_onnx_bytes
+
+    if not isinstance(recorded, (dict, list)):
+        raise UserInputError(f"{where}: the manifest does not record the model's op types; re-export or re-package it")
+    check_onnx_bytes(data, where, known=frozenset(recorded))
+    session = ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
+    names = [o["name"] for o in signature["outputs"]]
+    values = session.run(names, {INPUT_NAME: x})
+    return UserPrediction(dict(zip(names, values)), signature, name)
+
+
+def infer_user(folder: Path, manifest: dict[str, Any], x: Any, threads: int = 1) -> UserPrediction:
+    """Run the ONNX model an export's manifest lists (checksum checked) on x; every output by name."""
     from gru_deploy.manifest import select_model, verified_path
 
     signature = manifest["signature"]
     x = check_user_input(x, signature)
     name = select_model(manifest, "classifier", "onnx", where=str(folder))
     data = verified_path(folder, manifest, name).read_bytes()
-    recorded = manifest.get("onnx", {}).get("op_types")
-    if not isinstance(recorded, dict):
-        raise UserInputError(f"{folder}/manifest.json: onnx.op_types is missing; re-export the model")
-    check_onnx_bytes(data, f"{folder}: {name}", known=frozenset(recorded))
-    session = ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
-    names = [o["name"] for o in signature["outputs"]]
-    values = session.run(names, {INPUT_NAME: x})
-    return UserPrediction(dict(zip(names, values)), signature, name)
+    return _run_onnx(data, f"{folder}: {name}", signature, (manifest.get("onnx") or {}).get("op_types"), x, name,
+                     threads)
+
+
+def infer_user_bundle(path: Path, x: Any, threads: int = 1) -> UserPrediction:
+    """The same on a bundle of a user's model (folder or archive), every file checked first."""
+    from gru_deploy.bundle.read import check_bundle_files, open_bundle
+    from gru_deploy.manifest import select_model
+
+    with open_bundle(path) as (folder, manifest):
+        check_bundle_files(folder, manifest)
+        signature = manifest["signatures"]["classifier"]
+        x = check_user_input(x, signature)
+        name = select_model(manifest, "classifier", "onnx", where=f"{path} ({manifest['target']} bundle)")
+        return _run_onnx((folder / name).read_bytes(), f"{path}: {name}", signature,
+                         manifest["models"][name].get("op_types"), x, name, threads)
+
+
+def user_model_kind(path: Path) -> str | None:
+    """'export' or 'bundle' when `path` holds the user's own model; None otherwise (the tutorial
+    path reports what is wrong with anything else)."""
+    from gru_deploy.bundle.read import is_bundle, open_bundle
+    from gru_deploy.bundle.user import is_user_bundle
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        bundle = is_bundle(path)
+    except UserInputError:
+        return None
+    if bundle:
+        with open_bundle(path) as (_, manifest):
+            return "bundle" if is_user_bundle(manifest) else None
+    return "export" if user_export(path) is not None else None
 
 
 def user_export(path: Path) -> dict[str, Any] | None:
