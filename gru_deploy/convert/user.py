@@ -15,6 +15,7 @@ import contextlib
 import copy
 import io
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -210,8 +211,11 @@ def export_user_onnx(scripted: "torch.jit.ScriptModule", signature: UserSignatur
     models = []
     for seq in GUARD_LENGTHS:
         buffer = io.BytesIO()
+        # The exporter warns that a GRU/LSTM exported at batch 2 may fail at other batch sizes:
+        # the parity grid runs batches 1, 2 and 3 and is what decides, so the warning is not shown.
         try:  # the exporter prints the whole IR graph on stdout (from C++) when it fails
-            with quiet_torchscript_deprecation(), _quiet_stdout_fd():
+            with quiet_torchscript_deprecation(), _quiet_stdout_fd(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*batch_size other than 1.*", category=UserWarning)
                 torch.onnx.export(scripted, (torch.zeros(2, seq, input_size),), buffer, dynamo=False,
                                   opset_version=opset, input_names=[INPUT_NAME], output_names=signature.output_names,
                                   dynamic_axes=signature.dynamic_axes(), do_constant_folding=True)
