@@ -34,13 +34,13 @@ GOLDEN_CASES = (("classifier", 1, 10), ("classifier", 2, 25), ("classifier", 3, 
 EDGE_VARIANTS = ("classifier", "stream")
 
 
-def _npy(array: np.ndarray) -> bytes:
+def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
 
 
-def _tensor_json(array: np.ndarray) -> dict[str, Any]:
+def tensor_json(array: np.ndarray) -> dict[str, Any]:
     return {"dtype": str(array.dtype), "shape": list(array.shape), "data": array.ravel().tolist()}
 
 
@@ -81,8 +81,8 @@ def golden_vectors(export_dir: Path, manifest: dict[str, Any], files: dict[str, 
         for kind, tensors in (("inputs", feed), ("outputs", result)):
             for tensor_name, array in tensors.items():
                 path = f"{GOLDEN_DIR}/{name}.{tensor_name}.npy"
-                out[path] = _npy(np.ascontiguousarray(array))
-                case[kind][tensor_name] = {**_tensor_json(array), "npy": path}
+                out[path] = npy_bytes(np.ascontiguousarray(array))
+                case[kind][tensor_name] = {**tensor_json(array), "npy": path}
         cases.append(case)
         if int8 and variant in int8:
             model_path, model_bytes = int8[variant]
@@ -93,8 +93,8 @@ def golden_vectors(export_dir: Path, manifest: dict[str, Any], files: dict[str, 
                       "inputs": case["inputs"], "outputs": {}}
             for tensor_name, array in got.items():
                 path = f"{GOLDEN_DIR}/{q_name}.{tensor_name}.npy"
-                out[path] = _npy(np.ascontiguousarray(array))
-                q_case["outputs"][tensor_name] = {**_tensor_json(array), "npy": path}
+                out[path] = npy_bytes(np.ascontiguousarray(array))
+                q_case["outputs"][tensor_name] = {**tensor_json(array), "npy": path}
             cases.append(q_case)
             refs, tests = pairs.setdefault(variant, ([], []))
             refs.append(result[OUTPUT_NAME])
@@ -108,7 +108,7 @@ def golden_vectors(export_dir: Path, manifest: dict[str, Any], files: dict[str, 
     return out, gates
 
 
-def _onnx_info(data: bytes) -> dict[str, Any]:
+def onnx_info(data: bytes) -> dict[str, Any]:
     import onnx
 
     from gru_deploy.convert.graphs import count_ops
@@ -319,7 +319,7 @@ def _quantize(files: dict[str, bytes], models: dict[str, dict[str, Any]], source
         files[q_path] = q_bytes
         int8[info["variant"]] = (q_path, q_bytes)
         models[q_path] = {"variant": info["variant"], "format": "onnx", "precision": "int8", "quantized_from": path,
-                          **_onnx_info(q_bytes)}
+                          **onnx_info(q_bytes)}
         record["settings"] = report["settings"]
         record["models"][q_path] = {k: report[k] for k in (
             "weight_bytes_fp32", "weight_bytes_quantized", "weight_bytes_quantized_share", "size_before",
@@ -370,7 +370,7 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
     for path, name, variant, fmt in chosen:
         files[path] = (export_dir / name).read_bytes()
         models[path] = {"variant": variant, "format": fmt, "precision": "fp32", "source": name,
-                        **(_onnx_info(files[path]) if fmt == "onnx" else {})}
+                        **(onnx_info(files[path]) if fmt == "onnx" else {})}
     if target == "edge":
         files["required_operators.config"] = (export_dir / "required_operators.config").read_bytes()
         files.update(web_files())

@@ -40,7 +40,7 @@ def user_triton_config(name: str, platform: str, signature: dict[str, Any], libt
 
 
 def _golden(export_dir: Path, source: dict[str, Any], model_path: str) -> tuple[dict[str, bytes], dict[str, Any]]:
-    from gru_deploy.bundle.package import GOLDEN_DIR, _npy, _tensor_json
+    from gru_deploy.bundle.package import GOLDEN_DIR, npy_bytes, tensor_json
     from gru_deploy.convert.user import REFERENCE_FILE, case_input
     from gru_deploy.manifest import verified_path
 
@@ -65,8 +65,8 @@ def _golden(export_dir: Path, source: dict[str, Any], model_path: str) -> tuple[
         for kind, arrays in tensors.items():
             for tensor_name, array in arrays.items():
                 path = f"{GOLDEN_DIR}/{name}.{tensor_name}.npy"
-                files[path] = _npy(np.ascontiguousarray(array))
-                case[kind][tensor_name] = {**_tensor_json(array), "npy": path}
+                files[path] = npy_bytes(np.ascontiguousarray(array))
+                case[kind][tensor_name] = {**tensor_json(array), "npy": path}
         cases.append(case)
     computed_by = reference.get("computed_by", "the user's module in float64")
     document = {"format_version": 1, "atol": source["parity"]["atol"], "rtol": source["parity"]["rtol"],
@@ -78,7 +78,7 @@ def _golden(export_dir: Path, source: dict[str, Any], model_path: str) -> tuple[
 def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
                       step: Callable[[str], None]) -> dict[str, bytes]:
     """Every file of a bundle of a user's model, manifest included, as {relative path: bytes}."""
-    from gru_deploy.bundle.package import BUNDLE_FORMAT, BUNDLE_VERSION, REPOSITORY, _onnx_info, runtime_record
+    from gru_deploy.bundle.package import BUNDLE_FORMAT, BUNDLE_VERSION, REPOSITORY, onnx_info, runtime_record
     from gru_deploy.manifest import find_models, select_model
     from gru_deploy.versions import library_versions
 
@@ -90,7 +90,7 @@ def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
     def add(path: str, name: str, fmt: str) -> None:
         files[path] = (export_dir / name).read_bytes()
         models[path] = {"variant": "classifier", "format": fmt, "precision": "fp32", "source": name,
-                        **(_onnx_info(files[path]) if fmt == "onnx" else {})}
+                        **(onnx_info(files[path]) if fmt == "onnx" else {})}
 
     step(f"building the {target} files")
     if target == "edge":

@@ -192,7 +192,7 @@ def export_loop(
     model = models[0]
     model.producer_name = "gru-deploy"
     apply_signature(model, spec)
-    return _finish(model, strategy, opset, op_types, metadata)
+    return finish_export(model, strategy, opset, op_types, metadata)
 
 # --- fused: the cell mapped onto ONNX's GRU operator --------------------------------------
 # Fused graphs carry the lowest IR version their opset allows (min_ir_version), so that
@@ -361,10 +361,10 @@ def export_fused(state_dict: dict[str, Any], spec: ModelSpec, opset: int = DEFAU
     op_types = count_ops(model.graph)
     if "GRU" not in op_types:
         raise CheckFailed("the fused graph has no GRU node")
-    return _finish(model, "fused", opset, op_types, metadata)
+    return finish_export(model, "fused", opset, op_types, metadata)
 
 
-def _finish(model: "onnx.ModelProto", strategy: str, opset: int, op_types: dict[str, int],
+def finish_export(model: "onnx.ModelProto", strategy: str, opset: int, op_types: dict[str, int],
             metadata: dict[str, Any] | None) -> ExportResult:
     import onnx
 
@@ -564,4 +564,4 @@ def export_scan(model: "torch.nn.Module", spec: ModelSpec, opset: int = DEFAULT_
     proto.producer_name = "gru-deploy"
     # The dynamo exporter writes the newest IR; older runtimes read the lowest the opset allows.
     proto.ir_version = min_ir_version(opset)
-    return _finish(proto, "scan", opset, count_ops(proto.graph), metadata)
+    return finish_export(proto, "scan", opset, count_ops(proto.graph), metadata)

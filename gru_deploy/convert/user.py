@@ -203,7 +203,7 @@ def export_user_onnx(scripted: "torch.jit.ScriptModule", signature: UserSignatur
     import onnx
     import torch
 
-    from gru_deploy.convert.graphs import GUARD_LENGTHS, _finish, check_not_unrolled, check_opset
+    from gru_deploy.convert.graphs import GUARD_LENGTHS, finish_export, check_not_unrolled, check_opset
     from gru_deploy.convert.script import quiet_torchscript_deprecation
 
     check_opset(opset)
@@ -241,7 +241,7 @@ def export_user_onnx(scripted: "torch.jit.ScriptModule", signature: UserSignatur
             else:
                 dim.dim_value = size
     model.producer_name = "gru-deploy"
-    result = _finish(model, "loop", opset, op_types, {"gru_deploy.model": "user"})
+    result = finish_export(model, "loop", opset, op_types, {"gru_deploy.model": "user"})
     return result.onnx_bytes, {"opset": result.opset, "ir_version": result.ir_version,
                                "node_count": result.node_count, "op_types": result.op_types}
 
