@@ -87,10 +87,14 @@ class Runner:
         self.outputs = VARIANT_IO[variant][1]
 
     def run(self, feed: Feed) -> Outputs:
-        checked = validate_feed(feed, self.spec, self.variant)
-        if checked[INPUT_NAME].shape[0] == 0:  # empty batch: nothing to compute, no kernel sees it
+        return self.run_validated(validate_feed(feed, self.spec, self.variant))
+
+    def run_validated(self, feed: dict[str, np.ndarray]) -> Outputs:
+        """`run` for a feed that `validate_feed` already passed (serve validates each request and
+        then runs their padded batch): the empty-batch rule still holds."""
+        if feed[INPUT_NAME].shape[0] == 0:  # empty batch: nothing to compute, no kernel sees it
             return {name: np.zeros([0] + self.spec.tensor(name)["shape"][1:], np.float32) for name in self.outputs}
-        return self._infer(checked)
+        return self._infer(feed)
 
     def _infer(self, feed: dict[str, np.ndarray]) -> Outputs:
         raise NotImplementedError

@@ -293,11 +293,12 @@ def user_export_parity(folder: Path, atol: float = DEFAULT_ATOL, rtol: float = D
                        on_case: Callable[[str], None] | None = None) -> dict[str, Any] | None:
     """The parity report of an export folder of a user's own model (checksums first); None for
     a folder of the tutorial model."""
-    from gru_deploy.convert.user import is_user_export, verify_user_export
-    from gru_deploy.manifest import check_files, read_manifest
+    from gru_deploy.convert.user import verify_user_export
+    from gru_deploy.manifest import check_files
+    from gru_deploy.serve.user import user_export
 
-    manifest = read_manifest(folder)
-    if not is_user_export(manifest):
+    manifest = user_export(folder)
+    if manifest is None:  # the tutorial path reports what is wrong with anything else
         return None
     check_files(folder, manifest)
     return verify_user_export(Path(folder), manifest, atol, rtol, on_case)

@@ -152,9 +152,15 @@ def apply_signature(model: "onnx.ModelProto", spec: ModelSpec) -> None:
     The exporter names some static sizes it could not infer through the Loop (e.g. h_n's
     hidden size); the signature is the contract, so the graph states it exactly.
     """
+    set_io_shapes(model, {value.name: spec.tensor(value.name)["shape"]
+                          for value in list(model.graph.input) + list(model.graph.output)})
+
+
+def set_io_shapes(model: "onnx.ModelProto", shapes: dict[str, list[Any]]) -> None:
+    """Each graph input's and output's shape as `shapes` names it (str: a named dynamic dim)."""
     for value in list(model.graph.input) + list(model.graph.output):
         shape = value.type.tensor_type.shape
-        wanted = spec.tensor(value.name)["shape"]
+        wanted = shapes[value.name]
         del shape.dim[:]
         for size in wanted:
             dim = shape.dim.add()

@@ -203,7 +203,8 @@ def export_user_onnx(scripted: "torch.jit.ScriptModule", signature: UserSignatur
     import onnx
     import torch
 
-    from gru_deploy.convert.graphs import GUARD_LENGTHS, finish_export, check_not_unrolled, check_opset
+    from gru_deploy.convert.graphs import (GUARD_LENGTHS, check_not_unrolled, check_opset, finish_export,
+                                           set_io_shapes)
     from gru_deploy.convert.script import quiet_torchscript_deprecation
 
     check_opset(opset)
@@ -231,15 +232,7 @@ def export_user_onnx(scripted: "torch.jit.ScriptModule", signature: UserSignatur
     if not any(op in op_types for op in ONNX_RECURRENCE):
         raise CheckFailed("refusing to write a graph without a Loop or recurrent node: the time loop was unrolled")
     model = models[0]
-    for value, wanted in zip(list(model.graph.input) + list(model.graph.output), signature.inputs + signature.outputs):
-        shape = value.type.tensor_type.shape
-        del shape.dim[:]
-        for size in wanted["shape"]:
-            dim = shape.dim.add()
-            if isinstance(size, str):
-                dim.dim_param = size
-            else:
-                dim.dim_value = size
+    set_io_shapes(model, {t["name"]: t["shape"] for t in signature.inputs + signature.outputs})
     model.producer_name = "gru-deploy"
     result = finish_export(model, "loop", opset, op_types, {"gru_deploy.model": "user"})
     return result.onnx_bytes, {"opset": result.opset, "ir_version": result.ir_version,
@@ -300,15 +293,22 @@ def case_input(batch: int, seq: int, input_size: int) -> "np.ndarray":
     return np.random.default_rng(batch * 1009 + seq).standard_normal((batch, seq, input_size)).astype(np.float32)
 
 
-def float64_outputs(run: Callable, signature: UserSignature, cases: tuple[tuple[int, int], ...]) -> bytes:
-    """The float64 module's outputs on every case, as an .npz (keys 'BxS/name')."""
+def recording(run: Callable, signature: UserSignature) -> tuple[Callable, dict[str, "np.ndarray"]]:
+    """`run`, and the dict it fills with every output it returns (keys 'BxS/name', as verify
+    looks them up): the float64 module's outputs are stored as parity computes them."""
+    seen: dict[str, "np.ndarray"] = {}
+
+    def run_and_keep(x: "np.ndarray") -> list["np.ndarray"]:
+        outputs = run(x)
+        for name, out in zip(signature.output_names, outputs):
+            seen[f"{x.shape[0]}x{x.shape[1]}/{name}"] = out
+        return outputs
+    return run_and_keep, seen
+
+
+def npz_bytes(arrays: dict[str, "np.ndarray"]) -> bytes:
     import numpy as np
 
-    input_size = signature.inputs[0]["shape"][2]
-    arrays = {}
-    for batch, seq in cases:
-        for name, out in zip(signature.output_names, run(case_input(batch, seq, input_size))):
-            arrays[f"{batch}x{seq}/{name}"] = out
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()
@@ -403,10 +403,11 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
     pt_bytes = script.to_bytes(scripted)
     step("checking parity of every output: eager, TorchScript, onnxruntime, onnx reference, float64")
     runners = user_runners(model.module, scripted, onnx_bytes, signature)
+    runners["float64"], stored = recording(runners["float64"], signature)
     parity = user_parity(runners, signature, atol, rtol)
     if not parity["passed"]:
         raise CheckFailed("parity failed, nothing written: " + "; ".join(failures(parity)))
-    reference_bytes = float64_outputs(runners["float64"], signature, USER_CASES)
+    reference_bytes = npz_bytes(stored)
     step("converting model.onnx to ORT format (onnxruntime's converter)")
     from gru_deploy.convert.graphs import to_ort_format
     from gru_deploy.errors import WriteFailed

@@ -112,7 +112,7 @@ class Model:
         """One onnxruntime call. Each request was validated on arrival (`validate`) and a padded
         batch of them is valid too, so the runner's own check of the whole batch is skipped."""
         self.on_batch(x.shape[0])
-        return self.runner._infer({INPUT_NAME: x, LENGTHS_NAME: lengths})[OUTPUT_NAME]
+        return self.runner.run_validated({INPUT_NAME: x, LENGTHS_NAME: lengths})[OUTPUT_NAME]
 
     async def infer(self, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         loop = asyncio.get_running_loop()
