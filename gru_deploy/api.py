@@ -25,38 +25,46 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from gru_deploy.train import Checkpoint
+    from gru_deploy.train import Checkpoint, FamilyCheckpoint
 
 
-def export(model: "torch.nn.Module | str | None" = None, *, checkpoint: "str | Path | Checkpoint | None" = None,
+def export(model: "torch.nn.Module | str | None" = None, *,
+           checkpoint: "str | Path | Checkpoint | FamilyCheckpoint | None" = None,
            out: str | Path = "exported", model_args: dict[str, Any] | None = None, input_size: int | None = None,
            output_names: list[str] | None = None, strategy: str = "loop", opset: int = 17, atol: float = 1e-5,
            rtol: float = 1e-5, typical: tuple[int, int] = (1, 100),
            on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Export a model to `out` (written whole, only when every check passes); return its manifest.
 
-    `model` None: the tutorial classifier from `checkpoint` (a path or a `Checkpoint`), in
-    `strategy` form (loop, stepwise, scan, fused, auto). `model` an `nn.Module`: your own,
-    as it is (weights included). `model` a string `file.py:Name` / `package.module:Name`:
-    your own, built with `model_args` over the checkpoint's and loaded from `checkpoint`.
+    `model` None: the model in `checkpoint` (a path, a `Checkpoint` or a `FamilyCheckpoint`):
+    the tutorial classifier in `strategy` form (loop, stepwise, scan, fused, auto), or a
+    built-in family's (`gru-deploy train --layers/--bidirectional/--family`). `model` an
+    `nn.Module`: your own, as it is (weights included). `model` a string `file.py:Name` /
+    `package.module:Name`: your own, built with `model_args` over the checkpoint's and loaded
+    from `checkpoint`. A module exports as loop, fused (the tutorial cell families and
+    torch.nn.GRU; refused for others) or auto (the faster at `typical` (batch, seq)).
     """
-    from gru_deploy.convert.user import export_user_model
+    from gru_deploy.convert.user import export_family, export_user_model
 
     if model is None:
         from gru_deploy.convert.folder import export_to_dir
-        from gru_deploy.train import Checkpoint, load_checkpoint
+        from gru_deploy.train import Checkpoint, FamilyCheckpoint, load_checkpoint
 
         if checkpoint is None:
             raise UserInputError("export: give checkpoint= (train one with `gru-deploy train`) or model=")
-        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(Path(checkpoint))
+        for name, value in (("model_args", model_args), ("input_size", input_size), ("output_names", output_names)):
+            if value is not None:
+                raise UserInputError(f"export: {name} applies to your own model: give model= too")
+        ckpt = (checkpoint if isinstance(checkpoint, (Checkpoint, FamilyCheckpoint))
+                else load_checkpoint(Path(checkpoint)))
+        if isinstance(ckpt, FamilyCheckpoint):
+            return export_family(ckpt, Path(out), opset=opset, atol=atol, rtol=rtol, on_step=on_step,
+                                 strategy=strategy, typical=typical)
         return export_to_dir(ckpt, Path(out), opset=opset, atol=atol, rtol=rtol, strategy=strategy, typical=typical,
                              on_step=on_step)
-    if strategy != "loop":
-        raise UserInputError(f"export: strategy {strategy!r} maps the tutorial's cell; your own model exports as "
-                             "strategy='loop'")
     user = _user_model(model, model_args, checkpoint)
     return export_user_model(user, Path(out), opset=opset, atol=atol, rtol=rtol, input_size=input_size,
-                             output_names=output_names, on_step=on_step)
+                             output_names=output_names, on_step=on_step, strategy=strategy, typical=typical)
 
 
 def _user_model(model: Any, model_args: dict[str, Any] | None, checkpoint: Any) -> Any:

@@ -78,16 +78,19 @@ def _train_options(data: str, epochs: int | None, batch_size: int | None, lr: fl
     )
 
 
-def _train(data: str, hidden_size: int, options: Any, test_fraction: float, quiet: bool, test: str | None = None):
+def _train(data: str, hidden_size: int, options: Any, test_fraction: float, quiet: bool, test: str | None = None,
+           family: tuple[str, int, bool] | None = None):
     from gru_deploy.data import load_data
     from gru_deploy.spec import ModelSpec
-    from gru_deploy.train import stderr_progress, train
+    from gru_deploy.train import stderr_progress, train, train_family
 
     split = load_data(data, seed=options.seed, test_fraction=test_fraction, test=test)
-    spec = ModelSpec(input_size=split.train.input_size, hidden_size=hidden_size,
-                     output_size=len(split.train.labels), labels=split.train.labels)
     progress, close = stderr_progress(options.epochs, quiet)
     try:
+        if family is not None:
+            return train_family(family[0], hidden_size, family[1], family[2], split, options, progress=progress)
+        spec = ModelSpec(input_size=split.train.input_size, hidden_size=hidden_size,
+                         output_size=len(split.train.labels), labels=split.train.labels)
         return train(spec, split, options, progress=progress)
     finally:
         close()
@@ -121,31 +124,47 @@ def _data_options(func):
 
 @cli.command()
 @_data_options
+@click.option("--family", type=click.Choice(["tutorial", "torch-gru"]), default="tutorial", show_default=True,
+              help="tutorial: the tutorial's GRU cell in an explicit loop; torch-gru: torch.nn.GRU. Both with a "
+                   "Linear head on the last layer's final state(s).")
+@click.option("--layers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Stacked GRU layers.")
+@click.option("--bidirectional", is_flag=True, help="Run each layer in both directions.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("checkpoint.pt"),
               show_default=True, help="Checkpoint file to write (atomically).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.pass_obj
 def train(obj: dict, data: str, test_path: str | None, normalize: bool | None, epochs: int | None,
-          hidden_size: int, batch_size: int | None, lr: float | None, seed: int, test_fraction: float, out: Path,
-          quiet: bool, as_json: bool) -> None:
+          hidden_size: int, batch_size: int | None, lr: float | None, seed: int, test_fraction: float, family: str,
+          layers: int, bidirectional: bool, out: Path, quiet: bool, as_json: bool) -> None:
     """Train the GRU classifier and write a checkpoint.
 
     The checkpoint holds the state_dict (the tutorial's parameter names), the config,
     labels, training metrics and library versions; it is read back with
-    torch.load(weights_only=True).
+    torch.load(weights_only=True). With --layers N, --bidirectional or --family torch-gru
+    it holds a built-in family's model instead (its name and constructor arguments), which
+    `gru-deploy export --checkpoint` exports through the same path as your own model.
 
     \b
     Example:
       gru-deploy train --data synthetic --epochs 20 --out checkpoint.pt
       gru-deploy train --data japanesevowels --hidden-size 32 --out jv.pt
       gru-deploy train --data TRAIN.ts --test TEST.ts
+      gru-deploy train --data japanesevowels --layers 2 --out jv2.pt
+      gru-deploy train --data japanesevowels --family torch-gru --bidirectional --out jvt.pt
     """
     obj["quiet"] = quiet or as_json
     options = _train_options(data, epochs, batch_size, lr, seed, normalize)
-    ckpt = _train(data, hidden_size, options, test_fraction, obj["quiet"], test_path)
+    if family == "tutorial" and layers == 1 and not bidirectional:
+        ckpt = _train(data, hidden_size, options, test_fraction, obj["quiet"], test_path)
+        config = ckpt.spec.to_dict()
+    else:
+        ckpt = _train(data, hidden_size, options, test_fraction, obj["quiet"], test_path,
+                      family=(family, layers, bidirectional))
+        config = {"family": ckpt.family, "model_args": ckpt.model_args, "labels": list(ckpt.labels)}
     sha = ckpt.save(out)
-    result = {"checkpoint": str(out), "sha256": sha, "config": ckpt.spec.to_dict(),
+    result = {"checkpoint": str(out), "sha256": sha, "config": config,
               "metrics": {k: v for k, v in ckpt.metrics.items() if k != "loss_history"}}
     if as_json:
         _emit_json(result)
@@ -157,7 +176,8 @@ def train(obj: dict, data: str, test_path: str | None, normalize: bool | None, e
 
 @cli.command()
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Checkpoint to export (gru-deploy's, or the tutorial's plain state_dict). "
+              help="Checkpoint to export (gru-deploy's, a built-in family's from `train --layers/"
+                   "--bidirectional/--family`, or the tutorial's plain state_dict). "
                    "Without it the default model is trained first.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("exported"),
               show_default=True, help="Export folder; replaced as a whole only when every check passes.")
@@ -169,7 +189,8 @@ def train(obj: dict, data: str, test_path: str | None, normalize: bool | None, e
                    "projection inside it: faster at large batch x long sequences), fused (ONNX's GRU operator), "
                    "scan (torch.export + the dynamo exporter to an ONNX Scan, "
                    "no TorchScript in the graph; opset >= 18), auto (check each, "
-                   "time them at each model's typical workload, keep the fastest).")
+                   "time them at each model's typical workload, keep the fastest). A built-in family or "
+                   "--model exports as loop, fused (the tutorial cell families and torch.nn.GRU) or auto.")
 @click.option("--typical-batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Batch size that --strategy auto times.")
 @click.option("--typical-seq", type=click.IntRange(min=1), default=100, show_default=True,
@@ -215,45 +236,51 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
     naming the line), a module TorchScript cannot compile is exit 2 with TorchScript's message.
     Its outputs (any number, [batch, ...] or per step [batch, seq, ...]) are read off the
     module; parity of every output is proved against the module run in float64 up to 2,048
-    steps. Writes model.pt, model.onnx (--strategy loop), parity.json, manifest.json.
+    steps. Writes model.pt, model.onnx, model.ort, reference_float64.npz, parity.json,
+    manifest.json. A built-in family's checkpoint (stacked or bidirectional tutorial cells,
+    torch.nn.GRU) takes the same path.
 
     \b
     Example:
       gru-deploy export --checkpoint checkpoint.pt --out exported/ --json
       gru-deploy export --checkpoint checkpoint.pt --strategy auto --typical-batch 32
       gru-deploy export --model my_models.py:TwoLayerGRU --checkpoint ck.pt --out mine/
+      gru-deploy train --layers 2 --out two.pt && gru-deploy export --checkpoint two.pt --strategy auto
     """
     from gru_deploy.convert.graphs import check_opset
     from gru_deploy.check.verify import check_tolerances
 
+    import gru_deploy
+    from gru_deploy.models.user import parse_model_args
+
     obj["quiet"] = quiet or as_json
     check_opset(opset)
     check_tolerances(atol, rtol)
-    if model_ref is not None:
-        _export_user_model(obj, model_ref, model_args, input_size, output_names, checkpoint, out, opset, strategy,
-                           atol, rtol, as_json)
-        return
-    for name, value in (("--model-args", model_args), ("--input-size", input_size), ("--output-names", output_names)):
-        if value is not None:
-            raise UserInputError(f"{name} applies to your own model: give --model FILE.py:NAME too")
-    if checkpoint is None:
+    if model_ref is None:
+        for name, value in (("--model-args", model_args), ("--input-size", input_size),
+                            ("--output-names", output_names)):
+            if value is not None:
+                raise UserInputError(f"{name} applies to your own model: give --model FILE.py:NAME too")
+    elif checkpoint is None:
+        raise UserInputError("--model needs --checkpoint: the state_dict of your trained model "
+                             "(torch.save({'state_dict': model.state_dict(), 'model_args': {...}}, 'ck.pt'))")
+    source: Any = checkpoint
+    if model_ref is None and checkpoint is None:
         _say(obj, "no --checkpoint given: training the default model on the synthetic data set first "
                   f"(seed {seed}; use `gru-deploy train` to keep a checkpoint)")
-        ckpt = _train("synthetic", 16, _train_options("synthetic", None, None, None, seed), 0.2, obj["quiet"])
-        _say(obj, f"trained: held-out accuracy {ckpt.metrics['test_accuracy']:.1%}")
-    else:
-        from gru_deploy.train import load_checkpoint
-
-        ckpt = load_checkpoint(checkpoint)
-    from gru_deploy.convert.folder import export_to_dir
-
-    manifest = export_to_dir(ckpt, out, opset=opset, atol=atol, rtol=rtol, strategy=strategy,
-                             typical=(typical_batch, typical_seq), on_step=lambda m: _progress(obj, m))
+        source = _train("synthetic", 16, _train_options("synthetic", None, None, None, seed), 0.2, obj["quiet"])
+        _say(obj, f"trained: held-out accuracy {source.metrics['test_accuracy']:.1%}")
+    manifest = gru_deploy.export(
+        model_ref, checkpoint=source, out=out, model_args=parse_model_args(model_args) if model_ref else None,
+        input_size=input_size,
+        output_names=[n.strip() for n in output_names.split(",")] if output_names else None,
+        strategy=strategy, opset=opset, atol=atol, rtol=rtol, typical=(typical_batch, typical_seq),
+        on_step=lambda m: _progress(obj, m))
     if as_json:
-        _emit_json({"out": str(out), "strategy": manifest["strategy"], "auto": manifest["auto"],
-                    "opset": manifest["opset"],
-                    "files": manifest["files"], "parity": manifest["parity"], "metrics": {
-                        k: v for k, v in manifest["metrics"].items() if k != "loss_history"}})
+        keys = ["strategy", "auto", "opset", "files", "parity"] + (
+            ["model", "signature"] if "model" in manifest else [])
+        _emit_json({"out": str(out), **{k: manifest[k] for k in keys},
+                    "metrics": {k: v for k, v in manifest["metrics"].items() if k != "loss_history"}})
         return
     for note in manifest["notes"]:
         _say(obj, f"note: {note}")
@@ -264,42 +291,21 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
             times += "; within 20%, timed again: " + ", ".join(
                 f"{k} {v:,.0f} µs" for k, v in auto["retimed"]["median_us"].items())
         click.echo(f"auto: at batch {auto['typical_batch']}, seq {auto['typical_seq']}: {times}; kept {auto['chosen']}")
-    click.echo(f"wrote {out}/ (strategy {manifest['strategy']}): "
-               + ", ".join(sorted(manifest["files"]) + ["manifest.json"]))
+    from gru_deploy.manifest import is_module_export
+
+    if is_module_export(manifest):
+        outputs = ", ".join(f"{o['name']} {o['shape']}" for o in manifest["signature"]["outputs"])
+        click.echo(f"wrote {out}/ ({manifest['model']['reference']}; recurrence kept as "
+                   f"{manifest['model']['recurrence']}; strategy {manifest['strategy']}; outputs {outputs}): "
+                   + ", ".join(sorted(manifest["files"]) + ["manifest.json"]))
+    else:
+        click.echo(f"wrote {out}/ (strategy {manifest['strategy']}): "
+                   + ", ".join(sorted(manifest["files"]) + ["manifest.json"]))
     summary = manifest["parity"]["summary"]
     worst_pair = max(summary, key=lambda k: summary[k]["max_abs"])
     cases = len(json.loads((out / "parity.json").read_text())["cases"])
     click.echo(f"parity holds: {len(summary)} comparisons over {cases} cases; worst max abs error "
                f"{summary[worst_pair]['max_abs']:.2e} ({worst_pair}); details in {out / 'parity.json'}")
-
-
-def _export_user_model(obj: dict, model_ref: str, model_args: str | None, input_size: int | None,
-                       output_names: str | None, checkpoint: Path | None, out: Path, opset: int, strategy: str,
-                       atol: float, rtol: float, as_json: bool) -> None:
-    from gru_deploy.convert.user import export_user_model
-    from gru_deploy.models.user import load_user_model, parse_model_args
-
-    if strategy != "loop":
-        raise UserInputError(f"--model: --strategy {strategy} maps the tutorial's cell; your own model exports "
-                             "as --strategy loop (its scripted loop or recurrent operator as ONNX)")
-    if checkpoint is None:
-        raise UserInputError("--model needs --checkpoint: the state_dict of your trained model "
-                             "(torch.save({'state_dict': model.state_dict(), 'model_args': {...}}, 'ck.pt'))")
-    names = [n.strip() for n in output_names.split(",")] if output_names else None
-    model = load_user_model(model_ref, parse_model_args(model_args), checkpoint)
-    manifest = export_user_model(model, out, opset=opset, atol=atol, rtol=rtol, input_size=input_size,
-                                 output_names=names, on_step=lambda m: _progress(obj, m))
-    if as_json:
-        _emit_json({"out": str(out), "model": manifest["model"], "signature": manifest["signature"],
-                    "opset": manifest["opset"], "files": manifest["files"], "parity": manifest["parity"]})
-        return
-    outputs = ", ".join(f"{o['name']} {o['shape']}" for o in manifest["signature"]["outputs"])
-    click.echo(f"wrote {out}/ ({model_ref}; recurrence kept as {manifest['model']['recurrence']}; outputs "
-               f"{outputs}): " + ", ".join(sorted(manifest["files"]) + ["manifest.json"]))
-    summary = manifest["parity"]["summary"]
-    worst = max(summary, key=lambda k: summary[k]["max_abs"])
-    click.echo(f"parity holds: {len(summary)} comparisons; worst max abs error {summary[worst]['max_abs']:.2e} "
-               f"({worst}); details in {out / 'parity.json'}")
 
 
 @cli.command()
@@ -365,18 +371,30 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
     from gru_deploy.check.verify import check_tolerances, deployment_accuracy, user_export_parity, verify_export
 
     check_tolerances(atol, rtol)
-    if data or junit_xml:
+    if junit_xml:
         from gru_deploy.manifest import read_manifest, tutorial_only
 
-        tutorial_only(read_manifest(path), str(path), "verify --data and --junit-xml")
+        tutorial_only(read_manifest(path), str(path), "verify --junit-xml")
     user = user_export_parity(path, atol, rtol, on_case=lambda m: _progress(obj, m))
     if user is not None:
+        from gru_deploy.check.verify import module_accuracy
+        from gru_deploy.manifest import read_manifest
+
+        accuracy = module_accuracy(path, read_manifest(path), data, test_path) if data and user["passed"] else None
         if as_json:
-            _emit_json(user)
+            _emit_json({**user, "deployment_accuracy": accuracy})
         else:
             for pair, s in user["summary"].items():
                 click.echo(f"{'ok  ' if s['passed'] else 'FAIL'} {pair:<46} max abs {s['max_abs']:.2e}  "
                            f"({s['cases']} cases)")
+            if accuracy:
+                click.echo(f"accuracy on {accuracy['data']} test split ({accuracy['test_samples']} samples"
+                           f"{', each at its own length' if accuracy['variable_length'] else ''}):")
+                for name, row in accuracy["runtimes"].items():
+                    click.echo(f"  {name:<36} {row['accuracy']:.1%}  (agrees with TorchScript on "
+                               f"{row['agreement_with_torchscript']:.1%})")
+                for note in accuracy["notes"]:
+                    click.echo(f"  note: {note}")
         if not user["passed"]:
             raise CheckFailed(f"parity failed for {path}: " + "; ".join(
                 f"{k}: max abs {v['max_abs']:.3g}" for k, v in user["summary"].items() if not v["passed"]))

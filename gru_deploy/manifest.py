@@ -156,14 +156,27 @@ def file_entry(path: Path) -> dict[str, Any]:
     return {"sha256": sha256_file(path), "size": path.stat().st_size}
 
 
-def tutorial_only(manifest: dict[str, Any], where: str, what: str) -> None:
-    """UserInputError when `manifest` is an export of a user's own model (`export --model`):
-    `what` handles exports of the tutorial model only, in this version."""
+# Exports made by the generic path for a module: the user's own (`export --model`) or a
+# built-in family's (gru_deploy.models.families); both carry a signature read off the module.
+MODULE_KINDS = ("user", "family")
+
+
+def is_module_export(manifest: dict[str, Any]) -> bool:
+    """True for a manifest (export or bundle) of a module exported by the generic path."""
     model = manifest.get("model")
-    if isinstance(model, dict) and model.get("kind") == "user":
-        raise UserInputError(f"{where} is an export of your own model ({model.get('reference')}); {what} handles "
-                             "exports of the tutorial model only in this version (export, verify and inspect "
-                             "handle yours)")
+    return isinstance(model, dict) and model.get("kind") in MODULE_KINDS
+
+
+def tutorial_only(manifest: dict[str, Any], where: str, what: str) -> None:
+    """UserInputError when `manifest` is an export of a module through the generic path (your
+    own model, or a built-in family): `what` handles exports of the tutorial model only, in
+    this version."""
+    if is_module_export(manifest):
+        model = manifest["model"]
+        whose = f"the built-in family {model['family']!r}" if model.get("family") else "your own model"
+        raise UserInputError(f"{where} is an export of {whose} ({model.get('reference')}); {what} handles "
+                             "exports of the tutorial model only in this version (export, verify, package, "
+                             "infer and inspect handle this one)")
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:

@@ -120,16 +120,39 @@ def train(
 
     `progress(epoch, loss)` is called after every epoch.
     """
-    if split.train.input_size != spec.input_size:
-        raise UserInputError(
-            f"data has {split.train.input_size} input channels but the model takes {spec.input_size}"
-        )
-    if len(split.train.labels) != spec.output_size:
-        raise UserInputError(f"data has {len(split.train.labels)} classes but the model has {spec.output_size}")
+    _check_data(split, spec.input_size, spec.output_size)
     if options.normalize:
         spec = replace(spec, normalization=channel_statistics(split.train))
     torch.manual_seed(options.seed)
     model = build_model(spec)
+    history = _fit(model, _logits, split, options, progress)
+    metrics = {
+        "train_accuracy": accuracy(model, split.train),
+        "test_accuracy": accuracy(model, split.test),
+        "final_loss": history[-1],
+        "loss_history": history,
+    }
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return Checkpoint(spec, state, metrics, _training_record(split, options), library_versions())
+
+
+def _check_data(split: DataSplit, input_size: int, classes: int) -> None:
+    if split.train.input_size != input_size:
+        raise UserInputError(f"data has {split.train.input_size} input channels but the model takes {input_size}")
+    if len(split.train.labels) != classes:
+        raise UserInputError(f"data has {len(split.train.labels)} classes but the model has {classes}")
+
+
+def _training_record(split: DataSplit, options: TrainOptions) -> dict[str, Any]:
+    return {"data": split.describe(), "epochs": options.epochs, "batch_size": options.batch_size,
+            "normalize": options.normalize,
+            "lr": options.lr, "seed": options.seed, "optimizer": "Adam", "loss": "cross_entropy"}
+
+
+def _fit(model: torch.nn.Module, logits: Callable[..., torch.Tensor], split: DataSplit, options: TrainOptions,
+         progress: Callable[[int, float], None] | None) -> list[float]:
+    """Adam + cross-entropy over shuffled minibatches; `logits(model, x, lengths or None)`.
+    Returns the loss per epoch; leaves the model in eval mode."""
     optimiser = torch.optim.Adam(model.parameters(), lr=options.lr)
     loss_fn = torch.nn.CrossEntropyLoss()
     x = torch.from_numpy(split.train.x)
@@ -144,7 +167,7 @@ def train(
         for start in range(0, len(x), options.batch_size):
             index = order[start:start + options.batch_size]
             optimiser.zero_grad()
-            loss = loss_fn(_logits(model, x[index], None if lengths is None else lengths[index]), y[index])
+            loss = loss_fn(logits(model, x[index], None if lengths is None else lengths[index]), y[index])
             loss.backward()
             optimiser.step()
             total += loss.item() * len(index)
@@ -152,20 +175,90 @@ def train(
         if progress is not None:
             progress(epoch, history[-1])
     model.eval()
-    metrics = {
-        "train_accuracy": accuracy(model, split.train),
-        "test_accuracy": accuracy(model, split.test),
-        "final_loss": history[-1],
-        "loss_history": history,
-    }
-    training = {"data": split.describe(), "epochs": options.epochs, "batch_size": options.batch_size,
-                "normalize": options.normalize,
-                "lr": options.lr, "seed": options.seed, "optimizer": "Adam", "loss": "cross_entropy"}
+    return history
+
+
+# --- the built-in families (stacked / bidirectional tutorial cells, torch.nn.GRU) -------------
+
+@dataclass
+class FamilyCheckpoint:
+    """A checkpoint of a built-in family: which family, its constructor arguments, the weights
+    and how they were made. Exported through the generic path for a module."""
+
+    family: str
+    model_args: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    labels: tuple[str, ...] = ()
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    sha256: str | None = None
+
+    def model(self) -> torch.nn.Module:
+        from gru_deploy.models.families import build_family
+
+        module = build_family(self.family, self.model_args)
+        try:
+            module.load_state_dict(self.state_dict, strict=True)
+        except RuntimeError as exc:
+            raise UserInputError(f"the checkpoint's weights do not fit family {self.family!r} with "
+                                 f"{self.model_args}: {' '.join(str(exc).split())[:300]}") from None
+        for name, tensor in self.state_dict.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise UserInputError(f"state_dict entry {name} holds NaN or inf; refusing to deploy it")
+        return module.eval()
+
+    def to_bytes(self) -> bytes:
+        payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "family": self.family,
+                   "model_args": self.model_args, "state_dict": self.state_dict, "labels": list(self.labels),
+                   "metrics": self.metrics, "training": self.training, "versions": self.versions}
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        return buffer.getvalue()
+
+    def save(self, path: Path) -> str:
+        data = self.to_bytes()
+        atomic_write_bytes(Path(path), data)
+        return sha256_bytes(data)
+
+
+def _family_logits(model: torch.nn.Module, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    return model(x) if lengths is None else model.forward_lengths(x, lengths)
+
+
+def family_accuracy(model: torch.nn.Module, data: Dataset, batch_size: int = 256) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            x = torch.from_numpy(data.x[start:start + batch_size])
+            lengths = None if data.lengths is None else torch.from_numpy(data.lengths[start:start + batch_size])
+            pred = _family_logits(model, x, lengths).argmax(1).numpy()
+            correct += int((pred == data.y[start:start + batch_size]).sum())
+    return correct / len(data)
+
+
+def train_family(family: str, hidden_size: int, layers: int, bidirectional: bool, split: DataSplit,
+                 options: TrainOptions, progress: Callable[[int, float], None] | None = None) -> FamilyCheckpoint:
+    """Train a fresh member of a built-in family on `split.train`, as `train` does the tutorial's."""
+    from gru_deploy.models.families import build_family
+
+    args: dict[str, Any] = {"input_size": split.train.input_size, "hidden_size": hidden_size,
+                            "output_size": len(split.train.labels), "layers": layers, "bidirectional": bidirectional}
+    if options.normalize:
+        args["normalization"] = channel_statistics(split.train)
+    torch.manual_seed(options.seed)
+    model = build_family(family, args)
+    history = _fit(model, _family_logits, split, options, progress)
+    metrics = {"train_accuracy": family_accuracy(model, split.train),
+               "test_accuracy": family_accuracy(model, split.test),
+               "final_loss": history[-1], "loss_history": history}
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return Checkpoint(spec, state, metrics, training, library_versions())
+    return FamilyCheckpoint(family, args, state, tuple(split.train.labels), metrics,
+                            _training_record(split, options), library_versions())
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
+def load_checkpoint(path: Path) -> "Checkpoint | FamilyCheckpoint":
     """Read a checkpoint safely (`weights_only=True`, never a fallback).
 
     Accepts gru-deploy checkpoints and the tutorial's plain state_dict.
@@ -190,6 +283,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if obj.get("format") == CHECKPOINT_FORMAT:
         if obj.get("format_version") != CHECKPOINT_VERSION:
             raise UserInputError(f"{path}: checkpoint format_version {obj.get('format_version')!r} is not supported")
+        if "family" in obj:
+            return _family_checkpoint(path, obj, sha)
         state = obj.get("state_dict")
         if not isinstance(state, dict):
             raise UserInputError(f"{path}: checkpoint has no state_dict")
@@ -201,6 +296,18 @@ def load_checkpoint(path: Path) -> Checkpoint:
     else:
         raise UserInputError(f"{path}: neither a gru-deploy checkpoint nor a tutorial state_dict")
     ckpt.model()  # validates keys, shapes and finiteness now, with a clear message
+    return ckpt
+
+
+def _family_checkpoint(path: Path, obj: dict[str, Any], sha: str) -> FamilyCheckpoint:
+    state, args, labels = obj.get("state_dict"), obj.get("model_args"), obj.get("labels") or []
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserInputError(f"{path}: the family checkpoint's state_dict must map names to tensors")
+    if not isinstance(args, dict) or not isinstance(labels, (list, tuple)):
+        raise UserInputError(f"{path}: the family checkpoint's model_args or labels are malformed")
+    ckpt = FamilyCheckpoint(str(obj["family"]), dict(args), dict(state), tuple(str(v) for v in labels),
+                            _plain(obj.get("metrics")), _plain(obj.get("training")), _plain(obj.get("versions")), sha)
+    ckpt.model()  # validates family, arguments, keys and shapes now, with a clear message
     return ckpt
 
 

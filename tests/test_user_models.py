@@ -199,10 +199,11 @@ def test_the_tutorial_export_is_unchanged_without_model(export_dir):
     assert "model" not in manifest and set(manifest["variants"]) == {"stream", "lengths"}
 
 
-@pytest.mark.parametrize("command", ["package-int8", "serve", "bench", "verify-data"])
+@pytest.mark.parametrize("command", ["package-int8", "serve", "bench", "junit"])
 def test_the_tutorial_only_commands_say_so_on_a_user_export(exports, tmp_path, command):
     """package --quantize, serve (and Stream, which chooses its model the same way), bench and
-    verify --data handle the tutorial model's exports only so far: exit 2, one line, nothing written."""
+    verify --junit-xml handle the tutorial model's exports only so far: exit 2, one line, nothing
+    written."""
     import socket
 
     with socket.socket() as sock:
@@ -213,11 +214,21 @@ def test_the_tutorial_only_commands_say_so_on_a_user_export(exports, tmp_path, c
                              str(tmp_path / "edge")],
             "serve": ["serve", str(out), "--port", str(port)],
             "bench": ["bench", str(out), "--budget", "0.01", "--no-large"],
-            "verify-data": ["verify", str(out), "--data", "synthetic"]}[command]
+            "junit": ["verify", str(out), "--junit-xml", str(tmp_path / "edge")]}[command]
     proc = run_cli(*argv)
     assert proc.returncode == 2, proc.stderr
     assert "your own model" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "edge").exists()
+
+
+def test_verify_data_on_a_model_that_does_not_fit_the_data_says_why(exports):
+    """verify --data measures classifiers whose classes are the data's: a 3-class model on the
+    4-class synthetic set, and a per-step tagger, are one-line user errors."""
+    for name, fragment in (("TwoLayerGRU", "synthetic has 4 classes; the model outputs 3"),
+                           ("Tagger", "measures classifiers (one output [batch, classes])")):
+        proc = run_cli("verify", str(exports[name][0]), "--data", "synthetic")
+        assert proc.returncode == 2 and fragment in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_inspect_shows_a_user_export(exports):
@@ -324,3 +335,15 @@ def test_a_user_server_bundle_has_triton_configs_from_the_signature(exports, tmp
     assert 'name: "logits"' in config and "dims: [ -1, 5 ]" in config and "dims: [ -1, 3 ]" in config
     libtorch = (tmp_path / "s" / "model_repository" / "model_torchscript" / "config.pbtxt").read_text()
     assert 'name: "x__0"' in libtorch and 'name: "logits__0"' in libtorch
+
+
+def test_a_scripted_gru_cell_that_the_exporter_fails_on_is_refused_with_the_way_out(tmp_path):
+    """torch 2.13's TorchScript ONNX exporter fails on a scripted torch.nn.GRUCell: exit 1, the
+    exporter's message and what to do instead (write the cell out, or use torch.nn.GRU), nothing written."""
+    ckpt = user_checkpoint("TorchCellLoop", tmp_path)
+    out = tmp_path / "cell"
+    proc = run_cli("export", "--model", ref("TorchCellLoop"), "--checkpoint", str(ckpt), "--out", str(out))
+    assert proc.returncode == 1, proc.stderr
+    assert "the ONNX exporter failed on the scripted model" in proc.stderr
+    assert "write the cell out, as the tutorial does, or use torch.nn.GRU" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()

@@ -124,7 +124,7 @@ def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
         "model": source["model"],
         "signatures": {"classifier": signature},
         "config": source["config"],
-        "labels": [],
+        "labels": list(source.get("labels") or []),
         "models": dict(sorted(models.items())),
         "onnxruntime": runtimes,
         "golden": {"file": "golden/golden.json", "atol": document["atol"], "rtol": document["rtol"]},
@@ -141,4 +141,6 @@ def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
 
 
 def is_user_bundle(manifest: dict[str, Any]) -> bool:
-    return isinstance(manifest.get("model"), dict) and manifest["model"].get("kind") == "user"
+    from gru_deploy.manifest import is_module_export
+
+    return is_module_export(manifest)

@@ -205,8 +205,9 @@ def export_loop(
 # older runtimes read them.
 
 
-def fused_weights(state_dict: dict[str, Any]) -> dict[str, "np.ndarray"]:
-    """ONNX GRU's W, R, B from the tutorial's parameters.
+def tutorial_cell_gru_weights(w: dict[str, "np.ndarray"], prefix: str) -> tuple["np.ndarray", ...]:
+    """ONNX GRU's W [3H, in], R [3H, H] and B [6H] (one direction) from a tutorial cell's
+    float32 parameters named `{prefix}W_xz.weight`, ….
 
     Gate order z, r, h. ONNX computes h' = (1−z)⊙h~ + z⊙h, so our z is ONNX's 1−z: the z
     rows of W and R and the z bias are negated (σ(−a) = 1 − σ(a)). The hidden-side
@@ -214,17 +215,26 @@ def fused_weights(state_dict: dict[str, Any]) -> dict[str, "np.ndarray"]:
     """
     import numpy as np
 
-    w = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, dtype=np.float32)
-         for k, v in state_dict.items()}
-    hidden = w["gru.W_hz.weight"].shape[0]
-    return {
-        "W": np.concatenate([-w["gru.W_xz.weight"], w["gru.W_xr.weight"], w["gru.W_xh.weight"]])[None],
-        "R": np.concatenate([-w["gru.W_hz.weight"], w["gru.W_hr.weight"], w["gru.W_hh.weight"]])[None],
-        "B": np.concatenate([-w["gru.W_xz.bias"], w["gru.W_xr.bias"], w["gru.W_xh.bias"],
-                             np.zeros(3 * hidden, np.float32)])[None],
-        "fc_weight": w["fc.weight"],
-        "fc_bias": w["fc.bias"],
-    }
+    hidden = w[f"{prefix}W_hz.weight"].shape[0]
+    return (np.concatenate([-w[f"{prefix}W_xz.weight"], w[f"{prefix}W_xr.weight"], w[f"{prefix}W_xh.weight"]]),
+            np.concatenate([-w[f"{prefix}W_hz.weight"], w[f"{prefix}W_hr.weight"], w[f"{prefix}W_hh.weight"]]),
+            np.concatenate([-w[f"{prefix}W_xz.bias"], w[f"{prefix}W_xr.bias"], w[f"{prefix}W_xh.bias"],
+                            np.zeros(3 * hidden, np.float32)]))
+
+
+def float32_arrays(state_dict: dict[str, Any]) -> dict[str, "np.ndarray"]:
+    import numpy as np
+
+    return {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, dtype=np.float32)
+            for k, v in state_dict.items()}
+
+
+def fused_weights(state_dict: dict[str, Any]) -> dict[str, "np.ndarray"]:
+    """ONNX GRU's W, R, B (one direction, leading axis 1) and the head, from the tutorial's
+    parameters (see tutorial_cell_gru_weights)."""
+    w = float32_arrays(state_dict)
+    W, R, B = tutorial_cell_gru_weights(w, "gru.")
+    return {"W": W[None], "R": R[None], "B": B[None], "fc_weight": w["fc.weight"], "fc_bias": w["fc.bias"]}
 
 
 def build_fused(state_dict: dict[str, Any], spec: ModelSpec, opset: int = DEFAULT_OPSET,

@@ -80,6 +80,9 @@ def check_recurrence(scripted: "torch.jit.ScriptModule", reference: str) -> str:
     count; CheckFailed when there is no recurrence at all."""
     from gru_deploy.convert.script import depends_on
 
+    if not hasattr(scripted, "forward"):
+        raise UserInputError(f"{reference}: its scripted form has no single forward (torch.nn.GRU/LSTM on their "
+                             "own overload it): wrap it in a module whose forward takes x")
     graph = scripted.forward.inlined_graph
     inputs = list(graph.inputs())
     if len(inputs) < 2:
@@ -197,7 +200,8 @@ def _quiet_stdout_fd():
             os.close(saved)
 
 
-def export_user_onnx(scripted: "torch.jit.ScriptModule", signature: UserSignature, opset: int) -> tuple[bytes, dict]:
+def export_user_onnx(scripted: "torch.jit.ScriptModule", signature: UserSignature, opset: int,
+                     kind: str = "user") -> tuple[bytes, dict]:
     """The scripted module as ONNX (TorchScript exporter), exported at two example lengths and
     refused when its node count changes between them or it holds no recurrence."""
     import onnx
@@ -217,6 +221,8 @@ def export_user_onnx(scripted: "torch.jit.ScriptModule", signature: UserSignatur
         try:  # the exporter prints the whole IR graph on stdout (from C++) when it fails
             with quiet_torchscript_deprecation(), _quiet_stdout_fd(), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*batch_size other than 1.*", category=UserWarning)
+                # a model.pt loaded back (verify --data) has no Python signature to read; x is given by position
+                warnings.filterwarnings("ignore", message="no signature found", category=UserWarning)
                 torch.onnx.export(scripted, (torch.zeros(2, seq, input_size),), buffer, dynamo=False,
                                   opset_version=opset, input_names=[INPUT_NAME], output_names=signature.output_names,
                                   dynamic_axes=signature.dynamic_axes(), do_constant_folding=True)
@@ -234,7 +240,7 @@ def export_user_onnx(scripted: "torch.jit.ScriptModule", signature: UserSignatur
     model = models[0]
     set_io_shapes(model, {t["name"]: t["shape"] for t in signature.inputs + signature.outputs})
     model.producer_name = "gru-deploy"
-    result = finish_export(model, "loop", opset, op_types, {"gru_deploy.model": "user"})
+    result = finish_export(model, "loop", opset, op_types, {"gru_deploy.model": kind})
     return result.onnx_bytes, {"opset": result.opset, "ir_version": result.ir_version,
                                "node_count": result.node_count, "op_types": result.op_types}
 
@@ -262,7 +268,7 @@ def user_runners(module: "torch.nn.Module | None", scripted: "torch.jit.ScriptMo
         def run(x: "np.ndarray") -> list["np.ndarray"]:
             with torch.no_grad():
                 out = as_outputs(fn(torch.from_numpy(x).to(dtype)), "the model")
-            return [o.double().numpy() for o in out]
+            return [o.detach().double().numpy() for o in out]
         return run
 
     session = ort.InferenceSession(onnx_bytes, session_options(1), providers=["CPUExecutionProvider"])
@@ -374,11 +380,79 @@ def failures(parity: dict[str, Any]) -> list[str]:
 
 # --- the export folder ----------------------------------------------------------------------
 
+MODULE_STRATEGIES = ("loop", "fused", "auto")
+
+
+def _time_user_graphs(graphs: dict[str, bytes], signature: UserSignature, typical: tuple[int, int],
+                      budget_s: float) -> dict[str, float]:
+    """Median onnxruntime latency (µs, one thread) of each graph at the typical (batch, seq)."""
+    import onnxruntime as ort
+
+    from gru_deploy.bench import median_us
+    from gru_deploy.check.runners import session_options
+
+    x = case_input(typical[0], typical[1], signature.inputs[0]["shape"][2])
+    timings = {}
+    for name, data in graphs.items():
+        session = ort.InferenceSession(data, session_options(1), providers=["CPUExecutionProvider"])
+        timings[name] = round(median_us(lambda: session.run(signature.output_names, {INPUT_NAME: x}), budget_s), 1)
+    return timings
+
+
+def check_module_strategy(strategy: str) -> None:
+    if strategy not in MODULE_STRATEGIES:
+        raise UserInputError(f"--strategy {strategy} maps the tutorial model's single cell; a module exports as "
+                             f"{', '.join(MODULE_STRATEGIES)} (fused: the tutorial cell families and torch.nn.GRU)")
+
+
+def module_graphs(model: "UserModel", scripted: "torch.jit.ScriptModule", kept: str, signature: UserSignature,
+                  opset: int, strategy: str, step: Callable[[str], None]) -> dict[str, tuple[bytes, dict]]:
+    """The candidate ONNX graphs for `strategy`: {"loop": …} and/or {"fused": …}, each (bytes,
+    graph record). fused where it applies (convert.families.fused_plan); auto takes both when
+    they differ, and loop alone when fused does not apply."""
+    from gru_deploy.convert.families import build_stacked_fused, fused_plan
+    from gru_deploy.convert.graphs import count_ops, finish_export
+
+    plan = None
+    if strategy in ("fused", "auto"):
+        try:
+            plan = fused_plan(model.module, kept, model.reference)
+        except UserInputError:
+            if strategy == "fused":
+                raise
+    graphs: dict[str, tuple[bytes, dict]] = {}
+    kind = model.record()["kind"]
+    if strategy in ("loop", "auto") or plan == "exporter":
+        step(f"exporting to ONNX opset {opset} (the recurrence kept: {kept})")
+        exported = export_user_onnx(scripted, signature, opset, kind)
+        if plan == "exporter":  # torch.nn.GRU: the exporter's graph is the fused form, unless a Loop remains
+            if "Loop" not in exported[1]["op_types"]:
+                return {"loop" if strategy == "loop" else "fused": exported}
+            if strategy == "fused":
+                raise UserInputError(f"--strategy fused: {model.reference} has a loop besides torch.nn.GRU; "
+                                     "export it with --strategy loop")
+        graphs["loop"] = exported
+    if plan == "build":
+        step(f"building the fused graph: one ONNX GRU node per layer (opset {opset})")
+        onnx_model = build_stacked_fused(model.module, signature.inputs[0]["shape"][2], signature.output_names[0],
+                                         opset)
+        op_types = count_ops(onnx_model.graph)
+        result = finish_export(onnx_model, "fused", opset, op_types, {"gru_deploy.model": model.record()["kind"]})
+        graphs["fused"] = (result.onnx_bytes, {"opset": result.opset, "ir_version": result.ir_version,
+                                               "node_count": result.node_count, "op_types": result.op_types})
+    return graphs
+
+
 def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: float = 1e-5, rtol: float = 1e-5,
                       input_size: int | None = None, output_names: list[str] | None = None,
-                      on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+                      on_step: Callable[[str], None] | None = None, labels: tuple[str, ...] = (),
+                      metrics: dict[str, Any] | None = None, training: dict[str, Any] | None = None,
+                      strategy: str = "loop", typical: tuple[int, int] = (1, 100)) -> dict[str, Any]:
     """Write model.pt, model.onnx, parity.json and manifest.json for a user's model into `out`,
-    all at once and only when every check passes; return the manifest."""
+    all at once and only when every check passes; return the manifest. `labels`, `metrics`
+    and `training` are recorded as given (a built-in family's checkpoint carries them).
+    `strategy` loop, fused (where it applies) or auto (the faster of the two that pass parity
+    at `typical` (batch, seq))."""
     from gru_deploy import __version__
     from gru_deploy.check.verify import check_tolerances
     from gru_deploy.convert import script
@@ -389,6 +463,7 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
     from gru_deploy.versions import library_versions
 
     check_tolerances(atol, rtol)
+    check_module_strategy(strategy)
     step = on_step or (lambda message: None)
     size = input_size or input_size_of(model.module)
     if size is None:
@@ -398,21 +473,37 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
     kept = check_recurrence(scripted, model.reference)
     step(f"reading the signature off the module (input [batch, seq, {size}])")
     signature = discover_signature(model.module, size, model.reference, output_names)
-    step(f"exporting to ONNX opset {opset} (the loop kept: {kept})")
-    onnx_bytes, graph = export_user_onnx(scripted, signature, opset)
+    candidates = module_graphs(model, scripted, kept, signature, opset, strategy, step)
     pt_bytes = script.to_bytes(scripted)
-    step("checking parity of every output: eager, TorchScript, onnxruntime, onnx reference, float64")
-    runners = user_runners(model.module, scripted, onnx_bytes, signature)
-    runners["float64"], stored = recording(runners["float64"], signature)
-    parity = user_parity(runners, signature, atol, rtol)
-    if not parity["passed"]:
-        raise CheckFailed("parity failed, nothing written: " + "; ".join(failures(parity)))
-    reference_bytes = npz_bytes(stored)
+    parities, stores = {}, {}
+    for form, (data, _) in candidates.items():
+        step(f"checking parity of every output ({form}): eager, TorchScript, onnxruntime, onnx reference, float64")
+        runners = user_runners(model.module, scripted, data, signature)
+        runners["float64"], stores[form] = recording(runners["float64"], signature)
+        parities[form] = user_parity(runners, signature, atol, rtol)
+        if not parities[form]["passed"]:
+            raise CheckFailed(f"parity failed ({form}), nothing written: " + "; ".join(failures(parities[form])))
+    auto = None
+    chosen = next(iter(candidates))
+    if strategy == "auto":
+        from gru_deploy.convert.folder import choose_fastest
+
+        step(f"timing {', '.join(candidates)} at batch {typical[0]}, seq {typical[1]}")
+        chosen, auto = choose_fastest({k: v[0] for k, v in candidates.items()},
+                                      lambda graphs, budget: _time_user_graphs(graphs, signature, typical, budget),
+                                      on_step=step)
+        auto.update({"typical_batch": typical[0], "typical_seq": typical[1], "candidates": list(candidates)})
+    onnx_bytes, graph = candidates[chosen]
+    parity = parities[chosen]
+    reference_bytes = npz_bytes(stores[chosen])
     step("converting model.onnx to ORT format (onnxruntime's converter)")
     from gru_deploy.convert.graphs import to_ort_format
     from gru_deploy.errors import WriteFailed
 
-    notes = ["a user model: the stream and lengths variants are absent (the model defines no h0 or lengths input)"]
+    if labels and (len(signature.outputs) != 1 or signature.outputs[0]["shape"][-1] != len(labels)):
+        raise UserInputError(f"{len(labels)} labels do not fit the outputs {signature.to_dict()['outputs']}")
+    notes = ["the stream and lengths variants are absent: gru-deploy exports them for the tutorial model only "
+             "in this version"]
     try:
         ort_files = to_ort_format({"model.onnx": onnx_bytes})
     except WriteFailed as exc:  # an op the ORT-format writer does not take: the edge bundle goes without
@@ -420,7 +511,7 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
         notes.append(f"no ORT-format copy: {exc}")
     models = {
         "model.pt": {"variant": "classifier", "format": "torchscript", "precision": "fp32"},
-        "model.onnx": {"variant": "classifier", "format": "onnx", "precision": "fp32", "strategy": "loop",
+        "model.onnx": {"variant": "classifier", "format": "onnx", "precision": "fp32", "strategy": chosen,
                        "opset": graph["opset"], "ir_version": graph["ir_version"]},
     }
     if "model.ort" in ort_files:
@@ -438,8 +529,8 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
             "format_version": MANIFEST_VERSION,
             "gru_deploy_version": __version__,
             "model": {**model.record(), "recurrence": kept},
-            "strategy": "loop",
-            "auto": None,
+            "strategy": chosen,
+            "auto": auto,
             "opset": graph["opset"],
             "ir_version": graph["ir_version"],
             "onnx": {"node_count": graph["node_count"], "op_types": graph["op_types"]},
@@ -447,9 +538,9 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
             "models": models,
             "variants": {},
             "config": {"input_size": size},
-            "labels": [],
-            "metrics": {},
-            "training": {},
+            "labels": list(labels),
+            "metrics": {k: v for k, v in (metrics or {}).items() if k != "loss_history"},
+            "training": dict(training or {}),
             "source_checkpoint": {"sha256": model.checkpoint_sha256},
             "versions": library_versions(),
             "notes": notes,
@@ -464,8 +555,24 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
     return manifest
 
 
+def export_family(ckpt: Any, out: Path, opset: int = 17, atol: float = 1e-5, rtol: float = 1e-5,
+                  on_step: Callable[[str], None] | None = None, strategy: str = "loop",
+                  typical: tuple[int, int] = (1, 100)) -> dict[str, Any]:
+    """Export a built-in family's checkpoint (train.FamilyCheckpoint) by the generic path."""
+    from gru_deploy.models.families import FAMILIES, family_reference
+    from gru_deploy.models.user import UserModel
+
+    reference = family_reference(ckpt.family)
+    model = UserModel(ckpt.model(), reference, FAMILIES[ckpt.family][1].__module__, dict(ckpt.model_args),
+                      ckpt.sha256, family=ckpt.family)
+    return export_user_model(model, out, opset=opset, atol=atol, rtol=rtol, on_step=on_step, labels=ckpt.labels,
+                             metrics=ckpt.metrics, training=ckpt.training, strategy=strategy, typical=typical)
+
+
 def is_user_export(manifest: dict[str, Any]) -> bool:
-    return isinstance(manifest.get("model"), dict) and manifest["model"].get("kind") == "user"
+    from gru_deploy.manifest import is_module_export
+
+    return is_module_export(manifest)
 
 
 def verify_user_export(folder: Path, manifest: dict[str, Any], atol: float, rtol: float,

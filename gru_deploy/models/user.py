@@ -30,11 +30,15 @@ class UserModel:
     source_file: str | None  # the file the class or factory is defined in, when known
     args: dict[str, Any] = field(default_factory=dict)
     checkpoint_sha256: str | None = None
+    family: str | None = None  # a built-in family's name (gru_deploy.models.families), else None
 
     def record(self) -> dict[str, Any]:
-        return {"kind": "user", "reference": self.reference, "args": self.args,
-                "class": f"{type(self.module).__module__}.{type(self.module).__qualname__}",
-                "source_checkpoint_sha256": self.checkpoint_sha256}
+        record = {"kind": "family" if self.family else "user", "reference": self.reference, "args": self.args,
+                  "class": f"{type(self.module).__module__}.{type(self.module).__qualname__}",
+                  "source_checkpoint_sha256": self.checkpoint_sha256}
+        if self.family:
+            record["family"] = self.family
+        return record
 
 
 def _import_target(reference: str) -> tuple[Any, str | None]:

@@ -1,0 +1,114 @@
+"""The fused form (ONNX's `GRU` operator) for modules exported by the generic path.
+
+Where it applies, and how:
+* `StackedGRUClassifier` (the tutorial cell stacked, optionally bidirectional): built here
+  from its weights, one `GRU` node per layer (`direction="bidirectional"` for both
+  directions), the tutorial cell's mapping per direction (z negated, linear_before_reset=0).
+* A module whose only recurrence is `torch.nn.GRU` (TorchGRUClassifier, or the user's own):
+  TorchScript's ONNX exporter already writes each `aten::gru` as ONNX `GRU` nodes with
+  `linear_before_reset=1`, so its export is the fused form as it stands (the dynamo exporter
+  gets linear_before_reset wrong, pytorch#189225; gru-deploy uses the TorchScript one).
+* Anything else is refused: gru-deploy cannot map an arbitrary cell onto ONNX's GRU.
+
+Either way the parity grid against the module run in float64 decides.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from gru_deploy.errors import UserInputError
+from gru_deploy.spec import INPUT_NAME
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+
+def fused_plan(module: "torch.nn.Module", recurrence: str, reference: str) -> str:
+    """'build' (gru-deploy writes the GRU graph) or 'exporter' (the exporter's graph is one);
+    UserInputError saying why for any other model."""
+    from gru_deploy.models.families import StackedGRUClassifier
+
+    if isinstance(module, StackedGRUClassifier):
+        return "build"
+    if recurrence == "gru":
+        return "exporter"
+    raise UserInputError(f"--strategy fused maps the tutorial cell families and torch.nn.GRU onto ONNX's GRU "
+                         f"operator; {reference} recurs by {'a loop over its own cell' if recurrence == 'loop' else recurrence}, "
+                         "which gru-deploy cannot map: export it with --strategy loop")
+
+
+def build_stacked_fused(module: "torch.nn.Module", input_size: int, output_name: str,
+                        opset: int) -> "onnx.ModelProto":
+    """StackedGRUClassifier as ONNX: x [batch, seq, input] -> output [batch, classes].
+
+    Layer l runs one GRU node over the time-major sequence; its Y [seq, D, batch, H] becomes
+    the next layer's input [seq, batch, D·H] (both directions side by side, as the module
+    concatenates them); the last layer's Y_h [D, batch, H] becomes [batch, D·H] for the head.
+    onnxruntime's GRU kernel aborts the process on an empty batch or sequence, so the graph
+    branches (`If`) on batch·seq == 0 and answers fc(0) = fc.bias without the kernel.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from gru_deploy.convert.graphs import float32_arrays, min_ir_version, tutorial_cell_gru_weights
+
+    weights = float32_arrays(module.state_dict())
+    layers = len(module.layers)
+    directions = 2 if hasattr(module.layers[0], "bw") else 1
+    hidden = int(module.layers[0].fw.hidden_size)
+    classes = int(module.fc.out_features)
+    consts: dict[str, Any] = {"fc_weight": weights["fc.weight"], "fc_bias": weights["fc.bias"],
+                              "zero": np.array(0, np.int64), "one": np.array(1, np.int64),
+                              "axis0": np.array([0], np.int64), "out_dim": np.array([classes], np.int64),
+                              "merge_directions": np.array([0, 0, directions * hidden], np.int64),
+                              "batch_features": np.array([0, directions * hidden], np.int64)}
+    nodes = []
+    x_in = INPUT_NAME
+    if module.normalize:
+        consts["norm_mean"] = module.norm_mean.detach().numpy().astype(np.float32)
+        consts["norm_scale"] = module.norm_scale.detach().numpy().astype(np.float32)
+        nodes += [helper.make_node("Sub", [INPUT_NAME, "norm_mean"], ["x_centered"]),
+                  helper.make_node("Mul", ["x_centered", "norm_scale"], ["x_normalized"])]
+        x_in = "x_normalized"
+    nodes.append(helper.make_node("Transpose", [x_in], ["steps_0"], perm=[1, 0, 2]))
+    for layer in range(layers):
+        per_direction = [tutorial_cell_gru_weights(weights, f"layers.{layer}.{d}.")
+                         for d in ("fw", "bw")[:directions]]
+        for i, name in enumerate("WRB"):
+            consts[f"{name}_{layer}"] = np.stack([arrays[i] for arrays in per_direction])
+        nodes.append(helper.make_node(
+            "GRU", [f"steps_{layer}", f"W_{layer}", f"R_{layer}", f"B_{layer}"], [f"Y_{layer}", f"Y_h_{layer}"],
+            hidden_size=hidden, linear_before_reset=0,
+            direction="bidirectional" if directions == 2 else "forward", name=f"gru_layer_{layer}"))
+        if layer + 1 < layers:  # [seq, D, batch, H] -> [seq, batch, D*H]
+            nodes += [helper.make_node("Transpose", [f"Y_{layer}"], [f"Y_{layer}_tb"], perm=[0, 2, 1, 3]),
+                      helper.make_node("Reshape", [f"Y_{layer}_tb", "merge_directions"], [f"steps_{layer + 1}"])]
+    last = f"Y_h_{layers - 1}"  # [D, batch, H] -> [batch, D*H]
+    nodes += [helper.make_node("Transpose", [last], ["final_bd"], perm=[1, 0, 2]),
+              helper.make_node("Reshape", ["final_bd", "batch_features"], ["features"]),
+              helper.make_node("Gemm", ["features", "fc_weight", "fc_bias"], ["logits_full"], transB=1)]
+
+    def value(name: str) -> "onnx.ValueInfoProto":
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", classes])
+
+    full = helper.make_graph(nodes, "stacked_gru", [], [value("logits_full")])
+    empty = helper.make_graph(
+        [helper.make_node("Unsqueeze", ["batch_dim", "axis0"], ["batch_1d"]),
+         helper.make_node("Concat", ["batch_1d", "out_dim"], ["empty_shape"], axis=0),
+         helper.make_node("Expand", ["fc_bias", "empty_shape"], ["logits_empty"])],
+        "empty_input", [], [value("logits_empty")])
+    graph = helper.make_graph(
+        [helper.make_node("Shape", [INPUT_NAME], ["shape"]),
+         helper.make_node("Gather", ["shape", "zero"], ["batch_dim"], axis=0),
+         helper.make_node("Gather", ["shape", "one"], ["seq_dim"], axis=0),
+         helper.make_node("Mul", ["batch_dim", "seq_dim"], ["elements"]),
+         helper.make_node("Equal", ["elements", "zero"], ["is_empty"]),
+         helper.make_node("If", ["is_empty"], [output_name], then_branch=empty, else_branch=full)],
+        "stacked_gru_fused",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", "seq", input_size])],
+        [value(output_name)],
+        [numpy_helper.from_array(np.array(v, copy=True), k) for k, v in consts.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=min_ir_version(opset),
+                             producer_name="gru-deploy")
