@@ -472,10 +472,13 @@ def package(obj: dict, folder: Path, target: str, out: Path | None, archive: boo
     if as_json:
         _emit_json({"out": str(written), **manifest})
         return
+    from gru_deploy.manifest import is_module_export
+
+    against = "the float64 reference" if is_module_export(manifest) else "eager"
     for name, q in ((manifest.get("quantization") or {}).get("models") or {}).items():
         g = q["gate_vs_eager"]
         click.echo(f"int8 {name}: {q['weight_bytes_quantized_share']:.0%} of weight bytes int8, "
-                   f"{q['size_before']:,} -> {q['size_after']:,} bytes; vs eager on the golden inputs: max abs "
+                   f"{q['size_before']:,} -> {q['size_after']:,} bytes; vs {against} on the golden inputs: max abs "
                    f"{g['max_abs']:.3g} (bound {g['max_abs_bound']:.3g}), argmax agreement {g['argmax_agreement']:.0%}")
     for run in manifest["onnxruntime"]["checked_with"]:
         click.echo(f"golden vectors pass in onnxruntime {run['onnxruntime']} ({run['python']}): {run['cases']} runs")
@@ -526,17 +529,18 @@ def infer(folder: Path, input_path: Path, lengths_path: Path | None, state_in: P
     if kind is not None:  # your own model: its one model file, every output of its signature
         given = [name for name, value in (("--lengths", lengths_path), ("--state-in", state_in),
                                           ("--state-out", state_out)) if value is not None]
-        if given or precision != "fp32":
-            raise UserInputError(f"{folder} holds your own model, which has one fp32 model and no stream "
-                                 f"or lengths variant: drop {', '.join(given) or '--precision int8'}")
+        if given or (precision != "fp32" and kind == "export"):
+            raise UserInputError(f"{folder} holds a model with no stream or lengths variant, and an export holds "
+                                 f"fp32 models only (package --quantize int8 makes an int8 one): drop "
+                                 f"{', '.join(given) or '--precision int8'}")
         x = load_array(input_path, "--input")
         result = (infer_user(folder, user_export(folder), x, threads) if kind == "export"
-                  else infer_user_bundle(folder, x, threads))
+                  else infer_user_bundle(folder, x, threads, precision))
         if as_json:
             _emit_json(result.to_json())
             return
         if not quiet:
-            click.echo(f"ran {result.model} (fp32) in onnxruntime", err=True)
+            click.echo(f"ran {result.model} ({precision}) in onnxruntime", err=True)
         for line in result.lines():
             click.echo(line)
         return

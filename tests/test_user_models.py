@@ -4,6 +4,7 @@ torch.nn.GRU, an LSTM cell loop, a per-step tagger, and the two it must refuse."
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -199,9 +200,9 @@ def test_the_tutorial_export_is_unchanged_without_model(export_dir):
     assert "model" not in manifest and set(manifest["variants"]) == {"stream", "lengths"}
 
 
-@pytest.mark.parametrize("command", ["package-int8", "serve", "bench", "junit"])
+@pytest.mark.parametrize("command", ["package-check-with", "serve", "bench", "junit"])
 def test_the_tutorial_only_commands_say_so_on_a_user_export(exports, tmp_path, command):
-    """package --quantize, serve (and Stream, which chooses its model the same way), bench and
+    """package --check-with, serve (and Stream, which chooses its model the same way), bench and
     verify --junit-xml handle the tutorial model's exports only so far: exit 2, one line, nothing
     written."""
     import socket
@@ -210,8 +211,8 @@ def test_the_tutorial_only_commands_say_so_on_a_user_export(exports, tmp_path, c
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     out = exports["TwoLayerGRU"][0]
-    argv = {"package-int8": ["package", str(out), "--target", "edge", "--quantize", "int8", "--out",
-                             str(tmp_path / "edge")],
+    argv = {"package-check-with": ["package", str(out), "--target", "edge", "--check-with", sys.executable,
+                                   "--out", str(tmp_path / "edge")],
             "serve": ["serve", str(out), "--port", str(port)],
             "bench": ["bench", str(out), "--budget", "0.01", "--no-large"],
             "junit": ["verify", str(out), "--junit-xml", str(tmp_path / "edge")]}[command]
@@ -347,3 +348,47 @@ def test_a_scripted_gru_cell_that_the_exporter_fails_on_is_refused_with_the_way_
     assert "the ONNX exporter failed on the scripted model" in proc.stderr
     assert "write the cell out, as the tutorial does, or use torch.nn.GRU" in proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("name", ["TwoLayerGRU", "Tagger"])
+def test_an_int8_edge_bundle_of_a_user_model_is_gated_verified_and_runs(exports, tmp_path, name):
+    """package --quantize int8: onnxruntime's quantiser over the loop graph, its gate against the
+    float64 outputs on the golden inputs recorded and re-checked by verify; infer --precision int8
+    runs it. A per-step output (the tagger) is judged per step."""
+    out = exports[name][0]
+    bundle = tmp_path / "edge8"
+    proc = run_cli("package", str(out), "--target", "edge", "--quantize", "int8", "--out", str(bundle), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    int8 = [p for p, info in manifest["models"].items() if info["precision"] == "int8"]
+    assert len(int8) == 1
+    record = manifest["quantization"]["models"][int8[0]]
+    assert record["weight_bytes_quantized_share"] >= 0.5 and record["gate_vs_eager"]["passed"]
+    report = json.loads(run_cli("verify", str(bundle), "--json").stdout)
+    assert report["passed"], [c for c in report["checks"] if not c["passed"]]
+    assert any(c["check"].startswith("int8 gate") and c["passed"] for c in report["checks"])
+    size = manifest["signatures"]["classifier"]["inputs"][0]["shape"][2]
+    x = np.random.default_rng(3).standard_normal((2, 9, size)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    fp32 = json.loads(run_cli("infer", str(bundle), "--input", str(tmp_path / "x.npy"), "--json").stdout)
+    proc = run_cli("infer", str(bundle), "--input", str(tmp_path / "x.npy"), "--precision", "int8", "--json")
+    assert proc.returncode == 0, proc.stderr
+    q = json.loads(proc.stdout)
+    assert q["model"] == int8[0] and fp32["model"] != int8[0]
+    for output, value in q["outputs"].items():
+        ref = np.asarray(fp32["outputs"][output]["data"])
+        assert np.abs(np.asarray(value["data"]) - ref).max() <= 0.1 * np.abs(ref).max()
+
+
+def test_int8_is_refused_where_it_cannot_be_judged_or_does_not_quantise(exports, tmp_path):
+    """Two outputs (the gate judges one), and torch.nn.GRU (no int8 GRU kernel: the quantiser
+    leaves almost every weight in float): exit 2 with the reason, nothing written."""
+    for name, fragment in (("LSTMLoop", "packages single-output models"),
+                           ("TorchGRUClassifier", "no int8 kernel in onnxruntime")):
+        where = tmp_path / name
+        proc = run_cli("package", str(exports[name][0]), "--target", "edge", "--quantize", "int8", "--out",
+                       str(where))
+        assert proc.returncode == 2 and fragment in proc.stderr, proc.stderr
+        assert not where.exists()
+    proc = run_cli("infer", str(exports["Tagger"][0]), "--input", str(tmp_path / "none.npy"), "--precision", "int8")
+    assert proc.returncode == 2 and "package --quantize int8 makes an int8 one" in proc.stderr

@@ -309,12 +309,17 @@ def _quantize(files: dict[str, bytes], models: dict[str, dict[str, Any]], source
         share = report["weight_bytes_quantized_share"]
         if share < MIN_INT8_SHARE:
             strategy = source["models"][info["source"]].get("strategy")
+            kept = report["float_weight_consumers"]
+            recurrent = [op for op in ("GRU", "LSTM", "RNN") if op in kept]
+            # a module whose recurrence is torch.nn.GRU/LSTM exports as that operator in every form
+            operator_only = (source.get("model") or {}).get("recurrence") not in (None, "loop")
             raise UserInputError(
                 f"--quantize int8: onnxruntime's dynamic quantiser would store only {share:.0%} of {path}'s weight "
-                f"bytes as int8 (ops kept in float: {', '.join(report['float_weight_consumers']) or 'none'}); "
-                + (f"the {strategy} strategy's recurrence has no int8 kernel in onnxruntime (onnxruntime#9796). "
-                   if strategy == "fused" else "")
-                + "Export with `--strategy loop` and package that for int8, or package without --quantize.")
+                f"bytes as int8 (ops kept in float: {', '.join(kept) or 'none'}); "
+                + (f"ONNX's {'/'.join(recurrent)} operator has no int8 kernel in onnxruntime (onnxruntime#9796). "
+                   if recurrent else "")
+                + ("Package without --quantize." if operator_only else
+                   "Export with `--strategy loop` and package that for int8, or package without --quantize."))
         q_path = str(PurePosixPath(path).with_suffix(".int8.onnx"))
         files[q_path] = q_bytes
         int8[info["variant"]] = (q_path, q_bytes)
@@ -354,10 +359,10 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
     if is_user_export(source):  # your own model: its one model, golden vectors from its float64 outputs
         from gru_deploy.bundle.user import build_user_bundle
 
-        if quantize or check_with:
-            raise UserInputError(f"{export_dir} is an export of your own model: --quantize and --check-with handle "
-                                 "exports of the tutorial model only in this version")
-        return build_user_bundle(export_dir, source, target, step)
+        if check_with:
+            raise UserInputError(f"{export_dir} is an export of your own model: --check-with handles exports of "
+                                 "the tutorial model only in this version")
+        return build_user_bundle(export_dir, source, target, step, quantize)
     missing = [v for v in ("stream", "lengths") if v not in (source.get("variants") or {})]
     if missing:
         raise UserInputError(f"{export_dir}: the export lacks the {', '.join(missing)} model(s); re-export it")

@@ -20,6 +20,7 @@ import numpy as np
 
 from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.manifest import check_file_entries, parse_manifest, safe_relative_name, sha256_file
+from gru_deploy.spec import OUTPUT_NAME
 
 BUNDLE_FIELDS = ("format", "format_version", "target", "signatures", "config", "labels", "models", "golden", "files")
 MAX_MANIFEST_BYTES = 4 << 20
@@ -260,11 +261,14 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
                 checks.append(entry)
             if precision == "int8" and case.get("eager_case") in expected_by_case:
                 refs, tests = int8_runs.setdefault(model, ([], []))
-                refs.append(expected_by_case[case["eager_case"]]["logits"])
-                tests.append(got["logits"])
+                judged = spec["outputs"][0]["name"] if user else OUTPUT_NAME
+                reference = expected_by_case[case["eager_case"]][judged]
+                last = reference.shape[-1]  # samples (and steps, for per-step outputs) over the last axis
+                refs.append(reference.reshape(-1, last))
+                tests.append(got[judged].reshape(-1, last))
     quantization = manifest.get("quantization") or {}
     for model, record in (quantization.get("models") or {}).items():
-        check = f"int8 gate: {model} vs eager on the golden inputs"
+        check = f"int8 gate: {model} vs {'the float64 reference' if user else 'eager'} on the golden inputs"
         gate = record.get("gate_vs_eager") or {}
         if model not in int8_runs or "max_abs_bound" not in gate:
             checks.append({"check": check, "passed": False,
@@ -276,7 +280,8 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
         entry = {"check": check, "passed": verdict["passed"], "max_abs": verdict["max_abs"],
                  "max_abs_bound": gate["max_abs_bound"], "argmax_agreement": verdict["argmax_agreement"]}
         if not verdict["passed"]:
-            entry["message"] = f"{path}: int8 {model} against eager: {verdict['reason']}"
+            entry["message"] = (f"{path}: int8 {model} against {'the float64 reference' if user else 'eager'}: "
+                                f"{verdict['reason']}")
         checks.append(entry)
 
 

@@ -39,8 +39,13 @@ def user_triton_config(name: str, platform: str, signature: dict[str, Any], libt
             + "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n")
 
 
-def _golden(export_dir: Path, source: dict[str, Any], model_path: str) -> tuple[dict[str, bytes], dict[str, Any]]:
-    from gru_deploy.bundle.package import GOLDEN_DIR, npy_bytes, tensor_json
+def _golden(export_dir: Path, source: dict[str, Any], model_path: str,
+            int8: tuple[str, bytes] | None = None) -> tuple[dict[str, bytes], dict[str, Any], dict[str, Any] | None]:
+    """Golden cases from the export's stored float64 outputs; with `int8` (bundle path, bytes),
+    an int8 case per input holding the int8 model's own outputs, and the int8 gate of those
+    against the float64 ones (compare.int8_gate, per sample and step over the last axis)."""
+    from gru_deploy.bundle.package import GOLDEN_DIR, INT8_GOLDEN_TOL, npy_bytes, tensor_json
+    from gru_deploy.check.compare import int8_gate
     from gru_deploy.convert.user import REFERENCE_FILE, case_input
     from gru_deploy.manifest import verified_path
 
@@ -52,6 +57,14 @@ def _golden(export_dir: Path, source: dict[str, Any], model_path: str) -> tuple[
     size = signature["inputs"][0]["shape"][2]
     files: dict[str, bytes] = {}
     cases = []
+    refs: list[np.ndarray] = []
+    tests: list[np.ndarray] = []
+    if int8 is not None:
+        import onnxruntime as ort
+
+        from gru_deploy.check.runners import session_options
+
+        int8_session = ort.InferenceSession(int8[1], session_options(1), providers=["CPUExecutionProvider"])
     for index, (batch, seq) in enumerate(USER_GOLDEN):
         name = f"classifier_{index}"
         case: dict[str, Any] = {"name": name, "variant": "classifier", "model": model_path, "inputs": {},
@@ -68,17 +81,42 @@ def _golden(export_dir: Path, source: dict[str, Any], model_path: str) -> tuple[
                 files[path] = npy_bytes(np.ascontiguousarray(array))
                 case[kind][tensor_name] = {**tensor_json(array), "npy": path}
         cases.append(case)
+        if int8 is not None:
+            q_name = f"{name}_int8"
+            out_name = signature["outputs"][0]["name"]
+            got = int8_session.run([out_name], {"x": tensors["inputs"]["x"]})[0]
+            path = f"{GOLDEN_DIR}/{q_name}.{out_name}.npy"
+            files[path] = npy_bytes(np.ascontiguousarray(got))
+            cases.append({"name": q_name, "variant": "classifier", "model": int8[0], "precision": "int8",
+                          "eager_case": name, "atol": INT8_GOLDEN_TOL, "rtol": INT8_GOLDEN_TOL,
+                          "inputs": case["inputs"], "outputs": {out_name: {**tensor_json(got), "npy": path}}})
+            refs.append(tensors["outputs"][out_name])
+            tests.append(got)
     computed_by = reference.get("computed_by", "the user's module in float64")
+    references = {"fp32": f"{computed_by}, at export, rounded to float32"}
+    if int8 is not None:
+        import onnxruntime
+
+        references["int8"] = f"the int8 model in onnxruntime {onnxruntime.__version__}"
     document = {"format_version": 1, "atol": source["parity"]["atol"], "rtol": source["parity"]["rtol"],
-                "reference": {"fp32": f"{computed_by}, at export, rounded to float32"}, "cases": cases}
+                "reference": references, "cases": cases}
     files[f"{GOLDEN_DIR}/golden.json"] = json_bytes(document)
-    return files, document
+    gate = None
+    if int8 is not None:  # per output element group: samples (and steps) over the output's last axis
+        last = refs[0].shape[-1]
+        gate = int8_gate(np.concatenate([r.reshape(-1, last) for r in refs]),
+                         np.concatenate([t.reshape(-1, last) for t in tests]))
+    return files, document, gate
 
 
 def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
-                      step: Callable[[str], None]) -> dict[str, bytes]:
-    """Every file of a bundle of a user's model, manifest included, as {relative path: bytes}."""
-    from gru_deploy.bundle.package import BUNDLE_FORMAT, BUNDLE_VERSION, REPOSITORY, onnx_info, runtime_record
+                      step: Callable[[str], None], quantize: str | None = None) -> dict[str, bytes]:
+    """Every file of a bundle of a user's model, manifest included, as {relative path: bytes}.
+    With quantize="int8" (edge), an int8 copy of the ONNX model, gated against the float64
+    outputs on the golden inputs (a single-output model: the gate judges one output)."""
+    from gru_deploy.bundle.package import (BUNDLE_FORMAT, BUNDLE_VERSION, REPOSITORY, _quantize, onnx_info,
+                                           runtime_record)
+    from gru_deploy.errors import CheckFailed
     from gru_deploy.manifest import find_models, select_model
     from gru_deploy.versions import library_versions
 
@@ -107,9 +145,22 @@ def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
             select_model(source, "classifier", "torchscript", where=where), "torchscript")
         files[f"{REPOSITORY}/{SERVER_NAME}_torchscript/config.pbtxt"] = user_triton_config(
             f"{SERVER_NAME}_torchscript", "pytorch_libtorch", signature, libtorch_names=True).encode()
+    quantization = None
+    int8 = None
+    if quantize == "int8":
+        if len(signature["outputs"]) != 1:
+            raise UserInputError(f"{export_dir}: --quantize int8 packages single-output models (the int8 gate judges "
+                                 f"one output); this one has {len(signature['outputs'])}: package it without --quantize")
+        quantized, quantization = _quantize(files, models, source, step)
+        int8 = quantized["classifier"]
     step("golden vectors from the float64 outputs the export computed from your module")
-    golden, document = _golden(export_dir, source, onnx_path)
+    golden, document, gate = _golden(export_dir, source, onnx_path, int8)
     files.update(golden)
+    if int8 is not None:
+        quantization["models"][int8[0]]["gate_vs_eager"] = gate
+        if not gate["passed"]:
+            raise CheckFailed(f"int8 {int8[0]} fails its gate against the float64 outputs on the golden inputs: "
+                              f"{gate['reason']}; nothing written")
     runtimes = runtime_record(models, document["reference"], source["versions"].get("onnxruntime", "unknown"))
     files["README.txt"] = (
         f"gru-deploy {target} bundle of {source['model'].get('reference')}\n\n"
@@ -128,7 +179,7 @@ def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
         "models": dict(sorted(models.items())),
         "onnxruntime": runtimes,
         "golden": {"file": "golden/golden.json", "atol": document["atol"], "rtol": document["rtol"]},
-        "quantization": None,
+        "quantization": quantization,
         "source_export": {"manifest_sha256": sha256_bytes((export_dir / "manifest.json").read_bytes()),
                           "strategy": source["strategy"]},
         "parity": {"passed": source["parity"]["passed"], "atol": document["atol"], "rtol": document["rtol"]},

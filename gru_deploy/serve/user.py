@@ -94,8 +94,9 @@ def infer_user(folder: Path, manifest: dict[str, Any], x: Any, threads: int = 1)
                      threads)
 
 
-def infer_user_bundle(path: Path, x: Any, threads: int = 1) -> UserPrediction:
-    """The same on a bundle of a user's model (folder or archive), every file checked first."""
+def infer_user_bundle(path: Path, x: Any, threads: int = 1, precision: str = "fp32") -> UserPrediction:
+    """The same on a bundle of a user's model (folder or archive), every file checked first;
+    `precision` int8 runs the bundle's int8 model (package --quantize int8)."""
     from gru_deploy.bundle.read import check_bundle_files, open_bundle
     from gru_deploy.manifest import select_model
 
@@ -103,7 +104,8 @@ def infer_user_bundle(path: Path, x: Any, threads: int = 1) -> UserPrediction:
         check_bundle_files(folder, manifest)
         signature = manifest["signatures"]["classifier"]
         x = check_user_input(x, signature)
-        name = select_model(manifest, "classifier", "onnx", where=f"{path} ({manifest['target']} bundle)")
+        name = select_model(manifest, "classifier", "onnx", precision,
+                            where=f"{path} ({manifest['target']} bundle)")
         return _run_onnx((folder / name).read_bytes(), f"{path}: {name}", signature,
                          manifest["models"][name].get("op_types"), x, name, threads)
 
