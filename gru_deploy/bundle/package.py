@@ -308,7 +308,6 @@ def _quantize(files: dict[str, bytes], models: dict[str, dict[str, Any]], source
         q_bytes, report = quantize_int8(files[path])
         share = report["weight_bytes_quantized_share"]
         if share < MIN_INT8_SHARE:
-            strategy = source["models"][info["source"]].get("strategy")
             kept = report["float_weight_consumers"]
             recurrent = [op for op in ("GRU", "LSTM", "RNN") if op in kept]
             # a module whose recurrence is torch.nn.GRU/LSTM exports as that operator in every form
