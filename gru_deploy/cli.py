@@ -652,7 +652,8 @@ def inspect(path: Path, as_json: bool) -> None:
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--model-name", default=None, help="Name in the URL [default: gru_classifier].")
+@click.option("--model-name", default=None,
+              help="Name in the URL [default: gru_classifier; for a built-in family or your own model: model].")
 @click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True,
               help="Samples grouped into one onnxruntime call; 1 turns dynamic batching off.")
 @click.option("--max-delay-ms", type=click.FloatRange(min=0), default=2.0, show_default=True,

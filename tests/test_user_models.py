@@ -200,20 +200,13 @@ def test_the_tutorial_export_is_unchanged_without_model(export_dir):
     assert "model" not in manifest and set(manifest["variants"]) == {"stream", "lengths"}
 
 
-@pytest.mark.parametrize("command", ["package-check-with", "serve", "bench", "junit"])
+@pytest.mark.parametrize("command", ["package-check-with", "bench", "junit"])
 def test_the_tutorial_only_commands_say_so_on_a_user_export(exports, tmp_path, command):
-    """package --check-with, serve (and Stream, which chooses its model the same way), bench and
-    verify --junit-xml handle the tutorial model's exports only so far: exit 2, one line, nothing
-    written."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    """package --check-with, bench and verify --junit-xml handle the tutorial model's exports
+    only so far: exit 2, one line, nothing written."""
     out = exports["TwoLayerGRU"][0]
     argv = {"package-check-with": ["package", str(out), "--target", "edge", "--check-with", sys.executable,
                                    "--out", str(tmp_path / "edge")],
-            "serve": ["serve", str(out), "--port", str(port)],
             "bench": ["bench", str(out), "--budget", "0.01", "--no-large"],
             "junit": ["verify", str(out), "--junit-xml", str(tmp_path / "edge")]}[command]
     proc = run_cli(*argv)
@@ -392,3 +385,121 @@ def test_int8_is_refused_where_it_cannot_be_judged_or_does_not_quantise(exports,
         assert not where.exists()
     proc = run_cli("infer", str(exports["Tagger"][0]), "--input", str(tmp_path / "none.npy"), "--precision", "int8")
     assert proc.returncode == 2 and "package --quantize int8 makes an int8 one" in proc.stderr
+
+
+def test_serve_answers_a_user_model_over_v2_with_its_own_outputs(exports, tmp_path):
+    """serve on a user export and on its edge bundle: the v2 metadata is the signature, a real
+    client (tritonclient.http) gets every output equal to infer's, concurrent requests of
+    different lengths each get their own answer (batched only with their own length), and a
+    lengths input is a 400 that leaves the server serving."""
+    import signal
+
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    from test_serve import start
+
+    out = exports["LSTMLoop"][0]
+    bundle = tmp_path / "edge"
+    assert run_cli("package", str(out), "--target", "edge", "--out", str(bundle)).returncode == 0
+    size = json.loads((out / "manifest.json").read_text())["signature"]["inputs"][0]["shape"][2]
+    rng = np.random.default_rng(11)
+    xs = [rng.standard_normal((b, s, size)).astype(np.float32) for b, s in ((1, 5), (2, 5), (1, 40), (3, 1), (1, 5))]
+    expected = []
+    for i, x in enumerate(xs):
+        np.save(tmp_path / f"x{i}.npy", x)
+        proc = run_cli("infer", str(out), "--input", str(tmp_path / f"x{i}.npy"), "--json")
+        expected.append({k: np.asarray(v["data"], np.float32).ravel() for k, v in json.loads(proc.stdout)["outputs"].items()})
+    for path in (out, bundle):
+        proc, port, _ = start(path, "--max-batch", "8", "--max-delay-ms", "20")
+        try:
+            client = http.InferenceServerClient(f"127.0.0.1:{port}", concurrency=8)
+            meta = client.get_model_metadata("model")
+            assert [o["name"] for o in meta["outputs"]] == ["output_0", "output_1"]
+            assert [i["shape"] for i in meta["inputs"]] == [[-1, -1, size]]
+
+            def send(x):
+                tensor = http.InferInput("x", list(x.shape), "FP32")
+                tensor.set_data_from_numpy(x, binary_data=True)
+                return client.async_infer("model", [tensor])  # all in flight at once
+
+            results = [request.get_result() for request in [send(x) for x in xs]]
+            answers = [{name: r.as_numpy(name) for name in ("output_0", "output_1")} for r in results]
+            for got, want in zip(answers, expected):
+                for name in want:
+                    np.testing.assert_allclose(got[name].ravel(), want[name], atol=1e-5)
+            lengths = http.InferInput("lengths", [1], "INT64")
+            lengths.set_data_from_numpy(np.array([5], np.int64))
+            tensor = http.InferInput("x", [1, 5, size], "FP32")
+            tensor.set_data_from_numpy(xs[0])
+            with pytest.raises(InferenceServerException, match="no lengths variant"):
+                client.infer("model", [tensor, lengths])
+            assert client.is_server_ready()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+
+
+def test_serve_gives_a_family_classifier_labels_and_probabilities(tmp_path):
+    """A built-in family's export carries labels: the server offers probabilities and label too."""
+    import signal
+
+    import tritonclient.http as http
+
+    import gru_deploy
+    from gru_deploy.data import load_data
+    from gru_deploy.train import TrainOptions, train_family
+    from test_serve import start
+
+    split = load_data("synthetic", seed=0)
+    ckpt = train_family("torch-gru", 6, 1, False, split, TrainOptions(epochs=1))
+    out = tmp_path / "fam"
+    gru_deploy.export(checkpoint=ckpt, out=out)
+    proc, port, _ = start(out)
+    try:
+        client = http.InferenceServerClient(f"127.0.0.1:{port}")
+        x = split.test.x[:3]
+        tensor = http.InferInput("x", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        result = client.infer("model", [tensor], outputs=[http.InferRequestedOutput(n) for n in
+                                                          ("logits", "probabilities", "label")])
+        logits = result.as_numpy("logits")
+        np.testing.assert_allclose(result.as_numpy("probabilities").sum(1), 1.0, atol=1e-6)
+        labels = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("label")]
+        assert labels == [split.test.labels[i] for i in logits.argmax(1)]
+        np.testing.assert_allclose(logits, gru_deploy.load(out).predict(x)["logits"], atol=1e-5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+
+
+def test_the_server_batches_a_user_models_requests_only_with_their_own_length(exports, monkeypatch):
+    """No lengths variant, so nothing may be padded: one collected group runs as one call per
+    sequence length, shortest first, and each request gets exactly its rows."""
+    import asyncio
+
+    from gru_deploy.serve.server import load_model
+    from gru_deploy.serve.user import infer_user, user_export
+    from test_serve import calls_of, run_async
+
+    out = exports["Tagger"][0]
+    manifest = user_export(out)
+    size = manifest["signature"]["inputs"][0]["shape"][2]
+    rng = np.random.default_rng(12)
+    xs = [rng.standard_normal((b, s, size)).astype(np.float32) for b, s in ((1, 5), (2, 40), (1, 5), (3, 1))]
+    model = load_model(out, 1, sum(x.shape[0] for x in xs), 60_000.0, None)
+    calls = calls_of(model, monkeypatch)
+
+    async def scenario():
+        model.queue = asyncio.Queue()
+        batcher = asyncio.create_task(model.batcher())
+        try:
+            return await asyncio.gather(*(model.infer(x, np.full(x.shape[0], x.shape[1])) for x in xs))
+        finally:
+            batcher.cancel()
+            model.executor.shutdown(wait=True)
+
+    answers = run_async(scenario(), timeout=60)
+    assert calls == [(3, 1, size), (2, 5, size), (2, 40, size)]
+    for x, got in zip(xs, answers):
+        np.testing.assert_allclose(got["logits"], infer_user(out, manifest, x).outputs["logits"], atol=1e-6)

@@ -108,6 +108,40 @@ class Model:
         # one of them (or the queue) could still join its group.
         self.arriving = 0
 
+    @property
+    def input_size(self) -> int:
+        return self.spec.input_size
+
+    def validate(self, arrays: dict[str, np.ndarray], limits: "Limits") -> tuple[np.ndarray, np.ndarray]:
+        return validate(arrays, self.spec, limits)
+
+    def parts(self, group: list[Pending]) -> list[list[Pending]]:
+        """How one collected group runs: in parts of similar length (the lengths model pads within one)."""
+        return length_groups(group) if self.group_by_length else [group]
+
+    def rows(self, result: Any, row: int, count: int) -> Any:
+        """One request's share of a batched result."""
+        return result[row:row + count]
+
+    def outputs(self, result: Any) -> dict[str, tuple[str, Callable[[], np.ndarray]]]:
+        """What a request may ask for: name -> (v2 datatype, computed only when asked)."""
+        from gru_deploy.serve.infer import softmax
+
+        return {
+            "logits": ("FP32", lambda: result.astype(np.float32)),
+            "probabilities": ("FP32", lambda: softmax(result)),
+            "label": ("BYTES", lambda: np.array([self.spec.labels[i] for i in result.argmax(axis=1)], dtype=object)),
+        }
+
+    default_outputs = ("logits",)
+
+    def tensors(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The v2 metadata's inputs and outputs."""
+        s = self.spec
+        return ([_meta(INPUT_NAME, "FP32", [-1, -1, s.input_size]), _meta(LENGTHS_NAME, "INT64", [-1])],
+                [_meta("logits", "FP32", [-1, s.output_size]), _meta("probabilities", "FP32", [-1, s.output_size]),
+                 _meta("label", "BYTES", [-1])])
+
     def run(self, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """One onnxruntime call. Each request was validated on arrival (`validate`) and a padded
         batch of them is valid too, so the runner's own check of the whole batch is skipped."""
@@ -152,7 +186,7 @@ class Model:
                         break
                     group.append(item)
                     samples += item.x.shape[0]
-                for part in length_groups(group) if self.group_by_length else [group]:
+                for part in self.parts(group):
                     await self._run_group(part)
             except Exception as exc:
                 log.exception("the batcher failed a group of %d request(s)", len(group))
@@ -163,27 +197,146 @@ class Model:
         the padded batch included (a MemoryError), answers these requests with it."""
         try:
             seq = max(p.x.shape[1] for p in group)
-            x = np.zeros((sum(p.x.shape[0] for p in group), seq, self.spec.input_size), np.float32)
+            x = np.zeros((sum(p.x.shape[0] for p in group), seq, self.input_size), np.float32)
             row = 0
             for p in group:
                 x[row:row + p.x.shape[0], : p.x.shape[1]] = p.x
                 row += p.x.shape[0]
             lengths = np.concatenate([p.lengths for p in group])
-            logits = await asyncio.get_running_loop().run_in_executor(self.executor, self.run, x, lengths)
+            result = await asyncio.get_running_loop().run_in_executor(self.executor, self.run, x, lengths)
         except Exception as exc:
             fail(group, exc)
             return
         row = 0
         for p in group:
             if not p.future.done():
-                p.future.set_result(logits[row:row + p.x.shape[0]])
+                p.future.set_result(self.rows(result, row, p.x.shape[0]))
             row += p.x.shape[0]
+
+
+def _meta(name: str, datatype: str, shape: list[int]) -> dict[str, Any]:
+    return {"name": name, "datatype": datatype, "shape": shape}
+
+
+class ModuleModel(Model):
+    """A module exported by the generic path (your own, or a built-in family): its one model,
+    its signature's input and outputs. It has no lengths variant, so requests batch together
+    only with requests of the same sequence length (nothing is padded), shortest first."""
+
+    def __init__(self, name: str, signature: dict[str, Any], onnx_bytes: bytes, labels: list[str], threads: int,
+                 max_batch: int, max_delay_ms: float) -> None:
+        import onnxruntime as ort
+
+        from gru_deploy.check.runners import session_options
+
+        self.name, self.signature, self.labels = name, signature, list(labels)
+        self.file, self.precision = "", "fp32"
+        self.session = ort.InferenceSession(onnx_bytes, session_options(threads), providers=["CPUExecutionProvider"])
+        self.output_names = [o["name"] for o in signature["outputs"]]
+        self.max_batch, self.max_delay = max_batch, max_delay_ms / 1000.0
+        self.group_by_length = True
+        self.queue = None
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
+        self.on_batch = lambda size: None
+        self.arriving = 0
+
+    @property
+    def input_size(self) -> int:
+        return int(self.signature["inputs"][0]["shape"][2])
+
+    def validate(self, arrays: dict[str, np.ndarray], limits: "Limits") -> tuple[np.ndarray, np.ndarray]:
+        from gru_deploy.serve.user import check_user_input
+
+        if INPUT_NAME not in arrays:
+            raise ClientError(400, f"missing input {INPUT_NAME!r}")
+        unknown = sorted(set(arrays) - {INPUT_NAME})
+        if unknown:
+            raise ClientError(400, f"unknown input(s) {unknown}; this model takes {INPUT_NAME!r} only (it has no "
+                                   "lengths variant: send each sequence unpadded)")
+        x = arrays[INPUT_NAME]
+        if x.ndim == 3 and x.shape[1] > limits.max_seq:
+            raise ClientError(413, f"sequence length {x.shape[1]} exceeds the limit {limits.max_seq}")
+        try:  # before onnxruntime sees it: a GRU/LSTM kernel aborts the process on an empty axis
+            x = check_user_input(x, self.signature)
+        except UserInputError as exc:
+            raise ClientError(400, str(exc)) from None
+        return x, np.full(x.shape[0], x.shape[1], np.int64)
+
+    def parts(self, group: list[Pending]) -> list[list[Pending]]:
+        by_seq: dict[int, list[Pending]] = {}
+        for p in group:
+            by_seq.setdefault(p.x.shape[1], []).append(p)
+        return [by_seq[seq] for seq in sorted(by_seq)]
+
+    def rows(self, result: Any, row: int, count: int) -> Any:
+        return {name: value[row:row + count] for name, value in result.items()}
+
+    def outputs(self, result: Any) -> dict[str, tuple[str, Callable[[], np.ndarray]]]:
+        from gru_deploy.serve.infer import softmax
+
+        available: dict[str, tuple[str, Callable[[], np.ndarray]]] = {
+            name: ("FP32", (lambda v: lambda: np.asarray(v, np.float32))(value)) for name, value in result.items()}
+        if self.labels and len(self.output_names) == 1 and len(self.signature["outputs"][0]["shape"]) == 2:
+            scores = result[self.output_names[0]]
+            available["probabilities"] = ("FP32", lambda: softmax(scores))
+            available["label"] = ("BYTES", lambda: np.array([self.labels[i] for i in scores.argmax(axis=1)],
+                                                            dtype=object))
+        return available
+
+    @property
+    def default_outputs(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(self.output_names)
+
+    def tensors(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        def dims(shape: list[Any]) -> list[int]:
+            return [-1 if isinstance(d, str) else int(d) for d in shape]
+
+        outputs = [_meta(o["name"], "FP32", dims(o["shape"])) for o in self.signature["outputs"]]
+        if self.labels and len(outputs) == 1 and len(outputs[0]["shape"]) == 2:
+            outputs += [_meta("probabilities", "FP32", outputs[0]["shape"]), _meta("label", "BYTES", [-1])]
+        return [_meta(INPUT_NAME, "FP32", dims(self.signature["inputs"][0]["shape"]))], outputs
+
+    def run(self, x: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
+        self.on_batch(x.shape[0])
+        return dict(zip(self.output_names, self.session.run(self.output_names, {INPUT_NAME: x})))
+
+
+def load_module_model(path: Path, kind: str, threads: int, max_batch: int, max_delay_ms: float, name: str | None,
+                      precision: str) -> ModuleModel:
+    """The model of a module export or bundle (of `precision`), chosen and checked through its manifest."""
+    from gru_deploy.bundle.read import check_bundle_files, open_bundle
+    from gru_deploy.convert.graphs import check_onnx_bytes
+    from gru_deploy.manifest import select_model, verified_path
+    from gru_deploy.serve.user import user_export
+
+    if kind == "export":
+        manifest = user_export(path)
+        chosen = select_model(manifest, "classifier", "onnx", precision, where=str(path))
+        data = verified_path(path, manifest, chosen).read_bytes()
+        signature, recorded = manifest["signature"], (manifest.get("onnx") or {}).get("op_types")
+    else:
+        with open_bundle(path) as (folder, manifest):
+            check_bundle_files(folder, manifest)
+            chosen = select_model(manifest, "classifier", "onnx", precision, where=f"{path} ({manifest['target']} bundle)")
+            data = (folder / chosen).read_bytes()
+            signature, recorded = manifest["signatures"]["classifier"], manifest["models"][chosen].get("op_types")
+    check_onnx_bytes(data, f"{path}: {chosen}", known=frozenset(recorded or ()))
+    model = ModuleModel(name or "model", signature, data, manifest.get("labels") or [], threads, max_batch,
+                        max_delay_ms)
+    model.file, model.precision = chosen, precision
+    return model
 
 
 def load_model(path: Path, threads: int, max_batch: int, max_delay_ms: float, name: str | None,
                precision: str = "fp32", group_by_length: bool = True) -> Model:
-    """The lengths model (of `precision`) the manifest of an export folder or bundle lists, checked."""
+    """The lengths model (of `precision`) the manifest of an export folder or bundle lists, checked;
+    for a module's export or bundle, its one model (ModuleModel)."""
     from gru_deploy.serve.infer import load_model_bytes
+    from gru_deploy.serve.user import user_model_kind
+
+    kind = user_model_kind(Path(path))
+    if kind is not None:
+        return load_module_model(Path(path), kind, threads, max_batch, max_delay_ms, name, precision)
 
     chosen = load_model_bytes(Path(path), "lengths", precision)
     model = Model(name or "gru_classifier", chosen.spec, chosen.data, threads, max_batch, max_delay_ms,
@@ -289,16 +442,11 @@ def validate(arrays: dict[str, np.ndarray], spec: ModelSpec, limits: Limits) -> 
     return feed[INPUT_NAME], feed[LENGTHS_NAME]
 
 
-def encode_response(model: Model, request: dict, logits: np.ndarray) -> tuple[bytes, dict[str, str]]:
-    """The v2 response with the requested outputs, binary where the request asked for it."""
-    from gru_deploy.serve.infer import softmax
-
-    available = {  # computed only when asked for
-        "logits": ("FP32", lambda: logits.astype(np.float32)),
-        "probabilities": ("FP32", lambda: softmax(logits)),
-        "label": ("BYTES", lambda: np.array([model.spec.labels[i] for i in logits.argmax(axis=1)], dtype=object)),
-    }
-    wanted = request.get("outputs") or [{"name": "logits"}]
+def encode_response(model: Model, request: dict, result: Any) -> tuple[bytes, dict[str, str]]:
+    """The v2 response with the requested outputs (by default the model's own), binary where the
+    request asked for it."""
+    available = model.outputs(result)  # computed only when asked for
+    wanted = request.get("outputs") or [{"name": name} for name in model.default_outputs]
     if not isinstance(wanted, list) or not all(isinstance(o, dict) and "name" in o for o in wanted):
         raise ClientError(400, "'outputs' must be a list of {name}")
     binary_default = bool((request.get("parameters") or {}).get("binary_data_output", False))
@@ -380,18 +528,11 @@ def make_app(model: Model, limits: Limits | None = None) -> "web.Application":
     async def server_metadata(request: web.Request) -> web.Response:
         return web.json_response({"name": "gru-deploy", "version": __version__, "extensions": ["binary_tensor_data"]})
 
-    def tensor_meta(name: str, datatype: str, shape: list[int]) -> dict[str, Any]:
-        return {"name": name, "datatype": datatype, "shape": shape}
-
     async def model_metadata(request: web.Request) -> web.Response:
         check_model(request.match_info["name"])
-        s = model.spec
-        return web.json_response({
-            "name": model.name, "versions": ["1"], "platform": "onnxruntime_onnx",
-            "inputs": [tensor_meta(INPUT_NAME, "FP32", [-1, -1, s.input_size]), tensor_meta(LENGTHS_NAME, "INT64", [-1])],
-            "outputs": [tensor_meta("logits", "FP32", [-1, s.output_size]),
-                        tensor_meta("probabilities", "FP32", [-1, s.output_size]), tensor_meta("label", "BYTES", [-1])],
-        })
+        inputs, outputs = model.tensors()
+        return web.json_response({"name": model.name, "versions": ["1"], "platform": "onnxruntime_onnx",
+                                  "inputs": inputs, "outputs": outputs})
 
     async def model_ready(request: web.Request) -> web.Response:
         check_model(request.match_info["name"])
@@ -411,11 +552,11 @@ def make_app(model: Model, limits: Limits | None = None) -> "web.Application":
             except asyncio.TimeoutError:
                 raise ClientError(408, f"the request body did not arrive within {limits.read_timeout_s:g} s") from None
             header, arrays = parse_request(body, request.headers.get(HEADER_LENGTH), limits)
-            x, lengths = validate(arrays, model.spec, limits)
+            x, lengths = model.validate(arrays, limits)
             model.arriving -= 1
             arriving = False
-            logits = await model.infer(x, lengths)
-            payload, headers = encode_response(model, header, logits)
+            result = await model.infer(x, lengths)
+            payload, headers = encode_response(model, header, result)
             return web.Response(body=payload, headers=headers)
         except ClientError as exc:
             status = str(exc.status)
