@@ -121,15 +121,14 @@ class Loaded:
 
     def predict(self, x: "np.ndarray", lengths: "np.ndarray | None" = None) -> dict[str, "np.ndarray"]:
         """Every output by name (the tutorial model: logits and probabilities); `lengths` runs the
-        variable-length model of the tutorial model's export on a padded x."""
+        lengths variant on a padded x (the tutorial model's, or a module's that defines
+        forward_lengths)."""
         if self.kind is not None:
             from gru_deploy.serve.user import infer_user, infer_user_bundle
 
-            if lengths is not None:
-                raise UserInputError(f"{self.path}: your own model has no lengths variant")
             if self.kind == "bundle":
-                return infer_user_bundle(self.path, x, self.threads).outputs
-            return infer_user(self.path, self.manifest, x, self.threads).outputs
+                return infer_user_bundle(self.path, x, self.threads, lengths=lengths).outputs
+            return infer_user(self.path, self.manifest, x, self.threads, lengths=lengths).outputs
         from gru_deploy.serve.infer import infer
 
         result = infer(self.path, x, lengths=lengths, threads=self.threads)

@@ -306,6 +306,10 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
     cases = len(json.loads((out / "parity.json").read_text())["cases"])
     click.echo(f"parity holds: {len(summary)} comparisons over {cases} cases; worst max abs error "
                f"{summary[worst_pair]['max_abs']:.2e} ({worst_pair}); details in {out / 'parity.json'}")
+    for variant, report in (manifest["parity"].get("variants") or {}).items():  # a module's variants
+        worst = max(report["summary"], key=lambda k: report["summary"][k]["max_abs"])
+        click.echo(f"{variant} variant: parity holds: {len(report['summary'])} comparisons; worst max abs error "
+                   f"{report['summary'][worst]['max_abs']:.2e} ({worst})")
 
 
 @cli.command()
@@ -384,9 +388,10 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
         if as_json:
             _emit_json({**user, "deployment_accuracy": accuracy})
         else:
-            for pair, s in user["summary"].items():
-                click.echo(f"{'ok  ' if s['passed'] else 'FAIL'} {pair:<46} max abs {s['max_abs']:.2e}  "
-                           f"({s['cases']} cases)")
+            for variant, report in [("", user)] + [(f"{v}: ", r) for v, r in (user.get("variants") or {}).items()]:
+                for pair, s in report["summary"].items():
+                    click.echo(f"{'ok  ' if s['passed'] else 'FAIL'} {variant + pair:<54} max abs {s['max_abs']:.2e}  "
+                               f"({s['cases']} cases)")
             if accuracy:
                 click.echo(f"accuracy on {accuracy['data']} test split ({accuracy['test_samples']} samples"
                            f"{', each at its own length' if accuracy['variable_length'] else ''}):")
@@ -396,8 +401,10 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
                 for note in accuracy["notes"]:
                     click.echo(f"  note: {note}")
         if not user["passed"]:
+            reports = [("", user)] + [(f"{v}: ", r) for v, r in (user.get("variants") or {}).items()]
             raise CheckFailed(f"parity failed for {path}: " + "; ".join(
-                f"{k}: max abs {v['max_abs']:.3g}" for k, v in user["summary"].items() if not v["passed"]))
+                f"{variant}{k}: max abs {v['max_abs']:.3g}" for variant, report in reports
+                for k, v in report["summary"].items() if not v["passed"]))
         if not as_json:
             click.echo(f"parity holds for {path} (atol {atol:g}, rtol {rtol:g})")
         return
@@ -527,15 +534,15 @@ def infer(folder: Path, input_path: Path, lengths_path: Path | None, state_in: P
 
     kind = user_model_kind(folder)
     if kind is not None:  # your own model: its one model file, every output of its signature
-        given = [name for name, value in (("--lengths", lengths_path), ("--state-in", state_in),
-                                          ("--state-out", state_out)) if value is not None]
+        given = [name for name, value in (("--state-in", state_in), ("--state-out", state_out)) if value is not None]
         if given or (precision != "fp32" and kind == "export"):
-            raise UserInputError(f"{folder} holds a model with no stream or lengths variant, and an export holds "
-                                 f"fp32 models only (package --quantize int8 makes an int8 one): drop "
+            raise UserInputError(f"{folder} holds a model with no stream variant, and an export holds fp32 models "
+                                 f"only (package --quantize int8 makes an int8 one): drop "
                                  f"{', '.join(given) or '--precision int8'}")
         x = load_array(input_path, "--input")
-        result = (infer_user(folder, user_export(folder), x, threads) if kind == "export"
-                  else infer_user_bundle(folder, x, threads, precision))
+        lengths = load_array(lengths_path, "--lengths") if lengths_path else None
+        result = (infer_user(folder, user_export(folder), x, threads, lengths) if kind == "export"
+                  else infer_user_bundle(folder, x, threads, precision, lengths))
         if as_json:
             _emit_json(result.to_json())
             return

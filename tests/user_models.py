@@ -149,3 +149,52 @@ class TorchCellLoop(nn.Module):
         for t in range(x.size(1)):
             h = self.cell(x[:, t], h)
         return h
+
+
+class MaskedTagger(nn.Module):
+    """A per-step tagger that also defines the lengths hook: padded steps leave the state alone,
+    and each step's tags come from the state at that step."""
+
+    def __init__(self, input_size: int = 4, hidden: int = 6, tags: int = 3) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.cell = Cell(input_size, hidden)
+        self.tags = nn.Linear(hidden, tags)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.size(0), self.hidden)
+        states: List[torch.Tensor] = []
+        for t in range(x.size(1)):
+            h = self.cell(x[:, t], h)
+            states.append(h)
+        return self.tags(torch.stack(states, 1))
+
+    @torch.jit.export
+    def forward_lengths(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.size(0), self.hidden)
+        states: List[torch.Tensor] = []
+        for t in range(x.size(1)):
+            h = torch.where((lengths > t).unsqueeze(1), self.cell(x[:, t], h), h)
+            states.append(h)
+        return self.tags(torch.stack(states, 1))
+
+
+class LeakyLengths(nn.Module):
+    """A classifier whose lengths hook breaks its promise: it ignores the lengths, so a padded
+    sample's last state has stepped through its padding."""
+
+    def __init__(self, input_size: int = 4, hidden: int = 6, classes: int = 3) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.cell = Cell(input_size, hidden)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.size(0), self.hidden)
+        for t in range(x.size(1)):
+            h = self.cell(x[:, t], h)
+        return self.head(h)
+
+    @torch.jit.export
+    def forward_lengths(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.forward(x) + 0.0 * lengths.unsqueeze(1).to(x.dtype)

@@ -242,7 +242,8 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
             if model not in sessions:
                 continue  # its load failure is reported above
             try:
-                got = _run(sessions[model], manifest["models"][model]["format"], spec, case["variant"], inputs)
+                signature = (manifest["signatures"].get(case["variant"]) or spec) if user else spec
+                got = _run(sessions[model], manifest["models"][model]["format"], signature, case["variant"], inputs)
             except UserInputError as exc:
                 checks.append({"check": check, "passed": False,
                                "message": f"{path}: golden {case['name']} does not fit {model}: {exc}"})
@@ -316,11 +317,15 @@ def _run(session: Any, fmt: str, spec: Any, variant: str, inputs: dict[str, np.n
     from gru_deploy.spec import INPUT_NAME, VARIANT_IO
 
     if isinstance(spec, dict):  # before the runtime sees it: a user graph may abort on an empty axis
-        from gru_deploy.serve.user import check_user_input
+        from gru_deploy.serve.user import check_user_input, check_user_lengths
+        from gru_deploy.spec import LENGTHS_NAME
 
-        if set(inputs) != {INPUT_NAME}:
-            raise UserInputError(f"golden inputs {sorted(inputs)}; the model takes {INPUT_NAME!r} only")
+        names = [t["name"] for t in spec["inputs"]]
+        if sorted(inputs) != sorted(names):
+            raise UserInputError(f"golden inputs {sorted(inputs)}; the model takes {names}")
         feed = {INPUT_NAME: check_user_input(inputs[INPUT_NAME], spec)}
+        if LENGTHS_NAME in names:
+            feed[LENGTHS_NAME] = check_user_lengths(inputs[LENGTHS_NAME], feed[INPUT_NAME])
         outputs = tuple(o["name"] for o in spec["outputs"])
     else:
         feed = validate_feed(inputs, spec, variant)

@@ -14,9 +14,11 @@ from gru_deploy import __version__
 from gru_deploy.errors import UserInputError
 from gru_deploy.manifest import json_bytes, sha256_bytes
 
-# Golden cases (batch, seq): a subset of the export's parity grid, whose float64 outputs it stored.
-USER_GOLDEN = ((3, 7), (2, 100))
+# Golden cases (batch, seq) per variant: a subset of the export's parity grid, whose float64
+# outputs it stored (convert.user.USER_CASES, LENGTHS_CASES).
+GOLDEN_BY_VARIANT = {"classifier": ((3, 7), (2, 100)), "lengths": ((3, 7), (4, 100))}
 SERVER_NAME = "model"
+TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
 
 
 def _dims(shape: list[Any]) -> str:
@@ -30,7 +32,12 @@ def user_triton_config(name: str, platform: str, signature: dict[str, Any], libt
         items = []
         for index, tensor in enumerate(tensors):
             label = f"{tensor['name']}__{index}" if libtorch_names else tensor["name"]
-            items.append(f'  {{\n    name: "{label}"\n    data_type: TYPE_FP32\n    dims: {_dims(tensor["shape"])}\n  }}')
+            if len(tensor["shape"]) == 1:  # a per-sample scalar ([batch], e.g. lengths): Triton wants dims [1]
+                dims = "[ 1 ]\n    reshape: { shape: [ ] }"
+            else:
+                dims = _dims(tensor["shape"])
+            items.append(f'  {{\n    name: "{label}"\n    data_type: {TRITON_TYPES[tensor["dtype"]]}\n'
+                         f'    dims: {dims}\n  }}')
         return f"{kind} [\n" + ",\n".join(items) + "\n]\n"
 
     return (f'name: "{name}"\nplatform: "{platform}"\nmax_batch_size: {max_batch}\n'
@@ -39,22 +46,23 @@ def user_triton_config(name: str, platform: str, signature: dict[str, Any], libt
             + "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n")
 
 
-def _golden(export_dir: Path, source: dict[str, Any], model_path: str,
+def _golden(export_dir: Path, source: dict[str, Any], model_paths: dict[str, str],
             int8: tuple[str, bytes] | None = None) -> tuple[dict[str, bytes], dict[str, Any], dict[str, Any] | None]:
-    """Golden cases from the export's stored float64 outputs; with `int8` (bundle path, bytes),
-    an int8 case per input holding the int8 model's own outputs, and the int8 gate of those
-    against the float64 ones (compare.int8_gate, per sample and step over the last axis)."""
+    """Golden cases from the export's stored float64 outputs, for each variant in `model_paths`
+    (variant -> the bundle's model file its cases name); with `int8` (bundle path, bytes), an
+    int8 case per classifier input holding the int8 model's own outputs, and the int8 gate of
+    those against the float64 ones (compare.int8_gate, per sample and step over the last axis)."""
     from gru_deploy.bundle.package import GOLDEN_DIR, INT8_GOLDEN_TOL, npy_bytes, tensor_json
     from gru_deploy.check.compare import int8_gate
-    from gru_deploy.convert.user import REFERENCE_FILE, case_input
+    from gru_deploy.convert.user import REFERENCE_FILE, UserSignature, case_feed, reference_key
     from gru_deploy.manifest import verified_path
 
     reference = source.get("reference") or {}
     with np.load(verified_path(export_dir, source, reference.get("file", REFERENCE_FILE)),
                  allow_pickle=False) as data:
         stored = {key: data[key] for key in data.files}
-    signature = source["signature"]
-    size = signature["inputs"][0]["shape"][2]
+    signatures = {"classifier": source["signature"],
+                  **{v: entry["signature"] for v, entry in (source.get("variants") or {}).items()}}
     files: dict[str, bytes] = {}
     cases = []
     refs: list[np.ndarray] = []
@@ -65,13 +73,16 @@ def _golden(export_dir: Path, source: dict[str, Any], model_path: str,
         from gru_deploy.check.runners import session_options
 
         int8_session = ort.InferenceSession(int8[1], session_options(1), providers=["CPUExecutionProvider"])
-    for index, (batch, seq) in enumerate(USER_GOLDEN):
-        name = f"classifier_{index}"
-        case: dict[str, Any] = {"name": name, "variant": "classifier", "model": model_path, "inputs": {},
+    golden = [(v, b, s) for v in model_paths for b, s in GOLDEN_BY_VARIANT[v]]
+    for index, (variant, batch, seq) in enumerate(golden):
+        signature = signatures[variant]
+        name = f"{variant}_{index}"
+        case: dict[str, Any] = {"name": name, "variant": variant, "model": model_paths[variant], "inputs": {},
                                 "outputs": {}}
-        tensors = {"inputs": {"x": case_input(batch, seq, size)}, "outputs": {}}
+        tensors = {"inputs": case_feed(UserSignature(signature["inputs"], signature["outputs"]), batch, seq),
+                   "outputs": {}}
         for output in signature["outputs"]:
-            key = f"{batch}x{seq}/{output['name']}"
+            key = reference_key(variant, batch, seq, output["name"])
             if key not in stored:
                 raise UserInputError(f"{export_dir}: {REFERENCE_FILE} lacks {key}; re-export the model")
             tensors["outputs"][output["name"]] = stored[key].astype(np.float32)
@@ -81,7 +92,7 @@ def _golden(export_dir: Path, source: dict[str, Any], model_path: str,
                 files[path] = npy_bytes(np.ascontiguousarray(array))
                 case[kind][tensor_name] = {**tensor_json(array), "npy": path}
         cases.append(case)
-        if int8 is not None:
+        if int8 is not None and variant == "classifier":
             q_name = f"{name}_int8"
             out_name = signature["outputs"][0]["name"]
             got = int8_session.run([out_name], {"x": tensors["inputs"]["x"]})[0]
@@ -125,36 +136,43 @@ def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
     files: dict[str, bytes] = {}
     models: dict[str, dict[str, Any]] = {}
 
-    def add(path: str, name: str, fmt: str) -> None:
+    def add(path: str, name: str, fmt: str, variant: str) -> None:
         files[path] = (export_dir / name).read_bytes()
-        models[path] = {"variant": "classifier", "format": fmt, "precision": "fp32", "source": name,
+        models[path] = {"variant": variant, "format": fmt, "precision": "fp32", "source": name,
                         **(onnx_info(files[path]) if fmt == "onnx" else {})}
 
-    step(f"building the {target} files")
-    if target == "edge":
-        onnx_path = select_model(source, "classifier", "onnx", where=where)
-        add(onnx_path, onnx_path, "onnx")
-        for name in find_models(source, "classifier", "ort"):
-            add(name, name, "ort")
-    else:
-        onnx_path = f"{REPOSITORY}/{SERVER_NAME}/1/model.onnx"
-        add(onnx_path, select_model(source, "classifier", "onnx", where=where), "onnx")
-        files[f"{REPOSITORY}/{SERVER_NAME}/config.pbtxt"] = user_triton_config(
-            SERVER_NAME, "onnxruntime_onnx", signature).encode()
-        add(f"{REPOSITORY}/{SERVER_NAME}_torchscript/1/model.pt",
-            select_model(source, "classifier", "torchscript", where=where), "torchscript")
-        files[f"{REPOSITORY}/{SERVER_NAME}_torchscript/config.pbtxt"] = user_triton_config(
-            f"{SERVER_NAME}_torchscript", "pytorch_libtorch", signature, libtorch_names=True).encode()
+    variants = ["classifier"] + [v for v in ("lengths",) if v in (source.get("variants") or {})]
+    signatures = {"classifier": signature, **{v: source["variants"][v]["signature"] for v in variants[1:]}}
+    step(f"building the {target} files ({', '.join(variants)})")
+    onnx_paths: dict[str, str] = {}
+    for variant in variants:
+        if target == "edge":
+            onnx_paths[variant] = select_model(source, variant, "onnx", where=where)
+            add(onnx_paths[variant], onnx_paths[variant], "onnx", variant)
+            for name in find_models(source, variant, "ort"):
+                add(name, name, "ort", variant)
+        else:
+            triton = SERVER_NAME if variant == "classifier" else f"{SERVER_NAME}_{variant}"
+            onnx_paths[variant] = f"{REPOSITORY}/{triton}/1/model.onnx"
+            add(onnx_paths[variant], select_model(source, variant, "onnx", where=where), "onnx", variant)
+            files[f"{REPOSITORY}/{triton}/config.pbtxt"] = user_triton_config(
+                triton, "onnxruntime_onnx", signatures[variant]).encode()
+            add(f"{REPOSITORY}/{triton}_torchscript/1/model.pt",
+                select_model(source, variant, "torchscript", where=where), "torchscript", variant)
+            files[f"{REPOSITORY}/{triton}_torchscript/config.pbtxt"] = user_triton_config(
+                f"{triton}_torchscript", "pytorch_libtorch", signatures[variant], libtorch_names=True).encode()
     quantization = None
     int8 = None
     if quantize == "int8":
         if len(signature["outputs"]) != 1:
             raise UserInputError(f"{export_dir}: --quantize int8 packages single-output models (the int8 gate judges "
                                  f"one output); this one has {len(signature['outputs'])}: package it without --quantize")
-        quantized, quantization = _quantize(files, models, source, step)
+        classifier = {onnx_paths["classifier"]: models[onnx_paths["classifier"]]}  # the classifier only
+        quantized, quantization = _quantize(files, classifier, source, step)
+        models.update(classifier)
         int8 = quantized["classifier"]
     step("golden vectors from the float64 outputs the export computed from your module")
-    golden, document, gate = _golden(export_dir, source, onnx_path, int8)
+    golden, document, gate = _golden(export_dir, source, onnx_paths, int8)
     files.update(golden)
     if int8 is not None:
         quantization["models"][int8[0]]["gate_vs_eager"] = gate
@@ -173,7 +191,7 @@ def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
         "gru_deploy_version": __version__,
         "model_name": SERVER_NAME,
         "model": source["model"],
-        "signatures": {"classifier": signature},
+        "signatures": signatures,
         "config": source["config"],
         "labels": list(source.get("labels") or []),
         "models": dict(sorted(models.items())),

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from gru_deploy.errors import UserInputError
-from gru_deploy.spec import INPUT_NAME
+from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME
 
 if TYPE_CHECKING:
     import onnx
@@ -40,8 +40,12 @@ def fused_plan(module: "torch.nn.Module", recurrence: str, reference: str) -> st
 
 
 def build_stacked_fused(module: "torch.nn.Module", input_size: int, output_name: str,
-                        opset: int) -> "onnx.ModelProto":
-    """StackedGRUClassifier as ONNX: x [batch, seq, input] -> output [batch, classes].
+                        opset: int, lengths: bool = False) -> "onnx.ModelProto":
+    """StackedGRUClassifier as ONNX: x [batch, seq, input] -> output [batch, classes]; with
+    `lengths`, (x padded, lengths int64 [batch]) -> output, every GRU node given the lengths as
+    its sequence_lens (each direction then runs over each sample's own steps, the backward one
+    from its last valid step, as forward_lengths does). The kernel gets max(lengths, 1): a
+    sequence_lens of 0 has read out of bounds in onnxruntime; inputs refuse length 0 anyway.
 
     Layer l runs one GRU node over the time-major sequence; its Y [seq, D, batch, H] becomes
     the next layer's input [seq, batch, D·H] (both directions side by side, as the module
@@ -73,13 +77,19 @@ def build_stacked_fused(module: "torch.nn.Module", input_size: int, output_name:
                   helper.make_node("Mul", ["x_centered", "norm_scale"], ["x_normalized"])]
         x_in = "x_normalized"
     nodes.append(helper.make_node("Transpose", [x_in], ["steps_0"], perm=[1, 0, 2]))
+    sequence_lens = []
+    if lengths:
+        nodes += [helper.make_node("Max", [LENGTHS_NAME, "one"], ["lengths_at_least_1"]),
+                  helper.make_node("Cast", ["lengths_at_least_1"], ["sequence_lens"], to=TensorProto.INT32)]
+        sequence_lens = ["sequence_lens"]
     for layer in range(layers):
         per_direction = [tutorial_cell_gru_weights(weights, f"layers.{layer}.{d}.")
                          for d in ("fw", "bw")[:directions]]
         for i, name in enumerate("WRB"):
             consts[f"{name}_{layer}"] = np.stack([arrays[i] for arrays in per_direction])
         nodes.append(helper.make_node(
-            "GRU", [f"steps_{layer}", f"W_{layer}", f"R_{layer}", f"B_{layer}"], [f"Y_{layer}", f"Y_h_{layer}"],
+            "GRU", [f"steps_{layer}", f"W_{layer}", f"R_{layer}", f"B_{layer}", *sequence_lens],
+            [f"Y_{layer}", f"Y_h_{layer}"],
             hidden_size=hidden, linear_before_reset=0,
             direction="bidirectional" if directions == 2 else "forward", name=f"gru_layer_{layer}"))
         if layer + 1 < layers:  # [seq, D, batch, H] -> [seq, batch, D*H]
@@ -107,7 +117,8 @@ def build_stacked_fused(module: "torch.nn.Module", input_size: int, output_name:
          helper.make_node("Equal", ["elements", "zero"], ["is_empty"]),
          helper.make_node("If", ["is_empty"], [output_name], then_branch=empty, else_branch=full)],
         "stacked_gru_fused",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", "seq", input_size])],
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", "seq", input_size])]
+        + ([helper.make_tensor_value_info(LENGTHS_NAME, TensorProto.INT64, ["batch"])] if lengths else []),
         [value(output_name)],
         [numpy_helper.from_array(np.array(v, copy=True), k) for k, v in consts.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=min_ir_version(opset),

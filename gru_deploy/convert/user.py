@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from gru_deploy.errors import CheckFailed, UserInputError
-from gru_deploy.spec import INPUT_NAME
+from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME
 
 if TYPE_CHECKING:
     import numpy as np
@@ -200,6 +200,20 @@ def _quiet_stdout_fd():
             os.close(saved)
 
 
+def example_args(signature: UserSignature, seq: int) -> tuple["torch.Tensor", ...]:
+    """Example inputs at batch 2 for the exporter: x, and lengths (seq and seq - 1) when the
+    signature takes them."""
+    import torch
+
+    args = []
+    for tensor in signature.inputs:
+        if tensor["name"] == LENGTHS_NAME:
+            args.append(torch.tensor([seq, max(1, seq - 1)], dtype=torch.int64))
+        else:
+            args.append(torch.zeros(2, seq, tensor["shape"][2]))
+    return tuple(args)
+
+
 def export_user_onnx(scripted: "torch.jit.ScriptModule", signature: UserSignature, opset: int,
                      kind: str = "user") -> tuple[bytes, dict]:
     """The scripted module as ONNX (TorchScript exporter), exported at two example lengths and
@@ -212,7 +226,6 @@ def export_user_onnx(scripted: "torch.jit.ScriptModule", signature: UserSignatur
     from gru_deploy.convert.script import quiet_torchscript_deprecation
 
     check_opset(opset)
-    input_size = signature.inputs[0]["shape"][2]
     models = []
     for seq in GUARD_LENGTHS:
         buffer = io.BytesIO()
@@ -223,8 +236,9 @@ def export_user_onnx(scripted: "torch.jit.ScriptModule", signature: UserSignatur
                 warnings.filterwarnings("ignore", message=".*batch_size other than 1.*", category=UserWarning)
                 # a model.pt loaded back (verify --data) has no Python signature to read; x is given by position
                 warnings.filterwarnings("ignore", message="no signature found", category=UserWarning)
-                torch.onnx.export(scripted, (torch.zeros(2, seq, input_size),), buffer, dynamo=False,
-                                  opset_version=opset, input_names=[INPUT_NAME], output_names=signature.output_names,
+                torch.onnx.export(scripted, example_args(signature, seq), buffer, dynamo=False,
+                                  opset_version=opset, input_names=[t["name"] for t in signature.inputs],
+                                  output_names=signature.output_names,
                                   dynamic_axes=signature.dynamic_axes(), do_constant_folding=True)
         except Exception as exc:
             first = str(exc).splitlines()[0] if str(exc) else ""
@@ -248,46 +262,84 @@ def export_user_onnx(scripted: "torch.jit.ScriptModule", signature: UserSignatur
 # --- parity ---------------------------------------------------------------------------------
 
 REFERENCE_FILE = "reference_float64.npz"
+# The lengths variant's grid: (batch, seq), lengths spread over 1..seq (the first sample full).
+LENGTHS_CASES = ((3, 7), (4, 100), (3, 2048))
+# A method a module may define (with @torch.jit.export) for gru-deploy to export its lengths
+# variant: forward_lengths(x [batch, seq, I] padded, lengths int64 [batch]) -> the outputs of
+# forward, each sample's as it gets them alone, unpadded.
+LENGTHS_HOOK = "forward_lengths"
+
+Feed = dict  # input name -> numpy array
+
+
+def reference_key(variant: str, batch: int, seq: int, name: str) -> str:
+    """Where REFERENCE_FILE keeps a case's float64 output ('BxS/name' for the classifier)."""
+    return f"{batch}x{seq}/{name}" if variant == "classifier" else f"{variant}/{batch}x{seq}/{name}"
+
+
+def case_feed(signature: UserSignature, batch: int, seq: int) -> Feed:
+    """The parity grid's inputs for (batch, seq): the same at export and at verify."""
+    import numpy as np
+
+    feed = {INPUT_NAME: case_input(batch, seq, signature.inputs[0]["shape"][2])}
+    if any(t["name"] == LENGTHS_NAME for t in signature.inputs):
+        rng = np.random.default_rng(batch * 7919 + seq)
+        lengths = rng.integers(1, seq + 1, batch).astype(np.int64)
+        lengths[0] = seq
+        feed[LENGTHS_NAME] = lengths
+    return feed
 
 
 def user_runners(module: "torch.nn.Module | None", scripted: "torch.jit.ScriptModule", onnx_bytes: bytes,
-                 signature: UserSignature, stored: dict[str, "np.ndarray"] | None = None
-                 ) -> dict[str, Callable[["np.ndarray"], list["np.ndarray"]]]:
-    """Callables of x (float32 numpy) returning every output as numpy: eager and float64 (the
-    user's module, and a float64 copy of it) when the module is at hand, TorchScript,
-    onnxruntime and onnx's reference evaluator. Without the module (verify), float64 answers
-    from `stored`: the float64 outputs the export computed from the module (REFERENCE_FILE)."""
+                 signature: UserSignature, stored: dict[str, "np.ndarray"] | None = None,
+                 method: str = "forward", variant: str = "classifier"
+                 ) -> dict[str, Callable[[Feed], list["np.ndarray"]]]:
+    """Callables of a feed (numpy, by input name) returning every output as numpy: eager and
+    float64 (the user's module's `method`, and a float64 copy of it) when the module is at
+    hand, TorchScript, onnxruntime and onnx's reference evaluator. Without the module
+    (verify), float64 answers from `stored`: the float64 outputs the export computed from the
+    module (REFERENCE_FILE)."""
     import numpy as np
+    import onnx
     import onnxruntime as ort
     import torch
     from onnx.reference import ReferenceEvaluator
 
-    from gru_deploy.check.runners import session_options
+    from gru_deploy.check.runners import reference_gaps, session_options
+
+    names_in = [t["name"] for t in signature.inputs]
 
     def torch_call(fn: Any, dtype: "torch.dtype") -> Callable:
-        def run(x: "np.ndarray") -> list["np.ndarray"]:
+        def run(feed: Feed) -> list["np.ndarray"]:
+            args = [torch.from_numpy(feed[n]) for n in names_in]
+            args = [a.to(dtype) if a.is_floating_point() else a for a in args]
             with torch.no_grad():
-                out = as_outputs(fn(torch.from_numpy(x).to(dtype)), "the model")
+                out = as_outputs(fn(*args), "the model")
             return [o.detach().double().numpy() for o in out]
         return run
 
     session = ort.InferenceSession(onnx_bytes, session_options(1), providers=["CPUExecutionProvider"])
-    reference = ReferenceEvaluator(onnx_bytes)
+    gap = reference_gaps(onnx.load_from_string(onnx_bytes))
     names = signature.output_names
     runners: dict[str, Callable] = {}
     if module is not None:
-        runners["eager"] = torch_call(module, torch.float32)
+        runners["eager"] = torch_call(getattr(module, method), torch.float32)
     runners["torchscript"] = torch_call(scripted, torch.float32)
-    runners["onnxruntime"] = lambda x: [np.asarray(o, np.float64) for o in session.run(names, {INPUT_NAME: x})]
-    runners["onnx-reference"] = lambda x: [np.asarray(o, np.float64) for o in reference.run(names, {INPUT_NAME: x})]
+    runners["onnxruntime"] = lambda feed: [np.asarray(o, np.float64) for o in session.run(names, feed)]
+    if not gap:  # else it would compute something else: user_parity says it was not run, and why
+        reference = ReferenceEvaluator(onnx_bytes)
+        runners["onnx-reference"] = lambda feed: [np.asarray(o, np.float64) for o in reference.run(names, feed)]
+    else:
+        runners["onnx-reference (not run)"] = gap  # type: ignore[assignment]
     if module is not None:
-        runners["float64"] = torch_call(copy.deepcopy(module).double(), torch.float64)
+        runners["float64"] = torch_call(getattr(copy.deepcopy(module).double(), method), torch.float64)
     elif stored is not None:
-        def recorded(x: "np.ndarray") -> list["np.ndarray"]:
-            key = f"{x.shape[0]}x{x.shape[1]}"
-            if f"{key}/{names[0]}" not in stored:
-                raise CheckFailed(f"{REFERENCE_FILE} holds no float64 outputs for batch {x.shape[0]}, seq {x.shape[1]}")
-            return [stored[f"{key}/{name}"] for name in names]
+        def recorded(feed: Feed) -> list["np.ndarray"]:
+            batch, seq = feed[INPUT_NAME].shape[:2]
+            keys = [reference_key(variant, batch, seq, name) for name in names]
+            if keys[0] not in stored:
+                raise CheckFailed(f"{REFERENCE_FILE} holds no float64 {variant} outputs for batch {batch}, seq {seq}")
+            return [stored[key] for key in keys]
         runners["float64"] = recorded
     return runners
 
@@ -299,15 +351,17 @@ def case_input(batch: int, seq: int, input_size: int) -> "np.ndarray":
     return np.random.default_rng(batch * 1009 + seq).standard_normal((batch, seq, input_size)).astype(np.float32)
 
 
-def recording(run: Callable, signature: UserSignature) -> tuple[Callable, dict[str, "np.ndarray"]]:
-    """`run`, and the dict it fills with every output it returns (keys 'BxS/name', as verify
-    looks them up): the float64 module's outputs are stored as parity computes them."""
+def recording(run: Callable, signature: UserSignature, variant: str = "classifier"
+              ) -> tuple[Callable, dict[str, "np.ndarray"]]:
+    """`run`, and the dict it fills with every output it returns (keys as reference_key): the
+    float64 module's outputs are stored as parity computes them."""
     seen: dict[str, "np.ndarray"] = {}
 
-    def run_and_keep(x: "np.ndarray") -> list["np.ndarray"]:
-        outputs = run(x)
+    def run_and_keep(feed: Feed) -> list["np.ndarray"]:
+        outputs = run(feed)
+        batch, seq = feed[INPUT_NAME].shape[:2]
         for name, out in zip(signature.output_names, outputs):
-            seen[f"{x.shape[0]}x{x.shape[1]}/{name}"] = out
+            seen[reference_key(variant, batch, seq, name)] = out
         return outputs
     return run_and_keep, seen
 
@@ -320,31 +374,45 @@ def npz_bytes(arrays: dict[str, "np.ndarray"]) -> bytes:
     return buffer.getvalue()
 
 
+def _summarise(results: list[dict[str, Any]], summary: dict[str, Any], key: str, batch: int, seq: int,
+               comparison: Any) -> None:
+    results.append({"pair": key, "batch": batch, "seq": seq, **comparison.to_json()})
+    entry = summary.setdefault(key, {"max_abs": 0.0, "cases": 0, "passed": True})
+    entry["max_abs"] = max(entry["max_abs"], comparison.max_abs)
+    entry["cases"] += 1
+    entry["passed"] = entry["passed"] and comparison.passed
+
+
 def user_parity(runners: dict[str, Callable], signature: UserSignature, atol: float, rtol: float,
                 cases: tuple[tuple[int, int], ...] = USER_CASES,
-                on_case: Callable[[str], None] | None = None) -> dict[str, Any]:
+                on_case: Callable[[str], None] | None = None,
+                alone: Callable[[Feed, int], list["np.ndarray"]] | None = None) -> dict[str, Any]:
     """Every runner against float64 (and each against eager or TorchScript) on every case, every
     output, by `check.compare` (an element fails only when it exceeds both atol and rtol, as for
     the tutorial model). Empty axes are not run: a user graph's recurrent kernel may abort on
-    them (onnxruntime's GRU does)."""
+    them (onnxruntime's GRU does). With `alone(feed, b)` (the lengths variant: the module in
+    float64 on sample b alone, unpadded), float64's padded answer for each sample is held to it
+    too, on the sample's valid steps: padding must change nothing."""
     from gru_deploy.check.compare import compare
 
-    input_size = signature.inputs[0]["shape"][2]
+    skipped = {name: why for name, why in runners.items() if isinstance(why, str)}
+    runners = {name: run for name, run in runners.items() if name not in skipped}
     first = "eager" if "eager" in runners else "torchscript"
     pairs = [("float64", name) for name in runners if name != "float64"] + \
             [(first, name) for name in runners if name not in (first, "float64")]
-    results, summary = [], {}
+    results: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
     for batch, seq in cases:
         if on_case:
             on_case(f"batch {batch}, seq {seq}")
-        x = case_input(batch, seq, input_size)
+        feed = case_feed(signature, batch, seq)
         outs = {}
         for name, run in runners.items():
             if name == "onnx-reference" and seq > REFERENCE_MAX_SEQ:
                 continue
             try:
-                outs[name] = run(x)
-            except UserInputError:
+                outs[name] = run(feed)
+            except (UserInputError, CheckFailed):
                 raise
             except Exception as exc:
                 if name == "float64":
@@ -358,19 +426,27 @@ def user_parity(runners: dict[str, Callable], signature: UserSignature, atol: fl
             if ref not in outs or got not in outs:
                 continue
             for name, a, b in zip(signature.output_names, outs[got], outs[ref]):
-                comparison = compare(b, a, atol, rtol)
-                error, passed = comparison.max_abs, comparison.passed
-                key = f"{ref}->{got}[{name}]"
-                results.append({"pair": key, "batch": batch, "seq": seq, **comparison.to_json()})
-                entry = summary.setdefault(key, {"max_abs": 0.0, "cases": 0, "passed": True})
-                entry["max_abs"] = max(entry["max_abs"], error)
-                entry["cases"] += 1
-                entry["passed"] = entry["passed"] and passed
+                _summarise(results, summary, f"{ref}->{got}[{name}]", batch, seq, compare(b, a, atol, rtol))
+        if alone is not None and "float64" in outs:
+            lengths = feed[LENGTHS_NAME]
+            for index in range(batch):
+                single = alone(feed, index)
+                for output, padded, want in zip(signature.outputs, outs["float64"], single):
+                    got = padded[index:index + 1]
+                    if "seq" in output["shape"]:  # a per-step output: the sample's own steps only
+                        axis = output["shape"].index("seq")
+                        got = got.take(range(int(lengths[index])), axis=axis)
+                    _summarise(results, summary, f"float64 alone->float64 padded[{output['name']}]", batch, seq,
+                               compare(want, got, atol, rtol))
     passed = all(entry["passed"] for entry in summary.values())
+    notes = [f"onnx's reference evaluator runs up to {REFERENCE_MAX_SEQ} steps (it is pure Python)",
+             "empty batches and sequences are not run: a recurrent kernel may abort on them"]
+    notes += [f"{name.split(' ')[0]} not run: {why}" for name, why in skipped.items()]
+    if alone is not None:
+        notes.append("lengths spread over 1..seq; 'float64 alone': the module's forward in float64 on each sample "
+                     "alone, unpadded, against its padded answer on its valid steps")
     return {"passed": passed, "atol": atol, "rtol": rtol, "cases": [list(c) for c in cases], "summary": summary,
-            "results": results,
-            "notes": [f"onnx's reference evaluator runs up to {REFERENCE_MAX_SEQ} steps (it is pure Python)",
-                      "empty batches and sequences are not run: a recurrent kernel may abort on them"]}
+            "results": results, "notes": notes}
 
 
 def failures(parity: dict[str, Any]) -> list[str]:
@@ -443,6 +519,69 @@ def module_graphs(model: "UserModel", scripted: "torch.jit.ScriptModule", kept: 
     return graphs
 
 
+def _builds_fused(model: "UserModel") -> bool:
+    """True when gru-deploy builds this module's fused graph itself (the tutorial-cell family)."""
+    from gru_deploy.models.families import StackedGRUClassifier
+
+    return isinstance(model.module, StackedGRUClassifier)
+
+
+def lengths_signature(signature: UserSignature) -> UserSignature:
+    return UserSignature(signature.inputs + [{"name": LENGTHS_NAME, "dtype": "int64", "shape": ["batch"]}],
+                         signature.outputs)
+
+
+def export_lengths_variant(model: "UserModel", signature: UserSignature, form: str, opset: int, atol: float,
+                           rtol: float, step: Callable[[str], None]) -> dict[str, Any]:
+    """The lengths variant of a module that defines the hook (LENGTHS_HOOK, @torch.jit.export):
+    scripted through models.variants.LengthsOf, exported in `form` (fused: the tutorial-cell
+    family's GRU nodes given sequence_lens; otherwise the exporter's graph of the scripted
+    hook), and proved on LENGTHS_CASES against the float64 module's hook, whose padded answer
+    is itself held to the module's forward on each sample alone. Returns its files, parity,
+    stored float64 outputs and manifest entries."""
+    import torch
+
+    from gru_deploy.convert import script
+    from gru_deploy.convert.families import build_stacked_fused
+    from gru_deploy.convert.graphs import count_ops, finish_export
+    from gru_deploy.convert.script import quiet_torchscript_deprecation
+    from gru_deploy.models.variants import LengthsOf
+
+    sig = lengths_signature(signature)
+    step(f"the lengths variant ({LENGTHS_HOOK}): scripting and exporting it ({form})")
+    try:
+        with quiet_torchscript_deprecation():
+            scripted = torch.jit.script(LengthsOf(model.module).eval())
+    except Exception as exc:
+        raise UserInputError(f"TorchScript cannot compile {model.reference}.{LENGTHS_HOOK}: "
+                             f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
+    kind = model.record()["kind"]
+    if form == "fused":
+        onnx_model = build_stacked_fused(model.module, sig.inputs[0]["shape"][2], sig.output_names[0], opset,
+                                         lengths=True)
+        result = finish_export(onnx_model, "fused", opset, count_ops(onnx_model.graph), {"gru_deploy.model": kind})
+        onnx_bytes = result.onnx_bytes
+        graph = {"opset": result.opset, "ir_version": result.ir_version, "node_count": result.node_count,
+                 "op_types": result.op_types}
+    else:
+        onnx_bytes, graph = export_user_onnx(scripted, sig, opset, kind)
+    step("checking the lengths variant's parity: padded = alone, every runner against float64")
+    runners = user_runners(model.module, scripted, onnx_bytes, sig, method=LENGTHS_HOOK, variant="lengths")
+    runners["float64"], stored = recording(runners["float64"], sig, "lengths")
+    double = copy.deepcopy(model.module).double()
+
+    def alone(feed: Feed, index: int) -> list["np.ndarray"]:
+        x = torch.from_numpy(feed[INPUT_NAME][index:index + 1, :int(feed[LENGTHS_NAME][index])]).double()
+        with torch.no_grad():
+            return [o.detach().numpy() for o in as_outputs(double(x), model.reference)]
+
+    parity = user_parity(runners, sig, atol, rtol, cases=LENGTHS_CASES, alone=alone)
+    if not parity["passed"]:
+        raise CheckFailed("the lengths variant's parity failed, nothing written: " + "; ".join(failures(parity)))
+    return {"signature": sig, "pt": script.to_bytes(scripted), "onnx": onnx_bytes, "graph": graph, "form": form,
+            "parity": parity, "stored": stored}
+
+
 def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: float = 1e-5, rtol: float = 1e-5,
                       input_size: int | None = None, output_names: list[str] | None = None,
                       on_step: Callable[[str], None] | None = None, labels: tuple[str, ...] = (),
@@ -495,31 +634,52 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
         auto.update({"typical_batch": typical[0], "typical_seq": typical[1], "candidates": list(candidates)})
     onnx_bytes, graph = candidates[chosen]
     parity = parities[chosen]
-    reference_bytes = npz_bytes(stores[chosen])
-    step("converting model.onnx to ORT format (onnxruntime's converter)")
-    from gru_deploy.convert.graphs import to_ort_format
-    from gru_deploy.errors import WriteFailed
-
+    stored = dict(stores[chosen])
     if labels and (len(signature.outputs) != 1 or signature.outputs[0]["shape"][-1] != len(labels)):
         raise UserInputError(f"{len(labels)} labels do not fit the outputs {signature.to_dict()['outputs']}")
-    notes = ["the stream and lengths variants are absent: gru-deploy exports them for the tutorial model only "
-             "in this version"]
-    try:
-        ort_files = to_ort_format({"model.onnx": onnx_bytes})
-    except WriteFailed as exc:  # an op the ORT-format writer does not take: the edge bundle goes without
-        ort_files = {}
-        notes.append(f"no ORT-format copy: {exc}")
+    notes = ["the stream variant is absent: gru-deploy exports it for the tutorial model only in this version"]
+    files = {"model.pt": pt_bytes, "model.onnx": onnx_bytes}
     models = {
         "model.pt": {"variant": "classifier", "format": "torchscript", "precision": "fp32"},
         "model.onnx": {"variant": "classifier", "format": "onnx", "precision": "fp32", "strategy": chosen,
                        "opset": graph["opset"], "ir_version": graph["ir_version"]},
     }
-    if "model.ort" in ort_files:
-        models["model.ort"] = {"variant": "classifier", "format": "ort", "precision": "fp32",
-                               "converted_from": "model.onnx"}
+    variants: dict[str, Any] = {}
+    if hasattr(scripted, LENGTHS_HOOK):
+        built = "fused" if chosen == "fused" and _builds_fused(model) else "loop"
+        lengths = export_lengths_variant(model, signature, built, opset, atol, rtol, step)
+        stored.update(lengths["stored"])
+        parity["variants"] = {"lengths": lengths["parity"]}
+        files["model_lengths.pt"], files["model_lengths.onnx"] = lengths["pt"], lengths["onnx"]
+        models["model_lengths.pt"] = {"variant": "lengths", "format": "torchscript", "precision": "fp32"}
+        models["model_lengths.onnx"] = {"variant": "lengths", "format": "onnx", "precision": "fp32",
+                                        "strategy": built, "opset": lengths["graph"]["opset"],
+                                        "ir_version": lengths["graph"]["ir_version"]}
+        variants["lengths"] = {"signature": lengths["signature"].to_dict(), "strategy": built,
+                               "torchscript": "model_lengths.pt", "onnx": "model_lengths.onnx",
+                               "onnx_node_count": lengths["graph"]["node_count"],
+                               "op_types": lengths["graph"]["op_types"]}
+    else:
+        notes.append(f"the lengths variant is absent: the module defines no @torch.jit.export {LENGTHS_HOOK}"
+                     "(x, lengths)")
+    step("converting the ONNX models to ORT format (onnxruntime's converter)")
+    from gru_deploy.convert.graphs import to_ort_format
+    from gru_deploy.errors import WriteFailed
+
+    try:
+        ort_files = to_ort_format({name: data for name, data in files.items() if name.endswith(".onnx")})
+    except WriteFailed as exc:  # an op the ORT-format writer does not take: the edge bundle goes without
+        ort_files = {}
+        notes.append(f"no ORT-format copy: {exc}")
+    for name in ort_files:
+        if name.endswith(".ort"):
+            source = name[:-4] + ".onnx"
+            models[name] = {"variant": models[source]["variant"], "format": "ort", "precision": "fp32",
+                            "converted_from": source}
+    reference_bytes = npz_bytes(stored)
     with staged_dir(Path(out), keep=KEEP) as stage:
-        atomic_write_bytes(stage / "model.pt", pt_bytes)
-        atomic_write_bytes(stage / "model.onnx", onnx_bytes)
+        for name, data in files.items():
+            atomic_write_bytes(stage / name, data)
         atomic_write_json(stage / "parity.json", parity)
         atomic_write_bytes(stage / REFERENCE_FILE, reference_bytes)
         for name, data in ort_files.items():
@@ -536,7 +696,7 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
             "onnx": {"node_count": graph["node_count"], "op_types": graph["op_types"]},
             "signature": signature.to_dict(),
             "models": models,
-            "variants": {},
+            "variants": variants,
             "config": {"input_size": size},
             "labels": list(labels),
             "metrics": {k: v for k, v in (metrics or {}).items() if k != "loss_history"},
@@ -545,11 +705,14 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
             "versions": library_versions(),
             "notes": notes,
             "reference": {"file": REFERENCE_FILE, "computed_by": f"{model.reference} in float64 (module.double())",
-                          "cases": [list(c) for c in USER_CASES]},
+                          "cases": [list(c) for c in USER_CASES],
+                          **({"lengths_cases": [list(c) for c in LENGTHS_CASES]} if variants else {})},
             "files": {name: file_entry(stage / name)
-                      for name in ("model.pt", "model.onnx", "parity.json", REFERENCE_FILE, *ort_files)},
+                      for name in (*files, "parity.json", REFERENCE_FILE, *ort_files)},
             "parity": {"passed": True, "atol": atol, "rtol": rtol, "notes": parity["notes"],
-                       "summary": parity["summary"]},
+                       "summary": parity["summary"],
+                       **({"variants": {v: {"passed": r["passed"], "summary": r["summary"]}
+                                        for v, r in parity["variants"].items()}} if variants else {})},
         }
         atomic_write_json(stage / MANIFEST_NAME, manifest)
     return manifest
@@ -577,34 +740,54 @@ def is_user_export(manifest: dict[str, Any]) -> bool:
 
 def verify_user_export(folder: Path, manifest: dict[str, Any], atol: float, rtol: float,
                        on_case: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Parity of a user export's files, without the user's code: TorchScript (model.pt) is the
+    """Parity of a user export's files, without the user's code: TorchScript (model*.pt) is the
     PyTorch side, and the float64 outputs the export computed from the user's module (its
-    REFERENCE_FILE, checksum-verified) the reference."""
+    REFERENCE_FILE, checksum-verified) the reference; the classifier and, where the export has
+    it, the lengths variant (under "variants")."""
     import numpy as np
 
+    from gru_deploy.manifest import verified_path
+
+    reference = manifest.get("reference") or {}
+    with np.load(verified_path(folder, manifest, reference.get("file", REFERENCE_FILE)), allow_pickle=False) as data:
+        stored = {key: data[key] for key in data.files}
+    signature = UserSignature(manifest["signature"]["inputs"], manifest["signature"]["outputs"])
+    recorded = (manifest.get("onnx") or {}).get("op_types")
+    report = _verify_variant(folder, manifest, "classifier", signature, recorded, stored,
+                             _cases(folder, reference.get("cases", USER_CASES)), atol, rtol, on_case)
+    lengths = (manifest.get("variants") or {}).get("lengths")
+    if lengths is not None:
+        sig = UserSignature(lengths["signature"]["inputs"], lengths["signature"]["outputs"])
+        variant = _verify_variant(folder, manifest, "lengths", sig, lengths.get("op_types"), stored,
+                                  _cases(folder, reference.get("lengths_cases", LENGTHS_CASES)), atol, rtol,
+                                  on_case)
+        report["variants"] = {"lengths": variant}
+        report["passed"] = report["passed"] and variant["passed"]
+    return report
+
+
+def _cases(folder: Path, cases: Any) -> tuple[tuple[int, int], ...]:
+    if not isinstance(cases, (list, tuple)) or not all(
+            isinstance(c, (list, tuple)) and len(c) == 2 and all(type(v) is int and 1 <= v <= 100_000 for v in c)
+            for c in cases):
+        raise UserInputError(f"{folder}/manifest.json: reference cases must be a list of [batch, seq] pairs")
+    return tuple((int(c[0]), int(c[1])) for c in cases)
+
+
+def _verify_variant(folder: Path, manifest: dict[str, Any], variant: str, signature: UserSignature, recorded: Any,
+                    stored: dict[str, "np.ndarray"], cases: tuple[tuple[int, int], ...], atol: float, rtol: float,
+                    on_case: Callable[[str], None] | None) -> dict[str, Any]:
     from gru_deploy.convert import script
+    from gru_deploy.convert.graphs import check_onnx_bytes
     from gru_deploy.manifest import select_model, verified_path
 
-    signature = UserSignature(manifest["signature"]["inputs"], manifest["signature"]["outputs"])
-    pt = verified_path(folder, manifest, select_model(manifest, "classifier", "torchscript", where=str(folder)))
-    onnx_path = verified_path(folder, manifest, select_model(manifest, "classifier", "onnx", where=str(folder)))
-    from gru_deploy.convert.graphs import check_onnx_bytes
-
-    recorded = (manifest.get("onnx") or {}).get("op_types")
+    pt = verified_path(folder, manifest, select_model(manifest, variant, "torchscript", where=str(folder)))
+    onnx_path = verified_path(folder, manifest, select_model(manifest, variant, "onnx", where=str(folder)))
     if not isinstance(recorded, dict):
-        raise UserInputError(f"{folder}/manifest.json: onnx.op_types is missing; re-export the model")
+        raise UserInputError(f"{folder}/manifest.json: the {variant} model's op_types are missing; re-export the model")
     onnx_bytes = onnx_path.read_bytes()
     check_onnx_bytes(onnx_bytes, f"{folder}: {onnx_path.name}", known=frozenset(recorded))
     scripted = script.load(pt)
     check_recurrence(scripted, str(pt))
-    reference = manifest.get("reference") or {}
-    with np.load(verified_path(folder, manifest, reference.get("file", REFERENCE_FILE)), allow_pickle=False) as data:
-        stored = {key: data[key] for key in data.files}
-    cases = reference.get("cases", USER_CASES)
-    if not isinstance(cases, (list, tuple)) or not all(
-            isinstance(c, (list, tuple)) and len(c) == 2 and all(type(v) is int and 1 <= v <= 100_000 for v in c)
-            for c in cases):
-        raise UserInputError(f"{folder}/manifest.json: reference.cases must be a list of [batch, seq] pairs")
-    cases = tuple(tuple(c) for c in cases)
-    return user_parity(user_runners(None, scripted, onnx_bytes, signature, stored), signature, atol, rtol,
-                       cases=cases, on_case=on_case)
+    runners = user_runners(None, scripted, onnx_bytes, signature, stored, variant=variant)
+    return user_parity(runners, signature, atol, rtol, cases=cases, on_case=on_case)

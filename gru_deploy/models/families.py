@@ -141,7 +141,9 @@ class StackedGRUClassifier(_Normalized):
             steps, final = layer(steps)
         return self.fc(final)
 
+    @torch.jit.export
     def forward_lengths(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The padded batch: gru-deploy exports it as the lengths variant (model_lengths.*)."""
         steps = self.normalized(x).transpose(0, 1)
         final = steps.new_zeros(0)
         for layer in self.layers:
@@ -174,7 +176,8 @@ class TorchGRUClassifier(_Normalized):
         return self.fc(self.last(h_n))
 
     def forward_lengths(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Padded batch (eager only, for training): torch's packed sequences."""
+        """Padded batch (eager only, for training): torch's packed sequences. Not a TorchScript
+        method (no @torch.jit.export), so this family exports without a lengths variant."""
         packed = nn.utils.rnn.pack_padded_sequence(self.normalized(x), lengths.clamp(min=1).cpu(), batch_first=True,
                                                    enforce_sorted=False)
         _, h_n = self.gru(packed)

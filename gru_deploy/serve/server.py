@@ -119,9 +119,9 @@ class Model:
         """How one collected group runs: in parts of similar length (the lengths model pads within one)."""
         return length_groups(group) if self.group_by_length else [group]
 
-    def rows(self, result: Any, row: int, count: int) -> Any:
-        """One request's share of a batched result."""
-        return result[row:row + count]
+    def rows(self, result: Any, row: int, request: Pending) -> Any:
+        """One request's share of a batched result: its rows."""
+        return result[row:row + request.x.shape[0]]
 
     def outputs(self, result: Any) -> dict[str, tuple[str, Callable[[], np.ndarray]]]:
         """What a request may ask for: name -> (v2 datatype, computed only when asked)."""
@@ -210,7 +210,7 @@ class Model:
         row = 0
         for p in group:
             if not p.future.done():
-                p.future.set_result(self.rows(result, row, p.x.shape[0]))
+                p.future.set_result(self.rows(result, row, p))
             row += p.x.shape[0]
 
 
@@ -219,22 +219,25 @@ def _meta(name: str, datatype: str, shape: list[int]) -> dict[str, Any]:
 
 
 class ModuleModel(Model):
-    """A module exported by the generic path (your own, or a built-in family): its one model,
-    its signature's input and outputs. It has no lengths variant, so requests batch together
-    only with requests of the same sequence length (nothing is padded), shortest first."""
+    """A module exported by the generic path (your own, or a built-in family): its signature's
+    inputs and outputs. With a lengths variant (the module's forward_lengths), requests batch
+    as the tutorial model's do: padded within parts of similar length, `lengths` optional.
+    Without one, requests batch only with requests of the same sequence length (nothing is
+    padded), shortest first, and `lengths` is refused."""
 
     def __init__(self, name: str, signature: dict[str, Any], onnx_bytes: bytes, labels: list[str], threads: int,
-                 max_batch: int, max_delay_ms: float) -> None:
+                 max_batch: int, max_delay_ms: float, group_by_length: bool = True) -> None:
         import onnxruntime as ort
 
         from gru_deploy.check.runners import session_options
 
+        self.takes_lengths = any(t["name"] == LENGTHS_NAME for t in signature["inputs"])
         self.name, self.signature, self.labels = name, signature, list(labels)
         self.file, self.precision = "", "fp32"
         self.session = ort.InferenceSession(onnx_bytes, session_options(threads), providers=["CPUExecutionProvider"])
         self.output_names = [o["name"] for o in signature["outputs"]]
         self.max_batch, self.max_delay = max_batch, max_delay_ms / 1000.0
-        self.group_by_length = True
+        self.group_by_length = group_by_length
         self.queue = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
         self.on_batch = lambda size: None
@@ -247,29 +250,46 @@ class ModuleModel(Model):
     def validate(self, arrays: dict[str, np.ndarray], limits: "Limits") -> tuple[np.ndarray, np.ndarray]:
         from gru_deploy.serve.user import check_user_input
 
+        from gru_deploy.serve.user import check_user_lengths
+
         if INPUT_NAME not in arrays:
             raise ClientError(400, f"missing input {INPUT_NAME!r}")
-        unknown = sorted(set(arrays) - {INPUT_NAME})
+        allowed = {INPUT_NAME, LENGTHS_NAME} if self.takes_lengths else {INPUT_NAME}
+        unknown = sorted(set(arrays) - allowed)
         if unknown:
-            raise ClientError(400, f"unknown input(s) {unknown}; this model takes {INPUT_NAME!r} only (it has no "
-                                   "lengths variant: send each sequence unpadded)")
+            raise ClientError(400, f"unknown input(s) {unknown}; this model takes {sorted(allowed)}"
+                              + ("" if self.takes_lengths else " (it has no lengths variant: send each sequence "
+                                                               "unpadded)"))
         x = arrays[INPUT_NAME]
         if x.ndim == 3 and x.shape[1] > limits.max_seq:
             raise ClientError(413, f"sequence length {x.shape[1]} exceeds the limit {limits.max_seq}")
         try:  # before onnxruntime sees it: a GRU/LSTM kernel aborts the process on an empty axis
             x = check_user_input(x, self.signature)
+            lengths = arrays.get(LENGTHS_NAME)
+            lengths = (np.full(x.shape[0], x.shape[1], np.int64) if lengths is None
+                       else check_user_lengths(lengths, x))
         except UserInputError as exc:
             raise ClientError(400, str(exc)) from None
-        return x, np.full(x.shape[0], x.shape[1], np.int64)
+        return x, lengths
 
     def parts(self, group: list[Pending]) -> list[list[Pending]]:
+        if self.takes_lengths:  # padded within parts of similar length, as the tutorial model
+            return super().parts(group)
         by_seq: dict[int, list[Pending]] = {}
         for p in group:
             by_seq.setdefault(p.x.shape[1], []).append(p)
         return [by_seq[seq] for seq in sorted(by_seq)]
 
-    def rows(self, result: Any, row: int, count: int) -> Any:
-        return {name: value[row:row + count] for name, value in result.items()}
+    def rows(self, result: Any, row: int, request: Pending) -> Any:
+        """Its rows of every output, and of a per-step output its own steps (not the padding)."""
+        count, seq = request.x.shape[:2]
+        out = {}
+        for spec in self.signature["outputs"]:
+            value = result[spec["name"]][row:row + count]
+            if "seq" in spec["shape"]:
+                value = value.take(range(seq), axis=spec["shape"].index("seq"))
+            out[spec["name"]] = value
+        return out
 
     def outputs(self, result: Any) -> dict[str, tuple[str, Callable[[], np.ndarray]]]:
         from gru_deploy.serve.infer import softmax
@@ -294,35 +314,47 @@ class ModuleModel(Model):
         outputs = [_meta(o["name"], "FP32", dims(o["shape"])) for o in self.signature["outputs"]]
         if self.labels and len(outputs) == 1 and len(outputs[0]["shape"]) == 2:
             outputs += [_meta("probabilities", "FP32", outputs[0]["shape"]), _meta("label", "BYTES", [-1])]
-        return [_meta(INPUT_NAME, "FP32", dims(self.signature["inputs"][0]["shape"]))], outputs
+        inputs = [_meta(INPUT_NAME, "FP32", dims(self.signature["inputs"][0]["shape"]))]
+        if self.takes_lengths:
+            inputs.append(_meta(LENGTHS_NAME, "INT64", [-1]))
+        return inputs, outputs
 
     def run(self, x: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
         self.on_batch(x.shape[0])
-        return dict(zip(self.output_names, self.session.run(self.output_names, {INPUT_NAME: x})))
+        feed = {INPUT_NAME: x, LENGTHS_NAME: lengths} if self.takes_lengths else {INPUT_NAME: x}
+        return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
 
 
 def load_module_model(path: Path, kind: str, threads: int, max_batch: int, max_delay_ms: float, name: str | None,
-                      precision: str) -> ModuleModel:
-    """The model of a module export or bundle (of `precision`), chosen and checked through its manifest."""
+                      precision: str, group_by_length: bool = True) -> ModuleModel:
+    """The model of a module export or bundle (of `precision`), chosen and checked through its
+    manifest: its lengths variant where it has one of that precision, else its classifier."""
     from gru_deploy.bundle.read import check_bundle_files, open_bundle
     from gru_deploy.convert.graphs import check_onnx_bytes
-    from gru_deploy.manifest import select_model, verified_path
+    from gru_deploy.manifest import find_models, select_model, verified_path
     from gru_deploy.serve.user import user_export
+
+    def choose(manifest: dict[str, Any], where: str) -> tuple[str, str]:
+        variant = "lengths" if find_models(manifest, "lengths", "onnx", precision, where) else "classifier"
+        return variant, select_model(manifest, variant, "onnx", precision, where=where)
 
     if kind == "export":
         manifest = user_export(path)
-        chosen = select_model(manifest, "classifier", "onnx", precision, where=str(path))
+        variant, chosen = choose(manifest, str(path))
         data = verified_path(path, manifest, chosen).read_bytes()
-        signature, recorded = manifest["signature"], (manifest.get("onnx") or {}).get("op_types")
+        if variant == "lengths":
+            signature, recorded = manifest["variants"]["lengths"]["signature"], manifest["variants"]["lengths"]["op_types"]
+        else:
+            signature, recorded = manifest["signature"], (manifest.get("onnx") or {}).get("op_types")
     else:
         with open_bundle(path) as (folder, manifest):
             check_bundle_files(folder, manifest)
-            chosen = select_model(manifest, "classifier", "onnx", precision, where=f"{path} ({manifest['target']} bundle)")
+            variant, chosen = choose(manifest, f"{path} ({manifest['target']} bundle)")
             data = (folder / chosen).read_bytes()
-            signature, recorded = manifest["signatures"]["classifier"], manifest["models"][chosen].get("op_types")
+            signature, recorded = manifest["signatures"][variant], manifest["models"][chosen].get("op_types")
     check_onnx_bytes(data, f"{path}: {chosen}", known=frozenset(recorded or ()))
     model = ModuleModel(name or "model", signature, data, manifest.get("labels") or [], threads, max_batch,
-                        max_delay_ms)
+                        max_delay_ms, group_by_length)
     model.file, model.precision = chosen, precision
     return model
 
@@ -336,7 +368,8 @@ def load_model(path: Path, threads: int, max_batch: int, max_delay_ms: float, na
 
     kind = user_model_kind(Path(path))
     if kind is not None:
-        return load_module_model(Path(path), kind, threads, max_batch, max_delay_ms, name, precision)
+        return load_module_model(Path(path), kind, threads, max_batch, max_delay_ms, name, precision,
+                                 group_by_length)
 
     chosen = load_model_bytes(Path(path), "lengths", precision)
     model = Model(name or "gru_classifier", chosen.spec, chosen.data, threads, max_batch, max_delay_ms,

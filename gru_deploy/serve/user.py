@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from gru_deploy.errors import UserInputError
-from gru_deploy.spec import INPUT_NAME
+from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME
 
 
 @dataclass
@@ -66,8 +66,35 @@ def check_user_input(x: Any, signature: dict[str, Any]) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+def check_user_lengths(lengths: Any, x: np.ndarray) -> np.ndarray:
+    """lengths as int64 [batch], each in 1..seq: a sample has at least one step (the module's
+    own forward has none to run on an empty sequence)."""
+    if not isinstance(lengths, np.ndarray) or lengths.dtype.kind not in "iu":
+        raise UserInputError(f"{LENGTHS_NAME!r} must be an integer array, got "
+                             f"{getattr(lengths, 'dtype', type(lengths).__name__)}")
+    if lengths.shape != (x.shape[0],):
+        raise UserInputError(f"{LENGTHS_NAME!r} must have shape [{x.shape[0]}] (one per sample), got "
+                             f"{list(lengths.shape)}")
+    if lengths.size and (lengths.min() < 1 or lengths.max() > x.shape[1]):
+        raise UserInputError(f"{LENGTHS_NAME!r} must lie in 1..{x.shape[1]} (the padded length), got "
+                             f"{int(lengths.min())}..{int(lengths.max())}")
+    return np.ascontiguousarray(lengths.astype(np.int64))
+
+
+def _variant_of(manifest: dict[str, Any], where: str, lengths: Any) -> tuple[str, dict[str, Any]]:
+    """('lengths', its signature) when lengths are given and the manifest has the variant."""
+    if lengths is None:
+        return "classifier", (manifest.get("signature") or manifest.get("signatures", {}).get("classifier"))
+    signature = (manifest.get("variants") or {}).get("lengths", {}).get("signature") \
+        or (manifest.get("signatures") or {}).get("lengths")
+    if signature is None:
+        raise UserInputError(f"{where}: this model has no lengths variant (its module defines no @torch.jit.export "
+                             "forward_lengths): send each sequence unpadded, without lengths")
+    return "lengths", signature
+
+
 def _run_onnx(data: bytes, where: str, signature: dict[str, Any], recorded: Any, x: np.ndarray, name: str,
-              threads: int) -> UserPrediction:
+              threads: int, lengths: np.ndarray | None = None) -> UserPrediction:
     import onnxruntime as ort
 
     from gru_deploy.check.runners import session_options
@@ -78,23 +105,29 @@ def _run_onnx(data: bytes, where: str, signature: dict[str, Any], recorded: Any,
     check_onnx_bytes(data, where, known=frozenset(recorded))
     session = ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
     names = [o["name"] for o in signature["outputs"]]
-    values = session.run(names, {INPUT_NAME: x})
+    feed = {INPUT_NAME: x} if lengths is None else {INPUT_NAME: x, LENGTHS_NAME: lengths}
+    values = session.run(names, feed)
     return UserPrediction(dict(zip(names, values)), signature, name)
 
 
-def infer_user(folder: Path, manifest: dict[str, Any], x: Any, threads: int = 1) -> UserPrediction:
-    """Run the ONNX model an export's manifest lists (checksum checked) on x; every output by name."""
+def infer_user(folder: Path, manifest: dict[str, Any], x: Any, threads: int = 1,
+               lengths: Any = None) -> UserPrediction:
+    """Run the ONNX model an export's manifest lists (checksum checked) on x — with `lengths`,
+    its lengths variant on the padded x — and return every output by name."""
     from gru_deploy.manifest import select_model, verified_path
 
-    signature = manifest["signature"]
+    variant, signature = _variant_of(manifest, str(folder), lengths)
     x = check_user_input(x, signature)
-    name = select_model(manifest, "classifier", "onnx", where=str(folder))
+    lengths = None if lengths is None else check_user_lengths(lengths, x)
+    name = select_model(manifest, variant, "onnx", where=str(folder))
     data = verified_path(folder, manifest, name).read_bytes()
-    return _run_onnx(data, f"{folder}: {name}", signature, (manifest.get("onnx") or {}).get("op_types"), x, name,
-                     threads)
+    recorded = (manifest.get("onnx") or {}).get("op_types") if variant == "classifier" \
+        else manifest["variants"][variant].get("op_types")
+    return _run_onnx(data, f"{folder}: {name}", signature, recorded, x, name, threads, lengths)
 
 
-def infer_user_bundle(path: Path, x: Any, threads: int = 1, precision: str = "fp32") -> UserPrediction:
+def infer_user_bundle(path: Path, x: Any, threads: int = 1, precision: str = "fp32",
+                      lengths: Any = None) -> UserPrediction:
     """The same on a bundle of a user's model (folder or archive), every file checked first;
     `precision` int8 runs the bundle's int8 model (package --quantize int8)."""
     from gru_deploy.bundle.read import check_bundle_files, open_bundle
@@ -102,12 +135,13 @@ def infer_user_bundle(path: Path, x: Any, threads: int = 1, precision: str = "fp
 
     with open_bundle(path) as (folder, manifest):
         check_bundle_files(folder, manifest)
-        signature = manifest["signatures"]["classifier"]
+        variant, signature = _variant_of(manifest, f"{path}", lengths)
         x = check_user_input(x, signature)
-        name = select_model(manifest, "classifier", "onnx", precision,
+        lengths = None if lengths is None else check_user_lengths(lengths, x)
+        name = select_model(manifest, variant, "onnx", precision,
                             where=f"{path} ({manifest['target']} bundle)")
         return _run_onnx((folder / name).read_bytes(), f"{path}: {name}", signature,
-                         manifest["models"][name].get("op_types"), x, name, threads)
+                         manifest["models"][name].get("op_types"), x, name, threads, lengths)
 
 
 def user_model_kind(path: Path) -> str | None:
