@@ -85,3 +85,35 @@ def test_bad_usage_exits_2(program, tmp_path):
     (tmp_path / "golden.json").write_text("{not json")
     proc = run(program, tmp_path / "missing.pt", tmp_path / "golden.json")
     assert proc.returncode == 2 and "not valid JSON" in proc.stderr
+
+
+def test_libtorch_runs_a_user_models_bundle_every_output_and_its_lengths_model(program, tmp_path):
+    """The same program on a server bundle of a module with two outputs (a tuple) and on one
+    with a lengths model (forward(x, lengths), inputs matched by the schema's argument names)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cli_helpers import run_cli
+    from test_lengths_hook import _checkpoint
+
+    models = Path(__file__).parent / "user_models.py"
+    for name, variants in (("LSTMLoop", ("classifier",)), ("MaskedTagger", ("classifier", "lengths"))):
+        out = tmp_path / name
+        assert run_cli("export", "--model", f"{models}:{name}", "--checkpoint", str(_checkpoint(name, tmp_path)),
+                       "--out", str(out)).returncode == 0
+        bundle, _ = package(out, "server", out=tmp_path / f"{name}-server")
+        golden = bundle / "golden" / "golden.json"
+        for variant in variants:
+            triton = "model" if variant == "classifier" else f"model_{variant}"
+            proc = subprocess.run([str(program), str(bundle / f"model_repository/{triton}_torchscript/1/model.pt"),
+                                   str(golden), "--variant", variant], capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            n_cases = sum(c["variant"] == variant for c in json.loads(golden.read_text())["cases"])
+            assert f"{n_cases} {variant} case(s)" in proc.stdout and "PASSED" in proc.stdout
+        wrong = json.loads(golden.read_text())
+        case = next(c for c in wrong["cases"] if c["variant"] == "classifier")
+        list(case["outputs"].values())[-1]["data"][0] += 1e-3  # the last output: a tuple's second element
+        (tmp_path / "wrong.json").write_text(json.dumps(wrong))
+        proc = subprocess.run([str(program), str(bundle / "model_repository/model_torchscript/1/model.pt"),
+                               str(tmp_path / "wrong.json")], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and "FAILED" in proc.stdout

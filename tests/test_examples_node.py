@@ -83,3 +83,27 @@ def test_bad_usage_exits_2(node_example, tmp_path):
     proc = subprocess.run(["node", "run.mjs", str(tmp_path)], cwd=node_example, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def test_onnxruntime_node_runs_a_user_models_edge_bundle_every_variant_and_int8(node_example, tmp_path):
+    """The same script on a module's bundles: a per-step tagger with its lengths model (int64
+    lengths fed from golden.json), and an int8 bundle of a classifier, .onnx and .ort."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cli_helpers import run_cli
+    from test_lengths_hook import _checkpoint
+
+    models = Path(__file__).parent / "user_models.py"
+    for name, quantize in (("MaskedTagger", False), ("TwoLayerGRU", True)):
+        out = tmp_path / name
+        assert run_cli("export", "--model", f"{models}:{name}", "--checkpoint", str(_checkpoint(name, tmp_path)),
+                       "--out", str(out)).returncode == 0
+        bundle, _ = package(out, "edge", out=tmp_path / f"{name}-edge", quantize="int8" if quantize else None)
+        proc, result = run(node_example, bundle)
+        assert proc.returncode == 0 and result["passed"], proc.stdout + proc.stderr
+        golden = json.loads((bundle / "golden" / "golden.json").read_text())
+        for case in golden["cases"]:
+            for output in case["outputs"]:
+                assert f"ok    {case['name']} {case['model']} {output} " in proc.stdout
+        assert ("onnx-int8" in result["max_abs"]) == quantize and "ort" in result["max_abs"]

@@ -1,13 +1,17 @@
-// gru_golden: run a gru-deploy TorchScript classifier (model.pt) on the golden vectors of a
-// bundle and compare its logits with the recorded ones (eager PyTorch).
+// gru_golden: run a gru-deploy TorchScript model (model.pt) on the golden vectors of a bundle
+// and compare every output with the recorded one.
 //
-//   gru_golden MODEL.pt GOLDEN.json [--atol A]
+//   gru_golden MODEL.pt GOLDEN.json [--variant classifier|lengths] [--atol A]
 //
 // golden.json: {"atol", "rtol", "cases": [{"name", "variant", "inputs": {"x": {"dtype",
-// "shape", "data"}}, "outputs": {"logits": {...}}}, ...]}. Only the "classifier" cases are
-// run (model.pt is forward(x) -> logits). Prints each case's max abs error and the overall
-// one ("max abs error: <value>"), then exits 0 when every case is within atol (golden.json's,
-// 1e-5 by default), 1 when not, 2 on bad usage or unreadable input.
+// "shape", "data"}, ...}, "outputs": {"logits": {...}, ...}}, ...]}. The cases of one variant
+// are run (default: classifier): model.pt's forward takes the case's inputs by the names its
+// TorchScript schema gives its arguments (x; x, lengths for a lengths model), and returns one
+// tensor or a tuple, compared with the case's outputs in their order in golden.json (the
+// signature's order). Works for the tutorial model's bundles and for a built-in family's or
+// your own model's. Prints each case's max abs error and the overall one ("max abs error:
+// <value>"), then exits 0 when every case is within atol (golden.json's, 1e-5 by default), 1
+// when not, 2 on bad usage or unreadable input.
 #include <ATen/Parallel.h>
 #include <torch/script.h>
 
@@ -24,28 +28,44 @@
 #include <string>
 #include <vector>
 
-using nlohmann::json;
+// ordered_json keeps golden.json's key order: a case's outputs in the signature's order.
+using json = nlohmann::ordered_json;
 
 namespace {
 
 int usage(const std::string& message) {
-  std::cerr << message << "\nusage: gru_golden MODEL.pt GOLDEN.json [--atol A]\n";
+  std::cerr << message << "\nusage: gru_golden MODEL.pt GOLDEN.json [--variant classifier|lengths] [--atol A]\n";
   return 2;
 }
 
-// A golden tensor as a float32 torch tensor (its "data" is the flat, row-major list).
+// A golden tensor (float32 or int64) as a torch tensor (its "data" is the flat, row-major list).
 torch::Tensor to_tensor(const json& t) {
-  if (t.at("dtype").get<std::string>() != "float32") {
-    throw std::runtime_error("expected a float32 tensor, got " + t.at("dtype").get<std::string>());
-  }
+  const std::string dtype = t.at("dtype").get<std::string>();
   std::vector<int64_t> shape = t.at("shape").get<std::vector<int64_t>>();
-  std::vector<float> data = t.at("data").get<std::vector<float>>();
   int64_t count = 1;
   for (int64_t d : shape) count *= d;
-  if (count != static_cast<int64_t>(data.size())) {
-    throw std::runtime_error("shape and data length disagree");
+  if (dtype == "float32") {
+    std::vector<float> data = t.at("data").get<std::vector<float>>();
+    if (count != static_cast<int64_t>(data.size())) throw std::runtime_error("shape and data length disagree");
+    return torch::from_blob(data.data(), shape, torch::kFloat32).clone();
   }
-  return torch::from_blob(data.data(), shape, torch::kFloat32).clone();
+  if (dtype == "int64") {
+    std::vector<int64_t> data = t.at("data").get<std::vector<int64_t>>();
+    if (count != static_cast<int64_t>(data.size())) throw std::runtime_error("shape and data length disagree");
+    return torch::from_blob(data.data(), shape, torch::kInt64).clone();
+  }
+  throw std::runtime_error("unsupported dtype " + dtype);
+}
+
+// forward's outputs as a list: one tensor, or the elements of a tuple.
+std::vector<torch::Tensor> as_tensors(const c10::IValue& value) {
+  std::vector<torch::Tensor> out;
+  if (value.isTuple()) {
+    for (const c10::IValue& item : value.toTupleRef().elements()) out.push_back(item.toTensor());
+  } else {
+    out.push_back(value.toTensor());
+  }
+  return out;
 }
 
 }  // namespace
@@ -53,10 +73,13 @@ torch::Tensor to_tensor(const json& t) {
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   double atol_override = -1.0;
+  std::string variant = "classifier";
   std::vector<std::string> positional;
   for (size_t i = 0; i < args.size(); ++i) {
     if (args[i] == "--atol" && i + 1 < args.size()) {
       atol_override = std::stod(args[++i]);
+    } else if (args[i] == "--variant" && i + 1 < args.size()) {
+      variant = args[++i];
     } else if (!args[i].empty() && args[i][0] == '-') {
       return usage("unknown option " + args[i]);
     } else {
@@ -76,8 +99,12 @@ int main(int argc, char** argv) {
   const double atol = atol_override >= 0 ? atol_override : golden.value("atol", 1e-5);
 
   torch::jit::script::Module module;
+  std::vector<std::string> arguments;  // forward's argument names, after self
   try {
     module = torch::jit::load(positional[0]);
+    for (const c10::Argument& a : module.get_method("forward").function().getSchema().arguments()) {
+      if (a.name() != "self") arguments.push_back(a.name());
+    }
   } catch (const std::exception& e) {
     return usage("cannot load " + positional[0] + ": " + e.what());
   }
@@ -89,28 +116,42 @@ int main(int argc, char** argv) {
   int cases = 0, failed = 0;
   try {
     for (const json& c : golden.at("cases")) {
-      if (c.at("variant").get<std::string>() != "classifier") continue;
-      torch::Tensor x = to_tensor(c.at("inputs").at("x"));
-      torch::Tensor want = to_tensor(c.at("outputs").at("logits"));
-      torch::Tensor got = module.forward({x}).toTensor().to(torch::kFloat32).contiguous();
-      double error = std::numeric_limits<double>::infinity();
-      if (got.sizes() == want.sizes()) {
-        error = (got - want).abs().max().item<double>();
-        if (std::isnan(error)) error = std::numeric_limits<double>::infinity();
+      if (c.at("variant").get<std::string>() != variant || c.value("precision", "fp32") != "fp32") continue;
+      std::vector<c10::IValue> inputs;
+      for (const std::string& name : arguments) {
+        if (!c.at("inputs").contains(name)) {
+          throw std::runtime_error("case " + c.at("name").get<std::string>() + " has no input '" + name + "'");
+        }
+        inputs.push_back(to_tensor(c.at("inputs").at(name)));
+      }
+      std::vector<torch::Tensor> got = as_tensors(module.forward(inputs));
+      const json& outputs = c.at("outputs");
+      double error = got.size() == outputs.size() ? 0.0 : std::numeric_limits<double>::infinity();
+      size_t index = 0;
+      for (auto it = outputs.begin(); it != outputs.end() && index < got.size(); ++it, ++index) {
+        torch::Tensor want = to_tensor(it.value());
+        torch::Tensor have = got[index].to(torch::kFloat32).contiguous();
+        double e = std::numeric_limits<double>::infinity();
+        if (have.sizes() == want.sizes()) {
+          e = have.numel() ? (have - want).abs().max().item<double>() : 0.0;
+          if (std::isnan(e)) e = std::numeric_limits<double>::infinity();
+        }
+        error = std::max(error, e);
       }
       const bool ok = error <= atol;
       worst = std::max(worst, error);
       ++cases;
       if (!ok) ++failed;
+      const std::vector<int64_t> x_shape = c.at("inputs").at("x").at("shape").get<std::vector<int64_t>>();
       std::printf("%s  %-14s x %-12s max abs error %.3e\n", ok ? "ok  " : "FAIL",
-                  c.at("name").get<std::string>().c_str(), c10::str(x.sizes()).c_str(), error);
+                  c.at("name").get<std::string>().c_str(), c10::str(c10::IntArrayRef(x_shape)).c_str(), error);
     }
   } catch (const std::exception& e) {
     std::cerr << "error while running the golden cases: " << e.what() << "\n";
     return 2;
   }
-  if (cases == 0) return usage(positional[1] + " has no classifier case");
-  std::printf("%d classifier case(s), atol %g\n", cases, atol);
+  if (cases == 0) return usage(positional[1] + " has no fp32 " + variant + " case");
+  std::printf("%d %s case(s), atol %g\n", cases, variant.c_str(), atol);
   std::printf("max abs error: %.9g\n", worst);
   std::printf("%s\n", failed == 0 ? "PASSED" : "FAILED");
   return failed == 0 ? 0 : 1;

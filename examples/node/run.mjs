@@ -4,10 +4,11 @@
 //                                      script only fetches optional CUDA libraries)
 //   node run.mjs path/to/edge-bundle
 //
-// For every classifier and stream case in golden/golden.json it runs every .onnx and .ort
-// model that manifest.json lists for the case's variant and precision (fp32: model.onnx and
-// model.ort, ...; int8: model.int8.onnx) and compares the outputs with the golden ones (eager
-// PyTorch; an int8 case, the int8 model's own). Then it feeds each stream case chunk by chunk (chunks of 1 and of 5 steps),
+// For every case in golden/golden.json it runs every .onnx and .ort model that manifest.json
+// lists for the case's variant and precision (fp32: model.onnx and model.ort, ...; int8:
+// model.int8.onnx) and compares every output with the golden one (eager PyTorch, or the
+// float64 module for a built-in family's or your own model; an int8 case, the int8 model's
+// own). Then it feeds each stream case chunk by chunk (chunks of 1 and of 5 steps),
 // carrying h_n into the next h0, and checks that the final logits and h_n equal one pass.
 // Exit 0 when everything is within tolerance (golden.json's atol, 1e-5; a case's own atol
 // where it has one), 1 otherwise, 2 on bad usage.
@@ -88,8 +89,8 @@ function record(kind, error, tol, what) {
   console.log(`${ok ? "ok  " : "FAIL"}  ${what.padEnd(62)} max abs error ${error.toExponential(2)} (tol ${tol})`);
 }
 
-const cases = golden.cases.filter((c) => c.variant === "classifier" || c.variant === "stream");
-if (cases.length === 0) usage(`${goldenPath} has no classifier or stream case`);
+const cases = golden.cases;  // every variant: classifier, stream, lengths (a model's own, too)
+if (cases.length === 0) usage(`${goldenPath} has no case`);
 console.log(`onnxruntime-node ${ort.env.versions?.node ?? ort.env.versions?.common ?? ""}, bundle ${bundle}`);
 for (const c of cases) {
   const tol = c.atol ?? defaultAtol;
