@@ -138,8 +138,6 @@ class Loaded:
         """The streaming API (`gru_deploy.Stream`) over the export's stream model."""
         from gru_deploy.serve.stream import Stream
 
-        if self.kind is not None:
-            raise UserInputError(f"{self.path}: your own model has no stream variant")
         return Stream(self.path, batch, threads=self.threads)
 
 

@@ -343,3 +343,108 @@ def plot(result: dict[str, Any], path: "Path") -> None:
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+# --- a module's export (a built-in family or your own model) ------------------------------------
+
+MODULE_SHAPES = ((1, 1), (1, 100), (32, 100), (1, 1000))
+
+
+def run_module_bench(folder: Any, threads: int = 1, budget_s: float = 0.5,
+                     progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Medians of a module export's own models, in one run: TorchScript (model.pt, the
+    reference) and onnxruntime (model.onnx, in its recorded form) on the classifier at
+    MODULE_SHAPES; the lengths model at (32, 100) with lengths spread over 1..100 beside the
+    classifier on the same padded batch; the stream model per step at batch 1, raw
+    (session.run) and through gru_deploy.Stream. Files are chosen through the manifest and
+    checked against it."""
+    from pathlib import Path
+
+    import onnxruntime as ort
+    import torch
+
+    from gru_deploy.check.runners import session_options
+    from gru_deploy.convert import script
+    from gru_deploy.convert.user import UserSignature, case_feed
+    from gru_deploy.manifest import check_files, select_model, verified_path
+    from gru_deploy.serve.user import user_export
+    from gru_deploy.versions import library_versions
+
+    folder = Path(folder)
+    manifest = user_export(folder)
+    check_files(folder, manifest)
+    step = progress or (lambda message: None)
+    torch.set_num_threads(threads)
+
+    def load(variant: str) -> tuple[Any, Any, UserSignature]:
+        pt = script.load(verified_path(folder, manifest, select_model(manifest, variant, "torchscript",
+                                                                      where=str(folder))))
+        onnx_name = select_model(manifest, variant, "onnx", where=str(folder))
+        session = ort.InferenceSession(verified_path(folder, manifest, onnx_name).read_bytes(),
+                                       session_options(threads), providers=["CPUExecutionProvider"])
+        raw = manifest["signature"] if variant == "classifier" else manifest["variants"][variant]["signature"]
+        return pt, session, UserSignature(raw["inputs"], raw["outputs"])
+
+    def pair(pt: Any, session: Any, signature: UserSignature, feed: dict[str, np.ndarray]) -> dict[str, float]:
+        names = signature.output_names
+        args = [torch.from_numpy(feed[t["name"]]) for t in signature.inputs]
+
+        def torchscript() -> None:
+            with torch.no_grad():
+                pt(*args)
+        ts = median_us(torchscript, budget_s)
+        ort_us = median_us(lambda: session.run(names, feed), budget_s)
+        return {"torchscript_us": round(ts, 1), "onnxruntime_us": round(ort_us, 1),
+                "onnxruntime_vs_torchscript": round(ort_us / ts, 3)}
+
+    rows = []
+    pt, session, signature = load("classifier")
+    form = manifest["models"][select_model(manifest, "classifier", "onnx", where=str(folder))].get("strategy")
+    for batch, seq in MODULE_SHAPES:
+        step(f"classifier at batch {batch}, seq {seq}")
+        feed = case_feed(signature, batch, seq)
+        rows.append({"model": "classifier", "form": form, "batch": batch, "seq": seq,
+                     **pair(pt, session, signature, feed)})
+    variants = manifest.get("variants") or {}
+    if "lengths" in variants:
+        step("lengths model at batch 32, seq 100, lengths 1..100")
+        lpt, lsession, lsig = load("lengths")
+        feed = case_feed(lsig, 32, 100)
+        row = {"model": "lengths", "form": variants["lengths"].get("strategy"), "batch": 32, "seq": 100,
+               "lengths": "spread over 1..100", **pair(lpt, lsession, lsig, feed)}
+        padded = {"x": feed["x"]}
+        row["classifier_same_batch_us"] = round(median_us(lambda: session.run(signature.output_names, padded),
+                                                          budget_s), 1)
+        rows.append(row)
+    if "stream" in variants:
+        from gru_deploy.serve.stream import ModuleStream
+
+        step("stream model, one step at batch 1")
+        spt, ssession, ssig = load("stream")
+        feed = case_feed(ssig, 1, 1)
+        row = {"model": "stream", "form": variants["stream"].get("strategy"), "batch": 1, "seq": 1,
+               **pair(spt, ssession, ssig, feed)}
+        stream = ModuleStream(folder, 1, threads=threads)
+        x_t = feed["x"][:, 0]
+        row["stream_api_us"] = round(median_us(lambda: stream.step(x_t), budget_s), 1)
+        row["stream_api_vs_run"] = round(row["stream_api_us"] / row["onnxruntime_us"], 3)
+        rows.append(row)
+    return {"export": str(folder), "model": manifest.get("model"), "threads": threads, "budget_s": budget_s,
+            "rows": rows, "versions": library_versions()}
+
+
+def format_module_table(result: dict[str, Any]) -> str:
+    lines = [f"{result['export']} ({(result.get('model') or {}).get('reference')}), {result['threads']} thread(s); "
+             "median µs",
+             f"{'model':<11} {'form':<6} {'batch':>5} {'seq':>5} {'TorchScript':>12} {'onnxruntime':>12} {'ratio':>7}"]
+    for r in result["rows"]:
+        lines.append(f"{r['model']:<11} {str(r['form']):<6} {r['batch']:>5} {r['seq']:>5} {r['torchscript_us']:>12,.1f} "
+                     f"{r['onnxruntime_us']:>12,.1f} {r['onnxruntime_vs_torchscript']:>7.2f}")
+        if "classifier_same_batch_us" in r:
+            lines.append(f"  the classifier on the same padded batch (every sample run to 100 steps): "
+                         f"{r['classifier_same_batch_us']:,.1f} µs")
+        if "stream_api_us" in r:
+            lines.append(f"  gru_deploy.Stream.step: {r['stream_api_us']:,.1f} µs ({r['stream_api_vs_run']:.2f}x "
+                         "the stream model's run)")
+    lines.append("ratio: onnxruntime / TorchScript, both measured in this run")
+    return "\n".join(lines)

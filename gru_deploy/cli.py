@@ -534,15 +534,17 @@ def infer(folder: Path, input_path: Path, lengths_path: Path | None, state_in: P
 
     kind = user_model_kind(folder)
     if kind is not None:  # your own model: its one model file, every output of its signature
-        given = [name for name, value in (("--state-in", state_in), ("--state-out", state_out)) if value is not None]
-        if given or (precision != "fp32" and kind == "export"):
-            raise UserInputError(f"{folder} holds a model with no stream variant, and an export holds fp32 models "
-                                 f"only (package --quantize int8 makes an int8 one): drop "
-                                 f"{', '.join(given) or '--precision int8'}")
+        if precision != "fp32" and kind == "export":
+            raise UserInputError(f"{folder}: an export holds fp32 models only (package --quantize int8 makes an int8 "
+                                 "one): drop --precision int8")
         x = load_array(input_path, "--input")
         lengths = load_array(lengths_path, "--lengths") if lengths_path else None
-        result = (infer_user(folder, user_export(folder), x, threads, lengths) if kind == "export"
-                  else infer_user_bundle(folder, x, threads, precision, lengths))
+        h0 = load_array(state_in, "--state-in") if state_in else None
+        stream = state_in is not None or state_out is not None
+        result = (infer_user(folder, user_export(folder), x, threads, lengths, h0, stream) if kind == "export"
+                  else infer_user_bundle(folder, x, threads, precision, lengths, h0, stream))
+        if state_out is not None:
+            save_array(state_out, result.outputs["h_n"])
         if as_json:
             _emit_json(result.to_json())
             return
@@ -592,6 +594,11 @@ def bench(obj: dict, folder: Path | None, threads: int, budget: float, no_large:
     (its weights are used; checksums are checked); without it, an untrained model. Reports
     only: the exit code does not depend on the timings.
 
+    On the export of a built-in family or your own model: its own models, TorchScript
+    (model.pt, the reference) against onnxruntime at (1,1), (1,100), (32,100), (1,1000), its
+    lengths model at (32,100) and its stream model per step (raw and through
+    gru_deploy.Stream), where it has them.
+
     \b
     Example:
       gru-deploy bench exported/ --json > bench.json
@@ -602,11 +609,22 @@ def bench(obj: dict, folder: Path | None, threads: int, budget: float, no_large:
     obj["quiet"] = quiet or as_json
     if folder is not None:
         from gru_deploy.convert import script
-        from gru_deploy.manifest import read_manifest, select_model, tutorial_only, verified_path
+        from gru_deploy.manifest import is_module_export, read_manifest, select_model, verified_path
         from gru_deploy.spec import ModelSpec
 
         manifest = read_manifest(folder)
-        tutorial_only(manifest, str(folder), "bench")
+        if is_module_export(manifest):  # a built-in family or your own model: its own models
+            from gru_deploy.bench import format_module_table, run_module_bench
+
+            if no_large or plot is not None:
+                raise UserInputError("--no-large and --plot apply to the tutorial model's bench")
+            result = run_module_bench(folder, threads=threads, budget_s=budget,
+                                      progress=lambda m: _progress(obj, f"measuring {m}"))
+            if as_json:
+                _emit_json(result)
+            else:
+                click.echo(format_module_table(result))
+            return
         spec = ModelSpec.from_dict(manifest["config"])
         from gru_deploy.models.tutorial import tutorial_parameters
 

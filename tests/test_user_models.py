@@ -200,14 +200,13 @@ def test_the_tutorial_export_is_unchanged_without_model(export_dir):
     assert "model" not in manifest and set(manifest["variants"]) == {"stream", "lengths"}
 
 
-@pytest.mark.parametrize("command", ["package-check-with", "bench", "junit"])
+@pytest.mark.parametrize("command", ["package-check-with", "junit"])
 def test_the_tutorial_only_commands_say_so_on_a_user_export(exports, tmp_path, command):
-    """package --check-with, bench and verify --junit-xml handle the tutorial model's exports
-    only so far: exit 2, one line, nothing written."""
+    """package --check-with and verify --junit-xml handle the tutorial model's exports only so
+    far: exit 2, one line, nothing written."""
     out = exports["TwoLayerGRU"][0]
     argv = {"package-check-with": ["package", str(out), "--target", "edge", "--check-with", sys.executable,
                                    "--out", str(tmp_path / "edge")],
-            "bench": ["bench", str(out), "--budget", "0.01", "--no-large"],
             "junit": ["verify", str(out), "--junit-xml", str(tmp_path / "edge")]}[command]
     proc = run_cli(*argv)
     assert proc.returncode == 2, proc.stderr

@@ -178,6 +178,35 @@ class MaskedTagger(nn.Module):
             states.append(h)
         return self.tags(torch.stack(states, 1))
 
+    def initial_state(self, batch: int) -> torch.Tensor:
+        return torch.zeros(batch, self.hidden)
+
+    @torch.jit.export
+    def forward_stream(self, x: torch.Tensor, h0: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        h = h0
+        states: List[torch.Tensor] = []
+        for t in range(x.size(1)):
+            h = self.cell(x[:, t], h)
+            states.append(h)
+        return self.tags(torch.stack(states, 1)), h
+
+
+class ForgetfulStream(LSTMLoop):
+    """A stream hook that breaks its promise: it halves the hidden state it is given, so a
+    sequence fed in chunks forgets part of itself at every chunk boundary (from the zero
+    initial state, one chunk is still forward's answer)."""
+
+    def initial_state(self, batch: int) -> torch.Tensor:
+        return torch.zeros(batch, 2, self.hidden)
+
+    @torch.jit.export
+    def forward_stream(self, x: torch.Tensor, h0: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = h0[:, 0] * 0.5
+        c = h0[:, 1]
+        for t in range(x.size(1)):
+            h, c = self.cell(x[:, t], (h, c))
+        return self.out(h), h, torch.stack([h, c], 1)
+
 
 class LeakyLengths(nn.Module):
     """A classifier whose lengths hook breaks its promise: it ignores the lengths, so a padded

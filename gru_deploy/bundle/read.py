@@ -317,8 +317,8 @@ def _run(session: Any, fmt: str, spec: Any, variant: str, inputs: dict[str, np.n
     from gru_deploy.spec import INPUT_NAME, VARIANT_IO
 
     if isinstance(spec, dict):  # before the runtime sees it: a user graph may abort on an empty axis
-        from gru_deploy.serve.user import check_user_input, check_user_lengths
-        from gru_deploy.spec import LENGTHS_NAME
+        from gru_deploy.serve.user import check_user_input, check_user_lengths, check_user_state
+        from gru_deploy.spec import LENGTHS_NAME, STATE_IN
 
         names = [t["name"] for t in spec["inputs"]]
         if sorted(inputs) != sorted(names):
@@ -326,6 +326,8 @@ def _run(session: Any, fmt: str, spec: Any, variant: str, inputs: dict[str, np.n
         feed = {INPUT_NAME: check_user_input(inputs[INPUT_NAME], spec)}
         if LENGTHS_NAME in names:
             feed[LENGTHS_NAME] = check_user_lengths(inputs[LENGTHS_NAME], feed[INPUT_NAME])
+        if STATE_IN in names:
+            feed[STATE_IN] = check_user_state(inputs[STATE_IN], feed[INPUT_NAME], spec)
         outputs = tuple(o["name"] for o in spec["outputs"])
     else:
         feed = validate_feed(inputs, spec, variant)

@@ -16,7 +16,10 @@ from gru_deploy.manifest import json_bytes, sha256_bytes
 
 # Golden cases (batch, seq) per variant: a subset of the export's parity grid, whose float64
 # outputs it stored (convert.user.USER_CASES, LENGTHS_CASES).
-GOLDEN_BY_VARIANT = {"classifier": ((3, 7), (2, 100)), "lengths": ((3, 7), (4, 100))}
+GOLDEN_BY_VARIANT = {"classifier": ((3, 7), (2, 100)), "lengths": ((3, 7), (4, 100)), "stream": ((3, 7), (2, 100))}
+# The variants each target carries, where the export has them (a stream model goes to the edge:
+# a server streams through Triton's sequence batcher, which these configs do not declare yet).
+BUNDLE_VARIANTS = {"edge": ("lengths", "stream"), "server": ("lengths",)}
 SERVER_NAME = "model"
 TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
 
@@ -141,7 +144,7 @@ def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
         models[path] = {"variant": variant, "format": fmt, "precision": "fp32", "source": name,
                         **(onnx_info(files[path]) if fmt == "onnx" else {})}
 
-    variants = ["classifier"] + [v for v in ("lengths",) if v in (source.get("variants") or {})]
+    variants = ["classifier"] + [v for v in BUNDLE_VARIANTS[target] if v in (source.get("variants") or {})]
     signatures = {"classifier": signature, **{v: source["variants"][v]["signature"] for v in variants[1:]}}
     step(f"building the {target} files ({', '.join(variants)})")
     onnx_paths: dict[str, str] = {}

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from gru_deploy.errors import CheckFailed, UserInputError
-from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME
+from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN, STATE_OUT
 
 if TYPE_CHECKING:
     import numpy as np
@@ -209,6 +209,8 @@ def example_args(signature: UserSignature, seq: int) -> tuple["torch.Tensor", ..
     for tensor in signature.inputs:
         if tensor["name"] == LENGTHS_NAME:
             args.append(torch.tensor([seq, max(1, seq - 1)], dtype=torch.int64))
+        elif tensor["name"] == STATE_IN:
+            args.append(torch.zeros(2, *tensor["shape"][1:]))
         else:
             args.append(torch.zeros(2, seq, tensor["shape"][2]))
     return tuple(args)
@@ -248,6 +250,10 @@ def export_user_onnx(scripted: "torch.jit.ScriptModule", signature: UserSignatur
             raise CheckFailed(f"the ONNX exporter failed on the scripted model: {type(exc).__name__}: "
                               f"{first[:300]}{hint}") from None
         models.append(onnx.load_from_string(buffer.getvalue()))
+    unused = [t["name"] for t in signature.inputs if t["name"] not in {i.name for i in models[0].graph.input}]
+    if unused:  # the exporter drops an input the graph never reads
+        raise CheckFailed(f"the exported graph does not read its input(s) {unused}: the model ignores "
+                          f"{'them' if len(unused) > 1 else 'it'}")
     op_types = check_not_unrolled(models, needs=None)
     if not any(op in op_types for op in ONNX_RECURRENCE):
         raise CheckFailed("refusing to write a graph without a Loop or recurrent node: the time loop was unrolled")
@@ -269,6 +275,17 @@ LENGTHS_CASES = ((3, 7), (4, 100), (3, 2048))
 # forward, each sample's as it gets them alone, unpadded.
 LENGTHS_HOOK = "forward_lengths"
 
+# The stream variant's hooks: initial_state(batch) -> the state forward starts from ([batch,
+# ...] zeros; None when the module cannot stream), and @torch.jit.export forward_stream(x, h0)
+# -> (forward's outputs..., h_n).
+STREAM_HOOK = "forward_stream"
+STATE_HOOK = "initial_state"
+STREAM_CASES = ((1, 1), (3, 7), (2, 100), (1, 2048))
+# The stream's promise, checked on the float64 module: from the initial state, one chunk is
+# forward's answer, and chunks of these sizes carried through h_n are the one pass.
+CHUNK_SIZES = (1, 7)
+CONTRACT_CASES = ((2, 9), (1, 100))
+
 Feed = dict  # input name -> numpy array
 
 
@@ -282,6 +299,10 @@ def case_feed(signature: UserSignature, batch: int, seq: int) -> Feed:
     import numpy as np
 
     feed = {INPUT_NAME: case_input(batch, seq, signature.inputs[0]["shape"][2])}
+    state = next((t for t in signature.inputs if t["name"] == STATE_IN), None)
+    if state is not None:  # a state from somewhere in a sequence: uniform in [-1, 1]
+        rng = np.random.default_rng(batch * 104729 + seq)
+        feed[STATE_IN] = rng.uniform(-1, 1, (batch, *state["shape"][1:])).astype(np.float32)
     if any(t["name"] == LENGTHS_NAME for t in signature.inputs):
         rng = np.random.default_rng(batch * 7919 + seq)
         lengths = rng.integers(1, seq + 1, batch).astype(np.int64)
@@ -582,6 +603,96 @@ def export_lengths_variant(model: "UserModel", signature: UserSignature, form: s
             "parity": parity, "stored": stored}
 
 
+def stream_signature(signature: UserSignature, state_dims: list[int]) -> UserSignature:
+    if STATE_OUT in signature.output_names:
+        raise UserInputError(f"an output is named {STATE_OUT!r}, the stream variant's state: rename it "
+                             "(--output-names)")
+    state = {"dtype": "float32", "shape": ["batch", *state_dims]}
+    return UserSignature(signature.inputs + [{"name": STATE_IN, **state}],
+                         signature.outputs + [{"name": STATE_OUT, **state}])
+
+
+def _stream_contract(model: "UserModel", signature: UserSignature, atol: float, rtol: float,
+                     results: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """The stream's promise on the float64 module: from initial_state, one chunk gives
+    forward's outputs; chunks carried through h_n give the one pass's outputs and state."""
+    import numpy as np
+    import torch
+
+    from gru_deploy.check.compare import compare
+
+    double = copy.deepcopy(model.module).double()
+    names = signature.output_names
+    per_step = ["seq" in o["shape"] for o in signature.outputs]
+
+    def numpy(values: Any) -> list["np.ndarray"]:
+        return [v.detach().numpy() for v in as_outputs(values, model.reference)]
+
+    for batch, seq in CONTRACT_CASES:
+        x = torch.from_numpy(case_input(batch, seq, signature.inputs[0]["shape"][2])).double()
+        h0 = getattr(double, STATE_HOOK)(batch).double()
+        with torch.no_grad():
+            whole = numpy(double(x))
+            one = numpy(getattr(double, STREAM_HOOK)(x, h0))
+            for name, want, got in zip(names, whole, one):
+                _summarise(results, summary, f"float64 forward->float64 stream[{name}]", batch, seq,
+                           compare(want, got, atol, rtol))
+            for size in CHUNK_SIZES:
+                state, parts = h0, []
+                for start in range(0, seq, size):
+                    out = numpy(getattr(double, STREAM_HOOK)(x[:, start:start + size], state))
+                    state = torch.from_numpy(out[-1])
+                    parts.append(out)
+                chunked = [np.concatenate([p[i] for p in parts], axis=signature.outputs[i]["shape"].index("seq"))
+                           if per_step[i] else parts[-1][i] for i in range(len(names))] + [parts[-1][-1]]
+                for name, want, got in zip(names + [STATE_OUT], one, chunked):
+                    _summarise(results, summary, f"float64 one pass->float64 chunks of {size}[{name}]", batch, seq,
+                               compare(want, got, atol, rtol))
+
+
+def export_stream_variant(model: "UserModel", signature: UserSignature, opset: int, atol: float, rtol: float,
+                          step: Callable[[str], None]) -> dict[str, Any] | str:
+    """The stream variant of a module with the stream hooks (STATE_HOOK, STREAM_HOOK): scripted
+    through models.variants.StreamOf, exported as the exporter writes it, proved on
+    STREAM_CASES (from a state in [-1, 1]) against the float64 hook, the hook itself held to
+    forward and to its own chunked runs (_stream_contract). Returns what export_lengths_variant
+    does, or why the module does not stream."""
+    import torch
+
+    from gru_deploy.convert import script
+    from gru_deploy.convert.script import quiet_torchscript_deprecation
+    from gru_deploy.models.variants import StreamOf
+
+    initial = getattr(model.module, STATE_HOOK, None)
+    state = initial(2) if callable(initial) else None
+    if state is None:
+        return f"{STATE_HOOK}(batch) returned None: the module cannot stream (e.g. bidirectional)"
+    if not isinstance(state, torch.Tensor) or state.dim() < 2 or state.shape[0] != 2 or bool(state.any()):
+        raise UserInputError(f"{model.reference}.{STATE_HOOK}(2) must return zeros of shape [2, ...] (the state "
+                             f"forward starts from), got {getattr(state, 'shape', type(state).__name__)}")
+    sig = stream_signature(signature, [int(d) for d in state.shape[1:]])
+    step(f"the stream variant ({STREAM_HOOK}, state {list(state.shape[1:])}): scripting and exporting it")
+    try:
+        with quiet_torchscript_deprecation():
+            scripted = torch.jit.script(StreamOf(model.module).eval())
+    except Exception as exc:
+        raise UserInputError(f"TorchScript cannot compile {model.reference}.{STREAM_HOOK}: "
+                             f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
+    onnx_bytes, graph = export_user_onnx(scripted, sig, opset, model.record()["kind"])
+    step("checking the stream variant's parity: one pass = forward = chunks, every runner against float64")
+    runners = user_runners(model.module, scripted, onnx_bytes, sig, method=STREAM_HOOK, variant="stream")
+    runners["float64"], stored = recording(runners["float64"], sig, "stream")
+    parity = user_parity(runners, sig, atol, rtol, cases=STREAM_CASES)
+    _stream_contract(model, signature, atol, rtol, parity["results"], parity["summary"])
+    parity["passed"] = all(entry["passed"] for entry in parity["summary"].values())
+    parity["notes"].append(f"from {STATE_HOOK}: one chunk = forward, and chunks of {CHUNK_SIZES} steps carried "
+                           f"through {STATE_OUT} = the one pass, on the float64 module at {list(CONTRACT_CASES)}")
+    if not parity["passed"]:
+        raise CheckFailed("the stream variant's parity failed, nothing written: " + "; ".join(failures(parity)))
+    return {"signature": sig, "pt": script.to_bytes(scripted), "onnx": onnx_bytes, "graph": graph, "form": "loop",
+            "parity": parity, "stored": stored}
+
+
 def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: float = 1e-5, rtol: float = 1e-5,
                       input_size: int | None = None, output_names: list[str] | None = None,
                       on_step: Callable[[str], None] | None = None, labels: tuple[str, ...] = (),
@@ -637,7 +748,7 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
     stored = dict(stores[chosen])
     if labels and (len(signature.outputs) != 1 or signature.outputs[0]["shape"][-1] != len(labels)):
         raise UserInputError(f"{len(labels)} labels do not fit the outputs {signature.to_dict()['outputs']}")
-    notes = ["the stream variant is absent: gru-deploy exports it for the tutorial model only in this version"]
+    notes: list[str] = []
     files = {"model.pt": pt_bytes, "model.onnx": onnx_bytes}
     models = {
         "model.pt": {"variant": "classifier", "format": "torchscript", "precision": "fp32"},
@@ -645,23 +756,33 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
                        "opset": graph["opset"], "ir_version": graph["ir_version"]},
     }
     variants: dict[str, Any] = {}
+    exported: dict[str, Any] = {}
     if hasattr(scripted, LENGTHS_HOOK):
         built = "fused" if chosen == "fused" and _builds_fused(model) else "loop"
-        lengths = export_lengths_variant(model, signature, built, opset, atol, rtol, step)
-        stored.update(lengths["stored"])
-        parity["variants"] = {"lengths": lengths["parity"]}
-        files["model_lengths.pt"], files["model_lengths.onnx"] = lengths["pt"], lengths["onnx"]
-        models["model_lengths.pt"] = {"variant": "lengths", "format": "torchscript", "precision": "fp32"}
-        models["model_lengths.onnx"] = {"variant": "lengths", "format": "onnx", "precision": "fp32",
-                                        "strategy": built, "opset": lengths["graph"]["opset"],
-                                        "ir_version": lengths["graph"]["ir_version"]}
-        variants["lengths"] = {"signature": lengths["signature"].to_dict(), "strategy": built,
-                               "torchscript": "model_lengths.pt", "onnx": "model_lengths.onnx",
-                               "onnx_node_count": lengths["graph"]["node_count"],
-                               "op_types": lengths["graph"]["op_types"]}
+        exported["lengths"] = export_lengths_variant(model, signature, built, opset, atol, rtol, step)
     else:
         notes.append(f"the lengths variant is absent: the module defines no @torch.jit.export {LENGTHS_HOOK}"
                      "(x, lengths)")
+    if hasattr(scripted, STREAM_HOOK):
+        result = export_stream_variant(model, signature, opset, atol, rtol, step)
+        if isinstance(result, str):
+            notes.append(f"the stream variant is absent: {result}")
+        else:
+            exported["stream"] = result
+    else:
+        notes.append(f"the stream variant is absent: the module defines no @torch.jit.export {STREAM_HOOK}"
+                     f"(x, {STATE_IN}) (and {STATE_HOOK}(batch))")
+    for variant, done in exported.items():
+        stored.update(done["stored"])
+        parity.setdefault("variants", {})[variant] = done["parity"]
+        pt, onnx_name = f"model_{variant}.pt", f"model_{variant}.onnx"
+        files[pt], files[onnx_name] = done["pt"], done["onnx"]
+        models[pt] = {"variant": variant, "format": "torchscript", "precision": "fp32"}
+        models[onnx_name] = {"variant": variant, "format": "onnx", "precision": "fp32", "strategy": done["form"],
+                             "opset": done["graph"]["opset"], "ir_version": done["graph"]["ir_version"]}
+        variants[variant] = {"signature": done["signature"].to_dict(), "strategy": done["form"],
+                             "torchscript": pt, "onnx": onnx_name, "onnx_node_count": done["graph"]["node_count"],
+                             "op_types": done["graph"]["op_types"]}
     step("converting the ONNX models to ORT format (onnxruntime's converter)")
     from gru_deploy.convert.graphs import to_ort_format
     from gru_deploy.errors import WriteFailed
@@ -706,7 +827,8 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
             "notes": notes,
             "reference": {"file": REFERENCE_FILE, "computed_by": f"{model.reference} in float64 (module.double())",
                           "cases": [list(c) for c in USER_CASES],
-                          **({"lengths_cases": [list(c) for c in LENGTHS_CASES]} if variants else {})},
+                          **({"lengths_cases": [list(c) for c in LENGTHS_CASES]} if "lengths" in variants else {}),
+                          **({"stream_cases": [list(c) for c in STREAM_CASES]} if "stream" in variants else {})},
             "files": {name: file_entry(stage / name)
                       for name in (*files, "parity.json", REFERENCE_FILE, *ort_files)},
             "parity": {"passed": True, "atol": atol, "rtol": rtol, "notes": parity["notes"],
@@ -755,13 +877,14 @@ def verify_user_export(folder: Path, manifest: dict[str, Any], atol: float, rtol
     recorded = (manifest.get("onnx") or {}).get("op_types")
     report = _verify_variant(folder, manifest, "classifier", signature, recorded, stored,
                              _cases(folder, reference.get("cases", USER_CASES)), atol, rtol, on_case)
-    lengths = (manifest.get("variants") or {}).get("lengths")
-    if lengths is not None:
-        sig = UserSignature(lengths["signature"]["inputs"], lengths["signature"]["outputs"])
-        variant = _verify_variant(folder, manifest, "lengths", sig, lengths.get("op_types"), stored,
-                                  _cases(folder, reference.get("lengths_cases", LENGTHS_CASES)), atol, rtol,
-                                  on_case)
-        report["variants"] = {"lengths": variant}
+    defaults = {"lengths": LENGTHS_CASES, "stream": STREAM_CASES}
+    for name, entry in (manifest.get("variants") or {}).items():
+        if name not in defaults:
+            raise UserInputError(f"{folder}/manifest.json: unknown variant {name!r}")
+        sig = UserSignature(entry["signature"]["inputs"], entry["signature"]["outputs"])
+        variant = _verify_variant(folder, manifest, name, sig, entry.get("op_types"), stored,
+                                  _cases(folder, reference.get(f"{name}_cases", defaults[name])), atol, rtol, on_case)
+        report.setdefault("variants", {})[name] = variant
         report["passed"] = report["passed"] and variant["passed"]
     return report
 

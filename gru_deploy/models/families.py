@@ -68,6 +68,14 @@ class DirectionCell(GRUCell):
             out = out.flip(0)
         return out, h
 
+    def run_from(self, steps: torch.Tensor, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """`run` (forward direction) from state h: the stream variant's step through a chunk."""
+        outputs: List[torch.Tensor] = []
+        for k in range(steps.size(0)):
+            h = self.forward(steps[k], h)
+            outputs.append(h)
+        return torch.stack(outputs), h
+
     def run_masked(self, steps: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """`run` where steps t >= lengths[b] leave sample b's state as it is; in reverse, the
         loop runs over the flipped sequence, so each sample's state stays 0 through its
@@ -98,6 +106,9 @@ class UniLayer(nn.Module):
     def masked(self, steps: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.fw.run_masked(steps, lengths)
 
+    def stream(self, steps: torch.Tensor, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.fw.run_from(steps, h)
+
 
 class BiLayer(nn.Module):
     def __init__(self, input_size: int, hidden_size: int) -> None:
@@ -115,12 +126,15 @@ class BiLayer(nn.Module):
         out_bw, h_bw = self.bw.run_masked(steps, lengths)
         return torch.cat([out_fw, out_bw], 2), torch.cat([h_fw, h_bw], 1)
 
+    def stream(self, steps: torch.Tensor, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise RuntimeError("a bidirectional layer cannot stream: its backward direction needs the whole sequence")
+
 
 class StackedGRUClassifier(_Normalized):
     """The tutorial cell, `layers` deep (and both directions when bidirectional), then a Linear
     head on the last layer's final state(s): [batch, seq, input] -> logits [batch, output]."""
 
-    __constants__ = ["normalize"]
+    __constants__ = ["normalize", "bidirectional", "hidden_size"]
 
     def __init__(self, input_size: int = 8, hidden_size: int = 16, output_size: int = 4, layers: int = 2,
                  bidirectional: bool = False, normalization: Any = None) -> None:
@@ -128,6 +142,8 @@ class StackedGRUClassifier(_Normalized):
         if layers < 1:
             raise UserInputError(f"layers must be at least 1, got {layers}")
         directions = 2 if bidirectional else 1
+        self.bidirectional = bidirectional
+        self.hidden_size = hidden_size
         kind = BiLayer if bidirectional else UniLayer
         self.layers = nn.ModuleList([kind(input_size if i == 0 else hidden_size * directions, hidden_size)
                                      for i in range(layers)])
@@ -140,6 +156,26 @@ class StackedGRUClassifier(_Normalized):
         for layer in self.layers:
             steps, final = layer(steps)
         return self.fc(final)
+
+    def initial_state(self, batch: int) -> "torch.Tensor | None":
+        """The state forward starts from, [batch, layers, hidden] zeros; None when bidirectional
+        (a backward direction cannot stream): gru-deploy then exports no stream variant."""
+        if self.bidirectional:
+            return None
+        return torch.zeros(batch, len(self.layers), self.hidden_size)
+
+    @torch.jit.export
+    def forward_stream(self, x: torch.Tensor, h0: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A chunk from state h0 [batch, layers, hidden] -> (logits, h_n): chunks carried
+        through h_n give one pass's answer. gru-deploy exports it as the stream variant."""
+        steps = self.normalized(x).transpose(0, 1)
+        finals: List[torch.Tensor] = []
+        index = 0
+        for layer in self.layers:
+            steps, h = layer.stream(steps, h0[:, index])
+            finals.append(h)
+            index += 1
+        return self.fc(finals[-1]), torch.stack(finals, 1)
 
     @torch.jit.export
     def forward_lengths(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

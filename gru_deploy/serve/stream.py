@@ -29,7 +29,18 @@ from gru_deploy.spec import INPUT_NAME, OUTPUT_NAME, STATE_IN, STATE_OUT
 
 
 class Stream:
-    """A batch of live sequences in the stream model: `step(x_t) -> logits`, `state`, `reset()`."""
+    """A batch of live sequences in the stream model: `step(x_t) -> logits`, `state`, `reset()`.
+
+    On the export or bundle of a module (a built-in family or your own model) with a stream
+    variant, `Stream(...)` is a ModuleStream: `step(x_t) -> {output: value}`."""
+
+    def __new__(cls, path: str | Path, batch: int = 1, precision: str = "fp32", threads: int = 1,
+                _chosen: Any = None) -> Any:
+        from gru_deploy.serve.user import user_model_kind
+
+        if _chosen is None and user_model_kind(Path(path)) is not None:
+            return ModuleStream(Path(path), batch, precision, threads)
+        return super().__new__(cls)
 
     def __init__(self, path: str | Path, batch: int = 1, precision: str = "fp32", threads: int = 1,
                  _chosen: Any = None) -> None:
@@ -135,3 +146,72 @@ class Stream:
     @property
     def labels(self) -> tuple[str, ...]:
         return self.spec.labels
+
+
+class ModuleStream:
+    """A batch of live sequences in a module's stream model (its forward_stream): `step(x)`
+    with x [batch, input] (one step) or [batch, chunk, input] returns every output of the
+    module's signature by name; the state ([batch, ...], from the module's initial_state,
+    zeros) is carried between calls. `state` reads or sets it; `reset()` zeroes it."""
+
+    def __init__(self, path: Path, batch: int = 1, precision: str = "fp32", threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        from gru_deploy.bundle.read import check_bundle_files, open_bundle
+        from gru_deploy.check.runners import session_options
+        from gru_deploy.convert.graphs import check_onnx_bytes
+        from gru_deploy.manifest import select_model, verified_path
+        from gru_deploy.serve.user import variant_of, check_user_state, user_export, user_model_kind
+
+        if type(batch) is not int or batch < 1:
+            raise UserInputError(f"a Stream needs a batch of at least 1 sequence, got {batch!r}")
+        if user_model_kind(path) == "export":
+            manifest = user_export(path)
+            variant_of(manifest, str(path), None, stream=True)  # says so when the module does not stream
+            self.model = select_model(manifest, "stream", "onnx", precision, where=str(path))
+            data = verified_path(path, manifest, self.model).read_bytes()
+            signature = (manifest.get("variants") or {})["stream"]["signature"]
+            recorded = manifest["variants"]["stream"].get("op_types")
+        else:
+            with open_bundle(path) as (folder, manifest):
+                check_bundle_files(folder, manifest)
+                variant_of(manifest, str(path), None, stream=True)
+                self.model = select_model(manifest, "stream", "onnx", precision, where=str(path))
+                data = (folder / self.model).read_bytes()
+                signature = manifest["signatures"]["stream"]
+                recorded = manifest["models"][self.model].get("op_types")
+        check_onnx_bytes(data, f"{path}: {self.model}", known=frozenset(recorded or ()))
+        self.signature, self.batch, self.precision = signature, batch, precision
+        self.session = ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
+        self.output_names = [o["name"] for o in signature["outputs"]]
+        self.input_size = int(signature["inputs"][0]["shape"][2])
+        self._check_state = check_user_state
+        self.reset()
+
+    def reset(self) -> None:
+        """Every sequence of the batch starts again from the initial (zero) state."""
+        self._state = self._check_state(None, np.zeros((self.batch, 1, self.input_size), np.float32), self.signature)
+
+    @property
+    def state(self) -> np.ndarray:
+        return self._state.copy()
+
+    @state.setter
+    def state(self, value: np.ndarray) -> None:
+        self._state = self._check_state(np.asarray(value), np.zeros((self.batch, 1, self.input_size), np.float32),
+                                        self.signature)
+
+    def step(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        from gru_deploy.serve.user import check_user_input
+
+        x = np.asarray(x)
+        if x.ndim == 2:
+            x = x[:, None, :]
+        if x.ndim != 3 or x.shape[0] != self.batch:
+            raise UserInputError(f"step takes x [batch={self.batch}, input] or [batch, chunk, input], got "
+                                 f"{list(x.shape)}")
+        x = check_user_input(x, self.signature)
+        values = dict(zip(self.output_names, self.session.run(self.output_names, {INPUT_NAME: x,
+                                                                                   STATE_IN: self._state})))
+        self._state = values.pop(STATE_OUT)
+        return values

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from gru_deploy.errors import UserInputError
-from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME
+from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN
 
 
 @dataclass
@@ -81,20 +81,45 @@ def check_user_lengths(lengths: Any, x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(lengths.astype(np.int64))
 
 
-def _variant_of(manifest: dict[str, Any], where: str, lengths: Any) -> tuple[str, dict[str, Any]]:
-    """('lengths', its signature) when lengths are given and the manifest has the variant."""
-    if lengths is None:
-        return "classifier", (manifest.get("signature") or manifest.get("signatures", {}).get("classifier"))
-    signature = (manifest.get("variants") or {}).get("lengths", {}).get("signature") \
-        or (manifest.get("signatures") or {}).get("lengths")
+HOOKS = {"lengths": "forward_lengths", "stream": "forward_stream (and initial_state)"}
+
+
+def variant_of(manifest: dict[str, Any], where: str, lengths: Any, stream: bool = False
+                ) -> tuple[str, dict[str, Any]]:
+    """The variant to run and its signature: 'lengths' when lengths are given, 'stream' when a
+    state goes in or out, else 'classifier'; a variant the manifest lacks is a user error."""
+    if lengths is not None and stream:
+        raise UserInputError("give lengths or a state (--state-in/--state-out), not both: the stream model takes "
+                             "unpadded chunks")
+    variant = "lengths" if lengths is not None else "stream" if stream else "classifier"
+    if variant == "classifier":
+        return variant, (manifest.get("signature") or manifest.get("signatures", {}).get("classifier"))
+    signature = (manifest.get("variants") or {}).get(variant, {}).get("signature") \
+        or (manifest.get("signatures") or {}).get(variant)
     if signature is None:
-        raise UserInputError(f"{where}: this model has no lengths variant (its module defines no @torch.jit.export "
-                             "forward_lengths): send each sequence unpadded, without lengths")
-    return "lengths", signature
+        raise UserInputError(f"{where}: this model has no {variant} variant (its module defines no "
+                             f"@torch.jit.export {HOOKS[variant]})" + (
+                                 ": send each sequence unpadded, without lengths" if variant == "lengths" else
+                                 ": send whole sequences, without a state (--state-in/--state-out)"))
+    return variant, signature
+
+
+def check_user_state(state: Any, x: np.ndarray, signature: dict[str, Any]) -> np.ndarray:
+    """The stream model's h0: float32 [batch, ...] as the signature says, finite; zeros when None."""
+    want = next(t for t in signature["inputs"] if t["name"] == STATE_IN)
+    shape = (x.shape[0], *want["shape"][1:])
+    if state is None:
+        return np.zeros(shape, np.float32)
+    if not isinstance(state, np.ndarray) or state.dtype != np.float32 or state.shape != shape:
+        raise UserInputError(f"the state {STATE_IN!r} must be float32 of shape {list(shape)}, got "
+                             f"{getattr(state, 'dtype', type(state).__name__)} {list(getattr(state, 'shape', []))}")
+    if not np.isfinite(state).all():
+        raise UserInputError(f"non-finite state: {STATE_IN!r} holds NaN or inf")
+    return np.ascontiguousarray(state)
 
 
 def _run_onnx(data: bytes, where: str, signature: dict[str, Any], recorded: Any, x: np.ndarray, name: str,
-              threads: int, lengths: np.ndarray | None = None) -> UserPrediction:
+              threads: int, lengths: np.ndarray | None = None, state: np.ndarray | None = None) -> UserPrediction:
     import onnxruntime as ort
 
     from gru_deploy.check.runners import session_options
@@ -105,29 +130,35 @@ def _run_onnx(data: bytes, where: str, signature: dict[str, Any], recorded: Any,
     check_onnx_bytes(data, where, known=frozenset(recorded))
     session = ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
     names = [o["name"] for o in signature["outputs"]]
-    feed = {INPUT_NAME: x} if lengths is None else {INPUT_NAME: x, LENGTHS_NAME: lengths}
+    feed = {INPUT_NAME: x}
+    if lengths is not None:
+        feed[LENGTHS_NAME] = lengths
+    if state is not None:
+        feed[STATE_IN] = state
     values = session.run(names, feed)
     return UserPrediction(dict(zip(names, values)), signature, name)
 
 
 def infer_user(folder: Path, manifest: dict[str, Any], x: Any, threads: int = 1,
-               lengths: Any = None) -> UserPrediction:
+               lengths: Any = None, state: Any = None, stream: bool = False) -> UserPrediction:
     """Run the ONNX model an export's manifest lists (checksum checked) on x — with `lengths`,
-    its lengths variant on the padded x — and return every output by name."""
+    its lengths variant on the padded x; with `stream` (or a `state`), its stream variant from
+    that state (zeros when None), h_n among the outputs — and return every output by name."""
     from gru_deploy.manifest import select_model, verified_path
 
-    variant, signature = _variant_of(manifest, str(folder), lengths)
+    variant, signature = variant_of(manifest, str(folder), lengths, stream or state is not None)
     x = check_user_input(x, signature)
     lengths = None if lengths is None else check_user_lengths(lengths, x)
+    state = check_user_state(state, x, signature) if variant == "stream" else None
     name = select_model(manifest, variant, "onnx", where=str(folder))
     data = verified_path(folder, manifest, name).read_bytes()
     recorded = (manifest.get("onnx") or {}).get("op_types") if variant == "classifier" \
         else manifest["variants"][variant].get("op_types")
-    return _run_onnx(data, f"{folder}: {name}", signature, recorded, x, name, threads, lengths)
+    return _run_onnx(data, f"{folder}: {name}", signature, recorded, x, name, threads, lengths, state)
 
 
 def infer_user_bundle(path: Path, x: Any, threads: int = 1, precision: str = "fp32",
-                      lengths: Any = None) -> UserPrediction:
+                      lengths: Any = None, state: Any = None, stream: bool = False) -> UserPrediction:
     """The same on a bundle of a user's model (folder or archive), every file checked first;
     `precision` int8 runs the bundle's int8 model (package --quantize int8)."""
     from gru_deploy.bundle.read import check_bundle_files, open_bundle
@@ -135,13 +166,14 @@ def infer_user_bundle(path: Path, x: Any, threads: int = 1, precision: str = "fp
 
     with open_bundle(path) as (folder, manifest):
         check_bundle_files(folder, manifest)
-        variant, signature = _variant_of(manifest, f"{path}", lengths)
+        variant, signature = variant_of(manifest, f"{path}", lengths, stream or state is not None)
         x = check_user_input(x, signature)
         lengths = None if lengths is None else check_user_lengths(lengths, x)
+        state = check_user_state(state, x, signature) if variant == "stream" else None
         name = select_model(manifest, variant, "onnx", precision,
                             where=f"{path} ({manifest['target']} bundle)")
         return _run_onnx((folder / name).read_bytes(), f"{path}: {name}", signature,
-                         manifest["models"][name].get("op_types"), x, name, threads, lengths)
+                         manifest["models"][name].get("op_types"), x, name, threads, lengths, state)
 
 
 def user_model_kind(path: Path) -> str | None:

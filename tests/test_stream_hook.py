@@ -1,0 +1,111 @@
+"""The stream variant of a module that defines the hooks (`initial_state(batch)` and
+`@torch.jit.export forward_stream(x, h0) -> (outputs..., h_n)`): its promise checked on the
+float64 module (one chunk = forward; chunks carried through h_n = the one pass), exported,
+re-verified, and run chunk by chunk by infer --state-in/--state-out, gru_deploy.Stream and
+the edge bundle."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cli_helpers import run_cli
+from test_lengths_hook import MODELS, _checkpoint, tagger  # noqa: F401  (tagger: a module fixture)
+
+
+def test_the_hooks_export_a_stream_variant_whose_promise_is_checked(tagger):  # noqa: F811
+    from gru_deploy.manifest import read_manifest
+
+    manifest = read_manifest(tagger)
+    stream = manifest["variants"]["stream"]
+    assert [t["name"] for t in stream["signature"]["inputs"]] == ["x", "h0"]
+    assert [t["name"] for t in stream["signature"]["outputs"]] == ["logits", "h_n"]
+    assert stream["signature"]["inputs"][1]["shape"] == ["batch", 6]
+    parity = json.loads((tagger / "parity.json").read_text())["variants"]["stream"]
+    assert parity["passed"] and max(s for _, s in parity["cases"]) == 2048
+    for key in ("float64 forward->float64 stream[logits]", "float64 one pass->float64 chunks of 1[logits]",
+                "float64 one pass->float64 chunks of 7[h_n]"):
+        assert parity["summary"][key]["max_abs"] <= 1e-9, key
+    assert all(e["max_abs"] <= 1e-5 for e in parity["summary"].values())
+    proc = run_cli("verify", str(tagger), "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["variants"]["stream"]["passed"]
+
+
+def test_a_stream_hook_that_forgets_its_state_is_refused(tmp_path):
+    out = tmp_path / "forgetful"
+    proc = run_cli("export", "--model", f"{MODELS}:ForgetfulStream", "--checkpoint",
+                   str(_checkpoint("ForgetfulStream", tmp_path)), "--out", str(out))
+    assert proc.returncode == 1, proc.stderr
+    assert "stream variant's parity failed" in proc.stderr and "chunks of 1" in proc.stderr
+    assert not out.exists()
+
+
+def test_infer_carries_the_state_between_chunks(tagger, tmp_path):  # noqa: F811
+    x = np.random.default_rng(21).standard_normal((2, 12, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "a.npy", x[:, :5])
+    np.save(tmp_path / "b.npy", x[:, 5:])
+    whole = json.loads(run_cli("infer", str(tagger), "--input", str(tmp_path / "x.npy"), "--json").stdout)
+    assert run_cli("infer", str(tagger), "--input", str(tmp_path / "a.npy"), "--state-out",
+                   str(tmp_path / "h.npy")).returncode == 0
+    proc = run_cli("infer", str(tagger), "--input", str(tmp_path / "b.npy"), "--state-in", str(tmp_path / "h.npy"),
+                   "--json")
+    assert proc.returncode == 0, proc.stderr
+    second = np.asarray(json.loads(proc.stdout)["outputs"]["logits"]["data"])
+    np.testing.assert_allclose(second, np.asarray(whole["outputs"]["logits"]["data"])[:, 5:], atol=1e-5)
+    np.save(tmp_path / "bad.npy", np.zeros((2, 5), np.float32))
+    proc = run_cli("infer", str(tagger), "--input", str(tmp_path / "b.npy"), "--state-in", str(tmp_path / "bad.npy"))
+    assert proc.returncode == 2 and "must be float32 of shape [2, 6]" in proc.stderr
+
+
+@pytest.mark.parametrize("where", ["export", "edge"])
+def test_the_stream_api_steps_a_module_one_step_at_a_time(tagger, tmp_path, where):  # noqa: F811
+    import gru_deploy
+
+    path = tagger
+    if where == "edge":
+        path, manifest = gru_deploy.package(tagger, "edge", out=tmp_path / "edge")
+        assert set(manifest["signatures"]) == {"classifier", "lengths", "stream"}
+        assert gru_deploy.verify(path)["passed"]
+    x = np.random.default_rng(22).standard_normal((2, 9, 4)).astype(np.float32)
+    whole = gru_deploy.load(path).predict(x)["logits"]
+    stream = gru_deploy.Stream(path, batch=2)
+    steps = [stream.step(x[:, t])["logits"] for t in range(x.shape[1])]
+    np.testing.assert_allclose(np.concatenate(steps, 1), whole, atol=1e-5)
+    stream.reset()
+    np.testing.assert_allclose(stream.step(x[:, :4])["logits"], whole[:, :4], atol=1e-5)
+    assert stream.state.shape == (2, 6)
+    with pytest.raises(gru_deploy.UserInputError, match="batch=2"):
+        stream.step(x[:1, 0])
+
+
+def test_the_family_streams_unless_bidirectional(tmp_path):
+    import gru_deploy
+    from gru_deploy.models.families import StackedGRUClassifier
+
+    for bidirectional in (False, True):
+        manifest = gru_deploy.export(StackedGRUClassifier(3, 5, 2, layers=2, bidirectional=bidirectional).eval(),
+                                     out=tmp_path / str(bidirectional))
+        assert ("stream" in manifest["variants"]) != bidirectional
+        if bidirectional:
+            assert any("cannot stream" in note for note in manifest["notes"])
+        else:
+            assert manifest["variants"]["stream"]["signature"]["inputs"][1]["shape"] == ["batch", 2, 5]
+
+
+def test_bench_times_a_modules_own_models_against_torchscript(tagger):  # noqa: F811
+    """bench on a module export: every model it has, TorchScript and onnxruntime in one run,
+    the ratio computed from the two medians; the Stream API beside the raw stream model."""
+    proc = run_cli("bench", str(tagger), "--budget", "0.02", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    rows = {(r["model"], r["batch"], r["seq"]) for r in result["rows"]}
+    assert {("classifier", 1, 1), ("classifier", 32, 100), ("lengths", 32, 100), ("stream", 1, 1)} <= rows
+    for r in result["rows"]:
+        assert r["onnxruntime_vs_torchscript"] == pytest.approx(r["onnxruntime_us"] / r["torchscript_us"], rel=0.01)
+    stream = next(r for r in result["rows"] if r["model"] == "stream")
+    assert stream["stream_api_vs_run"] == pytest.approx(stream["stream_api_us"] / stream["onnxruntime_us"], rel=0.01)
+    proc = run_cli("bench", str(tagger), "--plot", "x.png")
+    assert proc.returncode == 2 and "apply to the tutorial model's bench" in proc.stderr
