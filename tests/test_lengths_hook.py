@@ -86,8 +86,15 @@ def test_verify_rechecks_the_lengths_variant_and_catches_a_tampered_reference(ta
     path = bad / "reference_float64.npz"
     manifest["files"]["reference_float64.npz"] = {"sha256": sha256_file(path), "size": path.stat().st_size}
     atomic_write_json(bad / "manifest.json", manifest)
-    proc = run_cli("verify", str(bad))
+    junit = tmp_path / "parity-junit.xml"
+    proc = run_cli("verify", str(bad), "--junit-xml", str(junit))
     assert proc.returncode == 1 and "lengths: float64->" in proc.stderr, proc.stderr
+    import xml.etree.ElementTree as ET  # CI's view of the same failure: the lengths pairs, by case
+
+    root = ET.parse(junit).getroot()
+    failed = [t.get("classname") for t in root.iter("testcase") if t.find("failure") is not None]
+    assert failed and all(name.startswith("lengths: float64->") for name in failed)
+    assert int(root.get("failures")) == len(failed) and int(root.get("tests")) > len(failed)
 
 
 def test_infer_with_lengths_gives_each_sample_its_answer_alone(tagger, tmp_path):

@@ -230,3 +230,25 @@ def test_check_with_a_python_that_cannot_run_it_writes_nothing(export_dir, tmp_p
     with pytest.raises(UserInputError, match="--check-with"):
         package(export_dir, "edge", out=tmp_path / "edge", check_with=(str(tmp_path / "no-python"),))
     assert not (tmp_path / "edge").exists()
+
+
+@pytest.mark.slow
+def test_check_with_runs_a_modules_edge_bundle_in_ort117(old_python, tmp_path):
+    """A module's edge bundle (classifier, lengths and stream models, fp32 .onnx and .ort, int8
+    .onnx): every golden case in onnxruntime 1.17, recorded in the manifest."""
+    import gru_deploy
+    from gru_deploy.bundle.package import package
+    from gru_deploy.models.families import StackedGRUClassifier
+
+    import torch
+
+    torch.manual_seed(0)
+    out = tmp_path / "family"
+    gru_deploy.export(StackedGRUClassifier(3, 5, 2, layers=2).eval(), out=out)
+    bundle, manifest = package(out, "edge", out=tmp_path / "edge", quantize="int8", check_with=(str(old_python),))
+    [run_117] = manifest["onnxruntime"]["checked_with"]
+    golden = json.loads((bundle / "golden" / "golden.json").read_text())
+    fp32 = [c for c in golden["cases"] if c.get("precision", "fp32") == "fp32"]
+    int8 = [c for c in golden["cases"] if c.get("precision") == "int8"]
+    assert {c["variant"] for c in fp32} == {"classifier", "lengths", "stream"}
+    assert run_117["passed"] and run_117["onnxruntime"] == OLD_ORT and run_117["cases"] == 2 * len(fp32) + len(int8)

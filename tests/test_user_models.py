@@ -4,7 +4,6 @@ torch.nn.GRU, an LSTM cell loop, a per-step tagger, and the two it must refuse."
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -198,20 +197,6 @@ def test_the_tutorial_export_is_unchanged_without_model(export_dir):
 
     manifest = read_manifest(export_dir)
     assert "model" not in manifest and set(manifest["variants"]) == {"stream", "lengths"}
-
-
-@pytest.mark.parametrize("command", ["package-check-with", "junit"])
-def test_the_tutorial_only_commands_say_so_on_a_user_export(exports, tmp_path, command):
-    """package --check-with and verify --junit-xml handle the tutorial model's exports only so
-    far: exit 2, one line, nothing written."""
-    out = exports["TwoLayerGRU"][0]
-    argv = {"package-check-with": ["package", str(out), "--target", "edge", "--check-with", sys.executable,
-                                   "--out", str(tmp_path / "edge")],
-            "junit": ["verify", str(out), "--junit-xml", str(tmp_path / "edge")]}[command]
-    proc = run_cli(*argv)
-    assert proc.returncode == 2, proc.stderr
-    assert "your own model" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert not (tmp_path / "edge").exists()
 
 
 def test_verify_data_on_a_model_that_does_not_fit_the_data_says_why(exports):

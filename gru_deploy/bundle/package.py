@@ -358,10 +358,7 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
     if is_user_export(source):  # your own model: its one model, golden vectors from its float64 outputs
         from gru_deploy.bundle.user import build_user_bundle
 
-        if check_with:
-            raise UserInputError(f"{export_dir} is an export of your own model: --check-with handles exports of "
-                                 "the tutorial model only in this version")
-        return build_user_bundle(export_dir, source, target, step, quantize)
+        return build_user_bundle(export_dir, source, target, step, quantize, check_with)
     missing = [v for v in ("stream", "lengths") if v not in (source.get("variants") or {})]
     if missing:
         raise UserInputError(f"{export_dir}: the export lacks the {', '.join(missing)} model(s); re-export it")
