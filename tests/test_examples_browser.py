@@ -135,3 +135,38 @@ def test_a_missing_onnxruntime_web_is_reported_on_the_page(browser_example, serv
     proc, page = open_page(browser_example, f"{server}/web/index.html?ort=/nowhere/ort.min.js", tmp_path / "x.png")
     assert proc.returncode == 1 and page["status"] == "error"
     assert "cannot load onnxruntime-web from" in page["verdict"]
+
+
+def test_the_page_runs_a_modules_per_step_golden_case(browser_example, tmp_path):
+    """A module's edge bundle ships the same page: it feeds the case's inputs by name, checks
+    every output, and draws the first output's last step for sample 0 (a per-step tagger)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cli_helpers import run_cli
+    from gru_deploy.bundle.package import package
+    from test_lengths_hook import MODELS, _checkpoint
+
+    out = tmp_path / "tagger"
+    assert run_cli("export", "--model", f"{MODELS}:MaskedTagger", "--checkpoint",
+                   str(_checkpoint("MaskedTagger", tmp_path)), "--out", str(out)).returncode == 0
+    bundle, _ = package(out, "edge", out=tmp_path / "edge")
+    dist = browser_example / "node_modules" / "onnxruntime-web" / "dist"
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, bundle=bundle, dist=dist))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        proc, page = open_page(browser_example, f"http://127.0.0.1:{httpd.server_address[1]}/web/index.html",
+                               tmp_path / "page.png")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert proc.returncode == 0 and page.get("status") == "match", page
+    golden = json.loads((bundle / "golden" / "golden.json").read_text())
+    case = next(c for c in golden["cases"] if c["variant"] == "classifier")
+    batch, seq, tags = case["outputs"]["logits"]["shape"]
+    last_step = np.asarray(case["outputs"]["logits"]["data"]).reshape(batch, seq, tags)[0, -1]
+    np.testing.assert_allclose(page["logits"], last_step, atol=PAGE_TOL)
+    assert page["outputs"] == ["logits"] and page["errors"]["logits"] <= PAGE_TOL
+    assert page["labelText"].startswith("Predicted at the last step: class ")
+    assert page["bars"] == tags

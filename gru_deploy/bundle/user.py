@@ -130,7 +130,7 @@ def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
     With quantize="int8" (edge), an int8 copy of the ONNX model, gated against the float64
     outputs on the golden inputs (a single-output model: the gate judges one output)."""
     from gru_deploy.bundle.package import (BUNDLE_FORMAT, BUNDLE_VERSION, REPOSITORY, _quantize,
-                                           check_golden_elsewhere, onnx_info, runtime_record)
+                                           check_golden_elsewhere, onnx_info, runtime_record, web_files)
     from gru_deploy.errors import CheckFailed
     from gru_deploy.manifest import find_models, select_model
     from gru_deploy.versions import library_versions
@@ -165,6 +165,8 @@ def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
                 select_model(source, variant, "torchscript", where=where), "torchscript", variant)
             files[f"{REPOSITORY}/{triton}_torchscript/config.pbtxt"] = user_triton_config(
                 f"{triton}_torchscript", "pytorch_libtorch", signatures[variant], libtorch_names=True).encode()
+    if target == "edge":  # the page that runs the first golden case in a browser (onnxruntime-web)
+        files.update(web_files())
     quantization = None
     int8 = None
     if quantize == "int8":

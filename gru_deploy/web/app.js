@@ -1,5 +1,6 @@
 // gru-deploy edge bundle page: onnxruntime-web (WASM) on the bundle's model.onnx and its first
-// golden classifier case. Query parameters: ort= URL of ort.min.js (default ./ort/ort.min.js,
+// golden classifier case: every input and output of the case by name (the tutorial model's, a
+// built-in family's or your own), the first output's scores for sample 0 drawn as bars. Query parameters: ort= URL of ort.min.js (default ./ort/ort.min.js,
 // its wasm files are looked up next to it); bundle= URL of the bundle folder (default ..).
 "use strict";
 (function () {
@@ -86,19 +87,37 @@
     var model = await fetchOk(new URL(gcase.model, bundleUrl), "bytes");
     status("running " + gcase.model + " with onnxruntime-web " + (ort.env.versions && ort.env.versions.web || "") + " (wasm)");
     var session = await ort.InferenceSession.create(model, { executionProviders: ["wasm"] });
+    var feeds = {};  // every input of the case, by name (x; lengths, h0 for other variants)
+    Object.keys(gcase.inputs).forEach(function (name) {
+      var t = gcase.inputs[name];
+      feeds[name] = t.dtype === "int64"
+        ? new ort.Tensor("int64", BigInt64Array.from(t.data.map(function (v) { return BigInt(v); })), t.shape)
+        : new ort.Tensor("float32", Float32Array.from(t.data), t.shape);
+    });
     var x = gcase.inputs.x;
-    var output = await session.run({ x: new ort.Tensor("float32", Float32Array.from(x.data), x.shape) });
-    var got = output.logits, want = gcase.outputs.logits;
-    var classes = want.shape[1];
-    var maxAbs = got.dims.join() === want.shape.join() ? 0 : Infinity;
-    for (var i = 0; i < want.data.length && maxAbs !== Infinity; i++) {
-      var d = Math.abs(got.data[i] - want.data[i]);
-      maxAbs = d > maxAbs || d !== d ? d : maxAbs; // NaN propagates
-    }
-    var logits = Array.from(got.data.slice(0, classes)); // the case's first sample
+    var output = await session.run(feeds);
+    var names = Object.keys(gcase.outputs);  // the signature's outputs, in its order
+    var errors = {}, maxAbs = 0;
+    names.forEach(function (name) {
+      var got = output[name], want = gcase.outputs[name];
+      var e = got && got.dims.join() === want.shape.join() ? 0 : Infinity;
+      for (var i = 0; i < want.data.length && e !== Infinity; i++) {
+        var d = Math.abs(got.data[i] - want.data[i]);
+        e = d > e || d !== d ? d : e; // NaN propagates
+      }
+      errors[name] = e;
+      maxAbs = e > maxAbs || e !== e ? e : maxAbs;
+    });
+    // The first output's scores for sample 0 (a per-step output: its last step) as the bars.
+    var want = gcase.outputs[names[0]], shape = want.shape;
+    var classes = shape[shape.length - 1];
+    var perSample = want.data.length / shape[0];
+    var got0 = output[names[0]] ? output[names[0]].data : want.data;
+    var logits = Array.from(got0.slice(perSample - classes, perSample));
     var probabilities = softmax(logits);
     var best = probabilities.indexOf(Math.max.apply(null, probabilities));
-    var labels = manifest.labels || logits.map(function (_, k) { return "class " + k; });
+    var labels = manifest.labels && manifest.labels.length === classes
+      ? manifest.labels : logits.map(function (_, k) { return "class " + k; });
     var match = maxAbs <= TOLERANCE;
 
     var result = $("result");
@@ -106,16 +125,19 @@
     result.dataset.status = match ? "match" : "mismatch";
     $("case").textContent = "golden case " + gcase.name + ": x " + JSON.stringify(x.shape) +
       (x.shape[0] > 1 ? " (showing sample 0)" : "");
-    $("label").textContent = "Predicted: " + labels[best] + " (" + (100 * probabilities[best]).toFixed(1) + "%)";
+    $("label").textContent = "Predicted" + (shape.length > 2 ? " at the last step" : "") + ": " + labels[best] +
+      " (" + (100 * probabilities[best]).toFixed(1) + "%)";
     drawBars(labels, probabilities, best);
     $("verdict").textContent = (match ? "Matches the golden output" : "Does NOT match the golden output") +
-      ": max abs error of the logits " + maxAbs.toExponential(2) + (match ? " \u2264 " : " > ") +
+      ": max abs error of " + names.join(", ") + " " + maxAbs.toExponential(2) + (match ? " \u2264 " : " > ") +
       "tolerance " + TOLERANCE.toExponential(0) + ".";
-    $("details").textContent = "Logits " + logits.map(function (v) { return v.toFixed(5); }).join(", ") +
-      " \u2014 golden " + want.data.slice(0, classes).map(function (v) { return v.toFixed(5); }).join(", ") + ".";
+    $("details").textContent = names[0] + " " + logits.map(function (v) { return v.toFixed(5); }).join(", ") +
+      " \u2014 golden " + Array.from(want.data.slice(perSample - classes, perSample))
+        .map(function (v) { return v.toFixed(5); }).join(", ") + ".";
     status("done: onnxruntime-web " + (ort.env.versions && ort.env.versions.web || "") + ", wasm backend");
     window.gruResult = { status: result.dataset.status, case: gcase.name, label: labels[best], maxAbs: maxAbs,
-                         tolerance: TOLERANCE, probabilities: probabilities, logits: logits };
+                         tolerance: TOLERANCE, probabilities: probabilities, logits: logits, errors: errors,
+                         outputs: names };
   }
 
   main().catch(fail);
