@@ -84,29 +84,55 @@ def _user_model(model: Any, model_args: dict[str, Any] | None, checkpoint: Any) 
     raise UserInputError(f"export: model must be an nn.Module or 'file.py:Name', got {type(model).__name__}")
 
 
-def verify(path: str | Path, atol: float = 1e-5, rtol: float = 1e-5) -> dict[str, Any]:
+def verify(path: str | Path, atol: float = 1e-5, rtol: float = 1e-5, data: str | None = None,
+           test: str | None = None, junit_xml: str | Path | None = None,
+           on_case: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Check an export folder (checksums, then the parity grid) or a bundle (schema, checksums,
     each model loads, golden vectors); the report as the CLI's --json prints it. Read
-    `report["passed"]`; nothing is raised for a check that fails, only for unusable input."""
+    `report["passed"]`; nothing is raised for a check that fails, only for unusable input.
+
+    On an export folder, `data` (a data set name or path; `test`: a .ts test file) adds
+    "deployment_accuracy": test accuracy per runtime; `junit_xml` writes the parity grid as
+    JUnit XML (before the accuracy is measured: a failing run is when CI needs it)."""
     from gru_deploy.bundle.read import is_bundle, verify_bundle
-    from gru_deploy.check.verify import user_export_parity, verify_export
+    from gru_deploy.check.verify import (check_tolerances, deployment_accuracy, module_accuracy, user_export_parity,
+                                         verify_export)
+    from gru_deploy.manifest import atomic_write_bytes, read_manifest
 
     path = Path(path)
     if is_bundle(path):
+        if data is not None or test is not None or junit_xml is not None:
+            raise UserInputError("data, test and junit_xml apply to export folders (the parity grid); a bundle is "
+                                 "checked against its golden vectors")
         return verify_bundle(path)
-    user = user_export_parity(path, atol, rtol)
+    check_tolerances(atol, rtol)
+    user = user_export_parity(path, atol, rtol, on_case=on_case)
     if user is not None:
-        return user
-    return verify_export(path, atol=atol, rtol=rtol).to_json()
+        if junit_xml is not None:
+            from gru_deploy.check.junit import module_report_as_cases, parity_junit_xml
+
+            atomic_write_bytes(Path(junit_xml), parity_junit_xml(module_report_as_cases(user),
+                                                                 f"gru-deploy verify {path}"))
+        accuracy = module_accuracy(path, read_manifest(path), data, test) if data and user["passed"] else None
+        return {**user, "deployment_accuracy": accuracy}
+    report = verify_export(path, atol=atol, rtol=rtol, on_case=on_case).to_json()
+    if junit_xml is not None:
+        from gru_deploy.check.junit import parity_junit_xml
+
+        atomic_write_bytes(Path(junit_xml), parity_junit_xml(report, f"gru-deploy verify {path}"))
+    return {**report, "deployment_accuracy": deployment_accuracy(path, data, test) if data else None}
 
 
 def package(export_dir: str | Path, target: str, out: str | Path | None = None, quantize: str | None = None,
-            archive: bool = False, force: bool = False) -> tuple[Path, dict[str, Any]]:
-    """Build an edge or server bundle from an export folder; (where it was written, its manifest)."""
+            archive: bool = False, force: bool = False, check_with: tuple[str, ...] = (),
+            on_step: Callable[[str], None] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Build an edge or server bundle from an export folder; (where it was written, its manifest).
+    `quantize="int8"` adds int8 models (edge); `check_with` runs the golden vectors in other
+    Pythons' onnxruntime (e.g. a venv with 1.17) and records it."""
     from gru_deploy.bundle.package import package as build
 
     return build(Path(export_dir), target, out=Path(out) if out is not None else None, archive=archive, force=force,
-                 quantize=quantize)
+                 quantize=quantize, check_with=tuple(check_with), on_step=on_step)
 
 
 class Loaded:

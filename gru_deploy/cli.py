@@ -346,13 +346,14 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
       gru-deploy verify exported/ --json > parity.json
       gru-deploy verify exported-edge.tar.gz
     """
+    import gru_deploy
     from gru_deploy.bundle.read import is_bundle
     from gru_deploy.errors import CheckFailed
 
     obj["quiet"] = quiet or as_json
     ctx = click.get_current_context()
     if is_bundle(path):
-        from gru_deploy.bundle.read import first_failure, verify_bundle
+        from gru_deploy.bundle.read import first_failure
 
         given = [f"--{name.replace('_path', '').replace('_', '-')}"
                  for name in ("atol", "rtol", "data", "test_path", "junit_xml")
@@ -360,7 +361,7 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
         if given:
             raise click.UsageError(f"{', '.join(given)} apply to export folders (the parity grid); a bundle is "
                                    "checked against its golden vectors and the tolerances its manifest records")
-        report = verify_bundle(path)
+        report = gru_deploy.verify(path)
         if as_json:
             _emit_json(report)
         elif report["passed"]:
@@ -372,25 +373,16 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
         if not report["passed"]:
             raise CheckFailed(f"bundle {path} fails: {first_failure(report)}")
         return
-    from gru_deploy.check.verify import check_tolerances, deployment_accuracy, user_export_parity, verify_export
-
-    check_tolerances(atol, rtol)
-    user = user_export_parity(path, atol, rtol, on_case=lambda m: _progress(obj, m))
-    if user is not None:
-        if junit_xml is not None:  # before the verdict: a failing run is when CI needs the report
-            from gru_deploy.check.junit import module_report_as_cases, parity_junit_xml
-            from gru_deploy.manifest import atomic_write_bytes
-
-            atomic_write_bytes(junit_xml, parity_junit_xml(module_report_as_cases(user), f"gru-deploy verify {path}"))
-        from gru_deploy.check.verify import module_accuracy
-        from gru_deploy.manifest import read_manifest
-
-        accuracy = module_accuracy(path, read_manifest(path), data, test_path) if data and user["passed"] else None
-        if as_json:
-            _emit_json({**user, "deployment_accuracy": accuracy})
-        else:
-            for variant, report in [("", user)] + [(f"{v}: ", r) for v, r in (user.get("variants") or {}).items()]:
-                for pair, s in report["summary"].items():
+    report = gru_deploy.verify(path, atol, rtol, data=data, test=test_path, junit_xml=junit_xml,
+                               on_case=lambda m: _progress(obj, m))
+    accuracy = report["deployment_accuracy"]
+    if as_json:
+        _emit_json(report)
+    if "results" in report:  # a module's export (a built-in family or your own model)
+        parts = [("", report)] + [(f"{v}: ", r) for v, r in (report.get("variants") or {}).items()]
+        if not as_json:
+            for variant, part in parts:
+                for pair, s in part["summary"].items():
                     click.echo(f"{'ok  ' if s['passed'] else 'FAIL'} {variant + pair:<54} max abs {s['max_abs']:.2e}  "
                                f"({s['cases']} cases)")
             if accuracy:
@@ -401,34 +393,28 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
                                f"{row['agreement_with_torchscript']:.1%})")
                 for note in accuracy["notes"]:
                     click.echo(f"  note: {note}")
-        if not user["passed"]:
-            reports = [("", user)] + [(f"{v}: ", r) for v, r in (user.get("variants") or {}).items()]
+        if not report["passed"]:
             raise CheckFailed(f"parity failed for {path}: " + "; ".join(
-                f"{variant}{k}: max abs {v['max_abs']:.3g}" for variant, report in reports
-                for k, v in report["summary"].items() if not v["passed"]))
-        if not as_json:
-            click.echo(f"parity holds for {path} (atol {atol:g}, rtol {rtol:g})")
-        return
-    report = verify_export(path, atol=atol, rtol=rtol, on_case=lambda m: _progress(obj, m))
-    if junit_xml is not None:  # before the verdict: a failing run is when CI needs the report
-        from gru_deploy.check.junit import parity_junit_xml
-        from gru_deploy.manifest import atomic_write_bytes
-
-        atomic_write_bytes(junit_xml, parity_junit_xml(report.to_json(), f"gru-deploy verify {path}"))
-    accuracy = deployment_accuracy(path, data, test_path) if data else None
-    if as_json:
-        _emit_json({**report.to_json(), "deployment_accuracy": accuracy})
+                f"{variant}{k}: max abs {v['max_abs']:.3g}" for variant, part in parts
+                for k, v in part["summary"].items() if not v["passed"]))
     else:
-        for pair, s in report.summary().items():
-            click.echo(f"{'ok  ' if s['passed'] else 'FAIL'} {pair:<42} max abs {s['max_abs']:.2e}  "
-                       f"p99 abs {s['p99_abs']:.2e}  min atol {s['min_atol']:.2e}  "
-                       f"argmax {s['argmax_agreement']:.0%}  ({s['cases']} cases)")
-    if accuracy and not as_json:
-        click.echo(f"accuracy on {accuracy['data']} test split ({accuracy['test_samples']} samples):")
-        for name, row in accuracy["runtimes"].items():
-            click.echo(f"  {name:<36} {row['accuracy']:.1%}  (agrees with eager on {row['agreement_with_eager']:.1%})")
-    if not report:
-        raise CheckFailed(f"parity failed for {path}: " + "; ".join(report.failures()))
+        from gru_deploy.check.verify import failure_lines
+
+        def number(value: Any) -> str:
+            return "inf" if value is None else f"{value:.2e}"
+
+        if not as_json:
+            for pair, s in report["summary"].items():
+                click.echo(f"{'ok  ' if s['passed'] else 'FAIL'} {pair:<42} max abs {number(s['max_abs'])}  "
+                           f"p99 abs {number(s['p99_abs'])}  min atol {number(s['min_atol'])}  "
+                           f"argmax {s['argmax_agreement']:.0%}  ({s['cases']} cases)")
+            if accuracy:
+                click.echo(f"accuracy on {accuracy['data']} test split ({accuracy['test_samples']} samples):")
+                for name, row in accuracy["runtimes"].items():
+                    click.echo(f"  {name:<36} {row['accuracy']:.1%}  (agrees with eager on "
+                               f"{row['agreement_with_eager']:.1%})")
+        if not report["passed"]:
+            raise CheckFailed(f"parity failed for {path}: " + "; ".join(failure_lines(report["summary"])))
     if not as_json:
         click.echo(f"parity holds for {path} (atol {atol:g}, rtol {rtol:g})")
 
@@ -472,11 +458,12 @@ def package(obj: dict, folder: Path, target: str, out: Path | None, archive: boo
       gru-deploy package exported/ --target edge --quantize int8
       gru-deploy package exported/ --target server --archive --out server.tar.gz
     """
-    from gru_deploy.bundle.package import package as build
+    import gru_deploy
 
     obj["quiet"] = quiet or as_json
-    written, manifest = build(folder, target, out=out, archive=archive, force=force,
-                              on_step=lambda m: _progress(obj, m), quantize=quantize, check_with=check_with)
+    written, manifest = gru_deploy.package(folder, target, out=out, archive=archive, force=force,
+                                           on_step=lambda m: _progress(obj, m), quantize=quantize,
+                                           check_with=check_with)
     if as_json:
         _emit_json({"out": str(written), **manifest})
         return

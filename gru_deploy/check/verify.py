@@ -107,19 +107,26 @@ class ParityReport:
         return out
 
     def failures(self) -> list[str]:
-        lines = []
-        for pair, s in self.summary().items():
-            if not s["passed"]:
-                f = s["first_failure"]
-                lines.append(
-                    f"{pair}: worst max_abs {s['max_abs']:.3g} at batch={s['worst_case']['batch']} "
-                    f"seq={s['worst_case']['seq']}; first failure batch={f['batch']} seq={f['seq']}: {f['reason']}"
-                )
-        return lines
+        return failure_lines(self.summary())
 
     def to_json(self) -> dict[str, Any]:
         return {"passed": self.passed, "atol": self.atol, "rtol": self.rtol, "notes": self.notes,
                 "summary": _json_safe(self.summary()), "cases": self.cases}
+
+
+def failure_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per failing pair of a summary (ParityReport.summary(), or its JSON form)."""
+    def number(value: Any) -> str:
+        return "inf" if value is None else f"{value:.3g}"
+
+    lines = []
+    for pair, s in summary.items():
+        if not s["passed"]:
+            f, worst = s.get("first_failure") or {}, s.get("worst_case") or {}
+            lines.append(f"{pair}: worst max_abs {number(s['max_abs'])} at batch={worst.get('batch')} "
+                         f"seq={worst.get('seq')}; first failure batch={f.get('batch')} seq={f.get('seq')}: "
+                         f"{f.get('reason')}")
+    return lines
 
 
 def _json_safe(value: Any) -> Any:
