@@ -66,14 +66,19 @@ class Checkpoint:
             "training": self.training,
             "versions": self.versions,
         }
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
-        return buffer.getvalue()
+        return _payload_bytes(payload)
 
     def save(self, path: Path) -> str:
+        """Write the checkpoint atomically; its sha256."""
         data = self.to_bytes()
         atomic_write_bytes(Path(path), data)
         return sha256_bytes(data)
+
+
+def _payload_bytes(payload: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
 
 
 def _logits(model: GRUClassifier, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
@@ -209,17 +214,12 @@ class FamilyCheckpoint:
         return module.eval()
 
     def to_bytes(self) -> bytes:
-        payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "family": self.family,
-                   "model_args": self.model_args, "state_dict": self.state_dict, "labels": list(self.labels),
-                   "metrics": self.metrics, "training": self.training, "versions": self.versions}
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
-        return buffer.getvalue()
+        return _payload_bytes({"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+                               "family": self.family, "model_args": self.model_args, "state_dict": self.state_dict,
+                               "labels": list(self.labels), "metrics": self.metrics, "training": self.training,
+                               "versions": self.versions})
 
-    def save(self, path: Path) -> str:
-        data = self.to_bytes()
-        atomic_write_bytes(Path(path), data)
-        return sha256_bytes(data)
+    save = Checkpoint.save
 
 
 def _family_logits(model: torch.nn.Module, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:

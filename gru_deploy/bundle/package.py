@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from gru_deploy import __version__
-from gru_deploy.errors import UserInputError
+from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.manifest import atomic_write_bytes, json_bytes, sha256_bytes, staged_dir
 from gru_deploy.spec import OUTPUT_NAME, STATE_IN, STATE_OUT, VARIANT_IO, ModelSpec
 
@@ -340,7 +340,6 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
     `check_with`, the golden vectors are also run by each of those Python interpreters (a
     venv with another onnxruntime) and the results recorded: a failure writes nothing.
     """
-    from gru_deploy.errors import CheckFailed
     from gru_deploy.convert.user import is_user_export
     from gru_deploy.manifest import check_files, read_manifest
     from gru_deploy.versions import library_versions
@@ -399,13 +398,7 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
                                   f"{gate['reason']}; nothing written")
     golden_doc = json.loads(golden[f"{GOLDEN_DIR}/golden.json"])
     runtimes = runtime_record(models, golden_doc["reference"], source["versions"].get("onnxruntime", "unknown"))
-    for python in check_with:
-        step(f"running the golden vectors with {python}")
-        result = check_golden_elsewhere(python, files, models)
-        runtimes["checked_with"].append(result)
-        if not result["passed"]:
-            raise CheckFailed(f"the golden vectors fail in {python} (onnxruntime {result.get('onnxruntime')}): "
-                              f"{result['failures'][0] if result['failures'] else result.get('error')}; nothing written")
+    check_elsewhere(check_with, files, models, runtimes, step)
     floor = (runtimes.get("onnx_compatibility") or {}).get("min_onnxruntime") or "a recent release"
     files["README.txt"] = _readme(target, spec, floor)
     variants = {v: spec.signature(v) for v in golden_models}
@@ -431,6 +424,19 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
     }
     files["manifest.json"] = json_bytes(manifest)
     return files
+
+
+def check_elsewhere(check_with: tuple[str, ...], files: dict[str, bytes], models: dict[str, dict[str, Any]],
+                    runtimes: dict[str, Any], step: Callable[[str], None]) -> None:
+    """--check-with: the golden vectors in each of those Pythons' onnxruntime, recorded under
+    runtimes["checked_with"]; CheckFailed (nothing written) when one fails."""
+    for python in check_with:
+        step(f"running the golden vectors with {python}")
+        result = check_golden_elsewhere(python, files, models)
+        runtimes["checked_with"].append(result)
+        if not result["passed"]:
+            raise CheckFailed(f"the golden vectors fail in {python} (onnxruntime {result.get('onnxruntime')}): "
+                              f"{result['failures'][0] if result['failures'] else result.get('error')}; nothing written")
 
 
 def check_golden_elsewhere(python: str, files: dict[str, bytes], models: dict[str, dict[str, Any]],

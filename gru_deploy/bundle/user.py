@@ -130,7 +130,7 @@ def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
     With quantize="int8" (edge), an int8 copy of the ONNX model, gated against the float64
     outputs on the golden inputs (a single-output model: the gate judges one output)."""
     from gru_deploy.bundle.package import (BUNDLE_FORMAT, BUNDLE_VERSION, REPOSITORY, _quantize,
-                                           check_golden_elsewhere, onnx_info, runtime_record, web_files)
+                                           check_elsewhere, onnx_info, runtime_record, web_files)
     from gru_deploy.errors import CheckFailed
     from gru_deploy.manifest import find_models, select_model
     from gru_deploy.versions import library_versions
@@ -186,13 +186,7 @@ def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
             raise CheckFailed(f"int8 {int8[0]} fails its gate against the float64 outputs on the golden inputs: "
                               f"{gate['reason']}; nothing written")
     runtimes = runtime_record(models, document["reference"], source["versions"].get("onnxruntime", "unknown"))
-    for python in check_with:  # the golden cases in another Python's onnxruntime (golden_check.py)
-        step(f"running the golden vectors with {python}")
-        result = check_golden_elsewhere(python, files, models)
-        runtimes["checked_with"].append(result)
-        if not result["passed"]:
-            raise CheckFailed(f"the golden vectors fail in {python} (onnxruntime {result.get('onnxruntime')}): "
-                              f"{result['failures'][0] if result['failures'] else result.get('error')}; nothing written")
+    check_elsewhere(check_with, files, models, runtimes, step)  # golden cases in other Pythons' onnxruntime
     files["README.txt"] = (
         f"gru-deploy {target} bundle of {source['model'].get('reference')}\n\n"
         + "".join(f"  {t['name']} {t['dtype']} {t['shape']}\n" for t in signature["inputs"] + signature["outputs"])

@@ -56,7 +56,8 @@ def build_stacked_fused(module: "torch.nn.Module", input_size: int, output_name:
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    from gru_deploy.convert.graphs import float32_arrays, min_ir_version, tutorial_cell_gru_weights
+    from gru_deploy.convert.graphs import (empty_input_branch, float32_arrays, min_ir_version,
+                                           tutorial_cell_gru_weights)
 
     weights = float32_arrays(module.state_dict())
     layers = len(module.layers)
@@ -110,12 +111,7 @@ def build_stacked_fused(module: "torch.nn.Module", input_size: int, output_name:
          helper.make_node("Expand", ["fc_bias", "empty_shape"], ["logits_empty"])],
         "empty_input", [], [value("logits_empty")])
     graph = helper.make_graph(
-        [helper.make_node("Shape", [INPUT_NAME], ["shape"]),
-         helper.make_node("Gather", ["shape", "zero"], ["batch_dim"], axis=0),
-         helper.make_node("Gather", ["shape", "one"], ["seq_dim"], axis=0),
-         helper.make_node("Mul", ["batch_dim", "seq_dim"], ["elements"]),
-         helper.make_node("Equal", ["elements", "zero"], ["is_empty"]),
-         helper.make_node("If", ["is_empty"], [output_name], then_branch=empty, else_branch=full)],
+        empty_input_branch([output_name], empty, full),
         "stacked_gru_fused",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", "seq", input_size])]
         + ([helper.make_tensor_value_info(LENGTHS_NAME, TensorProto.INT64, ["batch"])] if lengths else []),

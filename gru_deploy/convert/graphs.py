@@ -237,6 +237,21 @@ def fused_weights(state_dict: dict[str, Any]) -> dict[str, "np.ndarray"]:
     return {"W": W[None], "R": R[None], "B": B[None], "fc_weight": w["fc.weight"], "fc_bias": w["fc.bias"]}
 
 
+def empty_input_branch(outputs: list[str], empty: "onnx.GraphProto", full: "onnx.GraphProto"
+                       ) -> list["onnx.NodeProto"]:
+    """The nodes that branch (`If`) on batch·seq of x being 0: `empty` answers without the
+    recurrent kernel (onnxruntime's GRU aborts the process on an empty axis), `full` runs it.
+    They read the int64 constants `zero` and `one` and name x's batch size `batch_dim`."""
+    from onnx import helper
+
+    return [helper.make_node("Shape", [INPUT_NAME], ["shape"]),
+            helper.make_node("Gather", ["shape", "zero"], ["batch_dim"], axis=0),
+            helper.make_node("Gather", ["shape", "one"], ["seq_dim"], axis=0),
+            helper.make_node("Mul", ["batch_dim", "seq_dim"], ["elements"]),
+            helper.make_node("Equal", ["elements", "zero"], ["is_empty"]),
+            helper.make_node("If", ["is_empty"], outputs, then_branch=empty, else_branch=full)]
+
+
 def build_fused(state_dict: dict[str, Any], spec: ModelSpec, opset: int = DEFAULT_OPSET,
                 variant: str = "classifier") -> "onnx.ModelProto":
     """One variant as one ONNX GRU node plus the head, safe on empty inputs.
@@ -312,15 +327,8 @@ def build_fused(state_dict: dict[str, Any], spec: ModelSpec, opset: int = DEFAUL
     if variant == "lengths":
         graph_inputs.append(helper.make_tensor_value_info(LENGTHS_NAME, TensorProto.INT64, ["batch"]))
     graph_outputs = [value(OUTPUT_NAME, out_shape)] + ([value(STATE_OUT, state_shape)] if variant == "stream" else [])
-    graph = helper.make_graph(
-        [helper.make_node("Shape", [INPUT_NAME], ["shape"]),
-         helper.make_node("Gather", ["shape", "zero"], ["batch_dim"], axis=0),
-         helper.make_node("Gather", ["shape", "one"], ["seq_dim"], axis=0),
-         helper.make_node("Mul", ["batch_dim", "seq_dim"], ["elements"]),
-         helper.make_node("Equal", ["elements", "zero"], ["is_empty"]),
-         helper.make_node("If", ["is_empty"], list(outputs), then_branch=empty, else_branch=full)],
-        f"gru_{variant}_fused", graph_inputs, graph_outputs, initializers,
-    )
+    graph = helper.make_graph(empty_input_branch(list(outputs), empty, full), f"gru_{variant}_fused", graph_inputs,
+                              graph_outputs, initializers)
     assert [i.name for i in graph.input] == list(inputs)
     used = {name for g in all_graphs(graph) for node in g.node for name in node.input}
     kept = [t for t in graph.initializer if t.name in used]  # a variant uses only some of the constants

@@ -547,6 +547,20 @@ def _builds_fused(model: "UserModel") -> bool:
     return isinstance(model.module, StackedGRUClassifier)
 
 
+def _script_hook(model: "UserModel", wrapper: Any, hook: str) -> "torch.jit.ScriptModule":
+    """torch.jit.script of `wrapper(module)`, whose forward is the module's `hook`."""
+    import torch
+
+    from gru_deploy.convert.script import quiet_torchscript_deprecation
+
+    try:
+        with quiet_torchscript_deprecation():
+            return torch.jit.script(wrapper(model.module).eval())
+    except Exception as exc:
+        raise UserInputError(f"TorchScript cannot compile {model.reference}.{hook}: "
+                             f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
+
+
 def lengths_signature(signature: UserSignature) -> UserSignature:
     return UserSignature(signature.inputs + [{"name": LENGTHS_NAME, "dtype": "int64", "shape": ["batch"]}],
                          signature.outputs)
@@ -565,17 +579,11 @@ def export_lengths_variant(model: "UserModel", signature: UserSignature, form: s
     from gru_deploy.convert import script
     from gru_deploy.convert.families import build_stacked_fused
     from gru_deploy.convert.graphs import count_ops, finish_export
-    from gru_deploy.convert.script import quiet_torchscript_deprecation
     from gru_deploy.models.variants import LengthsOf
 
     sig = lengths_signature(signature)
     step(f"the lengths variant ({LENGTHS_HOOK}): scripting and exporting it ({form})")
-    try:
-        with quiet_torchscript_deprecation():
-            scripted = torch.jit.script(LengthsOf(model.module).eval())
-    except Exception as exc:
-        raise UserInputError(f"TorchScript cannot compile {model.reference}.{LENGTHS_HOOK}: "
-                             f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
+    scripted = _script_hook(model, LengthsOf, LENGTHS_HOOK)
     kind = model.record()["kind"]
     if form == "fused":
         onnx_model = build_stacked_fused(model.module, sig.inputs[0]["shape"][2], sig.output_names[0], opset,
@@ -660,7 +668,6 @@ def export_stream_variant(model: "UserModel", signature: UserSignature, opset: i
     import torch
 
     from gru_deploy.convert import script
-    from gru_deploy.convert.script import quiet_torchscript_deprecation
     from gru_deploy.models.variants import StreamOf
 
     initial = getattr(model.module, STATE_HOOK, None)
@@ -672,12 +679,7 @@ def export_stream_variant(model: "UserModel", signature: UserSignature, opset: i
                              f"forward starts from), got {getattr(state, 'shape', type(state).__name__)}")
     sig = stream_signature(signature, [int(d) for d in state.shape[1:]])
     step(f"the stream variant ({STREAM_HOOK}, state {list(state.shape[1:])}): scripting and exporting it")
-    try:
-        with quiet_torchscript_deprecation():
-            scripted = torch.jit.script(StreamOf(model.module).eval())
-    except Exception as exc:
-        raise UserInputError(f"TorchScript cannot compile {model.reference}.{STREAM_HOOK}: "
-                             f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
+    scripted = _script_hook(model, StreamOf, STREAM_HOOK)
     onnx_bytes, graph = export_user_onnx(scripted, sig, opset, model.record()["kind"])
     step("checking the stream variant's parity: one pass = forward = chunks, every runner against float64")
     runners = user_runners(model.module, scripted, onnx_bytes, sig, method=STREAM_HOOK, variant="stream")
