@@ -128,6 +128,15 @@ def test_bundles_carry_the_lengths_variant_with_golden_vectors(tagger, tmp_path,
     report = gru_deploy.verify(bundle)
     assert report["passed"]
     assert any("lengths_" in c["check"] for c in report["checks"] if c["check"].startswith("golden"))
+    if target == "server":  # the lengths model's config, read with Triton's own schema
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+
+        text = (bundle / "model_repository" / "model_lengths" / "config.pbtxt").read_text()
+        lengths = text_format.Parse(text, model_config_pb2.ModelConfig()).input[1]
+        assert (lengths.name, list(lengths.dims), lengths.HasField("reshape"), list(lengths.reshape.shape)) == (
+            "lengths", [1], True, [])
+        assert lengths.data_type == model_config_pb2.DataType.Value("TYPE_INT64")
     x = np.random.default_rng(9).standard_normal((2, 7, 4)).astype(np.float32)
     lengths = np.array([7, 3])
     np.testing.assert_allclose(gru_deploy.load(bundle).predict(x, lengths)["logits"],

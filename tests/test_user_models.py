@@ -309,10 +309,20 @@ def test_user_bundles_package_verify_and_infer(exports, tmp_path, name):
 def test_a_user_server_bundle_has_triton_configs_from_the_signature(exports, tmp_path):
     out = exports["Tagger"][0]
     assert run_cli("package", str(out), "--target", "server", "--out", str(tmp_path / "s")).returncode == 0
-    config = (tmp_path / "s" / "model_repository" / "model" / "config.pbtxt").read_text()
-    assert 'name: "logits"' in config and "dims: [ -1, 5 ]" in config and "dims: [ -1, 3 ]" in config
-    libtorch = (tmp_path / "s" / "model_repository" / "model_torchscript" / "config.pbtxt").read_text()
-    assert 'name: "x__0"' in libtorch and 'name: "logits__0"' in libtorch
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    def parse(name):
+        text = (tmp_path / "s" / "model_repository" / name / "config.pbtxt").read_text()
+        return text_format.Parse(text, model_config_pb2.ModelConfig())  # Triton's own schema
+
+    config = parse("model")
+    assert [(t.name, list(t.dims)) for t in config.input] == [("x", [-1, 3])]
+    assert [(t.name, list(t.dims)) for t in config.output] == [("logits", [-1, 5])]
+    assert config.max_batch_size > 0 and config.HasField("dynamic_batching")
+    libtorch = parse("model_torchscript")
+    assert (libtorch.platform, libtorch.input[0].name, libtorch.output[0].name) == (
+        "pytorch_libtorch", "x__0", "logits__0")
 
 
 def test_a_scripted_gru_cell_that_the_exporter_fails_on_is_refused_with_the_way_out(tmp_path):

@@ -143,59 +143,29 @@ def runtime_record(models: dict[str, dict[str, Any]], golden: dict[str, Any], co
     return record
 
 
-def _dims(shape: list[Any]) -> str:
-    return "[ " + ", ".join("-1" if isinstance(d, str) else str(d) for d in shape[1:]) + " ]"
-
-
-_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
-
-
-def _io_block(kind: str, spec: ModelSpec, names: tuple[str, ...], rename: Callable[[str, int], str]) -> str:
-    blocks = []
-    for index, name in enumerate(names):
-        tensor = spec.tensor(name)
-        extra = ""
-        if len(tensor["shape"]) == 1:  # a per-sample scalar ([batch]): Triton wants dims [1]
-            dims, extra = "[ 1 ]", "\n    reshape: { shape: [ ] }"
-        else:
-            dims = _dims(tensor["shape"])
-        blocks.append(f'  {{\n    name: "{rename(name, index)}"\n    data_type: {_TYPES[tensor["dtype"]]}\n'
-                      f"    dims: {dims}{extra}\n  }}")
-    return f"{kind} [\n" + ",\n".join(blocks) + "\n]\n"
-
-
 def triton_config(name: str, platform: str, spec: ModelSpec, variant: str, max_batch: int = 64,
                   libtorch_names: bool = False) -> str:
-    """config.pbtxt for one model: variable dims as -1, max_batch_size, dynamic or sequence batching."""
+    """config.pbtxt for one model of the tutorial's (bundle.triton.model_config): variable dims
+    as -1, max_batch_size, dynamic batching, or for the stream model the sequence batcher
+    keeping h0/h_n as implicit state."""
+    from gru_deploy.bundle.triton import model_config
+
     inputs, outputs = VARIANT_IO[variant]
-    if libtorch_names:  # the pytorch backend maps tensors by position: <name>__<index>
-        def rename(n: str, i: int) -> str:
-            return f"{n}__{i}"
-    else:
-        def rename(n: str, i: int) -> str:
-            return n
-    text = f'name: "{name}"\nplatform: "{platform}"\nmax_batch_size: {max_batch}\n'
-    if variant == "stream":
-        # Implicit state: Triton keeps h between the requests of one sequence (zeros at start).
-        state = [n for n in inputs if n == STATE_IN]
+    state = None
+    if variant == "stream":  # Triton keeps h between the requests of one sequence (zeros at start)
+        state = {"input": STATE_IN, "output": STATE_OUT, "shape": [spec.hidden_size]}
         inputs = tuple(n for n in inputs if n != STATE_IN)
         outputs = tuple(n for n in outputs if n != STATE_OUT)
-        text += _io_block("input", spec, inputs, rename) + _io_block("output", spec, outputs, rename)
-        hidden = spec.hidden_size
-        text += (
-            "sequence_batching {\n  max_sequence_idle_microseconds: 60000000\n"
-            "  state [\n    {\n"
-            f'      input_name: "{state[0]}"\n      output_name: "{STATE_OUT}"\n'
-            f"      data_type: TYPE_FP32\n      dims: [ {hidden} ]\n"
-            "      initial_state: {\n        data_type: TYPE_FP32\n"
-            f'        dims: [ {hidden} ]\n        zero_data: true\n        name: "zeros"\n      }}\n'
-            "    }\n  ]\n}\n"
-        )
-    else:
-        text += _io_block("input", spec, inputs, rename) + _io_block("output", spec, outputs, rename)
-        text += "dynamic_batching {\n  max_queue_delay_microseconds: 1000\n}\n"
-    text += "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
-    return text
+
+    def tensors(names: tuple[str, ...]) -> list[dict[str, Any]]:
+        out = []
+        for index, name in enumerate(names):  # the pytorch backend maps tensors by position: <name>__<index>
+            tensor = dict(spec.tensor(name))
+            tensor["name"] = f"{name}__{index}" if libtorch_names else name
+            out.append(tensor)
+        return out
+
+    return model_config(name, platform, tensors(inputs), tensors(outputs), max_batch, state)
 
 
 README_EDGE = """gru-deploy edge bundle — {name}

@@ -21,32 +21,18 @@ GOLDEN_BY_VARIANT = {"classifier": ((3, 7), (2, 100)), "lengths": ((3, 7), (4, 1
 # a server streams through Triton's sequence batcher, which these configs do not declare yet).
 BUNDLE_VARIANTS = {"edge": ("lengths", "stream"), "server": ("lengths",)}
 SERVER_NAME = "model"
-TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
-
-
-def _dims(shape: list[Any]) -> str:
-    return "[ " + ", ".join("-1" if isinstance(d, str) else str(d) for d in shape[1:]) + " ]"
 
 
 def user_triton_config(name: str, platform: str, signature: dict[str, Any], libtorch_names: bool = False,
                        max_batch: int = 64) -> str:
-    """config.pbtxt from the signature: the batch axis is Triton's, other named axes are -1."""
-    def block(kind: str, tensors: list[dict[str, Any]]) -> str:
-        items = []
-        for index, tensor in enumerate(tensors):
-            label = f"{tensor['name']}__{index}" if libtorch_names else tensor["name"]
-            if len(tensor["shape"]) == 1:  # a per-sample scalar ([batch], e.g. lengths): Triton wants dims [1]
-                dims = "[ 1 ]\n    reshape: { shape: [ ] }"
-            else:
-                dims = _dims(tensor["shape"])
-            items.append(f'  {{\n    name: "{label}"\n    data_type: {TRITON_TYPES[tensor["dtype"]]}\n'
-                         f'    dims: {dims}\n  }}')
-        return f"{kind} [\n" + ",\n".join(items) + "\n]\n"
+    """config.pbtxt from the signature (bundle.triton.model_config): the batch axis is Triton's,
+    other named axes are -1, a per-sample scalar (lengths) is dims [1] reshaped to []."""
+    from gru_deploy.bundle.triton import model_config
 
-    return (f'name: "{name}"\nplatform: "{platform}"\nmax_batch_size: {max_batch}\n'
-            + block("input", signature["inputs"]) + block("output", signature["outputs"])
-            + "dynamic_batching {\n  max_queue_delay_microseconds: 1000\n}\n"
-            + "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n")
+    def tensors(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{**t, "name": f"{t['name']}__{i}" if libtorch_names else t["name"]} for i, t in enumerate(specs)]
+
+    return model_config(name, platform, tensors(signature["inputs"]), tensors(signature["outputs"]), max_batch)
 
 
 def _golden(export_dir: Path, source: dict[str, Any], model_paths: dict[str, str],
