@@ -121,10 +121,7 @@ def test_bundles_carry_the_lengths_variant_with_golden_vectors(tagger, tmp_path,
     import gru_deploy
 
     bundle, manifest = gru_deploy.package(tagger, target, out=tmp_path / target)
-    # the edge bundle also carries the stream model; a server streams through Triton's sequence
-    # batcher, which a module's configs do not declare yet
-    assert set(manifest["signatures"]) == ({"classifier", "lengths", "stream"} if target == "edge"
-                                          else {"classifier", "lengths"})
+    assert set(manifest["signatures"]) == {"classifier", "lengths", "stream"}
     report = gru_deploy.verify(bundle)
     assert report["passed"]
     assert any("lengths_" in c["check"] for c in report["checks"] if c["check"].startswith("golden"))

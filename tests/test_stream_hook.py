@@ -109,3 +109,26 @@ def test_bench_times_a_modules_own_models_against_torchscript(tagger):  # noqa: 
     assert stream["stream_api_vs_run"] == pytest.approx(stream["stream_api_us"] / stream["onnxruntime_us"], rel=0.01)
     proc = run_cli("bench", str(tagger), "--plot", "x.png")
     assert proc.returncode == 2 and "apply to the tutorial model's bench" in proc.stderr
+
+
+def test_the_server_bundle_streams_through_tritons_sequence_batcher(tagger, tmp_path):  # noqa: F811
+    """The stream model's config.pbtxt, read with Triton's own schema: the sequence batcher keeps
+    exactly the state the model takes and gives (h0 -> h_n, the module's state shape, zeros at a
+    sequence's start), so a client sends x only and gets the other outputs."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    import gru_deploy
+
+    bundle, manifest = gru_deploy.package(tagger, "server", out=tmp_path / "server")
+    assert gru_deploy.verify(bundle)["passed"]
+    text = (bundle / "model_repository" / "model_stream" / "config.pbtxt").read_text()
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    signature = manifest["signatures"]["stream"]
+    assert [t.name for t in config.input] == [t["name"] for t in signature["inputs"] if t["name"] != "h0"]
+    assert [t.name for t in config.output] == [t["name"] for t in signature["outputs"] if t["name"] != "h_n"]
+    [state] = config.sequence_batching.state
+    assert (state.input_name, state.output_name, list(state.dims)) == ("h0", "h_n", [6])
+    assert state.initial_state[0].zero_data and list(state.initial_state[0].dims) == [6]
+    assert not config.HasField("dynamic_batching")
+    assert not (bundle / "model_repository" / "model_stream_torchscript").exists()

@@ -17,22 +17,32 @@ from gru_deploy.manifest import json_bytes, sha256_bytes
 # Golden cases (batch, seq) per variant: a subset of the export's parity grid, whose float64
 # outputs it stored (convert.user.USER_CASES, LENGTHS_CASES).
 GOLDEN_BY_VARIANT = {"classifier": ((3, 7), (2, 100)), "lengths": ((3, 7), (4, 100)), "stream": ((3, 7), (2, 100))}
-# The variants each target carries, where the export has them (a stream model goes to the edge:
-# a server streams through Triton's sequence batcher, which these configs do not declare yet).
-BUNDLE_VARIANTS = {"edge": ("lengths", "stream"), "server": ("lengths",)}
+# The variants each target carries, where the export has them. On the server, the stream model
+# is served by Triton's sequence batcher with its state kept implicitly (ONNX only, as for the
+# tutorial model's bundle).
+BUNDLE_VARIANTS = {"edge": ("lengths", "stream"), "server": ("lengths", "stream")}
 SERVER_NAME = "model"
 
 
 def user_triton_config(name: str, platform: str, signature: dict[str, Any], libtorch_names: bool = False,
                        max_batch: int = 64) -> str:
     """config.pbtxt from the signature (bundle.triton.model_config): the batch axis is Triton's,
-    other named axes are -1, a per-sample scalar (lengths) is dims [1] reshaped to []."""
+    other named axes are -1, a per-sample scalar (lengths) is dims [1] reshaped to []. A stream
+    signature (h0 in, h_n out) gets the sequence batcher, which keeps the state between a
+    sequence's requests (zeros at its start): clients send x only."""
     from gru_deploy.bundle.triton import model_config
+    from gru_deploy.spec import STATE_IN, STATE_OUT
 
     def tensors(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{**t, "name": f"{t['name']}__{i}" if libtorch_names else t["name"]} for i, t in enumerate(specs)]
 
-    return model_config(name, platform, tensors(signature["inputs"]), tensors(signature["outputs"]), max_batch)
+    inputs, outputs, state = signature["inputs"], signature["outputs"], None
+    h0 = next((t for t in inputs if t["name"] == STATE_IN), None)
+    if h0 is not None:
+        state = {"input": STATE_IN, "output": STATE_OUT, "shape": h0["shape"][1:]}
+        inputs = [t for t in inputs if t["name"] != STATE_IN]
+        outputs = [t for t in outputs if t["name"] != STATE_OUT]
+    return model_config(name, platform, tensors(inputs), tensors(outputs), max_batch, state)
 
 
 def _golden(export_dir: Path, source: dict[str, Any], model_paths: dict[str, str],
@@ -147,6 +157,8 @@ def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
             add(onnx_paths[variant], select_model(source, variant, "onnx", where=where), "onnx", variant)
             files[f"{REPOSITORY}/{triton}/config.pbtxt"] = user_triton_config(
                 triton, "onnxruntime_onnx", signatures[variant]).encode()
+            if variant == "stream":
+                continue  # the stream model runs in onnxruntime under the sequence batcher only
             add(f"{REPOSITORY}/{triton}_torchscript/1/model.pt",
                 select_model(source, variant, "torchscript", where=where), "torchscript", variant)
             files[f"{REPOSITORY}/{triton}_torchscript/config.pbtxt"] = user_triton_config(
