@@ -94,7 +94,7 @@ def export_to_dir(
     (and writes nothing) when a guard or the parity gate fails.
     """
     from gru_deploy.convert import script
-    from gru_deploy.convert.graphs import check_opset, to_ort_format
+    from gru_deploy.convert.graphs import add_ort_models, check_opset, to_ort_format
     from gru_deploy.models.tutorial import as_variant
     from gru_deploy.check.verify import build_runners, check_tolerances, parity_for_dir
 
@@ -187,13 +187,7 @@ def export_to_dir(
                      "exporter behind scan starts at opset 18")
     step("converting the classifier and stream models to ORT format (onnxruntime's converter)")
     ort_sources = [name for name, info in models.items() if info["format"] == "onnx" and info["variant"] in ORT_VARIANTS]
-    converted = to_ort_format({name: files[name] for name in ort_sources})
-    for name, data in converted.items():
-        files[name] = data
-        source = Path(name).with_suffix(".onnx").name
-        if source in models:
-            models[name] = {**{k: models[source][k] for k in ("variant", "precision")}, "format": "ort",
-                            "converted_from": source}
+    add_ort_models(files, models, to_ort_format({name: files[name] for name in ort_sources}))
     with staged_dir(Path(out), keep=KEEP) as stage:
         for name, data in files.items():
             atomic_write_bytes(stage / name, data)

@@ -440,6 +440,17 @@ def to_ort_format(onnx_files: dict[str, bytes]) -> dict[str, bytes]:
     return out
 
 
+def add_ort_models(files: dict[str, bytes], models: dict[str, dict[str, Any]], converted: dict[str, bytes]) -> None:
+    """Put to_ort_format's output into an export's `files`, and list each .ort model in `models`
+    as the variant and precision of the .onnx it was converted from."""
+    for name, data in converted.items():
+        files[name] = data
+        source = str(Path(name).with_suffix(".onnx"))
+        if name.endswith(".ort") and source in models:
+            models[name] = {**{k: models[source][k] for k in ("variant", "precision")}, "format": "ort",
+                            "converted_from": source}
+
+
 # Op types our exporters write (loop, fused, the variants, ORT's quantiser): a model from
 # elsewhere with any other op is refused before a runtime loads it.
 KNOWN_OPS = frozenset({

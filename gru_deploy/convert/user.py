@@ -480,6 +480,18 @@ def failures(parity: dict[str, Any]) -> list[str]:
 MODULE_STRATEGIES = ("loop", "fused", "auto")
 
 
+def _once(run: Callable[[Feed], list["np.ndarray"]]) -> Callable[[Feed], list["np.ndarray"]]:
+    """`run`, answering each parity case (a feed is fixed by its (batch, seq): case_feed) once."""
+    answers: dict[tuple[int, ...], list["np.ndarray"]] = {}
+
+    def cached(feed: Feed) -> list["np.ndarray"]:
+        key = tuple(feed[INPUT_NAME].shape[:2])
+        if key not in answers:
+            answers[key] = run(feed)
+        return answers[key]
+    return cached
+
+
 def _time_user_graphs(graphs: dict[str, bytes], signature: UserSignature, typical: tuple[int, int],
                       budget_s: float) -> dict[str, float]:
     """Median onnxruntime latency (µs, one thread) of each graph at the typical (batch, seq)."""
@@ -725,13 +737,19 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
     kept = check_recurrence(scripted, model.reference)
     step(f"reading the signature off the module (input [batch, seq, {size}])")
     signature = discover_signature(model.module, size, model.reference, output_names)
+    if labels and (len(signature.outputs) != 1 or signature.outputs[0]["shape"][-1] != len(labels)):
+        raise UserInputError(f"{len(labels)} labels do not fit the outputs {signature.to_dict()['outputs']}")
     candidates = module_graphs(model, scripted, kept, signature, opset, strategy, step)
     pt_bytes = script.to_bytes(scripted)
-    parities, stores = {}, {}
+    parities, module_side = {}, {}
+    stored: dict[str, "np.ndarray"] = {}
     for form, (data, _) in candidates.items():
         step(f"checking parity of every output ({form}): eager, TorchScript, onnxruntime, onnx reference, float64")
         runners = user_runners(model.module, scripted, data, signature)
-        runners["float64"], stores[form] = recording(runners["float64"], signature)
+        if not module_side:  # the module's own runners answer alike for every form: run them once
+            runners["float64"], stored = recording(runners["float64"], signature)
+            module_side = {name: _once(runners[name]) for name in ("eager", "torchscript", "float64")}
+        runners.update(module_side)
         parities[form] = user_parity(runners, signature, atol, rtol)
         if not parities[form]["passed"]:
             raise CheckFailed(f"parity failed ({form}), nothing written: " + "; ".join(failures(parities[form])))
@@ -747,9 +765,7 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
         auto.update({"typical_batch": typical[0], "typical_seq": typical[1], "candidates": list(candidates)})
     onnx_bytes, graph = candidates[chosen]
     parity = parities[chosen]
-    stored = dict(stores[chosen])
-    if labels and (len(signature.outputs) != 1 or signature.outputs[0]["shape"][-1] != len(labels)):
-        raise UserInputError(f"{len(labels)} labels do not fit the outputs {signature.to_dict()['outputs']}")
+    stored = dict(stored)
     notes: list[str] = []
     files = {"model.pt": pt_bytes, "model.onnx": onnx_bytes}
     models = {
@@ -786,27 +802,18 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
                              "torchscript": pt, "onnx": onnx_name, "onnx_node_count": done["graph"]["node_count"],
                              "op_types": done["graph"]["op_types"]}
     step("converting the ONNX models to ORT format (onnxruntime's converter)")
-    from gru_deploy.convert.graphs import to_ort_format
+    from gru_deploy.convert.graphs import add_ort_models, to_ort_format
     from gru_deploy.errors import WriteFailed
 
     try:
-        ort_files = to_ort_format({name: data for name, data in files.items() if name.endswith(".onnx")})
+        add_ort_models(files, models, to_ort_format({n: d for n, d in files.items() if n.endswith(".onnx")}))
     except WriteFailed as exc:  # an op the ORT-format writer does not take: the edge bundle goes without
-        ort_files = {}
         notes.append(f"no ORT-format copy: {exc}")
-    for name in ort_files:
-        if name.endswith(".ort"):
-            source = name[:-4] + ".onnx"
-            models[name] = {"variant": models[source]["variant"], "format": "ort", "precision": "fp32",
-                            "converted_from": source}
-    reference_bytes = npz_bytes(stored)
+    files[REFERENCE_FILE] = npz_bytes(stored)
     with staged_dir(Path(out), keep=KEEP) as stage:
         for name, data in files.items():
             atomic_write_bytes(stage / name, data)
         atomic_write_json(stage / "parity.json", parity)
-        atomic_write_bytes(stage / REFERENCE_FILE, reference_bytes)
-        for name, data in ort_files.items():
-            atomic_write_bytes(stage / name, data)
         manifest: dict[str, Any] = {
             "format": MANIFEST_FORMAT,
             "format_version": MANIFEST_VERSION,
@@ -831,8 +838,7 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
                           "cases": [list(c) for c in USER_CASES],
                           **({"lengths_cases": [list(c) for c in LENGTHS_CASES]} if "lengths" in variants else {}),
                           **({"stream_cases": [list(c) for c in STREAM_CASES]} if "stream" in variants else {})},
-            "files": {name: file_entry(stage / name)
-                      for name in (*files, "parity.json", REFERENCE_FILE, *ort_files)},
+            "files": {name: file_entry(stage / name) for name in (*files, "parity.json")},
             "parity": {"passed": True, "atol": atol, "rtol": rtol, "notes": parity["notes"],
                        "summary": parity["summary"],
                        **({"variants": {v: {"passed": r["passed"], "summary": r["summary"]}
@@ -846,12 +852,12 @@ def export_family(ckpt: Any, out: Path, opset: int = 17, atol: float = 1e-5, rto
                   on_step: Callable[[str], None] | None = None, strategy: str = "loop",
                   typical: tuple[int, int] = (1, 100)) -> dict[str, Any]:
     """Export a built-in family's checkpoint (train.FamilyCheckpoint) by the generic path."""
-    from gru_deploy.models.families import FAMILIES, family_reference
+    from gru_deploy.models import families
     from gru_deploy.models.user import UserModel
 
-    reference = family_reference(ckpt.family)
-    model = UserModel(ckpt.model(), reference, FAMILIES[ckpt.family][1].__module__, dict(ckpt.model_args),
-                      ckpt.sha256, family=ckpt.family)
+    reference = families.family_reference(ckpt.family)
+    model = UserModel(ckpt.model(), reference, families.__file__, dict(ckpt.model_args), ckpt.sha256,
+                      family=ckpt.family)
     return export_user_model(model, out, opset=opset, atol=atol, rtol=rtol, on_step=on_step, labels=ckpt.labels,
                              metrics=ckpt.metrics, training=ckpt.training, strategy=strategy, typical=typical)
 

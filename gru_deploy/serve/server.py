@@ -96,9 +96,14 @@ class Model:
                  max_delay_ms: float, group_by_length: bool = True) -> None:
         from gru_deploy.check.runners import OnnxRuntimeRunner
 
-        self.name, self.spec = name, spec
-        self.file, self.precision = "", "fp32"  # the manifest's name of the model file, and its precision
+        self.spec = spec
         self.runner = OnnxRuntimeRunner(spec, onnx_bytes, threads=threads, variant="lengths")
+        self._batching(name, max_batch, max_delay_ms, group_by_length)
+
+    def _batching(self, name: str, max_batch: int, max_delay_ms: float, group_by_length: bool) -> None:
+        """The name and the batcher's state, the same for every kind of model."""
+        self.name = name
+        self.file, self.precision = "", "fp32"  # the manifest's name of the model file, and its precision
         self.max_batch, self.max_delay = max_batch, max_delay_ms / 1000.0
         self.group_by_length = group_by_length  # False: one call per collected group, padded to its longest
         self.queue: asyncio.Queue[Pending] | None = None
@@ -232,16 +237,10 @@ class ModuleModel(Model):
         from gru_deploy.check.runners import session_options
 
         self.takes_lengths = any(t["name"] == LENGTHS_NAME for t in signature["inputs"])
-        self.name, self.signature, self.labels = name, signature, list(labels)
-        self.file, self.precision = "", "fp32"
+        self.signature, self.labels = signature, list(labels)
         self.session = ort.InferenceSession(onnx_bytes, session_options(threads), providers=["CPUExecutionProvider"])
         self.output_names = [o["name"] for o in signature["outputs"]]
-        self.max_batch, self.max_delay = max_batch, max_delay_ms / 1000.0
-        self.group_by_length = group_by_length
-        self.queue = None
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
-        self.on_batch = lambda size: None
-        self.arriving = 0
+        self._batching(name, max_batch, max_delay_ms, group_by_length)
 
     @property
     def input_size(self) -> int:
@@ -325,37 +324,16 @@ class ModuleModel(Model):
         return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
 
 
-def load_module_model(path: Path, kind: str, threads: int, max_batch: int, max_delay_ms: float, name: str | None,
+def load_module_model(path: Path, threads: int, max_batch: int, max_delay_ms: float, name: str | None,
                       precision: str, group_by_length: bool = True) -> ModuleModel:
     """The model of a module export or bundle (of `precision`), chosen and checked through its
     manifest: its lengths variant where it has one of that precision, else its classifier."""
-    from gru_deploy.bundle.read import check_bundle_files, open_bundle
-    from gru_deploy.convert.graphs import check_onnx_bytes
-    from gru_deploy.manifest import find_models, select_model, verified_path
-    from gru_deploy.serve.user import user_export
+    from gru_deploy.serve.user import module_file
 
-    def choose(manifest: dict[str, Any], where: str) -> tuple[str, str]:
-        variant = "lengths" if find_models(manifest, "lengths", "onnx", precision, where) else "classifier"
-        return variant, select_model(manifest, variant, "onnx", precision, where=where)
-
-    if kind == "export":
-        manifest = user_export(path)
-        variant, chosen = choose(manifest, str(path))
-        data = verified_path(path, manifest, chosen).read_bytes()
-        if variant == "lengths":
-            signature, recorded = manifest["variants"]["lengths"]["signature"], manifest["variants"]["lengths"]["op_types"]
-        else:
-            signature, recorded = manifest["signature"], (manifest.get("onnx") or {}).get("op_types")
-    else:
-        with open_bundle(path) as (folder, manifest):
-            check_bundle_files(folder, manifest)
-            variant, chosen = choose(manifest, f"{path} ({manifest['target']} bundle)")
-            data = (folder / chosen).read_bytes()
-            signature, recorded = manifest["signatures"][variant], manifest["models"][chosen].get("op_types")
-    check_onnx_bytes(data, f"{path}: {chosen}", known=frozenset(recorded or ()))
-    model = ModuleModel(name or "model", signature, data, manifest.get("labels") or [], threads, max_batch,
-                        max_delay_ms, group_by_length)
-    model.file, model.precision = chosen, precision
+    file = module_file(path, ("lengths", "classifier"), precision)
+    model = ModuleModel(name or "model", file.signature, file.data, file.labels, threads, max_batch, max_delay_ms,
+                        group_by_length)
+    model.file, model.precision = file.name, precision
     return model
 
 
@@ -368,8 +346,7 @@ def load_model(path: Path, threads: int, max_batch: int, max_delay_ms: float, na
 
     kind = user_model_kind(Path(path))
     if kind is not None:
-        return load_module_model(Path(path), kind, threads, max_batch, max_delay_ms, name, precision,
-                                 group_by_length)
+        return load_module_model(Path(path), threads, max_batch, max_delay_ms, name, precision, group_by_length)
 
     chosen = load_model_bytes(Path(path), "lengths", precision)
     model = Model(name or "gru_classifier", chosen.spec, chosen.data, threads, max_batch, max_delay_ms,

@@ -157,30 +157,13 @@ class ModuleStream:
     def __init__(self, path: Path, batch: int = 1, precision: str = "fp32", threads: int = 1) -> None:
         import onnxruntime as ort
 
-        from gru_deploy.bundle.read import check_bundle_files, open_bundle
         from gru_deploy.check.runners import session_options
-        from gru_deploy.convert.graphs import check_onnx_bytes
-        from gru_deploy.manifest import select_model, verified_path
-        from gru_deploy.serve.user import variant_of, check_user_state, user_export, user_model_kind
+        from gru_deploy.serve.user import check_user_state, module_file
 
         if type(batch) is not int or batch < 1:
             raise UserInputError(f"a Stream needs a batch of at least 1 sequence, got {batch!r}")
-        if user_model_kind(path) == "export":
-            manifest = user_export(path)
-            variant_of(manifest, str(path), None, stream=True)  # says so when the module does not stream
-            self.model = select_model(manifest, "stream", "onnx", precision, where=str(path))
-            data = verified_path(path, manifest, self.model).read_bytes()
-            signature = (manifest.get("variants") or {})["stream"]["signature"]
-            recorded = manifest["variants"]["stream"].get("op_types")
-        else:
-            with open_bundle(path) as (folder, manifest):
-                check_bundle_files(folder, manifest)
-                variant_of(manifest, str(path), None, stream=True)
-                self.model = select_model(manifest, "stream", "onnx", precision, where=str(path))
-                data = (folder / self.model).read_bytes()
-                signature = manifest["signatures"]["stream"]
-                recorded = manifest["models"][self.model].get("op_types")
-        check_onnx_bytes(data, f"{path}: {self.model}", known=frozenset(recorded or ()))
+        file = module_file(path, "stream", precision)  # says so when the module does not stream
+        data, signature, self.model = file.data, file.signature, file.name
         self.signature, self.batch, self.precision = signature, batch, precision
         self.session = ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
         self.output_names = [o["name"] for o in signature["outputs"]]

@@ -84,16 +84,19 @@ def check_user_lengths(lengths: Any, x: np.ndarray) -> np.ndarray:
 HOOKS = {"lengths": "forward_lengths", "stream": "forward_stream (and initial_state)"}
 
 
-def variant_of(manifest: dict[str, Any], where: str, lengths: Any, stream: bool = False
-                ) -> tuple[str, dict[str, Any]]:
-    """The variant to run and its signature: 'lengths' when lengths are given, 'stream' when a
-    state goes in or out, else 'classifier'; a variant the manifest lacks is a user error."""
+def requested_variant(lengths: Any, stream: bool = False) -> str:
+    """'lengths' when lengths are given, 'stream' when a state goes in or out, else 'classifier'."""
     if lengths is not None and stream:
         raise UserInputError("give lengths or a state (--state-in/--state-out), not both: the stream model takes "
                              "unpadded chunks")
-    variant = "lengths" if lengths is not None else "stream" if stream else "classifier"
+    return "lengths" if lengths is not None else "stream" if stream else "classifier"
+
+
+def signature_of(manifest: dict[str, Any], variant: str, where: str) -> dict[str, Any]:
+    """A variant's signature in an export's or a bundle's manifest; a variant the module does
+    not define is a user error saying which hook it lacks."""
     if variant == "classifier":
-        return variant, (manifest.get("signature") or manifest.get("signatures", {}).get("classifier"))
+        return manifest.get("signature") or manifest.get("signatures", {}).get("classifier")
     signature = (manifest.get("variants") or {}).get(variant, {}).get("signature") \
         or (manifest.get("signatures") or {}).get(variant)
     if signature is None:
@@ -101,7 +104,57 @@ def variant_of(manifest: dict[str, Any], where: str, lengths: Any, stream: bool 
                              f"@torch.jit.export {HOOKS[variant]})" + (
                                  ": send each sequence unpadded, without lengths" if variant == "lengths" else
                                  ": send whole sequences, without a state (--state-in/--state-out)"))
-    return variant, signature
+    return signature
+
+
+@dataclass
+class ModuleFile:
+    """One ONNX model of a module's export or bundle, as its manifest describes it."""
+
+    name: str  # as the manifest lists it
+    data: bytes  # checksum-checked, its op types the recorded ones
+    variant: str
+    signature: dict[str, Any]
+    labels: list[str]
+    where: str
+
+
+def module_file(path: Path, variants: str | tuple[str, ...], precision: str = "fp32",
+                manifest: dict[str, Any] | None = None) -> ModuleFile:
+    """The ONNX model of the first of `variants` that a module's export or bundle at `path` has
+    in `precision` (the last one is required: its absence is the user error signature_of
+    gives), read through the manifest: checksums checked, and its graph refused if it holds an
+    op type other than the ones the manifest records. `manifest`: an export's, already read."""
+    from gru_deploy.bundle.read import check_bundle_files, is_bundle, open_bundle
+    from gru_deploy.convert.graphs import check_onnx_bytes
+    from gru_deploy.manifest import find_models, select_model, verified_path
+
+    wanted = (variants,) if isinstance(variants, str) else variants
+
+    def choose(manifest: dict[str, Any], where: str) -> tuple[str, str]:
+        variant = next((v for v in wanted[:-1] if find_models(manifest, v, "onnx", precision, where)), wanted[-1])
+        signature_of(manifest, variant, where)
+        return variant, select_model(manifest, variant, "onnx", precision, where=where)
+
+    path = Path(path)
+    if manifest is None and is_bundle(path):
+        with open_bundle(path) as (folder, manifest):
+            check_bundle_files(folder, manifest)
+            where = f"{path} ({manifest['target']} bundle)"
+            variant, name = choose(manifest, where)
+            data, recorded = (folder / name).read_bytes(), manifest["models"][name].get("op_types")
+    else:
+        manifest = manifest if manifest is not None else user_export(path)
+        where = str(path)
+        variant, name = choose(manifest, where)
+        data = verified_path(path, manifest, name).read_bytes()
+        recorded = ((manifest.get("onnx") or {}) if variant == "classifier"
+                    else manifest["variants"][variant]).get("op_types")
+    if not isinstance(recorded, (dict, list)):
+        raise UserInputError(f"{where}: the manifest does not record {name}'s op types; re-export or re-package it")
+    check_onnx_bytes(data, f"{path}: {name}", known=frozenset(recorded))
+    return ModuleFile(name, data, variant, signature_of(manifest, variant, where), list(manifest.get("labels") or []),
+                      where)
 
 
 def check_user_state(state: Any, x: np.ndarray, signature: dict[str, Any]) -> np.ndarray:
@@ -118,25 +171,23 @@ def check_user_state(state: Any, x: np.ndarray, signature: dict[str, Any]) -> np
     return np.ascontiguousarray(state)
 
 
-def _run_onnx(data: bytes, where: str, signature: dict[str, Any], recorded: Any, x: np.ndarray, name: str,
-              threads: int, lengths: np.ndarray | None = None, state: np.ndarray | None = None) -> UserPrediction:
+def _run(file: ModuleFile, x: Any, threads: int, lengths: Any, state: Any) -> UserPrediction:
+    """Every output of `file`'s model on x (and lengths or a state, as its variant takes), each
+    input checked before onnxruntime sees it."""
     import onnxruntime as ort
 
     from gru_deploy.check.runners import session_options
-    from gru_deploy.convert.graphs import check_onnx_bytes
 
-    if not isinstance(recorded, (dict, list)):
-        raise UserInputError(f"{where}: the manifest does not record the model's op types; re-export or re-package it")
-    check_onnx_bytes(data, where, known=frozenset(recorded))
-    session = ort.InferenceSession(data, session_options(threads), providers=["CPUExecutionProvider"])
-    names = [o["name"] for o in signature["outputs"]]
+    signature = file.signature
+    x = check_user_input(x, signature)
     feed = {INPUT_NAME: x}
-    if lengths is not None:
-        feed[LENGTHS_NAME] = lengths
-    if state is not None:
-        feed[STATE_IN] = state
-    values = session.run(names, feed)
-    return UserPrediction(dict(zip(names, values)), signature, name)
+    if file.variant == "lengths":
+        feed[LENGTHS_NAME] = check_user_lengths(lengths, x)
+    if file.variant == "stream":
+        feed[STATE_IN] = check_user_state(state, x, signature)
+    session = ort.InferenceSession(file.data, session_options(threads), providers=["CPUExecutionProvider"])
+    names = [o["name"] for o in signature["outputs"]]
+    return UserPrediction(dict(zip(names, session.run(names, feed))), signature, file.name)
 
 
 def infer_user(folder: Path, manifest: dict[str, Any], x: Any, threads: int = 1,
@@ -144,36 +195,16 @@ def infer_user(folder: Path, manifest: dict[str, Any], x: Any, threads: int = 1,
     """Run the ONNX model an export's manifest lists (checksum checked) on x — with `lengths`,
     its lengths variant on the padded x; with `stream` (or a `state`), its stream variant from
     that state (zeros when None), h_n among the outputs — and return every output by name."""
-    from gru_deploy.manifest import select_model, verified_path
-
-    variant, signature = variant_of(manifest, str(folder), lengths, stream or state is not None)
-    x = check_user_input(x, signature)
-    lengths = None if lengths is None else check_user_lengths(lengths, x)
-    state = check_user_state(state, x, signature) if variant == "stream" else None
-    name = select_model(manifest, variant, "onnx", where=str(folder))
-    data = verified_path(folder, manifest, name).read_bytes()
-    recorded = (manifest.get("onnx") or {}).get("op_types") if variant == "classifier" \
-        else manifest["variants"][variant].get("op_types")
-    return _run_onnx(data, f"{folder}: {name}", signature, recorded, x, name, threads, lengths, state)
+    variant = requested_variant(lengths, stream or state is not None)
+    return _run(module_file(folder, variant, manifest=manifest), x, threads, lengths, state)
 
 
 def infer_user_bundle(path: Path, x: Any, threads: int = 1, precision: str = "fp32",
                       lengths: Any = None, state: Any = None, stream: bool = False) -> UserPrediction:
     """The same on a bundle of a user's model (folder or archive), every file checked first;
     `precision` int8 runs the bundle's int8 model (package --quantize int8)."""
-    from gru_deploy.bundle.read import check_bundle_files, open_bundle
-    from gru_deploy.manifest import select_model
-
-    with open_bundle(path) as (folder, manifest):
-        check_bundle_files(folder, manifest)
-        variant, signature = variant_of(manifest, f"{path}", lengths, stream or state is not None)
-        x = check_user_input(x, signature)
-        lengths = None if lengths is None else check_user_lengths(lengths, x)
-        state = check_user_state(state, x, signature) if variant == "stream" else None
-        name = select_model(manifest, variant, "onnx", precision,
-                            where=f"{path} ({manifest['target']} bundle)")
-        return _run_onnx((folder / name).read_bytes(), f"{path}: {name}", signature,
-                         manifest["models"][name].get("op_types"), x, name, threads, lengths, state)
+    variant = requested_variant(lengths, stream or state is not None)
+    return _run(module_file(path, variant, precision), x, threads, lengths, state)
 
 
 def user_model_kind(path: Path) -> str | None:
