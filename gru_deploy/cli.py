@@ -686,24 +686,40 @@ def inspect(path: Path, as_json: bool) -> None:
               help="Split each batch into onnxruntime calls of similar sequence length, shortest first, so a "
                    "short request never runs padded to a long one; --no-group-by-length pads the whole batch "
                    "to its longest request.")
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=None,
+              help="Also serve the v2 gRPC protocol (inference.GRPCInferenceService; tritonclient.grpc works as "
+                   "is) on this port, sharing the models, limits, batchers and metrics.  [default: REST only]")
+@click.option("--max-sequences", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Live sequences (sequence_id ... sequence_end) whose state the server keeps; a new one beyond "
+                   "this gets 429 (gRPC RESOURCE_EXHAUSTED).")
+@click.option("--sequence-idle-s", type=click.FloatRange(min=0.01), default=60.0, show_default=True,
+              help="A sequence with no request for this long is freed (a later chunk of it gets 400).")
 def serve(path: Path, host: str, port: int, model_name: str | None, max_batch: int, max_delay_ms: float,
           threads: int, max_body_mb: float, max_seq: int, read_timeout_s: float, precision: str,
-          group_by_length: bool) -> None:
-    """Serve an export folder or bundle over HTTP with the KServe v2 / Triton protocol.
+          group_by_length: bool, grpc_port: int | None, max_sequences: int, sequence_idle_s: float) -> None:
+    """Serve an export folder or bundle with the KServe v2 / Triton protocol: REST, and gRPC
+    with --grpc-port.
 
     \b
-    GET  /v2/health/live, /v2/health/ready, /v2, /v2/models/NAME, /v2/models/NAME/ready
+    GET  /v2/health/live, /v2/health/ready, /v2, /v2/models/NAME[/ready|/config]
     POST /v2/models/NAME/infer   inputs x FP32 [batch, seq, I], optional lengths INT64 [batch];
                                  outputs logits, probabilities, label (BYTES); JSON or the
                                  binary tensor extension (tritonclient.http works as is)
-    GET  /metrics                Prometheus: requests, errors, latency, batch sizes
+    gRPC inference.GRPCInferenceService (tritonclient.grpc works as is): the same calls
+    GET  /metrics                Prometheus: requests, errors, latency, batch sizes, sequences
     Concurrent requests are batched into one onnxruntime call, padded with lengths so each
     answer equals the one it gets alone. SIGTERM / Ctrl-C finish in-flight requests first.
+
+    \b
+    Sequences (Triton's sequence batcher): a request with parameters sequence_id,
+    sequence_start, sequence_end sends one chunk x [1, steps, I] of a sequence; the server
+    keeps its state (the stream variant) from start to end, so chunks answer as the whole
+    sequence would. They go to NAME or NAME_stream (the server bundle's Triton name).
     Needs the serve extra: pip install 'gru-deploy[serve]'.
 
     \b
     Example:
-      gru-deploy serve exported-server.tar.gz --port 8000
+      gru-deploy serve exported-server.tar.gz --port 8000 --grpc-port 8001
     """
     import importlib.util
 
@@ -717,7 +733,8 @@ def serve(path: Path, host: str, port: int, model_name: str | None, max_batch: i
     limits = Limits(max_body_bytes=int(max_body_mb * (1 << 20)), max_seq=max_seq, read_timeout_s=read_timeout_s)
     run_server(path, host=host, port=port, model_name=model_name, max_batch=max_batch, max_delay_ms=max_delay_ms,
                threads=threads, limits=limits, print_fn=lambda m: click.echo(m, err=True), precision=precision,
-               group_by_length=group_by_length)
+               group_by_length=group_by_length, grpc_port=grpc_port, max_sequences=max_sequences,
+               sequence_idle_s=sequence_idle_s)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -180,8 +180,9 @@ def test_concurrent_requests_of_random_lengths_match_and_batch(server, local):
         metrics = r.read().decode()
     sizes = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
              if line.startswith("gru_deploy_batch_size_")}
-    assert sizes["gru_deploy_batch_size_sum"] > sizes["gru_deploy_batch_size_count"]  # some batches held > 1
-    assert 'gru_deploy_requests_total{status="200"}' in metrics
+    model = f'{{model="{NAME}"}}'
+    assert sizes[f"gru_deploy_batch_size_sum{model}"] > sizes[f"gru_deploy_batch_size_count{model}"]  # some > 1
+    assert 'gru_deploy_requests_total{protocol="rest",status="200"}' in metrics
 
 
 def test_padded_request_with_lengths_equals_each_sample_alone(server, local):
@@ -302,7 +303,7 @@ def test_a_failed_group_gets_v2_500s_and_later_requests_are_served(export_dir, l
         assert status == 200
         logits = np.array(json.loads(text)["outputs"][0]["data"], np.float32).reshape(1, -1)
         np.testing.assert_allclose(logits, local(x), atol=1e-5, rtol=1e-5)
-    assert f'gru_deploy_requests_total{{status="500"}} {float(len(first))}' in metrics
+    assert f'gru_deploy_requests_total{{protocol="rest",status="500"}} {float(len(first))}' in metrics
 
 
 def calls_of(model, monkeypatch) -> list[tuple[int, ...]]:

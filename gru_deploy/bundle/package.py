@@ -144,7 +144,7 @@ def runtime_record(models: dict[str, dict[str, Any]], golden: dict[str, Any], co
 
 
 def triton_config(name: str, platform: str, spec: ModelSpec, variant: str, max_batch: int = 64,
-                  libtorch_names: bool = False) -> str:
+                  libtorch_names: bool = False, idle_s: float = 60.0) -> str:
     """config.pbtxt for one model of the tutorial's (bundle.triton.model_config): variable dims
     as -1, max_batch_size, dynamic batching, or for the stream model the sequence batcher
     keeping h0/h_n as implicit state."""
@@ -165,7 +165,7 @@ def triton_config(name: str, platform: str, spec: ModelSpec, variant: str, max_b
             out.append(tensor)
         return out
 
-    return model_config(name, platform, tensors(inputs), tensors(outputs), max_batch, state)
+    return model_config(name, platform, tensors(inputs), tensors(outputs), max_batch, state, idle_s)
 
 
 README_EDGE = """gru-deploy edge bundle — {name}

@@ -25,7 +25,7 @@ SERVER_NAME = "model"
 
 
 def user_triton_config(name: str, platform: str, signature: dict[str, Any], libtorch_names: bool = False,
-                       max_batch: int = 64) -> str:
+                       max_batch: int = 64, idle_s: float = 60.0) -> str:
     """config.pbtxt from the signature (bundle.triton.model_config): the batch axis is Triton's,
     other named axes are -1, a per-sample scalar (lengths) is dims [1] reshaped to []. A stream
     signature (h0 in, h_n out) gets the sequence batcher, which keeps the state between a
@@ -42,7 +42,7 @@ def user_triton_config(name: str, platform: str, signature: dict[str, Any], libt
         state = {"input": STATE_IN, "output": STATE_OUT, "shape": h0["shape"][1:]}
         inputs = [t for t in inputs if t["name"] != STATE_IN]
         outputs = [t for t in outputs if t["name"] != STATE_OUT]
-    return model_config(name, platform, tensors(inputs), tensors(outputs), max_batch, state)
+    return model_config(name, platform, tensors(inputs), tensors(outputs), max_batch, state, idle_s)
 
 
 def _golden(export_dir: Path, source: dict[str, Any], model_paths: dict[str, str],

@@ -32,6 +32,7 @@ from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, OUTPUT_NAME, ModelSpec
 
 DATATYPES = {"FP32": np.float32, "INT64": np.int64, "INT32": np.int32}
 HEADER_LENGTH = "Inference-Header-Content-Length"
+EXTENSIONS = ["binary_tensor_data", "sequence"]  # v2 extensions served (ServerMetadata)
 # Grouping by length (length_groups): no request runs padded beyond max(LENGTH_RATIO x its
 # length, its length + LENGTH_SLACK) steps, and the calls of one batch run under
 # 1/(LENGTH_RATIO - 1) more steps than the one padded call would (with hidden 16 on a CPU a
@@ -146,6 +147,12 @@ class Model:
         return ([_meta(INPUT_NAME, "FP32", [-1, -1, s.input_size]), _meta(LENGTHS_NAME, "INT64", [-1])],
                 [_meta("logits", "FP32", [-1, s.output_size]), _meta("probabilities", "FP32", [-1, s.output_size]),
                  _meta("label", "BYTES", [-1])])
+
+    def config(self) -> str:
+        """The config.pbtxt the server bundle writes for the model served (Triton's schema)."""
+        from gru_deploy.bundle.package import triton_config
+
+        return triton_config(self.name, "onnxruntime_onnx", self.spec, "lengths", self.max_batch)
 
     def run(self, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """One onnxruntime call. Each request was validated on arrival (`validate`) and a padded
@@ -318,6 +325,11 @@ class ModuleModel(Model):
             inputs.append(_meta(LENGTHS_NAME, "INT64", [-1]))
         return inputs, outputs
 
+    def config(self) -> str:
+        from gru_deploy.bundle.user import user_triton_config
+
+        return user_triton_config(self.name, "onnxruntime_onnx", self.signature, max_batch=self.max_batch)
+
     def run(self, x: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
         self.on_batch(x.shape[0])
         feed = {INPUT_NAME: x, LENGTHS_NAME: lengths} if self.takes_lengths else {INPUT_NAME: x}
@@ -368,6 +380,35 @@ def _depth(value: Any, limit: int, level: int = 0) -> None:
             _depth(v, limit, level + 1)
 
 
+def tensor_header(name: str, shape: Any, datatype: Any, limits: Limits) -> tuple[np.dtype, int]:
+    """An input's numpy dtype and element count from its v2 header (shape, datatype), checked."""
+    if not isinstance(shape, (list, tuple)) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ClientError(400, f"input {name!r}: 'shape' must be a list of non-negative integers")
+    if datatype not in DATATYPES:
+        raise ClientError(400, f"input {name!r}: datatype {datatype!r} is not one of {sorted(DATATYPES)}")
+    count = int(np.prod(shape)) if shape else 1
+    if count > limits.max_elements:
+        raise ClientError(413, f"input {name!r} has {count} elements; the limit is {limits.max_elements}")
+    return np.dtype(DATATYPES[datatype]), count
+
+
+def array_from_raw(name: str, raw: bytes, dtype: np.dtype, count: int) -> np.ndarray:
+    """An input's values from its raw little-endian bytes (the binary extension; gRPC's
+    raw_input_contents), flat; ClientError when their size does not match."""
+    if len(raw) != count * dtype.itemsize:
+        raise ClientError(400, f"input {name!r}: {len(raw)} bytes of data do not match its shape and datatype "
+                               f"({count} x {dtype.itemsize} bytes)")
+    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype)
+
+
+def raw_output(datatype: str, array: np.ndarray) -> bytes:
+    """An output's raw bytes: little-endian numbers, or for BYTES each element's length (4 bytes)
+    and UTF-8 text, as the binary extension and gRPC's raw_output_contents carry them."""
+    if datatype == "BYTES":
+        return b"".join(struct.pack("<I", len(s.encode())) + s.encode() for s in array.ravel())
+    return array.astype("<f4").tobytes()
+
+
 def parse_request(body: bytes, header_length: str | None, limits: Limits) -> tuple[dict, dict[str, np.ndarray]]:
     """Decode a v2 infer request (JSON, or JSON + binary tensors) into its header and arrays."""
     if header_length is not None:
@@ -395,20 +436,13 @@ def parse_request(body: bytes, header_length: str | None, limits: Limits) -> tup
         name, shape, datatype = item["name"], item.get("shape"), item.get("datatype")
         if name in arrays:
             raise ClientError(400, f"input {name!r} given twice")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise ClientError(400, f"input {name!r}: 'shape' must be a list of non-negative integers")
-        if datatype not in DATATYPES:
-            raise ClientError(400, f"input {name!r}: datatype {datatype!r} is not one of {sorted(DATATYPES)}")
-        count = int(np.prod(shape)) if shape else 1
-        if count > limits.max_elements:
-            raise ClientError(413, f"input {name!r} has {count} elements; the limit is {limits.max_elements}")
-        dtype = np.dtype(DATATYPES[datatype])
+        dtype, count = tensor_header(name, shape, datatype, limits)
         params = item.get("parameters") or {}
         if "binary_data_size" in params:
             size = params["binary_data_size"]
-            if type(size) is not int or size != count * dtype.itemsize or offset + size > len(binary):
+            if type(size) is not int or offset + size > len(binary):
                 raise ClientError(400, f"input {name!r}: binary_data_size does not match its shape and datatype")
-            array = np.frombuffer(binary[offset:offset + size], dtype=dtype.newbyteorder("<")).astype(dtype)
+            array = array_from_raw(name, binary[offset:offset + size], dtype, count)
             offset += size
         else:
             data = item.get("data")
@@ -452,13 +486,22 @@ def validate(arrays: dict[str, np.ndarray], spec: ModelSpec, limits: Limits) -> 
     return feed[INPUT_NAME], feed[LENGTHS_NAME]
 
 
+def requested_outputs(request: dict) -> list[str] | None:
+    """The output names a REST request asks for (None: the model's own)."""
+    wanted = request.get("outputs")
+    if not wanted:
+        return None
+    if not isinstance(wanted, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
+                                               for o in wanted):
+        raise ClientError(400, "'outputs' must be a list of {name}")
+    return [o["name"] for o in wanted]
+
+
 def encode_response(model: Model, request: dict, result: Any) -> tuple[bytes, dict[str, str]]:
     """The v2 response with the requested outputs (by default the model's own), binary where the
     request asked for it."""
     available = model.outputs(result)  # computed only when asked for
     wanted = request.get("outputs") or [{"name": name} for name in model.default_outputs]
-    if not isinstance(wanted, list) or not all(isinstance(o, dict) and "name" in o for o in wanted):
-        raise ClientError(400, "'outputs' must be a list of {name}")
     binary_default = bool((request.get("parameters") or {}).get("binary_data_output", False))
     outputs, chunks = [], []
     for item in wanted:
@@ -469,8 +512,7 @@ def encode_response(model: Model, request: dict, result: Any) -> tuple[bytes, di
         array = compute()
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if (item.get("parameters") or {}).get("binary_data", binary_default):
-            raw = (b"".join(struct.pack("<I", len(s.encode())) + s.encode() for s in array.ravel())
-                   if datatype == "BYTES" else array.astype("<f4").tobytes())
+            raw = raw_output(datatype, array)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
@@ -491,20 +533,137 @@ def internal_error(exc: BaseException) -> str:
     return f"internal error: {type(exc).__name__}" + (f": {lines[0][:300]}" if lines else "")
 
 
-def make_app(model: Model, limits: Limits | None = None) -> "web.Application":
+class Arrival:
+    """A request read or being checked but not yet queued, counted by each batcher it could join
+    (so a batcher waits for it); `done()` once it is queued or refused."""
+
+    def __init__(self, models: tuple[Model, ...]) -> None:
+        self.models = models
+        for m in models:
+            m.arriving += 1
+
+    def done(self) -> None:
+        for m in self.models:
+            m.arriving -= 1
+        self.models = ()
+
+
+class Service:
+    """What the REST and gRPC endpoints share: the stateless model, the sequences (the stream
+    variant, when the export has one), the limits, the batchers and the metrics. Protocol-free:
+    each endpoint decodes its requests into arrays and parameters and encodes the results."""
+
+    def __init__(self, model: Model, sequences: Any = None, limits: Limits | None = None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.model, self.sequences, self.limits = model, sequences, limits or Limits()
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("gru_deploy_requests", "Inference requests", ["protocol", "status"], registry=registry)
+        self.latency = Histogram("gru_deploy_request_seconds", "Inference request latency", ["protocol"],
+                                 registry=registry, buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2,
+                                                             0.5, 1, 2, 5))
+        batch = Histogram("gru_deploy_batch_size", "Samples per onnxruntime call", ["model"], registry=registry,
+                          buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        model.on_batch = batch.labels(model=model.name).observe  # once per onnxruntime call, batched or not
+        if sequences is not None:
+            sequences.on_batch = batch.labels(model=sequences.name).observe
+            live = Gauge("gru_deploy_live_sequences", "Sequences whose state the server keeps", registry=registry)
+            live.set_function(lambda: len(sequences.live))
+            ended = Counter("gru_deploy_sequences_freed", "Sequences freed, by why", ["reason"], registry=registry)
+            sequences.on_end = lambda why: ended.labels(reason=why).inc()
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def models(self) -> tuple[Model, ...]:
+        return (self.model,) if self.sequences is None else (self.model, self.sequences)
+
+    def target(self, name: str) -> Model:
+        for m in self.models:
+            if name == m.name:
+                return m
+        raise ClientError(404, f"unknown model {name!r}; this server serves {', '.join(repr(m.name) for m in self.models)}")
+
+    def metadata(self, name: str) -> dict[str, Any]:
+        target = self.target(name)
+        inputs, outputs = target.tensors()
+        return {"name": target.name, "versions": ["1"], "platform": "onnxruntime_onnx", "inputs": inputs,
+                "outputs": outputs}
+
+    def config(self, name: str) -> Any:
+        """Triton's ModelConfig message for `name`: the config.pbtxt the server bundle writes."""
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+
+        return text_format.Parse(self.target(name).config(), model_config_pb2.ModelConfig())
+
+    def arrival(self) -> Arrival:
+        return Arrival(self.models)
+
+    async def infer(self, name: str, arrays: dict[str, np.ndarray], parameters: Any, requested: list[str] | None,
+                    arrival: Arrival) -> tuple[Model, Any]:
+        """Run one decoded request: stateless, or a chunk of a sequence when its parameters carry
+        a sequence_id. Returns the model that answered and its result (`outputs()` reads it).
+        Every check, the requested output names included, comes before the model runs: a
+        refused chunk leaves its sequence's state as it was."""
+        from gru_deploy.serve.sequences import sequence_flags
+
+        target = self.target(name)
+        offered = [t["name"] for t in target.tensors()[1]]
+        unknown = [n for n in requested or () if n not in offered]
+        if unknown:
+            raise ClientError(400, f"unknown output {unknown[0]!r}; choose from {sorted(offered)}")
+        flags = sequence_flags(parameters or {})
+        if flags is None:
+            if target is self.sequences:
+                raise ClientError(400, f"model {name!r} keeps a state per sequence: send sequence_id with "
+                                       "sequence_start/sequence_end (tritonclient: infer(..., sequence_id=..., "
+                                       "sequence_start=..., sequence_end=...))")
+            x, lengths = target.validate(arrays, self.limits)
+            arrival.done()
+            return target, await target.infer(x, lengths)
+        if self.sequences is None:
+            raise ClientError(400, f"{self.model.file} cannot keep a sequence's state: the export has no stream "
+                                   f"variant (a bidirectional model or torch.nn.GRU's family has none); send each "
+                                   "sequence whole, without sequence_id")
+        x = self.sequences.admit(arrays, flags, self.limits)
+        arrival.done()
+        return self.sequences, await self.sequences.infer_chunk(x, flags)
+
+    def observe(self, protocol: str, status: str, seconds: float) -> None:
+        self.requests.labels(protocol=protocol, status=status).inc()
+        self.latency.labels(protocol=protocol).observe(seconds)
+
+    async def start(self) -> None:
+        """The batchers (and the sequences' reaper) on the running loop."""
+        if self.model.max_batch > 1:
+            self.model.queue = asyncio.Queue()
+            self._tasks.append(asyncio.create_task(self.model.batcher()))
+        if self.sequences is not None:  # always through its batcher: it reads and writes the states
+            self.sequences.queue = asyncio.Queue()
+            self._tasks += [asyncio.create_task(self.sequences.batcher()),
+                            asyncio.create_task(self.sequences.reaper())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+        for m in self.models:
+            m.executor.shutdown(wait=True)
+
+
+def make_app(service: "Service | Model", limits: Limits | None = None, manage: bool = True) -> "web.Application":
+    """The REST endpoint (KServe v2 / Triton HTTP, with the binary tensor extension) of `service`
+    (a Model alone is served without sequences). `manage`: the app starts and stops the
+    service's batchers (False where the gRPC endpoint shares them and `serve` runs them)."""
     from aiohttp import web
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+    from google.protobuf import json_format
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     from gru_deploy import __version__
 
-    limits = limits or Limits()
-    registry = CollectorRegistry()
-    requests = Counter("gru_deploy_requests", "Inference requests", ["status"], registry=registry)
-    latency = Histogram("gru_deploy_request_seconds", "Inference request latency", registry=registry,
-                        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
-    batch = Histogram("gru_deploy_batch_size", "Samples per onnxruntime call", registry=registry,
-                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-    model.on_batch = batch.observe  # once per onnxruntime call, batched or not
+    if isinstance(service, Model):
+        service = Service(service, None, limits)
+    limits = service.limits
 
     def error(status: int, message: str) -> web.Response:
         return web.json_response({"error": message}, status=status)
@@ -525,10 +684,6 @@ def make_app(model: Model, limits: Limits | None = None) -> "web.Application":
             log.exception("%s %s failed", request.method, request.path)
             return error(500, internal_error(exc))
 
-    def check_model(name: str) -> None:
-        if name != model.name:
-            raise ClientError(404, f"unknown model {name!r}; this server serves {model.name!r}")
-
     async def live(request: web.Request) -> web.Response:
         return web.json_response({"live": True})
 
@@ -536,25 +691,24 @@ def make_app(model: Model, limits: Limits | None = None) -> "web.Application":
         return web.json_response({"ready": True})
 
     async def server_metadata(request: web.Request) -> web.Response:
-        return web.json_response({"name": "gru-deploy", "version": __version__, "extensions": ["binary_tensor_data"]})
+        return web.json_response({"name": "gru-deploy", "version": __version__, "extensions": EXTENSIONS})
 
     async def model_metadata(request: web.Request) -> web.Response:
-        check_model(request.match_info["name"])
-        inputs, outputs = model.tensors()
-        return web.json_response({"name": model.name, "versions": ["1"], "platform": "onnxruntime_onnx",
-                                  "inputs": inputs, "outputs": outputs})
+        return web.json_response(service.metadata(request.match_info["name"]))
+
+    async def model_config(request: web.Request) -> web.Response:
+        config = service.config(request.match_info["name"])
+        return web.json_response(json_format.MessageToDict(config, preserving_proto_field_name=True))
 
     async def model_ready(request: web.Request) -> web.Response:
-        check_model(request.match_info["name"])
-        return web.json_response({"name": model.name, "ready": True})
+        return web.json_response({"name": service.target(request.match_info["name"]).name, "ready": True})
 
     async def infer(request: web.Request) -> web.Response:
         start = time.perf_counter()
         status = "200"
-        model.arriving += 1
-        arriving = True
+        arrival = service.arrival()
         try:
-            check_model(request.match_info["name"])
+            service.target(request.match_info["name"])
             if request.content_length is not None and request.content_length > limits.max_body_bytes:
                 raise ClientError(413, f"request body exceeds the limit of {limits.max_body_bytes} bytes")
             try:
@@ -562,11 +716,9 @@ def make_app(model: Model, limits: Limits | None = None) -> "web.Application":
             except asyncio.TimeoutError:
                 raise ClientError(408, f"the request body did not arrive within {limits.read_timeout_s:g} s") from None
             header, arrays = parse_request(body, request.headers.get(HEADER_LENGTH), limits)
-            x, lengths = model.validate(arrays, limits)
-            model.arriving -= 1
-            arriving = False
-            result = await model.infer(x, lengths)
-            payload, headers = encode_response(model, header, result)
+            target, result = await service.infer(request.match_info["name"], arrays, header.get("parameters"),
+                                                 requested_outputs(header), arrival)
+            payload, headers = encode_response(target, header, result)
             return web.Response(body=payload, headers=headers)
         except ClientError as exc:
             status = str(exc.status)
@@ -575,33 +727,21 @@ def make_app(model: Model, limits: Limits | None = None) -> "web.Application":
             status = "500"
             raise
         finally:
-            if arriving:
-                model.arriving -= 1
-            requests.labels(status=status).inc()
-            latency.observe(time.perf_counter() - start)
+            arrival.done()
+            service.observe("rest", status, time.perf_counter() - start)
 
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    batcher_task = web.AppKey("batcher", asyncio.Task)
-
-    async def start_batcher(app: web.Application) -> None:
-        if model.max_batch > 1:
-            model.queue = asyncio.Queue()
-            app[batcher_task] = asyncio.create_task(model.batcher())
-
-    async def stop_batcher(app: web.Application) -> None:
-        task = app.get(batcher_task)
-        if task is not None:
-            task.cancel()
-        model.executor.shutdown(wait=True)
+        return web.Response(body=generate_latest(service.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application(client_max_size=limits.max_body_bytes, middlewares=[v2_errors])
-    app.on_startup.append(start_batcher)
-    app.on_cleanup.append(stop_batcher)
+    if manage:
+        app.on_startup.append(lambda app: service.start())
+        app.on_cleanup.append(lambda app: service.stop())
     app.add_routes([
         web.get("/v2/health/live", live), web.get("/v2/health/ready", ready), web.get("/v2", server_metadata),
         web.get("/v2/models/{name}", model_metadata), web.get("/v2/models/{name}/versions/{version}", model_metadata),
+        web.get("/v2/models/{name}/config", model_config),
+        web.get("/v2/models/{name}/versions/{version}/config", model_config),
         web.get("/v2/models/{name}/ready", model_ready),
         web.get("/v2/models/{name}/versions/{version}/ready", model_ready),
         web.post("/v2/models/{name}/infer", infer), web.post("/v2/models/{name}/versions/{version}/infer", infer),
@@ -612,14 +752,58 @@ def make_app(model: Model, limits: Limits | None = None) -> "web.Application":
 
 def serve(path: Path, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
           max_batch: int = 32, max_delay_ms: float = 2.0, threads: int = 1, limits: Limits | None = None,
-          print_fn: Any = print, precision: str = "fp32", group_by_length: bool = True) -> None:
-    """Run the server until SIGINT/SIGTERM; in-flight requests finish before it exits.
-    `group_by_length=False` runs each collected group as one call padded to its longest request."""
-    from aiohttp import web
+          print_fn: Any = print, precision: str = "fp32", group_by_length: bool = True, grpc_port: int | None = None,
+          max_sequences: int = 1024, sequence_idle_s: float = 60.0) -> None:
+    """Run the server (REST on `port`, gRPC on `grpc_port` too when given) until SIGINT/SIGTERM;
+    in-flight requests finish before it exits. `group_by_length=False` runs each collected group
+    as one call padded to its longest request. Sequences are served where the export has a
+    stream variant: at most `max_sequences` live, each freed after `sequence_idle_s` idle."""
+    from gru_deploy.serve.sequences import load_sequence_model
 
     model = load_model(path, threads, max_batch, max_delay_ms, model_name, precision, group_by_length)
-    app = make_app(model, limits)
-    print_fn(f"serving {model.name} ({model.file}, {model.precision}) from {path} on http://{host}:{port} "
-             f"(max batch {max_batch}, "
-             f"max delay {max_delay_ms} ms{'' if group_by_length else ', no grouping by length'}); Ctrl-C stops")
-    web.run_app(app, host=host, port=port, print=None, shutdown_timeout=10.0, handle_signals=True)
+    sequences = load_sequence_model(path, model, threads, max_batch, max_delay_ms, precision, max_sequences,
+                                    sequence_idle_s)
+    service = Service(model, sequences, limits)
+    asyncio.run(_run(service, host, port, grpc_port, print_fn,
+                     f"max batch {max_batch}, max delay {max_delay_ms} ms"
+                     f"{'' if group_by_length else ', no grouping by length'}", path))
+
+
+async def _run(service: Service, host: str, port: int, grpc_port: int | None, print_fn: Any, settings: str,
+               path: Path) -> None:
+    import signal
+
+    from aiohttp import web
+
+    from gru_deploy.errors import UserInputError
+
+    runner = web.AppRunner(make_app(service, manage=False), handle_signals=False, shutdown_timeout=10.0)
+    await runner.setup()
+    await service.start()
+    grpc_server = None
+    try:
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            raise UserInputError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
+        where = f"http://{host}:{port}"
+        if grpc_port is not None:
+            from gru_deploy.serve.grpc_front import start_grpc
+
+            grpc_server, bound = await start_grpc(service, host, grpc_port)
+            where += f" and grpc {host}:{bound}"
+        model, sequences = service.model, service.sequences
+        print_fn(f"serving {model.name} ({model.file}, {model.precision}) from {path} on {where} ({settings})"
+                 + (f"; sequences as {sequences.name} ({sequences.file}; at most {sequences.max_sequences} live, "
+                    f"freed after {sequences.idle_s:g} s idle)" if sequences is not None else
+                    "; no sequences (the export has no stream variant)") + "; Ctrl-C stops")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        if grpc_server is not None:
+            await grpc_server.stop(grace=10.0)  # in-flight calls finish first
+        await runner.cleanup()  # as do in-flight REST requests
+        await service.stop()

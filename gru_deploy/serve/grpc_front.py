@@ -1,0 +1,214 @@
+"""The v2 protocol's gRPC endpoint (`inference.GRPCInferenceService`), on grpcio's asyncio
+server, from the service definitions tritonclient[grpc] ships (service_pb2, service_pb2_grpc:
+generated code). It shares the Service with the REST endpoint: the same models, limits,
+batchers, sequences and metrics. ServerLive, ServerReady, ModelReady, ServerMetadata,
+ModelMetadata, ModelInfer, ModelStreamInfer and ModelConfig are served; the repository,
+shared-memory, statistics and trace calls answer UNIMPLEMENTED (the generated base class).
+
+A client error is the status code Triton uses for it (INVALID_ARGUMENT, NOT_FOUND,
+RESOURCE_EXHAUSTED, ...) with the same message the REST endpoint gives, and the server goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from gru_deploy.serve.server import (ClientError, Service, array_from_raw, internal_error, raw_output,
+                                     tensor_header)
+
+log = logging.getLogger(__name__)
+
+
+def status_code(http_status: int) -> Any:
+    """The gRPC status code for a v2 error's HTTP status."""
+    return {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+            408: grpc.StatusCode.DEADLINE_EXCEEDED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+            429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}.get(
+        http_status, grpc.StatusCode.INTERNAL)
+
+
+def parameter_values(parameters: Any) -> dict[str, Any]:
+    """A request's `map<string, InferParameter>` as plain values (bool, int, str, float)."""
+    return {key: getattr(value, value.WhichOneof("parameter_choice") or "bool_param")
+            for key, value in parameters.items()}
+
+
+# The typed `contents` field of each datatype, when a client sends values instead of raw bytes.
+CONTENTS_FIELD = {"FP32": "fp32_contents", "INT64": "int64_contents", "INT32": "int_contents"}
+
+
+def decode_inputs(request: Any, limits: Any) -> dict[str, np.ndarray]:
+    """The arrays of a ModelInferRequest: from raw_input_contents (tritonclient's default; one
+    per input, in order) or from each input's typed contents, checked as the REST decoder checks."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise ClientError(400, f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+    arrays: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(request.inputs):
+        name = tensor.name
+        if name in arrays:
+            raise ClientError(400, f"input {name!r} given twice")
+        shape = [int(d) for d in tensor.shape]
+        dtype, count = tensor_header(name, shape, tensor.datatype, limits)
+        if raw:
+            array = array_from_raw(name, raw[index], dtype, count)
+        else:
+            values = getattr(tensor.contents, CONTENTS_FIELD[tensor.datatype])
+            if len(values) != count:
+                raise ClientError(400, f"input {name!r}: {len(values)} values for shape {shape}")
+            array = np.asarray(values, dtype=dtype)
+        arrays[name] = array.reshape(shape)
+    return arrays
+
+
+class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """The generated GRPCInferenceServiceServicer's methods over a Service; the calls not
+    defined here answer UNIMPLEMENTED (`_unimplemented`, set below for each)."""
+
+    def __init__(self, service: Service) -> None:
+        self.service, self.pb = service, service_pb2
+
+    async def _answer(self, context: Any, call: Any) -> Any:
+        """`call()`'s message, or the v2 error as a gRPC status (abort raises, ending the call)."""
+        try:
+            return await call()
+        except ClientError as exc:
+            await context.abort(status_code(exc.status), str(exc))
+        except Exception as exc:  # a bug or a failed onnxruntime call: INTERNAL, and the server goes on
+            log.exception("a gRPC call failed")
+            await context.abort(status_code(500), internal_error(exc))
+
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return self.pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return self.pb.ServerReadyResponse(ready=True)
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        async def call() -> Any:
+            self.service.target(request.name)
+            return self.pb.ModelReadyResponse(ready=True)
+        return await self._answer(context, call)
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        from gru_deploy import __version__
+        from gru_deploy.serve.server import EXTENSIONS
+
+        return self.pb.ServerMetadataResponse(name="gru-deploy", version=__version__, extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        async def call() -> Any:
+            meta = self.service.metadata(request.name)
+            tensor = self.pb.ModelMetadataResponse.TensorMetadata
+            return self.pb.ModelMetadataResponse(
+                name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+                inputs=[tensor(**t) for t in meta["inputs"]], outputs=[tensor(**t) for t in meta["outputs"]])
+        return await self._answer(context, call)
+
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        async def call() -> Any:
+            return self.pb.ModelConfigResponse(config=self.service.config(request.name))
+        return await self._answer(context, call)
+
+    async def _infer(self, request: Any) -> Any:
+        """One ModelInferRequest to its ModelInferResponse (raw_output_contents, as Triton answers)."""
+        service = self.service
+        arrival = service.arrival()
+        try:
+            arrays = decode_inputs(request, service.limits)
+            requested = [o.name for o in request.outputs] or None
+            target, result = await service.infer(request.model_name, arrays, parameter_values(request.parameters),
+                                                 requested, arrival)
+        finally:
+            arrival.done()
+        available = target.outputs(result)
+        response = self.pb.ModelInferResponse(model_name=target.name, model_version="1", id=request.id)
+        for name in requested or target.default_outputs:
+            datatype, compute = available[name]
+            array = compute()
+            response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+            response.raw_output_contents.append(raw_output(datatype, array))
+        return response
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        start, status = time.perf_counter(), "200"
+        try:
+            return await self._infer(request)
+        except ClientError as exc:
+            status = str(exc.status)
+            await context.abort(status_code(exc.status), str(exc))
+        except Exception as exc:
+            status = "500"
+            log.exception("gRPC ModelInfer failed")
+            await context.abort(status_code(500), internal_error(exc))
+        finally:
+            self.service.observe("grpc", status, time.perf_counter() - start)
+
+    async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
+        """tritonclient's start_stream / async_stream_infer: each request is queued in the order it
+        arrives (so a sequence's chunks run in order), answered as it completes; an error is the
+        response's error_message and the stream goes on."""
+        answers: asyncio.Queue = asyncio.Queue()
+
+        async def one(request: Any) -> None:
+            start, status = time.perf_counter(), "200"
+            try:
+                await answers.put(self.pb.ModelStreamInferResponse(infer_response=await self._infer(request)))
+            except ClientError as exc:
+                status = str(exc.status)
+                await answers.put(self.pb.ModelStreamInferResponse(error_message=str(exc)))
+            except Exception as exc:
+                status = "500"
+                log.exception("gRPC ModelStreamInfer request failed")
+                await answers.put(self.pb.ModelStreamInferResponse(error_message=internal_error(exc)))
+            finally:
+                self.service.observe("grpc", status, time.perf_counter() - start)
+
+        async def read() -> None:
+            tasks = []
+            async for request in request_iterator:
+                tasks.append(asyncio.create_task(one(request)))
+                await asyncio.sleep(0)  # let it reach the queue before the next request is read
+            await asyncio.gather(*tasks)
+            await answers.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+        finally:
+            reader.cancel()
+
+
+def _unimplemented(method: str) -> Any:
+    async def call(self: Servicer, request: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"gru-deploy serve does not implement {method}")
+    return call
+
+
+for _method in [m for m in vars(service_pb2_grpc.GRPCInferenceServiceServicer)
+                if m[:1].isupper() and m not in vars(Servicer)]:
+    setattr(Servicer, _method, _unimplemented(_method))
+
+
+async def start_grpc(service: Service, host: str, port: int) -> tuple[Any, int]:
+    """grpcio's asyncio server with the Servicer on host:port (0: any free port); the server
+    and the port it bound. Messages are limited to the REST body limit."""
+    size = service.limits.max_body_bytes
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", size),
+                                      ("grpc.max_send_message_length", max(size, 64 << 20))])
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(service), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        from gru_deploy.errors import UserInputError
+
+        raise UserInputError(f"cannot listen for gRPC on {host}:{port} (in use?); choose another --grpc-port")
+    await server.start()
+    return server, bound
