@@ -132,3 +132,54 @@ def test_the_server_bundle_streams_through_tritons_sequence_batcher(tagger, tmp_
     assert state.initial_state[0].zero_data and list(state.initial_state[0].dims) == [6]
     assert not config.HasField("dynamic_batching")
     assert not (bundle / "model_repository" / "model_stream_torchscript").exists()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_serve_keeps_a_modules_sequences_as_tritons_sequence_batcher_would(tagger, tmp_path, protocol):  # noqa: F811
+    """`serve` on the module's server bundle: two sequences interleaved, one in 1-step and one in
+    7-step chunks; each chunk's per-step tags, joined, equal the whole sequence's. The bundle's
+    Triton config for the stream model declares exactly what the server's stream model takes
+    and gives: x in, the other outputs out, h0 -> h_n kept."""
+    import signal
+
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    import gru_deploy
+    from test_serve_protocols import CLIENTS, launch
+
+    bundle, _ = gru_deploy.package(tagger, "server", out=tmp_path / "server")
+    config = text_format.Parse((bundle / "model_repository" / "model_stream" / "config.pbtxt").read_text(),
+                               model_config_pb2.ModelConfig())
+    proc, where = launch(bundle)
+    try:
+        module = CLIENTS[protocol][0]
+        client = module.InferenceServerClient(where[protocol])
+        meta = client.get_model_metadata("model_stream", **({"as_json": True} if protocol == "grpc" else {}))
+        assert [t.name for t in config.input] == [t["name"] for t in meta["inputs"]] == ["x"]
+        assert [t.name for t in config.output] == [t["name"] for t in meta["outputs"]]
+        [state] = config.sequence_batching.state
+        assert (state.input_name, state.output_name) == ("h0", "h_n")
+
+        x = np.random.default_rng(5).standard_normal((2, 30, 4)).astype(np.float32)
+
+        def tensor(a):
+            t = module.InferInput("x", list(a.shape), "FP32")
+            t.set_data_from_numpy(a)
+            return [t]
+
+        whole = client.infer("model", tensor(x)).as_numpy("logits")  # [2, 30, 3]: per step
+        got: dict[int, list[np.ndarray]] = {0: [], 1: []}
+        chunks = {0: [(s, s + 1) for s in range(30)], 1: [(s, min(s + 7, 30)) for s in range(0, 30, 7)]}
+        for i in range(30):
+            for k in (0, 1):
+                if i < len(chunks[k]):
+                    s, e = chunks[k][i]
+                    result = client.infer("model_stream", tensor(x[k:k + 1, s:e]), sequence_id=k + 1,
+                                          sequence_start=s == 0, sequence_end=e == 30)
+                    got[k].append(result.as_numpy("logits"))
+        for k in (0, 1):
+            np.testing.assert_allclose(np.concatenate(got[k], 1)[0], whole[k], atol=1e-5, rtol=1e-5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

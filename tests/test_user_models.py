@@ -439,6 +439,7 @@ def test_serve_gives_a_family_classifier_labels_and_probabilities(tmp_path):
     import signal
 
     import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
 
     import gru_deploy
     from gru_deploy.data import load_data
@@ -462,6 +463,11 @@ def test_serve_gives_a_family_classifier_labels_and_probabilities(tmp_path):
         labels = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("label")]
         assert labels == [split.test.labels[i] for i in logits.argmax(1)]
         np.testing.assert_allclose(logits, gru_deploy.load(out).predict(x)["logits"], atol=1e-5)
+        # torch.nn.GRU's family has no stream variant: no sequences, said so
+        with pytest.raises(InferenceServerException, match="no stream variant") as info:
+            client.infer("model", [tensor], sequence_id=1, sequence_start=True)
+        assert info.value.status() == "400"
+        assert not client.is_model_ready("model_stream")
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
