@@ -125,14 +125,18 @@ def verify(path: str | Path, atol: float = 1e-5, rtol: float = 1e-5, data: str |
 
 def package(export_dir: str | Path, target: str, out: str | Path | None = None, quantize: str | None = None,
             archive: bool = False, force: bool = False, check_with: tuple[str, ...] = (),
-            on_step: Callable[[str], None] | None = None) -> tuple[Path, dict[str, Any]]:
+            on_step: Callable[[str], None] | None = None, storage_uri: str | None = None,
+            image: str | None = None) -> tuple[Path, dict[str, Any]]:
     """Build an edge or server bundle from an export folder; (where it was written, its manifest).
     `quantize="int8"` adds int8 models (edge); `check_with` runs the golden vectors in other
-    Pythons' onnxruntime (e.g. a venv with 1.17) and records it."""
+    Pythons' onnxruntime (e.g. a venv with 1.17) and records it. A server bundle's deploy/
+    files point KServe at `storage_uri` (the model repository) and run `image` (gru-deploy serve)."""
+    from gru_deploy.bundle.kubernetes import Deploy
     from gru_deploy.bundle.package import package as build
 
     return build(Path(export_dir), target, out=Path(out) if out is not None else None, archive=archive, force=force,
-                 quantize=quantize, check_with=tuple(check_with), on_step=on_step)
+                 quantize=quantize, check_with=tuple(check_with), on_step=on_step,
+                 deploy=Deploy(storage_uri, image))
 
 
 class Loaded:

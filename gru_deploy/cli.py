@@ -434,12 +434,20 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
               help="Also run the golden vectors on every .onnx/.ort model with this Python interpreter (e.g. a "
                    "venv holding another onnxruntime; needs numpy and onnxruntime there) and record the result "
                    "in the manifest. Repeatable; a failure writes nothing.")
+@click.option("--storage-uri", default=None, metavar="URI",
+              help="server: where KServe reads the model repository (gs://, s3://, pvc://...; the folder holding "
+                   "model_repository/'s model folders) in deploy/kserve-inferenceservice.yaml.  "
+                   "[default: pvc://gru-deploy-models/NAME/model_repository]")
+@click.option("--image", default=None, metavar="IMAGE",
+              help="server: the image deploy/gru-deploy-serve.yaml runs (build it with deploy/Dockerfile).  "
+                   "[default: gru-deploy-serve:VERSION]")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the bundle manifest as JSON on stdout.")
 @click.pass_obj
 def package(obj: dict, folder: Path, target: str, out: Path | None, archive: bool, quantize: str | None,
-            check_with: tuple[str, ...], force: bool, quiet: bool, as_json: bool) -> None:
+            check_with: tuple[str, ...], storage_uri: str | None, image: str | None, force: bool, quiet: bool,
+            as_json: bool) -> None:
     """Bundle an export folder for the runtimes it ships to, with manifest, checksums and golden vectors.
 
     Reads FOLDER only through its manifest, checking every sha256 first. Every bundle holds
@@ -450,7 +458,10 @@ def package(obj: dict, folder: Path, target: str, out: Path | None, archive: boo
     \b
     edge    model.onnx + model.ort, model_stream.onnx + .ort, required_operators.config
     server  model_repository/ for Triton: ONNX classifier, lengths and stream models
-            (sequence batcher, implicit state) and the TorchScript model (pytorch_libtorch)
+            (sequence batcher, implicit state) and the TorchScript model (pytorch_libtorch);
+            deploy/: a KServe InferenceService (Triton runtime, --storage-uri), a
+            Kubernetes Deployment + Service running `gru-deploy serve` (--image), and
+            the Dockerfile of that image
 
     \b
     Examples:
@@ -463,7 +474,7 @@ def package(obj: dict, folder: Path, target: str, out: Path | None, archive: boo
     obj["quiet"] = quiet or as_json
     written, manifest = gru_deploy.package(folder, target, out=out, archive=archive, force=force,
                                            on_step=lambda m: _progress(obj, m), quantize=quantize,
-                                           check_with=check_with)
+                                           check_with=check_with, storage_uri=storage_uri, image=image)
     if as_json:
         _emit_json({"out": str(written), **manifest})
         return

@@ -148,7 +148,9 @@ def test_serve_keeps_a_modules_sequences_as_tritons_sequence_batcher_would(tagge
     import gru_deploy
     from test_serve_protocols import CLIENTS, launch
 
-    bundle, _ = gru_deploy.package(tagger, "server", out=tmp_path / "server")
+    bundle, manifest = gru_deploy.package(tagger, "server", out=tmp_path / "server")
+    assert manifest["deploy"]["kubernetes"]["name"] == "model"  # deploy/ for a module's bundle too
+    assert (bundle / manifest["deploy"]["kserve"]["file"]).is_file()
     config = text_format.Parse((bundle / "model_repository" / "model_stream" / "config.pbtxt").read_text(),
                                model_config_pb2.ModelConfig())
     proc, where = launch(bundle)

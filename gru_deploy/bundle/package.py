@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from gru_deploy import __version__
+from gru_deploy.bundle.kubernetes import Deploy, deploy_files
 from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.manifest import atomic_write_bytes, json_bytes, sha256_bytes, staged_dir
 from gru_deploy.spec import OUTPUT_NAME, STATE_IN, STATE_OUT, VARIANT_IO, ModelSpec
@@ -201,10 +202,16 @@ A Triton Inference Server model repository (also loadable by KServe with Triton)
   model_repository/{name}_stream/        onnxruntime_onnx with the sequence batcher's implicit state (h0 -> h_n)
   model_repository/{name}_torchscript/   pytorch_libtorch: x__0 -> logits__0 (model.pt, for libtorch / C++)
   golden/                                fixed inputs and expected outputs (.npy and golden.json)
+  deploy/kserve-inferenceservice.yaml    KServe InferenceService: Triton reading model_repository/ from storageUri
+  deploy/gru-deploy-serve.yaml           Kubernetes Deployment + Service running `gru-deploy serve` on this bundle
+  deploy/Dockerfile                      the image that Deployment runs
   manifest.json                          signatures, labels, sha256 of every file, versions
 
 Labels (index order): {labels}
 Run:    tritonserver --model-repository=$PWD/model_repository
+        or: gru-deploy serve <this folder or archive> --grpc-port 8001
+Scale:  kubectl apply -f deploy/kserve-inferenceservice.yaml (model_repository/ uploaded to its storageUri)
+        or: kubectl apply -f deploy/gru-deploy-serve.yaml (the image built with deploy/Dockerfile)
 Check:  gru-deploy verify <this folder or archive>
 """
 
@@ -302,13 +309,15 @@ def _quantize(files: dict[str, bytes], models: dict[str, dict[str, Any]], source
 
 
 def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] | None = None,
-                 quantize: str | None = None, check_with: tuple[str, ...] = ()) -> dict[str, bytes]:
+                 quantize: str | None = None, check_with: tuple[str, ...] = (),
+                 deploy: Deploy | None = None) -> dict[str, bytes]:
     """Every file of a bundle, manifest included, as {relative path: bytes}.
 
     Models are chosen by what the export's manifest says they are. With `quantize`, int8
     models are added and gated against eager on the golden inputs (compare.int8_gate). With
     `check_with`, the golden vectors are also run by each of those Python interpreters (a
     venv with another onnxruntime) and the results recorded: a failure writes nothing.
+    A server bundle also holds deploy/ (bundle.kubernetes), where `deploy` says.
     """
     from gru_deploy.convert.user import is_user_export
     from gru_deploy.manifest import check_files, read_manifest
@@ -327,7 +336,7 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
     if is_user_export(source):  # your own model: its one model, golden vectors from its float64 outputs
         from gru_deploy.bundle.user import build_user_bundle
 
-        return build_user_bundle(export_dir, source, target, step, quantize, check_with)
+        return build_user_bundle(export_dir, source, target, step, quantize, check_with, deploy)
     missing = [v for v in ("stream", "lengths") if v not in (source.get("variants") or {})]
     if missing:
         raise UserInputError(f"{export_dir}: the export lacks the {', '.join(missing)} model(s); re-export it")
@@ -371,6 +380,7 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
     check_elsewhere(check_with, files, models, runtimes, step)
     floor = (runtimes.get("onnx_compatibility") or {}).get("min_onnxruntime") or "a recent release"
     files["README.txt"] = _readme(target, spec, floor)
+    deployment = deploy_files(MODEL_NAME, deploy or Deploy(), files) if target == "server" else None
     variants = {v: spec.signature(v) for v in golden_models}
     manifest = {
         "format": BUNDLE_FORMAT,
@@ -385,6 +395,7 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
         "onnxruntime": runtimes,
         "golden": {"file": f"{GOLDEN_DIR}/golden.json", "atol": atol, "rtol": rtol},
         "quantization": quantization,
+        "deploy": deployment,
         "source_export": {"manifest_sha256": sha256_bytes((export_dir / "manifest.json").read_bytes()),
                           "strategy": source["strategy"], "metrics": {k: v for k, v in source["metrics"].items()
                                                                         if k != "loss_history"}},
@@ -490,8 +501,10 @@ def _fix(info: tarfile.TarInfo) -> None:
 
 def package(export_dir: Path, target: str, out: Path | None = None, archive: bool = False, force: bool = False,
             on_step: Callable[[str], None] | None = None, quantize: str | None = None,
-            check_with: tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]]:
+            check_with: tuple[str, ...] = (), deploy: Deploy | None = None) -> tuple[Path, dict[str, Any]]:
     """Build a bundle from an export folder and write it (folder, or .tar.gz with `archive`)."""
+    if deploy is not None and (deploy.storage_uri or deploy.image) and target != "server":
+        raise UserInputError("--storage-uri and --image are for --target server (its deploy/ files)")
     export_dir = Path(export_dir)
     if out is None:
         out = export_dir.parent / (f"{export_dir.name}-{target}" + (".tar.gz" if archive else ""))
@@ -502,7 +515,7 @@ def package(export_dir: Path, target: str, out: Path | None = None, archive: boo
         raise UserInputError(f"{out} exists; choose another --out or pass --force to replace it")
     if out.exists() and archive and not out.is_file():
         raise UserInputError(f"{out} exists and is not a file; choose another --out")
-    files = build_bundle(export_dir, target, on_step, quantize, check_with)
+    files = build_bundle(export_dir, target, on_step, quantize, check_with, deploy)
     if archive:
         atomic_write_bytes(out, archive_bytes(files, out.name[: -len(".tar.gz")]))
     else:

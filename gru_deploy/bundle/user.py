@@ -121,7 +121,7 @@ def _golden(export_dir: Path, source: dict[str, Any], model_paths: dict[str, str
 
 def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
                       step: Callable[[str], None], quantize: str | None = None,
-                      check_with: tuple[str, ...] = ()) -> dict[str, bytes]:
+                      check_with: tuple[str, ...] = (), deploy: Any = None) -> dict[str, bytes]:
     """Every file of a bundle of a user's model, manifest included, as {relative path: bytes}.
     With quantize="int8" (edge), an int8 copy of the ONNX model, gated against the float64
     outputs on the golden inputs (a single-output model: the gate judges one output)."""
@@ -188,7 +188,16 @@ def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
     files["README.txt"] = (
         f"gru-deploy {target} bundle of {source['model'].get('reference')}\n\n"
         + "".join(f"  {t['name']} {t['dtype']} {t['shape']}\n" for t in signature["inputs"] + signature["outputs"])
-        + "\nCheck it: gru-deploy verify <this folder or archive>\n").encode()
+        + "\nCheck it: gru-deploy verify <this folder or archive>\n"
+        + ("Serve it: gru-deploy serve <this folder or archive> --grpc-port 8001\n"
+           "Scale it: kubectl apply -f deploy/kserve-inferenceservice.yaml (Triton; model_repository/ uploaded to "
+           "its storageUri)\n          or kubectl apply -f deploy/gru-deploy-serve.yaml (the image from "
+           "deploy/Dockerfile)\n" if target == "server" else "")).encode()
+    deployment = None
+    if target == "server":
+        from gru_deploy.bundle.kubernetes import Deploy, deploy_files
+
+        deployment = deploy_files(SERVER_NAME, deploy or Deploy(), files)
     manifest = {
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_VERSION,
@@ -203,6 +212,7 @@ def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
         "onnxruntime": runtimes,
         "golden": {"file": "golden/golden.json", "atol": document["atol"], "rtol": document["rtol"]},
         "quantization": quantization,
+        "deploy": deployment,
         "source_export": {"manifest_sha256": sha256_bytes((export_dir / "manifest.json").read_bytes()),
                           "strategy": source["strategy"]},
         "parity": {"passed": source["parity"]["passed"], "atol": document["atol"], "rtol": document["rtol"]},
