@@ -10,6 +10,11 @@ p50/p99 latency per setting, measured in one run. A benchmark, not a test.
 --workload mixed: most requests 1..20 steps, --long-fraction of them 2,000..10,000 steps;
 batching on with grouping by length on and off (serve's --group-by-length/--no-group-by-length);
 8 and 32 clients; latency reported separately for the short and the long requests.
+--workload protocols: one server with REST and gRPC (--grpc-port); the uniform requests sent by
+tritonclient.http (binary tensor data) and by tritonclient.grpc, 1 and 32 clients each, in turn.
+--workload sequences: 64 sequences of --steps steps, streamed in 1-step chunks (sequence_id,
+sequence_start, sequence_end) by 8 asyncio clients, over REST and gRPC, with batching on and
+off: chunks/s and the latency of a chunk.
 
     python scripts/bench_serve.py EXPORT_OR_BUNDLE [--workload mixed] [--requests 800] [--seconds 20] [--json]
 """
@@ -34,7 +39,10 @@ WORKLOADS = {  # clients, {setting: serve flags}
     "uniform": ((1, 8, 32), {"batching on (max 32, 2 ms)": BATCHING, "batching off": ["--max-batch", "1"]}),
     "mixed": ((8, 32), {"grouping by length on": [*BATCHING, "--group-by-length"],
                         "grouping by length off": [*BATCHING, "--no-group-by-length"]}),
+    "protocols": ((1, 32), {"batching on (max 32, 2 ms)": BATCHING}),
+    "sequences": ((8,), {"batching on (max 32, 2 ms)": BATCHING, "batching off": ["--max-batch", "1"]}),
 }
+PROTOCOLS = ("rest", "grpc")  # tritonclient.http with binary tensor data; tritonclient.grpc
 SHORT, LONG = (1, 20), (2_000, 10_000)  # the mixed workload's lengths, inclusive
 
 
@@ -44,16 +52,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(path: str, args: list[str]) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gru_deploy", "serve", path, "--port", str(port), *args],
-                            stderr=subprocess.DEVNULL)
+def start(path: str, args: list[str]) -> tuple[subprocess.Popen, dict[str, int]]:
+    """The server with REST and gRPC on free ports: the process and {"rest": port, "grpc": port}."""
+    ports = {"rest": free_port(), "grpc": free_port()}
+    proc = subprocess.Popen([sys.executable, "-m", "gru_deploy", "serve", path, "--port", str(ports["rest"]),
+                             "--grpc-port", str(ports["grpc"]), *args], stderr=subprocess.DEVNULL)
     for _ in range(300):
         if proc.poll() is not None:
             raise SystemExit(f"the server exited with {proc.returncode}: gru-deploy serve {' '.join(args)}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1):
-                return proc, port
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports['rest']}/v2/health/ready", timeout=1):
+                return proc, ports
         except OSError:
             time.sleep(0.2)
     proc.kill()
@@ -76,9 +85,11 @@ def percentiles(latencies: list[float], prefix: str = "") -> dict[str, float]:
 
 
 def load(port: int, clients: int, total: int, seconds: float, workload: str = "uniform",
-         long_fraction: float = 0.05) -> dict[str, float]:
+         long_fraction: float = 0.05, protocol: str = "rest") -> dict[str, float]:
+    import tritonclient.grpc as grpc
     import tritonclient.http as http
 
+    module = http if protocol == "rest" else grpc
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal((1, int(n), 8)).astype(np.float32)
               for n in sequence_lengths(workload, total, long_fraction, rng)]
@@ -90,14 +101,14 @@ def load(port: int, clients: int, total: int, seconds: float, workload: str = "u
     stop = time.monotonic() + seconds
 
     def worker() -> None:
-        client = http.InferenceServerClient(f"127.0.0.1:{port}")
+        client = module.InferenceServerClient(f"127.0.0.1:{port}")
         while time.monotonic() < stop:
             with lock:
                 i = next(counter, None)
             if i is None:
                 return
-            tensor = http.InferInput("x", list(inputs[i].shape), "FP32")
-            tensor.set_data_from_numpy(inputs[i])
+            tensor = module.InferInput("x", list(inputs[i].shape), "FP32")
+            tensor.set_data_from_numpy(inputs[i])  # http: binary tensor data (its default); grpc: raw contents
             t0 = time.perf_counter()
             client.infer("gru_classifier", [tensor])
             with lock:
@@ -115,6 +126,51 @@ def load(port: int, clients: int, total: int, seconds: float, workload: str = "u
     if workload == "mixed":
         result.update(percentiles(short_latencies, "short_") | percentiles(long_latencies, "long_"))
     return result
+
+
+def stream_chunks(port: int, protocol: str, sequences: int, steps: int, clients: int,
+                  input_size: int) -> dict[str, float]:
+    """`sequences` sequences of `steps` steps, each streamed in 1-step chunks (the next chunk sent
+    once the last is answered), shared round-robin by `clients` asyncio clients."""
+    import asyncio
+
+    import tritonclient.grpc as grpc
+    import tritonclient.grpc.aio as grpc_aio
+    import tritonclient.http as http
+    import tritonclient.http.aio as http_aio
+
+    module, aio = (http, http_aio) if protocol == "rest" else (grpc, grpc_aio)
+    x = np.random.default_rng(0).standard_normal((sequences, steps, input_size)).astype(np.float32)
+    latencies: list[float] = []
+
+    async def run() -> float:
+        pool = [aio.InferenceServerClient(f"127.0.0.1:{port}") for _ in range(clients)]
+
+        async def sequence(client, k: int) -> None:
+            for t in range(steps):
+                tensor = module.InferInput("x", [1, 1, input_size], "FP32")
+                tensor.set_data_from_numpy(x[k:k + 1, t:t + 1])
+                t0 = time.perf_counter()
+                await client.infer("gru_classifier_stream", [tensor], sequence_id=k + 1, sequence_start=t == 0,
+                                   sequence_end=t == steps - 1)
+                latencies.append(time.perf_counter() - t0)
+
+        start_time = time.perf_counter()
+        try:
+            await asyncio.gather(*(sequence(pool[k % clients], k) for k in range(sequences)))
+        finally:
+            for client in pool:
+                await client.close()
+        return time.perf_counter() - start_time
+
+    elapsed = asyncio.run(run())
+    return {"seconds": elapsed, "throughput_rps": len(latencies) / elapsed, **percentiles(latencies)}
+
+
+def input_size(path: str) -> int:
+    from gru_deploy.serve.infer import load_model_bytes
+
+    return load_model_bytes(Path(path), "stream").spec.input_size
 
 
 def lengths_form(path: str) -> str:
@@ -141,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=800, help="requests per (setting, clients) at most")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds per (setting, clients) at most")
     parser.add_argument("--clients", type=int, nargs="+", default=None, help="concurrent clients to run with "
-                        "[default: 1 8 32 for uniform, 8 32 for mixed]")
+                        "[default: 1 8 32 for uniform, 8 32 for mixed, 1 32 for protocols, 8 for sequences]")
+    parser.add_argument("--sequences", type=int, default=64, help="live sequences (sequences workload)")
+    parser.add_argument("--steps", type=int, default=100, help="steps per sequence (sequences workload)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     clients_list, settings = WORKLOADS[args.workload]
@@ -149,13 +207,22 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for path in args.path:
         for setting, flags in settings.items():
-            proc, port = start(path, flags)
+            proc, ports = start(path, flags)
             try:
-                load(port, 4, 50, 5)  # warm-up
-                for clients in clients_list:
-                    rows.append({"model": lengths_form(path), "setting": setting, "clients": clients,
-                                 **load(port, clients, args.requests, args.seconds, args.workload,
-                                        args.long_fraction)})
+                protocols = PROTOCOLS if args.workload in ("protocols", "sequences") else ("rest",)
+                for protocol in protocols:
+                    load(ports[protocol], 4, 50, 5, protocol=protocol)  # warm-up
+                for protocol in protocols:
+                    for clients in clients_list:
+                        if args.workload == "sequences":
+                            measured = stream_chunks(ports[protocol], protocol, args.sequences, args.steps, clients,
+                                                     input_size(path))
+                        else:
+                            measured = load(ports[protocol], clients, args.requests, args.seconds,
+                                            "uniform" if args.workload == "protocols" else args.workload,
+                                            args.long_fraction, protocol)
+                        rows.append({"model": lengths_form(path), "setting": setting, "protocol": protocol,
+                                     "clients": clients, **measured})
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=20)
@@ -170,10 +237,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['short_p50_ms']:>9.2f}{r['short_p99_ms']:>9.2f}{r['long_requests']:>6}"
                   f"{r['long_p50_ms']:>9.2f}{r['long_p99_ms']:>9.2f}")
         return 0
-    print(f"{'served model':<34}{'setting':<28}{'clients':>8}{'requests':>10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+    print(f"{'served model':<34}{'setting':<28}{'protocol':<9}{'clients':>8}{'requests':>10}{'req/s':>10}"
+          f"{'p50 ms':>10}{'p99 ms':>10}")
     for r in rows:
-        print(f"{r['model']:<34}{r['setting']:<28}{r['clients']:>8}{r['requests']:>10}{r['throughput_rps']:>10.0f}"
-              f"{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}")
+        print(f"{r['model']:<34}{r['setting']:<28}{r['protocol']:<9}{r['clients']:>8}{r['requests']:>10}"
+              f"{r['throughput_rps']:>10.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}")
+    if args.workload in ("protocols", "sequences"):  # gRPC against REST, each measured in this run
+        for r in rows:
+            if r["protocol"] == "grpc":
+                rest = next(q for q in rows if q["protocol"] == "rest" and q["setting"] == r["setting"]
+                            and q["clients"] == r["clients"] and q["model"] == r["model"])
+                print(f"gRPC / REST requests/s, {r['setting']}, {r['clients']} client(s): "
+                      f"{r['throughput_rps'] / rest['throughput_rps']:.2f}x")
     return 0
 
 
