@@ -16,6 +16,7 @@ command line cannot disagree.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -125,7 +126,7 @@ def deploy_files(model_name: str, deploy: Deploy, files: dict[str, bytes]) -> di
     }
     dockerfile = DOCKERFILE.format(version=__version__, torch=versions.get("torch", "").split("+")[0],
                                    bundle=BUNDLE_IN_IMAGE, http=HTTP_PORT, grpc=GRPC_PORT,
-                                   args=", ".join(f'"{a}"' for a in serve_args(model_name)))
+                                   args=json.dumps(serve_args(model_name))[1:-1])
 
     def dump(*documents: dict[str, Any]) -> bytes:
         return yaml.safe_dump_all(documents, sort_keys=False, default_flow_style=False).encode()

@@ -137,19 +137,22 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             response.raw_output_contents.append(raw_output(datatype, array))
         return response
 
-    async def ModelInfer(self, request: Any, context: Any) -> Any:
+    async def _observed(self, request: Any) -> Any:
+        """`_infer`, counted in the metrics by its status (200, the client error's, or 500)."""
         start, status = time.perf_counter(), "200"
         try:
             return await self._infer(request)
         except ClientError as exc:
             status = str(exc.status)
-            await context.abort(status_code(exc.status), str(exc))
-        except Exception as exc:
+            raise
+        except Exception:
             status = "500"
-            log.exception("gRPC ModelInfer failed")
-            await context.abort(status_code(500), internal_error(exc))
+            raise
         finally:
             self.service.observe("grpc", status, time.perf_counter() - start)
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        return await self._answer(context, lambda: self._observed(request))
 
     async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
         """tritonclient's start_stream / async_stream_infer: each request is queued in the order it
@@ -158,18 +161,14 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         answers: asyncio.Queue = asyncio.Queue()
 
         async def one(request: Any) -> None:
-            start, status = time.perf_counter(), "200"
             try:
-                await answers.put(self.pb.ModelStreamInferResponse(infer_response=await self._infer(request)))
+                answer = self.pb.ModelStreamInferResponse(infer_response=await self._observed(request))
             except ClientError as exc:
-                status = str(exc.status)
-                await answers.put(self.pb.ModelStreamInferResponse(error_message=str(exc)))
+                answer = self.pb.ModelStreamInferResponse(error_message=str(exc))
             except Exception as exc:
-                status = "500"
                 log.exception("gRPC ModelStreamInfer request failed")
-                await answers.put(self.pb.ModelStreamInferResponse(error_message=internal_error(exc)))
-            finally:
-                self.service.observe("grpc", status, time.perf_counter() - start)
+                answer = self.pb.ModelStreamInferResponse(error_message=internal_error(exc))
+            await answers.put(answer)
 
         async def read() -> None:
             tasks = []

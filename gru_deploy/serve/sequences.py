@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -67,7 +67,7 @@ class Live:
 
 @dataclass
 class SequencePending(Pending):
-    flags: SequenceFlags = field(default=SequenceFlags(0, False, False))
+    flags: SequenceFlags
 
 
 class SequenceModel(Model):

@@ -572,6 +572,8 @@ class Service:
             ended = Counter("gru_deploy_sequences_freed", "Sequences freed, by why", ["reason"], registry=registry)
             sequences.on_end = lambda why: ended.labels(reason=why).inc()
         self._tasks: list[asyncio.Task] = []
+        # each model's output names (its metadata's), checked against every request's before it runs
+        self._offered = {m.name: [t["name"] for t in m.tensors()[1]] for m in self.models}
 
     @property
     def models(self) -> tuple[Model, ...]:
@@ -608,7 +610,7 @@ class Service:
         from gru_deploy.serve.sequences import sequence_flags
 
         target = self.target(name)
-        offered = [t["name"] for t in target.tensors()[1]]
+        offered = self._offered[target.name]
         unknown = [n for n in requested or () if n not in offered]
         if unknown:
             raise ClientError(400, f"unknown output {unknown[0]!r}; choose from {sorted(offered)}")
