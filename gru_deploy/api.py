@@ -86,10 +86,14 @@ def _user_model(model: Any, model_args: dict[str, Any] | None, checkpoint: Any) 
 
 def verify(path: str | Path, atol: float = 1e-5, rtol: float = 1e-5, data: str | None = None,
            test: str | None = None, junit_xml: str | Path | None = None,
-           on_case: Callable[[str], None] | None = None) -> dict[str, Any]:
+           on_case: Callable[[str], None] | None = None, trust_torchscript: bool = False) -> dict[str, Any]:
     """Check an export folder (checksums, then the parity grid) or a bundle (schema, checksums,
     each model loads, golden vectors); the report as the CLI's --json prints it. Read
     `report["passed"]`; nothing is raised for a check that fails, only for unusable input.
+
+    A bundle's TorchScript runs code from the file: it is loaded only with `trust_torchscript`
+    (else listed under report["not_run"]). An export folder is your own output: its
+    TorchScript is loaded (it is one side of the parity grid).
 
     On an export folder, `data` (a data set name or path; `test`: a .ts test file) adds
     "deployment_accuracy": test accuracy per runtime; `junit_xml` writes the parity grid as
@@ -104,7 +108,10 @@ def verify(path: str | Path, atol: float = 1e-5, rtol: float = 1e-5, data: str |
         if data is not None or test is not None or junit_xml is not None:
             raise UserInputError("data, test and junit_xml apply to export folders (the parity grid); a bundle is "
                                  "checked against its golden vectors")
-        return verify_bundle(path)
+        return verify_bundle(path, trust_torchscript=trust_torchscript)
+    if trust_torchscript:
+        raise UserInputError("trust_torchscript applies to bundles; an export folder's TorchScript is loaded as "
+                             "part of its parity grid")
     check_tolerances(atol, rtol)
     user = user_export_parity(path, atol, rtol, on_case=on_case)
     if user is not None:

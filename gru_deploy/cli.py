@@ -304,8 +304,11 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
     summary = manifest["parity"]["summary"]
     worst_pair = max(summary, key=lambda k: summary[k]["max_abs"])
     cases = len(json.loads((out / "parity.json").read_text())["cases"])
+    from gru_deploy.check.verify import tolerance_line
+
     click.echo(f"parity holds: {len(summary)} comparisons over {cases} cases; worst max abs error "
-               f"{summary[worst_pair]['max_abs']:.2e} ({worst_pair}); details in {out / 'parity.json'}")
+               f"{summary[worst_pair]['max_abs']:.2e} ({worst_pair}); {tolerance_line(manifest['parity'])}; "
+               f"details in {out / 'parity.json'}")
     for variant, report in (manifest["parity"].get("variants") or {}).items():  # a module's variants
         worst = max(report["summary"], key=lambda k: report["summary"][k]["max_abs"])
         click.echo(f"{variant} variant: parity holds: {len(report['summary'])} comparisons; worst max abs error "
@@ -327,9 +330,12 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
 @click.option("--junit-xml", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
               help="Also write the parity report as JUnit XML for CI, one testcase per case and runner pair "
                    "(export folders; written also when parity fails).")
+@click.option("--trust-torchscript", is_flag=True,
+              help="Bundles: also load and run their TorchScript models. torch.jit.load runs code from the file: "
+                   "use it only on a bundle you made or trust (without it they are listed as not run).")
 @click.pass_obj
 def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, test_path: str | None, quiet: bool,
-           as_json: bool, junit_xml: Path | None) -> None:
+           as_json: bool, junit_xml: Path | None, trust_torchscript: bool) -> None:
     """Check an export folder or a bundle (folder or .tar.gz). Exit 0 when it holds, 1 when not.
 
     An export folder: every checksum, then parity of eager PyTorch (the tutorial's loop),
@@ -338,8 +344,10 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
     variable-length models on their grids; streaming in chunks of 1, 7 and 100.
 
     A bundle: manifest schema, every checksum, no extra or missing file, each model loads
-    in its runtime, the golden vectors reproduce within the manifest's tolerances. An
-    archive is inspected whole and only then extracted, to a temporary folder.
+    in its runtime, the golden vectors reproduce within the manifest's tolerances, int8
+    models pass their gate again. An archive is inspected whole and only then extracted, to
+    a temporary folder. Its TorchScript models are not loaded unless --trust-torchscript
+    (torch.jit.load runs code from the file); they are listed as not run.
 
     \b
     Examples:
@@ -361,18 +369,23 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
         if given:
             raise click.UsageError(f"{', '.join(given)} apply to export folders (the parity grid); a bundle is "
                                    "checked against its golden vectors and the tolerances its manifest records")
-        report = gru_deploy.verify(path)
+        report = gru_deploy.verify(path, trust_torchscript=trust_torchscript)
         if as_json:
             _emit_json(report)
-        elif report["passed"]:
-            click.echo(f"bundle {path} ({report['target']}): {len(report['checks'])} checks passed")
         else:
+            if report["passed"]:
+                click.echo(f"bundle {path} ({report['target']}): {len(report['checks'])} checks passed")
             for check in report["checks"]:
                 if not check["passed"]:
                     click.echo(f"FAIL {check['check']}: {check['message']}")
+            for entry in report["not_run"]:
+                click.echo(f"not run: {entry['check']}: {entry['why']}")
         if not report["passed"]:
             raise CheckFailed(f"bundle {path} fails: {first_failure(report)}")
         return
+    if trust_torchscript:
+        raise click.UsageError("--trust-torchscript applies to bundles; an export folder's TorchScript (your own "
+                               "export's) is one side of its parity grid and is always loaded")
     report = gru_deploy.verify(path, atol, rtol, data=data, test=test_path, junit_xml=junit_xml,
                                on_case=lambda m: _progress(obj, m))
     accuracy = report["deployment_accuracy"]
@@ -384,7 +397,7 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
             for variant, part in parts:
                 for pair, s in part["summary"].items():
                     click.echo(f"{'ok  ' if s['passed'] else 'FAIL'} {variant + pair:<54} max abs {s['max_abs']:.2e}  "
-                               f"({s['cases']} cases)")
+                               f"atol {s.get('applied_atol', part['atol']):.2e}  ({s['cases']} cases)")
             if accuracy:
                 click.echo(f"accuracy on {accuracy['data']} test split ({accuracy['test_samples']} samples"
                            f"{', each at its own length' if accuracy['variable_length'] else ''}):")
@@ -395,8 +408,8 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
                     click.echo(f"  note: {note}")
         if not report["passed"]:
             raise CheckFailed(f"parity failed for {path}: " + "; ".join(
-                f"{variant}{k}: max abs {v['max_abs']:.3g}" for variant, part in parts
-                for k, v in part["summary"].items() if not v["passed"]))
+                f"{variant}{k}: max abs {v['max_abs']:.3g} (atol {v.get('applied_atol', part['atol']):.3g}, rtol "
+                f"{part['rtol']:g})" for variant, part in parts for k, v in part["summary"].items() if not v["passed"]))
     else:
         from gru_deploy.check.verify import failure_lines
 
@@ -407,7 +420,11 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
             for pair, s in report["summary"].items():
                 click.echo(f"{'ok  ' if s['passed'] else 'FAIL'} {pair:<42} max abs {number(s['max_abs'])}  "
                            f"p99 abs {number(s['p99_abs'])}  min atol {number(s['min_atol'])}  "
+                           f"atol applied {number(s['applied_atol'])}  "
                            f"argmax {s['argmax_agreement']:.0%}  ({s['cases']} cases)")
+            for case in report.get("unverifiable") or []:
+                click.echo(f"UNVERIFIABLE {case['variant']} batch={case['batch']} seq={case['seq']}: "
+                           + "; ".join(f"{out}: {why}" for out, why in case["outputs"].items()))
             if accuracy:
                 click.echo(f"accuracy on {accuracy['data']} test split ({accuracy['test_samples']} samples):")
                 for name, row in accuracy["runtimes"].items():
@@ -416,7 +433,9 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
         if not report["passed"]:
             raise CheckFailed(f"parity failed for {path}: " + "; ".join(failure_lines(report["summary"])))
     if not as_json:
-        click.echo(f"parity holds for {path} (atol {atol:g}, rtol {rtol:g})")
+        from gru_deploy.check.verify import tolerance_line
+
+        click.echo(f"parity holds for {path}: {tolerance_line(report)}")
 
 
 @cli.command()
@@ -428,8 +447,9 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
 @click.option("--archive", is_flag=True, help="Write one deterministic .tar.gz instead of a folder.")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="edge only: add int8 models (onnxruntime dynamic quantisation of the Loop form, its body "
-                   "included), gated against eager on the golden inputs. Refused for a fused export "
-                   "(onnxruntime has no int8 GRU kernel).")
+                   "included), gated against the fp32 model on 280 sequences of 1-2,048 steps (95th "
+                   "percentile error, per-length median, class agreement). Refused where under half the weight "
+                   "bytes would be int8 (a fused export: onnxruntime has no int8 GRU kernel).")
 @click.option("--check-with", "check_with", multiple=True, metavar="PYTHON",
               help="Also run the golden vectors on every .onnx/.ort model with this Python interpreter (e.g. a "
                    "venv holding another onnxruntime; needs numpy and onnxruntime there) and record the result "
@@ -478,14 +498,14 @@ def package(obj: dict, folder: Path, target: str, out: Path | None, archive: boo
     if as_json:
         _emit_json({"out": str(written), **manifest})
         return
-    from gru_deploy.manifest import is_module_export
-
-    against = "the float64 reference" if is_module_export(manifest) else "eager"
     for name, q in ((manifest.get("quantization") or {}).get("models") or {}).items():
         g = q["gate_vs_eager"]
+        longest = max(c[1] for c in g["inputs"]["cases"])
         click.echo(f"int8 {name}: {q['weight_bytes_quantized_share']:.0%} of weight bytes int8, "
-                   f"{q['size_before']:,} -> {q['size_after']:,} bytes; vs {against} on the golden inputs: max abs "
-                   f"{g['max_abs']:.3g} (bound {g['max_abs_bound']:.3g}), argmax agreement {g['argmax_agreement']:.0%}")
+                   f"{q['size_before']:,} -> {q['size_after']:,} bytes; vs {g.get('reference', 'eager')} on "
+                   f"{g['rows']:,} rows of 1-{longest:,} steps: p{g['error_quantile']:g} abs {g['quantile_abs']:.3g} "
+                   f"(bound {g['max_abs_bound']:.3g}; worst row {g['max_abs']:.3g}), argmax agreement "
+                   f"{g['argmax_agreement']:.1%} (at least {g['min_argmax_agreement']:.0%})")
     for run in manifest["onnxruntime"]["checked_with"]:
         click.echo(f"golden vectors pass in onnxruntime {run['onnxruntime']} ({run['python']}): {run['cases']} runs")
     total = sum(entry["size"] for entry in manifest["files"].values())
@@ -677,12 +697,15 @@ def inspect(path: Path, as_json: bool) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--model-name", default=None,
-              help="Name in the URL [default: gru_classifier; for a built-in family or your own model: model].")
-@click.option("--max-batch", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Samples grouped into one onnxruntime call; 1 turns dynamic batching off.")
-@click.option("--max-delay-ms", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="Base of the names in the URL: NAME (the classifier), NAME_lengths, NAME_stream  [default: "
+                   "the bundle's Triton names: gru_classifier...; for a built-in family or your own model: model...].")
+@click.option("--max-batch", type=click.IntRange(min=1), default=None,
+              help="Samples grouped into one onnxruntime call, and the most one request may hold (the served "
+                   "configs' max_batch_size); 1 turns dynamic batching off.  [default: each model's config.pbtxt: 64]")
+@click.option("--max-delay-ms", type=click.FloatRange(min=0), default=None,
               help="How long a request may wait for others to batch with (only while another request is "
-                   "queued or arriving; a lone request runs at once).")
+                   "queued or arriving; a lone request runs at once).  [default: the config's "
+                   "max_queue_delay_microseconds: 1 ms]")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="onnxruntime intra-op threads.")
 @click.option("--max-body-mb", type=click.FloatRange(min=0.001), default=8.0, show_default=True,
@@ -692,7 +715,7 @@ def inspect(path: Path, as_json: bool) -> None:
 @click.option("--read-timeout-s", type=click.FloatRange(min=0.01), default=10.0, show_default=True,
               help="A request body that has not arrived by then gets 408 (slow clients).")
 @click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
-              help="Which variable-length model the manifest lists to serve (int8 only where one was packaged).")
+              help="Which models the manifest lists to serve (int8 only where they were packaged).")
 @click.option("--group-by-length/--no-group-by-length", default=True, show_default=True,
               help="Split each batch into onnxruntime calls of similar sequence length, shortest first, so a "
                    "short request never runs padded to a long one; --no-group-by-length pads the whole batch "
@@ -703,29 +726,33 @@ def inspect(path: Path, as_json: bool) -> None:
 @click.option("--max-sequences", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Live sequences (sequence_id ... sequence_end) whose state the server keeps; a new one beyond "
                    "this gets 429 (gRPC RESOURCE_EXHAUSTED).")
-@click.option("--sequence-idle-s", type=click.FloatRange(min=0.01), default=60.0, show_default=True,
-              help="A sequence with no request for this long is freed (a later chunk of it gets 400).")
-def serve(path: Path, host: str, port: int, model_name: str | None, max_batch: int, max_delay_ms: float,
-          threads: int, max_body_mb: float, max_seq: int, read_timeout_s: float, precision: str,
-          group_by_length: bool, grpc_port: int | None, max_sequences: int, sequence_idle_s: float) -> None:
+@click.option("--sequence-idle-s", type=click.FloatRange(min=0.01), default=None,
+              help="A sequence with no request for this long is freed (a later chunk of it gets 400).  "
+                   "[default: the stream model's config.pbtxt: 60]")
+def serve(path: Path, host: str, port: int, model_name: str | None, max_batch: int | None,
+          max_delay_ms: float | None, threads: int, max_body_mb: float, max_seq: int, read_timeout_s: float,
+          precision: str, group_by_length: bool, grpc_port: int | None, max_sequences: int,
+          sequence_idle_s: float | None) -> None:
     """Serve an export folder or bundle with the KServe v2 / Triton protocol: REST, and gRPC
     with --grpc-port.
 
     \b
-    GET  /v2/health/live, /v2/health/ready, /v2, /v2/models/NAME[/ready|/config]
-    POST /v2/models/NAME/infer   inputs x FP32 [batch, seq, I], optional lengths INT64 [batch];
-                                 outputs logits, probabilities, label (BYTES); JSON or the
-                                 binary tensor extension (tritonclient.http works as is)
+    GET  /v2/health/live, /v2/health/ready, /v2, /v2/models/NAME[/ready|/config|/stats]
+    POST /v2/models/NAME/infer   every ONNX model of the bundle under its Triton name, with its
+                                 config.pbtxt: NAME x FP32 [batch, seq, I]; NAME_lengths x
+                                 padded + lengths INT64 [batch]; outputs logits (probabilities,
+                                 label on request); JSON or the binary tensor extension
     gRPC inference.GRPCInferenceService (tritonclient.grpc works as is): the same calls
     GET  /metrics                Prometheus: requests, errors, latency, batch sizes, sequences
-    Concurrent requests are batched into one onnxruntime call, padded with lengths so each
-    answer equals the one it gets alone. SIGTERM / Ctrl-C finish in-flight requests first.
+    Concurrent requests are batched into one onnxruntime call (padded with lengths for the
+    lengths model; of one length for the classifier): each answer equals the one it gets
+    alone. SIGTERM / Ctrl-C finish in-flight requests first.
 
     \b
     Sequences (Triton's sequence batcher): a request with parameters sequence_id,
     sequence_start, sequence_end sends one chunk x [1, steps, I] of a sequence; the server
     keeps its state (the stream variant) from start to end, so chunks answer as the whole
-    sequence would. They go to NAME or NAME_stream (the server bundle's Triton name).
+    sequence would. They go to NAME_stream (or NAME, with the parameters).
     Needs the serve extra: pip install 'gru-deploy[serve]'.
 
     \b

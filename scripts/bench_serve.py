@@ -110,7 +110,7 @@ def load(port: int, clients: int, total: int, seconds: float, workload: str = "u
             tensor = module.InferInput("x", list(inputs[i].shape), "FP32")
             tensor.set_data_from_numpy(inputs[i])  # http: binary tensor data (its default); grpc: raw contents
             t0 = time.perf_counter()
-            client.infer("gru_classifier", [tensor])
+            client.infer("gru_classifier_lengths", [tensor])  # padded in batches
             with lock:
                 latencies.append(time.perf_counter() - t0)
                 (short_latencies if inputs[i].shape[1] <= SHORT[1] else long_latencies).append(latencies[-1])

@@ -127,3 +127,45 @@ def test_to_json_strict_when_reference_has_zeros():
 def test_truthiness_equals_passed():
     for c in (compare(REF, REF), compare(REF, REF + 1), compare(REF, REF[0])):
         assert bool(c) is c.passed
+
+
+def _int8_rows(n: int = 280, classes: int = 4, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    ref = rng.normal(0, 3, (n, classes))
+    lengths = np.repeat([1, 7, 25, 100, 1000, 2048], [64, 64, 64, 64, 16, 8])[:n]
+    return ref, lengths
+
+
+def test_int8_class_agreement_is_a_bound_of_its_own():
+    """Small errors that flip many near-tie classes: the error clauses hold, the class clause
+    alone fails (the old gate let every flip within twice the bound pass)."""
+    from gru_deploy.check.compare import INT8_MIN_AGREEMENT, int8_gate
+
+    ref, lengths = _int8_rows()
+    ref[:, 1] = ref[:, 0] + 0.05  # class 1 just ahead of class 0 on every row
+    ref[:, 2:] = ref[:, :2].min(axis=1, keepdims=True) - 1
+    test = ref.copy()
+    flipped = np.arange(len(ref)) % 4 == 0  # 25% of rows: class 0 now ahead by 0.05
+    test[flipped, 0], test[flipped, 1] = ref[flipped, 1], ref[flipped, 0]
+    gate = int8_gate(ref, test, lengths=lengths)
+    assert gate["quantile_abs"] <= gate["max_abs_bound"] and max(gate["median_abs_by_length"].values()) <= 0.06
+    assert not gate["passed"] and gate["argmax_agreement"] == pytest.approx(0.75)
+    assert gate["reason"] == f"argmax agreement 75.0% < {INT8_MIN_AGREEMENT:.0%}"
+    test[flipped] = ref[flipped]
+    assert int8_gate(ref, test, lengths=lengths)["passed"]
+
+
+def test_int8_gate_fails_a_model_broken_at_one_length_and_bounds_the_rest():
+    from gru_deploy.check.compare import int8_gate
+
+    ref, lengths = _int8_rows()
+    broken = ref.copy()
+    broken[lengths == 2048] = ref[lengths == 2048][:, ::-1]  # 8 of 280 rows wrong: under the 5% the quantile allows
+    gate = int8_gate(ref, broken, lengths=lengths)
+    assert gate["quantile_abs"] == 0 and not gate["passed"] and "median error at 2048 steps" in gate["reason"]
+    outlier = ref.copy()
+    outlier[0] += 5.0  # one row far off (the dynamic quantiser's per-tensor scale does this): recorded, not fatal
+    gate = int8_gate(ref, outlier, lengths=lengths)
+    assert gate["passed"] and gate["max_abs"] == pytest.approx(5.0) and gate["max_abs"] > gate["max_abs_bound"]
+    wrong = int8_gate(ref, np.random.default_rng(1).normal(0, 3, ref.shape), lengths=lengths)
+    assert not wrong["passed"] and "p95" in wrong["reason"] and "argmax agreement" in wrong["reason"]

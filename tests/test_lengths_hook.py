@@ -169,3 +169,35 @@ def test_the_server_pads_a_lengths_models_requests_within_similar_lengths(tagger
         want = infer_user(tagger, manifest, x).outputs["logits"]
         assert got["logits"].shape == want.shape  # its own steps, not the padding
         np.testing.assert_allclose(got["logits"], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_serve_on_a_module_bundle_serves_each_onnx_model_with_exactly_its_config(tagger, tmp_path, protocol):
+    """A module's server bundle archive: `model` (the classifier, x only), `model_lengths` and
+    `model_stream` each answer with exactly the bundle's config.pbtxt and the metadata derived
+    from it; padded requests with lengths go to model_lengths, and equal each sample alone
+    through `model`; a chunked sequence to model_stream equals it whole."""
+    import signal
+
+    import gru_deploy
+    from test_serve_protocols import CLIENTS, assert_serves_exactly, client, inputs, launch
+
+    bundle, _ = gru_deploy.package(tagger, "server", out=tmp_path / "server.tar.gz", archive=True)
+    proc, where = launch(bundle)
+    try:
+        configs = assert_serves_exactly(where, bundle, protocol)
+        assert sorted(configs) == ["model", "model_lengths", "model_stream"]
+        c, module = client(where, protocol), CLIENTS[protocol][0]
+        x = np.random.default_rng(22).standard_normal((2, 8, 4)).astype(np.float32)
+        lengths = module.InferInput("lengths", [2, 1], "INT64")
+        lengths.set_data_from_numpy(np.array([[8], [5]], np.int64))
+        padded = c.infer("model_lengths", [*inputs(protocol, x), lengths]).as_numpy("logits")
+        alone = c.infer("model", inputs(protocol, np.ascontiguousarray(x[1:, :5]))).as_numpy("logits")
+        np.testing.assert_allclose(padded[1:, :5], alone, atol=1e-5)
+        whole = c.infer("model", inputs(protocol, x[:1])).as_numpy("logits")
+        chunks = [c.infer("model_stream", inputs(protocol, np.ascontiguousarray(x[:1, s:s + 4])), sequence_id=77,
+                          sequence_start=s == 0, sequence_end=s == 4).as_numpy("logits") for s in (0, 4)]
+        np.testing.assert_allclose(np.concatenate(chunks, axis=1), whole, atol=1e-5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

@@ -88,7 +88,7 @@ def test_int8_quantises_the_loop_body(quantized, variant):
             assert list(top[node.input[1]].dims) in ([16, 32], [16, 16])  # [H, 2H] (z, r) and [H, H]
     assert report["weight_bytes_quantized_share"] > 0.5
     assert "gru.W_hh.weight" in report["weights_quantized"]
-    assert report["op_types"] == dict(sorted(count_ops(model.graph).items()))
+    assert report["op_types"]["MatMulInteger"] == 5  # top: the hoisted input projections (z|r, h) and the head; body: two
     assert "Gemm" not in report["op_types"] and "MatMul" not in report["op_types"]
     assert model.ir_version <= MAX_IR_VERSION and report["ir_version"] == model.ir_version
     assert report["opset"]["ai.onnx"] == 17
@@ -119,6 +119,8 @@ def test_int8_is_smaller_and_close(exported, quantized, variant):
           f"argmax agreement {agreement:.3f} over {len(agree)} samples{extra}")
     assert max(errors) < MAX_ABS_ERROR and max(rel) < MAX_RELATIVE_ERROR
     assert agreement >= 0.9
+    if variant == "stream":  # h_n lies in [-1, 1]; measured 0.014 on the two-epoch checkpoint
+        assert max(state_err) < MAX_ABS_ERROR
 
 
 def test_int8_agrees_on_the_test_split(exported, quantized):

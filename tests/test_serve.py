@@ -24,7 +24,7 @@ from gru_deploy.check.verify import export_runners
 
 import tritonclient.http as http  # noqa: E402  (the test extra installs tritonclient[http])
 
-NAME = "gru_classifier"
+NAME, LENGTHS = "gru_classifier", "gru_classifier_lengths"  # the server bundle's Triton names
 
 
 def free_port() -> int:
@@ -80,9 +80,11 @@ def post(url, body: bytes, headers=None):
 def test_metadata_and_readiness(server):
     client = server["client"]
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(NAME)
-    meta = client.get_model_metadata(NAME)
-    assert [i["name"] for i in meta["inputs"]] == ["x", "lengths"]
+    meta = client.get_model_metadata(NAME)  # the classifier: x only
+    assert [i["name"] for i in meta["inputs"]] == ["x"]
     assert meta["inputs"][0]["shape"] == [-1, -1, 8] and meta["outputs"][0]["shape"] == [-1, 4]
+    meta = client.get_model_metadata(LENGTHS)  # lengths as its config declares it: dims [1], reshaped to []
+    assert [(i["name"], i["shape"]) for i in meta["inputs"]] == [("x", [-1, -1, 8]), ("lengths", [-1, 1])]
     assert client.get_server_metadata()["name"] == "gru-deploy"
 
 
@@ -128,9 +130,12 @@ ERRORS = {
     "unknown input": (NAME, _json([X, {"name": "h0", "shape": [1], "datatype": "FP32", "data": [0]}]), {}, 400),
     "NaN": (NAME, b'{"inputs": [{"name": "x", "shape": [1, 1, 8], "datatype": "FP32", '
                   b'"data": [NaN, 0, 0, 0, 0, 0, 0, 0]}]}', {}, 400),
-    "lengths too long": (NAME, _json([X, {"name": "lengths", "shape": [1], "datatype": "INT64", "data": [3]}]), {}, 400),
-    "negative lengths": (NAME, _json([X, {"name": "lengths", "shape": [1], "datatype": "INT64", "data": [-1]}]), {},
+    "lengths too long": (LENGTHS, _json([X, {"name": "lengths", "shape": [1], "datatype": "INT64", "data": [3]}]), {},
                          400),
+    "negative lengths": (LENGTHS, _json([X, {"name": "lengths", "shape": [1], "datatype": "INT64", "data": [-1]}]), {},
+                         400),
+    "lengths to the classifier": (NAME, _json([X, {"name": "lengths", "shape": [1], "datatype": "INT64",
+                                                   "data": [2]}]), {}, 400),
     "empty batch": (NAME, _json([{**X, "shape": [0, 2, 8], "data": []}]), {}, 400),
     "unknown output": (NAME, _json([X], [{"name": "h_n"}]), {}, 400),
     "binary size wrong": (NAME, _json([{**X, "data": None, "parameters": {"binary_data_size": 8}}]) + b"\0" * 8,
@@ -139,6 +144,10 @@ ERRORS = {
     "header length too big": (NAME, _json([X]), {"Inference-Header-Content-Length": "999999"}, 400),
     "deep JSON": (NAME, b'{"inputs": [], "x": ' + b"[" * 200 + b"]" * 200 + b"}", {}, 400),
     "oversized body": (NAME, _json([{**X, "shape": [1, 8000, 8], "data": [0.1] * 64000}]), {}, 413),
+    # a shape whose element count overflows int64 (numpy's product wraps to 0, matching no data)
+    "shape overflowing int64": (NAME, _json([{**X, "shape": [2**32, 2**32, 8], "data": []}]), {}, 400),
+    "rank 70": (NAME, _json([{**X, "shape": [1] * 70, "data": [0.5]}]), {}, 400),  # numpy's limit is 64
+    "5,000-digit sequence_id": (NAME, b'{"inputs": [], "parameters": {"sequence_id": ' + b"7" * 5000 + b"}}", {}, 400),
 }
 
 
@@ -164,7 +173,7 @@ def test_concurrent_requests_of_random_lengths_match_and_batch(server, local):
             try:
                 tensor = http.InferInput("x", list(cases[i].shape), "FP32")
                 tensor.set_data_from_numpy(cases[i])
-                got = client.infer(NAME, [tensor]).as_numpy("logits")
+                got = client.infer(LENGTHS, [tensor]).as_numpy("logits")  # padded in batches
                 if not np.allclose(got, expected[i], atol=1e-5, rtol=1e-5):
                     mismatches.append(i)
             except Exception as exc:  # collected, asserted below
@@ -180,7 +189,7 @@ def test_concurrent_requests_of_random_lengths_match_and_batch(server, local):
         metrics = r.read().decode()
     sizes = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
              if line.startswith("gru_deploy_batch_size_")}
-    model = f'{{model="{NAME}"}}'
+    model = f'{{model="{LENGTHS}"}}'
     assert sizes[f"gru_deploy_batch_size_sum{model}"] > sizes[f"gru_deploy_batch_size_count{model}"]  # some > 1
     assert 'gru_deploy_requests_total{protocol="rest",status="200"}' in metrics
 
@@ -189,22 +198,21 @@ def test_padded_request_with_lengths_equals_each_sample_alone(server, local):
     rng = np.random.default_rng(4)
     x = rng.standard_normal((3, 12, 8)).astype(np.float32)
     lengths = np.array([12, 5, 1], np.int64)
-    inputs = [http.InferInput("x", list(x.shape), "FP32"), http.InferInput("lengths", [3], "INT64")]
-    inputs[0].set_data_from_numpy(x)
-    inputs[1].set_data_from_numpy(lengths)
-    got = server["client"].infer(NAME, inputs).as_numpy("logits")
-    for b, n in enumerate(lengths):
-        np.testing.assert_allclose(got[b], local(np.ascontiguousarray(x[b:b + 1, :n]))[0], atol=1e-5)
+    for shape in ([3], [3, 1]):  # [batch], or [batch, 1] as the config's dims say (perf_analyzer sends that)
+        inputs = [http.InferInput("x", list(x.shape), "FP32"), http.InferInput("lengths", shape, "INT64")]
+        inputs[0].set_data_from_numpy(x)
+        inputs[1].set_data_from_numpy(lengths.reshape(shape))
+        got = server["client"].infer(LENGTHS, inputs).as_numpy("logits")
+        for b, n in enumerate(lengths):
+            np.testing.assert_allclose(got[b], local(np.ascontiguousarray(x[b:b + 1, :n]))[0], atol=1e-5)
 
 
 def test_a_slow_client_times_out_and_the_server_keeps_serving(server):
     with socket.create_connection(("127.0.0.1", server["port"]), timeout=10) as sock:
         sock.sendall(f"POST /v2/models/{NAME}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      "Content-Length: 1000\r\n\r\n{\"inputs\"".encode())
-        started = time.monotonic()
-        reply = sock.recv(4096).decode()
+        reply = sock.recv(4096).decode()  # the socket's own timeout (10 s) bounds the wait
     assert reply.startswith("HTTP/1.1 408") and '"error"' in reply
-    assert time.monotonic() - started < 8
     assert server["client"].is_server_ready()
 
 
@@ -217,6 +225,23 @@ def test_oversized_content_length_is_refused_before_the_body_is_read(server):
 
 
 # --- the batcher, in-process ---------------------------------------------------------------
+
+async def until(condition, timeout: float = 30.0) -> None:
+    """Poll `condition()` on the running loop until it holds; fail after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, f"{condition} did not hold within {timeout} s"
+        await asyncio.sleep(0.005)
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    """Poll `condition()` until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{condition} did not hold within {timeout} s"
+        time.sleep(0.02)
+
 
 def run_async(coro, timeout: float = 30.0):
     """Run `coro` on a fresh event loop; a request that never gets an answer (the batcher gone)
@@ -284,7 +309,7 @@ def test_a_failed_group_gets_v2_500s_and_later_requests_are_served(export_dir, l
         async with TestClient(TestServer(make_app(model))) as client:
             async def infer(x):
                 body = _json([{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}])
-                response = await client.post(f"/v2/models/{NAME}/infer", data=body)
+                response = await client.post(f"/v2/models/{model.name}/infer", data=body)
                 return response.status, response.content_type, await response.text()
 
             failed = await asyncio.gather(*(infer(x) for x in first))
@@ -357,12 +382,21 @@ def test_a_lone_request_does_not_wait_for_the_batching_delay(export_dir, local, 
 
     async def scenario():
         async with TestClient(TestServer(make_app(model))) as client:
-            response = await client.post(f"/v2/models/{NAME}/infer", data=body)
+            response = await client.post(f"/v2/models/{model.name}/infer", data=body)
             alone = response.status, await response.json()
             model.arriving += 1  # one more request is on its way: the next group waits for it
-            waiting = asyncio.ensure_future(client.post(f"/v2/models/{NAME}/infer", data=body))
-            await asyncio.sleep(0.5)
-            held = not waiting.done()
+            queued, put = asyncio.Event(), model.queue.put
+
+            async def recording_put(item):
+                await put(item)
+                queued.set()
+            model.queue.put = recording_put
+            waiting = asyncio.ensure_future(client.post(f"/v2/models/{model.name}/infer", data=body))
+            await asyncio.wait_for(queued.wait(), 30)  # it reached the queue ...
+            await until(model.queue.empty)  # ... and the batcher took it: now it waits for the one arriving
+            for _ in range(100):
+                await asyncio.sleep(0)
+            held = not waiting.done() and len(calls) == 1
             model.arriving -= 1
             second = model.infer(x, np.array([5], np.int64))  # it arrives and joins the same group
             answers = await asyncio.gather(waiting, second)
@@ -393,13 +427,57 @@ def test_length_groups_bound_the_padding_and_keep_similar_lengths_together():
     assert length_groups(same) == [same]  # equal lengths: arrival order kept
 
 
-def test_serve_on_an_edge_bundle_says_what_to_package(export_dir, tmp_path):
-    """An edge bundle has no variable-length model: exit 2 naming the server target."""
+def test_an_edge_bundle_serves_its_classifier_and_stream_under_the_server_bundles_names(export_dir, tmp_path):
+    """An edge bundle has no Triton repository and no lengths model: its ONNX classifier and
+    stream model are served under the server bundle's names with the configs it writes; an
+    export without int8 models has nothing to serve at --precision int8 (exit 2)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
     from cli_helpers import run_cli
     from gru_deploy.bundle.package import package
+    from gru_deploy.serve.repository import read_repository
 
     edge, _ = package(export_dir, "edge", out=tmp_path / "edge")
-    proc = run_cli("serve", str(edge), "--port", str(free_port()))
-    assert proc.returncode == 2 and "--target server" in proc.stderr, proc.stderr
+    server, _ = package(export_dir, "server", out=tmp_path / "server")
+    served = read_repository(edge)
+    assert [(f.name, f.variant, f.file) for f in served.files] == [
+        (NAME, "classifier", "model.onnx"), ("gru_classifier_stream", "stream", "model_stream.onnx")]
+    for f in served.files:
+        want = (server / "model_repository" / f.name / "config.pbtxt").read_text()
+        assert text_format.Parse(f.config, model_config_pb2.ModelConfig()) == \
+            text_format.Parse(want, model_config_pb2.ModelConfig())
     proc = run_cli("serve", str(export_dir), "--port", str(free_port()), "--precision", "int8")
-    assert proc.returncode == 2 and "no int8 onnx model for the lengths variant" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "no int8 ONNX classifier or lengths model to serve" in proc.stderr, proc.stderr
+
+
+def test_serving_a_bundle_archive_extracts_it_once_and_hashes_each_file_once(export_dir, tmp_path, monkeypatch):
+    """What `serve` builds before it listens, from a .tar.gz: one extraction, one sha256 per file."""
+    import gru_deploy.bundle.read as read
+    import gru_deploy.manifest as manifest_module
+    from gru_deploy.bundle.package import package
+
+    bundle, manifest = package(export_dir, "server", out=tmp_path / "server.tar.gz", archive=True)
+    extractions, hashed, services = [], [], []
+    extract, sha256_file = read._extract, manifest_module.sha256_file
+
+    def counting_extract(*args):
+        extractions.append(args[0])
+        return extract(*args)
+
+    def counting_sha256(path):
+        hashed.append(path)
+        return sha256_file(path)
+
+    async def no_listening(service, *args, **kwargs):
+        services.append(service)
+
+    monkeypatch.setattr(read, "_extract", counting_extract)
+    monkeypatch.setattr(read, "sha256_file", counting_sha256)
+    monkeypatch.setattr(manifest_module, "sha256_file", counting_sha256)
+    monkeypatch.setattr(serving, "_run", no_listening)
+    serving.serve(bundle, print_fn=lambda message: None)
+    assert len(extractions) == 1
+    assert len(hashed) == len(manifest["files"])  # each file once
+    (service,) = services
+    assert [m.name for m in service.models] == [NAME, LENGTHS, "gru_classifier_stream"]

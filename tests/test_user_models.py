@@ -191,6 +191,46 @@ def test_a_module_with_no_recurrence_is_refused():
         check_recurrence(scripted, "Mean")
 
 
+def _scripted(name: str):
+    from gru_deploy.convert.script import quiet_torchscript_deprecation
+    from gru_deploy.models.user import load_user_model
+
+    with quiet_torchscript_deprecation():
+        return torch.jit.script(load_user_model(ref(name)).module)
+
+
+def _line(fragment: str) -> int:
+    return next(i for i, text in enumerate(MODELS.read_text().splitlines(), 1) if fragment in text)
+
+
+def test_the_loop_check_reads_the_time_axis_not_any_loop():
+    """A while loop over x.size(1) is a recurrence; a fixed 3-step state loop beside a loop over
+    the batch is refused at its line; a per-sample loop, or a time loop that carries nothing,
+    is no recurrence."""
+    from gru_deploy.convert.user import check_recurrence
+
+    assert check_recurrence(_scripted("WhileLoop"), "WhileLoop") == "loop"
+    for name in ("TwoLayerGRU", "Tagger", "MaskedTagger", "LSTMLoop"):
+        assert check_recurrence(_scripted(name), name) == "loop", name
+    assert check_recurrence(_scripted("TorchGRUClassifier"), "TorchGRUClassifier") == "gru"
+    with pytest.raises(CheckFailed, match=rf"user_models.py:{_line('range(3)')} carries state .* fixed number"):
+        check_recurrence(_scripted("FixedStepsAndBatchLoop"), "FixedStepsAndBatchLoop")
+    with pytest.raises(CheckFailed, match="no recurrence over the input's time axis"):
+        check_recurrence(_scripted("PerSample"), "PerSample")
+    with pytest.raises(CheckFailed, match=rf"the loop at \S*user_models.py:{_line('out.append(self.fc(x[:, t]))') - 1} "
+                                          "carries nothing"):
+        check_recurrence(_scripted("StatelessSteps"), "StatelessSteps")
+
+
+def test_a_while_loop_recurrence_exports_and_holds_parity(tmp_path):
+    ckpt = user_checkpoint("WhileLoop", tmp_path)
+    proc = run_cli("export", "--model", ref("WhileLoop"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "o"),
+                   "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads(proc.stdout)
+    assert manifest["model"]["recurrence"] == "loop" and manifest["parity"]["verified_max_seq"]["classifier"] == 2048
+
+
 def test_the_tutorial_export_is_unchanged_without_model(export_dir):
     """No --model: the tutorial classifier as before (its manifest has no user model record)."""
     from gru_deploy.manifest import read_manifest
@@ -340,8 +380,8 @@ def test_a_scripted_gru_cell_that_the_exporter_fails_on_is_refused_with_the_way_
 @pytest.mark.parametrize("name", ["TwoLayerGRU", "Tagger"])
 def test_an_int8_edge_bundle_of_a_user_model_is_gated_verified_and_runs(exports, tmp_path, name):
     """package --quantize int8: onnxruntime's quantiser over the loop graph, its gate against the
-    float64 outputs on the golden inputs recorded and re-checked by verify; infer --precision int8
-    runs it. A per-step output (the tagger) is judged per step."""
+    export's TorchScript on the int8 gate's sequences recorded and re-checked by verify; infer
+    --precision int8 runs it. A per-step output (the tagger) is judged per step."""
     out = exports[name][0]
     bundle = tmp_path / "edge8"
     proc = run_cli("package", str(out), "--target", "edge", "--quantize", "int8", "--out", str(bundle), "--json")
@@ -365,6 +405,21 @@ def test_an_int8_edge_bundle_of_a_user_model_is_gated_verified_and_runs(exports,
     for output, value in q["outputs"].items():
         ref = np.asarray(fp32["outputs"][output]["data"])
         assert np.abs(np.asarray(value["data"]) - ref).max() <= 0.1 * np.abs(ref).max()
+
+
+def test_torch_gru_with_a_head_that_outweighs_it_quantises_its_head_only(tmp_path):
+    """The README's claim: torch.nn.GRU has no int8 kernel, so its weights stay float; with a
+    head larger than the GRU (Linear(16, 512)), most weight bytes are the head's, the model is
+    accepted, and the manifest says what stayed float."""
+    import gru_deploy
+
+    ckpt = user_checkpoint("TorchGRUClassifier", tmp_path, input_size=8, hidden=16, classes=512)
+    out = tmp_path / "wide"
+    gru_deploy.export(ref("TorchGRUClassifier"), checkpoint=str(ckpt), out=out)
+    bundle, manifest = gru_deploy.package(out, "edge", out=tmp_path / "wide-edge", quantize="int8")
+    (record,) = manifest["quantization"]["models"].values()
+    assert 0.5 <= record["weight_bytes_quantized_share"] < 0.9 and "GRU" in record["float_weight_consumers"]
+    assert record["gate_vs_eager"]["passed"] and gru_deploy.verify(bundle)["passed"]
 
 
 def test_int8_is_refused_where_it_cannot_be_judged_or_does_not_quantise(exports, tmp_path):

@@ -227,3 +227,58 @@ class LeakyLengths(nn.Module):
     @torch.jit.export
     def forward_lengths(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.forward(x) + 0.0 * lengths.unsqueeze(1).to(x.dtype)
+
+
+class WhileLoop(nn.Module):
+    """A genuine recurrence written as a while loop over the time axis."""
+
+    def __init__(self, input_size: int = 4, hidden: int = 6) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.inp = nn.Linear(input_size, hidden)
+        self.rec = nn.Linear(hidden, hidden, bias=False)
+        self.fc = nn.Linear(hidden, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.size(0), self.hidden)
+        t = 0
+        while t < x.size(1):
+            h = torch.tanh(self.inp(x[:, t]) + self.rec(h))
+            t += 1
+        return self.fc(h)
+
+
+class FixedStepsAndBatchLoop(FixedSteps):
+    """Three fixed steps carrying the state, plus a loop over the batch that does nothing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.size(0), self.hidden)
+        for t in range(3):
+            h = self.cell(x[:, t], h)
+        for b in range(x.size(0)):
+            pass
+        return self.fc(h)
+
+
+class PerSample(nn.Module):
+    """A loop over the samples with no recurrence at all: each sample's mean over time."""
+
+    def __init__(self, input_size: int = 4) -> None:
+        super().__init__()
+        self.fc = nn.Linear(input_size, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = []
+        for b in range(x.size(0)):
+            out.append(self.fc(x[b].mean(0)))
+        return torch.stack(out)
+
+
+class StatelessSteps(PerSample):
+    """A loop over the time axis that carries nothing from one step to the next."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = []
+        for t in range(x.size(1)):
+            out.append(self.fc(x[:, t]))
+        return torch.stack(out, 1)

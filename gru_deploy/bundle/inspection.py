@@ -74,6 +74,8 @@ def inspect_path(path: Path) -> dict[str, Any]:
             "labels": manifest["labels"], "metrics": {k: v for k, v in manifest.get("metrics", {}).items()
                                                       if k != "loss_history"},
             "parity_passed": (manifest.get("parity") or {}).get("passed"),
+            "parity": {k: (manifest.get("parity") or {}).get(k)
+                       for k in ("atol", "rtol", "applied_atol", "verified_max_seq", "unverifiable")},
             "files": {n: {**manifest["files"][n], "status": s} for n, s in status.items()}, "onnx": onnx}
 
 
@@ -90,6 +92,11 @@ def format_report(report: dict[str, Any]) -> str:
         onnx_items = {Path(report["path"]).name: report}
     else:
         lines.append("labels: " + ", ".join(report["labels"]))
+        parity = report.get("parity") or {}
+        if parity.get("verified_max_seq"):
+            lines.append(f"parity: atol applied up to {parity['applied_atol']:.3g} (requested {parity['atol']:g}), "
+                         "verified up to " + ", ".join(f"{v} {n} steps" for v, n in parity["verified_max_seq"].items())
+                         + (f"; {len(parity['unverifiable'])} case(s) unverifiable" if parity.get("unverifiable") else ""))
         for name, entry in report["files"].items():
             lines.append(f"  {entry['status']:<8} {entry['size']:>10,}  {name}")
         for name, info in report.get("models", {}).items():

@@ -56,20 +56,20 @@ def golden_vectors(export_dir: Path, manifest: dict[str, Any], files: dict[str, 
     without Python. `files` maps each variant to the bundle file its cases name. `int8`
     maps a variant to its quantised model (bundle path, bytes): its cases record the int8
     model's own outputs (checked at 1e-4 on reproduction) and name the fp32 case holding
-    eager's outputs for the same inputs, against which the int8 gate is judged. Returns the
-    files and, per int8 variant, the gate's verdict (compare.int8_gate).
+    eager's outputs for the same inputs. The int8 gate is judged apart, against eager on the
+    gate's few hundred sequences (quantize.judge_int8), whose eager rows the bundle keeps
+    (golden/int8_gate.VARIANT.npy). Returns the files and, per int8 variant, the gate's verdict.
     """
     import onnxruntime
     import torch
 
-    from gru_deploy.check.compare import int8_gate
+    from gru_deploy.bundle.quantize import judge_int8
     from gru_deploy.check.runners import OnnxRuntimeRunner
     from gru_deploy.check.verify import export_runners, make_feed
 
     spec = ModelSpec.from_dict(manifest["config"])
     out: dict[str, bytes] = {}
     cases: list[dict[str, Any]] = []
-    pairs: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
     for index, (variant, batch, seq) in enumerate(GOLDEN_CASES):
         if variant not in files:
             continue
@@ -97,15 +97,19 @@ def golden_vectors(export_dir: Path, manifest: dict[str, Any], files: dict[str, 
                 out[path] = npy_bytes(np.ascontiguousarray(array))
                 q_case["outputs"][tensor_name] = {**tensor_json(array), "npy": path}
             cases.append(q_case)
-            refs, tests = pairs.setdefault(variant, ([], []))
-            refs.append(result[OUTPUT_NAME])
-            tests.append(got[OUTPUT_NAME])
     references = {"fp32": f"eager PyTorch {torch.__version__}"}
-    if pairs:
+    gates = {}
+    for variant, (_, model_bytes) in (int8 or {}).items():
+        eager = export_runners(export_dir, manifest, variant=variant)["eager"]
+        state = (spec.hidden_size,) if variant == "stream" else None
+        gates[variant], rows = judge_int8(lambda feed: eager.run(feed)[OUTPUT_NAME], model_bytes, OUTPUT_NAME,
+                                          spec.input_size, state)
+        gates[variant]["reference_file"] = f"{GOLDEN_DIR}/int8_gate.{variant}.npy"
+        out[gates[variant]["reference_file"]] = rows
+    if gates:
         references["int8"] = f"the int8 model in onnxruntime {onnxruntime.__version__}"
     document = {"format_version": 1, "atol": atol, "rtol": rtol, "reference": references, "cases": cases}
     out[f"{GOLDEN_DIR}/golden.json"] = json_bytes(document)
-    gates = {variant: int8_gate(np.concatenate(refs), np.concatenate(tests)) for variant, (refs, tests) in pairs.items()}
     return out, gates
 
 
@@ -120,23 +124,17 @@ def onnx_info(data: bytes) -> dict[str, Any]:
 
 
 def runtime_record(models: dict[str, dict[str, Any]], golden: dict[str, Any], converted_with: str) -> dict[str, Any]:
-    """What the manifest may say about runtimes: what produced the golden outputs, and the
-    oldest onnxruntime whose opset and IR support covers every ONNX model (derived from the
-    models, not tested). Runs in other runtimes are added only when they happened."""
+    """What the manifest may say about runtimes: what produced the golden outputs, the newest
+    opset and IR version its ONNX models use (read off the models) and, added only when they
+    happened, runs in other runtimes. No floor release is claimed: none was run."""
     import onnxruntime
-
-    from gru_deploy.versions import ORT_OPSET_IR, onnxruntime_floor
 
     onnx_models = {name: info for name, info in models.items() if info["format"] == "onnx"}
     record: dict[str, Any] = {"golden_outputs": golden, "bundle_made_with": onnxruntime.__version__}
     if onnx_models:
         opset = max(info["opset"] for info in onnx_models.values())
         ir = max(info["ir_version"] for info in onnx_models.values())
-        floor = onnxruntime_floor(opset, ir)
-        record["onnx_compatibility"] = {
-            "max_opset": opset, "max_ir_version": ir, "min_onnxruntime": floor,
-            "derived_from": f"onnxruntime's opset/IR table, releases {ORT_OPSET_IR[0][0]}-{ORT_OPSET_IR[-1][0]}",
-        }
+        record["onnx_compatibility"] = {"max_opset": opset, "max_ir_version": ir}
     ort_files = sorted(name for name, info in models.items() if info["format"] == "ort")
     if ort_files:
         record["ort_format"] = {"files": ort_files, "converted_with_onnxruntime": converted_with}
@@ -181,7 +179,7 @@ A GRU sequence classifier for onnxruntime on devices and in browsers.
   manifest.json                          signature, labels, sha256 of every file, versions
 
 Labels (index order): {labels}
-Needs onnxruntime >= {min_ort} (IR and opset of each file are in manifest.json).
+{runtime_line}
 Streaming: start with h0 = zeros, feed chunks of any length, pass h_n on as the next h0.
 
 Python:      onnxruntime.InferenceSession("model.onnx").run(["logits"], {{"x": x}})
@@ -230,11 +228,22 @@ def web_files() -> dict[str, bytes]:
     return {f"web/{name}": (folder / name).read_bytes() for name in ("index.html", "app.js")}
 
 
-def _readme(target: str, spec: ModelSpec, min_ort: str) -> bytes:
+def runtime_line(runtimes: dict[str, Any]) -> str:
+    """The bundle README's line on runtimes: only what ran, and what the models use."""
+    ran = [f"onnxruntime {runtimes['bundle_made_with']} (packaging)"] + [
+        f"onnxruntime {run['onnxruntime']} (--check-with)" for run in runtimes["checked_with"] if run["passed"]]
+    compat = runtimes.get("onnx_compatibility") or {}
+    uses = (f"; its ONNX models use opset {compat['max_opset']} at IR {compat['max_ir_version']} at most "
+            "(a runtime must support both; each file's are in manifest.json)" if compat else "")
+    return f"Made with {', '.join(ran)}{uses}. `gru-deploy verify` reruns the golden vectors in yours."
+
+
+def _readme(target: str, spec: ModelSpec, runtime_line: str) -> bytes:
     template = README_EDGE if target == "edge" else README_SERVER
     title = f"gru-deploy {target} bundle — {MODEL_NAME}"
     return template.format(name=MODEL_NAME, rule="=" * len(title), i=spec.input_size, o=spec.output_size,
-                           h=spec.hidden_size, labels=", ".join(spec.labels), min_ort=min_ort).encode()
+                           h=spec.hidden_size, labels=", ".join(spec.labels),
+                           runtime_line=runtime_line).encode()
 
 
 # A model in a bundle: its path there, the export file it is copied from, and what it is.
@@ -255,14 +264,13 @@ def _edge_models(source: dict[str, Any], where: str) -> list[Model]:
 
 def _server_models(source: dict[str, Any], where: str) -> list[Model]:
     """A Triton repository: the ONNX classifier, lengths and stream models and the TorchScript classifier."""
+    from gru_deploy.bundle.triton import triton_name
     from gru_deploy.manifest import select_model
 
-    layout = ((MODEL_NAME, "classifier", "onnx", "model.onnx"),
-              (f"{MODEL_NAME}_lengths", "lengths", "onnx", "model.onnx"),
-              (f"{MODEL_NAME}_stream", "stream", "onnx", "model.onnx"),
-              (f"{MODEL_NAME}_torchscript", "classifier", "torchscript", "model.pt"))
-    return [(f"{REPOSITORY}/{triton}/1/{file}", select_model(source, variant, fmt, where=where), variant, fmt)
-            for triton, variant, fmt, file in layout]
+    layout = (("classifier", "onnx", "model.onnx"), ("lengths", "onnx", "model.onnx"),
+              ("stream", "onnx", "model.onnx"), ("classifier", "torchscript", "model.pt"))
+    return [(f"{REPOSITORY}/{triton_name(MODEL_NAME, variant, fmt)}/1/{file}",
+             select_model(source, variant, fmt, where=where), variant, fmt) for variant, fmt, file in layout]
 
 
 REPOSITORY = "model_repository"
@@ -314,7 +322,7 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
     """Every file of a bundle, manifest included, as {relative path: bytes}.
 
     Models are chosen by what the export's manifest says they are. With `quantize`, int8
-    models are added and gated against eager on the golden inputs (compare.int8_gate). With
+    models are added and gated against eager (quantize.judge_int8, compare.int8_gate). With
     `check_with`, the golden vectors are also run by each of those Python interpreters (a
     venv with another onnxruntime) and the results recorded: a failure writes nothing.
     A server bundle also holds deploy/ (bundle.kubernetes), where `deploy` says.
@@ -373,13 +381,13 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
             gate = gates[variant]
             quantization["models"][q_path]["gate_vs_eager"] = gate
             if not gate["passed"]:
-                raise CheckFailed(f"int8 {q_path} fails its gate against eager on the golden inputs: "
+                raise CheckFailed(f"int8 {q_path} fails its gate against eager on {gate['rows']} sequences of 1 to "
+                                  f"{max(c[1] for c in gate['inputs']['cases']):,} steps: "
                                   f"{gate['reason']}; nothing written")
     golden_doc = json.loads(golden[f"{GOLDEN_DIR}/golden.json"])
     runtimes = runtime_record(models, golden_doc["reference"], source["versions"].get("onnxruntime", "unknown"))
     check_elsewhere(check_with, files, models, runtimes, step)
-    floor = (runtimes.get("onnx_compatibility") or {}).get("min_onnxruntime") or "a recent release"
-    files["README.txt"] = _readme(target, spec, floor)
+    files["README.txt"] = _readme(target, spec, runtime_line(runtimes))
     deployment = deploy_files(MODEL_NAME, deploy or Deploy(), files) if target == "server" else None
     variants = {v: spec.signature(v) for v in golden_models}
     manifest = {

@@ -330,3 +330,67 @@ def quantize_int8(onnx_bytes: bytes) -> tuple[bytes, dict[str, Any]]:
         "opset": after_opsets,
     }
     return out, report
+
+
+def _gate_rows(run: Any, feeds: list[dict[str, Any]], output: str) -> tuple[Any, Any]:
+    """`run(feed)` -> the judged output, over every feed, as rows [n, last axis] and each row's
+    sequence length (a per-step output: one row per sample and step)."""
+    import numpy as np
+
+    rows, lengths = [], []
+    for feed in feeds:
+        value = np.asarray(run(feed))
+        value = value.reshape(-1, value.shape[-1])
+        rows.append(value)
+        lengths.append(np.full(len(value), feed["x"].shape[1]))
+    return np.concatenate(rows), np.concatenate(lengths)
+
+
+def _session_run(int8_bytes: bytes, output: str) -> Any:
+    import onnxruntime as ort
+
+    from gru_deploy.check.runners import session_options
+
+    session = ort.InferenceSession(int8_bytes, session_options(1), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    return lambda feed: session.run([output], {k: v for k, v in feed.items() if k in names})[0]
+
+
+def judge_int8(reference: Any, int8_bytes: bytes, output: str, input_size: int,
+               state_shape: tuple[int, ...] | None = None) -> tuple[dict[str, Any], bytes]:
+    """The int8 gate (compare.int8_gate) of a quantised model's `output` against `reference`
+    (feed -> that output in fp32) on check.verify.INT8_GATE_CASES. Returns the verdict, with
+    what regenerates its inputs, and the reference rows as .npy bytes: a bundle keeps them, so
+    `verify BUNDLE` judges the int8 model again without the fp32 reference at hand."""
+    import io
+
+    import numpy as np
+
+    from gru_deploy.check.compare import int8_gate
+    from gru_deploy.check.verify import INT8_GATE_CASES, int8_gate_feeds
+
+    feeds = int8_gate_feeds(input_size, state_shape)
+    want, lengths = _gate_rows(reference, feeds, output)
+    got, _ = _gate_rows(_session_run(int8_bytes, output), feeds, output)
+    gate = int8_gate(want, got, lengths=lengths)
+    gate["inputs"] = {"cases": [list(c) for c in INT8_GATE_CASES], "input_size": input_size,
+                      "state_shape": list(state_shape) if state_shape is not None else None, "output": output}
+    buffer = io.BytesIO()
+    np.save(buffer, want.astype(np.float32), allow_pickle=False)
+    return gate, buffer.getvalue()
+
+
+def rejudge_int8(int8_path: Path, reference_rows: Any, record: dict[str, Any]) -> dict[str, Any]:
+    """The gate again, as `verify BUNDLE` runs it: the recorded inputs regenerated, the int8
+    model at `int8_path` run on them and held to the recorded bound against the stored rows."""
+    from gru_deploy.check.compare import int8_gate
+    from gru_deploy.check.verify import INT8_GATE_CASES, int8_gate_feeds
+
+    inputs = record["inputs"]
+    if [tuple(c) for c in inputs["cases"]] != list(INT8_GATE_CASES):
+        raise UserInputError(f"{int8_path}: its int8 gate ran on other cases than this gru-deploy's; re-package "
+                             "with this gru-deploy")
+    state = inputs.get("state_shape")
+    feeds = int8_gate_feeds(int(inputs["input_size"]), tuple(state) if state is not None else None)
+    got, lengths = _gate_rows(_session_run(int8_path.read_bytes(), inputs["output"]), feeds, inputs["output"])
+    return int8_gate(reference_rows, got, record["max_abs_bound"], lengths=lengths)

@@ -9,6 +9,13 @@ from typing import Any
 DATA_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
 
 
+def triton_name(base: str, variant: str, fmt: str = "onnx") -> str:
+    """A model's name in a server bundle's Triton repository (and in `serve`): the classifier is
+    `base`, another variant `base_<variant>`, a TorchScript copy that name + `_torchscript`."""
+    name = base if variant == "classifier" else f"{base}_{variant}"
+    return f"{name}_torchscript" if fmt == "torchscript" else name
+
+
 def model_config(name: str, platform: str, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]],
                  max_batch: int = 64, state: dict[str, Any] | None = None, idle_s: float = 60.0) -> str:
     """config.pbtxt text for one model. `inputs`/`outputs`: tensors as the manifest records them

@@ -46,13 +46,11 @@ def user_triton_config(name: str, platform: str, signature: dict[str, Any], libt
 
 
 def _golden(export_dir: Path, source: dict[str, Any], model_paths: dict[str, str],
-            int8: tuple[str, bytes] | None = None) -> tuple[dict[str, bytes], dict[str, Any], dict[str, Any] | None]:
+            int8: tuple[str, bytes] | None = None) -> tuple[dict[str, bytes], dict[str, Any]]:
     """Golden cases from the export's stored float64 outputs, for each variant in `model_paths`
     (variant -> the bundle's model file its cases name); with `int8` (bundle path, bytes), an
-    int8 case per classifier input holding the int8 model's own outputs, and the int8 gate of
-    those against the float64 ones (compare.int8_gate, per sample and step over the last axis)."""
+    int8 case per classifier input holding the int8 model's own outputs."""
     from gru_deploy.bundle.package import GOLDEN_DIR, INT8_GOLDEN_TOL, npy_bytes, tensor_json
-    from gru_deploy.check.compare import int8_gate
     from gru_deploy.convert.user import REFERENCE_FILE, UserSignature, case_feed, reference_key
     from gru_deploy.manifest import verified_path
 
@@ -64,8 +62,6 @@ def _golden(export_dir: Path, source: dict[str, Any], model_paths: dict[str, str
                   **{v: entry["signature"] for v, entry in (source.get("variants") or {}).items()}}
     files: dict[str, bytes] = {}
     cases = []
-    refs: list[np.ndarray] = []
-    tests: list[np.ndarray] = []
     if int8 is not None:
         import onnxruntime as ort
 
@@ -100,8 +96,6 @@ def _golden(export_dir: Path, source: dict[str, Any], model_paths: dict[str, str
             cases.append({"name": q_name, "variant": "classifier", "model": int8[0], "precision": "int8",
                           "eager_case": name, "atol": INT8_GOLDEN_TOL, "rtol": INT8_GOLDEN_TOL,
                           "inputs": case["inputs"], "outputs": {out_name: {**tensor_json(got), "npy": path}}})
-            refs.append(tensors["outputs"][out_name])
-            tests.append(got)
     computed_by = reference.get("computed_by", "the user's module in float64")
     references = {"fp32": f"{computed_by}, at export, rounded to float32"}
     if int8 is not None:
@@ -111,22 +105,44 @@ def _golden(export_dir: Path, source: dict[str, Any], model_paths: dict[str, str
     document = {"format_version": 1, "atol": source["parity"]["atol"], "rtol": source["parity"]["rtol"],
                 "reference": references, "cases": cases}
     files[f"{GOLDEN_DIR}/golden.json"] = json_bytes(document)
-    gate = None
-    if int8 is not None:  # per output element group: samples (and steps) over the output's last axis
-        last = refs[0].shape[-1]
-        gate = int8_gate(np.concatenate([r.reshape(-1, last) for r in refs]),
-                         np.concatenate([t.reshape(-1, last) for t in tests]))
-    return files, document, gate
+    return files, document
+
+
+def _int8_gate(export_dir: Path, source: dict[str, Any], int8_bytes: bytes, files: dict[str, bytes]) -> dict[str, Any]:
+    """The int8 gate against the export's TorchScript classifier (fp32; checksum-verified): the
+    user's module is not at hand when packaging. Its reference rows go into `files`."""
+    import torch
+
+    from gru_deploy.bundle.package import GOLDEN_DIR
+    from gru_deploy.bundle.quantize import judge_int8
+    from gru_deploy.convert import script
+    from gru_deploy.convert.user import as_outputs
+    from gru_deploy.manifest import select_model, verified_path
+
+    name = select_model(source, "classifier", "torchscript", where=str(export_dir))
+    scripted = script.load(verified_path(export_dir, source, name))
+    signature = source["signature"]
+
+    def reference(feed: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.no_grad():
+            return as_outputs(scripted(torch.from_numpy(feed["x"])), name)[0].numpy()
+
+    gate, rows = judge_int8(reference, int8_bytes, signature["outputs"][0]["name"], signature["inputs"][0]["shape"][2])
+    gate["reference_file"] = f"{GOLDEN_DIR}/int8_gate.classifier.npy"
+    gate["reference"] = f"{name} (TorchScript, fp32)"
+    files[gate["reference_file"]] = rows
+    return gate
 
 
 def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
                       step: Callable[[str], None], quantize: str | None = None,
                       check_with: tuple[str, ...] = (), deploy: Any = None) -> dict[str, bytes]:
     """Every file of a bundle of a user's model, manifest included, as {relative path: bytes}.
-    With quantize="int8" (edge), an int8 copy of the ONNX model, gated against the float64
-    outputs on the golden inputs (a single-output model: the gate judges one output)."""
+    With quantize="int8" (edge), an int8 copy of the ONNX model, gated against the export's
+    TorchScript on the int8 gate's sequences (a single-output model: the gate judges one output)."""
     from gru_deploy.bundle.package import (BUNDLE_FORMAT, BUNDLE_VERSION, REPOSITORY, _quantize,
                                            check_elsewhere, onnx_info, runtime_record, web_files)
+    from gru_deploy.bundle.triton import triton_name
     from gru_deploy.errors import CheckFailed
     from gru_deploy.manifest import find_models, select_model
     from gru_deploy.versions import library_versions
@@ -152,17 +168,18 @@ def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
             for name in find_models(source, variant, "ort"):
                 add(name, name, "ort", variant)
         else:
-            triton = SERVER_NAME if variant == "classifier" else f"{SERVER_NAME}_{variant}"
+            triton = triton_name(SERVER_NAME, variant)
             onnx_paths[variant] = f"{REPOSITORY}/{triton}/1/model.onnx"
             add(onnx_paths[variant], select_model(source, variant, "onnx", where=where), "onnx", variant)
             files[f"{REPOSITORY}/{triton}/config.pbtxt"] = user_triton_config(
                 triton, "onnxruntime_onnx", signatures[variant]).encode()
             if variant == "stream":
                 continue  # the stream model runs in onnxruntime under the sequence batcher only
-            add(f"{REPOSITORY}/{triton}_torchscript/1/model.pt",
+            torchscript = triton_name(SERVER_NAME, variant, "torchscript")
+            add(f"{REPOSITORY}/{torchscript}/1/model.pt",
                 select_model(source, variant, "torchscript", where=where), "torchscript", variant)
-            files[f"{REPOSITORY}/{triton}_torchscript/config.pbtxt"] = user_triton_config(
-                f"{triton}_torchscript", "pytorch_libtorch", signatures[variant], libtorch_names=True).encode()
+            files[f"{REPOSITORY}/{torchscript}/config.pbtxt"] = user_triton_config(
+                torchscript, "pytorch_libtorch", signatures[variant], libtorch_names=True).encode()
     if target == "edge":  # the page that runs the first golden case in a browser (onnxruntime-web)
         files.update(web_files())
     quantization = None
@@ -176,12 +193,15 @@ def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
         models.update(classifier)
         int8 = quantized["classifier"]
     step("golden vectors from the float64 outputs the export computed from your module")
-    golden, document, gate = _golden(export_dir, source, onnx_paths, int8)
+    golden, document = _golden(export_dir, source, onnx_paths, int8)
     files.update(golden)
     if int8 is not None:
+        step("judging the int8 model against model.pt on the int8 gate's sequences")
+        gate = _int8_gate(export_dir, source, int8[1], files)
         quantization["models"][int8[0]]["gate_vs_eager"] = gate
         if not gate["passed"]:
-            raise CheckFailed(f"int8 {int8[0]} fails its gate against the float64 outputs on the golden inputs: "
+            raise CheckFailed(f"int8 {int8[0]} fails its gate against TorchScript (fp32) on {gate['rows']} rows of "
+                              f"sequences of 1 to {max(c[1] for c in gate['inputs']['cases']):,} steps: "
                               f"{gate['reason']}; nothing written")
     runtimes = runtime_record(models, document["reference"], source["versions"].get("onnxruntime", "unknown"))
     check_elsewhere(check_with, files, models, runtimes, step)  # golden cases in other Pythons' onnxruntime

@@ -99,39 +99,56 @@ def _failed(shape: tuple[int, ...], atol: float, rtol: float, reason: str) -> Co
     return Comparison(False, tuple(shape), nan, nan, nan, nan, nan, nan, nan, nan, 0.0, atol, rtol, reason)
 
 
-# The int8 gate. The bound scales with the logits: INT8_BOUND_FRACTION of the largest |eager
-# logit| on the golden inputs. Measured on the default model (hidden 16, 20 epochs, golden
-# inputs at scales 0.01-10): the int8 classifier was off by 4.9% of that, the int8 stream
-# model by 1.9%; 10% leaves twice the worst seen. A wrong int8 model (other weights, a bad
-# scale) is off by the logits' own size, 100%.
+# The int8 gate, judged on INT8_GATE_CASES (check.verify: 280 sequences of 1 to 2,048 steps,
+# inputs at scales 0.01-10) against the fp32 reference, row by row (a row: one sample, or one
+# step of a per-step output). Three clauses, each able to fail on its own:
+# - error: the 95th percentile of the rows' largest |int8 - fp32| is within INT8_BOUND_FRACTION
+#   of the largest |reference| (the bound). Not the maximum: onnxruntime's dynamic quantiser
+#   picks one activation scale per tensor, so a sample at scale 0.01 batched with one at scale
+#   10 is quantised coarsely; measured on the tutorial model (synthetic data, seed 0, 2 and 20
+#   epochs, classifier and stream), single rows reached 51-107% of the scale while the 95th
+#   percentile stayed at 1.7-5.5% of it;
+# - per length: the median row error at each sequence length is within the bound, so a model
+#   broken at one length (8 of 280 rows at 2,048 steps) cannot hide inside the 5%;
+# - class: argmax agreement with the reference over all rows is at least INT8_MIN_AGREEMENT.
+#   Measured on the same models: 96.8-99.6% overall; a wrong model (other weights) agrees
+#   about 1/classes of the time. 90% is below the first with room for
+#   near-ties, far above the second. A small error can still flip many classes where margins
+#   are small, so this clause is not implied by the error clause.
 INT8_BOUND_FRACTION = 0.1
+INT8_ERROR_QUANTILE = 95.0
+INT8_MIN_AGREEMENT = 0.9
 
 
-def int8_gate(ref: np.ndarray, test: np.ndarray, bound: float | None = None) -> dict[str, Any]:
-    """Judge int8 logits `test` against eager's `ref` (both [samples, classes]).
+def int8_gate(ref: np.ndarray, test: np.ndarray, bound: float | None = None,
+              lengths: np.ndarray | None = None) -> dict[str, Any]:
+    """Judge int8 outputs `test` against the fp32 reference `ref` (both [rows, classes]).
 
-    Passes when max |test − ref| <= bound (default INT8_BOUND_FRACTION × max |ref|) and every
-    sample whose eager top-2 margin exceeds 2 × bound keeps eager's argmax: within the bound
-    only a near-tie can flip, so a flip beyond one is a real error. Returns the numbers, the
-    bound and the verdict.
-    """
+    `bound` defaults to INT8_BOUND_FRACTION x max |ref|; `lengths` (one per row) groups rows for
+    the per-length clause. Returns the numbers, the bounds and the verdict (see the clauses
+    above INT8_BOUND_FRACTION)."""
     r = np.asarray(ref, np.float64)
     t = np.asarray(test, np.float64)
     if bound is None:
         bound = INT8_BOUND_FRACTION * float(np.abs(r).max()) if r.size else 0.0
-    if r.shape != t.shape or not np.isfinite(t).all():
-        return {"passed": False, "max_abs_bound": bound, "max_abs": None, "argmax_agreement": 0.0,
-                "near_ties": 0, "flips_beyond_near_ties": None,
-                "reason": f"int8 outputs of shape {list(t.shape)} (or non-finite) for eager's {list(r.shape)}"}
-    max_abs = float(np.abs(t - r).max()) if r.size else 0.0
-    top2 = np.sort(r, axis=-1)[..., -2:] if r.shape[-1] > 1 else np.zeros(r.shape[:-1] + (2,))
-    margin = top2[..., 1] - top2[..., 0]
-    agree = np.argmax(r, axis=-1) == np.argmax(t, axis=-1)
-    decided = margin > 2 * bound
-    flips = int(np.sum(~agree & decided))
-    passed = max_abs <= bound and flips == 0
-    reason = "" if passed else (f"max abs {max_abs:.3g} > bound {bound:.3g}" if max_abs > bound
-                                else f"{flips} sample(s) changed class though eager's margin exceeds 2x the bound")
-    return {"passed": passed, "max_abs_bound": bound, "bound_fraction_of_max_logit": INT8_BOUND_FRACTION,
-            "max_abs": max_abs, "argmax_agreement": float(agree.mean()) if agree.size else 1.0,
-            "near_ties": int(np.sum(~decided)), "flips_beyond_near_ties": flips, "reason": reason}
+    record: dict[str, Any] = {"max_abs_bound": bound, "bound_fraction_of_max_reference": INT8_BOUND_FRACTION,
+                              "error_quantile": INT8_ERROR_QUANTILE, "min_argmax_agreement": INT8_MIN_AGREEMENT,
+                              "rows": int(r.shape[0]) if r.ndim else 0}
+    if r.shape != t.shape or not np.isfinite(t).all() or r.ndim != 2 or r.shape[0] == 0:
+        return {**record, "passed": False, "max_abs": None, "quantile_abs": None, "argmax_agreement": 0.0,
+                "median_abs_by_length": {},
+                "reason": f"int8 outputs of shape {list(t.shape)} (or non-finite) for the reference's {list(r.shape)}"}
+    errors = np.abs(t - r).max(axis=1)
+    quantile = float(np.percentile(errors, INT8_ERROR_QUANTILE))
+    groups = np.zeros(len(errors), np.int64) if lengths is None else np.asarray(lengths)
+    medians = {str(int(g)): float(np.median(errors[groups == g])) for g in np.unique(groups)}
+    agreement = float(np.mean(np.argmax(r, axis=1) == np.argmax(t, axis=1))) if r.shape[1] > 1 else 1.0
+    reasons = []
+    if quantile > bound:
+        reasons.append(f"p{INT8_ERROR_QUANTILE:g} of the rows' max abs error {quantile:.3g} > bound {bound:.3g}")
+    reasons += [f"median error at {g} steps {m:.3g} > bound {bound:.3g}" for g, m in medians.items() if m > bound]
+    if agreement < INT8_MIN_AGREEMENT:
+        reasons.append(f"argmax agreement {agreement:.1%} < {INT8_MIN_AGREEMENT:.0%}")
+    return {**record, "passed": not reasons, "max_abs": float(errors.max()), "quantile_abs": quantile,
+            "argmax_agreement": agreement, "median_abs_by_length": medians if lengths is not None else {},
+            "reason": "; ".join(reasons)}

@@ -220,8 +220,11 @@ def export_to_dir(
         parity = report.to_json()
         atomic_write_json(stage / "parity.json", parity)
         manifest["files"]["parity.json"] = file_entry(stage / "parity.json")
-        manifest["parity"] = {"passed": parity["passed"], "atol": atol, "rtol": rtol, "notes": parity["notes"],
-                              "summary": parity["summary"]}
+        manifest["parity"] = {"passed": parity["passed"], "atol": atol, "rtol": rtol,
+                              "applied_atol": parity["applied_atol"],
+                              "noise_ceiling_fraction": parity["noise_ceiling_fraction"],
+                              "verified_max_seq": parity["verified_max_seq"], "unverifiable": parity["unverifiable"],
+                              "notes": parity["notes"], "summary": parity["summary"]}
         atomic_write_json(stage / MANIFEST_NAME, manifest)
     return manifest
 

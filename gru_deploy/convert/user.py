@@ -67,19 +67,127 @@ def script_user(model: "UserModel") -> "torch.jit.ScriptModule":
                              + "; make the module scriptable (torch.jit.script) and try again") from None
 
 
-def _walk(block: Any):
+def _walk(block: Any, inside: tuple[Any, ...] = ()):
+    """Every node of a block and its sub-blocks, each with the prim::Loop nodes it sits in."""
     for node in block.nodes():
-        yield node
+        yield node, inside
+        deeper = inside + (node,) if node.kind() == "prim::Loop" else inside
         for inner in node.blocks():
-            yield from _walk(inner)
+            yield from _walk(inner, deeper)
+
+
+X_RANK = 3  # x is [batch, seq, input]: its time axis is 1
+# Ops whose output keeps its (first) tensor input's axes: elementwise maths, copies, casts, flips.
+SAME_AXES = frozenset({"aten::flip", "aten::contiguous", "aten::to", "aten::float", "aten::clone", "aten::detach",
+                       "aten::sub", "aten::add", "aten::mul", "aten::div", "aten::neg", "aten::abs", "aten::tanh",
+                       "aten::sigmoid", "aten::relu", "aten::type_as", "aten::masked_fill", "aten::where"})
+
+
+def _constant_int(value: Any) -> int | None:
+    node = value.node()
+    if node.kind() == "prim::Constant" and value.type().kind() == "IntType":
+        return int(node.i("value"))
+    return None
+
+
+def time_axes(value: Any, x: Any, depth: int = 0) -> set[int]:
+    """The axes of tensor `value` that are x's time axis, followed back through transposes,
+    permutes and shape-keeping ops (an empty set where it cannot tell)."""
+    if value.debugName() == x.debugName():
+        return {1}
+    node = value.node()
+    kind, args = node.kind(), list(node.inputs())
+    if depth > 64 or not args:
+        return set()
+    if kind == "aten::transpose" and len(args) == 3:
+        a, b = (_constant_int(v) for v in args[1:])
+        if a is None or b is None:
+            return set()
+        a, b = a % X_RANK, b % X_RANK
+        return {b if axis == a else a if axis == b else axis for axis in time_axes(args[0], x, depth + 1)}
+    if kind == "aten::permute" and len(args) == 2 and args[1].node().kind() == "prim::ListConstruct":
+        dims = [_constant_int(v) for v in args[1].node().inputs()]
+        source = time_axes(args[0], x, depth + 1)
+        return {i for i, d in enumerate(dims) if d is not None and d % X_RANK in source}
+    if kind in SAME_AXES:
+        tensors = [v for v in args if v.type().kind() == "TensorType"]
+        return time_axes(tensors[0], x, depth + 1) if tensors else set()
+    if kind == "prim::If":  # either branch's answer
+        index = list(node.outputs()).index(value)
+        return set().union(*(time_axes(list(b.outputs())[index], x, depth + 1) for b in node.blocks()))
+    if kind in ("aten::stack", "aten::cat") and len(args) == 2 and _constant_int(args[1]) is not None:
+        dim = _constant_int(args[1]) % X_RANK
+        items = list(args[0].node().inputs()) if args[0].node().kind() == "prim::ListConstruct" else []
+        axes = set().union(*(time_axes(v, x, depth + 1) for v in items))
+        if kind == "aten::stack":  # a new axis at dim; and a list appended once per time step is one
+            axes = {a + 1 if a >= dim else a for a in axes}
+            if _appended_per_step(args[0], x, depth):
+                axes.add(dim)
+        return axes
+    return set()
+
+
+def _appended_per_step(items: Any, x: Any, depth: int) -> bool:
+    """Whether the list `items` is appended to inside a loop over x's time axis."""
+    for use in items.uses():
+        if use.user.kind() != "aten::append":
+            continue
+        block = use.user.owningBlock()
+        while block is not None and block.owningNode() is not None:
+            owner = block.owningNode()
+            if owner.kind() == "prim::Loop" and _over_seq(owner, x, depth + 1):
+                return True
+            block = owner.owningBlock()
+    return False
+
+
+def reads_seq_axis(value: Any, x: Any, depth: int = 0) -> bool:
+    """Whether `value` is computed from the length of x's time axis: x.size(1), x.shape[1],
+    len(x.unbind(1)), steps.size(0) of steps = x.transpose(0, 1), ... (through any arithmetic)."""
+    seen: set[str] = set()
+    stack = [value]
+    while stack:
+        current = stack.pop()
+        if current.debugName() in seen:
+            continue
+        seen.add(current.debugName())
+        node = current.node()
+        kind, args = node.kind(), list(node.inputs())
+        dim = _constant_int(args[1]) if len(args) == 2 else None
+        if kind == "aten::size" and dim is not None and dim % X_RANK in time_axes(args[0], x, depth):
+            return True
+        if kind == "aten::__getitem__" and dim is not None and args[0].node().kind() == "aten::size":
+            if dim % X_RANK in time_axes(next(args[0].node().inputs()), x, depth):
+                return True
+        if kind == "aten::len" and args:
+            source = args[0].node()
+            if args[0].type().kind() == "TensorType" and 0 in time_axes(args[0], x, depth):
+                return True
+            source_args = list(source.inputs())
+            if source.kind() == "aten::unbind" and (_constant_int(source_args[1]) or 0) % X_RANK in time_axes(
+                    source_args[0], x, depth):
+                return True
+        if kind != "prim::Param":
+            stack.extend(args)
+    return False
+
+
+def _over_seq(loop: Any, x: Any, depth: int = 0) -> bool:
+    """A loop whose trip count, first condition or per-step condition reads x's time axis."""
+    if depth > 64:
+        return False
+    trip, condition = list(loop.inputs())[:2]
+    body = next(loop.blocks())
+    return any(reads_seq_axis(v, x, depth) for v in (trip, condition, next(body.outputs())))
 
 
 def check_recurrence(scripted: "torch.jit.ScriptModule", reference: str) -> str:
-    """How the recurrence is kept: 'loop' (a prim::Loop whose trip count comes from x) or the
-    recurrent operator's name. CheckFailed, naming the line, for a loop with a constant trip
-    count; CheckFailed when there is no recurrence at all."""
-    from gru_deploy.convert.script import depends_on
+    """How the recurrence is kept: 'loop' (a prim::Loop over x's time axis, x.size(1), that
+    carries state from step to step) or the recurrent operator's name.
 
+    CheckFailed, naming the file and line: a loop outside the time loop that carries state but
+    runs a fixed number of times (or over another axis): the model would be one length's;
+    no recurrence at all (no state-carrying time loop, no recurrent operator)."""
     if not hasattr(scripted, "forward"):
         raise UserInputError(f"{reference}: its scripted form has no single forward (torch.nn.GRU/LSTM on their "
                              "own overload it): wrap it in a module whose forward takes x")
@@ -89,19 +197,26 @@ def check_recurrence(scripted: "torch.jit.ScriptModule", reference: str) -> str:
         raise CheckFailed(f"{reference}: forward takes no input tensor")
     x = inputs[1]
     nodes = list(_walk(graph))
-    recurrent = sorted({n.kind() for n in nodes if n.kind() in RECURRENT_OPS})
-    loops = [n for n in nodes if n.kind() == "prim::Loop"]
-    if any(depends_on(next(loop.inputs()), x) for loop in loops):
+    recurrent = sorted({n.kind() for n, _ in nodes if n.kind() in RECURRENT_OPS})
+    loops = [(n, inside) for n, inside in nodes if n.kind() == "prim::Loop"]
+    over_seq = {n for n, _ in loops if _over_seq(n, x)}
+    carries = {n for n, _ in loops if len(list(n.inputs())) > 2}  # inputs: trip count, condition, state...
+    for loop, inside in loops:
+        if loop not in over_seq and loop in carries and not over_seq.intersection(inside):
+            where = _where(loop.sourceRange())
+            raise CheckFailed(f"{reference}: the loop at {where or 'an unknown line'} carries state from step to step "
+                              "but runs a fixed number of times (or over another axis), not over the input's time "
+                              "axis: the model would accept one sequence length only; loop over "
+                              "`range(x.size(1))`")
+    if over_seq & carries:
         return "loop"
     if recurrent:
         return recurrent[0].split("::")[1]
-    if loops:
-        where = _where(loops[0].sourceRange())
-        raise CheckFailed(f"{reference}: the loop at {where or 'an unknown line'} runs a fixed number of times, not "
-                          "over the input's time axis (x.size(1)): the model would accept one sequence length "
-                          "only; loop over `range(x.size(1))`")
-    raise CheckFailed(f"{reference}: no recurrence over the input's time axis (neither a loop over x.size(1) nor "
-                      "a recurrent operator such as torch.nn.GRU); gru-deploy exports recurrent models")
+    stateless = [_where(n.sourceRange()) for n in over_seq]
+    raise CheckFailed(f"{reference}: no recurrence over the input's time axis (neither a loop over x.size(1) that "
+                      "carries state from step to step nor a recurrent operator such as torch.nn.GRU)"
+                      + (f"; the loop at {stateless[0] or 'an unknown line'} carries nothing from one step to the "
+                         "next" if stateless else "") + "; gru-deploy exports recurrent models")
 
 
 @dataclass
@@ -398,7 +513,7 @@ def npz_bytes(arrays: dict[str, "np.ndarray"]) -> bytes:
 def _summarise(results: list[dict[str, Any]], summary: dict[str, Any], key: str, batch: int, seq: int,
                comparison: Any) -> None:
     results.append({"pair": key, "batch": batch, "seq": seq, **comparison.to_json()})
-    entry = summary.setdefault(key, {"max_abs": 0.0, "cases": 0, "passed": True})
+    entry = summary.setdefault(key, {"max_abs": 0.0, "cases": 0, "passed": True, "applied_atol": comparison.atol})
     entry["max_abs"] = max(entry["max_abs"], comparison.max_abs)
     entry["cases"] += 1
     entry["passed"] = entry["passed"] and comparison.passed
@@ -407,7 +522,8 @@ def _summarise(results: list[dict[str, Any]], summary: dict[str, Any], key: str,
 def user_parity(runners: dict[str, Callable], signature: UserSignature, atol: float, rtol: float,
                 cases: tuple[tuple[int, int], ...] = USER_CASES,
                 on_case: Callable[[str], None] | None = None,
-                alone: Callable[[Feed, int], list["np.ndarray"]] | None = None) -> dict[str, Any]:
+                alone: Callable[[Feed, int], list["np.ndarray"]] | None = None,
+                variant: str = "classifier") -> dict[str, Any]:
     """Every runner against float64 (and each against eager or TorchScript) on every case, every
     output, by `check.compare` (an element fails only when it exceeds both atol and rtol, as for
     the tutorial model). Empty axes are not run: a user graph's recurrent kernel may abort on
@@ -466,13 +582,15 @@ def user_parity(runners: dict[str, Callable], signature: UserSignature, atol: fl
     if alone is not None:
         notes.append("lengths spread over 1..seq; 'float64 alone': the module's forward in float64 on each sample "
                      "alone, unpadded, against its padded answer on its valid steps")
-    return {"passed": passed, "atol": atol, "rtol": rtol, "cases": [list(c) for c in cases], "summary": summary,
-            "results": results, "notes": notes}
+    # No widening here: every comparison is held to atol itself, so every case run is verified.
+    return {"passed": passed, "atol": atol, "rtol": rtol, "applied_atol": atol,
+            "verified_max_seq": {variant: max((seq for _, seq in cases), default=-1)}, "unverifiable": [],
+            "cases": [list(c) for c in cases], "summary": summary, "results": results, "notes": notes}
 
 
 def failures(parity: dict[str, Any]) -> list[str]:
-    return [f"{key}: max abs error {entry['max_abs']:.3g}" for key, entry in parity["summary"].items()
-            if not entry["passed"]]
+    return [f"{key}: max abs error {entry['max_abs']:.3g} (atol {entry.get('applied_atol', parity['atol']):.3g}, "
+            f"rtol {parity['rtol']:.3g})" for key, entry in parity["summary"].items() if not entry["passed"]]
 
 
 # --- the export folder ----------------------------------------------------------------------
@@ -616,7 +734,7 @@ def export_lengths_variant(model: "UserModel", signature: UserSignature, form: s
         with torch.no_grad():
             return [o.detach().numpy() for o in as_outputs(double(x), model.reference)]
 
-    parity = user_parity(runners, sig, atol, rtol, cases=LENGTHS_CASES, alone=alone)
+    parity = user_parity(runners, sig, atol, rtol, cases=LENGTHS_CASES, alone=alone, variant="lengths")
     if not parity["passed"]:
         raise CheckFailed("the lengths variant's parity failed, nothing written: " + "; ".join(failures(parity)))
     return {"signature": sig, "pt": script.to_bytes(scripted), "onnx": onnx_bytes, "graph": graph, "form": form,
@@ -696,7 +814,7 @@ def export_stream_variant(model: "UserModel", signature: UserSignature, opset: i
     step("checking the stream variant's parity: one pass = forward = chunks, every runner against float64")
     runners = user_runners(model.module, scripted, onnx_bytes, sig, method=STREAM_HOOK, variant="stream")
     runners["float64"], stored = recording(runners["float64"], sig, "stream")
-    parity = user_parity(runners, sig, atol, rtol, cases=STREAM_CASES)
+    parity = user_parity(runners, sig, atol, rtol, cases=STREAM_CASES, variant="stream")
     _stream_contract(model, signature, atol, rtol, parity["results"], parity["summary"])
     parity["passed"] = all(entry["passed"] for entry in parity["summary"].values())
     parity["notes"].append(f"from {STATE_HOOK}: one chunk = forward, and chunks of {CHUNK_SIZES} steps carried "
@@ -793,6 +911,7 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
     for variant, done in exported.items():
         stored.update(done["stored"])
         parity.setdefault("variants", {})[variant] = done["parity"]
+        parity["verified_max_seq"].update(done["parity"]["verified_max_seq"])
         pt, onnx_name = f"model_{variant}.pt", f"model_{variant}.onnx"
         files[pt], files[onnx_name] = done["pt"], done["onnx"]
         models[pt] = {"variant": variant, "format": "torchscript", "precision": "fp32"}
@@ -839,7 +958,8 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
                           **({"lengths_cases": [list(c) for c in LENGTHS_CASES]} if "lengths" in variants else {}),
                           **({"stream_cases": [list(c) for c in STREAM_CASES]} if "stream" in variants else {})},
             "files": {name: file_entry(stage / name) for name in (*files, "parity.json")},
-            "parity": {"passed": True, "atol": atol, "rtol": rtol, "notes": parity["notes"],
+            "parity": {"passed": True, "atol": atol, "rtol": rtol, "applied_atol": parity["applied_atol"],
+                       "verified_max_seq": parity["verified_max_seq"], "unverifiable": [], "notes": parity["notes"],
                        "summary": parity["summary"],
                        **({"variants": {v: {"passed": r["passed"], "summary": r["summary"]}
                                         for v, r in parity["variants"].items()}} if variants else {})},
@@ -894,6 +1014,7 @@ def verify_user_export(folder: Path, manifest: dict[str, Any], atol: float, rtol
                                   _cases(folder, reference.get(f"{name}_cases", defaults[name])), atol, rtol, on_case)
         report.setdefault("variants", {})[name] = variant
         report["passed"] = report["passed"] and variant["passed"]
+        report["verified_max_seq"].update(variant["verified_max_seq"])
     return report
 
 
@@ -921,4 +1042,4 @@ def _verify_variant(folder: Path, manifest: dict[str, Any], variant: str, signat
     scripted = script.load(pt)
     check_recurrence(scripted, str(pt))
     runners = user_runners(None, scripted, onnx_bytes, signature, stored, variant=variant)
-    return user_parity(runners, signature, atol, rtol, cases=cases, on_case=on_case)
+    return user_parity(runners, signature, atol, rtol, cases=cases, on_case=on_case, variant=variant)

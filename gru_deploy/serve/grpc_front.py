@@ -2,8 +2,8 @@
 server, from the service definitions tritonclient[grpc] ships (service_pb2, service_pb2_grpc:
 generated code). It shares the Service with the REST endpoint: the same models, limits,
 batchers, sequences and metrics. ServerLive, ServerReady, ModelReady, ServerMetadata,
-ModelMetadata, ModelInfer, ModelStreamInfer and ModelConfig are served; the repository,
-shared-memory, statistics and trace calls answer UNIMPLEMENTED (the generated base class).
+ModelMetadata, ModelInfer, ModelStreamInfer, ModelConfig and ModelStatistics are served; the
+repository, shared-memory and trace calls answer UNIMPLEMENTED (the generated base class).
 
 A client error is the status code Triton uses for it (INVALID_ARGUMENT, NOT_FOUND,
 RESOURCE_EXHAUSTED, ...) with the same message the REST endpoint gives, and the server goes on.
@@ -24,6 +24,15 @@ from gru_deploy.serve.server import (ClientError, Service, array_from_raw, inter
                                      tensor_header)
 
 log = logging.getLogger(__name__)
+
+# Requests of one ModelStreamInfer stream in flight (read, not yet answered to the client) at
+# most. Beyond it the server stops reading the stream until one is answered: backpressure, not
+# refusal. Triton's clients (tritonclient's start_stream / async_stream_infer, perf_analyzer
+# --streaming) queue on their side and never expect a stream request refused for load, while
+# gRPC flow control makes an unread stream hold up its sender. 64 is twice the default
+# --max-batch (one stream can fill a batch while the next one queues) and bounds one stream's
+# memory to 64 requests (each within the body limit).
+MAX_STREAM_IN_FLIGHT = 64
 
 
 def status_code(http_status: int) -> Any:
@@ -75,11 +84,12 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, service: Service) -> None:
         self.service, self.pb = service, service_pb2
 
-    async def _answer(self, context: Any, call: Any) -> Any:
+    async def _answer(self, context: Any, call: Any, request: Any = None) -> Any:
         """`call()`'s message, or the v2 error as a gRPC status (abort raises, ending the call)."""
         try:
             return await call()
         except ClientError as exc:
+            self.service.refused("grpc", getattr(request, "model_name", None) or getattr(request, "name", ""), exc)
             await context.abort(status_code(exc.status), str(exc))
         except Exception as exc:  # a bug or a failed onnxruntime call: INTERNAL, and the server goes on
             log.exception("a gRPC call failed")
@@ -88,14 +98,23 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return self.pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: Any, context: Any) -> Any:
-        return self.pb.ServerReadyResponse(ready=True)
+    async def ServerReady(self, request: Any, context: Any) -> Any:  # not while loading or draining
+        return self.pb.ServerReadyResponse(ready=self.service.ready)
 
     async def ModelReady(self, request: Any, context: Any) -> Any:
         async def call() -> Any:
             self.service.target(request.name)
-            return self.pb.ModelReadyResponse(ready=True)
-        return await self._answer(context, call)
+            return self.pb.ModelReadyResponse(ready=self.service.ready)
+        return await self._answer(context, call, request)
+
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        """Triton's statistics extension: every model's (an empty name) or one model's."""
+        from google.protobuf import json_format
+
+        async def call() -> Any:
+            return json_format.ParseDict({"model_stats": self.service.statistics(request.name)},
+                                         self.pb.ModelStatisticsResponse())
+        return await self._answer(context, call, request)
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
         from gru_deploy import __version__
@@ -110,12 +129,12 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             return self.pb.ModelMetadataResponse(
                 name=meta["name"], versions=meta["versions"], platform=meta["platform"],
                 inputs=[tensor(**t) for t in meta["inputs"]], outputs=[tensor(**t) for t in meta["outputs"]])
-        return await self._answer(context, call)
+        return await self._answer(context, call, request)
 
     async def ModelConfig(self, request: Any, context: Any) -> Any:
         async def call() -> Any:
             return self.pb.ModelConfigResponse(config=self.service.config(request.name))
-        return await self._answer(context, call)
+        return await self._answer(context, call, request)
 
     async def _infer(self, request: Any) -> Any:
         """One ModelInferRequest to its ModelInferResponse (raw_output_contents, as Triton answers)."""
@@ -149,41 +168,54 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             status = "500"
             raise
         finally:
-            self.service.observe("grpc", status, time.perf_counter() - start)
+            self.service.observe("grpc", status, time.perf_counter() - start, request.model_name)
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        return await self._answer(context, lambda: self._observed(request))
+        return await self._answer(context, lambda: self._observed(request), request)
 
     async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
         """tritonclient's start_stream / async_stream_infer: each request is queued in the order it
         arrives (so a sequence's chunks run in order), answered as it completes; an error is the
-        response's error_message and the stream goes on."""
+        response's error_message and the stream goes on. At most MAX_STREAM_IN_FLIGHT requests
+        are read and not yet answered (the stream is read no further until one is); a request's
+        task is dropped as soon as it completes, so a long stream holds only those in flight."""
         answers: asyncio.Queue = asyncio.Queue()
+        in_flight = asyncio.Semaphore(MAX_STREAM_IN_FLIGHT)  # released once its answer is sent
+        tasks: set[asyncio.Task] = set()
 
         async def one(request: Any) -> None:
             try:
                 answer = self.pb.ModelStreamInferResponse(infer_response=await self._observed(request))
             except ClientError as exc:
+                self.service.refused("grpc", request.model_name, exc)
                 answer = self.pb.ModelStreamInferResponse(error_message=str(exc))
             except Exception as exc:
                 log.exception("gRPC ModelStreamInfer request failed")
                 answer = self.pb.ModelStreamInferResponse(error_message=internal_error(exc))
             await answers.put(answer)
 
+        def track(task: asyncio.Task) -> None:  # held only while it runs
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
         async def read() -> None:
-            tasks = []
             async for request in request_iterator:
-                tasks.append(asyncio.create_task(one(request)))
+                await in_flight.acquire()  # backpressure: wait for an answer before taking more
+                track(asyncio.create_task(one(request)))
                 await asyncio.sleep(0)  # let it reach the queue before the next request is read
-            await asyncio.gather(*tasks)
+            while tasks:
+                await asyncio.wait(set(tasks))
             await answers.put(None)
 
         reader = asyncio.create_task(read())
         try:
             while (answer := await answers.get()) is not None:
                 yield answer
+                in_flight.release()
         finally:
             reader.cancel()
+            for task in set(tasks):
+                task.cancel()
 
 
 def _unimplemented(method: str) -> Any:

@@ -1,7 +1,8 @@
 """Stateful sequences in `serve`: Triton's sequence batcher, over the export's stream variant.
 
 A client streams the chunks of one sequence as infer requests carrying the parameters
-`sequence_id` (a non-zero integer or a non-empty string), `sequence_start` and `sequence_end`,
+`sequence_id` (a non-zero integer within uint64, or a non-empty string of at most
+MAX_SEQUENCE_ID_BYTES bytes), `sequence_start` and `sequence_end`,
 as tritonclient sends them for `infer(..., sequence_id=, sequence_start=, sequence_end=)`. The
 server keeps each live sequence's hidden state between its requests: zeros on
 `sequence_start`, h_n of one chunk is h0 of the next, freed on `sequence_end` or after
@@ -29,6 +30,12 @@ from gru_deploy.spec import INPUT_NAME, OUTPUT_NAME, STATE_IN, STATE_OUT
 
 log = logging.getLogger(__name__)
 
+# A string sequence_id is at most this many UTF-8 bytes: room for a UUID (36), a session key or
+# a user id with a prefix, while the ids of --max-sequences live sequences (1024 by default) stay
+# within 256 KiB; unbounded, 100 ids of 7 MB held 700 MiB. An integer id is Triton's: uint64.
+MAX_SEQUENCE_ID_BYTES = 256
+MAX_SEQUENCE_ID = 2**64 - 1
+
 
 @dataclass(frozen=True)
 class SequenceFlags:
@@ -46,6 +53,14 @@ def sequence_flags(parameters: Any) -> SequenceFlags | None:
     start, end = parameters.get("sequence_start", False), parameters.get("sequence_end", False)
     if not (isinstance(sid, str) or (isinstance(sid, int) and not isinstance(sid, bool))):
         raise ClientError(400, f"sequence_id must be an integer or a string, got {type(sid).__name__}")
+    if isinstance(sid, int) and not 0 <= sid <= MAX_SEQUENCE_ID:
+        shown = f"sequence_id {sid}" if sid.bit_length() <= 128 else f"a sequence_id of {sid.bit_length()} bits"
+        raise ClientError(400, f"{shown} is outside uint64: use an integer from 1 to 2**64 - 1, or a string of "
+                               f"at most {MAX_SEQUENCE_ID_BYTES} bytes")
+    if isinstance(sid, str) and len(sid.encode("utf-8", "surrogatepass")) > MAX_SEQUENCE_ID_BYTES:
+        raise ClientError(400, f"sequence_id is a string of {len(sid.encode('utf-8', 'surrogatepass'))} bytes; "
+                               f"the limit is {MAX_SEQUENCE_ID_BYTES}: use a shorter id (a UUID, or a hash of "
+                               "yours)")
     for name, value in (("sequence_start", start), ("sequence_end", end)):
         if not isinstance(value, bool):
             raise ClientError(400, f"{name} must be true or false, got {value!r}")
@@ -73,22 +88,29 @@ class SequencePending(Pending):
 class SequenceModel(Model):
     """The stream variant in one onnxruntime session, the live sequences' states, and the
     batcher in front of them. `stateless`: the served stateless model, whose input checks and
-    output names (logits, probabilities, label; or a module's outputs) a sequence shares."""
+    output names (logits, probabilities, label; or a module's outputs) a sequence shares.
+    `config`: its config.pbtxt (the sequence batcher, h0 -> h_n as implicit state, clients
+    sending x only), served under `name` with `max_batch` and `idle_s`."""
 
     def __init__(self, name: str, onnx_bytes: bytes, state_shape: tuple[int, ...], output_names: list[str],
-                 stateless: Model, wrap: Callable[[dict[str, np.ndarray]], Any], config: Callable[[str, int], str],
+                 stateless: Model, wrap: Callable[[dict[str, np.ndarray]], Any], config: str,
                  threads: int, max_batch: int, max_delay_ms: float, max_sequences: int, idle_s: float) -> None:
         import onnxruntime as ort
 
         from gru_deploy.check.runners import session_options
+        from gru_deploy.serve.server import configured
 
         self.session = ort.InferenceSession(onnx_bytes, session_options(threads), providers=["CPUExecutionProvider"])
         self.state_shape, self.output_names = tuple(state_shape), list(output_names)
-        self.stateless, self.wrap, self._config = stateless, wrap, config
+        self.stateless, self.wrap = stateless, wrap
         self.max_sequences, self.idle_s = max_sequences, idle_s
         self.live: dict[int | str, Live] = {}
+        # chunks queued or running per sequence, whose clients still wait: such a sequence is not
+        # idle (a chunk queued behind a long call must find its state), the reaper leaves it
+        self.waiting: dict[int | str, int] = {}
         self.on_end: Callable[[str], None] = lambda why: None  # why a sequence was freed: end, idle, failed
         self._batching(name, max_batch, max_delay_ms, group_by_length=False)
+        self._configure(configured(config, name, max_batch, idle_s=idle_s))
         self.file, self.precision = stateless.file, stateless.precision
 
     @property
@@ -102,14 +124,8 @@ class SequenceModel(Model):
     def default_outputs(self) -> tuple[str, ...]:  # type: ignore[override]
         return tuple(self.stateless.default_outputs)
 
-    def config(self) -> str:
-        """The config.pbtxt the server bundle writes for this stream model: the sequence batcher
-        with h0 -> h_n as implicit state, clients sending x only."""
-        return self._config(self.name, self.max_batch)
-
-    def tensors(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        inputs, outputs = self.stateless.tensors()
-        return [t for t in inputs if t["name"] == INPUT_NAME], outputs
+    def extra_outputs(self) -> tuple[str, ...]:
+        return self.stateless.extra_outputs()
 
     # --- admission, on the event loop -------------------------------------------------------
 
@@ -143,13 +159,21 @@ class SequenceModel(Model):
     async def infer_chunk(self, x: np.ndarray, flags: SequenceFlags) -> Any:
         assert self.queue is not None, "the sequence batcher runs while the server does"
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        await self.queue.put(SequencePending(x, np.zeros(0, np.int64), future, flags))
-        return await future
+        self.waiting[flags.id] = self.waiting.get(flags.id, 0) + 1
+        try:
+            await self.queue.put(SequencePending(x, np.zeros(0, np.int64), future, flags))
+            return await future
+        finally:  # answered, or its client gave up (cancelled)
+            self.waiting[flags.id] -= 1
+            if not self.waiting[flags.id]:
+                del self.waiting[flags.id]
 
     def reap(self, now: float | None = None) -> int:
-        """Free every sequence without a request for more than idle_s; how many were freed."""
+        """Free every sequence without a request for more than idle_s, and none with a chunk
+        whose client waits for it; how many were freed."""
         now = time.monotonic() if now is None else now
-        idle = [sid for sid, live in self.live.items() if now - live.last_used > self.idle_s]
+        idle = [sid for sid, live in self.live.items()
+                if now - live.last_used > self.idle_s and sid not in self.waiting]
         for sid in idle:
             del self.live[sid]
             self.on_end("idle")
@@ -192,10 +216,14 @@ class SequenceModel(Model):
         """One onnxruntime call for chunks of the same length of different sequences: their
         states stacked into h0, h_n split back. A chunk whose sequence is gone (ended before it,
         or freed while idle) fails alone; a failed call fails its chunks and frees their
-        sequences (their state is lost)."""
+        sequences (their state is lost). A chunk whose client gave up while it waited (its future
+        cancelled: a client timeout) is not run, as Triton drops a cancelled request: its
+        sequence's state stays as it was. A future is completed only while not done."""
         ready: list[tuple[SequencePending, Live]] = []
         for p in group:
             assert isinstance(p, SequencePending)
+            if p.future.done():
+                continue
             live = self.live.get(p.flags.id)
             if p.flags.start:
                 if live is None:  # freed while its start waited: live again
@@ -208,10 +236,12 @@ class SequenceModel(Model):
             ready.append((p, live))
         if not ready:
             return
+        start = time.perf_counter_ns()
         try:
             x = np.concatenate([p.x for p, _ in ready])
             h0 = np.stack([np.zeros(self.state_shape, np.float32) if live.state is None else live.state
                            for _, live in ready])
+            built = time.perf_counter_ns()
             values = await asyncio.get_running_loop().run_in_executor(self.executor, self.run_chunks, x, h0)
         except Exception as exc:
             for p, _ in ready:
@@ -220,7 +250,7 @@ class SequenceModel(Model):
             fail([p for p, _ in ready], exc)
             return
         *outputs, h_n = values
-        now = time.monotonic()
+        now, ran, answered = time.monotonic(), time.perf_counter_ns(), []
         for row, (p, live) in enumerate(ready):
             live.state, live.last_used = h_n[row].copy(), now
             if p.flags.end and self.live.get(p.flags.id) is live:
@@ -229,53 +259,40 @@ class SequenceModel(Model):
             if not p.future.done():
                 p.future.set_result(self.wrap({name: value[row:row + 1] for name, value in
                                                zip(self.output_names, outputs)}))
+                answered.append(p)
+        self.stats.executed(answered, x.shape[0], start, built, ran, time.perf_counter_ns())
 
 
-def lists_stream(path: Any, precision: str) -> bool:
-    """Whether the manifest of the export or bundle at `path` lists an ONNX stream model of
-    `precision` (a bidirectional model, or torch.nn.GRU's family, has none)."""
-    from pathlib import Path
+def load_sequence_model(repository: Any, stateless: Model, threads: int, max_batch: int | None,
+                        max_delay_ms: float | None, precision: str, max_sequences: int, idle_s: float | None,
+                        name: str | None = None) -> SequenceModel | None:
+    """The stream model of a read repository (serve.repository; or the export or bundle at that
+    path, of `precision`) as a SequenceModel under its Triton name (its base `name` where given),
+    serving its config.pbtxt with any option applied (`max_batch`, `idle_s`; the batcher waits
+    `max_delay_ms`, by default as long as `stateless`'s); None when it lists none (a
+    bidirectional model, or torch.nn.GRU's family, has none)."""
+    from gru_deploy.bundle.triton import triton_name
+    from gru_deploy.serve.repository import Repository, read_repository
+    from gru_deploy.serve.server import parse_config
 
-    from gru_deploy.bundle.read import is_bundle, open_bundle
-    from gru_deploy.manifest import find_models, read_manifest
-
-    path = Path(path)
-    if is_bundle(path):
-        with open_bundle(path) as (_, manifest):
-            return bool(find_models(manifest, "stream", "onnx", precision, str(path)))
-    return bool(find_models(read_manifest(path), "stream", "onnx", precision, str(path)))
-
-
-def load_sequence_model(path: Any, stateless: Model, threads: int, max_batch: int, max_delay_ms: float,
-                        precision: str, max_sequences: int, idle_s: float) -> SequenceModel | None:
-    """The stream model of `precision` the manifest lists, checked, as a SequenceModel named
-    `<stateless name>_stream` (the server bundle's Triton name for it); None when it lists none."""
-    from pathlib import Path
-
-    from gru_deploy.bundle.package import triton_config
-    from gru_deploy.bundle.user import user_triton_config
-    from gru_deploy.serve.infer import load_model_bytes
-    from gru_deploy.serve.server import ModuleModel
-    from gru_deploy.serve.user import module_file
-
-    if not lists_stream(path, precision):
+    if not isinstance(repository, Repository):
+        repository = read_repository(repository, precision)
+    file = repository.get("stream")
+    if file is None:
         return None
-    name = f"{stateless.name}_stream"
-    args = (threads, max_batch, max_delay_ms, max_sequences, idle_s)
-    if isinstance(stateless, ModuleModel):
-        file = module_file(Path(path), "stream", precision)
-        h0 = next(t for t in file.signature["inputs"] if t["name"] == STATE_IN)
-        outputs = [o["name"] for o in file.signature["outputs"] if o["name"] != STATE_OUT]
-        model = SequenceModel(name, file.data, tuple(int(d) for d in h0["shape"][1:]), outputs, stateless,
-                              lambda values: values,
-                              lambda n, batch: user_triton_config(n, "onnxruntime_onnx", file.signature,
-                                                                  max_batch=batch, idle_s=idle_s), *args)
-        model.file = file.name
-        return model
-    chosen = load_model_bytes(Path(path), "stream", precision)
-    model = SequenceModel(name, chosen.data, (chosen.spec.hidden_size,), [OUTPUT_NAME], stateless,
-                          lambda values: values[OUTPUT_NAME],
-                          lambda n, batch: triton_config(n, "onnxruntime_onnx", chosen.spec, "stream", batch,
-                                                         idle_s=idle_s), *args)
-    model.file = chosen.name
+    parsed = parse_config(file.config)
+    args = (threads, parsed.max_batch_size if max_batch is None else max_batch,
+            stateless.max_delay * 1000 if max_delay_ms is None else max_delay_ms, max_sequences,
+            parsed.sequence_batching.max_sequence_idle_microseconds / 1e6 if idle_s is None else idle_s)
+    served = triton_name(name, "stream") if name else parsed.name
+    if repository.module:
+        signature = repository.signatures["stream"]
+        h0 = next(t for t in signature["inputs"] if t["name"] == STATE_IN)
+        outputs = [o["name"] for o in signature["outputs"] if o["name"] != STATE_OUT]
+        model = SequenceModel(served, file.data, tuple(int(d) for d in h0["shape"][1:]), outputs, stateless,
+                              lambda values: values, file.config, *args)
+    else:
+        model = SequenceModel(served, file.data, (repository.spec.hidden_size,), [OUTPUT_NAME], stateless,
+                              lambda values: values[OUTPUT_NAME], file.config, *args)
+    model.file = file.file
     return model

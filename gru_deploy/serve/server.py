@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,9 @@ from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, OUTPUT_NAME, ModelSpec
 
 DATATYPES = {"FP32": np.float32, "INT64": np.int64, "INT32": np.int32}
 HEADER_LENGTH = "Inference-Header-Content-Length"
-EXTENSIONS = ["binary_tensor_data", "sequence"]  # v2 extensions served (ServerMetadata)
+INT64_MAX = 2**63 - 1
+MAX_RANK = 16  # dimensions of an input's shape: numpy refuses more than 32 (64 in numpy 2)
+EXTENSIONS = ["binary_tensor_data", "sequence", "statistics"]  # v2 extensions served (ServerMetadata)
 # Grouping by length (length_groups): no request runs padded beyond max(LENGTH_RATIO x its
 # length, its length + LENGTH_SLACK) steps, and the calls of one batch run under
 # 1/(LENGTH_RATIO - 1) more steps than the one padded call would (with hidden 16 on a CPU a
@@ -66,6 +69,8 @@ class Pending:
     x: np.ndarray
     lengths: np.ndarray
     future: asyncio.Future = field(repr=False)
+    # when it was queued (perf_counter_ns): its queue time in the statistics ends when its call starts
+    queued_ns: int = field(init=False, repr=False, default_factory=time.perf_counter_ns)
 
 
 def length_groups(group: list[Pending], ratio: float = LENGTH_RATIO, slack: int = LENGTH_SLACK) -> list[list[Pending]]:
@@ -90,26 +95,129 @@ def fail(group: list[Pending], exc: BaseException) -> None:
             p.future.set_exception(exc)
 
 
+@dataclass
+class Duration:
+    """Triton's StatisticDuration: how many, and their cumulative nanoseconds."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += max(0, int(ns))
+
+
+@dataclass
+class ModelStats:
+    """One model's numbers for Triton's statistics extension (ModelStatistics), cumulative since
+    start-up, counted as Triton counts them: `success`/`fail` each request to the model, from its
+    arrival to its answer (a refused request is a fail); `queue` each request's wait from its
+    queueing to the start of its onnxruntime call; `compute_input` (building the call's batch),
+    `compute_infer` (the call) and `compute_output` (splitting the answers) each request of a
+    call, with the call's durations; `inference_count` the samples answered, `execution_count`
+    the onnxruntime calls; `batch_stats` the calls by batch size."""
+
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference: int = 0  # ms since the epoch, of the last request
+    batches: dict[int, tuple[Duration, Duration, Duration]] = field(default_factory=dict)
+
+    def executed(self, requests: list[Pending], batch: int, start: int, built: int, ran: int, end: int) -> None:
+        """One onnxruntime call of `batch` samples (perf_counter_ns marks: start, input built,
+        call done, answers split) that answered `requests`."""
+        self.execution_count += 1
+        per_batch = self.batches.setdefault(batch, (Duration(), Duration(), Duration()))
+        for duration, ns in zip(per_batch, (built - start, ran - built, end - ran)):
+            duration.add(ns)
+        for p in requests:
+            self.inference_count += p.x.shape[0]
+            self.queue.add(start - p.queued_ns)
+            self.compute_input.add(built - start)
+            self.compute_infer.add(ran - built)
+            self.compute_output.add(end - ran)
+
+    def finished(self, ok: bool, ns: int) -> None:
+        """One request answered: a success, or a fail (refused or failed)."""
+        (self.success if ok else self.fail).add(ns)
+        self.last_inference = time.time_ns() // 1_000_000
+
+    def as_dict(self, name: str) -> dict[str, Any]:
+        """Triton's ModelStatistics, as its REST endpoint answers it (integers in JSON)."""
+        def d(duration: Duration) -> dict[str, int]:
+            return {"count": duration.count, "ns": duration.ns}
+
+        return {"name": name, "version": "1", "last_inference": self.last_inference,
+                "inference_count": self.inference_count, "execution_count": self.execution_count,
+                "inference_stats": {key: d(getattr(self, key)) for key in
+                                    ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")}
+                | {"cache_hit": d(Duration()), "cache_miss": d(Duration())},
+                "batch_stats": [{"batch_size": size, "compute_input": d(i), "compute_infer": d(c),
+                                 "compute_output": d(o)} for size, (i, c, o) in sorted(self.batches.items())]}
+
+
+def parse_config(text: str) -> Any:
+    """A config.pbtxt as Triton's ModelConfig message (tritonclient's model_config_pb2)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def configured(config: str, name: str, max_batch: int, max_delay_ms: float | None = None,
+               idle_s: float | None = None) -> str:
+    """`config` as served: under `name`, with `max_batch` as its max_batch_size, and where given
+    its dynamic batcher's delay and its sequence batcher's idle time. `serve` passes the
+    config's own values unless an option overrides them, so by default it serves the file."""
+    from google.protobuf import text_format
+
+    parsed = parse_config(config)
+    parsed.name, parsed.max_batch_size = name, max_batch
+    if max_delay_ms is not None and parsed.HasField("dynamic_batching"):
+        parsed.dynamic_batching.max_queue_delay_microseconds = round(max_delay_ms * 1000)
+    if idle_s is not None and parsed.HasField("sequence_batching"):
+        parsed.sequence_batching.max_sequence_idle_microseconds = round(idle_s * 1_000_000)
+    return text_format.MessageToString(parsed)
+
+
 class Model:
-    """The variable-length model in one onnxruntime session, plus the batcher in front of it."""
+    """One of the tutorial model's ONNX models (the classifier, or the variable-length one:
+    `variant`) in one onnxruntime session, plus the batcher in front of it. It serves `config`
+    (a config.pbtxt; by default the one the server bundle writes), its metadata derived from it."""
 
     def __init__(self, name: str, spec: ModelSpec, onnx_bytes: bytes, threads: int, max_batch: int,
-                 max_delay_ms: float, group_by_length: bool = True) -> None:
+                 max_delay_ms: float, group_by_length: bool = True, variant: str = "lengths",
+                 config: str | None = None) -> None:
+        from gru_deploy.bundle.package import triton_config
         from gru_deploy.check.runners import OnnxRuntimeRunner
 
-        self.spec = spec
-        self.runner = OnnxRuntimeRunner(spec, onnx_bytes, threads=threads, variant="lengths")
+        self.spec, self.variant, self.takes_lengths = spec, variant, variant == "lengths"
+        self.runner = OnnxRuntimeRunner(spec, onnx_bytes, threads=threads, variant=variant)
         self._batching(name, max_batch, max_delay_ms, group_by_length)
+        self._configure(configured(config or triton_config(name, "onnxruntime_onnx", spec, variant), name, max_batch,
+                                   max_delay_ms))
+
+    def _configure(self, config: str) -> None:
+        """Serve `config`: the name, max_batch and delay in it are the ones the batcher uses."""
+        self.config_text, self.model_config = config, parse_config(config)
+        assert (self.model_config.name, self.model_config.max_batch_size) == (self.name, self.max_batch)
 
     def _batching(self, name: str, max_batch: int, max_delay_ms: float, group_by_length: bool) -> None:
         """The name and the batcher's state, the same for every kind of model."""
         self.name = name
         self.file, self.precision = "", "fp32"  # the manifest's name of the model file, and its precision
+        self.lengths_model: str | None = None  # the served model that takes lengths, where this one does not
         self.max_batch, self.max_delay = max_batch, max_delay_ms / 1000.0
         self.group_by_length = group_by_length  # False: one call per collected group, padded to its longest
         self.queue: asyncio.Queue[Pending] | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
         self.on_batch: Callable[[int], None] = lambda size: None  # samples per onnxruntime call
+        self.stats = ModelStats()  # Triton's statistics extension (GET /v2/models/NAME/stats)
         # Requests read or being checked but not yet queued: the batcher waits for more only while
         # one of them (or the queue) could still join its group.
         self.arriving = 0
@@ -119,10 +227,30 @@ class Model:
         return self.spec.input_size
 
     def validate(self, arrays: dict[str, np.ndarray], limits: "Limits") -> tuple[np.ndarray, np.ndarray]:
+        arrays = self.reshaped(arrays)
+        if not self.takes_lengths and LENGTHS_NAME in arrays:
+            raise ClientError(400, f"unknown input(s) [{LENGTHS_NAME!r}]; model {self.name!r} takes {INPUT_NAME!r} "
+                                   "only (the classifier: send each sequence unpadded"
+                                   + (f", or padded ones with {LENGTHS_NAME!r} to {self.lengths_model!r})"
+                                      if self.lengths_model else ")"))
         return validate(arrays, self.spec, limits)
 
+    def reshaped(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A per-sample scalar input (lengths) as the config declares it, dims [1] reshaped to
+        [], arrives as [batch, 1] (Triton's clients send the dims) or [batch]: [batch] either way."""
+        scalars = {t.name for t in self.model_config.input if t.HasField("reshape") and not t.reshape.shape}
+        return {name: a.reshape(a.shape[0]) if name in scalars and a.ndim == 2 and a.shape[1:] == (1,) else a
+                for name, a in arrays.items()}
+
     def parts(self, group: list[Pending]) -> list[list[Pending]]:
-        """How one collected group runs: in parts of similar length (the lengths model pads within one)."""
+        """How one collected group runs: with a lengths input, in parts of similar length (padded
+        within one); without, only requests of one sequence length together (nothing is padded),
+        shortest first."""
+        if not self.takes_lengths:
+            by_seq: dict[int, list[Pending]] = {}
+            for p in group:
+                by_seq.setdefault(p.x.shape[1], []).append(p)
+            return [by_seq[seq] for seq in sorted(by_seq)]
         return length_groups(group) if self.group_by_length else [group]
 
     def rows(self, result: Any, row: int, request: Pending) -> Any:
@@ -141,37 +269,38 @@ class Model:
 
     default_outputs = ("logits",)
 
+    def extra_outputs(self) -> tuple[str, ...]:
+        """Outputs served on request beyond the config's (computed from its logits)."""
+        return ("probabilities", "label")
+
     def tensors(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """The v2 metadata's inputs and outputs."""
-        s = self.spec
-        return ([_meta(INPUT_NAME, "FP32", [-1, -1, s.input_size]), _meta(LENGTHS_NAME, "INT64", [-1])],
-                [_meta("logits", "FP32", [-1, s.output_size]), _meta("probabilities", "FP32", [-1, s.output_size]),
-                 _meta("label", "BYTES", [-1])])
+        """The v2 metadata's inputs and outputs: the served config's, as Triton derives them."""
+        return config_tensors(self.model_config)
 
     def config(self) -> str:
-        """The config.pbtxt the server bundle writes for the model served (Triton's schema)."""
-        from gru_deploy.bundle.package import triton_config
-
-        return triton_config(self.name, "onnxruntime_onnx", self.spec, "lengths", self.max_batch)
+        """The config.pbtxt served for this model (Triton's schema)."""
+        return self.config_text
 
     def run(self, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """One onnxruntime call. Each request was validated on arrival (`validate`) and a padded
         batch of them is valid too, so the runner's own check of the whole batch is skipped."""
         self.on_batch(x.shape[0])
-        return self.runner.run_validated({INPUT_NAME: x, LENGTHS_NAME: lengths})[OUTPUT_NAME]
+        feed = {INPUT_NAME: x, LENGTHS_NAME: lengths} if self.takes_lengths else {INPUT_NAME: x}
+        return self.runner.run_validated(feed)[OUTPUT_NAME]
 
     async def infer(self, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        loop = asyncio.get_running_loop()
+        pending = Pending(x, lengths, asyncio.get_running_loop().create_future())
         if self.max_batch <= 1 or self.queue is None:
-            return await loop.run_in_executor(self.executor, self.run, x, lengths)
-        future: asyncio.Future = loop.create_future()
-        await self.queue.put(Pending(x, lengths, future))
-        return await future
+            await self._run_group([pending])  # no batcher: alone, now (counted in the statistics alike)
+        else:
+            await self.queue.put(pending)
+        return await pending.future
 
     async def batcher(self) -> None:
         """Collect requests until max_batch samples or max_delay (or until no other request is
-        queued or arriving), then run them in parts of similar length, shortest first. Whatever fails in one round fails the requests of that round and
-        nothing else: the loop goes on with the next request."""
+        queued or arriving), then run them in parts of similar length, shortest first. A failure
+        fails only the requests that did not run (a part's, or the round's if splitting it
+        failed); those answered keep their answers, and the loop goes on with the next request."""
         assert self.queue is not None
         loop = asyncio.get_running_loop()
         carry: Pending | None = None  # the request that did not fit in the last group
@@ -198,15 +327,26 @@ class Model:
                         break
                     group.append(item)
                     samples += item.x.shape[0]
-                for part in self.parts(group):
-                    await self._run_group(part)
+                parts = self.parts(group)
             except Exception as exc:
                 log.exception("the batcher failed a group of %d request(s)", len(group))
                 fail(group, exc)
+                continue
+            for part in parts:  # a part that fails fails its own requests only: the others still run
+                try:
+                    await self._run_group(part)
+                except Exception as exc:
+                    log.exception("the batcher failed a part of %d request(s)", len(part))
+                    fail(part, exc)
 
     async def _run_group(self, group: list[Pending]) -> None:
         """One onnxruntime call for `group`, padded to its longest sequence. Any failure, building
-        the padded batch included (a MemoryError), answers these requests with it."""
+        the padded batch included (a MemoryError), answers these requests with it. A request whose
+        client gave up while it waited (its future cancelled) is not run."""
+        group = [p for p in group if not p.future.done()]
+        if not group:
+            return
+        start = time.perf_counter_ns()
         try:
             seq = max(p.x.shape[1] for p in group)
             x = np.zeros((sum(p.x.shape[0] for p in group), seq, self.input_size), np.float32)
@@ -215,19 +355,36 @@ class Model:
                 x[row:row + p.x.shape[0], : p.x.shape[1]] = p.x
                 row += p.x.shape[0]
             lengths = np.concatenate([p.lengths for p in group])
+            built = time.perf_counter_ns()
             result = await asyncio.get_running_loop().run_in_executor(self.executor, self.run, x, lengths)
         except Exception as exc:
             fail(group, exc)
             return
-        row = 0
+        ran = time.perf_counter_ns()
+        row, answered = 0, []
         for p in group:
             if not p.future.done():
                 p.future.set_result(self.rows(result, row, p))
+                answered.append(p)
             row += p.x.shape[0]
+        self.stats.executed(answered, x.shape[0], start, built, ran, time.perf_counter_ns())
 
 
 def _meta(name: str, datatype: str, shape: list[int]) -> dict[str, Any]:
     return {"name": name, "datatype": datatype, "shape": shape}
+
+
+def config_tensors(config: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The v2 metadata's inputs and outputs of a ModelConfig, as Triton derives them: the batch
+    axis (-1) first where max_batch_size > 0, then each tensor's dims."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    batch = [-1] if config.max_batch_size > 0 else []
+
+    def meta(t: Any) -> dict[str, Any]:
+        return _meta(t.name, pb.DataType.Name(t.data_type).removeprefix("TYPE_"), batch + [int(d) for d in t.dims])
+
+    return [meta(t) for t in config.input], [meta(t) for t in config.output]
 
 
 class ModuleModel(Model):
@@ -238,16 +395,20 @@ class ModuleModel(Model):
     padded), shortest first, and `lengths` is refused."""
 
     def __init__(self, name: str, signature: dict[str, Any], onnx_bytes: bytes, labels: list[str], threads: int,
-                 max_batch: int, max_delay_ms: float, group_by_length: bool = True) -> None:
+                 max_batch: int, max_delay_ms: float, group_by_length: bool = True, config: str | None = None) -> None:
         import onnxruntime as ort
 
+        from gru_deploy.bundle.user import user_triton_config
         from gru_deploy.check.runners import session_options
 
         self.takes_lengths = any(t["name"] == LENGTHS_NAME for t in signature["inputs"])
+        self.variant = "lengths" if self.takes_lengths else "classifier"
         self.signature, self.labels = signature, list(labels)
         self.session = ort.InferenceSession(onnx_bytes, session_options(threads), providers=["CPUExecutionProvider"])
         self.output_names = [o["name"] for o in signature["outputs"]]
         self._batching(name, max_batch, max_delay_ms, group_by_length)
+        self._configure(configured(config or user_triton_config(name, "onnxruntime_onnx", signature), name, max_batch,
+                                   max_delay_ms))
 
     @property
     def input_size(self) -> int:
@@ -258,14 +419,17 @@ class ModuleModel(Model):
 
         from gru_deploy.serve.user import check_user_lengths
 
+        arrays = self.reshaped(arrays)
         if INPUT_NAME not in arrays:
             raise ClientError(400, f"missing input {INPUT_NAME!r}")
         allowed = {INPUT_NAME, LENGTHS_NAME} if self.takes_lengths else {INPUT_NAME}
         unknown = sorted(set(arrays) - allowed)
         if unknown:
             raise ClientError(400, f"unknown input(s) {unknown}; this model takes {sorted(allowed)}"
-                              + ("" if self.takes_lengths else " (it has no lengths variant: send each sequence "
-                                                               "unpadded)"))
+                              + ("" if self.takes_lengths else
+                                 f" (the classifier: send each sequence unpadded, or padded ones with lengths to "
+                                 f"{self.lengths_model!r})" if self.lengths_model else
+                                 " (it has no lengths variant: send each sequence unpadded)"))
         x = arrays[INPUT_NAME]
         if x.ndim == 3 and x.shape[1] > limits.max_seq:
             raise ClientError(413, f"sequence length {x.shape[1]} exceeds the limit {limits.max_seq}")
@@ -277,14 +441,6 @@ class ModuleModel(Model):
         except UserInputError as exc:
             raise ClientError(400, str(exc)) from None
         return x, lengths
-
-    def parts(self, group: list[Pending]) -> list[list[Pending]]:
-        if self.takes_lengths:  # padded within parts of similar length, as the tutorial model
-            return super().parts(group)
-        by_seq: dict[int, list[Pending]] = {}
-        for p in group:
-            by_seq.setdefault(p.x.shape[1], []).append(p)
-        return [by_seq[seq] for seq in sorted(by_seq)]
 
     def rows(self, result: Any, row: int, request: Pending) -> Any:
         """Its rows of every output, and of a per-step output its own steps (not the padding)."""
@@ -313,22 +469,10 @@ class ModuleModel(Model):
     def default_outputs(self) -> tuple[str, ...]:  # type: ignore[override]
         return tuple(self.output_names)
 
-    def tensors(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        def dims(shape: list[Any]) -> list[int]:
-            return [-1 if isinstance(d, str) else int(d) for d in shape]
-
-        outputs = [_meta(o["name"], "FP32", dims(o["shape"])) for o in self.signature["outputs"]]
-        if self.labels and len(outputs) == 1 and len(outputs[0]["shape"]) == 2:
-            outputs += [_meta("probabilities", "FP32", outputs[0]["shape"]), _meta("label", "BYTES", [-1])]
-        inputs = [_meta(INPUT_NAME, "FP32", dims(self.signature["inputs"][0]["shape"]))]
-        if self.takes_lengths:
-            inputs.append(_meta(LENGTHS_NAME, "INT64", [-1]))
-        return inputs, outputs
-
-    def config(self) -> str:
-        from gru_deploy.bundle.user import user_triton_config
-
-        return user_triton_config(self.name, "onnxruntime_onnx", self.signature, max_batch=self.max_batch)
+    def extra_outputs(self) -> tuple[str, ...]:
+        """A classifier with labels: probabilities and label too, on request."""
+        one = len(self.output_names) == 1 and len(self.signature["outputs"][0]["shape"]) == 2
+        return ("probabilities", "label") if self.labels and one else ()
 
     def run(self, x: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
         self.on_batch(x.shape[0])
@@ -336,35 +480,52 @@ class ModuleModel(Model):
         return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
 
 
-def load_module_model(path: Path, threads: int, max_batch: int, max_delay_ms: float, name: str | None,
-                      precision: str, group_by_length: bool = True) -> ModuleModel:
-    """The model of a module export or bundle (of `precision`), chosen and checked through its
-    manifest: its lengths variant where it has one of that precision, else its classifier."""
-    from gru_deploy.serve.user import module_file
+def served_settings(config: str, name: str | None, variant: str, max_batch: int | None,
+                    max_delay_ms: float | None) -> tuple[str, int, float]:
+    """A model's served name, max batch and delay (ms): the config's own, unless `name` (the
+    base of every served name, --model-name) or an option overrides them."""
+    from gru_deploy.bundle.triton import triton_name
 
-    file = module_file(path, ("lengths", "classifier"), precision)
-    model = ModuleModel(name or "model", file.signature, file.data, file.labels, threads, max_batch, max_delay_ms,
-                        group_by_length)
-    model.file, model.precision = file.name, precision
-    return model
+    parsed = parse_config(config)
+    return (triton_name(name, variant) if name else parsed.name,
+            parsed.max_batch_size if max_batch is None else max_batch,
+            parsed.dynamic_batching.max_queue_delay_microseconds / 1000 if max_delay_ms is None else max_delay_ms)
 
 
-def load_model(path: Path, threads: int, max_batch: int, max_delay_ms: float, name: str | None,
+def load_models(repository: Any, threads: int, max_batch: int | None, max_delay_ms: float | None, name: str | None,
+                group_by_length: bool = True) -> list[Model]:
+    """The stateless models of a read repository (serve.repository): each ONNX classifier and
+    lengths model, under its Triton name and serving its config (with any option applied); a
+    module's as ModuleModel."""
+    models: list[Model] = []
+    for file in repository.files:
+        if file.variant == "stream":
+            continue
+        served, batch, delay = served_settings(file.config, name, file.variant, max_batch, max_delay_ms)
+        if repository.module:
+            model: Model = ModuleModel(served, repository.signatures[file.variant], file.data, repository.labels,
+                                       threads, batch, delay, group_by_length, config=file.config)
+        else:
+            model = Model(served, repository.spec, file.data, threads, batch, delay, group_by_length,
+                          variant=file.variant, config=file.config)
+        model.file, model.precision = file.file, repository.precision
+        models.append(model)
+    lengths = next((m.name for m in models if m.takes_lengths), None)
+    for m in models:
+        m.lengths_model = None if m.takes_lengths else lengths
+    return models
+
+
+def load_model(path: Path, threads: int, max_batch: int | None, max_delay_ms: float | None, name: str | None,
                precision: str = "fp32", group_by_length: bool = True) -> Model:
-    """The lengths model (of `precision`) the manifest of an export folder or bundle lists, checked;
-    for a module's export or bundle, its one model (ModuleModel)."""
-    from gru_deploy.serve.infer import load_model_bytes
-    from gru_deploy.serve.user import user_model_kind
+    """One stateless model of the export folder or bundle at `path`: its lengths model where it
+    has one of `precision`, else its classifier (see load_models)."""
+    from gru_deploy.serve.repository import read_repository
 
-    kind = user_model_kind(Path(path))
-    if kind is not None:
-        return load_module_model(Path(path), threads, max_batch, max_delay_ms, name, precision, group_by_length)
-
-    chosen = load_model_bytes(Path(path), "lengths", precision)
-    model = Model(name or "gru_classifier", chosen.spec, chosen.data, threads, max_batch, max_delay_ms,
-                  group_by_length)
-    model.file, model.precision = chosen.name, chosen.precision
-    return model
+    repository = read_repository(Path(path), precision)
+    lengths = [f for f in repository.files if f.variant == "lengths"]
+    repository.files = lengths or [f for f in repository.files if f.variant == "classifier"]
+    return load_models(repository, threads, max_batch, max_delay_ms, name, group_by_length)[0]
 
 
 # --- protocol ------------------------------------------------------------------------------
@@ -386,7 +547,13 @@ def tensor_header(name: str, shape: Any, datatype: Any, limits: Limits) -> tuple
         raise ClientError(400, f"input {name!r}: 'shape' must be a list of non-negative integers")
     if datatype not in DATATYPES:
         raise ClientError(400, f"input {name!r}: datatype {datatype!r} is not one of {sorted(DATATYPES)}")
-    count = int(np.prod(shape)) if shape else 1
+    if len(shape) > MAX_RANK:
+        raise ClientError(400, f"input {name!r}: 'shape' has {len(shape)} dimensions; at most {MAX_RANK} are "
+                               "accepted (the models take rank 1 to 3)")
+    count = math.prod(shape)  # exact (Python ints, at most MAX_RANK of them): np.prod wraps past int64
+    if count > INT64_MAX:
+        raise ClientError(400, f"input {name!r}: shape {list(shape)} has more elements than int64 can count: "
+                               "send the tensor's real shape")
     if count > limits.max_elements:
         raise ClientError(413, f"input {name!r} has {count} elements; the limit is {limits.max_elements}")
     return np.dtype(DATATYPES[datatype]), count
@@ -425,6 +592,9 @@ def parse_request(body: bytes, header_length: str | None, limits: Limits) -> tup
         request = json.loads(head)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ClientError(400, f"malformed JSON: {exc}") from None
+    except ValueError:  # Python refuses an integer of more than 4300 digits (sys.get_int_max_str_digits)
+        raise ClientError(400, "the JSON holds an integer too long to read: integers in a request (shapes, "
+                               "lengths, a sequence_id) must fit in 64 bits") from None
     _depth(request, limits.max_json_depth)
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise ClientError(400, "the request must be a JSON object with an 'inputs' list")
@@ -476,6 +646,9 @@ def validate(arrays: dict[str, np.ndarray], spec: ModelSpec, limits: Limits) -> 
     if lengths is None and x.ndim == 3:
         lengths = np.full(x.shape[0], x.shape[1], np.int64)
     elif lengths is not None:
+        if lengths.dtype.kind not in "iu":  # a float length (2.9) is no length: never truncate it
+            raise ClientError(400, f"input {LENGTHS_NAME!r} must be INT64 (whole steps per sample), got "
+                                   f"{lengths.dtype}: send the lengths as integers")
         lengths = lengths.astype(np.int64)
     try:
         feed = validate_feed({INPUT_NAME: x, LENGTHS_NAME: lengths}, spec, "lengths")
@@ -549,14 +722,18 @@ class Arrival:
 
 
 class Service:
-    """What the REST and gRPC endpoints share: the stateless model, the sequences (the stream
-    variant, when the export has one), the limits, the batchers and the metrics. Protocol-free:
-    each endpoint decodes its requests into arrays and parameters and encodes the results."""
+    """What the REST and gRPC endpoints share: the stateless models (the classifier and the
+    lengths model; `model` is the first), the sequences (the stream variant, when the export
+    has one), the limits, the batchers and the metrics. Protocol-free: each endpoint decodes
+    its requests into arrays and parameters and encodes the results."""
 
-    def __init__(self, model: Model, sequences: Any = None, limits: Limits | None = None) -> None:
+    def __init__(self, model: "Model | list[Model] | tuple[Model, ...]", sequences: Any = None,
+                 limits: Limits | None = None) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-        self.model, self.sequences, self.limits = model, sequences, limits or Limits()
+        self.stateless: tuple[Model, ...] = tuple(model) if isinstance(model, (list, tuple)) else (model,)
+        model = self.model = self.stateless[0]
+        self.sequences, self.limits = sequences, limits or Limits()
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("gru_deploy_requests", "Inference requests", ["protocol", "status"], registry=registry)
         self.latency = Histogram("gru_deploy_request_seconds", "Inference request latency", ["protocol"],
@@ -564,7 +741,8 @@ class Service:
                                                              0.5, 1, 2, 5))
         batch = Histogram("gru_deploy_batch_size", "Samples per onnxruntime call", ["model"], registry=registry,
                           buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-        model.on_batch = batch.labels(model=model.name).observe  # once per onnxruntime call, batched or not
+        for m in self.stateless:
+            m.on_batch = batch.labels(model=m.name).observe  # once per onnxruntime call, batched or not
         if sequences is not None:
             sequences.on_batch = batch.labels(model=sequences.name).observe
             live = Gauge("gru_deploy_live_sequences", "Sequences whose state the server keeps", registry=registry)
@@ -572,12 +750,17 @@ class Service:
             ended = Counter("gru_deploy_sequences_freed", "Sequences freed, by why", ["reason"], registry=registry)
             sequences.on_end = lambda why: ended.labels(reason=why).inc()
         self._tasks: list[asyncio.Task] = []
-        # each model's output names (its metadata's), checked against every request's before it runs
-        self._offered = {m.name: [t["name"] for t in m.tensors()[1]] for m in self.models}
+        # loading -> ready (start) -> draining (drain, after SIGTERM) -> stopped: ready only in
+        # "ready" (/v2/health/ready, ServerReady, ModelReady); live in every state
+        self.state = "loading"
+        self.in_flight = 0  # inference requests between decoding and their answer
+        # each model's output names (its metadata's, and those it computes on request), checked
+        # against every request's before it runs
+        self._offered = {m.name: [t["name"] for t in m.tensors()[1]] + list(m.extra_outputs()) for m in self.models}
 
     @property
     def models(self) -> tuple[Model, ...]:
-        return (self.model,) if self.sequences is None else (self.model, self.sequences)
+        return self.stateless if self.sequences is None else (*self.stateless, self.sequences)
 
     def target(self, name: str) -> Model:
         for m in self.models:
@@ -601,8 +784,26 @@ class Service:
     def arrival(self) -> Arrival:
         return Arrival(self.models)
 
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def statistics(self, name: str = "") -> list[dict[str, Any]]:
+        """Triton's ModelStatistics of `name` (every model's for ""), as REST answers them."""
+        models = self.models if not name else (self.target(name),)
+        return [m.stats.as_dict(m.name) for m in models]
+
     async def infer(self, name: str, arrays: dict[str, np.ndarray], parameters: Any, requested: list[str] | None,
                     arrival: Arrival) -> tuple[Model, Any]:
+        """`_infer`, counted in flight while it runs (`drain` waits for none)."""
+        self.in_flight += 1
+        try:
+            return await self._infer(name, arrays, parameters, requested, arrival)
+        finally:
+            self.in_flight -= 1
+
+    async def _infer(self, name: str, arrays: dict[str, np.ndarray], parameters: Any, requested: list[str] | None,
+                     arrival: Arrival) -> tuple[Model, Any]:
         """Run one decoded request: stateless, or a chunk of a sequence when its parameters carry
         a sequence_id. Returns the model that answered and its result (`outputs()` reads it).
         Every check, the requested output names included, comes before the model runs: a
@@ -621,6 +822,10 @@ class Service:
                                        "sequence_start/sequence_end (tritonclient: infer(..., sequence_id=..., "
                                        "sequence_start=..., sequence_end=...))")
             x, lengths = target.validate(arrays, self.limits)
+            if 0 < target.max_batch < x.shape[0]:  # as Triton refuses a batch beyond the config's
+                raise ClientError(400, f"batch {x.shape[0]} exceeds model {target.name!r}'s max_batch_size "
+                                       f"{target.max_batch} (its config): send at most {target.max_batch} "
+                                       "samples per request")
             arrival.done()
             return target, await target.infer(x, lengths)
         if self.sequences is None:
@@ -631,21 +836,43 @@ class Service:
         arrival.done()
         return self.sequences, await self.sequences.infer_chunk(x, flags)
 
-    def observe(self, protocol: str, status: str, seconds: float) -> None:
+    def observe(self, protocol: str, status: str, seconds: float, model: str = "") -> None:
+        """One inference request answered: the metrics, and the statistics of `model` (the model
+        named in the request, when this server serves it)."""
         self.requests.labels(protocol=protocol, status=status).inc()
         self.latency.labels(protocol=protocol).observe(seconds)
+        served = next((m for m in self.models if m.name == model), None)
+        if served is not None:
+            served.stats.finished(status == "200", round(seconds * 1e9))
+
+    def refused(self, protocol: str, model: str, exc: ClientError) -> None:
+        """One line at info level for a request refused with a client error (4xx)."""
+        reason = str(exc).replace("\n", " ")
+        log.info("refused a %s request for model %r: %d %s", protocol, model[:200],
+                 exc.status, reason if len(reason) <= 500 else reason[:500] + "...")
+
+    async def drain(self, timeout: float) -> None:
+        """Report not ready, and wait (at most `timeout` s) until no inference request is in
+        flight: after SIGTERM, before the endpoints stop; requests that arrive meanwhile are served."""
+        self.state = "draining"
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     async def start(self) -> None:
         """The batchers (and the sequences' reaper) on the running loop."""
-        if self.model.max_batch > 1:
-            self.model.queue = asyncio.Queue()
-            self._tasks.append(asyncio.create_task(self.model.batcher()))
+        for m in self.stateless:
+            if m.max_batch > 1:
+                m.queue = asyncio.Queue()
+                self._tasks.append(asyncio.create_task(m.batcher()))
         if self.sequences is not None:  # always through its batcher: it reads and writes the states
             self.sequences.queue = asyncio.Queue()
             self._tasks += [asyncio.create_task(self.sequences.batcher()),
                             asyncio.create_task(self.sequences.reaper())]
+        self.state = "ready"
 
     async def stop(self) -> None:
+        self.state = "stopped"
         for task in self._tasks:
             task.cancel()
         self._tasks = []
@@ -675,9 +902,12 @@ def make_app(service: "Service | Model", limits: Limits | None = None, manage: b
         try:
             return await handler(request)
         except ClientError as exc:
+            service.refused("rest", request.match_info.get("name", ""), exc)
             return error(exc.status, str(exc))
         except web.HTTPRequestEntityTooLarge:
-            return error(413, f"request body exceeds the limit of {limits.max_body_bytes} bytes")
+            exc = ClientError(413, f"request body exceeds the limit of {limits.max_body_bytes} bytes")
+            service.refused("rest", request.match_info.get("name", ""), exc)
+            return error(exc.status, str(exc))
         except web.HTTPException as exc:
             if exc.status >= 400:
                 return error(exc.status, exc.reason)
@@ -689,8 +919,8 @@ def make_app(service: "Service | Model", limits: Limits | None = None, manage: b
     async def live(request: web.Request) -> web.Response:
         return web.json_response({"live": True})
 
-    async def ready(request: web.Request) -> web.Response:
-        return web.json_response({"ready": True})
+    async def ready(request: web.Request) -> web.Response:  # 503 while loading or draining (after SIGTERM)
+        return web.json_response({"ready": service.ready}, status=200 if service.ready else 503)
 
     async def server_metadata(request: web.Request) -> web.Response:
         return web.json_response({"name": "gru-deploy", "version": __version__, "extensions": EXTENSIONS})
@@ -703,7 +933,11 @@ def make_app(service: "Service | Model", limits: Limits | None = None, manage: b
         return web.json_response(json_format.MessageToDict(config, preserving_proto_field_name=True))
 
     async def model_ready(request: web.Request) -> web.Response:
-        return web.json_response({"name": service.target(request.match_info["name"]).name, "ready": True})
+        return web.json_response({"name": service.target(request.match_info["name"]).name, "ready": service.ready},
+                                 status=200 if service.ready else 503)
+
+    async def model_stats(request: web.Request) -> web.Response:  # Triton's statistics extension
+        return web.json_response({"model_stats": service.statistics(request.match_info.get("name", ""))})
 
     async def infer(request: web.Request) -> web.Response:
         start = time.perf_counter()
@@ -730,7 +964,7 @@ def make_app(service: "Service | Model", limits: Limits | None = None, manage: b
             raise
         finally:
             arrival.done()
-            service.observe("rest", status, time.perf_counter() - start)
+            service.observe("rest", status, time.perf_counter() - start, request.match_info["name"])
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(service.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -740,12 +974,15 @@ def make_app(service: "Service | Model", limits: Limits | None = None, manage: b
         app.on_startup.append(lambda app: service.start())
         app.on_cleanup.append(lambda app: service.stop())
     app.add_routes([
+        web.get("/v2/models/stats", model_stats),  # every model's; before /v2/models/{name} matches "stats"
         web.get("/v2/health/live", live), web.get("/v2/health/ready", ready), web.get("/v2", server_metadata),
         web.get("/v2/models/{name}", model_metadata), web.get("/v2/models/{name}/versions/{version}", model_metadata),
         web.get("/v2/models/{name}/config", model_config),
         web.get("/v2/models/{name}/versions/{version}/config", model_config),
         web.get("/v2/models/{name}/ready", model_ready),
         web.get("/v2/models/{name}/versions/{version}/ready", model_ready),
+        web.get("/v2/models/{name}/stats", model_stats),
+        web.get("/v2/models/{name}/versions/{version}/stats", model_stats),
         web.post("/v2/models/{name}/infer", infer), web.post("/v2/models/{name}/versions/{version}/infer", infer),
         web.get("/metrics", metrics),
     ])
@@ -753,32 +990,52 @@ def make_app(service: "Service | Model", limits: Limits | None = None, manage: b
 
 
 def serve(path: Path, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-          max_batch: int = 32, max_delay_ms: float = 2.0, threads: int = 1, limits: Limits | None = None,
-          print_fn: Any = print, precision: str = "fp32", group_by_length: bool = True, grpc_port: int | None = None,
-          max_sequences: int = 1024, sequence_idle_s: float = 60.0) -> None:
+          max_batch: int | None = None, max_delay_ms: float | None = None, threads: int = 1,
+          limits: Limits | None = None, print_fn: Any = print, precision: str = "fp32", group_by_length: bool = True,
+          grpc_port: int | None = None, max_sequences: int = 1024, sequence_idle_s: float | None = None) -> None:
     """Run the server (REST on `port`, gRPC on `grpc_port` too when given) until SIGINT/SIGTERM;
-    in-flight requests finish before it exits. `group_by_length=False` runs each collected group
-    as one call padded to its longest request. Sequences are served where the export has a
-    stream variant: at most `max_sequences` live, each freed after `sequence_idle_s` idle."""
+    in-flight requests finish before it exits. Every ONNX model of `precision` the export or
+    bundle lists is served under its Triton name with its config.pbtxt (serve.repository);
+    `max_batch`, `max_delay_ms` and `sequence_idle_s` override the configs' values, and
+    `model_name` their names' base. `group_by_length=False` runs each collected group as one
+    call padded to its longest request. Sequences are served where the export has a stream
+    variant: at most `max_sequences` live."""
+    from gru_deploy.serve.repository import read_repository
     from gru_deploy.serve.sequences import load_sequence_model
 
-    model = load_model(path, threads, max_batch, max_delay_ms, model_name, precision, group_by_length)
-    sequences = load_sequence_model(path, model, threads, max_batch, max_delay_ms, precision, max_sequences,
-                                    sequence_idle_s)
-    service = Service(model, sequences, limits)
+    repository = read_repository(Path(path), precision)  # a bundle archive is extracted and checked once
+    models = load_models(repository, threads, max_batch, max_delay_ms, model_name, group_by_length)
+    sequences = load_sequence_model(repository, models[0], threads, max_batch, max_delay_ms, precision, max_sequences,
+                                    sequence_idle_s, model_name)
+    service = Service(models, sequences, limits)
+    settings = ", ".join(f"{m.name}: max batch {m.max_batch}, max delay {m.max_delay * 1000:g} ms" for m in models)
     asyncio.run(_run(service, host, port, grpc_port, print_fn,
-                     f"max batch {max_batch}, max delay {max_delay_ms} ms"
-                     f"{'' if group_by_length else ', no grouping by length'}", path))
+                     settings + ("" if group_by_length else ", no grouping by length"), path, tuple(repository.left)))
+
+
+def log_to_stderr() -> None:
+    """The server's own log lines (gru_deploy.*: refused requests at info level, failures) on
+    stderr, where the application has not set up logging itself."""
+    import sys
+
+    logger = logging.getLogger("gru_deploy")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 async def _run(service: Service, host: str, port: int, grpc_port: int | None, print_fn: Any, settings: str,
-               path: Path) -> None:
+               path: Path, left: tuple[str, ...] = ()) -> None:
     import signal
 
     from aiohttp import web
 
     from gru_deploy.errors import UserInputError
 
+    log_to_stderr()
     runner = web.AppRunner(make_app(service, manage=False), handle_signals=False, shutdown_timeout=10.0)
     await runner.setup()
     await service.start()
@@ -794,16 +1051,19 @@ async def _run(service: Service, host: str, port: int, grpc_port: int | None, pr
 
             grpc_server, bound = await start_grpc(service, host, grpc_port)
             where += f" and grpc {host}:{bound}"
-        model, sequences = service.model, service.sequences
-        print_fn(f"serving {model.name} ({model.file}, {model.precision}) from {path} on {where} ({settings})"
+        sequences = service.sequences
+        served = ", ".join(f"{m.name} ({m.file})" for m in service.stateless)
+        print_fn(f"serving {served}, {service.model.precision}, from {path} on {where} ({settings})"
                  + (f"; sequences as {sequences.name} ({sequences.file}; at most {sequences.max_sequences} live, "
                     f"freed after {sequences.idle_s:g} s idle)" if sequences is not None else
-                    "; no sequences (the export has no stream variant)") + "; Ctrl-C stops")
+                    "; no sequences (the export has no stream variant)")
+                 + "".join(f"; not served here, left to Triton: {m}" for m in left) + "; Ctrl-C stops")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        await service.drain(10.0)  # not ready from here; requests in flight finish first
     finally:
         if grpc_server is not None:
             await grpc_server.stop(grace=10.0)  # in-flight calls finish first

@@ -126,7 +126,6 @@ def module_file(path: Path, variants: str | tuple[str, ...], precision: str = "f
     gives), read through the manifest: checksums checked, and its graph refused if it holds an
     op type other than the ones the manifest records. `manifest`: an export's, already read."""
     from gru_deploy.bundle.read import check_bundle_files, is_bundle, open_bundle
-    from gru_deploy.convert.graphs import check_onnx_bytes
     from gru_deploy.manifest import find_models, select_model, verified_path
 
     wanted = (variants,) if isinstance(variants, str) else variants
@@ -142,19 +141,31 @@ def module_file(path: Path, variants: str | tuple[str, ...], precision: str = "f
             check_bundle_files(folder, manifest)
             where = f"{path} ({manifest['target']} bundle)"
             variant, name = choose(manifest, where)
-            data, recorded = (folder / name).read_bytes(), manifest["models"][name].get("op_types")
+            data = (folder / name).read_bytes()
     else:
         manifest = manifest if manifest is not None else user_export(path)
         where = str(path)
         variant, name = choose(manifest, where)
         data = verified_path(path, manifest, name).read_bytes()
+    check_module_graph(data, manifest, name, variant, where, str(path))
+    return ModuleFile(name, data, variant, signature_of(manifest, variant, where), list(manifest.get("labels") or []),
+                      where)
+
+
+def check_module_graph(data: bytes, manifest: dict[str, Any], name: str, variant: str, where: str, path: str) -> None:
+    """Refuse a module's ONNX graph (`name`, of `variant`, as the manifest of an export or a
+    bundle lists it) that holds an op type other than the ones the manifest records."""
+    from gru_deploy.bundle.package import BUNDLE_FORMAT
+    from gru_deploy.convert.graphs import check_onnx_bytes
+
+    if manifest.get("format") == BUNDLE_FORMAT:  # a bundle records each file's op types
+        recorded = manifest["models"][name].get("op_types")
+    else:
         recorded = ((manifest.get("onnx") or {}) if variant == "classifier"
-                    else manifest["variants"][variant]).get("op_types")
+                    else (manifest.get("variants") or {}).get(variant, {})).get("op_types")
     if not isinstance(recorded, (dict, list)):
         raise UserInputError(f"{where}: the manifest does not record {name}'s op types; re-export or re-package it")
     check_onnx_bytes(data, f"{path}: {name}", known=frozenset(recorded))
-    return ModuleFile(name, data, variant, signature_of(manifest, variant, where), list(manifest.get("labels") or []),
-                      where)
 
 
 def check_user_state(state: Any, x: np.ndarray, signature: dict[str, Any]) -> np.ndarray:

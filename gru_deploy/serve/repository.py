@@ -1,0 +1,120 @@
+"""What `serve` serves: every ONNX model of one precision that an export's or a bundle's
+manifest lists, under its Triton name and with its config.pbtxt, read in one pass.
+
+A server bundle's models keep their own `model_repository/NAME/config.pbtxt`. An export
+folder or an edge bundle has no Triton repository: each model gets the name and the config
+the server bundle builder would write for it (bundle.triton.triton_name; bundle.package.
+triton_config for the tutorial model, bundle.user.user_triton_config for a module). A bundle
+archive is extracted once and every checksum checked once; the models are then built from
+the bytes read here. Files are chosen by what the manifest says they are, never by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Callable
+
+from gru_deploy.errors import UserInputError
+
+if TYPE_CHECKING:
+    from gru_deploy.spec import ModelSpec
+
+VARIANTS = ("classifier", "lengths", "stream")  # the order models are served and listed in
+
+
+@dataclass
+class ServedFile:
+    """One ONNX model to serve."""
+
+    name: str  # its Triton model name
+    file: str  # the model file, as the manifest names it
+    variant: str  # classifier, lengths or stream
+    data: bytes  # sha256 checked against the manifest; the graph checked (check_onnx_bytes)
+    config: str  # its config.pbtxt (Triton's ModelConfig, text format)
+
+
+@dataclass
+class Repository:
+    """The models of one precision of an export or bundle, and what the rest of it says."""
+
+    where: str
+    precision: str
+    module: bool  # a module's export or bundle (its signatures), not the tutorial model's (its spec)
+    spec: "ModelSpec | None"  # the tutorial model's
+    signatures: dict[str, dict[str, Any]]  # a module's, per variant served
+    labels: list[str]
+    files: list[ServedFile]
+    left: list[str] = field(default_factory=list)  # listed models serve does not run, and who does
+
+    def get(self, variant: str) -> ServedFile | None:
+        return next((f for f in self.files if f.variant == variant), None)
+
+
+def read_repository(path: Path, precision: str = "fp32") -> Repository:
+    """The served models of the export folder or bundle (folder or .tar.gz) at `path`: every
+    file checked against the manifest first; UserInputError when it has no ONNX model of
+    `precision` to serve."""
+    from gru_deploy.bundle.read import check_bundle_files, is_bundle, open_bundle
+    from gru_deploy.manifest import PRECISIONS, read_manifest, verified_path
+
+    if precision not in PRECISIONS:
+        raise UserInputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    path = Path(path)
+    if is_bundle(path):
+        with open_bundle(path) as (folder, manifest):
+            check_bundle_files(folder, manifest)  # every sha256, once
+            return _collect(manifest, f"{path} ({manifest['target']} bundle)", str(path), precision,
+                            lambda name: (folder / name).read_bytes(), bundle=True)
+    manifest = read_manifest(path)
+    return _collect(manifest, str(path), str(path), precision,
+                    lambda name: verified_path(path, manifest, name).read_bytes(), bundle=False)
+
+
+def _collect(manifest: dict[str, Any], where: str, path: str, precision: str, read: Callable[[str], bytes],
+             bundle: bool) -> Repository:
+    from gru_deploy.bundle.package import MODEL_NAME, REPOSITORY, triton_config
+    from gru_deploy.bundle.triton import triton_name
+    from gru_deploy.bundle.user import SERVER_NAME, user_triton_config
+    from gru_deploy.convert.graphs import check_onnx_bytes
+    from gru_deploy.manifest import find_models, is_module_export, select_model
+    from gru_deploy.serve.user import check_module_graph, signature_of
+    from gru_deploy.spec import ModelSpec
+
+    module = is_module_export(manifest)
+    spec = None if module else ModelSpec.from_dict(manifest["config"])
+    base = manifest.get("model_name") or (SERVER_NAME if module else MODEL_NAME)
+    files, signatures = [], {}
+    for variant in VARIANTS:
+        if not find_models(manifest, variant, "onnx", precision, where):
+            continue
+        name = select_model(manifest, variant, "onnx", precision, where)
+        data = read(name)
+        if module:
+            signatures[variant] = signature_of(manifest, variant, where)
+            check_module_graph(data, manifest, name, variant, where, path)
+        else:
+            check_onnx_bytes(data, f"{path}: {name}")
+        parts = PurePosixPath(name).parts
+        if bundle and manifest["target"] == "server" and len(parts) == 4 and parts[0] == REPOSITORY:
+            triton, config_file = parts[1], f"{REPOSITORY}/{parts[1]}/config.pbtxt"  # Triton's repository layout
+            if config_file not in manifest["files"]:
+                raise UserInputError(f"{where}: {name} has no {config_file}; re-package the bundle")
+            config = read(config_file).decode()
+        else:
+            triton = triton_name(base, variant)
+            config = (user_triton_config(triton, "onnxruntime_onnx", signatures[variant]) if module
+                      else triton_config(triton, "onnxruntime_onnx", spec, variant))
+        files.append(ServedFile(triton, name, variant, data, config))
+    if not any(f.variant != "stream" for f in files):
+        hint = ("; package the export with `gru-deploy package DIR --target edge --quantize int8` for int8 models"
+                if precision == "int8" else "")
+        raise UserInputError(f"{where}: no {precision} ONNX classifier or lengths model to serve{hint}")
+    left = []
+    for name, info in sorted(manifest["models"].items()):
+        if isinstance(info, dict) and info.get("format") == "torchscript":
+            parts = PurePosixPath(name).parts
+            label = parts[1] if bundle and len(parts) == 4 and parts[0] == REPOSITORY else name
+            left.append(f"{label} (TorchScript: Triton's pytorch_libtorch backend runs it)")
+    return Repository(where, precision, module, spec, signatures, list(manifest.get("labels") or
+                                                                        (spec.labels if spec else [])), files, left)
