@@ -469,7 +469,9 @@ def test_serving_a_bundle_archive_extracts_it_once_and_hashes_each_file_once(exp
         hashed.append(path)
         return sha256_file(path)
 
-    async def no_listening(service, *args, **kwargs):
+    async def no_listening(service, host, port, grpc_port, print_fn, path, load, *rest):
+        repository, models, sequences = load()  # what _run does once it listens
+        service.install(models, sequences)
         services.append(service)
 
     monkeypatch.setattr(read, "_extract", counting_extract)

@@ -615,6 +615,64 @@ def test_statistics_count_the_requests_made(server, spec, protocol):
     expect_error(lambda: c.get_inference_statistics("nope"), protocol, "404", "NOT_FOUND", "unknown model 'nope'")
 
 
+SLOW_LOAD = """
+import pathlib, sys, time
+import gru_deploy.serve.repository as repository
+from gru_deploy.serve.server import serve
+read, release = repository.read_repository, pathlib.Path(sys.argv[2])
+
+def slow_read(*args, **kwargs):  # the models load only once the test says so
+    while not release.exists():
+        time.sleep(0.02)
+    return read(*args, **kwargs)
+
+repository.read_repository = slow_read
+serve(pathlib.Path(sys.argv[1]), port=int(sys.argv[3]), grpc_port=int(sys.argv[4]))
+"""
+
+
+def test_serve_listens_while_its_models_load_and_answers_not_ready(export_dir, tmp_path):
+    """`serve` opens its ports first and loads the models off the event loop: meanwhile health
+    says live and not ready, and a model call is a 503 / UNAVAILABLE that says to wait."""
+    import subprocess
+    import sys
+    import urllib.error
+
+    port, grpc_port = free_port(), free_port()
+    release = tmp_path / "release"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_LOAD, str(export_dir), str(release), str(port),
+                             str(grpc_port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def live() -> bool:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                urllib.request.urlopen(f"{url}/v2/health/live", timeout=1).close()
+                return True
+            except OSError:
+                return False
+
+        wait_until(live, 60)
+        with pytest.raises(urllib.error.HTTPError) as ready:
+            urllib.request.urlopen(f"{url}/v2/health/ready", timeout=5)
+        assert ready.value.code == 503
+        with pytest.raises(urllib.error.HTTPError) as infer:
+            urllib.request.urlopen(urllib.request.Request(f"{url}/v2/models/gru_classifier/infer", data=b"{}"),
+                                   timeout=5)
+        assert infer.value.code == 503 and "still loading" in infer.value.read().decode()
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        assert client.is_server_live() and not client.is_server_ready()
+        with pytest.raises(InferenceServerException, match="still loading") as unavailable:
+            client.get_model_metadata("gru_classifier")
+        assert "UNAVAILABLE" in str(unavailable.value.status())
+        release.touch()
+        wait_until(client.is_server_ready, 60)
+        assert client.get_model_metadata("gru_classifier").name == "gru_classifier"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
 def test_not_ready_while_loading_nor_while_draining(export_dir, spec, monkeypatch):
     """Before the batchers start (the models loading) and from SIGTERM's drain on, /v2/health/ready,
     the model's ready, gRPC ServerReady and ModelReady say not ready, live says live; the drain

@@ -727,18 +727,38 @@ class Service:
     has one), the limits, the batchers and the metrics. Protocol-free: each endpoint decodes
     its requests into arrays and parameters and encodes the results."""
 
-    def __init__(self, model: "Model | list[Model] | tuple[Model, ...]", sequences: Any = None,
+    def __init__(self, model: "Model | list[Model] | tuple[Model, ...]" = (), sequences: Any = None,
                  limits: Limits | None = None) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        """With no model, the service answers health and refuses model calls with 503 while
+        `install` has not given it its models (`serve` listens while it loads them)."""
+        from prometheus_client import CollectorRegistry, Counter, Histogram
 
-        self.stateless: tuple[Model, ...] = tuple(model) if isinstance(model, (list, tuple)) else (model,)
-        model = self.model = self.stateless[0]
-        self.sequences, self.limits = sequences, limits or Limits()
+        self.limits = limits or Limits()
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("gru_deploy_requests", "Inference requests", ["protocol", "status"], registry=registry)
         self.latency = Histogram("gru_deploy_request_seconds", "Inference request latency", ["protocol"],
                                  registry=registry, buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2,
                                                              0.5, 1, 2, 5))
+        self._tasks: list[asyncio.Task] = []
+        # loading -> ready (start) -> draining (drain, after SIGTERM) -> stopped: ready only in
+        # "ready" (/v2/health/ready, ServerReady, ModelReady); live in every state
+        self.state = "loading"
+        self.in_flight = 0  # inference requests between decoding and their answer
+        self.stateless: tuple[Model, ...] = ()
+        self.sequences: Any = None
+        self._offered: dict[str, list[str]] = {}
+        models = tuple(model) if isinstance(model, (list, tuple)) else (model,)
+        if models:
+            self.install(models, sequences)
+
+    def install(self, models: "list[Model] | tuple[Model, ...]", sequences: Any = None) -> None:
+        """The models to serve (the stateless ones, `models[0]` first) and the sequences."""
+        from prometheus_client import Counter, Gauge, Histogram
+
+        registry = self.registry
+        self.stateless = tuple(models)
+        self.model = self.stateless[0]
+        self.sequences = sequences
         batch = Histogram("gru_deploy_batch_size", "Samples per onnxruntime call", ["model"], registry=registry,
                           buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         for m in self.stateless:
@@ -749,11 +769,6 @@ class Service:
             live.set_function(lambda: len(sequences.live))
             ended = Counter("gru_deploy_sequences_freed", "Sequences freed, by why", ["reason"], registry=registry)
             sequences.on_end = lambda why: ended.labels(reason=why).inc()
-        self._tasks: list[asyncio.Task] = []
-        # loading -> ready (start) -> draining (drain, after SIGTERM) -> stopped: ready only in
-        # "ready" (/v2/health/ready, ServerReady, ModelReady); live in every state
-        self.state = "loading"
-        self.in_flight = 0  # inference requests between decoding and their answer
         # each model's output names (its metadata's, and those it computes on request), checked
         # against every request's before it runs
         self._offered = {m.name: [t["name"] for t in m.tensors()[1]] + list(m.extra_outputs()) for m in self.models}
@@ -763,6 +778,8 @@ class Service:
         return self.stateless if self.sequences is None else (*self.stateless, self.sequences)
 
     def target(self, name: str) -> Model:
+        if not self.stateless:
+            raise ClientError(503, "the models are still loading: wait until /v2/health/ready answers 200")
         for m in self.models:
             if name == m.name:
                 return m
@@ -1003,14 +1020,16 @@ def serve(path: Path, host: str = "127.0.0.1", port: int = 8000, model_name: str
     from gru_deploy.serve.repository import read_repository
     from gru_deploy.serve.sequences import load_sequence_model
 
-    repository = read_repository(Path(path), precision)  # a bundle archive is extracted and checked once
-    models = load_models(repository, threads, max_batch, max_delay_ms, model_name, group_by_length)
-    sequences = load_sequence_model(repository, models[0], threads, max_batch, max_delay_ms, precision, max_sequences,
-                                    sequence_idle_s, model_name)
-    service = Service(models, sequences, limits)
-    settings = ", ".join(f"{m.name}: max batch {m.max_batch}, max delay {m.max_delay * 1000:g} ms" for m in models)
-    asyncio.run(_run(service, host, port, grpc_port, print_fn,
-                     settings + ("" if group_by_length else ", no grouping by length"), path, tuple(repository.left)))
+    def load() -> tuple[Any, list[Model], Any]:
+        repository = read_repository(Path(path), precision)  # a bundle archive is extracted and checked once
+        models = load_models(repository, threads, max_batch, max_delay_ms, model_name, group_by_length)
+        sequences = load_sequence_model(repository, models[0], threads, max_batch, max_delay_ms, precision,
+                                        max_sequences, sequence_idle_s, model_name)
+        return repository, models, sequences
+
+    # listening while the models load: health answers (ready: false), model calls get 503
+    asyncio.run(_run(Service((), None, limits), host, port, grpc_port, print_fn, path, load,
+                     "" if group_by_length else ", no grouping by length"))
 
 
 def log_to_stderr() -> None:
@@ -1027,8 +1046,11 @@ def log_to_stderr() -> None:
     logger.setLevel(logging.INFO)
 
 
-async def _run(service: Service, host: str, port: int, grpc_port: int | None, print_fn: Any, settings: str,
-               path: Path, left: tuple[str, ...] = ()) -> None:
+async def _run(service: Service, host: str, port: int, grpc_port: int | None, print_fn: Any, path: Path,
+               load: Callable[[], tuple[Any, list[Model], Any]], grouping: str = "") -> None:
+    """Listen (REST, and gRPC where asked), load the models off the event loop (not ready until
+    then), serve until SIGINT/SIGTERM, then drain. Why one piece: the listeners, the loading and
+    the drain share one try/finally that closes what was opened, in order."""
     import signal
 
     from aiohttp import web
@@ -1038,7 +1060,6 @@ async def _run(service: Service, host: str, port: int, grpc_port: int | None, pr
     log_to_stderr()
     runner = web.AppRunner(make_app(service, manage=False), handle_signals=False, shutdown_timeout=10.0)
     await runner.setup()
-    await service.start()
     grpc_server = None
     try:
         try:
@@ -1051,7 +1072,12 @@ async def _run(service: Service, host: str, port: int, grpc_port: int | None, pr
 
             grpc_server, bound = await start_grpc(service, host, grpc_port)
             where += f" and grpc {host}:{bound}"
-        sequences = service.sequences
+        repository, models, sequences = await asyncio.get_running_loop().run_in_executor(None, load)
+        service.install(models, sequences)
+        await service.start()
+        left = tuple(repository.left)
+        settings = ", ".join(f"{m.name}: max batch {m.max_batch}, max delay {m.max_delay * 1000:g} ms"
+                             for m in models) + grouping
         served = ", ".join(f"{m.name} ({m.file})" for m in service.stateless)
         print_fn(f"serving {served}, {service.model.precision}, from {path} on {where} ({settings})"
                  + (f"; sequences as {sequences.name} ({sequences.file}; at most {sequences.max_sequences} live, "
