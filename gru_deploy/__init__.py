@@ -4,7 +4,7 @@ Importing this package is cheap: torch, onnx and onnxruntime load only inside th
 functions that need them, so `gru-deploy --help` stays fast.
 """
 
-__version__ = "0.1.0"
+from gru_deploy.versions import __version__  # noqa: E402  (the contract layer holds it)
 
 from gru_deploy.errors import CheckFailed, GruDeployError, UserInputError  # noqa: E402
 

@@ -99,8 +99,8 @@ def verify(path: str | Path, atol: float = 1e-5, rtol: float = 1e-5, data: str |
     "deployment_accuracy": test accuracy per runtime; `junit_xml` writes the parity grid as
     JUnit XML (before the accuracy is measured: a failing run is when CI needs it)."""
     from gru_deploy.bundle.read import is_bundle, verify_bundle
-    from gru_deploy.check.verify import (check_tolerances, deployment_accuracy, module_accuracy, user_export_parity,
-                                         verify_export)
+    from gru_deploy.accuracy import deployment_accuracy, module_accuracy
+    from gru_deploy.check.verify import check_tolerances, user_export_parity, verify_export
     from gru_deploy.manifest import atomic_write_bytes, read_manifest
 
     path = Path(path)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import TYPE_CHECKING, Any, Callable
+
+from gru_deploy.check.timing import median_us  # noqa: F401  (here too: scripts and tests import it from bench)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -12,22 +12,6 @@ if TYPE_CHECKING:
     import numpy as np
 
     from gru_deploy.spec import ModelSpec
-
-
-def median_us(fn: Callable[[], object], budget_s: float = 1.0, min_runs: int = 5, max_runs: int = 1000) -> float:
-    """Median wall time of `fn` in microseconds, over as many runs as fit in `budget_s`."""
-    for _ in range(3):
-        fn()  # warm-up: first calls allocate and (for onnxruntime) plan
-    start = time.perf_counter()
-    fn()
-    estimate = max(time.perf_counter() - start, 1e-7)
-    runs = int(min(max_runs, max(min_runs, budget_s / estimate)))
-    samples = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e6
 
 
 SHAPES = ((1, 1), (1, 100), (32, 100), (1, 1000), (256, 200))

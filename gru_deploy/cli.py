@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from gru_deploy import __version__
+from gru_deploy.versions import __version__
 from gru_deploy.errors import GruDeployError, UserInputError
 
 DATA_DEFAULTS = {
@@ -766,7 +766,7 @@ def serve(path: Path, host: str, port: int, model_name: str | None, max_batch: i
 
         raise UserInputError("serve needs aiohttp and prometheus-client: pip install 'gru-deploy[serve]'")
     from gru_deploy.serve.server import Limits
-    from gru_deploy.serve.server import serve as run_server
+    from gru_deploy.serve.run import serve as run_server
 
     limits = Limits(max_body_bytes=int(max_body_mb * (1 << 20)), max_seq=max_seq, read_timeout_s=read_timeout_s)
     run_server(path, host=host, port=port, model_name=model_name, max_batch=max_batch, max_delay_ms=max_delay_ms,

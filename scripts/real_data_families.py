@@ -48,7 +48,7 @@ def main() -> None:
     import torch
 
     import gru_deploy
-    from gru_deploy.check.verify import deployment_accuracy, module_accuracy
+    from gru_deploy.accuracy import deployment_accuracy, module_accuracy
     from gru_deploy.cli import _train_options
     from gru_deploy.data import load_data
     from gru_deploy.manifest import read_manifest

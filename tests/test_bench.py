@@ -15,7 +15,7 @@ from cli_helpers import run_cli
 def test_median_us_is_the_median_of_the_timed_runs_within_the_budget(monkeypatch):
     """On a fake clock where the k-th call takes k ms: 3 warm-ups, one estimate, then as many
     runs as fit in the budget (clamped to min/max runs), and the median of those runs."""
-    from gru_deploy import bench
+    from gru_deploy.check import timing
 
     clock = {"now": 0.0, "calls": 0}
 
@@ -23,7 +23,7 @@ def test_median_us_is_the_median_of_the_timed_runs_within_the_budget(monkeypatch
         clock["calls"] += 1
         clock["now"] += clock["calls"] * 1e-3
 
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["now"])
     value = median_us(fn, budget_s=0.05, min_runs=5, max_runs=20)
     # the estimate is call 4 (4 ms): 0.05 / 0.004 = 12 runs, calls 5..16, median 10.5 ms
     assert clock["calls"] == 16 and value == pytest.approx(10_500)

@@ -16,6 +16,7 @@ import urllib.request
 import numpy as np
 import pytest
 
+import gru_deploy.serve.run as running
 import gru_deploy.serve.server as serving
 from cli_helpers import gru_deploy_exe
 from gru_deploy.manifest import read_manifest
@@ -477,8 +478,8 @@ def test_serving_a_bundle_archive_extracts_it_once_and_hashes_each_file_once(exp
     monkeypatch.setattr(read, "_extract", counting_extract)
     monkeypatch.setattr(read, "sha256_file", counting_sha256)
     monkeypatch.setattr(manifest_module, "sha256_file", counting_sha256)
-    monkeypatch.setattr(serving, "_run", no_listening)
-    serving.serve(bundle, print_fn=lambda message: None)
+    monkeypatch.setattr(running, "_run", no_listening)
+    running.serve(bundle, print_fn=lambda message: None)
     assert len(extractions) == 1
     assert len(hashed) == len(manifest["files"])  # each file once
     (service,) = services

@@ -618,7 +618,7 @@ def test_statistics_count_the_requests_made(server, spec, protocol):
 SLOW_LOAD = """
 import pathlib, sys, time
 import gru_deploy.serve.repository as repository
-from gru_deploy.serve.server import serve
+from gru_deploy.serve.run import serve
 read, release = repository.read_repository, pathlib.Path(sys.argv[2])
 
 def slow_read(*args, **kwargs):  # the models load only once the test says so

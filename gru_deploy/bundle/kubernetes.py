@@ -111,8 +111,8 @@ def deploy_files(model_name: str, deploy: Deploy, files: dict[str, bytes]) -> di
     `files` (every other file of the bundle already there); the manifest's record of them."""
     import yaml
 
-    from gru_deploy import __version__
-    from gru_deploy.bundle.package import REPOSITORY
+    from gru_deploy.versions import __version__
+    from gru_deploy.bundle.parts import REPOSITORY
     from gru_deploy.versions import library_versions
 
     name = resource_name(model_name)

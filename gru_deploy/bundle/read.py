@@ -28,7 +28,7 @@ MAX_MEMBER_BYTES = 512 << 20
 
 def parse_bundle_manifest(raw: bytes, where: str) -> dict[str, Any]:
     """Validate a bundle manifest's schema; UserInputError naming the problem."""
-    from gru_deploy.bundle.package import BUNDLE_FORMAT, BUNDLE_VERSION, TARGETS
+    from gru_deploy.bundle.parts import BUNDLE_FORMAT, BUNDLE_VERSION, TARGETS
 
     manifest = parse_manifest(raw, f"{where}: manifest.json", BUNDLE_FORMAT, BUNDLE_VERSION, BUNDLE_FIELDS)
     if manifest["target"] not in TARGETS:
@@ -330,7 +330,7 @@ def _run(session: Any, fmt: str, spec: Any, variant: str, inputs: dict[str, np.n
     from gru_deploy.spec import INPUT_NAME, VARIANT_IO
 
     if isinstance(spec, dict):  # before the runtime sees it: a user graph may abort on an empty axis
-        from gru_deploy.serve.user import check_user_input, check_user_lengths, check_user_state
+        from gru_deploy.check.runners import check_user_input, check_user_lengths, check_user_state
         from gru_deploy.spec import LENGTHS_NAME, STATE_IN
 
         names = [t["name"] for t in spec["inputs"]]

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from gru_deploy import __version__
+from gru_deploy.versions import __version__
 from gru_deploy.errors import UserInputError
 from gru_deploy.manifest import json_bytes, sha256_bytes
 
@@ -50,7 +50,7 @@ def _golden(export_dir: Path, source: dict[str, Any], model_paths: dict[str, str
     """Golden cases from the export's stored float64 outputs, for each variant in `model_paths`
     (variant -> the bundle's model file its cases name); with `int8` (bundle path, bytes), an
     int8 case per classifier input holding the int8 model's own outputs."""
-    from gru_deploy.bundle.package import GOLDEN_DIR, INT8_GOLDEN_TOL, npy_bytes, tensor_json
+    from gru_deploy.bundle.parts import GOLDEN_DIR, INT8_GOLDEN_TOL, npy_bytes, tensor_json
     from gru_deploy.convert.user import REFERENCE_FILE, UserSignature, case_feed, reference_key
     from gru_deploy.manifest import verified_path
 
@@ -113,7 +113,7 @@ def _int8_gate(export_dir: Path, source: dict[str, Any], int8_bytes: bytes, file
     user's module is not at hand when packaging. Its reference rows go into `files`."""
     import torch
 
-    from gru_deploy.bundle.package import GOLDEN_DIR
+    from gru_deploy.bundle.parts import GOLDEN_DIR
     from gru_deploy.bundle.quantize import judge_int8
     from gru_deploy.convert import script
     from gru_deploy.convert.user import as_outputs
@@ -140,7 +140,7 @@ def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
     """Every file of a bundle of a user's model, manifest included, as {relative path: bytes}.
     With quantize="int8" (edge), an int8 copy of the ONNX model, gated against the export's
     TorchScript on the int8 gate's sequences (a single-output model: the gate judges one output)."""
-    from gru_deploy.bundle.package import (BUNDLE_FORMAT, BUNDLE_VERSION, REPOSITORY, _quantize,
+    from gru_deploy.bundle.parts import (BUNDLE_FORMAT, BUNDLE_VERSION, REPOSITORY, _quantize,
                                            check_elsewhere, onnx_info, runtime_record, web_files)
     from gru_deploy.bundle.triton import triton_name
     from gru_deploy.errors import CheckFailed

@@ -195,7 +195,7 @@ def reference_gaps(model: "onnx.ModelProto") -> str:
     """What onnx's ReferenceEvaluator would compute wrongly in `model`, or "": its GRU ignores
     the `sequence_lens` input (onnx/reference/ops/op_gru.py), so a fused lengths model would
     be judged against a reference that runs every sample to the padded end."""
-    from gru_deploy.convert.graphs import all_graphs
+    from gru_deploy.check.onnx_walk import all_graphs
 
     for graph in all_graphs(model.graph):
         for node in graph.node:
@@ -282,3 +282,52 @@ class Float64Runner(Runner):
         if STATE_OUT in self.outputs:
             out[STATE_OUT] = h
         return out
+
+
+# A module's inputs, checked before onnxruntime sees them (infer, serve, Stream, bundle verify).
+
+def check_user_input(x: Any, signature: dict[str, Any]) -> np.ndarray:
+    """x as the signature's float32 [batch, seq, input_size], non-empty and finite: a user graph
+    may hold onnxruntime's GRU or LSTM kernel, which aborts the process on an empty axis."""
+    want = signature["inputs"][0]
+    size = want["shape"][2]
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+        raise UserInputError(f"input {INPUT_NAME!r} must be a float32 array, got "
+                             f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.ndim != 3 or x.shape[2] != size:
+        raise UserInputError(f"input {INPUT_NAME!r} must have shape [batch, seq, {size}], got {list(x.shape)}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise UserInputError(f"input {INPUT_NAME!r} has an empty batch or sequence ({list(x.shape)}): "
+                             "nothing to run")
+    if not np.isfinite(x).all():
+        raise UserInputError(f"non-finite input: {INPUT_NAME!r} holds NaN or inf")
+    return np.ascontiguousarray(x)
+
+
+def check_user_lengths(lengths: Any, x: np.ndarray) -> np.ndarray:
+    """lengths as int64 [batch], each in 1..seq: a sample has at least one step (the module's
+    own forward has none to run on an empty sequence)."""
+    if not isinstance(lengths, np.ndarray) or lengths.dtype.kind not in "iu":
+        raise UserInputError(f"{LENGTHS_NAME!r} must be an integer array, got "
+                             f"{getattr(lengths, 'dtype', type(lengths).__name__)}")
+    if lengths.shape != (x.shape[0],):
+        raise UserInputError(f"{LENGTHS_NAME!r} must have shape [{x.shape[0]}] (one per sample), got "
+                             f"{list(lengths.shape)}")
+    if lengths.size and (lengths.min() < 1 or lengths.max() > x.shape[1]):
+        raise UserInputError(f"{LENGTHS_NAME!r} must lie in 1..{x.shape[1]} (the padded length), got "
+                             f"{int(lengths.min())}..{int(lengths.max())}")
+    return np.ascontiguousarray(lengths.astype(np.int64))
+
+
+def check_user_state(state: Any, x: np.ndarray, signature: dict[str, Any]) -> np.ndarray:
+    """The stream model's h0: float32 [batch, ...] as the signature says, finite; zeros when None."""
+    want = next(t for t in signature["inputs"] if t["name"] == STATE_IN)
+    shape = (x.shape[0], *want["shape"][1:])
+    if state is None:
+        return np.zeros(shape, np.float32)
+    if not isinstance(state, np.ndarray) or state.dtype != np.float32 or state.shape != shape:
+        raise UserInputError(f"the state {STATE_IN!r} must be float32 of shape {list(shape)}, got "
+                             f"{getattr(state, 'dtype', type(state).__name__)} {list(getattr(state, 'shape', []))}")
+    if not np.isfinite(state).all():
+        raise UserInputError(f"non-finite state: {STATE_IN!r} holds NaN or inf")
+    return np.ascontiguousarray(state)

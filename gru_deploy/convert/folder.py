@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from gru_deploy import __version__
+from gru_deploy.versions import __version__
 from gru_deploy.check.compare import DEFAULT_ATOL, DEFAULT_RTOL
 from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.convert.graphs import STRATEGIES
@@ -295,7 +295,7 @@ def time_strategies(models: dict[str, bytes], spec: "ModelSpec", typical: tuple[
                     budget_s: float = TIMING_BUDGET_S, variant: str = "classifier") -> dict[str, float]:
     """Median onnxruntime latency (µs, one thread, one session each) of each graph of one variant
     on its workload (variant_workload)."""
-    from gru_deploy.bench import median_us
+    from gru_deploy.check.timing import median_us
     from gru_deploy.check.runners import OnnxRuntimeRunner
 
     feed = workload_feed(spec, variant, typical)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gru_deploy.errors import CheckFailed, UserInputError
+from gru_deploy.check.onnx_walk import all_graphs, count_ops, subgraphs  # noqa: F401  (re-exported for convert, bundle)
 from gru_deploy.convert.script import quiet_torchscript_deprecation
 from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, OUTPUT_NAME, STATE_IN, STATE_OUT, VARIANT_IO, ModelSpec
 
@@ -60,39 +61,6 @@ def check_opset(opset: int) -> int:
             f"{SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}"
         )
     return opset
-
-
-def subgraphs(node: "onnx.NodeProto") -> list["onnx.GraphProto"]:
-    """The graphs held in a node's attributes (Loop and Scan bodies, If branches)."""
-    import onnx
-
-    graphs: list[onnx.GraphProto] = []
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            graphs.append(attr.g)
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            graphs.extend(attr.graphs)
-    return graphs
-
-
-def all_graphs(graph: "onnx.GraphProto") -> list["onnx.GraphProto"]:
-    """The graph and every sub-graph below it, outermost first."""
-    out, stack = [], [graph]
-    while stack:
-        current = stack.pop(0)
-        out.append(current)
-        for node in current.node:
-            stack.extend(subgraphs(node))
-    return out
-
-
-def count_ops(graph: "onnx.GraphProto") -> dict[str, int]:
-    """Op types and counts in a graph, sub-graphs (Loop/Scan/If bodies) included."""
-    counts: dict[str, int] = {}
-    for current in all_graphs(graph):
-        for node in current.node:
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
 
 
 def example_inputs(spec: ModelSpec, variant: str, batch: int, seq: int) -> tuple["torch.Tensor", ...]:

@@ -615,7 +615,7 @@ def _time_user_graphs(graphs: dict[str, bytes], signature: UserSignature, typica
     """Median onnxruntime latency (µs, one thread) of each graph at the typical (batch, seq)."""
     import onnxruntime as ort
 
-    from gru_deploy.bench import median_us
+    from gru_deploy.check.timing import median_us
     from gru_deploy.check.runners import session_options
 
     x = case_input(typical[0], typical[1], signature.inputs[0]["shape"][2])
@@ -835,7 +835,7 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
     and `training` are recorded as given (a built-in family's checkpoint carries them).
     `strategy` loop, fused (where it applies) or auto (the faster of the two that pass parity
     at `typical` (batch, seq))."""
-    from gru_deploy import __version__
+    from gru_deploy.versions import __version__
     from gru_deploy.check.verify import check_tolerances
     from gru_deploy.convert import script
     from gru_deploy.convert.folder import KEEP

@@ -117,7 +117,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return await self._answer(context, call, request)
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
-        from gru_deploy import __version__
+        from gru_deploy.versions import __version__
         from gru_deploy.serve.server import EXTENSIONS
 
         return self.pb.ServerMetadataResponse(name="gru-deploy", version=__version__, extensions=EXTENSIONS)

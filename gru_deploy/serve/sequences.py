@@ -25,52 +25,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from gru_deploy.serve.server import ClientError, Limits, Model, Pending, fail
+from gru_deploy.serve.server import (  # noqa: F401  (the sequence parameters are read where requests are)
+    MAX_SEQUENCE_ID, MAX_SEQUENCE_ID_BYTES, ClientError, Limits, Model, Pending, SequenceFlags, fail,
+    sequence_flags)
 from gru_deploy.spec import INPUT_NAME, OUTPUT_NAME, STATE_IN, STATE_OUT
 
 log = logging.getLogger(__name__)
-
-# A string sequence_id is at most this many UTF-8 bytes: room for a UUID (36), a session key or
-# a user id with a prefix, while the ids of --max-sequences live sequences (1024 by default) stay
-# within 256 KiB; unbounded, 100 ids of 7 MB held 700 MiB. An integer id is Triton's: uint64.
-MAX_SEQUENCE_ID_BYTES = 256
-MAX_SEQUENCE_ID = 2**64 - 1
-
-
-@dataclass(frozen=True)
-class SequenceFlags:
-    id: int | str
-    start: bool
-    end: bool
-
-
-def sequence_flags(parameters: Any) -> SequenceFlags | None:
-    """The request's sequence parameters, or None for a stateless request (no sequence_id, or
-    Triton's "no sequence": 0 or an empty string). ClientError for a malformed one."""
-    if not isinstance(parameters, dict):
-        raise ClientError(400, "'parameters' must be an object")
-    sid = parameters.get("sequence_id", 0)
-    start, end = parameters.get("sequence_start", False), parameters.get("sequence_end", False)
-    if not (isinstance(sid, str) or (isinstance(sid, int) and not isinstance(sid, bool))):
-        raise ClientError(400, f"sequence_id must be an integer or a string, got {type(sid).__name__}")
-    if isinstance(sid, int) and not 0 <= sid <= MAX_SEQUENCE_ID:
-        shown = f"sequence_id {sid}" if sid.bit_length() <= 128 else f"a sequence_id of {sid.bit_length()} bits"
-        raise ClientError(400, f"{shown} is outside uint64: use an integer from 1 to 2**64 - 1, or a string of "
-                               f"at most {MAX_SEQUENCE_ID_BYTES} bytes")
-    if isinstance(sid, str) and len(sid.encode("utf-8", "surrogatepass")) > MAX_SEQUENCE_ID_BYTES:
-        raise ClientError(400, f"sequence_id is a string of {len(sid.encode('utf-8', 'surrogatepass'))} bytes; "
-                               f"the limit is {MAX_SEQUENCE_ID_BYTES}: use a shorter id (a UUID, or a hash of "
-                               "yours)")
-    for name, value in (("sequence_start", start), ("sequence_end", end)):
-        if not isinstance(value, bool):
-            raise ClientError(400, f"{name} must be true or false, got {value!r}")
-    if sid == 0 or sid == "":
-        if start or end:
-            raise ClientError(400, "sequence_start/sequence_end need a sequence_id (a non-zero integer or a "
-                                   "non-empty string)")
-        return None
-    return SequenceFlags(sid, start, end)
-
 
 @dataclass
 class Live:

@@ -48,7 +48,7 @@ class Stream:
 
         from gru_deploy.convert.graphs import without_empty_guard
         from gru_deploy.check.runners import session_options
-        from gru_deploy.serve.infer import load_model_bytes
+        from gru_deploy.serve.repository import load_model_bytes
 
         if type(batch) is not int or batch < 1:
             raise UserInputError(f"a Stream needs a batch of at least 1 sequence, got {batch!r}")
@@ -86,7 +86,7 @@ class Stream:
     def from_onnx(cls, onnx_bytes: bytes, spec: Any, batch: int = 1, threads: int = 1,
                   name: str = "model_stream.onnx") -> "Stream":
         """A Stream over a stream model given as bytes (benchmarks, tests): no manifest, no checks."""
-        from gru_deploy.serve.infer import ChosenModel
+        from gru_deploy.serve.repository import ChosenModel
 
         return cls("", batch, "fp32", threads, _chosen=ChosenModel(name, onnx_bytes, spec, "fp32"))
 
