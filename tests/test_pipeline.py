@@ -75,7 +75,7 @@ def test_time_strategies_times_each_graph_on_the_typical_input(tiny_checkpoint, 
     """Each name's median is taken of that name's graph, on a (batch, seq) input of the typical shape."""
     import numpy as np
 
-    from gru_deploy import bench
+    from gru_deploy.check import timing
     from gru_deploy.convert.graphs import export_fused
     from gru_deploy.check.runners import OnnxRuntimeRunner
 
@@ -89,7 +89,7 @@ def test_time_strategies_times_each_graph_on_the_typical_input(tiny_checkpoint, 
         outputs.append(fn())
         return 10.04 * len(outputs)
 
-    monkeypatch.setattr(bench, "median_us", fake_median_us)
+    monkeypatch.setattr(timing, "median_us", fake_median_us)
     timings = time_strategies(graphs, spec, (3, 5), budget_s=0.05)
     assert timings == {"a": 10.0, "b": 20.1}  # the medians, rounded to 0.1 µs, in the order given
     x = np.random.default_rng(0).standard_normal((3, 5, spec.input_size)).astype(np.float32)
