@@ -1,7 +1,7 @@
 """The package's layers (../shared/DESIGN.md), read off the imports with `ast`: each module uses
-only the layers before it, nothing below the face imports gru_deploy/__init__.py, and no new
-import circle appears. What is still wrong today is listed by name below, so the lists can only
-shrink: a new upward import or circle fails, and so does a listed one that is gone (strike it)."""
+only the layers before it, nothing below the face imports gru_deploy/__init__.py, and there is
+no import circle. Exceptions would be listed by name below (there are none), so the lists can
+only shrink: a new upward import or circle fails, and so does a listed one that is gone."""
 
 from __future__ import annotations
 
@@ -22,12 +22,10 @@ LAYERS = {
 }
 FACE = 6
 
-# Upward imports not yet removed (issue 22): the user path's verify still lives in convert.user.
-KNOWN_UPWARD = {("gru_deploy.check.verify", "gru_deploy.convert.user")}
-# Import circles inside a layer not yet broken (issue 22), each as the set of its modules.
-KNOWN_CIRCLES = [
-    {"gru_deploy.convert.folder", "gru_deploy.convert.user", "gru_deploy.check.verify"},
-]
+# Upward imports and import circles still to remove, by name (none left): a new one fails, and
+# so does a listed one that is gone.
+KNOWN_UPWARD: set[tuple[str, str]] = set()
+KNOWN_CIRCLES: list[set[str]] = []
 
 
 def module_name(path: Path) -> str:

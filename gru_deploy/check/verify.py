@@ -405,7 +405,7 @@ def user_export_parity(folder: Path, atol: float = DEFAULT_ATOL, rtol: float = D
                        on_case: Callable[[str], None] | None = None) -> dict[str, Any] | None:
     """The parity report of an export folder of a user's own model (checksums first); None for
     a folder of the tutorial model."""
-    from gru_deploy.convert.user import verify_user_export
+    from gru_deploy.check.module_parity import verify_user_export
     from gru_deploy.manifest import MANIFEST_NAME, check_files, is_module_export, read_manifest
 
     folder = Path(folder)

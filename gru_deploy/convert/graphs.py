@@ -20,6 +20,8 @@ from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.check.onnx_walk import all_graphs, count_ops, subgraphs  # noqa: F401  (re-exported for convert, bundle)
 from gru_deploy.convert.script import quiet_torchscript_deprecation
 from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, OUTPUT_NAME, STATE_IN, STATE_OUT, VARIANT_IO, ModelSpec
+from gru_deploy.check.onnx_walk import (  # noqa: F401  (re-exported: convert's callers read them here too)
+    KNOWN_OPS, check_onnx_bytes, parse_onnx)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -417,52 +419,6 @@ def add_ort_models(files: dict[str, bytes], models: dict[str, dict[str, Any]], c
         if name.endswith(".ort") and source in models:
             models[name] = {**{k: models[source][k] for k in ("variant", "precision")}, "format": "ort",
                             "converted_from": source}
-
-
-# Op types our exporters write (loop, fused, the variants, ORT's quantiser): a model from
-# elsewhere with any other op is refused before a runtime loads it.
-KNOWN_OPS = frozenset({
-    "Add", "Cast", "Concat", "Constant", "ConstantOfShape", "DequantizeLinear", "Div", "DynamicQuantizeLinear",
-    "Equal", "Expand", "Gather", "Gemm", "Greater", "GRU", "Identity", "If", "Less", "Loop", "MatMul", "Max", "Scan",
-    "MatMulInteger", "Mul", "Neg", "QuantizeLinear", "Range", "Reshape", "Shape", "Sigmoid", "Slice", "Split", "Squeeze",
-    "Sub", "Tanh", "Transpose", "Unsqueeze", "Where", "DynamicQuantizeMatMul",
-})
-
-
-def parse_onnx(data: bytes, where: str, error: type[Exception] = CheckFailed) -> "onnx.ModelProto":
-    """Parse ONNX bytes, refusing an empty file, garbage or a model without nodes with `error`."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    if not data:
-        raise error(f"{where}: the ONNX file is empty")
-    try:
-        model = onnx.load_from_string(data)
-    except (DecodeError, ValueError, RuntimeError) as exc:
-        raise error(f"{where}: not an ONNX model ({str(exc).splitlines()[0][:200]})") from None
-    if not model.graph.node:
-        raise error(f"{where}: the ONNX model has no graph nodes")
-    return model
-
-
-def check_onnx_bytes(data: bytes, where: str, known: frozenset[str] | None = None) -> "onnx.ModelProto":
-    """Refuse an ONNX file we did not make: empty, unparsable, external data, ops outside the
-    default domain, ops other than `known` (default: the ops our exporters write for the
-    tutorial model; for a user's model, the ops its export recorded in the manifest)."""
-    import onnx
-
-    model = parse_onnx(data, where)
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise CheckFailed(f"{where}: tensor {tensor.name!r} refers to external data; bundles hold "
-                              "self-contained models only")
-    domains = sorted({node.domain for g in all_graphs(model.graph) for node in g.node} - {"", "ai.onnx"})
-    if domains and known is not None:
-        raise CheckFailed(f"{where}: ops of domain(s) {domains}; gru-deploy runs standard ONNX ops only")
-    unknown = sorted(set(count_ops(model.graph)) - (KNOWN_OPS if known is None else known))
-    if unknown:
-        raise CheckFailed(f"{where}: op type(s) {unknown} are not ones gru-deploy writes; refusing the model")
-    return model
 
 
 # --- scan: torch.export + the dynamo ONNX exporter, no TorchScript ---------------------------

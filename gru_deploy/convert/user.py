@@ -22,6 +22,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN, STATE_OUT
+from gru_deploy.check.module_parity import (  # noqa: F401  (shared with export; callers read them here too)
+    LENGTHS_CASES, REFERENCE_FILE, REFERENCE_MAX_SEQ, STREAM_CASES, USER_CASES, Feed, UserSignature, as_outputs,
+    case_feed, case_input, failures, recording, reference_key, summarise, user_parity, user_runners,
+    verify_user_export)
+from gru_deploy.check.recurrence import check_recurrence, source_line  # noqa: F401  (the recurrence check: check's)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -29,23 +34,9 @@ if TYPE_CHECKING:
 
     from gru_deploy.models.user import UserModel
 
-RECURRENT_OPS = ("aten::gru", "aten::lstm", "aten::rnn_tanh", "aten::rnn_relu")
 ONNX_RECURRENCE = ("Loop", "Scan", "GRU", "LSTM", "RNN")
 # Probes that name each output axis: (batch, seq) pairs whose sizes differ from each other.
 PROBES = ((2, 3), (3, 5))
-# The parity grid for user models: (batch, seq); the onnx reference evaluator (pure Python)
-# runs up to REFERENCE_MAX_SEQ steps.
-USER_CASES = ((1, 1), (3, 7), (2, 100), (1, 2048))
-REFERENCE_MAX_SEQ = 100
-
-
-def _where(text: str) -> str:
-    """'file:line' from a TorchScript message or source range, or '' when it names none."""
-    match = re.search(r'File "([^"]+)", line (\d+)', text)
-    if match:
-        return f"{match.group(1)}:{match.group(2)}"
-    match = re.search(r"at (\S+\.py):(\d+)", text)
-    return f"{match.group(1)}:{match.group(2)}" if match else ""
 
 
 def script_user(model: "UserModel") -> "torch.jit.ScriptModule":
@@ -61,192 +52,10 @@ def script_user(model: "UserModel") -> "torch.jit.ScriptModule":
     except Exception as exc:  # TorchScript raises several types; all mean "cannot compile this"
         text = str(exc)
         lines = [line.strip() for line in text.splitlines() if line.strip()]
-        where = _where(text)
+        where = source_line(text)
         raise UserInputError(f"TorchScript cannot compile {model.reference}: {lines[0] if lines else type(exc).__name__}"
                              + (f" (at {where})" if where else "")
                              + "; make the module scriptable (torch.jit.script) and try again") from None
-
-
-def _walk(block: Any, inside: tuple[Any, ...] = ()):
-    """Every node of a block and its sub-blocks, each with the prim::Loop nodes it sits in."""
-    for node in block.nodes():
-        yield node, inside
-        deeper = inside + (node,) if node.kind() == "prim::Loop" else inside
-        for inner in node.blocks():
-            yield from _walk(inner, deeper)
-
-
-X_RANK = 3  # x is [batch, seq, input]: its time axis is 1
-# Ops whose output keeps its (first) tensor input's axes: elementwise maths, copies, casts, flips.
-SAME_AXES = frozenset({"aten::flip", "aten::contiguous", "aten::to", "aten::float", "aten::clone", "aten::detach",
-                       "aten::sub", "aten::add", "aten::mul", "aten::div", "aten::neg", "aten::abs", "aten::tanh",
-                       "aten::sigmoid", "aten::relu", "aten::type_as", "aten::masked_fill", "aten::where"})
-
-
-def _constant_int(value: Any) -> int | None:
-    node = value.node()
-    if node.kind() == "prim::Constant" and value.type().kind() == "IntType":
-        return int(node.i("value"))
-    return None
-
-
-def time_axes(value: Any, x: Any, depth: int = 0) -> set[int]:
-    """The axes of tensor `value` that are x's time axis, followed back through transposes,
-    permutes and shape-keeping ops (an empty set where it cannot tell)."""
-    if value.debugName() == x.debugName():
-        return {1}
-    node = value.node()
-    kind, args = node.kind(), list(node.inputs())
-    if depth > 64 or not args:
-        return set()
-    if kind == "aten::transpose" and len(args) == 3:
-        a, b = (_constant_int(v) for v in args[1:])
-        if a is None or b is None:
-            return set()
-        a, b = a % X_RANK, b % X_RANK
-        return {b if axis == a else a if axis == b else axis for axis in time_axes(args[0], x, depth + 1)}
-    if kind == "aten::permute" and len(args) == 2 and args[1].node().kind() == "prim::ListConstruct":
-        dims = [_constant_int(v) for v in args[1].node().inputs()]
-        source = time_axes(args[0], x, depth + 1)
-        return {i for i, d in enumerate(dims) if d is not None and d % X_RANK in source}
-    if kind in SAME_AXES:
-        tensors = [v for v in args if v.type().kind() == "TensorType"]
-        return time_axes(tensors[0], x, depth + 1) if tensors else set()
-    if kind == "prim::If":  # either branch's answer
-        index = list(node.outputs()).index(value)
-        return set().union(*(time_axes(list(b.outputs())[index], x, depth + 1) for b in node.blocks()))
-    if kind in ("aten::stack", "aten::cat") and len(args) == 2 and _constant_int(args[1]) is not None:
-        dim = _constant_int(args[1]) % X_RANK
-        items = list(args[0].node().inputs()) if args[0].node().kind() == "prim::ListConstruct" else []
-        axes = set().union(*(time_axes(v, x, depth + 1) for v in items))
-        if kind == "aten::stack":  # a new axis at dim; and a list appended once per time step is one
-            axes = {a + 1 if a >= dim else a for a in axes}
-            if _appended_per_step(args[0], x, depth):
-                axes.add(dim)
-        return axes
-    return set()
-
-
-def _appended_per_step(items: Any, x: Any, depth: int) -> bool:
-    """Whether the list `items` is appended to inside a loop over x's time axis."""
-    for use in items.uses():
-        if use.user.kind() != "aten::append":
-            continue
-        block = use.user.owningBlock()
-        while block is not None and block.owningNode() is not None:
-            owner = block.owningNode()
-            if owner.kind() == "prim::Loop" and _over_seq(owner, x, depth + 1):
-                return True
-            block = owner.owningBlock()
-    return False
-
-
-def reads_seq_axis(value: Any, x: Any, depth: int = 0) -> bool:
-    """Whether `value` is computed from the length of x's time axis: x.size(1), x.shape[1],
-    len(x.unbind(1)), steps.size(0) of steps = x.transpose(0, 1), ... (through any arithmetic)."""
-    seen: set[str] = set()
-    stack = [value]
-    while stack:
-        current = stack.pop()
-        if current.debugName() in seen:
-            continue
-        seen.add(current.debugName())
-        node = current.node()
-        kind, args = node.kind(), list(node.inputs())
-        dim = _constant_int(args[1]) if len(args) == 2 else None
-        if kind == "aten::size" and dim is not None and dim % X_RANK in time_axes(args[0], x, depth):
-            return True
-        if kind == "aten::__getitem__" and dim is not None and args[0].node().kind() == "aten::size":
-            if dim % X_RANK in time_axes(next(args[0].node().inputs()), x, depth):
-                return True
-        if kind == "aten::len" and args:
-            source = args[0].node()
-            if args[0].type().kind() == "TensorType" and 0 in time_axes(args[0], x, depth):
-                return True
-            source_args = list(source.inputs())
-            if source.kind() == "aten::unbind" and (_constant_int(source_args[1]) or 0) % X_RANK in time_axes(
-                    source_args[0], x, depth):
-                return True
-        if kind != "prim::Param":
-            stack.extend(args)
-    return False
-
-
-def _over_seq(loop: Any, x: Any, depth: int = 0) -> bool:
-    """A loop whose trip count, first condition or per-step condition reads x's time axis."""
-    if depth > 64:
-        return False
-    trip, condition = list(loop.inputs())[:2]
-    body = next(loop.blocks())
-    return any(reads_seq_axis(v, x, depth) for v in (trip, condition, next(body.outputs())))
-
-
-def check_recurrence(scripted: "torch.jit.ScriptModule", reference: str) -> str:
-    """How the recurrence is kept: 'loop' (a prim::Loop over x's time axis, x.size(1), that
-    carries state from step to step) or the recurrent operator's name.
-
-    CheckFailed, naming the file and line: a loop outside the time loop that carries state but
-    runs a fixed number of times (or over another axis): the model would be one length's;
-    no recurrence at all (no state-carrying time loop, no recurrent operator)."""
-    if not hasattr(scripted, "forward"):
-        raise UserInputError(f"{reference}: its scripted form has no single forward (torch.nn.GRU/LSTM on their "
-                             "own overload it): wrap it in a module whose forward takes x")
-    graph = scripted.forward.inlined_graph
-    inputs = list(graph.inputs())
-    if len(inputs) < 2:
-        raise CheckFailed(f"{reference}: forward takes no input tensor")
-    x = inputs[1]
-    nodes = list(_walk(graph))
-    recurrent = sorted({n.kind() for n, _ in nodes if n.kind() in RECURRENT_OPS})
-    loops = [(n, inside) for n, inside in nodes if n.kind() == "prim::Loop"]
-    over_seq = {n for n, _ in loops if _over_seq(n, x)}
-    carries = {n for n, _ in loops if len(list(n.inputs())) > 2}  # inputs: trip count, condition, state...
-    for loop, inside in loops:
-        if loop not in over_seq and loop in carries and not over_seq.intersection(inside):
-            where = _where(loop.sourceRange())
-            raise CheckFailed(f"{reference}: the loop at {where or 'an unknown line'} carries state from step to step "
-                              "but runs a fixed number of times (or over another axis), not over the input's time "
-                              "axis: the model would accept one sequence length only; loop over "
-                              "`range(x.size(1))`")
-    if over_seq & carries:
-        return "loop"
-    if recurrent:
-        return recurrent[0].split("::")[1]
-    stateless = [_where(n.sourceRange()) for n in over_seq]
-    raise CheckFailed(f"{reference}: no recurrence over the input's time axis (neither a loop over x.size(1) that "
-                      "carries state from step to step nor a recurrent operator such as torch.nn.GRU)"
-                      + (f"; the loop at {stateless[0] or 'an unknown line'} carries nothing from one step to the "
-                         "next" if stateless else "") + "; gru-deploy exports recurrent models")
-
-
-@dataclass
-class UserSignature:
-    """Inputs and outputs as the manifest records them: name, dtype, shape (dynamic dims named)."""
-
-    inputs: list[dict[str, Any]]
-    outputs: list[dict[str, Any]]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"inputs": self.inputs, "outputs": self.outputs}
-
-    @property
-    def output_names(self) -> list[str]:
-        return [o["name"] for o in self.outputs]
-
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        return {t["name"]: {i: d for i, d in enumerate(t["shape"]) if isinstance(d, str)}
-                for t in self.inputs + self.outputs}
-
-
-def as_outputs(value: Any, reference: str) -> tuple["torch.Tensor", ...]:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return (value,)
-    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
-        return tuple(value)
-    raise UserInputError(f"{reference}: forward must return a tensor or a tuple of tensors, got "
-                         f"{type(value).__name__}")
 
 
 def discover_signature(module: "torch.nn.Module", input_size: int, reference: str,
@@ -382,9 +191,6 @@ def export_user_onnx(scripted: "torch.jit.ScriptModule", signature: UserSignatur
 
 # --- parity ---------------------------------------------------------------------------------
 
-REFERENCE_FILE = "reference_float64.npz"
-# The lengths variant's grid: (batch, seq), lengths spread over 1..seq (the first sample full).
-LENGTHS_CASES = ((3, 7), (4, 100), (3, 2048))
 # A method a module may define (with @torch.jit.export) for gru-deploy to export its lengths
 # variant: forward_lengths(x [batch, seq, I] padded, lengths int64 [batch]) -> the outputs of
 # forward, each sample's as it gets them alone, unpadded.
@@ -395,111 +201,10 @@ LENGTHS_HOOK = "forward_lengths"
 # -> (forward's outputs..., h_n).
 STREAM_HOOK = "forward_stream"
 STATE_HOOK = "initial_state"
-STREAM_CASES = ((1, 1), (3, 7), (2, 100), (1, 2048))
 # The stream's promise, checked on the float64 module: from the initial state, one chunk is
 # forward's answer, and chunks of these sizes carried through h_n are the one pass.
 CHUNK_SIZES = (1, 7)
 CONTRACT_CASES = ((2, 9), (1, 100))
-
-Feed = dict  # input name -> numpy array
-
-
-def reference_key(variant: str, batch: int, seq: int, name: str) -> str:
-    """Where REFERENCE_FILE keeps a case's float64 output ('BxS/name' for the classifier)."""
-    return f"{batch}x{seq}/{name}" if variant == "classifier" else f"{variant}/{batch}x{seq}/{name}"
-
-
-def case_feed(signature: UserSignature, batch: int, seq: int) -> Feed:
-    """The parity grid's inputs for (batch, seq): the same at export and at verify."""
-    import numpy as np
-
-    feed = {INPUT_NAME: case_input(batch, seq, signature.inputs[0]["shape"][2])}
-    state = next((t for t in signature.inputs if t["name"] == STATE_IN), None)
-    if state is not None:  # a state from somewhere in a sequence: uniform in [-1, 1]
-        rng = np.random.default_rng(batch * 104729 + seq)
-        feed[STATE_IN] = rng.uniform(-1, 1, (batch, *state["shape"][1:])).astype(np.float32)
-    if any(t["name"] == LENGTHS_NAME for t in signature.inputs):
-        rng = np.random.default_rng(batch * 7919 + seq)
-        lengths = rng.integers(1, seq + 1, batch).astype(np.int64)
-        lengths[0] = seq
-        feed[LENGTHS_NAME] = lengths
-    return feed
-
-
-def user_runners(module: "torch.nn.Module | None", scripted: "torch.jit.ScriptModule", onnx_bytes: bytes,
-                 signature: UserSignature, stored: dict[str, "np.ndarray"] | None = None,
-                 method: str = "forward", variant: str = "classifier"
-                 ) -> dict[str, Callable[[Feed], list["np.ndarray"]]]:
-    """Callables of a feed (numpy, by input name) returning every output as numpy: eager and
-    float64 (the user's module's `method`, and a float64 copy of it) when the module is at
-    hand, TorchScript, onnxruntime and onnx's reference evaluator. Without the module
-    (verify), float64 answers from `stored`: the float64 outputs the export computed from the
-    module (REFERENCE_FILE)."""
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
-    import torch
-    from onnx.reference import ReferenceEvaluator
-
-    from gru_deploy.check.runners import reference_gaps, session_options
-
-    names_in = [t["name"] for t in signature.inputs]
-
-    def torch_call(fn: Any, dtype: "torch.dtype") -> Callable:
-        def run(feed: Feed) -> list["np.ndarray"]:
-            args = [torch.from_numpy(feed[n]) for n in names_in]
-            args = [a.to(dtype) if a.is_floating_point() else a for a in args]
-            with torch.no_grad():
-                out = as_outputs(fn(*args), "the model")
-            return [o.detach().double().numpy() for o in out]
-        return run
-
-    session = ort.InferenceSession(onnx_bytes, session_options(1), providers=["CPUExecutionProvider"])
-    gap = reference_gaps(onnx.load_from_string(onnx_bytes))
-    names = signature.output_names
-    runners: dict[str, Callable] = {}
-    if module is not None:
-        runners["eager"] = torch_call(getattr(module, method), torch.float32)
-    runners["torchscript"] = torch_call(scripted, torch.float32)
-    runners["onnxruntime"] = lambda feed: [np.asarray(o, np.float64) for o in session.run(names, feed)]
-    if not gap:  # else it would compute something else: user_parity says it was not run, and why
-        reference = ReferenceEvaluator(onnx_bytes)
-        runners["onnx-reference"] = lambda feed: [np.asarray(o, np.float64) for o in reference.run(names, feed)]
-    else:
-        runners["onnx-reference (not run)"] = gap  # type: ignore[assignment]
-    if module is not None:
-        runners["float64"] = torch_call(getattr(copy.deepcopy(module).double(), method), torch.float64)
-    elif stored is not None:
-        def recorded(feed: Feed) -> list["np.ndarray"]:
-            batch, seq = feed[INPUT_NAME].shape[:2]
-            keys = [reference_key(variant, batch, seq, name) for name in names]
-            if keys[0] not in stored:
-                raise CheckFailed(f"{REFERENCE_FILE} holds no float64 {variant} outputs for batch {batch}, seq {seq}")
-            return [stored[key] for key in keys]
-        runners["float64"] = recorded
-    return runners
-
-
-def case_input(batch: int, seq: int, input_size: int) -> "np.ndarray":
-    """The parity grid's input for (batch, seq): the same at export and at verify."""
-    import numpy as np
-
-    return np.random.default_rng(batch * 1009 + seq).standard_normal((batch, seq, input_size)).astype(np.float32)
-
-
-def recording(run: Callable, signature: UserSignature, variant: str = "classifier"
-              ) -> tuple[Callable, dict[str, "np.ndarray"]]:
-    """`run`, and the dict it fills with every output it returns (keys as reference_key): the
-    float64 module's outputs are stored as parity computes them."""
-    seen: dict[str, "np.ndarray"] = {}
-
-    def run_and_keep(feed: Feed) -> list["np.ndarray"]:
-        outputs = run(feed)
-        batch, seq = feed[INPUT_NAME].shape[:2]
-        for name, out in zip(signature.output_names, outputs):
-            seen[reference_key(variant, batch, seq, name)] = out
-        return outputs
-    return run_and_keep, seen
 
 
 def npz_bytes(arrays: dict[str, "np.ndarray"]) -> bytes:
@@ -508,89 +213,6 @@ def npz_bytes(arrays: dict[str, "np.ndarray"]) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()
-
-
-def _summarise(results: list[dict[str, Any]], summary: dict[str, Any], key: str, batch: int, seq: int,
-               comparison: Any) -> None:
-    results.append({"pair": key, "batch": batch, "seq": seq, **comparison.to_json()})
-    entry = summary.setdefault(key, {"max_abs": 0.0, "cases": 0, "passed": True, "applied_atol": comparison.atol})
-    entry["max_abs"] = max(entry["max_abs"], comparison.max_abs)
-    entry["cases"] += 1
-    entry["passed"] = entry["passed"] and comparison.passed
-
-
-def user_parity(runners: dict[str, Callable], signature: UserSignature, atol: float, rtol: float,
-                cases: tuple[tuple[int, int], ...] = USER_CASES,
-                on_case: Callable[[str], None] | None = None,
-                alone: Callable[[Feed, int], list["np.ndarray"]] | None = None,
-                variant: str = "classifier") -> dict[str, Any]:
-    """Every runner against float64 (and each against eager or TorchScript) on every case, every
-    output, by `check.compare` (an element fails only when it exceeds both atol and rtol, as for
-    the tutorial model). Empty axes are not run: a user graph's recurrent kernel may abort on
-    them (onnxruntime's GRU does). With `alone(feed, b)` (the lengths variant: the module in
-    float64 on sample b alone, unpadded), float64's padded answer for each sample is held to it
-    too, on the sample's valid steps: padding must change nothing."""
-    from gru_deploy.check.compare import compare
-
-    skipped = {name: why for name, why in runners.items() if isinstance(why, str)}
-    runners = {name: run for name, run in runners.items() if name not in skipped}
-    first = "eager" if "eager" in runners else "torchscript"
-    pairs = [("float64", name) for name in runners if name != "float64"] + \
-            [(first, name) for name in runners if name not in (first, "float64")]
-    results: list[dict[str, Any]] = []
-    summary: dict[str, Any] = {}
-    for batch, seq in cases:
-        if on_case:
-            on_case(f"batch {batch}, seq {seq}")
-        feed = case_feed(signature, batch, seq)
-        outs = {}
-        for name, run in runners.items():
-            if name == "onnx-reference" and seq > REFERENCE_MAX_SEQ:
-                continue
-            try:
-                outs[name] = run(feed)
-            except (UserInputError, CheckFailed):
-                raise
-            except Exception as exc:
-                if name == "float64":
-                    raise UserInputError(
-                        f"the float64 reference (your module after .double()) failed: {type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}; create tensors inside forward with the "
-                        "input's dtype (e.g. x.new_zeros)") from None
-                raise CheckFailed(f"{name} failed at batch {batch}, seq {seq}: {type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-        for ref, got in pairs:
-            if ref not in outs or got not in outs:
-                continue
-            for name, a, b in zip(signature.output_names, outs[got], outs[ref]):
-                _summarise(results, summary, f"{ref}->{got}[{name}]", batch, seq, compare(b, a, atol, rtol))
-        if alone is not None and "float64" in outs:
-            lengths = feed[LENGTHS_NAME]
-            for index in range(batch):
-                single = alone(feed, index)
-                for output, padded, want in zip(signature.outputs, outs["float64"], single):
-                    got = padded[index:index + 1]
-                    if "seq" in output["shape"]:  # a per-step output: the sample's own steps only
-                        axis = output["shape"].index("seq")
-                        got = got.take(range(int(lengths[index])), axis=axis)
-                    _summarise(results, summary, f"float64 alone->float64 padded[{output['name']}]", batch, seq,
-                               compare(want, got, atol, rtol))
-    passed = all(entry["passed"] for entry in summary.values())
-    notes = [f"onnx's reference evaluator runs up to {REFERENCE_MAX_SEQ} steps (it is pure Python)",
-             "empty batches and sequences are not run: a recurrent kernel may abort on them"]
-    notes += [f"{name.split(' ')[0]} not run: {why}" for name, why in skipped.items()]
-    if alone is not None:
-        notes.append("lengths spread over 1..seq; 'float64 alone': the module's forward in float64 on each sample "
-                     "alone, unpadded, against its padded answer on its valid steps")
-    # No widening here: every comparison is held to atol itself, so every case run is verified.
-    return {"passed": passed, "atol": atol, "rtol": rtol, "applied_atol": atol,
-            "verified_max_seq": {variant: max((seq for _, seq in cases), default=-1)}, "unverifiable": [],
-            "cases": [list(c) for c in cases], "summary": summary, "results": results, "notes": notes}
-
-
-def failures(parity: dict[str, Any]) -> list[str]:
-    return [f"{key}: max abs error {entry['max_abs']:.3g} (atol {entry.get('applied_atol', parity['atol']):.3g}, "
-            f"rtol {parity['rtol']:.3g})" for key, entry in parity["summary"].items() if not entry["passed"]]
 
 
 # --- the export folder ----------------------------------------------------------------------
@@ -773,7 +395,7 @@ def _stream_contract(model: "UserModel", signature: UserSignature, atol: float, 
             whole = numpy(double(x))
             one = numpy(getattr(double, STREAM_HOOK)(x, h0))
             for name, want, got in zip(names, whole, one):
-                _summarise(results, summary, f"float64 forward->float64 stream[{name}]", batch, seq,
+                summarise(results, summary, f"float64 forward->float64 stream[{name}]", batch, seq,
                            compare(want, got, atol, rtol))
             for size in CHUNK_SIZES:
                 state, parts = h0, []
@@ -784,7 +406,7 @@ def _stream_contract(model: "UserModel", signature: UserSignature, atol: float, 
                 chunked = [np.concatenate([p[i] for p in parts], axis=signature.outputs[i]["shape"].index("seq"))
                            if per_step[i] else parts[-1][i] for i in range(len(names))] + [parts[-1][-1]]
                 for name, want, got in zip(names + [STATE_OUT], one, chunked):
-                    _summarise(results, summary, f"float64 one pass->float64 chunks of {size}[{name}]", batch, seq,
+                    summarise(results, summary, f"float64 one pass->float64 chunks of {size}[{name}]", batch, seq,
                                compare(want, got, atol, rtol))
 
 
@@ -988,58 +610,3 @@ def is_user_export(manifest: dict[str, Any]) -> bool:
     return is_module_export(manifest)
 
 
-def verify_user_export(folder: Path, manifest: dict[str, Any], atol: float, rtol: float,
-                       on_case: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Parity of a user export's files, without the user's code: TorchScript (model*.pt) is the
-    PyTorch side, and the float64 outputs the export computed from the user's module (its
-    REFERENCE_FILE, checksum-verified) the reference; the classifier and, where the export has
-    it, the lengths variant (under "variants")."""
-    import numpy as np
-
-    from gru_deploy.manifest import verified_path
-
-    reference = manifest.get("reference") or {}
-    with np.load(verified_path(folder, manifest, reference.get("file", REFERENCE_FILE)), allow_pickle=False) as data:
-        stored = {key: data[key] for key in data.files}
-    signature = UserSignature(manifest["signature"]["inputs"], manifest["signature"]["outputs"])
-    recorded = (manifest.get("onnx") or {}).get("op_types")
-    report = _verify_variant(folder, manifest, "classifier", signature, recorded, stored,
-                             _cases(folder, reference.get("cases", USER_CASES)), atol, rtol, on_case)
-    defaults = {"lengths": LENGTHS_CASES, "stream": STREAM_CASES}
-    for name, entry in (manifest.get("variants") or {}).items():
-        if name not in defaults:
-            raise UserInputError(f"{folder}/manifest.json: unknown variant {name!r}")
-        sig = UserSignature(entry["signature"]["inputs"], entry["signature"]["outputs"])
-        variant = _verify_variant(folder, manifest, name, sig, entry.get("op_types"), stored,
-                                  _cases(folder, reference.get(f"{name}_cases", defaults[name])), atol, rtol, on_case)
-        report.setdefault("variants", {})[name] = variant
-        report["passed"] = report["passed"] and variant["passed"]
-        report["verified_max_seq"].update(variant["verified_max_seq"])
-    return report
-
-
-def _cases(folder: Path, cases: Any) -> tuple[tuple[int, int], ...]:
-    if not isinstance(cases, (list, tuple)) or not all(
-            isinstance(c, (list, tuple)) and len(c) == 2 and all(type(v) is int and 1 <= v <= 100_000 for v in c)
-            for c in cases):
-        raise UserInputError(f"{folder}/manifest.json: reference cases must be a list of [batch, seq] pairs")
-    return tuple((int(c[0]), int(c[1])) for c in cases)
-
-
-def _verify_variant(folder: Path, manifest: dict[str, Any], variant: str, signature: UserSignature, recorded: Any,
-                    stored: dict[str, "np.ndarray"], cases: tuple[tuple[int, int], ...], atol: float, rtol: float,
-                    on_case: Callable[[str], None] | None) -> dict[str, Any]:
-    from gru_deploy.convert import script
-    from gru_deploy.convert.graphs import check_onnx_bytes
-    from gru_deploy.manifest import select_model, verified_path
-
-    pt = verified_path(folder, manifest, select_model(manifest, variant, "torchscript", where=str(folder)))
-    onnx_path = verified_path(folder, manifest, select_model(manifest, variant, "onnx", where=str(folder)))
-    if not isinstance(recorded, dict):
-        raise UserInputError(f"{folder}/manifest.json: the {variant} model's op_types are missing; re-export the model")
-    onnx_bytes = onnx_path.read_bytes()
-    check_onnx_bytes(onnx_bytes, f"{folder}: {onnx_path.name}", known=frozenset(recorded))
-    scripted = script.load(pt)
-    check_recurrence(scripted, str(pt))
-    runners = user_runners(None, scripted, onnx_bytes, signature, stored, variant=variant)
-    return user_parity(runners, signature, atol, rtol, cases=cases, on_case=on_case, variant=variant)

@@ -1,0 +1,308 @@
+"""Parity of a module's export (a built-in family or your own model): its signature, the
+grid's inputs, runners over every runtime (the module eager and in float64 when it is at hand,
+else the float64 outputs the export stored), the comparison of every output, and `verify`
+of the files. It runs and compares; it builds nothing (convert.user builds the graphs)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from gru_deploy.check.recurrence import check_recurrence
+from gru_deploy.errors import CheckFailed, UserInputError
+from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+
+# The parity grid for user models: (batch, seq); the onnx reference evaluator (pure Python)
+# runs up to REFERENCE_MAX_SEQ steps.
+USER_CASES = ((1, 1), (3, 7), (2, 100), (1, 2048))
+
+
+REFERENCE_MAX_SEQ = 100
+
+
+@dataclass
+class UserSignature:
+    """Inputs and outputs as the manifest records them: name, dtype, shape (dynamic dims named)."""
+
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"inputs": self.inputs, "outputs": self.outputs}
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o["name"] for o in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t["name"]: {i: d for i, d in enumerate(t["shape"]) if isinstance(d, str)}
+                for t in self.inputs + self.outputs}
+
+
+def as_outputs(value: Any, reference: str) -> tuple["torch.Tensor", ...]:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return tuple(value)
+    raise UserInputError(f"{reference}: forward must return a tensor or a tuple of tensors, got "
+                         f"{type(value).__name__}")
+
+
+REFERENCE_FILE = "reference_float64.npz"
+
+
+# The lengths variant's grid: (batch, seq), lengths spread over 1..seq (the first sample full).
+LENGTHS_CASES = ((3, 7), (4, 100), (3, 2048))
+
+
+STREAM_CASES = ((1, 1), (3, 7), (2, 100), (1, 2048))
+
+
+Feed = dict  # input name -> numpy array
+
+
+def reference_key(variant: str, batch: int, seq: int, name: str) -> str:
+    """Where REFERENCE_FILE keeps a case's float64 output ('BxS/name' for the classifier)."""
+    return f"{batch}x{seq}/{name}" if variant == "classifier" else f"{variant}/{batch}x{seq}/{name}"
+
+
+def case_feed(signature: UserSignature, batch: int, seq: int) -> Feed:
+    """The parity grid's inputs for (batch, seq): the same at export and at verify."""
+    import numpy as np
+
+    feed = {INPUT_NAME: case_input(batch, seq, signature.inputs[0]["shape"][2])}
+    state = next((t for t in signature.inputs if t["name"] == STATE_IN), None)
+    if state is not None:  # a state from somewhere in a sequence: uniform in [-1, 1]
+        rng = np.random.default_rng(batch * 104729 + seq)
+        feed[STATE_IN] = rng.uniform(-1, 1, (batch, *state["shape"][1:])).astype(np.float32)
+    if any(t["name"] == LENGTHS_NAME for t in signature.inputs):
+        rng = np.random.default_rng(batch * 7919 + seq)
+        lengths = rng.integers(1, seq + 1, batch).astype(np.int64)
+        lengths[0] = seq
+        feed[LENGTHS_NAME] = lengths
+    return feed
+
+
+def user_runners(module: "torch.nn.Module | None", scripted: "torch.jit.ScriptModule", onnx_bytes: bytes,
+                 signature: UserSignature, stored: dict[str, "np.ndarray"] | None = None,
+                 method: str = "forward", variant: str = "classifier"
+                 ) -> dict[str, Callable[[Feed], list["np.ndarray"]]]:
+    """Callables of a feed (numpy, by input name) returning every output as numpy: eager and
+    float64 (the user's module's `method`, and a float64 copy of it) when the module is at
+    hand, TorchScript, onnxruntime and onnx's reference evaluator. Without the module
+    (verify), float64 answers from `stored`: the float64 outputs the export computed from the
+    module (REFERENCE_FILE)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnx.reference import ReferenceEvaluator
+
+    from gru_deploy.check.runners import reference_gaps, session_options
+
+    names_in = [t["name"] for t in signature.inputs]
+
+    def torch_call(fn: Any, dtype: "torch.dtype") -> Callable:
+        def run(feed: Feed) -> list["np.ndarray"]:
+            args = [torch.from_numpy(feed[n]) for n in names_in]
+            args = [a.to(dtype) if a.is_floating_point() else a for a in args]
+            with torch.no_grad():
+                out = as_outputs(fn(*args), "the model")
+            return [o.detach().double().numpy() for o in out]
+        return run
+
+    session = ort.InferenceSession(onnx_bytes, session_options(1), providers=["CPUExecutionProvider"])
+    gap = reference_gaps(onnx.load_from_string(onnx_bytes))
+    names = signature.output_names
+    runners: dict[str, Callable] = {}
+    if module is not None:
+        runners["eager"] = torch_call(getattr(module, method), torch.float32)
+    runners["torchscript"] = torch_call(scripted, torch.float32)
+    runners["onnxruntime"] = lambda feed: [np.asarray(o, np.float64) for o in session.run(names, feed)]
+    if not gap:  # else it would compute something else: user_parity says it was not run, and why
+        reference = ReferenceEvaluator(onnx_bytes)
+        runners["onnx-reference"] = lambda feed: [np.asarray(o, np.float64) for o in reference.run(names, feed)]
+    else:
+        runners["onnx-reference (not run)"] = gap  # type: ignore[assignment]
+    if module is not None:
+        runners["float64"] = torch_call(getattr(copy.deepcopy(module).double(), method), torch.float64)
+    elif stored is not None:
+        def recorded(feed: Feed) -> list["np.ndarray"]:
+            batch, seq = feed[INPUT_NAME].shape[:2]
+            keys = [reference_key(variant, batch, seq, name) for name in names]
+            if keys[0] not in stored:
+                raise CheckFailed(f"{REFERENCE_FILE} holds no float64 {variant} outputs for batch {batch}, seq {seq}")
+            return [stored[key] for key in keys]
+        runners["float64"] = recorded
+    return runners
+
+
+def case_input(batch: int, seq: int, input_size: int) -> "np.ndarray":
+    """The parity grid's input for (batch, seq): the same at export and at verify."""
+    import numpy as np
+
+    return np.random.default_rng(batch * 1009 + seq).standard_normal((batch, seq, input_size)).astype(np.float32)
+
+
+def recording(run: Callable, signature: UserSignature, variant: str = "classifier"
+              ) -> tuple[Callable, dict[str, "np.ndarray"]]:
+    """`run`, and the dict it fills with every output it returns (keys as reference_key): the
+    float64 module's outputs are stored as parity computes them."""
+    seen: dict[str, "np.ndarray"] = {}
+
+    def run_and_keep(feed: Feed) -> list["np.ndarray"]:
+        outputs = run(feed)
+        batch, seq = feed[INPUT_NAME].shape[:2]
+        for name, out in zip(signature.output_names, outputs):
+            seen[reference_key(variant, batch, seq, name)] = out
+        return outputs
+    return run_and_keep, seen
+
+
+def summarise(results: list[dict[str, Any]], summary: dict[str, Any], key: str, batch: int, seq: int,
+               comparison: Any) -> None:
+    results.append({"pair": key, "batch": batch, "seq": seq, **comparison.to_json()})
+    entry = summary.setdefault(key, {"max_abs": 0.0, "cases": 0, "passed": True, "applied_atol": comparison.atol})
+    entry["max_abs"] = max(entry["max_abs"], comparison.max_abs)
+    entry["cases"] += 1
+    entry["passed"] = entry["passed"] and comparison.passed
+
+
+def user_parity(runners: dict[str, Callable], signature: UserSignature, atol: float, rtol: float,
+                cases: tuple[tuple[int, int], ...] = USER_CASES,
+                on_case: Callable[[str], None] | None = None,
+                alone: Callable[[Feed, int], list["np.ndarray"]] | None = None,
+                variant: str = "classifier") -> dict[str, Any]:
+    """Every runner against float64 (and each against eager or TorchScript) on every case, every
+    output, by `check.compare` (an element fails only when it exceeds both atol and rtol, as for
+    the tutorial model). Empty axes are not run: a user graph's recurrent kernel may abort on
+    them (onnxruntime's GRU does). With `alone(feed, b)` (the lengths variant: the module in
+    float64 on sample b alone, unpadded), float64's padded answer for each sample is held to it
+    too, on the sample's valid steps: padding must change nothing."""
+    from gru_deploy.check.compare import compare
+
+    skipped = {name: why for name, why in runners.items() if isinstance(why, str)}
+    runners = {name: run for name, run in runners.items() if name not in skipped}
+    first = "eager" if "eager" in runners else "torchscript"
+    pairs = [("float64", name) for name in runners if name != "float64"] + \
+            [(first, name) for name in runners if name not in (first, "float64")]
+    results: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    for batch, seq in cases:
+        if on_case:
+            on_case(f"batch {batch}, seq {seq}")
+        feed = case_feed(signature, batch, seq)
+        outs = {}
+        for name, run in runners.items():
+            if name == "onnx-reference" and seq > REFERENCE_MAX_SEQ:
+                continue
+            try:
+                outs[name] = run(feed)
+            except (UserInputError, CheckFailed):
+                raise
+            except Exception as exc:
+                if name == "float64":
+                    raise UserInputError(
+                        f"the float64 reference (your module after .double()) failed: {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}; create tensors inside forward with the "
+                        "input's dtype (e.g. x.new_zeros)") from None
+                raise CheckFailed(f"{name} failed at batch {batch}, seq {seq}: {type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        for ref, got in pairs:
+            if ref not in outs or got not in outs:
+                continue
+            for name, a, b in zip(signature.output_names, outs[got], outs[ref]):
+                summarise(results, summary, f"{ref}->{got}[{name}]", batch, seq, compare(b, a, atol, rtol))
+        if alone is not None and "float64" in outs:
+            lengths = feed[LENGTHS_NAME]
+            for index in range(batch):
+                single = alone(feed, index)
+                for output, padded, want in zip(signature.outputs, outs["float64"], single):
+                    got = padded[index:index + 1]
+                    if "seq" in output["shape"]:  # a per-step output: the sample's own steps only
+                        axis = output["shape"].index("seq")
+                        got = got.take(range(int(lengths[index])), axis=axis)
+                    summarise(results, summary, f"float64 alone->float64 padded[{output['name']}]", batch, seq,
+                               compare(want, got, atol, rtol))
+    passed = all(entry["passed"] for entry in summary.values())
+    notes = [f"onnx's reference evaluator runs up to {REFERENCE_MAX_SEQ} steps (it is pure Python)",
+             "empty batches and sequences are not run: a recurrent kernel may abort on them"]
+    notes += [f"{name.split(' ')[0]} not run: {why}" for name, why in skipped.items()]
+    if alone is not None:
+        notes.append("lengths spread over 1..seq; 'float64 alone': the module's forward in float64 on each sample "
+                     "alone, unpadded, against its padded answer on its valid steps")
+    # No widening here: every comparison is held to atol itself, so every case run is verified.
+    return {"passed": passed, "atol": atol, "rtol": rtol, "applied_atol": atol,
+            "verified_max_seq": {variant: max((seq for _, seq in cases), default=-1)}, "unverifiable": [],
+            "cases": [list(c) for c in cases], "summary": summary, "results": results, "notes": notes}
+
+
+def failures(parity: dict[str, Any]) -> list[str]:
+    return [f"{key}: max abs error {entry['max_abs']:.3g} (atol {entry.get('applied_atol', parity['atol']):.3g}, "
+            f"rtol {parity['rtol']:.3g})" for key, entry in parity["summary"].items() if not entry["passed"]]
+
+
+def verify_user_export(folder: Path, manifest: dict[str, Any], atol: float, rtol: float,
+                       on_case: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Parity of a user export's files, without the user's code: TorchScript (model*.pt) is the
+    PyTorch side, and the float64 outputs the export computed from the user's module (its
+    REFERENCE_FILE, checksum-verified) the reference; the classifier and, where the export has
+    it, the lengths variant (under "variants")."""
+    import numpy as np
+
+    from gru_deploy.manifest import verified_path
+
+    reference = manifest.get("reference") or {}
+    with np.load(verified_path(folder, manifest, reference.get("file", REFERENCE_FILE)), allow_pickle=False) as data:
+        stored = {key: data[key] for key in data.files}
+    signature = UserSignature(manifest["signature"]["inputs"], manifest["signature"]["outputs"])
+    recorded = (manifest.get("onnx") or {}).get("op_types")
+    report = _verify_variant(folder, manifest, "classifier", signature, recorded, stored,
+                             _cases(folder, reference.get("cases", USER_CASES)), atol, rtol, on_case)
+    defaults = {"lengths": LENGTHS_CASES, "stream": STREAM_CASES}
+    for name, entry in (manifest.get("variants") or {}).items():
+        if name not in defaults:
+            raise UserInputError(f"{folder}/manifest.json: unknown variant {name!r}")
+        sig = UserSignature(entry["signature"]["inputs"], entry["signature"]["outputs"])
+        variant = _verify_variant(folder, manifest, name, sig, entry.get("op_types"), stored,
+                                  _cases(folder, reference.get(f"{name}_cases", defaults[name])), atol, rtol, on_case)
+        report.setdefault("variants", {})[name] = variant
+        report["passed"] = report["passed"] and variant["passed"]
+        report["verified_max_seq"].update(variant["verified_max_seq"])
+    return report
+
+
+def _cases(folder: Path, cases: Any) -> tuple[tuple[int, int], ...]:
+    if not isinstance(cases, (list, tuple)) or not all(
+            isinstance(c, (list, tuple)) and len(c) == 2 and all(type(v) is int and 1 <= v <= 100_000 for v in c)
+            for c in cases):
+        raise UserInputError(f"{folder}/manifest.json: reference cases must be a list of [batch, seq] pairs")
+    return tuple((int(c[0]), int(c[1])) for c in cases)
+
+
+def _verify_variant(folder: Path, manifest: dict[str, Any], variant: str, signature: UserSignature, recorded: Any,
+                    stored: dict[str, "np.ndarray"], cases: tuple[tuple[int, int], ...], atol: float, rtol: float,
+                    on_case: Callable[[str], None] | None) -> dict[str, Any]:
+    from gru_deploy.check import torchscript as script
+    from gru_deploy.check.onnx_walk import check_onnx_bytes
+    from gru_deploy.manifest import select_model, verified_path
+
+    pt = verified_path(folder, manifest, select_model(manifest, variant, "torchscript", where=str(folder)))
+    onnx_path = verified_path(folder, manifest, select_model(manifest, variant, "onnx", where=str(folder)))
+    if not isinstance(recorded, dict):
+        raise UserInputError(f"{folder}/manifest.json: the {variant} model's op_types are missing; re-export the model")
+    onnx_bytes = onnx_path.read_bytes()
+    check_onnx_bytes(onnx_bytes, f"{folder}: {onnx_path.name}", known=frozenset(recorded))
+    scripted = script.load(pt)
+    check_recurrence(scripted, str(pt))
+    runners = user_runners(None, scripted, onnx_bytes, signature, stored, variant=variant)
+    return user_parity(runners, signature, atol, rtol, cases=cases, on_case=on_case, variant=variant)
