@@ -937,12 +937,41 @@ class Service:
             m.executor.shutdown(wait=True)
 
 
+def config_json(message: Any) -> dict[str, Any]:
+    """A ModelConfig as Triton's REST /config answers it: protobuf's JSON mapping, but 64-bit
+    integers (dims, delays, counts) as JSON numbers, not the strings that mapping writes."""
+    from google.protobuf import json_format
+    from google.protobuf.descriptor import FieldDescriptor
+
+    wide = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+            FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
+
+    def numbers(value: Any, descriptor: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        for entry in descriptor.fields:
+            if entry.name not in value:
+                continue
+            item = value[entry.name]
+            if entry.message_type is not None and entry.message_type.GetOptions().map_entry:
+                inner = entry.message_type.fields_by_name["value"]
+                value[entry.name] = {k: (numbers(v, inner.message_type) if inner.message_type is not None
+                                         else int(v) if inner.type in wide else v) for k, v in item.items()}
+            elif entry.message_type is not None:
+                value[entry.name] = ([numbers(v, entry.message_type) for v in item] if isinstance(item, list)
+                                     else numbers(item, entry.message_type))
+            elif entry.type in wide:
+                value[entry.name] = [int(v) for v in item] if isinstance(item, list) else int(item)
+        return value
+
+    return numbers(json_format.MessageToDict(message, preserving_proto_field_name=True), message.DESCRIPTOR)
+
+
 def make_app(service: "Service | Model", limits: Limits | None = None, manage: bool = True) -> "web.Application":
     """The REST endpoint (KServe v2 / Triton HTTP, with the binary tensor extension) of `service`
     (a Model alone is served without sequences). `manage`: the app starts and stops the
     service's batchers (False where the gRPC endpoint shares them and `serve` runs them)."""
     from aiohttp import web
-    from google.protobuf import json_format
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     from gru_deploy.versions import __version__
@@ -987,7 +1016,7 @@ def make_app(service: "Service | Model", limits: Limits | None = None, manage: b
 
     async def model_config(request: web.Request) -> web.Response:
         config = service.config(request.match_info["name"])
-        return web.json_response(json_format.MessageToDict(config, preserving_proto_field_name=True))
+        return web.json_response(config_json(config))
 
     async def model_ready(request: web.Request) -> web.Response:
         return web.json_response({"name": service.target(request.match_info["name"]).name, "ready": service.ready},
