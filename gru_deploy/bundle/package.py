@@ -55,10 +55,13 @@ def golden_vectors(export_dir: Path, manifest: dict[str, Any], files: dict[str, 
     spec = ModelSpec.from_dict(manifest["config"])
     out: dict[str, bytes] = {}
     cases: list[dict[str, Any]] = []
+    # each variant's eager runner, built once (export_runners loads and checks every file of it)
+    eagers = {variant: export_runners(export_dir, manifest, variant=variant)["eager"]
+              for variant in dict.fromkeys(v for v, _, _ in GOLDEN_CASES) if variant in files}
     for index, (variant, batch, seq) in enumerate(GOLDEN_CASES):
         if variant not in files:
             continue
-        eager = export_runners(export_dir, manifest, variant=variant)["eager"]
+        eager = eagers[variant]
         feed = make_feed(spec, variant, batch, seq, seed=1000 + index)
         result = eager.run(feed)
         name = f"{variant}_{index}"
@@ -85,7 +88,7 @@ def golden_vectors(export_dir: Path, manifest: dict[str, Any], files: dict[str, 
     references = {"fp32": f"eager PyTorch {torch.__version__}"}
     gates = {}
     for variant, (_, model_bytes) in (int8 or {}).items():
-        eager = export_runners(export_dir, manifest, variant=variant)["eager"]
+        eager = eagers[variant]
         state = (spec.hidden_size,) if variant == "stream" else None
         gates[variant], rows = judge_int8(lambda feed: eager.run(feed)[OUTPUT_NAME], model_bytes, OUTPUT_NAME,
                                           spec.input_size, state)
