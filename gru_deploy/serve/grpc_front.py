@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 # most. Beyond it the server stops reading the stream until one is answered: backpressure, not
 # refusal. Triton's clients (tritonclient's start_stream / async_stream_infer, perf_analyzer
 # --streaming) queue on their side and never expect a stream request refused for load, while
-# gRPC flow control makes an unread stream hold up its sender. 64 is twice the default
-# --max-batch (one stream can fill a batch while the next one queues) and bounds one stream's
-# memory to 64 requests (each within the body limit).
+# gRPC flow control makes an unread stream hold up its sender. 64 is the configs' default
+# max_batch_size (one stream can fill a batch) and bounds one stream's memory to 64 requests
+# (each within the body limit).
 MAX_STREAM_IN_FLIGHT = 64
 
 
