@@ -37,7 +37,7 @@ def export(model: "torch.nn.Module | str | None" = None, *,
     """Export a model to `out` (written whole, only when every check passes); return its manifest.
 
     `model` None: the model in `checkpoint` (a path, a `Checkpoint` or a `FamilyCheckpoint`):
-    the tutorial classifier in `strategy` form (loop, stepwise, scan, fused, auto), or a
+    the tutorial classifier in `strategy` form (loop, stepwise, fused, auto), or a
     built-in family's (`gru-deploy train --layers/--bidirectional/--family`). `model` an
     `nn.Module`: your own, as it is (weights included). `model` a string `file.py:Name` /
     `package.module:Name`: your own, built with `model_args` over the checkpoint's and loaded

@@ -23,22 +23,21 @@ LINEAR_BELOW = 3.0
 
 
 def classifier_graphs(spec: "ModelSpec", model: Any, scripted: Any = None) -> dict[str, bytes]:
-    """The classifier's four ONNX forms, {"loop", "stepwise", "scan", "fused"}, of one eager model."""
+    """The classifier's ONNX forms, {"loop", "stepwise", "fused"}, of one eager model."""
     return variant_graphs(spec, model, "classifier", scripted)
 
 
 def variant_graphs(spec: "ModelSpec", model: Any, variant: str, scripted: Any = None) -> dict[str, bytes]:
-    """A variant's four ONNX forms, {"loop", "stepwise", "scan", "fused"}, of one eager model
+    """A variant's ONNX forms, {"loop", "stepwise", "fused"}, of one eager model
     (`scripted`: the variant's TorchScript module when the caller has it)."""
     from gru_deploy.convert import script
-    from gru_deploy.convert.graphs import export_fused, export_loop, export_scan
+    from gru_deploy.convert.graphs import export_fused, export_loop
     from gru_deploy.models.tutorial import as_variant
 
     scripted = scripted if scripted is not None else script.torchscript(as_variant(model, variant))
     stepwise = script.torchscript(as_variant(model, variant, hoist=False))
     return {"loop": export_loop(scripted, spec, variant=variant).onnx_bytes,
             "stepwise": export_loop(stepwise, spec, variant=variant, strategy="stepwise").onnx_bytes,
-            "scan": export_scan(model, spec, variant=variant).onnx_bytes,
             "fused": export_fused(model.state_dict(), spec, variant=variant).onnx_bytes}
 
 
@@ -197,7 +196,7 @@ LENGTHS_SHAPES = ((1, 100), (32, 100))
 
 
 def lengths_rows(spec: "ModelSpec", state_dict: dict, threads: int, budget_s: float) -> list[dict[str, Any]]:
-    """The variable-length model in each form (loop, stepwise, scan, fused) on padded batches with lengths
+    """The variable-length model in each form (loop, stepwise, fused) on padded batches with lengths
     spread over 1..seq; ratios to the loop form."""
     import numpy as np
 
@@ -263,8 +262,7 @@ def run_bench(spec: "ModelSpec", state_dict: dict, threads: int = 1, budget_s: f
             "loop_scaling": scaling, "streaming": streaming, "lengths": lengths}
 
 
-ORDER = ("eager", "torchscript", "onnxruntime loop", "onnxruntime stepwise", "onnxruntime scan",
-         "onnxruntime fused")
+ORDER = ("eager", "torchscript", "onnxruntime loop", "onnxruntime stepwise", "onnxruntime fused")
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -96,6 +96,14 @@ def _train(data: str, hidden_size: int, options: Any, test_fraction: float, quie
         close()
 
 
+def _retired_strategy(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value == "scan":
+        raise click.BadParameter("scan is retired: it was never the fastest form in `gru-deploy bench` "
+                                 "(docs/performance.md) and no runtime needs it; use fused (fastest), stepwise, "
+                                 "loop (int8) or auto", ctx=ctx, param=param)
+    return value
+
+
 def _data_options(func):
     options = [
         click.option("--data", default="synthetic", show_default=True, metavar="NAME|PATH",
@@ -182,15 +190,15 @@ def train(obj: dict, data: str, test_path: str | None, normalize: bool | None, e
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("exported"),
               show_default=True, help="Export folder; replaced as a whole only when every check passes.")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (13..20 verified).")
-@click.option("--strategy", type=click.Choice(["loop", "fused", "scan", "stepwise", "auto"]), default="loop",
-              show_default=True,
+@click.option("--strategy", type=click.Choice(["loop", "fused", "stepwise", "auto", "scan"]), default="loop",
+              show_default=True, metavar="[loop|fused|stepwise|auto]", callback=_retired_strategy,
               help="ONNX form of the classifier, stream and lengths models: loop (the scripted loop as an ONNX "
                    "Loop, input projections hoisted before it), stepwise (the same Loop with each step's input "
                    "projection inside it: faster at large batch x long sequences), fused (ONNX's GRU operator), "
-                   "scan (torch.export + the dynamo exporter to an ONNX Scan, "
-                   "no TorchScript in the graph; opset >= 18), auto (check each, "
+                   "auto (check each, "
                    "time them at each model's typical workload, keep the fastest). A built-in family or "
-                   "--model exports as loop, fused (the tutorial cell families and torch.nn.GRU) or auto.")
+                   "--model exports as loop, fused (the tutorial cell families and torch.nn.GRU), stepwise (the tutorial "
+                   "cell families) or auto.")
 @click.option("--typical-batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Batch size that --strategy auto times.")
 @click.option("--typical-seq", type=click.IntRange(min=1), default=100, show_default=True,
@@ -222,7 +230,7 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
     Writes into --out:
       model.pt       TorchScript (torch.jit.script; the time loop is a prim::Loop)
       model.onnx     ONNX, input x [batch, seq, I], dynamic batch and seq; a Loop
-                     (--strategy loop, stepwise), ONNX's GRU operator (fused) or a Scan
+                     (--strategy loop, stepwise) or ONNX's GRU operator (fused)
       model_stream.* (x, h0) -> (logits, h_n), and model_lengths.* (x, lengths) ->
                      logits: TorchScript and ONNX, in the same form
       model*.ort     ORT format of the classifier and stream models
@@ -498,14 +506,16 @@ def package(obj: dict, folder: Path, target: str, out: Path | None, archive: boo
     if as_json:
         _emit_json({"out": str(written), **manifest})
         return
+    from gru_deploy.bundle.quantize import recorded_gates
+
     for name, q in ((manifest.get("quantization") or {}).get("models") or {}).items():
-        g = q["gate_vs_eager"]
-        longest = max(c[1] for c in g["inputs"]["cases"])
-        click.echo(f"int8 {name}: {q['weight_bytes_quantized_share']:.0%} of weight bytes int8, "
-                   f"{q['size_before']:,} -> {q['size_after']:,} bytes; vs {g.get('reference', 'eager')} on "
-                   f"{g['rows']:,} rows of 1-{longest:,} steps: p{g['error_quantile']:g} abs {g['quantile_abs']:.3g} "
-                   f"(bound {g['max_abs_bound']:.3g}; worst row {g['max_abs']:.3g}), argmax agreement "
-                   f"{g['argmax_agreement']:.1%} (at least {g['min_argmax_agreement']:.0%})")
+        for output, g in recorded_gates(q).items():
+            longest = max(c[1] for c in g["inputs"]["cases"])
+            click.echo(f"int8 {name}: {q['weight_bytes_quantized_share']:.0%} of weight bytes int8, "
+                       f"{q['size_before']:,} -> {q['size_after']:,} bytes; {output} vs {g.get('reference', 'eager')} "
+                       f"on {g['rows']:,} rows of 1-{longest:,} steps: p{g['error_quantile']:g} abs "
+                       f"{g['quantile_abs']:.3g} (bound {g['max_abs_bound']:.3g}; worst row {g['max_abs']:.3g}), "
+                       f"argmax agreement {g['argmax_agreement']:.1%} (at least {g['min_argmax_agreement']:.0%})")
     for run in manifest["onnxruntime"]["checked_with"]:
         click.echo(f"golden vectors pass in onnxruntime {run['onnxruntime']} ({run['python']}): {run['cases']} runs")
     total = sum(entry["size"] for entry in manifest["files"].values())

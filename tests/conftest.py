@@ -38,16 +38,6 @@ def export_dir(checkpoint_file: Path, tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
-@pytest.fixture(scope="session")
-def scan_export(tiny_checkpoint: Checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An export of the tiny checkpoint with --strategy scan (every variant a Scan graph)."""
-    from gru_deploy.convert.folder import export_to_dir
-
-    out = tmp_path_factory.mktemp("export") / "scan"
-    export_to_dir(tiny_checkpoint, out, strategy="scan")
-    return out
-
-
 @pytest.fixture()
 def export_copy(export_dir: Path, tmp_path: Path) -> Path:
     """A private copy of the session export, free to corrupt."""

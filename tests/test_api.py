@@ -62,8 +62,8 @@ def test_the_api_on_the_tutorial_export_matches_the_cli_path(export_dir, tmp_pat
 def test_api_errors_are_the_clis(tmp_path):
     with pytest.raises(UserInputError, match="give checkpoint="):
         gru_deploy.export(out=tmp_path / "o")
-    with pytest.raises(UserInputError, match="--strategy scan maps the tutorial model's single cell"):
-        gru_deploy.export(torch.nn.GRU(2, 2), strategy="scan", out=tmp_path / "o")
+    with pytest.raises(UserInputError, match="--strategy stepwise runs the tutorial cell as written"):
+        gru_deploy.export(torch.nn.GRU(2, 2), strategy="stepwise", out=tmp_path / "o")
     with pytest.raises(UserInputError, match="no such export folder"):
         gru_deploy.load(tmp_path / "missing")
     assert not (tmp_path / "o").exists()

@@ -31,7 +31,7 @@ def test_median_us_is_the_median_of_the_timed_runs_within_the_budget(monkeypatch
     assert median_us(fn, budget_s=10.0, min_runs=5, max_runs=7) == pytest.approx(8_000) and clock["calls"] == 11
 
 
-FORMS = ("loop", "stepwise", "scan", "fused")
+FORMS = ("loop", "stepwise", "fused")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_bench_measures_every_runtime_on_every_shape(small_result):
     assert shapes == [(1, 1), (1, 100), (32, 100), (1, 1000), (256, 200)]
     for row in small_result["rows"]:
         assert set(row["median_us"]) == {"eager", "torchscript", "onnxruntime loop", "onnxruntime stepwise",
-                                         "onnxruntime scan", "onnxruntime fused"}
+                                         "onnxruntime fused"}
     [stream] = small_result["streaming"]
     assert set(stream["median_us_per_step"]) == {
         "eager cell", "torchscript stream", "one GRU node, io_binding",

@@ -151,20 +151,18 @@ def test_empty_inputs_never_reach_the_gru_kernel(fused, model, tmp_path):
     assert batch0 == [] and both0 == []
 
 
-@pytest.mark.parametrize("form", ["fused", "scan"])
-def test_variants_answer_empty_inputs_and_zero_lengths_without_the_recurrence(model, tmp_path, form):
-    """Raw onnxruntime on the fused and scan stream and lengths files: empty axes and lengths of 0
+def test_variants_answer_empty_inputs_and_zero_lengths_without_the_recurrence(model, tmp_path):
+    """Raw onnxruntime on the fused stream and lengths files: empty axes and lengths of 0
     answer what the model means (stream: h_n = h0, fc(h0); lengths 0: fc(0)) and never abort
-    (the GRU kernel aborts on an empty axis, Scan fails on a zero-length sequence)."""
+    (the GRU kernel aborts on an empty axis)."""
     import torch
 
-    from gru_deploy.convert.graphs import export_fused, export_scan
+    from gru_deploy.convert.graphs import export_fused
     from gru_deploy.models.tutorial import tutorial_state
 
     for variant in ("stream", "lengths"):
-        result = (export_fused(model.state_dict(), ModelSpec(), variant=variant) if form == "fused"
-                  else export_scan(model, ModelSpec(), variant=variant))
-        assert result.strategy == form and result.op_types[{"fused": "GRU", "scan": "Scan"}[form]] == 1
+        result = export_fused(model.state_dict(), ModelSpec(), variant=variant)
+        assert result.strategy == "fused" and result.op_types["GRU"] == 1
         (tmp_path / f"{variant}.onnx").write_bytes(result.onnx_bytes)
     code = (
         "import json, sys, numpy as np, onnxruntime as ort\n"
@@ -209,51 +207,18 @@ def test_fused_mapping_negates_only_the_z_gate(model):
     ("stream", {"x": ["batch", "seq", 8], "h0": ["batch", 16]}, {"logits": ["batch", 4], "h_n": ["batch", 16]}),
     ("lengths", {"x": ["batch", "seq", 8], "lengths": ["batch"]}, {"logits": ["batch", 4]}),
 ])
-@pytest.mark.parametrize("form", ["loop", "scan"])
-def test_variants_export_with_dynamic_dims(model, variant, inputs, outputs, form):
-    from gru_deploy.convert.graphs import export_scan
+def test_variants_export_with_dynamic_dims(model, variant, inputs, outputs):
     from gru_deploy.models.tutorial import as_variant
 
-    result = (export_loop(script.torchscript(as_variant(model, variant)), ModelSpec(), variant=variant)
-              if form == "loop" else export_scan(model, ModelSpec(), variant=variant))
+    result = export_loop(script.torchscript(as_variant(model, variant)), ModelSpec(), variant=variant)
     proto = onnx.load_from_string(result.onnx_bytes)
-    assert result.op_types.get({"loop": "Loop", "scan": "Scan"}[form]) == 1
+    assert result.op_types.get("Loop") == 1
 
     def dims(values):
         return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
 
     assert dims(proto.graph.input) == inputs and dims(proto.graph.output) == outputs
 
-
-
-# --- scan (torch.export, no TorchScript) ------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def scan(model):
-    from gru_deploy.convert.graphs import export_scan
-
-    return export_scan(model, ModelSpec())
-
-
-@pytest.mark.parametrize("seq", [0, 1, 7, 1500])
-def test_scan_matches_float64_up_to_1500_steps(model, scan, seq):
-    from gru_deploy.models.tutorial import weights_numpy
-    from gru_deploy.check.runners import Float64Runner
-
-    assert scan.op_types["Scan"] == 1 and scan.opset >= 18 and scan.ir_version <= 9
-    x = {"x": (np.random.default_rng(seq).standard_normal((3, seq, 8)) * 3).astype(np.float32)}
-    got = OnnxRuntimeRunner(ModelSpec(), scan.onnx_bytes).run(x)["logits"]
-    np.testing.assert_allclose(got, Float64Runner(ModelSpec(), weights_numpy(model)).run(x)["logits"], atol=1e-5)
-
-
-def test_scan_graph_answers_empty_inputs_itself(scan, model):
-    """Raw onnxruntime (not our runner): its Scan fails on a zero-length sequence; the graph's guard answers."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(scan.onnx_bytes, providers=["CPUExecutionProvider"])
-    out = session.run(None, {"x": np.zeros((3, 0, 8), np.float32)})[0]
-    np.testing.assert_allclose(out, np.tile(model.fc.bias.detach().numpy(), (3, 1)), atol=1e-6)
-    assert session.run(None, {"x": np.zeros((0, 4, 8), np.float32)})[0].shape == (0, 4)
 
 
 def test_plain_dynamo_export_of_the_for_loop_unrolls_and_the_guard_refuses_it(model):
@@ -265,7 +230,7 @@ def test_plain_dynamo_export_of_the_for_loop_unrolls_and_the_guard_refuses_it(mo
             warnings.simplefilter("ignore")
             graphs.append(torch.onnx.export(model, (torch.zeros(2, n, 8),), dynamo=True, verbose=False).model_proto)
     with pytest.raises(CheckFailed, match="unrolled"):
-        check_not_unrolled(graphs, needs="Scan")
+        check_not_unrolled(graphs, needs=None)
 
 
 @pytest.mark.parametrize("opset, ir", [(17, 8), (18, 8), (19, 9), (20, 9)])
@@ -277,32 +242,33 @@ def test_ir_version_follows_the_opset(opset, ir):
 
 
 @pytest.mark.slow
-def test_scan_and_fused_at_opset_19_carry_ir_9_and_pass_the_checker(model):
-    """IR 8 with opset 19 is an invalid model; the scan export used to force IR 8 whatever the opset."""
-    from gru_deploy.convert.graphs import export_fused, export_scan
+def test_fused_at_opset_19_carries_ir_9_and_passes_the_checker(model):
+    """IR 8 with opset 19 is an invalid model."""
+    from gru_deploy.convert.graphs import export_fused
 
-    for result in (export_scan(model, ModelSpec(), 19), export_fused(model.state_dict(), ModelSpec(), 19)):
+    for result in (export_fused(model.state_dict(), ModelSpec(), 19),):
         proto = onnx.load_from_string(result.onnx_bytes)
         assert (result.opset, proto.ir_version) == (19, 9), result.strategy
         onnx.checker.check_model(proto, full_check=True)
 
 
-def test_logger_levels_are_restored_when_an_export_fails(model, monkeypatch):
-    """The exporters quiet torch.onnx's and onnxruntime's loggers while they run, and put them back
-    in `finally`, also when the export raises."""
+def test_logger_levels_are_restored_when_an_export_fails(monkeypatch):
+    """The ORT-format conversion quiets onnxruntime's logger while it runs, and puts it back in
+    `finally`, also when the conversion raises."""
     import logging
 
-    import torch
+    from onnxruntime.tools import convert_onnx_models_to_ort as tool
 
-    from gru_deploy.convert.graphs import export_scan
+    from gru_deploy.convert.graphs import to_ort_format
+    from gru_deploy.errors import WriteFailed
 
-    noisy = logging.getLogger("torch.onnx")
+    noisy = logging.getLogger("ort_format_model.utils")
     noisy.setLevel(logging.INFO)
 
     def broken(*args, **kwargs):
-        raise RuntimeError("export failed")
+        raise RuntimeError("conversion failed")
 
-    monkeypatch.setattr(torch.onnx, "export", broken)
-    with pytest.raises(RuntimeError, match="export failed"):
-        export_scan(model, ModelSpec())
+    monkeypatch.setattr(tool, "convert_onnx_models_to_ort", broken)
+    with pytest.raises(WriteFailed, match="conversion failed"):
+        to_ort_format({"m.onnx": b"x"})
     assert noisy.level == logging.INFO

@@ -19,6 +19,7 @@ from gru_deploy.errors import UserInputError
 FAMILY_CASES = {  # name: (family, layers, bidirectional)
     "stacked": ("tutorial", 2, False),
     "stacked_bi": ("tutorial", 2, True),
+    "torch": ("torch-gru", 2, False),
     "torch_bi": ("torch-gru", 2, True),
 }
 
@@ -63,6 +64,66 @@ def test_a_padded_batch_gives_each_sample_its_answer_alone(cls_name, bidirection
         padded = model.forward_lengths(x, lengths)
         alone = torch.cat([model(x[i:i + 1, :int(lengths[i])]) for i in range(3)])
     torch.testing.assert_close(padded, alone, atol=1e-6, rtol=1e-6)
+
+
+def _packed_logits(model, x, lengths):
+    """TorchGRUClassifier's forward_lengths as it was (eager only, not exportable): torch's
+    packed sequences, lengths clamped to >= 1 -- the reference the exportable form must equal."""
+    packed = torch.nn.utils.rnn.pack_padded_sequence(model.normalized(x), lengths.clamp(min=1).cpu(),
+                                                     batch_first=True, enforce_sorted=False)
+    _, h_n = model.gru(packed)
+    return model.fc(model.last(h_n))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_torch_gru_forward_lengths_is_torchs_packed_sequences(bidirectional):
+    """The exportable forward_lengths (a gather of the last valid step; both directions: per
+    direction, the backward one over each sample's valid steps reversed in place) gives the
+    packed-sequence logits and gradients, in training mode, over 70 steps, length 0 as 1,
+    padding full of noise."""
+    from gru_deploy.models.families import TorchGRUClassifier
+
+    torch.manual_seed(0)
+    model = TorchGRUClassifier(5, 7, 3, layers=3, bidirectional=bidirectional,
+                               normalization=((0.5,) * 5, (2.0,) * 5)).train()
+    x = torch.randn(5, 70, 5)
+    lengths = torch.tensor([70, 33, 1, 0, 69])
+    new, old = model.forward_lengths(x, lengths), _packed_logits(model, x, lengths)
+    torch.testing.assert_close(new, old, atol=1e-6, rtol=1e-6)
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad(new.square().sum(), params), torch.autograd.grad(old.square().sum(), params)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    scripted = torch.jit.script(model.eval())
+    with torch.no_grad():
+        torch.testing.assert_close(scripted.forward_lengths(x, lengths), _packed_logits(model, x, lengths),
+                                   atol=1e-6, rtol=1e-6)
+
+
+def test_training_torch_gru_on_variable_length_data_gives_the_packed_numbers(monkeypatch):
+    """train_family on padded data (lengths 0..40, padding not zeroed) runs forward_lengths:
+    the same losses, weights and accuracies as with the packed sequences it used before."""
+    from dataclasses import replace
+
+    from gru_deploy.models.families import TorchGRUClassifier
+    from gru_deploy.train import TrainOptions, train_family
+
+    split = _split()
+    rng = np.random.default_rng(3)
+
+    def padded(data, n):
+        return replace(data, x=data.x[:n], y=data.y[:n], lengths=rng.integers(0, 41, n).astype(np.int64))
+
+    split = replace(split, train=padded(split.train, 200), test=padded(split.test, 100))
+    for bidirectional in (False, True):
+        new = train_family("torch-gru", 6, 2, bidirectional, split, TrainOptions(epochs=2, batch_size=64))
+        with monkeypatch.context() as patch:
+            patch.setattr(TorchGRUClassifier, "forward_lengths", _packed_logits)
+            old = train_family("torch-gru", 6, 2, bidirectional, split, TrainOptions(epochs=2, batch_size=64))
+        np.testing.assert_allclose(new.metrics["loss_history"], old.metrics["loss_history"], rtol=1e-5)
+        assert (new.metrics["train_accuracy"], new.metrics["test_accuracy"]) == (old.metrics["train_accuracy"],
+                                                                               old.metrics["test_accuracy"])
+        for name, value in new.state_dict.items():
+            torch.testing.assert_close(value, old.state_dict[name], atol=1e-5, rtol=1e-5)
 
 
 def test_the_stacked_family_is_the_tutorial_cell_layer_by_layer():
@@ -145,13 +206,14 @@ def test_a_family_exports_in_each_form_with_parity_to_float64(family_checkpoints
         assert loops and not grus
 
 
-def test_auto_times_loop_and_fused_and_keeps_the_faster(family_checkpoints, tmp_path):
+def test_auto_times_loop_fused_and_stepwise_and_keeps_the_fastest(family_checkpoints, tmp_path):
     import gru_deploy
 
     manifest = gru_deploy.export(checkpoint=family_checkpoints["stacked"], out=tmp_path / "a", strategy="auto",
                                  typical=(1, 20))
     auto = manifest["auto"]
-    assert set(auto["median_us"]) == {"loop", "fused"} and auto["candidates"] == ["loop", "fused"]
+    assert set(auto["median_us"]) == {"loop", "fused", "stepwise"} and auto["candidates"] == ["loop", "fused",
+                                                                                            "stepwise"]
     decided = auto.get("retimed", auto)["median_us"]
     assert manifest["strategy"] == auto["chosen"] == min(decided, key=decided.__getitem__)
     assert manifest["models"]["model.onnx"]["strategy"] == auto["chosen"]
@@ -174,8 +236,8 @@ def test_fused_is_refused_for_a_cell_gru_deploy_cannot_map(tmp_path):
     assert not (tmp_path / "f").exists()
     manifest = gru_deploy.export(model, out=tmp_path / "a", strategy="auto")
     assert manifest["strategy"] == "loop" and manifest["auto"]["candidates"] == ["loop"]
-    with pytest.raises(UserInputError, match="a module exports as loop, fused, auto"):
-        gru_deploy.export(model, out=tmp_path / "s", strategy="scan")
+    with pytest.raises(UserInputError, match="is not a tutorial-cell family model: export it with --strategy loop"):
+        gru_deploy.export(model, out=tmp_path / "s", strategy="stepwise")
 
 
 def test_the_fused_family_graph_answers_an_empty_batch_or_sequence_without_the_kernel(family_checkpoints,
@@ -237,3 +299,58 @@ def test_a_family_export_packages_and_its_bundle_verifies(family_checkpoints, tm
     x = np.random.default_rng(0).standard_normal((2, 13, 8)).astype(np.float32)
     np.testing.assert_allclose(gru_deploy.load(tmp_path / "edge").predict(x)["logits"],
                                gru_deploy.load(out).predict(x)["logits"], atol=1e-6)
+
+
+def _nodes(path):
+    import onnx
+
+    from gru_deploy.convert.graphs import all_graphs
+
+    return [n for g in all_graphs(onnx.load(path).graph) for n in g.node]
+
+
+def test_the_torch_gru_family_exports_its_lengths_and_stream_variants(family_checkpoints, tmp_path):
+    """torch-gru, one direction, two layers: the lengths variant (the last valid step gathered
+    after torch.nn.GRU) and the stream variant (torch.nn.GRU from h0 [batch, layers, hidden])
+    are exported as ONNX GRU nodes, no Loop, the stream's GRUs given initial_h, and both pass
+    parity -- padded = alone, and the stream's one chunk = forward, chunks carried = one pass."""
+    import gru_deploy
+
+    out = tmp_path / "e"
+    manifest = gru_deploy.export(checkpoint=family_checkpoints["torch"], out=out)
+    assert set(manifest["variants"]) == {"lengths", "stream"}
+    assert not [note for note in manifest["notes"] if "absent" in note]
+    assert {"model_lengths.onnx", "model_lengths.pt", "model_stream.onnx", "model_stream.pt"} <= set(manifest["models"])
+    hidden = manifest["model"]["args"]["hidden_size"]
+    for side in ("inputs", "outputs"):  # the state: [batch, layers, hidden], torch's [layers, batch, hidden] turned
+        assert manifest["variants"]["stream"]["signature"][side][1]["shape"] == ["batch", 2, hidden]
+    parity = manifest["parity"]["variants"]
+    for variant in ("lengths", "stream"):
+        assert parity[variant]["passed"] and all(e["passed"] for e in parity[variant]["summary"].values())
+    assert "float64 alone->float64 padded[logits]" in parity["lengths"]["summary"]
+    contract = {"float64 forward->float64 stream[logits]"} | {f"float64 one pass->float64 chunks of {n}[{name}]"
+                                                               for n in (1, 7) for name in ("logits", "h_n")}
+    assert contract <= set(parity["stream"]["summary"])
+    for variant in ("lengths", "stream"):
+        nodes = _nodes(out / f"model_{variant}.onnx")
+        grus = [n for n in nodes if n.op_type == "GRU"]
+        assert len(grus) == 2 and not [n for n in nodes if n.op_type == "Loop"]
+        if variant == "stream":
+            assert all(len(n.input) > 5 and n.input[5] for n in grus)  # initial_h: the state carried in
+
+
+def test_the_bidirectional_torch_gru_family_exports_lengths_and_says_why_it_cannot_stream(family_checkpoints,
+                                                                                        tmp_path):
+    """Both directions: the lengths variant exports (each layer's two directions as GRU nodes
+    of their own, the backward one over each sample's steps reversed by a gather), the stream
+    variant cannot (the backward direction needs the whole sequence) and the notes say so."""
+    import gru_deploy
+
+    out = tmp_path / "e"
+    manifest = gru_deploy.export(checkpoint=family_checkpoints["torch_bi"], out=out)
+    assert set(manifest["variants"]) == {"lengths"} and manifest["parity"]["variants"]["lengths"]["passed"]
+    assert [note for note in manifest["notes"] if "absent" in note] == [
+        "the stream variant is absent: initial_state(batch) returned None: the module cannot stream "
+        "(e.g. bidirectional)"]
+    nodes = _nodes(out / "model_lengths.onnx")
+    assert len([n for n in nodes if n.op_type == "GRU"]) == 4 and not [n for n in nodes if n.op_type == "Loop"]

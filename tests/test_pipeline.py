@@ -32,7 +32,7 @@ def test_fused_export_verifies(tiny_checkpoint, tmp_path):
     assert verify_export(tmp_path / "fused")
 
 
-STRATEGY_OP = {"loop": "Loop", "fused": "GRU", "scan": "Scan", "stepwise": "Loop"}
+STRATEGY_OP = {"loop": "Loop", "fused": "GRU", "stepwise": "Loop"}
 
 
 def test_auto_keeps_the_fastest_it_measured(tiny_checkpoint, tmp_path, monkeypatch):
@@ -42,10 +42,10 @@ def test_auto_keeps_the_fastest_it_measured(tiny_checkpoint, tmp_path, monkeypat
     from gru_deploy.convert import folder as pipeline
 
     timed: dict[tuple[str, str], bytes] = {}
-    # scan: not the first candidate; far apart: no re-timing
-    medians = {"loop": 30.0, "fused": 20.0, "scan": 10.0, "stepwise": 40.0}
-    variant_medians = {"stream": {"loop": 5.0, "fused": 9.0, "scan": 30.0, "stepwise": 12.0},
-                       "lengths": {"loop": 50.0, "fused": 20.0, "scan": 10.0, "stepwise": 60.0}}
+    # stepwise: not the first candidate; far apart: no re-timing
+    medians = {"loop": 30.0, "fused": 20.0, "stepwise": 10.0}
+    variant_medians = {"stream": {"loop": 5.0, "fused": 9.0, "stepwise": 12.0},
+                       "lengths": {"loop": 50.0, "fused": 20.0, "stepwise": 60.0}}
 
     def fake_time_strategies(models, spec, typical, budget_s=0.5, variant="classifier"):
         assert tuple(typical) == (2, 30)
@@ -58,12 +58,12 @@ def test_auto_keeps_the_fastest_it_measured(tiny_checkpoint, tmp_path, monkeypat
     monkeypatch.setattr(pipeline, "time_strategies", fake_time_strategies)
     manifest = export_to_dir(tiny_checkpoint, tmp_path / "auto", strategy="auto", typical=(2, 30))
     auto = manifest["auto"]
-    assert auto["median_us"] == medians and auto["chosen"] == "scan" == manifest["strategy"]
-    assert (tmp_path / "auto" / "model.onnx").read_bytes() == timed[("classifier", "scan")]
+    assert auto["median_us"] == medians and auto["chosen"] == "stepwise" == manifest["strategy"]
+    assert (tmp_path / "auto" / "model.onnx").read_bytes() == timed[("classifier", "stepwise")]
     assert (auto["typical_batch"], auto["typical_seq"]) == (2, 30)
     assert read_manifest(tmp_path / "auto")["auto"] == auto
     # each variant chose by its own timings, at its own workload, and wrote the graph it timed
-    for variant, chosen in (("stream", "loop"), ("lengths", "scan")):
+    for variant, chosen in (("stream", "loop"), ("lengths", "fused")):
         record = manifest["variants"][variant]
         assert record["strategy"] == chosen == record["auto"]["chosen"] == manifest["models"][record["onnx"]]["strategy"]
         assert record["auto"]["median_us"] == variant_medians[variant]
@@ -99,7 +99,7 @@ def test_time_strategies_times_each_graph_on_the_typical_input(tiny_checkpoint, 
 
 
 @pytest.mark.parametrize("kwargs,fragment", [
-    ({"strategy": "scan2"}, "unknown strategy"),
+    ({"strategy": "scan"}, "unknown strategy"),
     ({"strategy": "auto", "typical": (0, 100)}, "typical"),
     ({"opset": 99}, "verified range"),
 ])
@@ -107,24 +107,6 @@ def test_bad_options_write_nothing(tiny_checkpoint, tmp_path, kwargs, fragment):
     with pytest.raises(UserInputError, match=fragment):
         export_to_dir(tiny_checkpoint, tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
-
-
-def test_scan_export_verifies_without_torchscript_in_its_graph(scan_export):
-    manifest = read_manifest(scan_export)
-    assert manifest["strategy"] == "scan" and manifest["onnx"]["op_types"]["Scan"] == 1
-    assert "Loop" not in manifest["onnx"]["op_types"] and manifest["opset"] >= 18
-    # the default --opset 17 was raised to 18, and the manifest (and so export's output) says so
-    assert manifest["opset"] == 18 and manifest["models"]["model.onnx"]["ir_version"] == 8
-    assert any("opset 18, not the 17 asked for" in note for note in manifest["notes"])
-    # every variant a Scan too, and the parity gate (chunked = one pass, padded = unpadded) covered each
-    for variant in ("stream", "lengths"):
-        record = manifest["variants"][variant]
-        assert record["strategy"] == "scan" and record["op_types"]["Scan"] == 1 and "Loop" not in record["op_types"]
-        assert manifest["models"][record["onnx"]]["opset"] == 18
-    summary = manifest["parity"]["summary"]
-    assert summary["stream:one-pass->chunks:onnxruntime"]["passed"] and summary["lengths:float64->onnxruntime"]["passed"]
-    assert summary["lengths:eager->onnx-reference"]["passed"]
-    assert verify_export(scan_export)
 
 
 def test_stepwise_export_projects_inside_the_loop_and_verifies(tiny_checkpoint, export_dir, tmp_path):
@@ -159,21 +141,21 @@ def test_auto_times_the_two_fastest_again_when_they_are_close():
     """Within 20%: the second, longer timing of the two decides, and both timings are recorded."""
     from gru_deploy.convert.folder import RETIME_BUDGET_S, TIMING_BUDGET_S, choose_fastest
 
-    graphs = {"loop": b"L", "fused": b"F", "scan": b"S"}
+    graphs = {"loop": b"L", "fused": b"F", "stepwise": b"S"}
     calls = []
 
     def timer(models, budget):
         calls.append((sorted(models), budget))
-        return {"loop": 10.0, "fused": 11.5, "scan": 30.0} if len(calls) == 1 else {"loop": 12.0, "fused": 9.0}
+        return {"loop": 10.0, "fused": 11.5, "stepwise": 30.0} if len(calls) == 1 else {"loop": 12.0, "fused": 9.0}
 
     chosen, record = choose_fastest(graphs, timer)
     assert chosen == "fused" and record["chosen"] == "fused"
-    assert calls == [(["fused", "loop", "scan"], TIMING_BUDGET_S), (["fused", "loop"], RETIME_BUDGET_S)]
+    assert calls == [(["fused", "loop", "stepwise"], TIMING_BUDGET_S), (["fused", "loop"], RETIME_BUDGET_S)]
     assert record["median_us"]["loop"] == 10.0 and record["retimed"]["median_us"] == {"loop": 12.0, "fused": 9.0}
     # far apart: one timing decides and nothing is timed again
     calls.clear()
     chosen, record = choose_fastest(graphs, lambda models, budget: (calls.append(1), {"loop": 10.0, "fused": 13.0,
-                                                                                     "scan": 30.0})[1])
+                                                                                     "stepwise": 30.0})[1])
     assert chosen == "loop" and "retimed" not in record and len(calls) == 1
 
 

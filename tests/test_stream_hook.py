@@ -95,6 +95,86 @@ def test_the_family_streams_unless_bidirectional(tmp_path):
             assert manifest["variants"]["stream"]["signature"]["inputs"][1]["shape"] == ["batch", 2, 5]
 
 
+def test_the_fused_family_streams_through_gru_nodes_from_every_layers_state(tmp_path):
+    """--strategy fused: the stacked family's stream model is one GRU node per layer, each
+    started from its layer's h0 (no Loop); it passed the stream's parity (one pass = forward =
+    chunks, every runner against float64), Stream steps it, and an empty chunk answers
+    fc(h0's last layer) with h_n = h0 without the kernel (run in a child: the kernel aborts)."""
+    import onnx
+    import torch
+
+    import gru_deploy
+    from test_export import run_isolated
+    from gru_deploy.check.onnx_walk import all_graphs
+    from gru_deploy.models.families import StackedGRUClassifier
+
+    torch.manual_seed(4)
+    model = StackedGRUClassifier(3, 5, 2, layers=2).eval()
+    out = tmp_path / "fused"
+    manifest = gru_deploy.export(model, out=out, strategy="fused")
+    stream = manifest["variants"]["stream"]
+    assert stream["strategy"] == "fused" == manifest["models"][stream["onnx"]]["strategy"]
+    graph = onnx.load(out / stream["onnx"]).graph
+    grus = [n for g in all_graphs(graph) for n in g.node if n.op_type == "GRU"]
+    assert len(grus) == 2 and all(len(n.input) == 6 and n.input[5] for n in grus)  # initial_h given
+    assert not any(n.op_type == "Loop" for g in all_graphs(graph) for n in g.node)
+    parity = json.loads((out / "parity.json").read_text())["variants"]["stream"]
+    assert parity["passed"] and "float64->onnxruntime[h_n]" in parity["summary"]
+    x = np.random.default_rng(8).standard_normal((2, 9, 3)).astype(np.float32)
+    h0 = np.random.default_rng(9).uniform(-1, 1, (2, 2, 5)).astype(np.float32)
+    with torch.no_grad():
+        want_logits, want_h = model.forward_stream(torch.from_numpy(x), torch.from_numpy(h0))
+    steps = gru_deploy.Stream(out, batch=2)
+    steps.state = h0
+    for t in range(9):
+        got = steps.step(x[:, t])
+    got = got["logits"] if isinstance(got, dict) else got
+    np.testing.assert_allclose(got, want_logits.numpy(), atol=1e-5)
+    np.testing.assert_allclose(steps.state, want_h.numpy(), atol=1e-5)
+    code = ("import json, sys, numpy as np, onnxruntime as ort\n"
+            "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+            "h0 = np.linspace(-1, 1, 20, dtype=np.float32).reshape(2, 2, 5)\n"
+            "out = s.run(None, {'x': np.zeros((2, 0, 3), np.float32), 'h0': h0})\n"
+            "print(json.dumps([o.tolist() for o in out]))\n")
+    logits, h_n = run_isolated(code, str(out / stream["onnx"]))
+    h0 = np.linspace(-1, 1, 20, dtype=np.float32).reshape(2, 2, 5)
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, model.fc(torch.from_numpy(h0[:, 1])).numpy(), atol=1e-6)
+    np.testing.assert_array_equal(np.array(h_n, np.float32), h0)
+
+
+def test_the_family_exports_stepwise_with_every_variant_projecting_inside_its_loop(tmp_path):
+    """--strategy stepwise for the tutorial-cell family at depth: the classifier, lengths and
+    stream models each a Loop whose body holds the input projections (the loop form computes
+    them before its Loop), each passing parity; a model of another kind is refused."""
+    import onnx
+    import torch
+
+    import gru_deploy
+    from gru_deploy.check.onnx_walk import count_ops
+    from gru_deploy.convert.graphs import subgraphs
+    from gru_deploy.models.families import StackedGRUClassifier
+
+    torch.manual_seed(5)
+    model = StackedGRUClassifier(3, 5, 2, layers=2).eval()
+    forms = {form: gru_deploy.export(model, out=tmp_path / form, strategy=form) for form in ("loop", "stepwise")}
+
+    def body_matmuls(folder, name):
+        loops = [n for n in onnx.load(folder / name).graph.node if n.op_type == "Loop"]
+        ops = [count_ops(subgraphs(loop)[0]) for loop in loops]
+        return sum(o.get("MatMul", 0) + o.get("Gemm", 0) for o in ops), len(loops)
+
+    for name in ("model.onnx", "model_lengths.onnx", "model_stream.onnx"):
+        record = forms["stepwise"]["models"][name]
+        assert record["strategy"] == "stepwise" and forms["loop"]["models"][name]["strategy"] == "loop", name
+        (stepwise_mm, loops), (loop_mm, _) = body_matmuls(tmp_path / "stepwise", name), body_matmuls(tmp_path / "loop", name)
+        assert loops == 2 and stepwise_mm > loop_mm, name  # one Loop per layer
+    parity = json.loads((tmp_path / "stepwise" / "parity.json").read_text())
+    assert parity["passed"] and all(v["passed"] for v in parity["variants"].values())
+    with pytest.raises(gru_deploy.UserInputError, match="not a tutorial-cell family model"):
+        gru_deploy.export(torch.nn.GRU(3, 5), out=tmp_path / "x", strategy="stepwise")
+
+
 def test_bench_times_a_modules_own_models_against_torchscript(tagger):  # noqa: F811
     """bench on a module export: every model it has, TorchScript and onnxruntime in one run,
     the ratio computed from the two medians; the Stream API beside the raw stream model."""

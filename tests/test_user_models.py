@@ -45,7 +45,7 @@ def exports(tmp_path_factory):
     """Each accepted model exported once through the CLI, from a checkpoint holding its args."""
     folder = tmp_path_factory.mktemp("user")
     done = {}
-    for name in ACCEPTED:
+    for name in (*ACCEPTED, "TwoHeads"):  # TwoHeads: a class and per-step tags, for the int8 tests
         ckpt = user_checkpoint(name, folder)
         out = folder / f"{name}_export"
         proc = run_cli("export", "--model", ref(name), "--checkpoint", str(ckpt), "--out", str(out), "--json")
@@ -377,11 +377,12 @@ def test_a_scripted_gru_cell_that_the_exporter_fails_on_is_refused_with_the_way_
     assert "Traceback" not in proc.stderr and not out.exists()
 
 
-@pytest.mark.parametrize("name", ["TwoLayerGRU", "Tagger"])
+@pytest.mark.parametrize("name", ["TwoLayerGRU", "Tagger", "TwoHeads"])
 def test_an_int8_edge_bundle_of_a_user_model_is_gated_verified_and_runs(exports, tmp_path, name):
-    """package --quantize int8: onnxruntime's quantiser over the loop graph, its gate against the
-    export's TorchScript on the int8 gate's sequences recorded and re-checked by verify; infer
-    --precision int8 runs it. A per-step output (the tagger) is judged per step."""
+    """package --quantize int8: onnxruntime's quantiser over the loop graph, the gate of each
+    output against the export's TorchScript on the int8 gate's sequences recorded and re-checked
+    by verify; infer --precision int8 runs it. A per-step output (the tagger's, and TwoHeads'
+    second) is judged per step."""
     out = exports[name][0]
     bundle = tmp_path / "edge8"
     proc = run_cli("package", str(out), "--target", "edge", "--quantize", "int8", "--out", str(bundle), "--json")
@@ -390,10 +391,18 @@ def test_an_int8_edge_bundle_of_a_user_model_is_gated_verified_and_runs(exports,
     int8 = [p for p, info in manifest["models"].items() if info["precision"] == "int8"]
     assert len(int8) == 1
     record = manifest["quantization"]["models"][int8[0]]
-    assert record["weight_bytes_quantized_share"] >= 0.5 and record["gate_vs_eager"]["passed"]
+    outputs = [o["name"] for o in manifest["signatures"]["classifier"]["outputs"]]
+    assert record["weight_bytes_quantized_share"] >= 0.5 and list(record["gates_vs_eager"]) == outputs
+    for output, gate in record["gates_vs_eager"].items():
+        assert gate["passed"] and gate["inputs"]["output"] == output and gate["reference_file"] in manifest["files"]
+    (golden,) = [c for c in json.loads((bundle / "golden/golden.json").read_text())["cases"]
+                 if c.get("precision") == "int8" and c["inputs"]["x"]["shape"][1] == 7]
+    assert list(golden["outputs"]) == outputs
     report = json.loads(run_cli("verify", str(bundle), "--json").stdout)
     assert report["passed"], [c for c in report["checks"] if not c["passed"]]
-    assert any(c["check"].startswith("int8 gate") and c["passed"] for c in report["checks"])
+    gated = [c for c in report["checks"] if c["check"].startswith("int8 gate")]
+    assert len(gated) == len(outputs) and all(c["passed"] for c in gated)
+    assert len(outputs) == 1 or all(f"({o})" in c["check"] for o, c in zip(outputs, gated))
     size = manifest["signatures"]["classifier"]["inputs"][0]["shape"][2]
     x = np.random.default_rng(3).standard_normal((2, 9, size)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
@@ -419,19 +428,56 @@ def test_torch_gru_with_a_head_that_outweighs_it_quantises_its_head_only(tmp_pat
     bundle, manifest = gru_deploy.package(out, "edge", out=tmp_path / "wide-edge", quantize="int8")
     (record,) = manifest["quantization"]["models"].values()
     assert 0.5 <= record["weight_bytes_quantized_share"] < 0.9 and "GRU" in record["float_weight_consumers"]
-    assert record["gate_vs_eager"]["passed"] and gru_deploy.verify(bundle)["passed"]
+    (gate,) = record["gates_vs_eager"].values()
+    assert gate["passed"] and gru_deploy.verify(bundle)["passed"]
 
 
-def test_int8_is_refused_where_it_cannot_be_judged_or_does_not_quantise(exports, tmp_path):
-    """Two outputs (the gate judges one), and torch.nn.GRU (no int8 GRU kernel: the quantiser
-    leaves almost every weight in float): exit 2 with the reason, nothing written."""
-    for name, fragment in (("LSTMLoop", "packages single-output models"),
-                           ("TorchGRUClassifier", "no int8 kernel in onnxruntime")):
-        where = tmp_path / name
-        proc = run_cli("package", str(exports[name][0]), "--target", "edge", "--quantize", "int8", "--out",
-                       str(where))
-        assert proc.returncode == 2 and fragment in proc.stderr, proc.stderr
-        assert not where.exists()
+def test_an_int8_bundle_fails_when_any_one_output_fails_its_gate(exports, tmp_path, monkeypatch, capsys):
+    """Each output has its own gate: with the int8 model's per-step tags reversed (its class
+    output untouched), package exits 1 naming that output and writes nothing, and verify of a
+    bundle packaged before fails that output's gate alone."""
+    import gru_deploy
+    from gru_deploy.bundle import quantize
+    from gru_deploy.cli import main
+
+    out = exports["TwoHeads"][0]
+    bundle, _ = gru_deploy.package(out, "edge", out=tmp_path / "good", quantize="int8")
+    real = quantize._session_run
+    monkeypatch.setattr(quantize, "_session_run", lambda data, outputs: lambda feed: {
+        k: v[..., ::-1] if k == "output_1" else v for k, v in real(data, outputs)(feed).items()})
+    with pytest.raises(SystemExit) as exited:
+        main(["package", str(out), "--target", "edge", "--quantize", "int8", "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and "fails its gate" in err and "on output output_1" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+    report = gru_deploy.verify(bundle)
+    gated = {c["check"].split()[3]: c["passed"] for c in report["checks"] if c["check"].startswith("int8 gate")}
+    assert not report["passed"] and gated == {"(output_0)": True, "(output_1)": False}
+
+
+def test_an_int8_bundle_with_the_single_gate_record_of_before_still_verifies(exports, tmp_path):
+    """Bundles packaged before per-output gates hold one `gate_vs_eager` (a single-output model's):
+    verify reads it and judges that output."""
+    import gru_deploy
+
+    bundle, _ = gru_deploy.package(exports["TwoLayerGRU"][0], "edge", out=tmp_path / "b", quantize="int8")
+    document = json.loads((bundle / "manifest.json").read_text())
+    (record,) = document["quantization"]["models"].values()
+    [record["gate_vs_eager"]] = record.pop("gates_vs_eager").values()
+    (bundle / "manifest.json").write_text(json.dumps(document))
+    report = gru_deploy.verify(bundle)
+    gated = [c for c in report["checks"] if c["check"].startswith("int8 gate")]
+    assert report["passed"] and len(gated) == 1 and gated[0]["passed"]
+
+
+def test_int8_is_refused_where_it_does_not_quantise(exports, tmp_path):
+    """torch.nn.GRU (no int8 GRU kernel: the quantiser leaves almost every weight in float):
+    exit 2 with the reason, nothing written."""
+    where = tmp_path / "gru"
+    proc = run_cli("package", str(exports["TorchGRUClassifier"][0]), "--target", "edge", "--quantize", "int8",
+                   "--out", str(where))
+    assert proc.returncode == 2 and "no int8 kernel in onnxruntime" in proc.stderr, proc.stderr
+    assert not where.exists()
     proc = run_cli("infer", str(exports["Tagger"][0]), "--input", str(tmp_path / "none.npy"), "--precision", "int8")
     assert proc.returncode == 2 and "package --quantize int8 makes an int8 one" in proc.stderr
 
@@ -502,7 +548,7 @@ def test_serve_gives_a_family_classifier_labels_and_probabilities(tmp_path):
     from test_serve import start
 
     split = load_data("synthetic", seed=0)
-    ckpt = train_family("torch-gru", 6, 1, False, split, TrainOptions(epochs=1))
+    ckpt = train_family("torch-gru", 6, 1, True, split, TrainOptions(epochs=1))  # bidirectional: no stream
     out = tmp_path / "fam"
     gru_deploy.export(checkpoint=ckpt, out=out)
     proc, port, _ = start(out)
@@ -518,7 +564,7 @@ def test_serve_gives_a_family_classifier_labels_and_probabilities(tmp_path):
         labels = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("label")]
         assert labels == [split.test.labels[i] for i in logits.argmax(1)]
         np.testing.assert_allclose(logits, gru_deploy.load(out).predict(x)["logits"], atol=1e-5)
-        # torch.nn.GRU's family has no stream variant: no sequences, said so
+        # a bidirectional torch.nn.GRU has no stream variant: no sequences, said so
         with pytest.raises(InferenceServerException, match="no stream variant") as info:
             client.infer("model", [tensor], sequence_id=1, sequence_start=True)
         assert info.value.status() == "400"

@@ -97,6 +97,25 @@ class Tagger(nn.Module):
         return torch.stack(steps, 1)
 
 
+class TwoHeads(nn.Module):
+    """Two outputs from one cell loop: a class per sequence and a tag per step."""
+
+    def __init__(self, input_size: int = 3, hidden: int = 8, classes: int = 3, tags: int = 4) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.cell = Cell(input_size, hidden)
+        self.head = nn.Linear(hidden, classes)
+        self.tag = nn.Linear(hidden, tags)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        h = x.new_zeros(x.size(0), self.hidden)
+        steps: List[torch.Tensor] = []
+        for t in range(x.size(1)):
+            h = self.cell(x[:, t], h)
+            steps.append(self.tag(h))
+        return self.head(h), torch.stack(steps, 1)
+
+
 class FixedSteps(nn.Module):
     """A loop of ten steps whatever the input: the model accepts one length only."""
 

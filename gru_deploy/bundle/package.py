@@ -90,8 +90,7 @@ def golden_vectors(export_dir: Path, manifest: dict[str, Any], files: dict[str, 
     for variant, (_, model_bytes) in (int8 or {}).items():
         eager = eagers[variant]
         state = (spec.hidden_size,) if variant == "stream" else None
-        gates[variant], rows = judge_int8(lambda feed: eager.run(feed)[OUTPUT_NAME], model_bytes, OUTPUT_NAME,
-                                          spec.input_size, state)
+        [(gates[variant], rows)] = judge_int8(eager.run, model_bytes, [OUTPUT_NAME], spec.input_size, state).values()
         gates[variant]["reference_file"] = f"{GOLDEN_DIR}/int8_gate.{variant}.npy"
         out[gates[variant]["reference_file"]] = rows
     if gates:

@@ -4,13 +4,13 @@ the --check-with run. Here so neither builder imports the other's internals."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 import numpy as np
 
+from gru_deploy.bundle.quantize import npy_bytes  # noqa: F401  (bundle's callers read it here)
 from gru_deploy.errors import CheckFailed, UserInputError
 
 
@@ -24,12 +24,6 @@ TARGETS = ("edge", "server")
 
 
 GOLDEN_DIR = "golden"
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
 
 
 def tensor_json(array: np.ndarray) -> dict[str, Any]:

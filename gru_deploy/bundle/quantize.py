@@ -332,52 +332,66 @@ def quantize_int8(onnx_bytes: bytes) -> tuple[bytes, dict[str, Any]]:
     return out, report
 
 
-def _gate_rows(run: Any, feeds: list[dict[str, Any]], output: str) -> tuple[Any, Any]:
-    """`run(feed)` -> the judged output, over every feed, as rows [n, last axis] and each row's
-    sequence length (a per-step output: one row per sample and step)."""
+def _gate_rows(run: Any, feeds: list[dict[str, Any]], outputs: list[str]) -> dict[str, tuple[Any, Any]]:
+    """`run(feed)` -> {output: answer}, over every feed: per output, its answers as rows
+    [n, last axis] and each row's sequence length (a per-step output: one row per sample and step)."""
     import numpy as np
 
-    rows, lengths = [], []
-    for feed in feeds:
-        value = np.asarray(run(feed))
-        value = value.reshape(-1, value.shape[-1])
-        rows.append(value)
-        lengths.append(np.full(len(value), feed["x"].shape[1]))
-    return np.concatenate(rows), np.concatenate(lengths)
+    answers = [run(feed) for feed in feeds]
+    rows = {name: [np.asarray(a[name]).reshape(-1, np.shape(a[name])[-1]) for a in answers] for name in outputs}
+    return {name: (np.concatenate(values), np.concatenate([np.full(len(v), f["x"].shape[1])
+                                                           for v, f in zip(values, feeds)]))
+            for name, values in rows.items()}
 
 
-def _session_run(int8_bytes: bytes, output: str) -> Any:
+def _session_run(int8_bytes: bytes, outputs: list[str]) -> Any:
     import onnxruntime as ort
 
     from gru_deploy.check.runners import session_options
 
     session = ort.InferenceSession(int8_bytes, session_options(1), providers=["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
-    return lambda feed: session.run([output], {k: v for k, v in feed.items() if k in names})[0]
+    return lambda feed: dict(zip(outputs, session.run(outputs, {k: v for k, v in feed.items() if k in names})))
 
 
-def judge_int8(reference: Any, int8_bytes: bytes, output: str, input_size: int,
-               state_shape: tuple[int, ...] | None = None) -> tuple[dict[str, Any], bytes]:
-    """The int8 gate (compare.int8_gate) of a quantised model's `output` against `reference`
-    (feed -> that output in fp32) on check.verify.INT8_GATE_CASES. Returns the verdict, with
-    what regenerates its inputs, and the reference rows as .npy bytes: a bundle keeps them, so
-    `verify BUNDLE` judges the int8 model again without the fp32 reference at hand."""
+def npy_bytes(array: Any) -> bytes:
+    """`array` as .npy bytes (no pickles)."""
     import io
 
     import numpy as np
 
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def judge_int8(reference: Any, int8_bytes: bytes, outputs: list[str], input_size: int,
+               state_shape: tuple[int, ...] | None = None) -> dict[str, tuple[dict[str, Any], bytes]]:
+    """The int8 gate (compare.int8_gate) of each of a quantised model's `outputs` against
+    `reference` (feed -> {output: answer in fp32}) on check.verify.INT8_GATE_CASES. Returns, per
+    output, the verdict, with what regenerates its inputs, and the reference rows as .npy bytes:
+    a bundle keeps them, so `verify BUNDLE` judges the int8 model again without the fp32
+    reference at hand."""
     from gru_deploy.check.compare import int8_gate
     from gru_deploy.check.verify import INT8_GATE_CASES, int8_gate_feeds
 
     feeds = int8_gate_feeds(input_size, state_shape)
-    want, lengths = _gate_rows(reference, feeds, output)
-    got, _ = _gate_rows(_session_run(int8_bytes, output), feeds, output)
-    gate = int8_gate(want, got, lengths=lengths)
-    gate["inputs"] = {"cases": [list(c) for c in INT8_GATE_CASES], "input_size": input_size,
-                      "state_shape": list(state_shape) if state_shape is not None else None, "output": output}
-    buffer = io.BytesIO()
-    np.save(buffer, want.astype(np.float32), allow_pickle=False)
-    return gate, buffer.getvalue()
+    want = _gate_rows(reference, feeds, outputs)
+    got = _gate_rows(_session_run(int8_bytes, outputs), feeds, outputs)
+    out = {}
+    for name, (rows, lengths) in want.items():
+        gate = int8_gate(rows, got[name][0], lengths=lengths)
+        gate["inputs"] = {"cases": [list(c) for c in INT8_GATE_CASES], "input_size": input_size,
+                          "state_shape": list(state_shape) if state_shape is not None else None, "output": name}
+        out[name] = (gate, npy_bytes(rows.astype("float32")))
+    return out
+
+
+def recorded_gates(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A quantised model's recorded gate verdicts, by output: `gates_vs_eager`, or the one
+    `gate_vs_eager` of a tutorial bundle (and of a module's bundle before per-output gates)."""
+    gate = record.get("gate_vs_eager") or {}
+    return record.get("gates_vs_eager") or {(gate.get("inputs") or {}).get("output", "?"): gate}
 
 
 def rejudge_int8(int8_path: Path, reference_rows: Any, record: dict[str, Any]) -> dict[str, Any]:
@@ -392,5 +406,6 @@ def rejudge_int8(int8_path: Path, reference_rows: Any, record: dict[str, Any]) -
                              "with this gru-deploy")
     state = inputs.get("state_shape")
     feeds = int8_gate_feeds(int(inputs["input_size"]), tuple(state) if state is not None else None)
-    got, lengths = _gate_rows(_session_run(int8_path.read_bytes(), inputs["output"]), feeds, inputs["output"])
+    output = [inputs["output"]]
+    [(got, lengths)] = _gate_rows(_session_run(int8_path.read_bytes(), output), feeds, output).values()
     return int8_gate(reference_rows, got, record["max_abs_bound"], lengths=lengths)

@@ -214,7 +214,7 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
                   not_run: list[dict[str, str]] | None = None) -> None:
     """Load every model and run the golden cases and int8 gates; with `not_run` (a list), the
     TorchScript models are not loaded, each recorded there instead."""
-    from gru_deploy.bundle.quantize import rejudge_int8
+    from gru_deploy.bundle.quantize import recorded_gates, rejudge_int8
     from gru_deploy.check.compare import compare
     from gru_deploy.spec import ModelSpec
 
@@ -277,26 +277,32 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
                 checks.append(entry)
     quantization = manifest.get("quantization") or {}
     for model, record in (quantization.get("models") or {}).items():
-        gate = record.get("gate_vs_eager") or {}
-        check = f"int8 gate: {model} vs {gate.get('reference', 'eager')} on the int8 gate's sequences"
-        reference_file = gate.get("reference_file")
-        if "max_abs_bound" not in gate or "inputs" not in gate or reference_file not in manifest["files"]:
-            checks.append({"check": check, "passed": False,
-                           "message": f"{path}: {model} has no recorded int8 gate (bound, inputs and reference "
-                                      "rows); re-package with this gru-deploy"})
-            continue
-        try:
-            reference = np.load(folder / reference_file, allow_pickle=False)  # its sha256 was checked above
-            verdict = rejudge_int8(folder / model, reference, gate)
-        except UserInputError as exc:
-            checks.append({"check": check, "passed": False, "message": str(exc)})
-            continue
-        entry = {"check": check, "passed": verdict["passed"], "max_abs": verdict["max_abs"],
-                 "quantile_abs": verdict["quantile_abs"], "max_abs_bound": gate["max_abs_bound"],
-                 "argmax_agreement": verdict["argmax_agreement"]}
-        if not verdict["passed"]:
-            entry["message"] = f"{path}: int8 {model} against {gate.get('reference', 'eager')}: {verdict['reason']}"
-        checks.append(entry)
+        gates = recorded_gates(record)
+        if user:  # each output of a module's model has its own gate
+            signature = manifest["signatures"].get((manifest["models"].get(model) or {}).get("variant")) or spec
+            gates = {o["name"]: gates.get(o["name"], {}) for o in signature["outputs"]}
+        for output, gate in gates.items():
+            named = f" ({output})" if len(gates) > 1 else ""
+            check = f"int8 gate: {model}{named} vs {gate.get('reference', 'eager')} on the int8 gate's sequences"
+            reference_file = gate.get("reference_file")
+            if "max_abs_bound" not in gate or "inputs" not in gate or reference_file not in manifest["files"]:
+                checks.append({"check": check, "passed": False,
+                               "message": f"{path}: {model}{named} has no recorded int8 gate (bound, inputs and "
+                                          "reference rows); re-package with this gru-deploy"})
+                continue
+            try:
+                reference = np.load(folder / reference_file, allow_pickle=False)  # its sha256 was checked above
+                verdict = rejudge_int8(folder / model, reference, gate)
+            except UserInputError as exc:
+                checks.append({"check": check, "passed": False, "message": str(exc)})
+                continue
+            entry = {"check": check, "passed": verdict["passed"], "max_abs": verdict["max_abs"],
+                     "quantile_abs": verdict["quantile_abs"], "max_abs_bound": gate["max_abs_bound"],
+                     "argmax_agreement": verdict["argmax_agreement"]}
+            if not verdict["passed"]:
+                entry["message"] = (f"{path}: int8 {model}{named} against {gate.get('reference', 'eager')}: "
+                                    f"{verdict['reason']}")
+            checks.append(entry)
 
 
 def _load_model(path: Path, fmt: str, known: frozenset[str] | None = None) -> Any:

@@ -88,14 +88,15 @@ def _golden(export_dir: Path, source: dict[str, Any], model_paths: dict[str, str
                 case[kind][tensor_name] = {**tensor_json(array), "npy": path}
         cases.append(case)
         if int8 is not None and variant == "classifier":
-            q_name = f"{name}_int8"
-            out_name = signature["outputs"][0]["name"]
-            got = int8_session.run([out_name], {"x": tensors["inputs"]["x"]})[0]
-            path = f"{GOLDEN_DIR}/{q_name}.{out_name}.npy"
-            files[path] = npy_bytes(np.ascontiguousarray(got))
+            q_name, q_outputs = f"{name}_int8", {}
+            out_names = [o["name"] for o in signature["outputs"]]
+            for out_name, got in zip(out_names, int8_session.run(out_names, {"x": tensors["inputs"]["x"]})):
+                path = f"{GOLDEN_DIR}/{q_name}.{out_name}.npy"
+                files[path] = npy_bytes(np.ascontiguousarray(got))
+                q_outputs[out_name] = {**tensor_json(got), "npy": path}
             cases.append({"name": q_name, "variant": "classifier", "model": int8[0], "precision": "int8",
                           "eager_case": name, "atol": INT8_GOLDEN_TOL, "rtol": INT8_GOLDEN_TOL,
-                          "inputs": case["inputs"], "outputs": {out_name: {**tensor_json(got), "npy": path}}})
+                          "inputs": case["inputs"], "outputs": q_outputs})
     computed_by = reference.get("computed_by", "the user's module in float64")
     references = {"fp32": f"{computed_by}, at export, rounded to float32"}
     if int8 is not None:
@@ -108,9 +109,11 @@ def _golden(export_dir: Path, source: dict[str, Any], model_paths: dict[str, str
     return files, document
 
 
-def _int8_gate(export_dir: Path, source: dict[str, Any], int8_bytes: bytes, files: dict[str, bytes]) -> dict[str, Any]:
-    """The int8 gate against the export's TorchScript classifier (fp32; checksum-verified): the
-    user's module is not at hand when packaging. Its reference rows go into `files`."""
+def _int8_gates(export_dir: Path, source: dict[str, Any], int8_bytes: bytes,
+                files: dict[str, bytes]) -> dict[str, dict[str, Any]]:
+    """The int8 gate of every output against the export's TorchScript classifier (fp32;
+    checksum-verified): the user's module is not at hand when packaging. Returns the verdicts by
+    output; their reference rows go into `files`."""
     import torch
 
     from gru_deploy.bundle.parts import GOLDEN_DIR
@@ -122,16 +125,19 @@ def _int8_gate(export_dir: Path, source: dict[str, Any], int8_bytes: bytes, file
     name = select_model(source, "classifier", "torchscript", where=str(export_dir))
     scripted = script.load(verified_path(export_dir, source, name))
     signature = source["signature"]
+    outputs = [o["name"] for o in signature["outputs"]]
 
-    def reference(feed: dict[str, np.ndarray]) -> np.ndarray:
+    def reference(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.no_grad():
-            return as_outputs(scripted(torch.from_numpy(feed["x"])), name)[0].numpy()
+            return {o: t.numpy() for o, t in zip(outputs, as_outputs(scripted(torch.from_numpy(feed["x"])), name))}
 
-    gate, rows = judge_int8(reference, int8_bytes, signature["outputs"][0]["name"], signature["inputs"][0]["shape"][2])
-    gate["reference_file"] = f"{GOLDEN_DIR}/int8_gate.classifier.npy"
-    gate["reference"] = f"{name} (TorchScript, fp32)"
-    files[gate["reference_file"]] = rows
-    return gate
+    gates = {}
+    for output, (gate, rows) in judge_int8(reference, int8_bytes, outputs, signature["inputs"][0]["shape"][2]).items():
+        gate["reference_file"] = f"{GOLDEN_DIR}/int8_gate.classifier.{output}.npy"
+        gate["reference"] = f"{name} (TorchScript, fp32)"
+        files[gate["reference_file"]] = rows
+        gates[output] = gate
+    return gates
 
 
 def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
@@ -139,7 +145,7 @@ def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
                       check_with: tuple[str, ...] = (), deploy: Any = None) -> dict[str, bytes]:
     """Every file of a bundle of a user's model, manifest included, as {relative path: bytes}.
     With quantize="int8" (edge), an int8 copy of the ONNX model, gated against the export's
-    TorchScript on the int8 gate's sequences (a single-output model: the gate judges one output)."""
+    TorchScript on the int8 gate's sequences, every output held to the gate."""
     from gru_deploy.bundle.parts import (BUNDLE_FORMAT, BUNDLE_VERSION, REPOSITORY, _quantize,
                                            check_elsewhere, onnx_info, runtime_record, web_files)
     from gru_deploy.bundle.triton import triton_name
@@ -185,9 +191,6 @@ def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
     quantization = None
     int8 = None
     if quantize == "int8":
-        if len(signature["outputs"]) != 1:
-            raise UserInputError(f"{export_dir}: --quantize int8 packages single-output models (the int8 gate judges "
-                                 f"one output); this one has {len(signature['outputs'])}: package it without --quantize")
         classifier = {onnx_paths["classifier"]: models[onnx_paths["classifier"]]}  # the classifier only
         quantized, quantization = _quantize(files, classifier, source, step)
         models.update(classifier)
@@ -197,12 +200,13 @@ def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
     files.update(golden)
     if int8 is not None:
         step("judging the int8 model against model.pt on the int8 gate's sequences")
-        gate = _int8_gate(export_dir, source, int8[1], files)
-        quantization["models"][int8[0]]["gate_vs_eager"] = gate
-        if not gate["passed"]:
-            raise CheckFailed(f"int8 {int8[0]} fails its gate against TorchScript (fp32) on {gate['rows']} rows of "
-                              f"sequences of 1 to {max(c[1] for c in gate['inputs']['cases']):,} steps: "
-                              f"{gate['reason']}; nothing written")
+        gates = quantization["models"][int8[0]]["gates_vs_eager"] = _int8_gates(export_dir, source, int8[1], files)
+        for output, gate in gates.items():
+            if not gate["passed"]:
+                raise CheckFailed(f"int8 {int8[0]} fails its gate against TorchScript (fp32) on output {output}, "
+                                  f"{gate['rows']} rows of sequences of 1 to "
+                                  f"{max(c[1] for c in gate['inputs']['cases']):,} steps: {gate['reason']}; "
+                                  "nothing written")
     runtimes = runtime_record(models, document["reference"], source["versions"].get("onnxruntime", "unknown"))
     check_elsewhere(check_with, files, models, runtimes, step)  # golden cases in other Pythons' onnxruntime
     files["README.txt"] = (

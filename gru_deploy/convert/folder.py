@@ -46,7 +46,7 @@ KEEP = ("README.md",)
 def build_strategy(strategy: str, model: "torch.nn.Module", scripted: "torch.jit.ScriptModule",
                    checkpoint: Checkpoint, opset: int, metadata: dict[str, Any]) -> "ExportResult":
     """One ONNX graph for one strategy."""
-    from gru_deploy.convert.graphs import export_fused, export_loop, export_scan
+    from gru_deploy.convert.graphs import export_fused, export_loop
 
     meta = {**metadata, "gru_deploy.strategy": strategy}
     if strategy == "loop":
@@ -55,16 +55,14 @@ def build_strategy(strategy: str, model: "torch.nn.Module", scripted: "torch.jit
         return build_variant("stepwise", "classifier", model, scripted, checkpoint, opset, meta)
     if strategy == "fused":
         return export_fused(checkpoint.state_dict, checkpoint.spec, opset, meta)
-    if strategy == "scan":
-        return export_scan(model, checkpoint.spec, opset, meta)
     raise UserInputError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGY_CHOICES)}")
 
 
 def build_variant(form: str, variant: str, model: "torch.nn.Module", module: "torch.jit.ScriptModule",
                   checkpoint: Checkpoint, opset: int, metadata: dict[str, Any]) -> "ExportResult":
-    """One ONNX graph of a variant in one form (loop, fused, scan, stepwise)."""
+    """One ONNX graph of a variant in one form (loop, fused, stepwise)."""
     from gru_deploy.convert import script
-    from gru_deploy.convert.graphs import export_fused, export_loop, export_scan
+    from gru_deploy.convert.graphs import export_fused, export_loop
     from gru_deploy.models.tutorial import as_variant
 
     if form == "loop":
@@ -72,9 +70,7 @@ def build_variant(form: str, variant: str, model: "torch.nn.Module", module: "to
     if form == "stepwise":  # the same weights, each step's input projection inside the loop
         stepwise = script.torchscript(as_variant(model, variant, hoist=False))
         return export_loop(stepwise, checkpoint.spec, opset, metadata, variant=variant, strategy="stepwise")
-    if form == "fused":
-        return export_fused(checkpoint.state_dict, checkpoint.spec, opset, metadata, variant=variant)
-    return export_scan(model, checkpoint.spec, opset, metadata, variant=variant)
+    return export_fused(checkpoint.state_dict, checkpoint.spec, opset, metadata, variant=variant)
 
 
 def export_to_dir(
@@ -89,7 +85,7 @@ def export_to_dir(
 ) -> dict[str, Any]:
     """Write model.pt, model.onnx, parity.json and manifest.json into `out`; return the manifest.
 
-    `strategy` is loop, fused, scan or auto; auto checks every strategy's parity, times each at
+    `strategy` is loop, fused, stepwise or auto; auto checks every strategy's parity, times each at
     the `typical` (batch, seq) in onnxruntime and keeps the fastest. Raises CheckFailed
     (and writes nothing) when a guard or the parity gate fails.
     """
@@ -179,12 +175,6 @@ def export_to_dir(
         notes.append(f"torch {library_versions()['torch']} deprecates what model.pt is made with (gru-deploy "
                      "silences it and keeps model.pt for libtorch runtimes): "
                      + " | ".join(m[:120] for m in deprecations))
-    raised = {name: info for name, info in models.items() if info.get("opset", opset) != opset}
-    if raised:
-        written = sorted({info["opset"] for info in raised.values()})
-        notes.append(f"{', '.join(raised)} ({', '.join(sorted({info['strategy'] for info in raised.values()}))}) "
-                     f"written at opset {', '.join(map(str, written))}, not the {opset} asked for: the dynamo "
-                     "exporter behind scan starts at opset 18")
     step("converting the classifier and stream models to ORT format (onnxruntime's converter)")
     ort_sources = [name for name, info in models.items() if info["format"] == "onnx" and info["variant"] in ORT_VARIANTS]
     add_ort_models(files, models, to_ort_format({name: files[name] for name in ort_sources}))

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 DEFAULT_OPSET = 17
 # Opsets the test suite exports and checks for parity with onnxruntime.
 SUPPORTED_OPSETS = range(13, 21)  # the TorchScript exporter stops at 20
-STRATEGIES = ("loop", "fused", "scan", "stepwise")
+STRATEGIES = ("loop", "fused", "stepwise")
 # Example sequence lengths used to trace the export twice; they must differ.
 GUARD_LENGTHS = (3, 5)
 
@@ -309,8 +309,7 @@ def build_fused(state_dict: dict[str, Any], spec: ModelSpec, opset: int = DEFAUL
 
 
 def without_empty_guard(onnx_bytes: bytes) -> bytes | None:
-    """The non-empty branch of a guarded graph (build_fused's or the scan export's `If` on
-    batch·seq == 0) as a graph of its own, for a caller that never feeds an empty axis (the
+    """The non-empty branch of a guarded graph (build_fused's `If` on batch·seq == 0) as a graph of its own, for a caller that never feeds an empty axis (the
     streaming API steps batch >= 1, one step at a time); None for a graph without the guard.
 
     The nodes are the branch's own, so it computes exactly what the guarded graph computes on
@@ -333,8 +332,8 @@ def without_empty_guard(onnx_bytes: bytes) -> bytes | None:
         copy.CopyFrom(node)
         copy.output[:] = [rename.get(o, o) for o in copy.output]
         nodes.append(copy)
-    # a renamed output may feed other nodes too (the scan stream's h_n feeds the head), and the
-    # nodes' sub-graphs (a Scan body reads the hidden weights) read initializers of the top graph
+    # a renamed output may feed other nodes too, and the nodes' sub-graphs read initializers of
+    # the top graph
     inner = [n for node in nodes for sub in subgraphs(node) for g in all_graphs(sub) for n in g.node]
     for node in nodes + inner:
         node.input[:] = [rename.get(i, i) for i in node.input]
@@ -419,108 +418,3 @@ def add_ort_models(files: dict[str, bytes], models: dict[str, dict[str, Any]], c
         if name.endswith(".ort") and source in models:
             models[name] = {**{k: models[source][k] for k in ("variant", "precision")}, "format": "ort",
                             "converted_from": source}
-
-
-# --- scan: torch.export + the dynamo ONNX exporter, no TorchScript ---------------------------
-SCAN_MIN_OPSET = 18  # the dynamo exporter writes opset 18 and later
-
-
-def _export_scan_once(module: "torch.nn.Module", spec: ModelSpec, opset: int, seq_len: int,
-                      variant: str = "classifier") -> "onnx.ModelProto":
-    import warnings
-
-    import torch
-
-    inputs, outputs = VARIANT_IO[variant]
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    axes = {"batch": batch, "seq": seq}
-    dims = {name: {i: axes[d] for i, d in enumerate(spec.tensor(name)["shape"]) if isinstance(d, str)}
-            for name in inputs}
-    example = example_inputs(spec, variant, 2, seq_len)
-    noisy = logging.getLogger("torch.onnx")
-    level = noisy.level
-    noisy.setLevel(logging.ERROR)  # "torchvision is not installed" and friends
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            program = torch.export.export(module, example, dynamic_shapes=dims, strict=False)
-            onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=list(inputs),
-                                             output_names=list(outputs), verbose=False)
-    finally:
-        noisy.setLevel(level)
-    return onnx_program.model_proto
-
-
-def guard_empty_sequence(model: "onnx.ModelProto", spec: ModelSpec, fc_weight: "np.ndarray",
-                         fc_bias: "np.ndarray", variant: str = "classifier") -> None:
-    """Wrap the graph in `If(batch·seq == 0)`: empty inputs are answered without running the
-    recurrence (onnxruntime's Scan fails on a zero-length sequence and its GRU kernel aborts
-    the process): fc(h=0) = fc.bias, and for the stream fc(h0) with h_n = h0."""
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-
-    _, outputs = VARIANT_IO[variant]
-    graph = model.graph
-    inner = {name: f"{name}_nonempty" for name in outputs}
-    for g in all_graphs(graph):  # the outputs may feed other nodes too (h_n feeds the head)
-        for node in g.node:
-            node.input[:] = [inner.get(i, i) for i in node.input]
-            if g is graph:
-                node.output[:] = [inner.get(o, o) for o in node.output]
-    shapes = {OUTPUT_NAME: ["batch", spec.output_size], STATE_OUT: ["batch", spec.hidden_size]}
-
-    def values(names: dict[str, str]) -> list["onnx.ValueInfoProto"]:
-        return [helper.make_tensor_value_info(names[o], TensorProto.FLOAT, shapes[o]) for o in outputs]
-
-    body = helper.make_graph(list(graph.node), "nonempty", [], values(inner), value_info=list(graph.value_info))
-    empty_names = {name: f"{name}_empty" for name in outputs}
-    if variant == "stream":  # nothing to step through: the state stays h0, the logits are fc(h0)
-        empty_nodes = [helper.make_node("Gemm", [STATE_IN, "guard_fc_weight", "guard_fc_bias"],
-                                        [empty_names[OUTPUT_NAME]], transB=1),
-                       helper.make_node("Identity", [STATE_IN], [empty_names[STATE_OUT]])]
-    else:
-        empty_nodes = [helper.make_node("Unsqueeze", ["guard_batch", "guard_axis0"], ["guard_batch_1d"]),
-                       helper.make_node("Concat", ["guard_batch_1d", "guard_out_dim"], ["guard_shape"], axis=0),
-                       helper.make_node("Expand", ["guard_fc_bias", "guard_shape"], [empty_names[OUTPUT_NAME]])]
-    empty = helper.make_graph(empty_nodes, "empty_input", [], values(empty_names))
-    del graph.node[:]
-    del graph.value_info[:]
-    consts = {"guard_zero": np.array(0, np.int64), "guard_one": np.array(1, np.int64),
-              "guard_axis0": np.array([0], np.int64), "guard_out_dim": np.array([spec.output_size], np.int64),
-              "guard_fc_bias": np.asarray(fc_bias, np.float32)}
-    if variant == "stream":
-        consts["guard_fc_weight"] = np.asarray(fc_weight, np.float32)
-    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
-    graph.node.extend([
-        helper.make_node("Shape", [INPUT_NAME], ["guard_shape_x"]),
-        helper.make_node("Gather", ["guard_shape_x", "guard_zero"], ["guard_batch"], axis=0),
-        helper.make_node("Gather", ["guard_shape_x", "guard_one"], ["guard_seq"], axis=0),
-        helper.make_node("Mul", ["guard_batch", "guard_seq"], ["guard_elements"]),
-        helper.make_node("Equal", ["guard_elements", "guard_zero"], ["guard_is_empty"]),
-        helper.make_node("If", ["guard_is_empty"], list(outputs), then_branch=empty, else_branch=body),
-    ])
-
-
-def export_scan(model: "torch.nn.Module", spec: ModelSpec, opset: int = DEFAULT_OPSET,
-                metadata: dict[str, Any] | None = None, variant: str = "classifier") -> ExportResult:
-    """One variant (classifier, stream, lengths) as an ONNX Scan via torch.export and the
-    dynamo exporter (no TorchScript).
-
-    Exported at two example lengths: a graph whose op counts differ between them (a plain
-    `torch.export` of the Python loop unrolls) or that has no Scan is refused.
-    """
-    from gru_deploy.models.tutorial import SCAN_CLASSES
-
-    check_opset(opset)
-    opset = max(opset, SCAN_MIN_OPSET)
-    module = SCAN_CLASSES[variant](model).eval()
-    models = [_export_scan_once(module, spec, opset, n, variant) for n in GUARD_LENGTHS]
-    check_not_unrolled(models, needs="Scan")
-    proto = models[0]
-    guard_empty_sequence(proto, spec, model.fc.weight.detach().cpu().numpy(), model.fc.bias.detach().cpu().numpy(),
-                         variant)
-    apply_signature(proto, spec)
-    proto.producer_name = "gru-deploy"
-    # The dynamo exporter writes the newest IR; older runtimes read the lowest the opset allows.
-    proto.ir_version = min_ir_version(opset)
-    return finish_export(proto, "scan", opset, count_ops(proto.graph), metadata)

@@ -217,7 +217,7 @@ def npz_bytes(arrays: dict[str, "np.ndarray"]) -> bytes:
 
 # --- the export folder ----------------------------------------------------------------------
 
-MODULE_STRATEGIES = ("loop", "fused", "auto")
+MODULE_STRATEGIES = ("loop", "fused", "stepwise", "auto")
 
 
 def _once(run: Callable[[Feed], list["np.ndarray"]]) -> Callable[[Feed], list["np.ndarray"]]:
@@ -248,19 +248,31 @@ def _time_user_graphs(graphs: dict[str, bytes], signature: UserSignature, typica
     return timings
 
 
-def check_module_strategy(strategy: str) -> None:
+def check_module_strategy(strategy: str, model: "UserModel | None" = None) -> None:
     if strategy not in MODULE_STRATEGIES:
-        raise UserInputError(f"--strategy {strategy} maps the tutorial model's single cell; a module exports as "
-                             f"{', '.join(MODULE_STRATEGIES)} (fused: the tutorial cell families and torch.nn.GRU)")
+        raise UserInputError(f"unknown strategy {strategy!r}; a module exports as {', '.join(MODULE_STRATEGIES)} "
+                             "(fused: the tutorial cell families and torch.nn.GRU; stepwise: the tutorial cell "
+                             "families)")
+    if strategy == "stepwise" and model is not None and not _builds_fused(model):
+        raise UserInputError(f"--strategy stepwise runs the tutorial cell as written, once per step; "
+                             f"{model.reference} is not a tutorial-cell family model: export it with --strategy loop")
+
+
+def in_form(model: "UserModel", form: str) -> "UserModel":
+    """`model` as its `form` is built: the stepwise copy (models.families.stepwise) for stepwise."""
+    import dataclasses
+
+    from gru_deploy.models.families import stepwise
+
+    return dataclasses.replace(model, module=stepwise(model.module).eval()) if form == "stepwise" else model
 
 
 def module_graphs(model: "UserModel", scripted: "torch.jit.ScriptModule", kept: str, signature: UserSignature,
                   opset: int, strategy: str, step: Callable[[str], None]) -> dict[str, tuple[bytes, dict]]:
-    """The candidate ONNX graphs for `strategy`: {"loop": …} and/or {"fused": …}, each (bytes,
-    graph record). fused where it applies (convert.families.fused_plan); auto takes both when
-    they differ, and loop alone when fused does not apply."""
-    from gru_deploy.convert.families import build_stacked_fused, fused_plan
-    from gru_deploy.convert.graphs import count_ops, finish_export
+    """The candidate ONNX graphs for `strategy`: {"loop": …}, {"fused": …}, {"stepwise": …},
+    each (bytes, graph record). fused where it applies (convert.families.fused_plan), stepwise
+    for the tutorial-cell family; auto takes every one that applies (loop alone when neither)."""
+    from gru_deploy.convert.families import fused_plan
 
     plan = None
     if strategy in ("fused", "auto"):
@@ -271,7 +283,7 @@ def module_graphs(model: "UserModel", scripted: "torch.jit.ScriptModule", kept: 
                 raise
     graphs: dict[str, tuple[bytes, dict]] = {}
     kind = model.record()["kind"]
-    if strategy in ("loop", "auto") or plan == "exporter":
+    if strategy in ("loop", "auto") or plan == "exporter":  # stepwise: neither
         step(f"exporting to ONNX opset {opset} (the recurrence kept: {kept})")
         exported = export_user_onnx(scripted, signature, opset, kind)
         if plan == "exporter":  # torch.nn.GRU: the exporter's graph is the fused form, unless a Loop remains
@@ -283,13 +295,27 @@ def module_graphs(model: "UserModel", scripted: "torch.jit.ScriptModule", kept: 
         graphs["loop"] = exported
     if plan == "build":
         step(f"building the fused graph: one ONNX GRU node per layer (opset {opset})")
-        onnx_model = build_stacked_fused(model.module, signature.inputs[0]["shape"][2], signature.output_names[0],
-                                         opset)
-        op_types = count_ops(onnx_model.graph)
-        result = finish_export(onnx_model, "fused", opset, op_types, {"gru_deploy.model": model.record()["kind"]})
-        graphs["fused"] = (result.onnx_bytes, {"opset": result.opset, "ir_version": result.ir_version,
-                                               "node_count": result.node_count, "op_types": result.op_types})
+        graphs["fused"] = build_fused_graph(model, signature, opset)
+    if strategy == "stepwise" or (strategy == "auto" and _builds_fused(model)):
+        step(f"exporting the stepwise form to ONNX opset {opset} (the cell as written, once per step)")
+        graphs["stepwise"] = export_user_onnx(script_user(in_form(model, "stepwise")), signature, opset,
+                                              model.record()["kind"])
     return graphs
+
+
+def build_fused_graph(model: "UserModel", signature: UserSignature, opset: int,
+                      variant: str = "classifier") -> tuple[bytes, dict]:
+    """The tutorial-cell family's fused graph of `variant` (convert.families.build_stacked_fused),
+    checked and serialised: (bytes, graph record)."""
+    from gru_deploy.convert.families import build_stacked_fused
+    from gru_deploy.convert.graphs import count_ops, finish_export
+
+    onnx_model = build_stacked_fused(model.module, signature.inputs[0]["shape"][2], signature.output_names[0],
+                                     opset, variant=variant)
+    result = finish_export(onnx_model, "fused", opset, count_ops(onnx_model.graph),
+                           {"gru_deploy.model": model.record()["kind"]})
+    return result.onnx_bytes, {"opset": result.opset, "ir_version": result.ir_version,
+                               "node_count": result.node_count, "op_types": result.op_types}
 
 
 def _builds_fused(model: "UserModel") -> bool:
@@ -329,23 +355,13 @@ def export_lengths_variant(model: "UserModel", signature: UserSignature, form: s
     import torch
 
     from gru_deploy.convert import script
-    from gru_deploy.convert.families import build_stacked_fused
-    from gru_deploy.convert.graphs import count_ops, finish_export
     from gru_deploy.models.variants import LengthsOf
 
     sig = lengths_signature(signature)
     step(f"the lengths variant ({LENGTHS_HOOK}): scripting and exporting it ({form})")
-    scripted = _script_hook(model, LengthsOf, LENGTHS_HOOK)
-    kind = model.record()["kind"]
-    if form == "fused":
-        onnx_model = build_stacked_fused(model.module, sig.inputs[0]["shape"][2], sig.output_names[0], opset,
-                                         lengths=True)
-        result = finish_export(onnx_model, "fused", opset, count_ops(onnx_model.graph), {"gru_deploy.model": kind})
-        onnx_bytes = result.onnx_bytes
-        graph = {"opset": result.opset, "ir_version": result.ir_version, "node_count": result.node_count,
-                 "op_types": result.op_types}
-    else:
-        onnx_bytes, graph = export_user_onnx(scripted, sig, opset, kind)
+    scripted = _script_hook(in_form(model, form), LengthsOf, LENGTHS_HOOK)
+    onnx_bytes, graph = (build_fused_graph(model, sig, opset, "lengths") if form == "fused"
+                         else export_user_onnx(scripted, sig, opset, model.record()["kind"]))
     step("checking the lengths variant's parity: padded = alone, every runner against float64")
     runners = user_runners(model.module, scripted, onnx_bytes, sig, method=LENGTHS_HOOK, variant="lengths")
     runners["float64"], stored = recording(runners["float64"], sig, "lengths")
@@ -410,10 +426,11 @@ def _stream_contract(model: "UserModel", signature: UserSignature, atol: float, 
                                compare(want, got, atol, rtol))
 
 
-def export_stream_variant(model: "UserModel", signature: UserSignature, opset: int, atol: float, rtol: float,
-                          step: Callable[[str], None]) -> dict[str, Any] | str:
+def export_stream_variant(model: "UserModel", signature: UserSignature, form: str, opset: int, atol: float,
+                          rtol: float, step: Callable[[str], None]) -> dict[str, Any] | str:
     """The stream variant of a module with the stream hooks (STATE_HOOK, STREAM_HOOK): scripted
-    through models.variants.StreamOf, exported as the exporter writes it, proved on
+    through models.variants.StreamOf, exported in `form` (fused: the tutorial-cell family's GRU
+    nodes, each layer's from h0[:, layer]; otherwise the exporter's graph), proved on
     STREAM_CASES (from a state in [-1, 1]) against the float64 hook, the hook itself held to
     forward and to its own chunked runs (_stream_contract). Returns what export_lengths_variant
     does, or why the module does not stream."""
@@ -430,9 +447,10 @@ def export_stream_variant(model: "UserModel", signature: UserSignature, opset: i
         raise UserInputError(f"{model.reference}.{STATE_HOOK}(2) must return zeros of shape [2, ...] (the state "
                              f"forward starts from), got {getattr(state, 'shape', type(state).__name__)}")
     sig = stream_signature(signature, [int(d) for d in state.shape[1:]])
-    step(f"the stream variant ({STREAM_HOOK}, state {list(state.shape[1:])}): scripting and exporting it")
-    scripted = _script_hook(model, StreamOf, STREAM_HOOK)
-    onnx_bytes, graph = export_user_onnx(scripted, sig, opset, model.record()["kind"])
+    step(f"the stream variant ({STREAM_HOOK}, state {list(state.shape[1:])}): scripting and exporting it ({form})")
+    scripted = _script_hook(in_form(model, form), StreamOf, STREAM_HOOK)
+    onnx_bytes, graph = (build_fused_graph(model, sig, opset, "stream") if form == "fused"
+                         else export_user_onnx(scripted, sig, opset, model.record()["kind"]))
     step("checking the stream variant's parity: one pass = forward = chunks, every runner against float64")
     runners = user_runners(model.module, scripted, onnx_bytes, sig, method=STREAM_HOOK, variant="stream")
     runners["float64"], stored = recording(runners["float64"], sig, "stream")
@@ -443,7 +461,7 @@ def export_stream_variant(model: "UserModel", signature: UserSignature, opset: i
                            f"through {STATE_OUT} = the one pass, on the float64 module at {list(CONTRACT_CASES)}")
     if not parity["passed"]:
         raise CheckFailed("the stream variant's parity failed, nothing written: " + "; ".join(failures(parity)))
-    return {"signature": sig, "pt": script.to_bytes(scripted), "onnx": onnx_bytes, "graph": graph, "form": "loop",
+    return {"signature": sig, "pt": script.to_bytes(scripted), "onnx": onnx_bytes, "graph": graph, "form": form,
             "parity": parity, "stored": stored}
 
 
@@ -467,7 +485,7 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
     from gru_deploy.versions import library_versions
 
     check_tolerances(atol, rtol)
-    check_module_strategy(strategy)
+    check_module_strategy(strategy, model)
     step = on_step or (lambda message: None)
     size = input_size or input_size_of(model.module)
     if size is None:
@@ -515,14 +533,14 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
     }
     variants: dict[str, Any] = {}
     exported: dict[str, Any] = {}
+    built = chosen if chosen in ("fused", "stepwise") and _builds_fused(model) else "loop"  # variants follow it
     if hasattr(scripted, LENGTHS_HOOK):
-        built = "fused" if chosen == "fused" and _builds_fused(model) else "loop"
         exported["lengths"] = export_lengths_variant(model, signature, built, opset, atol, rtol, step)
     else:
         notes.append(f"the lengths variant is absent: the module defines no @torch.jit.export {LENGTHS_HOOK}"
                      "(x, lengths)")
     if hasattr(scripted, STREAM_HOOK):
-        result = export_stream_variant(model, signature, opset, atol, rtol, step)
+        result = export_stream_variant(model, signature, built, opset, atol, rtol, step)
         if isinstance(result, str):
             notes.append(f"the stream variant is absent: {result}")
         else:

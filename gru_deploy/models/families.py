@@ -45,13 +45,37 @@ class _Normalized(nn.Module):
 
 
 class DirectionCell(GRUCell):
-    """The tutorial cell, stepped over time in one direction by an explicit loop."""
+    """The tutorial cell, stepped over time in one direction by an explicit loop.
 
-    __constants__ = ["reverse"]
+    With `hoist` (the default; the `loop` form) every step's input projections are computed in
+    one matmul before the loop, as the tutorial classifier's export form does; without it (the
+    `stepwise` form) the cell runs as written, once per step: no [seq, batch, 3H] buffer, the
+    form that wins at large batch x long sequences (docs/performance.md).
+    """
+
+    __constants__ = ["reverse", "hoist"]
 
     def __init__(self, input_size: int, hidden_size: int, reverse: bool = False) -> None:
         super().__init__(input_size, hidden_size)
         self.reverse = reverse
+        self.hoist = True
+
+    def inputs(self, steps: torch.Tensor) -> torch.Tensor:
+        """What each step reads: [seq, batch, 3H] projections (hoist), else the steps themselves."""
+        if self.hoist:
+            weight = torch.cat([self.W_xz.weight, self.W_xr.weight, self.W_xh.weight], 0)
+            bias = torch.cat([self.W_xz.bias, self.W_xr.bias, self.W_xh.bias], 0)
+            return torch.nn.functional.linear(steps, weight, bias)
+        return steps
+
+    def step(self, x_t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        if self.hoist:
+            hidden = self.hidden_size
+            z = torch.sigmoid(x_t.narrow(1, 0, hidden) + self.W_hz(h))
+            r = torch.sigmoid(x_t.narrow(1, hidden, hidden) + self.W_hr(h))
+            h_tilde = torch.tanh(x_t.narrow(1, 2 * hidden, hidden) + self.W_hh(r * h))
+            return (1 - z) * h + z * h_tilde
+        return self.forward(x_t, h)
 
     def run(self, steps: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """steps [seq, batch, input] (time-major) -> (every step's state [seq, batch, hidden],
@@ -59,9 +83,10 @@ class DirectionCell(GRUCell):
         if self.reverse:
             steps = steps.flip(0)
         h = steps.new_zeros(steps.size(1), self.hidden_size)
+        xs = self.inputs(steps)
         outputs: List[torch.Tensor] = []
         for k in range(steps.size(0)):
-            h = self.forward(steps[k], h)
+            h = self.step(xs[k], h)
             outputs.append(h)
         out = torch.stack(outputs)
         if self.reverse:
@@ -70,9 +95,10 @@ class DirectionCell(GRUCell):
 
     def run_from(self, steps: torch.Tensor, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """`run` (forward direction) from state h: the stream variant's step through a chunk."""
+        xs = self.inputs(steps)
         outputs: List[torch.Tensor] = []
         for k in range(steps.size(0)):
-            h = self.forward(steps[k], h)
+            h = self.step(xs[k], h)
             outputs.append(h)
         return torch.stack(outputs), h
 
@@ -84,15 +110,28 @@ class DirectionCell(GRUCell):
         if self.reverse:
             steps = steps.flip(0)
         h = steps.new_zeros(steps.size(1), self.hidden_size)
+        xs = self.inputs(steps)
         outputs: List[torch.Tensor] = []
         for k in range(seq):
             t = seq - 1 - k if self.reverse else k
-            h = torch.where((lengths > t).unsqueeze(1), self.forward(steps[k], h), h)
+            h = torch.where((lengths > t).unsqueeze(1), self.step(xs[k], h), h)
             outputs.append(h)
         out = torch.stack(outputs)
         if self.reverse:
             out = out.flip(0)
         return out, h
+
+
+def stepwise(module: nn.Module) -> nn.Module:
+    """A copy of a tutorial-cell family module whose cells run as written, once per step (the
+    `stepwise` form); the same weights and the same function."""
+    import copy
+
+    out = copy.deepcopy(module)
+    for cell in out.modules():
+        if isinstance(cell, DirectionCell):
+            cell.hoist = False
+    return out
 
 
 class UniLayer(nn.Module):
@@ -188,9 +227,23 @@ class StackedGRUClassifier(_Normalized):
 
 
 class TorchGRUClassifier(_Normalized):
-    """torch.nn.GRU (batch_first) and a Linear head on the last layer's final state(s)."""
+    """torch.nn.GRU (batch_first) and a Linear head on the last layer's final state(s).
 
-    __constants__ = ["normalize", "bidirectional"]
+    Its variants, through the generic path's hooks (gru_deploy.models.variants):
+    * lengths (`forward_lengths`, also what training on variable-length data runs): one
+      direction, the last layer's output at step lengths[b] - 1 is sample b's final state
+      (later padding cannot reach earlier steps), a gather. Both directions: each layer runs
+      per direction (the same weights, torch.gru one direction at a time), the backward one on
+      each sample's valid steps reversed in place (a gather; padding stays behind them), so it
+      starts at the sample's last valid step; its output is gathered back. Equal to torch's
+      packed sequences (lengths clamped to >= 1, as training always did), and exported by
+      TorchScript's exporter as ONNX GRU nodes and gathers, over a dynamic seq.
+    * stream (`initial_state`, `forward_stream`): one direction only; the state is
+      [batch, layers, hidden] (torch's h is [layers, batch, hidden]) and a chunk runs self.gru
+      from it, exported as GRU nodes given initial_h. Bidirectional: initial_state is None.
+    """
+
+    __constants__ = ["normalize", "bidirectional", "layer_indices"]
 
     def __init__(self, input_size: int = 8, hidden_size: int = 16, output_size: int = 4, layers: int = 1,
                  bidirectional: bool = False, normalization: Any = None) -> None:
@@ -198,6 +251,7 @@ class TorchGRUClassifier(_Normalized):
         if layers < 1:
             raise UserInputError(f"layers must be at least 1, got {layers}")
         self.bidirectional = bidirectional
+        self.layer_indices = tuple(range(layers))  # a tuple constant: TorchScript unrolls loops over it
         self.gru = nn.GRU(input_size, hidden_size, num_layers=layers, batch_first=True, bidirectional=bidirectional)
         self.fc = nn.Linear(hidden_size * (2 if bidirectional else 1), output_size)
         self._set_normalization(input_size, normalization)
@@ -211,13 +265,65 @@ class TorchGRUClassifier(_Normalized):
         _, h_n = self.gru(self.normalized(x))
         return self.fc(self.last(h_n))
 
+    def _one_direction(self, steps: torch.Tensor, layer: int, direction: int) -> torch.Tensor:
+        """Layer `layer`'s direction `direction` (1: its reverse weights) run forward in time
+        over steps [batch, seq, in] from zeros: its output [batch, seq, hidden]."""
+        first = (layer * (2 if self.bidirectional else 1) + direction) * 4  # w_ih, w_hh, b_ih, b_hh each
+        w = self.gru._flat_weights
+        out, _ = torch.gru(steps, steps.new_zeros(1, steps.size(0), self.gru.hidden_size),
+                           [w[first], w[first + 1], w[first + 2], w[first + 3]], True, 1, float(self.gru.dropout),
+                           self.training, False, True)
+        return out
+
+    @staticmethod
+    def _take(steps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """steps [batch, seq, C] at flat step indices rows [batch, k] (b * seq + t) -> [batch, k, C].
+        index_select exports as ONNX Gather (GatherElements along a seq over 64 steps fails in
+        onnx's reference evaluator, which gathers by np.choose)."""
+        picked = steps.reshape(-1, steps.size(2)).index_select(0, rows.reshape(-1))
+        return picked.view(rows.size(0), rows.size(1), steps.size(2))
+
+    @torch.jit.export
     def forward_lengths(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Padded batch (eager only, for training): torch's packed sequences. Not a TorchScript
-        method (no @torch.jit.export), so this family exports without a lengths variant."""
-        packed = nn.utils.rnn.pack_padded_sequence(self.normalized(x), lengths.clamp(min=1).cpu(), batch_first=True,
-                                                   enforce_sorted=False)
-        _, h_n = self.gru(packed)
-        return self.fc(self.last(h_n))
+        """The padded batch: x [batch, seq, I], lengths int64 [batch] -> each sample's logits as
+        alone (lengths below 1 count as 1). Training's form on variable-length data, and the
+        lengths variant gru-deploy exports (model_lengths.*)."""
+        steps = self.normalized(x)
+        seq = steps.size(1)
+        start = torch.arange(steps.size(0), device=steps.device).unsqueeze(1) * seq  # [batch, 1]: b * seq
+        end = lengths.clamp(min=1).unsqueeze(1) - 1  # [batch, 1]: each sample's last valid step
+        if not self.bidirectional:
+            out, _ = self.gru(steps)
+            return self.fc(self._take(out, start + end).squeeze(1))
+        t = torch.arange(seq, device=steps.device).unsqueeze(0)  # [1, seq]
+        # sample b's steps 0..end reversed in place, its padding left where it is: a permutation
+        # that is its own inverse, so the same gather puts the backward outputs back in order
+        order = start + torch.where(t <= end, end - t, t)  # [batch, seq]
+        fw, bw = steps, steps
+        for layer in self.layer_indices:
+            fw = self._one_direction(steps, layer, 0)
+            bw = self._take(self._one_direction(self._take(steps, order), layer, 1), order)
+            steps = torch.cat([fw, bw], 2)
+        # forward's final state is at the last valid step; backward's at step 0
+        return self.fc(torch.cat([self._take(fw, start + end).squeeze(1), bw[:, 0]], 1))
+
+    def initial_state(self, batch: int) -> "torch.Tensor | None":
+        """The state forward starts from, [batch, layers, hidden] zeros; None when bidirectional
+        (a backward direction cannot stream): gru-deploy then exports no stream variant."""
+        if self.bidirectional:
+            return None
+        return torch.zeros(batch, len(self.layer_indices), self.gru.hidden_size)
+
+    @torch.jit.export
+    def forward_stream(self, x: torch.Tensor, h0: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A chunk from state h0 [batch, layers, hidden] -> (logits, h_n [batch, layers, hidden]):
+        chunks carried through h_n give one pass's answer. gru-deploy exports it as the stream
+        variant."""
+        if self.bidirectional:
+            raise RuntimeError("a bidirectional torch.nn.GRU cannot stream: its backward direction needs the whole "
+                               "sequence")
+        _, h_n = self.gru(self.normalized(x), h0.transpose(0, 1).contiguous())
+        return self.fc(h_n[-1]), h_n.transpose(0, 1)
 
 
 # family name -> (reference for the generic export path, class)
