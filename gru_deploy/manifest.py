@@ -167,6 +167,23 @@ def is_module_export(manifest: dict[str, Any]) -> bool:
     return isinstance(model, dict) and model.get("kind") in MODULE_KINDS
 
 
+# The Triton base name of an export's or bundle's models (bundles record it as model_name):
+# the tutorial model's is gru_classifier, a module's model (README: the names clients call).
+TUTORIAL_MODEL_NAME, MODULE_MODEL_NAME = "gru_classifier", "model"
+
+
+def model_name(manifest: dict[str, Any]) -> str:
+    """The base of the Triton names an export's or bundle's models are served under."""
+    return manifest.get("model_name") or (MODULE_MODEL_NAME if is_module_export(manifest) else TUTORIAL_MODEL_NAME)
+
+
+def answers_empty(manifest: dict[str, Any]) -> bool:
+    """True when the export's parity grid ran empty sequences and lengths of 0 on its graphs
+    (the tutorial model's: they are guarded and answer fc(h0)); a module's grid runs neither (a
+    GRU/LSTM kernel aborts the process on an empty axis), so its inputs refuse them."""
+    return not is_module_export(manifest)
+
+
 def tutorial_only(manifest: dict[str, Any], where: str, what: str) -> None:
     """UserInputError when `manifest` is an export of a module through the generic path (your
     own model, or a built-in family): `what` handles exports of the tutorial model only, in

@@ -299,7 +299,7 @@ def test_a_failed_group_gets_v2_500s_and_later_requests_are_served(export_dir, l
         monkeypatch.setattr(serving, "np", PaddingFails())
     elif where.startswith("onnxruntime"):
         error = RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : injected\n  second line")
-        monkeypatch.setattr(model.runner, "_infer", fail_once(model.runner._infer, error))
+        monkeypatch.setattr(model.session, "run", fail_once(model.session.run, error))
     else:
         monkeypatch.setattr(serving, "length_groups", fail_once(serving.length_groups, ValueError("injected")))
     rng = np.random.default_rng(5)
@@ -368,7 +368,7 @@ def test_requests_of_far_apart_lengths_run_in_separate_calls_shortest_first(expo
     answers = run_async(scenario(), timeout=120)
     assert calls == expected
     for x, got in zip(xs, answers):
-        np.testing.assert_allclose(got, local(x), atol=1e-5, rtol=1e-5)  # as each gets alone
+        np.testing.assert_allclose(got["logits"], local(x), atol=1e-5, rtol=1e-5)  # as each gets alone
 
 
 def test_a_lone_request_does_not_wait_for_the_batching_delay(export_dir, local, monkeypatch):

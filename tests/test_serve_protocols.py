@@ -790,9 +790,9 @@ def test_a_chunk_whose_client_gave_up_fails_no_other_sequences_chunk(export_dir,
     answers, reaped, waiting = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert reaped == 0 and waiting == {}
     alone_b, alone_c = stepped(export_dir, xb), stepped(export_dir, xc)
-    np.testing.assert_allclose(answers[1][0], alone_b[0, 2], atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(answers[2][0], alone_c[0, 2], atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(answers[3][0], alone_c[0, 5], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(answers[1]["logits"][0], alone_b[0, 2], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(answers[2]["logits"][0], alone_c[0, 2], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(answers[3]["logits"][0], alone_c[0, 5], atol=1e-5, rtol=1e-5)
     assert "b" not in model.live and "c" in model.live
 
 

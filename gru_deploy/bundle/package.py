@@ -24,9 +24,9 @@ from gru_deploy.bundle.parts import (  # noqa: F401  (shared with bundle.user; r
     BUNDLE_FORMAT, BUNDLE_VERSION, GOLDEN_DIR, INT8_GOLDEN_TOL, MIN_INT8_SHARE, PLATFORMS, REPOSITORY, TARGETS, _quantize, check_elsewhere, check_golden_elsewhere, npy_bytes, onnx_info, runtime_record, tensor_json, web_files)
 from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.manifest import atomic_write_bytes, json_bytes, sha256_bytes, staged_dir
-from gru_deploy.spec import OUTPUT_NAME, STATE_IN, STATE_OUT, VARIANT_IO, ModelSpec
+from gru_deploy.spec import OUTPUT_NAME, ModelSpec
 
-MODEL_NAME = "gru_classifier"
+from gru_deploy.manifest import TUTORIAL_MODEL_NAME as MODEL_NAME  # noqa: E402  (the Triton base name)
 # (variant, batch, seq) of the golden cases; lengths cases use lengths {seq, 1, 0}.
 GOLDEN_CASES = (("classifier", 1, 10), ("classifier", 2, 25), ("classifier", 3, 1),
                 ("stream", 2, 12), ("lengths", 3, 15))
@@ -98,31 +98,6 @@ def golden_vectors(export_dir: Path, manifest: dict[str, Any], files: dict[str, 
     document = {"format_version": 1, "atol": atol, "rtol": rtol, "reference": references, "cases": cases}
     out[f"{GOLDEN_DIR}/golden.json"] = json_bytes(document)
     return out, gates
-
-
-def triton_config(name: str, platform: str, spec: ModelSpec, variant: str, max_batch: int = 64,
-                  libtorch_names: bool = False, idle_s: float = 60.0) -> str:
-    """config.pbtxt for one model of the tutorial's (bundle.triton.model_config): variable dims
-    as -1, max_batch_size, dynamic batching, or for the stream model the sequence batcher
-    keeping h0/h_n as implicit state."""
-    from gru_deploy.bundle.triton import model_config
-
-    inputs, outputs = VARIANT_IO[variant]
-    state = None
-    if variant == "stream":  # Triton keeps h between the requests of one sequence (zeros at start)
-        state = {"input": STATE_IN, "output": STATE_OUT, "shape": [spec.hidden_size]}
-        inputs = tuple(n for n in inputs if n != STATE_IN)
-        outputs = tuple(n for n in outputs if n != STATE_OUT)
-
-    def tensors(names: tuple[str, ...]) -> list[dict[str, Any]]:
-        out = []
-        for index, name in enumerate(names):  # the pytorch backend maps tensors by position: <name>__<index>
-            tensor = dict(spec.tensor(name))
-            tensor["name"] = f"{name}__{index}" if libtorch_names else name
-            out.append(tensor)
-        return out
-
-    return model_config(name, platform, tensors(inputs), tensors(outputs), max_batch, state, idle_s)
 
 
 README_EDGE = """gru-deploy edge bundle — {name}
@@ -235,6 +210,7 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
     venv with another onnxruntime) and the results recorded: a failure writes nothing.
     A server bundle also holds deploy/ (bundle.kubernetes), where `deploy` says.
     """
+    from gru_deploy.bundle.triton import triton_config
     from gru_deploy.convert.user import is_user_export
     from gru_deploy.manifest import check_files, read_manifest
     from gru_deploy.versions import library_versions
@@ -273,7 +249,7 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
         for path, _, variant, fmt in chosen:
             triton = PurePosixPath(path).parts[1]
             files[f"{REPOSITORY}/{triton}/config.pbtxt"] = triton_config(
-                triton, PLATFORMS[fmt], spec, variant, libtorch_names=fmt == "torchscript").encode()
+                triton, PLATFORMS[fmt], spec.signature(variant), libtorch_names=fmt == "torchscript").encode()
     # golden cases name each variant's fp32 ONNX model; verify runs them on every model of the variant
     golden_models = {info["variant"]: path for path, info in models.items() if info["format"] == "onnx"}
     int8: dict[str, tuple[str, bytes]] = {}
@@ -380,4 +356,4 @@ def package(export_dir: Path, target: str, out: Path | None = None, archive: boo
     return out, json.loads(files["manifest.json"])
 
 
-__all__ = ["package", "build_bundle", "archive_bytes", "triton_config", "golden_vectors", "TARGETS"]
+__all__ = ["package", "build_bundle", "archive_bytes", "golden_vectors", "TARGETS"]

@@ -55,3 +55,24 @@ def model_config(name: str, platform: str, inputs: list[dict[str, Any]], outputs
         config.dynamic_batching.max_queue_delay_microseconds = 1000
     config.instance_group.add(count=1, kind=pb.ModelInstanceGroup.Kind.Value("KIND_CPU"))
     return text_format.MessageToString(config)
+
+
+def triton_config(name: str, platform: str, signature: dict[str, Any], libtorch_names: bool = False,
+                  max_batch: int = 64, idle_s: float = 60.0) -> str:
+    """config.pbtxt of one model from its signature (model_config): the batch axis is Triton's,
+    other named axes are -1, a per-sample scalar (lengths) is dims [1] reshaped to []. A stream
+    signature (h0 in, h_n out) gets the sequence batcher, which keeps the state between a
+    sequence's requests (zeros at its start): clients send x only. `libtorch_names`: tensors
+    named <name>__<index>, as the pytorch backend maps them by position."""
+    from gru_deploy.spec import STATE_IN, STATE_OUT
+
+    def tensors(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{**t, "name": f"{t['name']}__{i}" if libtorch_names else t["name"]} for i, t in enumerate(specs)]
+
+    inputs, outputs, state = signature["inputs"], signature["outputs"], None
+    h0 = next((t for t in inputs if t["name"] == STATE_IN), None)
+    if h0 is not None:
+        state = {"input": STATE_IN, "output": STATE_OUT, "shape": h0["shape"][1:]}
+        inputs = [t for t in inputs if t["name"] != STATE_IN]
+        outputs = [t for t in outputs if t["name"] != STATE_OUT]
+    return model_config(name, platform, tensors(inputs), tensors(outputs), max_batch, state, idle_s)

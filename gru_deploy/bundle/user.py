@@ -21,28 +21,7 @@ GOLDEN_BY_VARIANT = {"classifier": ((3, 7), (2, 100)), "lengths": ((3, 7), (4, 1
 # is served by Triton's sequence batcher with its state kept implicitly (ONNX only, as for the
 # tutorial model's bundle).
 BUNDLE_VARIANTS = {"edge": ("lengths", "stream"), "server": ("lengths", "stream")}
-SERVER_NAME = "model"
-
-
-def user_triton_config(name: str, platform: str, signature: dict[str, Any], libtorch_names: bool = False,
-                       max_batch: int = 64, idle_s: float = 60.0) -> str:
-    """config.pbtxt from the signature (bundle.triton.model_config): the batch axis is Triton's,
-    other named axes are -1, a per-sample scalar (lengths) is dims [1] reshaped to []. A stream
-    signature (h0 in, h_n out) gets the sequence batcher, which keeps the state between a
-    sequence's requests (zeros at its start): clients send x only."""
-    from gru_deploy.bundle.triton import model_config
-    from gru_deploy.spec import STATE_IN, STATE_OUT
-
-    def tensors(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [{**t, "name": f"{t['name']}__{i}" if libtorch_names else t["name"]} for i, t in enumerate(specs)]
-
-    inputs, outputs, state = signature["inputs"], signature["outputs"], None
-    h0 = next((t for t in inputs if t["name"] == STATE_IN), None)
-    if h0 is not None:
-        state = {"input": STATE_IN, "output": STATE_OUT, "shape": h0["shape"][1:]}
-        inputs = [t for t in inputs if t["name"] != STATE_IN]
-        outputs = [t for t in outputs if t["name"] != STATE_OUT]
-    return model_config(name, platform, tensors(inputs), tensors(outputs), max_batch, state, idle_s)
+from gru_deploy.manifest import MODULE_MODEL_NAME as SERVER_NAME  # noqa: E402  (the Triton base name)
 
 
 def _golden(export_dir: Path, source: dict[str, Any], model_paths: dict[str, str],
@@ -148,7 +127,7 @@ def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
     TorchScript on the int8 gate's sequences, every output held to the gate."""
     from gru_deploy.bundle.parts import (BUNDLE_FORMAT, BUNDLE_VERSION, REPOSITORY, _quantize,
                                            check_elsewhere, onnx_info, runtime_record, web_files)
-    from gru_deploy.bundle.triton import triton_name
+    from gru_deploy.bundle.triton import triton_config, triton_name
     from gru_deploy.errors import CheckFailed
     from gru_deploy.manifest import find_models, select_model
     from gru_deploy.versions import library_versions
@@ -177,14 +156,14 @@ def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
             triton = triton_name(SERVER_NAME, variant)
             onnx_paths[variant] = f"{REPOSITORY}/{triton}/1/model.onnx"
             add(onnx_paths[variant], select_model(source, variant, "onnx", where=where), "onnx", variant)
-            files[f"{REPOSITORY}/{triton}/config.pbtxt"] = user_triton_config(
+            files[f"{REPOSITORY}/{triton}/config.pbtxt"] = triton_config(
                 triton, "onnxruntime_onnx", signatures[variant]).encode()
             if variant == "stream":
                 continue  # the stream model runs in onnxruntime under the sequence batcher only
             torchscript = triton_name(SERVER_NAME, variant, "torchscript")
             add(f"{REPOSITORY}/{torchscript}/1/model.pt",
                 select_model(source, variant, "torchscript", where=where), "torchscript", variant)
-            files[f"{REPOSITORY}/{torchscript}/config.pbtxt"] = user_triton_config(
+            files[f"{REPOSITORY}/{torchscript}/config.pbtxt"] = triton_config(
                 torchscript, "pytorch_libtorch", signatures[variant], libtorch_names=True).encode()
     if target == "edge":  # the page that runs the first golden case in a browser (onnxruntime-web)
         files.update(web_files())

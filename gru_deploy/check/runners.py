@@ -288,35 +288,38 @@ class Float64Runner(Runner):
 
 # A module's inputs, checked before onnxruntime sees them (infer, serve, Stream, bundle verify).
 
-def check_user_input(x: Any, signature: dict[str, Any]) -> np.ndarray:
-    """x as the signature's float32 [batch, seq, input_size], non-empty and finite: a user graph
-    may hold onnxruntime's GRU or LSTM kernel, which aborts the process on an empty axis."""
+def check_user_input(x: Any, signature: dict[str, Any], empty_seq: bool = False) -> np.ndarray:
+    """x as the signature's float32 [batch, seq, input_size], non-empty (`empty_seq`: a
+    sequence of 0 steps allowed, where the export's graphs answer it) and finite: a graph may
+    hold onnxruntime's GRU or LSTM kernel, which aborts the process on an empty axis."""
     want = signature["inputs"][0]
     size = want["shape"][2]
     if not isinstance(x, np.ndarray) or x.dtype != np.float32:
         raise UserInputError(f"input {INPUT_NAME!r} must be a float32 array, got "
                              f"{getattr(x, 'dtype', type(x).__name__)}")
     if x.ndim != 3 or x.shape[2] != size:
-        raise UserInputError(f"input {INPUT_NAME!r} must have shape [batch, seq, {size}], got {list(x.shape)}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise UserInputError(f"input {INPUT_NAME!r} has an empty batch or sequence ({list(x.shape)}): "
-                             "nothing to run")
+        raise UserInputError(f"input {INPUT_NAME!r} must have shape [batch, seq, {size}] (the model takes {size} "
+                             f"channels), got {list(x.shape)}")
+    if x.shape[0] == 0 or (x.shape[1] == 0 and not empty_seq):
+        raise UserInputError(f"input {INPUT_NAME!r} has an empty {'batch' if x.shape[0] == 0 else 'sequence'} "
+                             f"({list(x.shape)}): nothing to run")
     if not np.isfinite(x).all():
         raise UserInputError(f"non-finite input: {INPUT_NAME!r} holds NaN or inf")
     return np.ascontiguousarray(x)
 
 
-def check_user_lengths(lengths: Any, x: np.ndarray) -> np.ndarray:
-    """lengths as int64 [batch], each in 1..seq: a sample has at least one step (the module's
-    own forward has none to run on an empty sequence)."""
+def check_user_lengths(lengths: Any, x: np.ndarray, minimum: int = 1) -> np.ndarray:
+    """lengths as int64 [batch], each in minimum..seq (1: a sample has at least one step, the
+    module's own forward has none to run on an empty sequence; 0 where the export's graphs
+    answer it)."""
     if not isinstance(lengths, np.ndarray) or lengths.dtype.kind not in "iu":
-        raise UserInputError(f"{LENGTHS_NAME!r} must be an integer array, got "
-                             f"{getattr(lengths, 'dtype', type(lengths).__name__)}")
+        raise UserInputError(f"{LENGTHS_NAME!r} must be INT64 (whole steps per sample), got "
+                             f"{getattr(lengths, 'dtype', type(lengths).__name__)}: send the lengths as integers")
     if lengths.shape != (x.shape[0],):
         raise UserInputError(f"{LENGTHS_NAME!r} must have shape [{x.shape[0]}] (one per sample), got "
                              f"{list(lengths.shape)}")
-    if lengths.size and (lengths.min() < 1 or lengths.max() > x.shape[1]):
-        raise UserInputError(f"{LENGTHS_NAME!r} must lie in 1..{x.shape[1]} (the padded length), got "
+    if lengths.size and (lengths.min() < minimum or lengths.max() > x.shape[1]):
+        raise UserInputError(f"{LENGTHS_NAME!r} must lie in {minimum}..{x.shape[1]} (the padded length), got "
                              f"{int(lengths.min())}..{int(lengths.max())}")
     return np.ascontiguousarray(lengths.astype(np.int64))
 

@@ -3,8 +3,8 @@ manifest lists, under its Triton name and with its config.pbtxt, read in one pas
 
 A server bundle's models keep their own `model_repository/NAME/config.pbtxt`. An export
 folder or an edge bundle has no Triton repository: each model gets the name and the config
-the server bundle builder would write for it (bundle.triton.triton_name; bundle.package.
-triton_config for the tutorial model, bundle.user.user_triton_config for a module). A bundle
+the server bundle builder would write for it (bundle.triton.triton_name and triton_config, from
+the model's signature), whatever the model. A bundle
 archive is extracted once and every checksum checked once; the models are then built from
 the bytes read here. Files are chosen by what the manifest says they are, never by name.
 """
@@ -40,10 +40,9 @@ class Repository:
 
     where: str
     precision: str
-    module: bool  # a module's export or bundle (its signatures), not the tutorial model's (its spec)
-    spec: "ModelSpec | None"  # the tutorial model's
-    signatures: dict[str, dict[str, Any]]  # a module's, per variant served
+    signatures: dict[str, dict[str, Any]]  # per variant served
     labels: list[str]
+    answers_empty: bool  # manifest.answers_empty: the grid ran empty sequences and lengths of 0
     files: list[ServedFile]
     left: list[str] = field(default_factory=list)  # listed models serve does not run, and who does
 
@@ -73,28 +72,20 @@ def read_repository(path: Path, precision: str = "fp32") -> Repository:
 
 def _collect(manifest: dict[str, Any], where: str, path: str, precision: str, read: Callable[[str], bytes],
              bundle: bool) -> Repository:
-    from gru_deploy.bundle.package import MODEL_NAME, REPOSITORY, triton_config
-    from gru_deploy.bundle.triton import triton_name
-    from gru_deploy.bundle.user import SERVER_NAME, user_triton_config
-    from gru_deploy.convert.graphs import check_onnx_bytes
-    from gru_deploy.manifest import find_models, is_module_export, select_model
+    from gru_deploy.bundle.parts import REPOSITORY
+    from gru_deploy.bundle.triton import triton_config, triton_name
+    from gru_deploy.manifest import answers_empty, find_models, model_name, select_model
     from gru_deploy.serve.user import check_module_graph, signature_of
-    from gru_deploy.spec import ModelSpec
 
-    module = is_module_export(manifest)
-    spec = None if module else ModelSpec.from_dict(manifest["config"])
-    base = manifest.get("model_name") or (SERVER_NAME if module else MODEL_NAME)
+    base = model_name(manifest)
     files, signatures = [], {}
     for variant in VARIANTS:
         if not find_models(manifest, variant, "onnx", precision, where):
             continue
         name = select_model(manifest, variant, "onnx", precision, where)
         data = read(name)
-        if module:
-            signatures[variant] = signature_of(manifest, variant, where)
-            check_module_graph(data, manifest, name, variant, where, path)
-        else:
-            check_onnx_bytes(data, f"{path}: {name}")
+        signatures[variant] = signature_of(manifest, variant, where)
+        check_module_graph(data, manifest, name, variant, where, path)
         parts = PurePosixPath(name).parts
         if bundle and manifest["target"] == "server" and len(parts) == 4 and parts[0] == REPOSITORY:
             triton, config_file = parts[1], f"{REPOSITORY}/{parts[1]}/config.pbtxt"  # Triton's repository layout
@@ -103,8 +94,7 @@ def _collect(manifest: dict[str, Any], where: str, path: str, precision: str, re
             config = read(config_file).decode()
         else:
             triton = triton_name(base, variant)
-            config = (user_triton_config(triton, "onnxruntime_onnx", signatures[variant]) if module
-                      else triton_config(triton, "onnxruntime_onnx", spec, variant))
+            config = triton_config(triton, "onnxruntime_onnx", signatures[variant])
         files.append(ServedFile(triton, name, variant, data, config))
     if not any(f.variant != "stream" for f in files):
         hint = ("; package the export with `gru-deploy package DIR --target edge --quantize int8` for int8 models"
@@ -116,8 +106,8 @@ def _collect(manifest: dict[str, Any], where: str, path: str, precision: str, re
             parts = PurePosixPath(name).parts
             label = parts[1] if bundle and len(parts) == 4 and parts[0] == REPOSITORY else name
             left.append(f"{label} (TorchScript: Triton's pytorch_libtorch backend runs it)")
-    return Repository(where, precision, module, spec, signatures, list(manifest.get("labels") or
-                                                                        (spec.labels if spec else [])), files, left)
+    labels = manifest.get("labels") or (manifest.get("config") or {}).get("labels") or []
+    return Repository(where, precision, signatures, list(labels), answers_empty(manifest), files, left)
 
 
 @dataclass

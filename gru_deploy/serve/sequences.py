@@ -28,7 +28,7 @@ import numpy as np
 from gru_deploy.serve.server import (  # noqa: F401  (the sequence parameters are read where requests are)
     MAX_SEQUENCE_ID, MAX_SEQUENCE_ID_BYTES, ClientError, Limits, Model, Pending, SequenceFlags, fail,
     sequence_flags)
-from gru_deploy.spec import INPUT_NAME, OUTPUT_NAME, STATE_IN, STATE_OUT
+from gru_deploy.spec import INPUT_NAME, STATE_IN, STATE_OUT
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class SequenceModel(Model):
     sending x only), served under `name` with `max_batch` and `idle_s`."""
 
     def __init__(self, name: str, onnx_bytes: bytes, state_shape: tuple[int, ...], output_names: list[str],
-                 stateless: Model, wrap: Callable[[dict[str, np.ndarray]], Any], config: str,
+                 stateless: Model, config: str,
                  threads: int, max_batch: int, max_delay_ms: float, max_sequences: int, idle_s: float) -> None:
         import onnxruntime as ort
 
@@ -62,7 +62,7 @@ class SequenceModel(Model):
 
         self.session = ort.InferenceSession(onnx_bytes, session_options(threads), providers=["CPUExecutionProvider"])
         self.state_shape, self.output_names = tuple(state_shape), list(output_names)
-        self.stateless, self.wrap = stateless, wrap
+        self.stateless = stateless
         self.max_sequences, self.idle_s = max_sequences, idle_s
         self.live: dict[int | str, Live] = {}
         # chunks queued or running per sequence, whose clients still wait: such a sequence is not
@@ -217,8 +217,7 @@ class SequenceModel(Model):
                 del self.live[p.flags.id]
                 self.on_end("end")
             if not p.future.done():
-                p.future.set_result(self.wrap({name: value[row:row + 1] for name, value in
-                                               zip(self.output_names, outputs)}))
+                p.future.set_result({name: value[row:row + 1] for name, value in zip(self.output_names, outputs)})
                 answered.append(p)
         self.stats.executed(answered, x.shape[0], start, built, ran, time.perf_counter_ns())
 
@@ -245,14 +244,10 @@ def load_sequence_model(repository: Any, stateless: Model, threads: int, max_bat
             stateless.max_delay * 1000 if max_delay_ms is None else max_delay_ms, max_sequences,
             parsed.sequence_batching.max_sequence_idle_microseconds / 1e6 if idle_s is None else idle_s)
     served = triton_name(name, "stream") if name else parsed.name
-    if repository.module:
-        signature = repository.signatures["stream"]
-        h0 = next(t for t in signature["inputs"] if t["name"] == STATE_IN)
-        outputs = [o["name"] for o in signature["outputs"] if o["name"] != STATE_OUT]
-        model = SequenceModel(served, file.data, tuple(int(d) for d in h0["shape"][1:]), outputs, stateless,
-                              lambda values: values, file.config, *args)
-    else:
-        model = SequenceModel(served, file.data, (repository.spec.hidden_size,), [OUTPUT_NAME], stateless,
-                              lambda values: values[OUTPUT_NAME], file.config, *args)
+    signature = repository.signatures["stream"]
+    h0 = next(t for t in signature["inputs"] if t["name"] == STATE_IN)
+    outputs = [o["name"] for o in signature["outputs"] if o["name"] != STATE_OUT]
+    model = SequenceModel(served, file.data, tuple(int(d) for d in h0["shape"][1:]), outputs, stateless,
+                          file.config, *args)
     model.file = file.file
     return model

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
 from gru_deploy.errors import UserInputError
-from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, OUTPUT_NAME, ModelSpec
+from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME
 
 DATATYPES = {"FP32": np.float32, "INT64": np.int64, "INT32": np.int32}
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -186,20 +186,31 @@ def configured(config: str, name: str, max_batch: int, max_delay_ms: float | Non
 
 
 class Model:
-    """One of the tutorial model's ONNX models (the classifier, or the variable-length one:
-    `variant`) in one onnxruntime session, plus the batcher in front of it. It serves `config`
-    (a config.pbtxt; by default the one the server bundle writes), its metadata derived from it."""
+    """One ONNX model of an export or a bundle (its classifier, or its variable-length model:
+    its signature says which) in one onnxruntime session, plus the batcher in front of it; the
+    tutorial model, a built-in family and your own model alike. It serves `config` (a
+    config.pbtxt; by default the one the server bundle writes for the signature), its metadata
+    derived from it. With a lengths input, requests are padded within parts of similar length
+    (`lengths` optional); without, requests batch only with requests of the same sequence
+    length (nothing is padded), shortest first, and `lengths` is refused. `answers_empty`: the
+    export's grid ran empty sequences and lengths of 0 (manifest.answers_empty); otherwise
+    they are refused before onnxruntime sees them (a GRU/LSTM kernel aborts on an empty axis)."""
 
-    def __init__(self, name: str, spec: ModelSpec, onnx_bytes: bytes, threads: int, max_batch: int,
-                 max_delay_ms: float, group_by_length: bool = True, variant: str = "lengths",
-                 config: str | None = None) -> None:
-        from gru_deploy.bundle.package import triton_config
-        from gru_deploy.check.runners import OnnxRuntimeRunner
+    def __init__(self, name: str, signature: dict[str, Any], onnx_bytes: bytes, labels: list[str] | tuple[str, ...],
+                 threads: int, max_batch: int, max_delay_ms: float, group_by_length: bool = True,
+                 config: str | None = None, answers_empty: bool = False) -> None:
+        import onnxruntime as ort
 
-        self.spec, self.variant, self.takes_lengths = spec, variant, variant == "lengths"
-        self.runner = OnnxRuntimeRunner(spec, onnx_bytes, threads=threads, variant=variant)
+        from gru_deploy.bundle.triton import triton_config
+        from gru_deploy.check.runners import session_options
+
+        self.takes_lengths = any(t["name"] == LENGTHS_NAME for t in signature["inputs"])
+        self.variant = "lengths" if self.takes_lengths else "classifier"
+        self.signature, self.labels, self.answers_empty = signature, list(labels), answers_empty
+        self.session = ort.InferenceSession(onnx_bytes, session_options(threads), providers=["CPUExecutionProvider"])
+        self.output_names = [o["name"] for o in signature["outputs"]]
         self._batching(name, max_batch, max_delay_ms, group_by_length)
-        self._configure(configured(config or triton_config(name, "onnxruntime_onnx", spec, variant), name, max_batch,
+        self._configure(configured(config or triton_config(name, "onnxruntime_onnx", signature), name, max_batch,
                                    max_delay_ms))
 
     def _configure(self, config: str) -> None:
@@ -224,16 +235,34 @@ class Model:
 
     @property
     def input_size(self) -> int:
-        return self.spec.input_size
+        return int(self.signature["inputs"][0]["shape"][2])
 
     def validate(self, arrays: dict[str, np.ndarray], limits: "Limits") -> tuple[np.ndarray, np.ndarray]:
+        """x and lengths (seq per sample when absent), checked before onnxruntime sees them."""
+        from gru_deploy.check.runners import check_user_input, check_user_lengths
+
         arrays = self.reshaped(arrays)
-        if not self.takes_lengths and LENGTHS_NAME in arrays:
-            raise ClientError(400, f"unknown input(s) [{LENGTHS_NAME!r}]; model {self.name!r} takes {INPUT_NAME!r} "
-                                   "only (the classifier: send each sequence unpadded"
-                                   + (f", or padded ones with {LENGTHS_NAME!r} to {self.lengths_model!r})"
-                                      if self.lengths_model else ")"))
-        return validate(arrays, self.spec, limits)
+        if INPUT_NAME not in arrays:
+            raise ClientError(400, f"missing input {INPUT_NAME!r}")
+        allowed = {INPUT_NAME, LENGTHS_NAME} if self.takes_lengths else {INPUT_NAME}
+        unknown = sorted(set(arrays) - allowed)
+        if unknown:
+            raise ClientError(400, f"unknown input(s) {unknown}; model {self.name!r} takes {sorted(allowed)}"
+                              + ("" if self.takes_lengths or LENGTHS_NAME not in unknown else
+                                 f" (the classifier: send each sequence unpadded, or padded ones with "
+                                 f"{LENGTHS_NAME!r} to {self.lengths_model!r})" if self.lengths_model else
+                                 " (it has no lengths variant: send each sequence unpadded)"))
+        x = arrays[INPUT_NAME]
+        if x.ndim == 3 and x.shape[1] > limits.max_seq:
+            raise ClientError(413, f"sequence length {x.shape[1]} exceeds the limit {limits.max_seq}")
+        try:
+            x = check_user_input(x, self.signature, empty_seq=self.answers_empty)
+            lengths = arrays.get(LENGTHS_NAME)
+            lengths = (np.full(x.shape[0], x.shape[1], np.int64) if lengths is None
+                       else check_user_lengths(lengths, x, minimum=0 if self.answers_empty else 1))
+        except UserInputError as exc:
+            raise ClientError(400, str(exc)) from None
+        return x, lengths
 
     def reshaped(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A per-sample scalar input (lengths) as the config declares it, dims [1] reshaped to
@@ -254,24 +283,42 @@ class Model:
         return length_groups(group) if self.group_by_length else [group]
 
     def rows(self, result: Any, row: int, request: Pending) -> Any:
-        """One request's share of a batched result: its rows."""
-        return result[row:row + request.x.shape[0]]
+        """One request's share of a batched result: its rows of every output, and of a per-step
+        output its own steps (not the padding)."""
+        count, seq = request.x.shape[:2]
+        out = {}
+        for spec in self.signature["outputs"]:
+            value = result[spec["name"]][row:row + count]
+            if "seq" in spec["shape"]:
+                value = value.take(range(seq), axis=spec["shape"].index("seq"))
+            out[spec["name"]] = value
+        return out
+
+    def _classifier(self) -> bool:
+        """One output of [batch, classes] and labels: probabilities and label are offered too."""
+        return bool(self.labels) and len(self.output_names) == 1 and len(self.signature["outputs"][0]["shape"]) == 2
 
     def outputs(self, result: Any) -> dict[str, tuple[str, Callable[[], np.ndarray]]]:
         """What a request may ask for: name -> (v2 datatype, computed only when asked)."""
         from gru_deploy.serve.infer import softmax
 
-        return {
-            "logits": ("FP32", lambda: result.astype(np.float32)),
-            "probabilities": ("FP32", lambda: softmax(result)),
-            "label": ("BYTES", lambda: np.array([self.spec.labels[i] for i in result.argmax(axis=1)], dtype=object)),
-        }
+        available: dict[str, tuple[str, Callable[[], np.ndarray]]] = {
+            name: ("FP32", (lambda v: lambda: np.asarray(v, np.float32))(value)) for name, value in result.items()}
+        if self._classifier():
+            scores = result[self.output_names[0]]
+            available["probabilities"] = ("FP32", lambda: softmax(scores))
+            available["label"] = ("BYTES", lambda: np.array([self.labels[i] for i in scores.argmax(axis=1)],
+                                                            dtype=object))
+        return available
 
-    default_outputs = ("logits",)
+    @property
+    def default_outputs(self) -> tuple[str, ...]:
+        return tuple(self.output_names)
 
     def extra_outputs(self) -> tuple[str, ...]:
-        """Outputs served on request beyond the config's (computed from its logits)."""
-        return ("probabilities", "label")
+        """Outputs served on request beyond the config's (a classifier with labels: computed
+        from its scores)."""
+        return ("probabilities", "label") if self._classifier() else ()
 
     def tensors(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """The v2 metadata's inputs and outputs: the served config's, as Triton derives them."""
@@ -281,12 +328,12 @@ class Model:
         """The config.pbtxt served for this model (Triton's schema)."""
         return self.config_text
 
-    def run(self, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    def run(self, x: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
         """One onnxruntime call. Each request was validated on arrival (`validate`) and a padded
-        batch of them is valid too, so the runner's own check of the whole batch is skipped."""
+        batch of them is valid too."""
         self.on_batch(x.shape[0])
         feed = {INPUT_NAME: x, LENGTHS_NAME: lengths} if self.takes_lengths else {INPUT_NAME: x}
-        return self.runner.run_validated(feed)[OUTPUT_NAME]
+        return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
 
     async def infer(self, x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         pending = Pending(x, lengths, asyncio.get_running_loop().create_future())
@@ -387,99 +434,6 @@ def config_tensors(config: Any) -> tuple[list[dict[str, Any]], list[dict[str, An
     return [meta(t) for t in config.input], [meta(t) for t in config.output]
 
 
-class ModuleModel(Model):
-    """A module exported by the generic path (your own, or a built-in family): its signature's
-    inputs and outputs. With a lengths variant (the module's forward_lengths), requests batch
-    as the tutorial model's do: padded within parts of similar length, `lengths` optional.
-    Without one, requests batch only with requests of the same sequence length (nothing is
-    padded), shortest first, and `lengths` is refused."""
-
-    def __init__(self, name: str, signature: dict[str, Any], onnx_bytes: bytes, labels: list[str], threads: int,
-                 max_batch: int, max_delay_ms: float, group_by_length: bool = True, config: str | None = None) -> None:
-        import onnxruntime as ort
-
-        from gru_deploy.bundle.user import user_triton_config
-        from gru_deploy.check.runners import session_options
-
-        self.takes_lengths = any(t["name"] == LENGTHS_NAME for t in signature["inputs"])
-        self.variant = "lengths" if self.takes_lengths else "classifier"
-        self.signature, self.labels = signature, list(labels)
-        self.session = ort.InferenceSession(onnx_bytes, session_options(threads), providers=["CPUExecutionProvider"])
-        self.output_names = [o["name"] for o in signature["outputs"]]
-        self._batching(name, max_batch, max_delay_ms, group_by_length)
-        self._configure(configured(config or user_triton_config(name, "onnxruntime_onnx", signature), name, max_batch,
-                                   max_delay_ms))
-
-    @property
-    def input_size(self) -> int:
-        return int(self.signature["inputs"][0]["shape"][2])
-
-    def validate(self, arrays: dict[str, np.ndarray], limits: "Limits") -> tuple[np.ndarray, np.ndarray]:
-        from gru_deploy.serve.user import check_user_input
-
-        from gru_deploy.serve.user import check_user_lengths
-
-        arrays = self.reshaped(arrays)
-        if INPUT_NAME not in arrays:
-            raise ClientError(400, f"missing input {INPUT_NAME!r}")
-        allowed = {INPUT_NAME, LENGTHS_NAME} if self.takes_lengths else {INPUT_NAME}
-        unknown = sorted(set(arrays) - allowed)
-        if unknown:
-            raise ClientError(400, f"unknown input(s) {unknown}; this model takes {sorted(allowed)}"
-                              + ("" if self.takes_lengths else
-                                 f" (the classifier: send each sequence unpadded, or padded ones with lengths to "
-                                 f"{self.lengths_model!r})" if self.lengths_model else
-                                 " (it has no lengths variant: send each sequence unpadded)"))
-        x = arrays[INPUT_NAME]
-        if x.ndim == 3 and x.shape[1] > limits.max_seq:
-            raise ClientError(413, f"sequence length {x.shape[1]} exceeds the limit {limits.max_seq}")
-        try:  # before onnxruntime sees it: a GRU/LSTM kernel aborts the process on an empty axis
-            x = check_user_input(x, self.signature)
-            lengths = arrays.get(LENGTHS_NAME)
-            lengths = (np.full(x.shape[0], x.shape[1], np.int64) if lengths is None
-                       else check_user_lengths(lengths, x))
-        except UserInputError as exc:
-            raise ClientError(400, str(exc)) from None
-        return x, lengths
-
-    def rows(self, result: Any, row: int, request: Pending) -> Any:
-        """Its rows of every output, and of a per-step output its own steps (not the padding)."""
-        count, seq = request.x.shape[:2]
-        out = {}
-        for spec in self.signature["outputs"]:
-            value = result[spec["name"]][row:row + count]
-            if "seq" in spec["shape"]:
-                value = value.take(range(seq), axis=spec["shape"].index("seq"))
-            out[spec["name"]] = value
-        return out
-
-    def outputs(self, result: Any) -> dict[str, tuple[str, Callable[[], np.ndarray]]]:
-        from gru_deploy.serve.infer import softmax
-
-        available: dict[str, tuple[str, Callable[[], np.ndarray]]] = {
-            name: ("FP32", (lambda v: lambda: np.asarray(v, np.float32))(value)) for name, value in result.items()}
-        if self.labels and len(self.output_names) == 1 and len(self.signature["outputs"][0]["shape"]) == 2:
-            scores = result[self.output_names[0]]
-            available["probabilities"] = ("FP32", lambda: softmax(scores))
-            available["label"] = ("BYTES", lambda: np.array([self.labels[i] for i in scores.argmax(axis=1)],
-                                                            dtype=object))
-        return available
-
-    @property
-    def default_outputs(self) -> tuple[str, ...]:  # type: ignore[override]
-        return tuple(self.output_names)
-
-    def extra_outputs(self) -> tuple[str, ...]:
-        """A classifier with labels: probabilities and label too, on request."""
-        one = len(self.output_names) == 1 and len(self.signature["outputs"][0]["shape"]) == 2
-        return ("probabilities", "label") if self.labels and one else ()
-
-    def run(self, x: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
-        self.on_batch(x.shape[0])
-        feed = {INPUT_NAME: x, LENGTHS_NAME: lengths} if self.takes_lengths else {INPUT_NAME: x}
-        return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
-
-
 def served_settings(config: str, name: str | None, variant: str, max_batch: int | None,
                     max_delay_ms: float | None) -> tuple[str, int, float]:
     """A model's served name, max batch and delay (ms): the config's own, unless `name` (the
@@ -495,19 +449,14 @@ def served_settings(config: str, name: str | None, variant: str, max_batch: int 
 def load_models(repository: Any, threads: int, max_batch: int | None, max_delay_ms: float | None, name: str | None,
                 group_by_length: bool = True) -> list[Model]:
     """The stateless models of a read repository (serve.repository): each ONNX classifier and
-    lengths model, under its Triton name and serving its config (with any option applied); a
-    module's as ModuleModel."""
+    lengths model, under its Triton name and serving its config (with any option applied)."""
     models: list[Model] = []
     for file in repository.files:
         if file.variant == "stream":
             continue
         served, batch, delay = served_settings(file.config, name, file.variant, max_batch, max_delay_ms)
-        if repository.module:
-            model: Model = ModuleModel(served, repository.signatures[file.variant], file.data, repository.labels,
-                                       threads, batch, delay, group_by_length, config=file.config)
-        else:
-            model = Model(served, repository.spec, file.data, threads, batch, delay, group_by_length,
-                          variant=file.variant, config=file.config)
+        model = Model(served, repository.signatures[file.variant], file.data, repository.labels, threads, batch,
+                      delay, group_by_length, config=file.config, answers_empty=repository.answers_empty)
         model.file, model.precision = file.file, repository.precision
         models.append(model)
     lengths = next((m.name for m in models if m.takes_lengths), None)
@@ -628,35 +577,6 @@ def parse_request(body: bytes, header_length: str | None, limits: Limits) -> tup
     if offset != len(binary):
         raise ClientError(400, "binary data left over after the inputs")
     return request, arrays
-
-
-def validate(arrays: dict[str, np.ndarray], spec: ModelSpec, limits: Limits) -> tuple[np.ndarray, np.ndarray]:
-    """x and lengths (seq per sample when absent), checked before the runtime sees them."""
-    from gru_deploy.check.runners import validate_feed
-
-    if INPUT_NAME not in arrays:
-        raise ClientError(400, f"missing input {INPUT_NAME!r}")
-    unknown = sorted(set(arrays) - {INPUT_NAME, LENGTHS_NAME})
-    if unknown:
-        raise ClientError(400, f"unknown input(s) {unknown}; the model takes {INPUT_NAME!r} and {LENGTHS_NAME!r}")
-    x = arrays[INPUT_NAME]
-    if x.ndim == 3 and x.shape[1] > limits.max_seq:
-        raise ClientError(413, f"sequence length {x.shape[1]} exceeds the limit {limits.max_seq}")
-    lengths = arrays.get(LENGTHS_NAME)
-    if lengths is None and x.ndim == 3:
-        lengths = np.full(x.shape[0], x.shape[1], np.int64)
-    elif lengths is not None:
-        if lengths.dtype.kind not in "iu":  # a float length (2.9) is no length: never truncate it
-            raise ClientError(400, f"input {LENGTHS_NAME!r} must be INT64 (whole steps per sample), got "
-                                   f"{lengths.dtype}: send the lengths as integers")
-        lengths = lengths.astype(np.int64)
-    try:
-        feed = validate_feed({INPUT_NAME: x, LENGTHS_NAME: lengths}, spec, "lengths")
-    except UserInputError as exc:
-        raise ClientError(400, str(exc)) from None
-    if x.shape[0] == 0:
-        raise ClientError(400, f"input {INPUT_NAME!r} has an empty batch")
-    return feed[INPUT_NAME], feed[LENGTHS_NAME]
 
 
 def requested_outputs(request: dict) -> list[str] | None:
