@@ -301,8 +301,8 @@ def check_user_input(x: Any, signature: dict[str, Any], empty_seq: bool = False)
         raise UserInputError(f"input {INPUT_NAME!r} must have shape [batch, seq, {size}] (the model takes {size} "
                              f"channels), got {list(x.shape)}")
     if x.shape[0] == 0 or (x.shape[1] == 0 and not empty_seq):
-        raise UserInputError(f"input {INPUT_NAME!r} has an empty {'batch' if x.shape[0] == 0 else 'sequence'} "
-                             f"({list(x.shape)}): nothing to run")
+        raise UserInputError(f"input {INPUT_NAME!r} has an empty batch or sequence ({list(x.shape)}): "
+                             "nothing to run")
     if not np.isfinite(x).all():
         raise UserInputError(f"non-finite input: {INPUT_NAME!r} holds NaN or inf")
     return np.ascontiguousarray(x)
