@@ -150,26 +150,15 @@ class Loaded:
     """An export folder or bundle, ready to run: `predict(x, lengths=None)` and `stream(batch)`."""
 
     def __init__(self, path: Path, threads: int = 1) -> None:
-        from gru_deploy.serve.user import user_export, user_model_kind
-
         self.path, self.threads = path, threads
-        self.kind = user_model_kind(path)  # None: the tutorial model; "export" / "bundle": your own
-        self.manifest = user_export(path) if self.kind == "export" else None
 
     def predict(self, x: "np.ndarray", lengths: "np.ndarray | None" = None) -> dict[str, "np.ndarray"]:
-        """Every output by name (the tutorial model: logits and probabilities); `lengths` runs the
-        lengths variant on a padded x (the tutorial model's, or a module's that defines
-        forward_lengths)."""
-        if self.kind is not None:
-            from gru_deploy.serve.user import infer_user, infer_user_bundle
-
-            if self.kind == "bundle":
-                return infer_user_bundle(self.path, x, self.threads, lengths=lengths).outputs
-            return infer_user(self.path, self.manifest, x, self.threads, lengths=lengths).outputs
+        """Every output by name, and for a classifier with labels its probabilities; `lengths`
+        runs the lengths variant on a padded x (where the model has one)."""
         from gru_deploy.serve.infer import infer
 
         result = infer(self.path, x, lengths=lengths, threads=self.threads)
-        return {"logits": result.logits, "probabilities": result.probabilities}
+        return {**result.outputs, **({"probabilities": result.probabilities} if result.classes else {})}
 
     def stream(self, batch: int = 1) -> Any:
         """The streaming API (`gru_deploy.Stream`) over the export's stream model."""

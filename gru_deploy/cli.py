@@ -557,36 +557,16 @@ def infer(folder: Path, input_path: Path, lengths_path: Path | None, state_in: P
       gru-deploy infer exported/ --input chunk1.npy --state-out h.npy
       gru-deploy infer exported/ --input chunk2.npy --state-in h.npy --state-out h.npy
     """
+    from gru_deploy.serve.infer import choose, load_array, save_array
     from gru_deploy.serve.infer import infer as run_infer
-    from gru_deploy.serve.infer import load_array, save_array
-    from gru_deploy.serve.user import infer_user, infer_user_bundle, user_export, user_model_kind
 
-    kind = user_model_kind(folder)
-    if kind is not None:  # your own model: its one model file, every output of its signature
-        if precision != "fp32" and kind == "export":
-            raise UserInputError(f"{folder}: an export holds fp32 models only (package --quantize int8 makes an int8 "
-                                 "one): drop --precision int8")
-        x = load_array(input_path, "--input")
-        lengths = load_array(lengths_path, "--lengths") if lengths_path else None
-        h0 = load_array(state_in, "--state-in") if state_in else None
-        stream = state_in is not None or state_out is not None
-        result = (infer_user(folder, user_export(folder), x, threads, lengths, h0, stream) if kind == "export"
-                  else infer_user_bundle(folder, x, threads, precision, lengths, h0, stream))
-        if state_out is not None:
-            save_array(state_out, result.outputs["h_n"])
-        if as_json:
-            _emit_json(result.to_json())
-            return
-        if not quiet:
-            click.echo(f"ran {result.model} ({precision}) in onnxruntime", err=True)
-        for line in result.lines():
-            click.echo(line)
-        return
+    stream = state_in is not None or state_out is not None
+    file = choose(folder, lengths_path is not None, stream, precision)  # what runs, before reading the inputs
     x = load_array(input_path, "--input")
     lengths = load_array(lengths_path, "--lengths") if lengths_path else None
     h0 = load_array(state_in, "--state-in") if state_in else None
-    result = run_infer(folder, x, lengths=lengths, h0=h0, stream=state_out is not None, threads=threads,
-                       precision=precision)
+    result = run_infer(folder, x, lengths=lengths, h0=h0, stream=stream, threads=threads, precision=precision,
+                       file=file)
     if state_out is not None:
         save_array(state_out, result.state)
     if as_json:
@@ -594,8 +574,8 @@ def infer(folder: Path, input_path: Path, lengths_path: Path | None, state_in: P
         return
     if not quiet:
         click.echo(f"ran {result.model} ({result.precision}) in onnxruntime", err=True)
-    for i, item in enumerate(result.to_json()["predictions"]):
-        click.echo(f"{i}: {item['label']} (p={item['probabilities'][item['label']]:.3f})")
+    for line in result.lines():
+        click.echo(line)
 
 
 @cli.command()

@@ -79,13 +79,13 @@ def test_infer_streams_chunk_by_chunk(export_dir, arrays, tmp_path):
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["--lengths", "neg_lengths"], "must lie in [0, 40]"),
-    (["--lengths", "long_lengths"], "must lie in [0, 40]"),
-    (["--lengths", "short_lengths"], "has 2 entries but x has batch 3"),
-    (["--state-in", "h0_wrong"], "must have shape [3, 16]"),
-    (["--state-in", "x"], "must have rank 2"),
-    (["--input-override", "x64"], "must be float32"),
-    (["--input-override", "rank2"], "must have rank 3"),
+    (["--lengths", "neg_lengths"], "must lie in 0..40"),
+    (["--lengths", "long_lengths"], "must lie in 0..40"),
+    (["--lengths", "short_lengths"], "must have shape [3] (one per sample), got [2]"),
+    (["--state-in", "h0_wrong"], "must be float32 of shape [3, 16]"),
+    (["--state-in", "x"], "must be float32 of shape [3, 16]"),
+    (["--input-override", "x64"], "must be a float32 array, got float64"),
+    (["--input-override", "rank2"], "must have shape [batch, seq, 8]"),
     (["--input-override", "nan"], "non-finite input"),
     (["--lengths", "lengths", "--state-out", "OUT"], "cannot be combined"),
     (["--input-override", "missing"], "file not found"),

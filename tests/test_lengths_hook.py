@@ -144,10 +144,9 @@ def test_the_server_pads_a_lengths_models_requests_within_similar_lengths(tagger
     """With a lengths variant the server batches as for the tutorial model: one padded call for
     requests of similar length, and every request's valid steps equal its answer alone."""
     from gru_deploy.serve.server import load_model
-    from gru_deploy.serve.user import infer_user, user_export
+    from gru_deploy.serve.infer import infer
     from test_serve import calls_of, run_async
 
-    manifest = user_export(tagger)
     rng = np.random.default_rng(13)
     xs = [rng.standard_normal((1, s, 4)).astype(np.float32) for s in (5, 9, 3)]
     model = load_model(tagger, 1, len(xs), 60_000.0, None)
@@ -166,7 +165,7 @@ def test_the_server_pads_a_lengths_models_requests_within_similar_lengths(tagger
     answers = run_async(scenario(), timeout=60)
     assert calls == [(3, 9, 4)]  # one call, padded to the longest
     for x, got in zip(xs, answers):
-        want = infer_user(tagger, manifest, x).outputs["logits"]
+        want = infer(tagger, x).outputs["logits"]
         assert got["logits"].shape == want.shape  # its own steps, not the padding
         np.testing.assert_allclose(got["logits"], want, atol=1e-5)
 

@@ -580,11 +580,12 @@ def test_the_server_batches_a_user_models_requests_only_with_their_own_length(ex
     import asyncio
 
     from gru_deploy.serve.server import load_model
-    from gru_deploy.serve.user import infer_user, user_export
+    from gru_deploy.manifest import read_manifest
+    from gru_deploy.serve.infer import infer
     from test_serve import calls_of, run_async
 
     out = exports["Tagger"][0]
-    manifest = user_export(out)
+    manifest = read_manifest(out)
     size = manifest["signature"]["inputs"][0]["shape"][2]
     rng = np.random.default_rng(12)
     xs = [rng.standard_normal((b, s, size)).astype(np.float32) for b, s in ((1, 5), (2, 40), (1, 5), (3, 1))]
@@ -603,4 +604,4 @@ def test_the_server_batches_a_user_models_requests_only_with_their_own_length(ex
     answers = run_async(scenario(), timeout=60)
     assert calls == [(3, 1, size), (2, 5, size), (2, 40, size)]
     for x, got in zip(xs, answers):
-        np.testing.assert_allclose(got["logits"], infer_user(out, manifest, x).outputs["logits"], atol=1e-6)
+        np.testing.assert_allclose(got["logits"], infer(out, x).outputs["logits"], atol=1e-6)

@@ -1,4 +1,7 @@
-"""Inference on an export folder with onnxruntime: pick the variant, check files, run, label."""
+"""Inference on an export folder or a bundle with onnxruntime, for every model alike (the
+tutorial model, a built-in family, your own): the variant asked for (lengths, a state, or
+neither), the file the manifest lists for it, every input checked before onnxruntime sees it,
+every output of the signature by name; a classifier with labels also gets its predictions."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import numpy as np
 
 from gru_deploy.errors import UserInputError
 from gru_deploy.serve.repository import ChosenModel, load_model_bytes  # noqa: F401  (infer's callers read them here)
-from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, OUTPUT_NAME, STATE_IN, STATE_OUT
+from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN, STATE_OUT
 
 
 def load_array(path: Path, what: str) -> np.ndarray:
@@ -45,59 +48,107 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Prediction:
-    logits: np.ndarray
-    probabilities: np.ndarray
-    labels: tuple[str, ...]
-    state: np.ndarray | None = None
+    """Every output of the model that ran, by name (with h_n for the stream variant)."""
+
+    outputs: dict[str, np.ndarray]
+    signature: dict[str, Any]
+    labels: tuple[str, ...] = ()
     model: str = ""  # the model file that ran, as the manifest names it
     precision: str = "fp32"
 
+    @property
+    def classes(self) -> str | None:
+        """The output that scores the labels: the one [batch, len(labels)] output besides the
+        state, when the model has labels; None otherwise."""
+        outs = [o for o in self.signature["outputs"] if o["name"] != STATE_OUT]
+        if self.labels and len(outs) == 1 and outs[0]["shape"][1:] == [len(self.labels)]:
+            return outs[0]["name"]
+        return None
+
+    @property
+    def logits(self) -> np.ndarray:
+        return self.outputs[self.classes or self.signature["outputs"][0]["name"]]
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return softmax(self.logits)
+
+    @property
+    def state(self) -> np.ndarray | None:
+        return self.outputs.get(STATE_OUT)
+
     def to_json(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "precision": self.precision,
-            "predictions": [
+        out: dict[str, Any] = {
+            "model": self.model, "precision": self.precision, "signature": self.signature,
+            "outputs": {name: {"shape": list(value.shape), "data": value.tolist()} for name, value in
+                        self.outputs.items()}}
+        if self.classes is not None:
+            out["predictions"] = [
                 {"index": int(i), "label": self.labels[int(i)],
                  "probabilities": {label: float(p) for label, p in zip(self.labels, probs)}}
-                for i, probs in zip(self.logits.argmax(axis=-1), self.probabilities)
-            ],
-            "logits": self.logits.tolist(),
-        }
+                for i, probs in zip(self.logits.argmax(axis=-1), self.probabilities)]
+            out["logits"] = self.logits.tolist()
+        return out
+
+    def lines(self, limit: int = 8) -> list[str]:
+        """A readable summary: a classifier with labels, each sample's label and probability;
+        otherwise per output and sample, the argmax of class-like values (per step for a
+        per-step output), else the values; at most `limit` samples."""
+        if self.classes is not None:
+            return [f"{i}: {item['label']} (p={item['probabilities'][item['label']]:.3f})"
+                    for i, item in enumerate(self.to_json()["predictions"])]
+        out = []
+        for spec in self.signature["outputs"]:
+            name, shape = spec["name"], spec["shape"]
+            value = self.outputs[name]
+            out.append(f"{name} {list(value.shape)} ({', '.join(str(d) for d in shape)})")
+            for i, row in enumerate(value[:limit]):
+                if row.ndim == 1 and row.size > 1:
+                    out.append(f"  sample {i}: argmax {int(row.argmax())}  " + " ".join(f"{v:.4f}" for v in row[:8])
+                               + (" ..." if row.size > 8 else ""))
+                elif row.ndim == 2 and shape[1] == "seq":
+                    steps = row.argmax(axis=-1)
+                    out.append(f"  sample {i}: argmax per step " + " ".join(str(int(s)) for s in steps[:40])
+                               + (" ..." if steps.size > 40 else ""))
+                else:
+                    flat = np.ravel(row)
+                    out.append(f"  sample {i}: " + " ".join(f"{v:.4f}" for v in flat[:8]) + (" ..." if flat.size > 8 else ""))
+            if value.shape[0] > limit:
+                out.append(f"  ... {value.shape[0] - limit} more samples (--json prints all)")
+        return out
 
 
-def infer(folder: Path, x: np.ndarray, lengths: np.ndarray | None = None, h0: np.ndarray | None = None,
-          stream: bool = False, threads: int = 1, precision: str = "fp32") -> Prediction:
+def choose(path: Path, lengths: bool, stream: bool, precision: str = "fp32",
+           manifest: dict[str, Any] | None = None) -> Any:
+    """The model file infer runs (serve.user.module_file): the lengths variant when `lengths`,
+    the stream variant when `stream`, else the classifier; of `precision`."""
+    from gru_deploy.serve.user import module_file, requested_variant
+
+    return module_file(Path(path), requested_variant(True if lengths else None, stream), precision, manifest)
+
+
+def infer(path: Path, x: Any, lengths: Any = None, h0: Any = None, stream: bool = False, threads: int = 1,
+          precision: str = "fp32", manifest: dict[str, Any] | None = None, file: Any = None) -> Prediction:
     """Run onnxruntime on an export folder's or bundle's model for `x`.
 
-    With `lengths` the variable-length model runs; with `stream` (h0 defaults to zeros) the
-    stateful one, whose final state is returned. `precision` picks the fp32 model (the
-    default) or the int8 one of an edge bundle packaged with --quantize int8; the model is
-    the one the manifest lists for that variant and precision. Every file is checked
-    against the manifest first, and every input is validated before onnxruntime sees it.
-    """
-    from gru_deploy.check.runners import OnnxRuntimeRunner, validate_feed
+    With `lengths` the variable-length model runs on the padded x; with `stream` (or `h0`:
+    zeros when None) the stateful one, from that state, h_n among the outputs. `precision`
+    picks the fp32 model (the default) or the int8 one of a bundle packaged with --quantize
+    int8; the model is the one the manifest lists for that variant and precision, every file
+    checked against the manifest first, every input checked before onnxruntime sees it.
+    `manifest`: an export folder's, already read; `file`: the model file, already chosen (choose)."""
+    import onnxruntime as ort
 
-    if lengths is not None and (stream or h0 is not None):
-        raise UserInputError("--lengths cannot be combined with --state-in/--state-out: "
-                             "pad and use lengths, or stream chunk by chunk")
-    variant = "lengths" if lengths is not None else "stream" if (stream or h0 is not None) else "classifier"
-    chosen = load_model_bytes(Path(folder), variant, precision)
-    spec = chosen.spec
-    feed: dict[str, Any] = {INPUT_NAME: x}
-    if variant == "lengths":
-        feed[LENGTHS_NAME] = lengths
-    if variant == "stream":
-        batch = x.shape[0] if isinstance(x, np.ndarray) and x.ndim == 3 else 0
-        feed[STATE_IN] = h0 if h0 is not None else np.zeros((batch, spec.hidden_size), np.float32)
-        validate_feed(feed, spec, variant)
-        if batch > 0:  # the streaming API's code path: the state set, the chunk fed, the state read back
-            from gru_deploy.serve.stream import Stream
+    from gru_deploy.check.runners import check_user_input, check_user_lengths, check_user_state, session_options
 
-            stream = Stream(folder, batch, precision, threads, _chosen=chosen)
-            stream.state = feed[STATE_IN]
-            logits = stream.run(x)
-            return Prediction(logits, softmax(logits), spec.labels, stream.state, chosen.name, precision)
-    runner = OnnxRuntimeRunner(spec, chosen.data, threads=threads, variant=variant)
-    out = runner.run(feed)
-    logits = out[OUTPUT_NAME]
-    return Prediction(logits, softmax(logits), spec.labels, out.get(STATE_OUT), chosen.name, precision)
+    file = file or choose(path, lengths is not None, stream or h0 is not None, precision, manifest)
+    signature = file.signature
+    x = check_user_input(x, signature, empty_seq=file.answers_empty)
+    feed = {INPUT_NAME: x}
+    if file.variant == "lengths":
+        feed[LENGTHS_NAME] = check_user_lengths(lengths, x, minimum=0 if file.answers_empty else 1)
+    if file.variant == "stream":
+        feed[STATE_IN] = check_user_state(h0, x, signature)
+    session = ort.InferenceSession(file.data, session_options(threads), providers=["CPUExecutionProvider"])
+    names = [o["name"] for o in signature["outputs"]]
+    return Prediction(dict(zip(names, session.run(names, feed))), signature, tuple(file.labels), file.name, precision)

@@ -158,7 +158,8 @@ class ModuleStream:
         import onnxruntime as ort
 
         from gru_deploy.check.runners import session_options
-        from gru_deploy.serve.user import check_user_state, module_file
+        from gru_deploy.check.runners import check_user_state
+        from gru_deploy.serve.user import module_file
 
         if type(batch) is not int or batch < 1:
             raise UserInputError(f"a Stream needs a batch of at least 1 sequence, got {batch!r}")
@@ -185,7 +186,7 @@ class ModuleStream:
                                         self.signature)
 
     def step(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        from gru_deploy.serve.user import check_user_input
+        from gru_deploy.check.runners import check_user_input
 
         x = np.asarray(x)
         if x.ndim == 2:

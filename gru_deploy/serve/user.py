@@ -1,5 +1,6 @@
-"""Inference on an export of the user's own model: every output of the signature the manifest
-records, from the ONNX file it lists, with the input checked before onnxruntime sees it."""
+"""Choosing a model file of an export or a bundle through its manifest, by variant and
+precision, with its signature and its graph checked against what the manifest records (every
+model alike); and telling a module's export or bundle (for the streaming API) apart."""
 
 from __future__ import annotations
 
@@ -7,46 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from gru_deploy.check.runners import check_user_input, check_user_lengths, check_user_state  # noqa: F401
 from gru_deploy.errors import UserInputError
-from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN
-
-
-@dataclass
-class UserPrediction:
-    outputs: dict[str, np.ndarray]
-    signature: dict[str, Any]
-    model: str  # the model file that ran, as the manifest names it
-
-    def to_json(self) -> dict[str, Any]:
-        return {"model": self.model, "signature": self.signature,
-                "outputs": {name: {"shape": list(value.shape), "data": value.tolist()}
-                            for name, value in self.outputs.items()}}
-
-    def lines(self, limit: int = 8) -> list[str]:
-        """A readable summary: per sample, the argmax of each class-like output (per step for a
-        per-step output), else the values; at most `limit` samples."""
-        out = []
-        for spec in self.signature["outputs"]:
-            name, shape = spec["name"], spec["shape"]
-            value = self.outputs[name]
-            out.append(f"{name} {list(value.shape)} ({', '.join(str(d) for d in shape)})")
-            for i, row in enumerate(value[:limit]):
-                if row.ndim == 1 and row.size > 1:
-                    out.append(f"  sample {i}: argmax {int(row.argmax())}  " + " ".join(f"{v:.4f}" for v in row[:8])
-                               + (" ..." if row.size > 8 else ""))
-                elif row.ndim == 2 and shape[1] == "seq":
-                    steps = row.argmax(axis=-1)
-                    out.append(f"  sample {i}: argmax per step " + " ".join(str(int(s)) for s in steps[:40])
-                               + (" ..." if steps.size > 40 else ""))
-                else:
-                    flat = np.ravel(row)
-                    out.append(f"  sample {i}: " + " ".join(f"{v:.4f}" for v in flat[:8]) + (" ..." if flat.size > 8 else ""))
-            if value.shape[0] > limit:
-                out.append(f"  ... {value.shape[0] - limit} more samples (--json prints all)")
-        return out
 
 
 HOOKS = {"lengths": "forward_lengths", "stream": "forward_stream (and initial_state)"}
@@ -55,8 +17,8 @@ HOOKS = {"lengths": "forward_lengths", "stream": "forward_stream (and initial_st
 def requested_variant(lengths: Any, stream: bool = False) -> str:
     """'lengths' when lengths are given, 'stream' when a state goes in or out, else 'classifier'."""
     if lengths is not None and stream:
-        raise UserInputError("give lengths or a state (--state-in/--state-out), not both: the stream model takes "
-                             "unpadded chunks")
+        raise UserInputError("--lengths cannot be combined with --state-in/--state-out (give lengths or a state, "
+                             "not both): pad and use lengths, or stream unpadded chunks")
     return "lengths" if lengths is not None else "stream" if stream else "classifier"
 
 
@@ -85,23 +47,34 @@ class ModuleFile:
     signature: dict[str, Any]
     labels: list[str]
     where: str
+    answers_empty: bool  # manifest.answers_empty
 
 
 def module_file(path: Path, variants: str | tuple[str, ...], precision: str = "fp32",
                 manifest: dict[str, Any] | None = None) -> ModuleFile:
-    """The ONNX model of the first of `variants` that a module's export or bundle at `path` has
-    in `precision` (the last one is required: its absence is the user error signature_of
-    gives), read through the manifest: checksums checked, and its graph refused if it holds an
-    op type other than the ones the manifest records. `manifest`: an export's, already read."""
+    """The ONNX model of the first of `variants` that the export or bundle at `path` has in
+    `precision` (the last one is required: its absence is the user error signature_of gives),
+    read through the manifest: checksums checked, and its graph refused if it holds an op type
+    other than the ones the manifest records. `manifest`: an export's, already read."""
     from gru_deploy.bundle.read import check_bundle_files, is_bundle, open_bundle
-    from gru_deploy.manifest import find_models, select_model, verified_path
+    from gru_deploy.manifest import PRECISIONS, answers_empty, find_models, read_manifest, select_model, verified_path
 
+    if precision not in PRECISIONS:
+        raise UserInputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     wanted = (variants,) if isinstance(variants, str) else variants
 
     def choose(manifest: dict[str, Any], where: str) -> tuple[str, str]:
         variant = next((v for v in wanted[:-1] if find_models(manifest, v, "onnx", precision, where)), wanted[-1])
         signature_of(manifest, variant, where)
-        return variant, select_model(manifest, variant, "onnx", precision, where=where)
+        try:
+            return variant, select_model(manifest, variant, "onnx", precision, where=where)
+        except UserInputError as exc:
+            hint = ("; an export holds fp32 models (package --quantize int8 makes an int8 one: `gru-deploy package "
+                    "DIR --target edge --quantize int8`)" if precision == "int8" else
+                    "; an edge bundle carries the classifier and stream models only: use an export folder or a "
+                    "server bundle (`gru-deploy package DIR --target server`)"
+                    if manifest.get("target") == "edge" and variant == "lengths" else "")
+            raise UserInputError(f"{exc}{hint}") from None
 
     path = Path(path)
     if manifest is None and is_bundle(path):
@@ -111,13 +84,14 @@ def module_file(path: Path, variants: str | tuple[str, ...], precision: str = "f
             variant, name = choose(manifest, where)
             data = (folder / name).read_bytes()
     else:
-        manifest = manifest if manifest is not None else user_export(path)
+        manifest = manifest if manifest is not None else read_manifest(path)
         where = str(path)
         variant, name = choose(manifest, where)
         data = verified_path(path, manifest, name).read_bytes()
     check_module_graph(data, manifest, name, variant, where, str(path))
-    return ModuleFile(name, data, variant, signature_of(manifest, variant, where), list(manifest.get("labels") or []),
-                      where)
+    labels = manifest.get("labels") or (manifest.get("config") or {}).get("labels") or []
+    return ModuleFile(name, data, variant, signature_of(manifest, variant, where), list(labels), where,
+                      answers_empty(manifest))
 
 
 def check_module_graph(data: bytes, manifest: dict[str, Any], name: str, variant: str, where: str, path: str) -> None:
@@ -134,42 +108,6 @@ def check_module_graph(data: bytes, manifest: dict[str, Any], name: str, variant
     if not isinstance(recorded, (dict, list)):
         raise UserInputError(f"{where}: the manifest does not record {name}'s op types; re-export or re-package it")
     check_onnx_bytes(data, f"{path}: {name}", known=frozenset(recorded))
-
-
-def _run(file: ModuleFile, x: Any, threads: int, lengths: Any, state: Any) -> UserPrediction:
-    """Every output of `file`'s model on x (and lengths or a state, as its variant takes), each
-    input checked before onnxruntime sees it."""
-    import onnxruntime as ort
-
-    from gru_deploy.check.runners import session_options
-
-    signature = file.signature
-    x = check_user_input(x, signature)
-    feed = {INPUT_NAME: x}
-    if file.variant == "lengths":
-        feed[LENGTHS_NAME] = check_user_lengths(lengths, x)
-    if file.variant == "stream":
-        feed[STATE_IN] = check_user_state(state, x, signature)
-    session = ort.InferenceSession(file.data, session_options(threads), providers=["CPUExecutionProvider"])
-    names = [o["name"] for o in signature["outputs"]]
-    return UserPrediction(dict(zip(names, session.run(names, feed))), signature, file.name)
-
-
-def infer_user(folder: Path, manifest: dict[str, Any], x: Any, threads: int = 1,
-               lengths: Any = None, state: Any = None, stream: bool = False) -> UserPrediction:
-    """Run the ONNX model an export's manifest lists (checksum checked) on x — with `lengths`,
-    its lengths variant on the padded x; with `stream` (or a `state`), its stream variant from
-    that state (zeros when None), h_n among the outputs — and return every output by name."""
-    variant = requested_variant(lengths, stream or state is not None)
-    return _run(module_file(folder, variant, manifest=manifest), x, threads, lengths, state)
-
-
-def infer_user_bundle(path: Path, x: Any, threads: int = 1, precision: str = "fp32",
-                      lengths: Any = None, state: Any = None, stream: bool = False) -> UserPrediction:
-    """The same on a bundle of a user's model (folder or archive), every file checked first;
-    `precision` int8 runs the bundle's int8 model (package --quantize int8)."""
-    variant = requested_variant(lengths, stream or state is not None)
-    return _run(module_file(path, variant, precision), x, threads, lengths, state)
 
 
 def user_model_kind(path: Path) -> str | None:
