@@ -53,6 +53,37 @@ def test_infer_matches_the_float64_reference(export_dir, arrays):
         assert sum(item["probabilities"].values()) == pytest.approx(1.0)
 
 
+def test_infer_is_one_path_every_model_gets_its_outputs_and_a_labelled_classifier_its_predictions(export_dir,
+                                                                                                    arrays, tmp_path):
+    """The tutorial model's --json holds every output by name as a module's does, and a built-in
+    family's classifier (labels, one [batch, classes] output) gets predictions as the tutorial
+    model's does; the human lines are the labels for both."""
+    import torch
+
+    from gru_deploy.convert.user import export_user_model
+    from gru_deploy.models.families import StackedGRUClassifier
+    from gru_deploy.models.user import UserModel
+
+    x, paths = arrays
+    tutorial = json.loads(run_cli("infer", str(export_dir), "--input", str(paths["x"]), "--json").stdout)
+    assert tutorial["outputs"]["logits"]["data"] == tutorial["logits"]
+    assert [o["name"] for o in tutorial["signature"]["outputs"]] == ["logits"]
+    labels = read_manifest(export_dir)["labels"]
+    torch.manual_seed(2)
+    family = tmp_path / "family"
+    module = StackedGRUClassifier(8, 6, len(labels), layers=2).eval()
+    export_user_model(UserModel(module, "gru_deploy.models.families:StackedGRUClassifier", None), family,
+                      labels=tuple(labels))
+    proc = run_cli("infer", str(family), "--input", str(paths["x"]), "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    logits = np.array(result["outputs"]["logits"]["data"])
+    assert [p["label"] for p in result["predictions"]] == [labels[i] for i in logits.argmax(1)]
+    human = run_cli("infer", str(family), "--input", str(paths["x"]), "--quiet").stdout.splitlines()
+    assert human == [f"{i}: {p['label']} (p={p['probabilities'][p['label']]:.3f})"
+                     for i, p in enumerate(result["predictions"])]
+
+
 def test_infer_with_lengths_equals_each_sample_alone(export_dir, arrays, tmp_path):
     x, paths = arrays
     proc = run_cli("infer", str(export_dir), "--input", str(paths["x"]), "--lengths", str(paths["lengths"]),

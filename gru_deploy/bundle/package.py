@@ -211,8 +211,7 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
     A server bundle also holds deploy/ (bundle.kubernetes), where `deploy` says.
     """
     from gru_deploy.bundle.triton import triton_config
-    from gru_deploy.convert.user import is_user_export
-    from gru_deploy.manifest import check_files, read_manifest
+    from gru_deploy.manifest import check_files, is_module_export, read_manifest
     from gru_deploy.versions import library_versions
 
     if target not in TARGETS:
@@ -225,7 +224,7 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
     export_dir = Path(export_dir)
     source = read_manifest(export_dir)
     check_files(export_dir, source)  # every sha256, before any file is used
-    if is_user_export(source):  # your own model: its one model, golden vectors from its float64 outputs
+    if is_module_export(source):  # your own model: its one model, golden vectors from its float64 outputs
         from gru_deploy.bundle.user import build_user_bundle
 
         return build_user_bundle(export_dir, source, target, step, quantize, check_with, deploy)

@@ -218,9 +218,9 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
     from gru_deploy.check.compare import compare
     from gru_deploy.spec import ModelSpec
 
-    from gru_deploy.bundle.user import is_user_bundle
+    from gru_deploy.manifest import is_module_export
 
-    user = is_user_bundle(manifest)
+    user = is_module_export(manifest)
     # a user's model: its signature instead of the tutorial's spec, and the ops its export recorded
     spec = manifest["signatures"]["classifier"] if user else ModelSpec.from_dict(manifest["config"])
     sessions = {}

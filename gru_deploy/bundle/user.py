@@ -225,9 +225,3 @@ def build_user_bundle(export_dir: Path, source: dict[str, Any], target: str,
     files["manifest.json"] = json_bytes(manifest)
     json.loads(files["manifest.json"])  # a manifest that does not round-trip is a bug here, not later
     return files
-
-
-def is_user_bundle(manifest: dict[str, Any]) -> bool:
-    from gru_deploy.manifest import is_module_export
-
-    return is_module_export(manifest)

@@ -620,11 +620,3 @@ def export_family(ckpt: Any, out: Path, opset: int = 17, atol: float = 1e-5, rto
                       family=ckpt.family)
     return export_user_model(model, out, opset=opset, atol=atol, rtol=rtol, on_step=on_step, labels=ckpt.labels,
                              metrics=ckpt.metrics, training=ckpt.training, strategy=strategy, typical=typical)
-
-
-def is_user_export(manifest: dict[str, Any]) -> bool:
-    from gru_deploy.manifest import is_module_export
-
-    return is_module_export(manifest)
-
-

@@ -114,7 +114,7 @@ def user_model_kind(path: Path) -> str | None:
     """'export' or 'bundle' when `path` holds the user's own model; None otherwise (the tutorial
     path reports what is wrong with anything else)."""
     from gru_deploy.bundle.read import is_bundle, open_bundle
-    from gru_deploy.bundle.user import is_user_bundle
+    from gru_deploy.manifest import is_module_export
 
     path = Path(path)
     if not path.exists():
@@ -125,7 +125,7 @@ def user_model_kind(path: Path) -> str | None:
         return None
     if bundle:
         with open_bundle(path) as (_, manifest):
-            return "bundle" if is_user_bundle(manifest) else None
+            return "bundle" if is_module_export(manifest) else None
     return "export" if user_export(path) is not None else None
 
 
@@ -134,11 +134,10 @@ def user_export(path: Path) -> dict[str, Any] | None:
     bundle, a tutorial export, a path that is not an export folder: the tutorial path reports
     those)."""
     from gru_deploy.bundle.read import is_bundle
-    from gru_deploy.convert.user import is_user_export
-    from gru_deploy.manifest import MANIFEST_NAME, read_manifest
+    from gru_deploy.manifest import MANIFEST_NAME, is_module_export, read_manifest
 
     path = Path(path)
     if not path.is_dir() or not (path / MANIFEST_NAME).is_file() or is_bundle(path):
         return None
     manifest = read_manifest(path)
-    return manifest if is_user_export(manifest) else None
+    return manifest if is_module_export(manifest) else None
