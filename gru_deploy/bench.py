@@ -179,7 +179,7 @@ def streaming_step(spec: "ModelSpec", state_dict: dict, threads: int, budget_s: 
     for form, graph in graphs.items():
         runner = OnnxRuntimeRunner(spec, graph, threads=threads, variant="stream")
         timings[f"onnxruntime stream {form}, run()"] = median_us(lambda: runner.run({"x": x, "h0": h}), budget_s)
-        api = Stream.from_onnx(graph, spec, threads=threads)
+        api = Stream.from_onnx(graph, spec.signature("stream"), threads=threads)
         x_t = x[0, 0]
         timings[f"Stream API, {form}"] = median_us(lambda: api.step(x_t), budget_s)
     timings["one GRU node, io_binding"] = median_us(gru_step_reference(spec, state_dict, threads), budget_s)
@@ -399,14 +399,14 @@ def run_module_bench(folder: Any, threads: int = 1, budget_s: float = 0.5,
                                                           budget_s), 1)
         rows.append(row)
     if "stream" in variants:
-        from gru_deploy.serve.stream import ModuleStream
+        from gru_deploy.serve.stream import Stream
 
         step("stream model, one step at batch 1")
         spt, ssession, ssig = load("stream")
         feed = case_feed(ssig, 1, 1)
         row = {"model": "stream", "form": variants["stream"].get("strategy"), "batch": 1, "seq": 1,
                **pair(spt, ssession, ssig, feed)}
-        stream = ModuleStream(folder, 1, threads=threads)
+        stream = Stream(folder, 1, threads=threads)
         x_t = feed["x"][:, 0]
         row["stream_api_us"] = round(median_us(lambda: stream.step(x_t), budget_s), 1)
         row["stream_api_vs_run"] = round(row["stream_api_us"] / row["onnxruntime_us"], 3)

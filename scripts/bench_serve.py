@@ -168,21 +168,21 @@ def stream_chunks(port: int, protocol: str, sequences: int, steps: int, clients:
 
 
 def input_size(path: str) -> int:
-    from gru_deploy.serve.infer import load_model_bytes
+    from gru_deploy.serve.user import module_file
 
-    return load_model_bytes(Path(path), "stream").spec.input_size
+    return int(module_file(Path(path), "stream").signature["inputs"][0]["shape"][2])
 
 
 def lengths_form(path: str) -> str:
     """'NAME (loop)' / 'NAME (fused)': the folder and the form of the lengths model its manifest lists."""
-    from gru_deploy.serve.infer import load_model_bytes
     from gru_deploy.manifest import read_manifest
+    from gru_deploy.serve.user import module_file
 
     name = Path(path).name
     try:
         manifest = read_manifest(Path(path))
     except Exception:  # a bundle: its manifest names the export it came from, not the form
-        return f"{name} ({load_model_bytes(Path(path), 'lengths').name})"
+        return f"{name} ({module_file(Path(path), 'lengths').name})"
     info = manifest["models"][manifest["variants"]["lengths"]["onnx"]]
     return f"{name} ({info.get('strategy', '?')})"
 

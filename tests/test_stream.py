@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from gru_deploy.errors import UserInputError
-from gru_deploy.serve.infer import load_model_bytes
-from gru_deploy.check.runners import OnnxRuntimeRunner
+from gru_deploy.serve.infer import infer
 from gru_deploy.check.verify import export_runners
 
 
@@ -29,9 +28,8 @@ def export(request, export_dir, fused_export):
 
 
 def one_pass(path, x, h0):
-    """The stream model the manifest lists, run by our plain runner over the whole sequence."""
-    chosen = load_model_bytes(path, "stream")
-    return OnnxRuntimeRunner(chosen.spec, chosen.data, variant="stream").run({"x": x, "h0": h0})
+    """The stream model the manifest lists, run by infer (a plain session.run) over the whole sequence."""
+    return infer(path, x, h0=h0).outputs
 
 
 def test_steps_equal_one_pass_of_the_stream_model_and_eager(export):

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from gru_deploy.errors import UserInputError
-from gru_deploy.serve.repository import ChosenModel, load_model_bytes  # noqa: F401  (infer's callers read them here)
 from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN, STATE_OUT
 
 

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from gru_deploy.errors import UserInputError
-
-if TYPE_CHECKING:
-    from gru_deploy.spec import ModelSpec
 
 VARIANTS = ("classifier", "lengths", "stream")  # the order models are served and listed in
 
@@ -108,51 +105,3 @@ def _collect(manifest: dict[str, Any], where: str, path: str, precision: str, re
             left.append(f"{label} (TorchScript: Triton's pytorch_libtorch backend runs it)")
     labels = manifest.get("labels") or (manifest.get("config") or {}).get("labels") or []
     return Repository(where, precision, signatures, list(labels), answers_empty(manifest), files, left)
-
-
-@dataclass
-class ChosenModel:
-    """One model file picked through a manifest: its name there, checked bytes and the spec."""
-
-    name: str
-    data: bytes
-    spec: ModelSpec
-    precision: str
-
-
-def load_model_bytes(path: Path, variant: str, precision: str = "fp32") -> ChosenModel:
-    """The ONNX model the manifest lists for (variant, precision), from an export folder or a
-    bundle, its sha256 checked; UserInputError saying what is missing and what to do."""
-    from gru_deploy.bundle.read import check_bundle_files, is_bundle, open_bundle
-    from gru_deploy.convert.graphs import check_onnx_bytes
-    from gru_deploy.manifest import PRECISIONS, read_manifest, tutorial_only, verified_path
-    from gru_deploy.spec import ModelSpec
-
-    if precision not in PRECISIONS:
-        raise UserInputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    hint = ("; package the export with `gru-deploy package DIR --target edge --quantize int8` for int8 models"
-            if precision == "int8" else "")
-    if is_bundle(path):
-        with open_bundle(path) as (folder, manifest):
-            check_bundle_files(folder, manifest)
-            if manifest["target"] == "edge" and variant == "lengths":
-                hint = ("; an edge bundle carries the classifier and stream models only: serve an export folder or "
-                        "a server bundle (`gru-deploy package DIR --target server`)")
-            name = _select(manifest, variant, precision, f"{path} ({manifest['target']} bundle)", hint)
-            data = (folder / name).read_bytes()
-            check_onnx_bytes(data, f"{path}: {name}")
-            return ChosenModel(name, data, ModelSpec.from_dict(manifest["config"]), precision)
-    manifest = read_manifest(path)
-    tutorial_only(manifest, str(path), "infer, serve and Stream")
-    name = _select(manifest, variant, precision, f"{path} (export folder)", hint)
-    return ChosenModel(name, verified_path(path, manifest, name).read_bytes(), ModelSpec.from_dict(manifest["config"]),
-                       precision)
-
-
-def _select(manifest: dict[str, Any], variant: str, precision: str, where: str, hint: str) -> str:
-    from gru_deploy.manifest import select_model
-
-    try:
-        return select_model(manifest, variant, "onnx", precision, where)
-    except UserInputError as exc:
-        raise UserInputError(f"{exc}{hint}") from None

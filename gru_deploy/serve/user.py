@@ -48,6 +48,7 @@ class ModuleFile:
     labels: list[str]
     where: str
     answers_empty: bool  # manifest.answers_empty
+    module: bool  # manifest.is_module_export: a module's export or bundle (a family's, your own)
 
 
 def module_file(path: Path, variants: str | tuple[str, ...], precision: str = "fp32",
@@ -57,7 +58,8 @@ def module_file(path: Path, variants: str | tuple[str, ...], precision: str = "f
     read through the manifest: checksums checked, and its graph refused if it holds an op type
     other than the ones the manifest records. `manifest`: an export's, already read."""
     from gru_deploy.bundle.read import check_bundle_files, is_bundle, open_bundle
-    from gru_deploy.manifest import PRECISIONS, answers_empty, find_models, read_manifest, select_model, verified_path
+    from gru_deploy.manifest import (PRECISIONS, answers_empty, find_models, is_module_export, read_manifest,
+                                     select_model, verified_path)
 
     if precision not in PRECISIONS:
         raise UserInputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -91,7 +93,7 @@ def module_file(path: Path, variants: str | tuple[str, ...], precision: str = "f
     check_module_graph(data, manifest, name, variant, where, str(path))
     labels = manifest.get("labels") or (manifest.get("config") or {}).get("labels") or []
     return ModuleFile(name, data, variant, signature_of(manifest, variant, where), list(labels), where,
-                      answers_empty(manifest))
+                      answers_empty(manifest), is_module_export(manifest))
 
 
 def check_module_graph(data: bytes, manifest: dict[str, Any], name: str, variant: str, where: str, path: str) -> None:
@@ -108,25 +110,6 @@ def check_module_graph(data: bytes, manifest: dict[str, Any], name: str, variant
     if not isinstance(recorded, (dict, list)):
         raise UserInputError(f"{where}: the manifest does not record {name}'s op types; re-export or re-package it")
     check_onnx_bytes(data, f"{path}: {name}", known=frozenset(recorded))
-
-
-def user_model_kind(path: Path) -> str | None:
-    """'export' or 'bundle' when `path` holds the user's own model; None otherwise (the tutorial
-    path reports what is wrong with anything else)."""
-    from gru_deploy.bundle.read import is_bundle, open_bundle
-    from gru_deploy.manifest import is_module_export
-
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        bundle = is_bundle(path)
-    except UserInputError:
-        return None
-    if bundle:
-        with open_bundle(path) as (_, manifest):
-            return "bundle" if is_module_export(manifest) else None
-    return "export" if user_export(path) is not None else None
 
 
 def user_export(path: Path) -> dict[str, Any] | None:
