@@ -299,16 +299,11 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
             times += "; within 20%, timed again: " + ", ".join(
                 f"{k} {v:,.0f} µs" for k, v in auto["retimed"]["median_us"].items())
         click.echo(f"auto: at batch {auto['typical_batch']}, seq {auto['typical_seq']}: {times}; kept {auto['chosen']}")
-    from gru_deploy.manifest import is_module_export
-
-    if is_module_export(manifest):
-        outputs = ", ".join(f"{o['name']} {o['shape']}" for o in manifest["signature"]["outputs"])
-        click.echo(f"wrote {out}/ ({manifest['model']['reference']}; recurrence kept as "
-                   f"{manifest['model']['recurrence']}; strategy {manifest['strategy']}; outputs {outputs}): "
-                   + ", ".join(sorted(manifest["files"]) + ["manifest.json"]))
-    else:
-        click.echo(f"wrote {out}/ (strategy {manifest['strategy']}): "
-                   + ", ".join(sorted(manifest["files"]) + ["manifest.json"]))
+    model = manifest.get("model") or {}  # what the export records of the module it came from
+    outputs = ", ".join(f"{o['name']} {o['shape']}" for o in manifest["signature"]["outputs"])
+    what = [model["reference"], f"recurrence kept as {model['recurrence']}"] if model else []
+    what += [f"strategy {manifest['strategy']}", f"outputs {outputs}"]
+    click.echo(f"wrote {out}/ ({'; '.join(what)}): " + ", ".join(sorted(manifest["files"]) + ["manifest.json"]))
     summary = manifest["parity"]["summary"]
     worst_pair = max(summary, key=lambda k: summary[k]["max_abs"])
     cases = len(json.loads((out / "parity.json").read_text())["cases"])
