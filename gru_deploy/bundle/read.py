@@ -216,20 +216,16 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
     TorchScript models are not loaded, each recorded there instead."""
     from gru_deploy.bundle.quantize import recorded_gates, rejudge_int8
     from gru_deploy.check.compare import compare
-    from gru_deploy.spec import ModelSpec
+    from gru_deploy.manifest import answers_empty, is_module_export
 
-    from gru_deploy.manifest import is_module_export
-
-    user = is_module_export(manifest)
-    # a user's model: its signature instead of the tutorial's spec, and the ops its export recorded
-    spec = manifest["signatures"]["classifier"] if user else ModelSpec.from_dict(manifest["config"])
+    empty = answers_empty(manifest)  # the export's grid ran empty sequences and lengths of 0
     sessions = {}
     for name, info in manifest["models"].items():
         if info["format"] == "torchscript" and not_run is not None:
             not_run.append({"check": f"loads: {name}, and its golden cases", "why": TORCHSCRIPT_NOT_RUN})
             continue
         try:
-            known = frozenset(info.get("op_types") or ()) if user else None
+            known = frozenset(info["op_types"]) if info.get("op_types") else None  # the ops the export recorded
             sessions[name] = _load_model(folder / name, info["format"], known)
             checks.append({"check": f"loads: {name}", "passed": True})
         except CheckFailed as exc:
@@ -257,8 +253,8 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
             if model not in sessions:
                 continue  # its load failure is reported above
             try:
-                signature = (manifest["signatures"].get(case["variant"]) or spec) if user else spec
-                got = _run(sessions[model], manifest["models"][model]["format"], signature, case["variant"], inputs)
+                got = _run(sessions[model], manifest["models"][model]["format"], manifest["signatures"][case["variant"]],
+                           inputs, empty)
             except UserInputError as exc:
                 checks.append({"check": check, "passed": False,
                                "message": f"{path}: golden {case['name']} does not fit {model}: {exc}"})
@@ -278,8 +274,9 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
     quantization = manifest.get("quantization") or {}
     for model, record in (quantization.get("models") or {}).items():
         gates = recorded_gates(record)
-        if user:  # each output of a module's model has its own gate
-            signature = manifest["signatures"].get((manifest["models"].get(model) or {}).get("variant")) or spec
+        if is_module_export(manifest):  # each output of a module's model has its own gate (the tutorial
+            # model's bundles gate the logits of its classifier and stream models, not h_n)
+            signature = manifest["signatures"][(manifest["models"].get(model) or {}).get("variant", "classifier")]
             gates = {o["name"]: gates.get(o["name"], {}) for o in signature["outputs"]}
         for output, gate in gates.items():
             named = f" ({output})" if len(gates) > 1 else ""
@@ -330,27 +327,24 @@ def _load_model(path: Path, fmt: str, known: frozenset[str] | None = None) -> An
     raise CheckFailed(f"{path}: unknown model format {fmt!r} in the manifest")
 
 
-def _run(session: Any, fmt: str, spec: Any, variant: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """`spec`: the tutorial's ModelSpec, or a user model's signature (a dict)."""
-    from gru_deploy.check.runners import validate_feed
-    from gru_deploy.spec import INPUT_NAME, VARIANT_IO
+def _run(session: Any, fmt: str, signature: dict[str, Any], inputs: dict[str, np.ndarray],
+         empty: bool) -> dict[str, np.ndarray]:
+    """The golden inputs, checked against the model's signature before the runtime sees them (a
+    GRU/LSTM kernel aborts on an empty axis: empty sequences and lengths of 0 only where the
+    export's grid ran them, `empty`), run; every output by name."""
+    from gru_deploy.check.runners import check_user_input, check_user_lengths, check_user_state
+    from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN
 
-    if isinstance(spec, dict):  # before the runtime sees it: a user graph may abort on an empty axis
-        from gru_deploy.check.runners import check_user_input, check_user_lengths, check_user_state
-        from gru_deploy.spec import LENGTHS_NAME, STATE_IN
-
-        names = [t["name"] for t in spec["inputs"]]
-        if sorted(inputs) != sorted(names):
-            raise UserInputError(f"golden inputs {sorted(inputs)}; the model takes {names}")
-        feed = {INPUT_NAME: check_user_input(inputs[INPUT_NAME], spec)}
-        if LENGTHS_NAME in names:
-            feed[LENGTHS_NAME] = check_user_lengths(inputs[LENGTHS_NAME], feed[INPUT_NAME])
-        if STATE_IN in names:
-            feed[STATE_IN] = check_user_state(inputs[STATE_IN], feed[INPUT_NAME], spec)
-        outputs = tuple(o["name"] for o in spec["outputs"])
-    else:
-        feed = validate_feed(inputs, spec, variant)
-        outputs = VARIANT_IO[variant][1]
+    names = [t["name"] for t in signature["inputs"]]
+    if sorted(inputs) != sorted(names):
+        raise UserInputError(f"golden inputs {sorted(inputs)}; the model takes {names}")
+    feed = {INPUT_NAME: check_user_input(inputs[INPUT_NAME], signature, empty_seq=empty)}
+    if LENGTHS_NAME in names:
+        feed[LENGTHS_NAME] = check_user_lengths(inputs[LENGTHS_NAME], feed[INPUT_NAME], minimum=0 if empty else 1)
+    if STATE_IN in names:
+        feed[STATE_IN] = check_user_state(inputs[STATE_IN], feed[INPUT_NAME], signature)
+    feed = {name: feed[name] for name in names}  # the signature's order: TorchScript takes them by position
+    outputs = tuple(o["name"] for o in signature["outputs"])
     if fmt == "torchscript":
         import torch
 
