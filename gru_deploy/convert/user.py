@@ -14,9 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -253,7 +251,7 @@ def check_module_strategy(strategy: str, model: "UserModel | None" = None) -> No
         raise UserInputError(f"unknown strategy {strategy!r}; a module exports as {', '.join(MODULE_STRATEGIES)} "
                              "(fused: the tutorial cell families and torch.nn.GRU; stepwise: the tutorial cell "
                              "families)")
-    if strategy == "stepwise" and model is not None and not _builds_fused(model):
+    if strategy == "stepwise" and model is not None and not _tutorial_cell_family(model):
         raise UserInputError(f"--strategy stepwise runs the tutorial cell as written, once per step; "
                              f"{model.reference} is not a tutorial-cell family model: export it with --strategy loop")
 
@@ -296,7 +294,7 @@ def module_graphs(model: "UserModel", scripted: "torch.jit.ScriptModule", kept: 
     if plan == "build":
         step(f"building the fused graph: one ONNX GRU node per layer (opset {opset})")
         graphs["fused"] = build_fused_graph(model, signature, opset)
-    if strategy == "stepwise" or (strategy == "auto" and _builds_fused(model)):
+    if strategy == "stepwise" or (strategy == "auto" and _tutorial_cell_family(model)):
         step(f"exporting the stepwise form to ONNX opset {opset} (the cell as written, once per step)")
         graphs["stepwise"] = export_user_onnx(script_user(in_form(model, "stepwise")), signature, opset,
                                               model.record()["kind"])
@@ -318,8 +316,9 @@ def build_fused_graph(model: "UserModel", signature: UserSignature, opset: int,
                                "node_count": result.node_count, "op_types": result.op_types}
 
 
-def _builds_fused(model: "UserModel") -> bool:
-    """True when gru-deploy builds this module's fused graph itself (the tutorial-cell family)."""
+def _tutorial_cell_family(model: "UserModel") -> bool:
+    """True for the tutorial-cell family (StackedGRUClassifier): gru-deploy builds its fused
+    graphs itself, and its stepwise form."""
     from gru_deploy.models.families import StackedGRUClassifier
 
     return isinstance(model.module, StackedGRUClassifier)
@@ -533,7 +532,7 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
     }
     variants: dict[str, Any] = {}
     exported: dict[str, Any] = {}
-    built = chosen if chosen in ("fused", "stepwise") and _builds_fused(model) else "loop"  # variants follow it
+    built = chosen if chosen in ("fused", "stepwise") and _tutorial_cell_family(model) else "loop"  # variants follow it
     if hasattr(scripted, LENGTHS_HOOK):
         exported["lengths"] = export_lengths_variant(model, signature, built, opset, atol, rtol, step)
     else:
