@@ -206,7 +206,7 @@ def _no_nodes(data):
     ("empty", "empty"), ("garbage", "not an ONNX model"), ("truncated", "not an ONNX model|failed on golden"),
     ("no nodes", "no graph nodes"), ("unknown op", "not ones gru-deploy writes"),
     ("unknown op in a sub-graph", "not ones gru-deploy writes"), ("custom domain op", "not ones gru-deploy writes|"
-                                                                  "cannot load"),
+                                                                  "cannot load|runs standard ONNX ops only"),
     ("external data", "external data"), ("wrong input name", "does not fit|failed on golden|cannot load"),
     ("the stream model as the classifier", "does not fit|failed on golden"),
 ])
