@@ -42,7 +42,8 @@ def export(model: "torch.nn.Module | str | None" = None, *,
     `nn.Module`: your own, as it is (weights included). `model` a string `file.py:Name` /
     `package.module:Name`: your own, built with `model_args` over the checkpoint's and loaded
     from `checkpoint`. A module exports as loop, fused (the tutorial cell families and
-    torch.nn.GRU; refused for others) or auto (the faster at `typical` (batch, seq)).
+    torch.nn.GRU; refused for others), stepwise (the tutorial cell families) or auto (the
+    fastest at `typical` (batch, seq)).
     """
     from gru_deploy.convert.user import export_family, export_user_model
 
