@@ -184,6 +184,23 @@ def answers_empty(manifest: dict[str, Any]) -> bool:
     return not is_module_export(manifest)
 
 
+def labels_of(manifest: dict[str, Any]) -> list[str]:
+    """The class labels an export or bundle records (top level; older tutorial manifests: in config)."""
+    return list(manifest.get("labels") or (manifest.get("config") or {}).get("labels") or [])
+
+
+def labelled_output(signature: dict[str, Any], labels: Any) -> str | None:
+    """The output that scores `labels`: the one output besides the state (h_n), of shape
+    [batch, len(labels)], when there are labels; None otherwise (probabilities and a label per
+    sample are offered for it)."""
+    from gru_deploy.spec import STATE_OUT
+
+    outputs = [o for o in signature["outputs"] if o["name"] != STATE_OUT]
+    if labels and len(outputs) == 1 and list(outputs[0]["shape"][1:]) == [len(labels)]:
+        return outputs[0]["name"]
+    return None
+
+
 def tutorial_only(manifest: dict[str, Any], where: str, what: str) -> None:
     """UserInputError when `manifest` is an export of a module through the generic path (your
     own model, or a built-in family): `what` handles exports of the tutorial model only, in

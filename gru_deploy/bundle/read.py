@@ -340,7 +340,7 @@ def _run(session: Any, fmt: str, signature: dict[str, Any], inputs: dict[str, np
         raise UserInputError(f"golden inputs {sorted(inputs)}; the model takes {names}")
     feed = {INPUT_NAME: check_user_input(inputs[INPUT_NAME], signature, empty_seq=empty)}
     if LENGTHS_NAME in names:
-        feed[LENGTHS_NAME] = check_user_lengths(inputs[LENGTHS_NAME], feed[INPUT_NAME], minimum=0 if empty else 1)
+        feed[LENGTHS_NAME] = check_user_lengths(inputs[LENGTHS_NAME], feed[INPUT_NAME], empty_seq=empty)
     if STATE_IN in names:
         feed[STATE_IN] = check_user_state(inputs[STATE_IN], feed[INPUT_NAME], signature)
     feed = {name: feed[name] for name in names}  # the signature's order: TorchScript takes them by position

@@ -308,10 +308,11 @@ def check_user_input(x: Any, signature: dict[str, Any], empty_seq: bool = False)
     return np.ascontiguousarray(x)
 
 
-def check_user_lengths(lengths: Any, x: np.ndarray, minimum: int = 1) -> np.ndarray:
-    """lengths as int64 [batch], each in minimum..seq (1: a sample has at least one step, the
-    module's own forward has none to run on an empty sequence; 0 where the export's graphs
-    answer it)."""
+def check_user_lengths(lengths: Any, x: np.ndarray, empty_seq: bool = False) -> np.ndarray:
+    """lengths as int64 [batch], each in 1..seq (a sample has at least one step: the module's
+    own forward has none to run on an empty sequence), or 0..seq with `empty_seq` (where the
+    export's graphs answer an empty sequence, as for check_user_input)."""
+    minimum = 0 if empty_seq else 1
     if not isinstance(lengths, np.ndarray) or lengths.dtype.kind not in "iu":
         raise UserInputError(f"{LENGTHS_NAME!r} must be INT64 (whole steps per sample), got "
                              f"{getattr(lengths, 'dtype', type(lengths).__name__)}: send the lengths as integers")

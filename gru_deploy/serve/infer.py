@@ -57,12 +57,10 @@ class Prediction:
 
     @property
     def classes(self) -> str | None:
-        """The output that scores the labels: the one [batch, len(labels)] output besides the
-        state, when the model has labels; None otherwise."""
-        outs = [o for o in self.signature["outputs"] if o["name"] != STATE_OUT]
-        if self.labels and len(outs) == 1 and outs[0]["shape"][1:] == [len(self.labels)]:
-            return outs[0]["name"]
-        return None
+        """The output that scores the labels (manifest.labelled_output); None when there is none."""
+        from gru_deploy.manifest import labelled_output
+
+        return labelled_output(self.signature, self.labels)
 
     @property
     def logits(self) -> np.ndarray:
@@ -145,7 +143,7 @@ def infer(path: Path, x: Any, lengths: Any = None, h0: Any = None, stream: bool 
     x = check_user_input(x, signature, empty_seq=file.answers_empty)
     feed = {INPUT_NAME: x}
     if file.variant == "lengths":
-        feed[LENGTHS_NAME] = check_user_lengths(lengths, x, minimum=0 if file.answers_empty else 1)
+        feed[LENGTHS_NAME] = check_user_lengths(lengths, x, empty_seq=file.answers_empty)
     if file.variant == "stream":
         feed[STATE_IN] = check_user_state(h0, x, signature)
     session = ort.InferenceSession(file.data, session_options(threads), providers=["CPUExecutionProvider"])

@@ -71,7 +71,7 @@ def _collect(manifest: dict[str, Any], where: str, path: str, precision: str, re
              bundle: bool) -> Repository:
     from gru_deploy.bundle.parts import REPOSITORY
     from gru_deploy.bundle.triton import triton_config, triton_name
-    from gru_deploy.manifest import answers_empty, find_models, model_name, select_model
+    from gru_deploy.manifest import answers_empty, find_models, labels_of, model_name, select_model
     from gru_deploy.serve.user import check_module_graph, signature_of
 
     base = model_name(manifest)
@@ -103,5 +103,4 @@ def _collect(manifest: dict[str, Any], where: str, path: str, precision: str, re
             parts = PurePosixPath(name).parts
             label = parts[1] if bundle and len(parts) == 4 and parts[0] == REPOSITORY else name
             left.append(f"{label} (TorchScript: Triton's pytorch_libtorch backend runs it)")
-    labels = manifest.get("labels") or (manifest.get("config") or {}).get("labels") or []
-    return Repository(where, precision, signatures, list(labels), answers_empty(manifest), files, left)
+    return Repository(where, precision, signatures, labels_of(manifest), answers_empty(manifest), files, left)

@@ -203,12 +203,14 @@ class Model:
 
         from gru_deploy.bundle.triton import triton_config
         from gru_deploy.check.runners import session_options
+        from gru_deploy.manifest import labelled_output
 
         self.takes_lengths = any(t["name"] == LENGTHS_NAME for t in signature["inputs"])
         self.variant = "lengths" if self.takes_lengths else "classifier"
         self.signature, self.labels, self.answers_empty = signature, list(labels), answers_empty
         self.session = ort.InferenceSession(onnx_bytes, session_options(threads), providers=["CPUExecutionProvider"])
         self.output_names = [o["name"] for o in signature["outputs"]]
+        self.scored = labelled_output(signature, labels)  # the output probabilities and label come from
         self._batching(name, max_batch, max_delay_ms, group_by_length)
         self._configure(configured(config or triton_config(name, "onnxruntime_onnx", signature), name, max_batch,
                                    max_delay_ms))
@@ -259,7 +261,7 @@ class Model:
             x = check_user_input(x, self.signature, empty_seq=self.answers_empty)
             lengths = arrays.get(LENGTHS_NAME)
             lengths = (np.full(x.shape[0], x.shape[1], np.int64) if lengths is None
-                       else check_user_lengths(lengths, x, minimum=0 if self.answers_empty else 1))
+                       else check_user_lengths(lengths, x, empty_seq=self.answers_empty))
         except UserInputError as exc:
             raise ClientError(400, str(exc)) from None
         return x, lengths
@@ -294,9 +296,6 @@ class Model:
             out[spec["name"]] = value
         return out
 
-    def _classifier(self) -> bool:
-        """One output of [batch, classes] and labels: probabilities and label are offered too."""
-        return bool(self.labels) and len(self.output_names) == 1 and len(self.signature["outputs"][0]["shape"]) == 2
 
     def outputs(self, result: Any) -> dict[str, tuple[str, Callable[[], np.ndarray]]]:
         """What a request may ask for: name -> (v2 datatype, computed only when asked)."""
@@ -304,8 +303,8 @@ class Model:
 
         available: dict[str, tuple[str, Callable[[], np.ndarray]]] = {
             name: ("FP32", (lambda v: lambda: np.asarray(v, np.float32))(value)) for name, value in result.items()}
-        if self._classifier():
-            scores = result[self.output_names[0]]
+        if self.scored is not None:
+            scores = result[self.scored]
             available["probabilities"] = ("FP32", lambda: softmax(scores))
             available["label"] = ("BYTES", lambda: np.array([self.labels[i] for i in scores.argmax(axis=1)],
                                                             dtype=object))
@@ -318,7 +317,7 @@ class Model:
     def extra_outputs(self) -> tuple[str, ...]:
         """Outputs served on request beyond the config's (a classifier with labels: computed
         from its scores)."""
-        return ("probabilities", "label") if self._classifier() else ()
+        return ("probabilities", "label") if self.scored is not None else ()
 
     def tensors(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """The v2 metadata's inputs and outputs: the served config's, as Triton derives them."""

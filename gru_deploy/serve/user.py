@@ -58,8 +58,8 @@ def module_file(path: Path, variants: str | tuple[str, ...], precision: str = "f
     read through the manifest: checksums checked, and its graph refused if it holds an op type
     other than the ones the manifest records. `manifest`: an export's, already read."""
     from gru_deploy.bundle.read import check_bundle_files, is_bundle, open_bundle
-    from gru_deploy.manifest import (PRECISIONS, answers_empty, find_models, is_module_export, read_manifest,
-                                     select_model, verified_path)
+    from gru_deploy.manifest import (PRECISIONS, answers_empty, find_models, is_module_export, labels_of,
+                                     read_manifest, select_model, verified_path)
 
     if precision not in PRECISIONS:
         raise UserInputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -91,8 +91,7 @@ def module_file(path: Path, variants: str | tuple[str, ...], precision: str = "f
         variant, name = choose(manifest, where)
         data = verified_path(path, manifest, name).read_bytes()
     check_module_graph(data, manifest, name, variant, where, str(path))
-    labels = manifest.get("labels") or (manifest.get("config") or {}).get("labels") or []
-    return ModuleFile(name, data, variant, signature_of(manifest, variant, where), list(labels), where,
+    return ModuleFile(name, data, variant, signature_of(manifest, variant, where), labels_of(manifest), where,
                       answers_empty(manifest), is_module_export(manifest))
 
 
