@@ -479,9 +479,11 @@ def package(obj: dict, folder: Path, target: str, out: Path | None, archive: boo
     golden/ (fixed inputs and eager PyTorch's outputs as .npy and JSON) and README.txt.
 
     \b
-    edge    model.onnx + model.ort, model_stream.onnx + .ort, required_operators.config
+    edge    each variant's .onnx (classifier, lengths, stream) with the .ort copies the
+            export made, required_operators.config, a web page (onnxruntime-web)
     server  model_repository/ for Triton: ONNX classifier, lengths and stream models
-            (sequence batcher, implicit state) and the TorchScript model (pytorch_libtorch);
+            (sequence batcher, implicit state) and the TorchScript classifier and lengths
+            models (pytorch_libtorch);
             deploy/: a KServe InferenceService (Triton runtime, --storage-uri), a
             Kubernetes Deployment + Service running `gru-deploy serve` (--image), and
             the Dockerfile of that image

@@ -48,7 +48,8 @@ def test_verify_loads_a_bundles_torchscript_only_when_trusted(bundles, monkeypat
         f"loads: {p}, and its golden cases" for p, m in report_models(bundles["server"]) if m["format"] == "torchscript"]
     assert not any("model.pt" in c["check"] for c in report["checks"])
     trusted = verify_bundle(bundles["server"], trust_torchscript=True)
-    assert trusted["passed"] and len(loaded) == 1 and trusted["not_run"] == []
+    torchscript = [p for p, m in report_models(bundles["server"]) if m["format"] == "torchscript"]
+    assert trusted["passed"] and len(loaded) == len(torchscript) == 2 and trusted["not_run"] == []
     assert any(c["check"].startswith("golden classifier_0 on ") and "model.pt" in c["check"] for c in trusted["checks"])
     proc = run_cli("verify", str(bundles["server"]))
     assert proc.returncode == 0 and "not run: loads: " in proc.stdout and "--trust-torchscript" in proc.stdout
@@ -101,7 +102,8 @@ def test_models_are_recorded_with_variant_format_and_precision(bundles):
     assert {(n, m["variant"], m["format"], m["precision"], m["source"]) for n, m in edge.items()} == {
         ("model.onnx", "classifier", "onnx", "fp32", "model.onnx"), ("model.ort", "classifier", "ort", "fp32", "model.ort"),
         ("model_stream.onnx", "stream", "onnx", "fp32", "model_stream.onnx"),
-        ("model_stream.ort", "stream", "ort", "fp32", "model_stream.ort")}
+        ("model_stream.ort", "stream", "ort", "fp32", "model_stream.ort"),
+        ("model_lengths.onnx", "lengths", "onnx", "fp32", "model_lengths.onnx")}
     server = json.loads((bundles["server"] / "manifest.json").read_text())["models"]
     lengths = server["model_repository/gru_classifier_lengths/1/model.onnx"]
     assert (lengths["variant"], lengths["source"]) == ("lengths", "model_lengths.onnx")
@@ -124,7 +126,7 @@ def test_every_triton_config_parses_with_tritons_own_protobuf(bundles):
     from tritonclient.grpc import model_config_pb2
 
     configs = sorted((bundles["server"] / "model_repository").glob("*/config.pbtxt"))
-    assert len(configs) == 4
+    assert len(configs) == 5  # classifier, lengths (each in onnxruntime and libtorch) and stream
     parsed = {}
     for path in configs:
         config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
@@ -364,7 +366,8 @@ def test_int8_edge_bundle(export_dir, int8_bundle, tmp_path):
     for info in models.values():
         assert info["weight_bytes_quantized_share"] > 0.5 and info["int8_weights_in_subgraphs"] > 0
         assert info["quantized_op_types"]["MatMulInteger"] >= 4  # the three gates' weights and the head
-        gate = info["gate_vs_eager"]
+        [(output, gate)] = info["gates_vs_eager"].items()  # the logits; h_n, the state, is not gated
+        assert output == "logits" and gate["reference"].endswith("(TorchScript, fp32)")
         assert gate["max_abs"] > 0  # int8 really changed the numbers
         # judged on a few hundred sequences, up to the parity grid's longest
         assert gate["rows"] >= 200 and set(gate["median_abs_by_length"]) >= {"1", "100", "2048"}
@@ -403,12 +406,12 @@ def test_int8_gate_is_checked_at_verify_against_the_recorded_bound(int8_bundle, 
     with tarfile.open(int8_bundle[0]) as tar:
         tar.extractall(tmp_path, filter="data")
     root = tmp_path / "q"
-    _edit_manifest(root, lambda d: d["quantization"]["models"]["model.int8.onnx"]["gate_vs_eager"].update(
+    _edit_manifest(root, lambda d: d["quantization"]["models"]["model.int8.onnx"]["gates_vs_eager"]["logits"].update(
         {"max_abs_bound": 1e-6}))
     report = verify_bundle(root)
     failed = [c for c in report["checks"] if not c["passed"]]
     assert not report["passed"] and [c["check"] for c in failed] == [
-        "int8 gate: model.int8.onnx vs eager on the int8 gate's sequences"]
+        "int8 gate: model.int8.onnx vs model.pt (TorchScript, fp32) on the int8 gate's sequences"]
     assert "p95 of the rows' max abs error" in failed[0]["message"]
 
 
@@ -420,21 +423,22 @@ def test_verify_rejudges_int8_against_the_stored_reference_rows(int8_bundle, tmp
     with tarfile.open(int8_bundle[0]) as tar:
         tar.extractall(tmp_path, filter="data")
     root = tmp_path / "q"
-    rel = int8_bundle[1]["quantization"]["models"]["model_stream.int8.onnx"]["gate_vs_eager"]["reference_file"]
+    rel = int8_bundle[1]["quantization"]["models"]["model_stream.int8.onnx"]["gates_vs_eager"]["logits"]["reference_file"]
     rows = np.load(root / rel)
     np.save(root / rel, rows[::-1].copy())
     _edit_manifest(root, lambda d: d["files"][rel].update({"sha256": sha256_file(root / rel),
                                                            "size": (root / rel).stat().st_size}))
     report = verify_bundle(root)
     failed = [c for c in report["checks"] if not c["passed"]]
-    assert [c["check"] for c in failed] == ["int8 gate: model_stream.int8.onnx vs eager on the int8 gate's sequences"]
+    assert [c["check"] for c in failed] == [
+        "int8 gate: model_stream.int8.onnx vs model_stream.pt (TorchScript, fp32) on the int8 gate's sequences"]
 
 
 def test_int8_gate_at_package_time_refuses_and_writes_nothing(export_dir, tmp_path, monkeypatch):
     from gru_deploy.check import compare
 
     monkeypatch.setattr(compare, "INT8_BOUND_FRACTION", 1e-6)
-    with pytest.raises(CheckFailed, match="gate against eager"):
+    with pytest.raises(CheckFailed, match=r"gate against model.pt \(TorchScript, fp32\) on output logits"):
         package(export_dir, "edge", out=tmp_path / "q", quantize="int8")
     assert not (tmp_path / "q").exists()
 

@@ -163,3 +163,35 @@ def test_nothing_to_quantise_is_refused():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     with pytest.raises(CheckFailed, match="left every weight in float"):
         quantize_int8(model.SerializeToString())
+
+
+def test_sort_nodes_puts_a_loops_outer_scope_producer_first():
+    """onnxruntime's quantiser sorts a graph without the tensors a Loop body reads from outside
+    it; on the two-layer family's stream model it put such a producer after its Loop, and
+    onnx.checker refused the model. sort_nodes orders by every read, outer-scope ones included,
+    and leaves a sorted graph as it is."""
+    from onnx import TensorProto, helper
+
+    from gru_deploy.bundle.quantize import sort_nodes
+
+    body = helper.make_graph(
+        [helper.make_node("Add", ["h", "outer"], ["h_next"]), helper.make_node("Identity", ["cond"], ["cond_out"])],
+        "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("h", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("h_next", TensorProto.FLOAT, [2])])
+    produce = helper.make_node("Neg", ["x"], ["outer"])
+    loop = helper.make_node("Loop", ["n", "", "x"], ["y"], body=body)
+    graph = helper.make_graph([loop, produce], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+                                                     helper.make_tensor_value_info("n", TensorProto.INT64, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(onnx.checker.ValidationError, match="topologically sorted"):
+        onnx.checker.check_model(model, full_check=True)
+    sort_nodes(model.graph)
+    assert [n.op_type for n in model.graph.node] == ["Neg", "Loop"]
+    onnx.checker.check_model(model, full_check=True)
+    before = model.SerializeToString()
+    sort_nodes(model.graph)
+    assert model.SerializeToString() == before

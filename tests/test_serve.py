@@ -428,10 +428,10 @@ def test_length_groups_bound_the_padding_and_keep_similar_lengths_together():
     assert length_groups(same) == [same]  # equal lengths: arrival order kept
 
 
-def test_an_edge_bundle_serves_its_classifier_and_stream_under_the_server_bundles_names(export_dir, tmp_path):
-    """An edge bundle has no Triton repository and no lengths model: its ONNX classifier and
-    stream model are served under the server bundle's names with the configs it writes; an
-    export without int8 models has nothing to serve at --precision int8 (exit 2)."""
+def test_an_edge_bundle_serves_its_models_under_the_server_bundles_names(export_dir, tmp_path):
+    """An edge bundle has no Triton repository: its ONNX classifier, lengths and stream models
+    are served under the server bundle's names with the configs it writes; an export without
+    int8 models has nothing to serve at --precision int8 (exit 2)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -443,7 +443,8 @@ def test_an_edge_bundle_serves_its_classifier_and_stream_under_the_server_bundle
     server, _ = package(export_dir, "server", out=tmp_path / "server")
     served = read_repository(edge)
     assert [(f.name, f.variant, f.file) for f in served.files] == [
-        (NAME, "classifier", "model.onnx"), ("gru_classifier_stream", "stream", "model_stream.onnx")]
+        (NAME, "classifier", "model.onnx"), ("gru_classifier_lengths", "lengths", "model_lengths.onnx"),
+        ("gru_classifier_stream", "stream", "model_stream.onnx")]
     for f in served.files:
         want = (server / "model_repository" / f.name / "config.pbtxt").read_text()
         assert text_format.Parse(f.config, model_config_pb2.ModelConfig()) == \

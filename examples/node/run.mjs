@@ -6,9 +6,8 @@
 //
 // For every case in golden/golden.json it runs every .onnx and .ort model that manifest.json
 // lists for the case's variant and precision (fp32: model.onnx and model.ort, ...; int8:
-// model.int8.onnx) and compares every output with the golden one (eager PyTorch, or the
-// float64 module for a built-in family's or your own model; an int8 case, the int8 model's
-// own). Then it feeds each stream case chunk by chunk (chunks of 1 and of 5 steps),
+// model.int8.onnx) and compares every output with the golden one (eager PyTorch at export;
+// an int8 case, the int8 model's own). Then it feeds each stream case chunk by chunk (chunks of 1 and of 5 steps),
 // carrying h_n into the next h0, and checks that the final logits and h_n equal one pass.
 // Exit 0 when everything is within tolerance (golden.json's atol, 1e-5; a case's own atol
 // where it has one), 1 otherwise, 2 on bad usage.

@@ -20,138 +20,111 @@ import numpy as np
 
 from gru_deploy.versions import __version__
 from gru_deploy.bundle.kubernetes import Deploy, deploy_files
-from gru_deploy.bundle.parts import (  # noqa: F401  (shared with bundle.user; read here by callers)
-    BUNDLE_FORMAT, BUNDLE_VERSION, GOLDEN_DIR, INT8_GOLDEN_TOL, MIN_INT8_SHARE, PLATFORMS, REPOSITORY, TARGETS, _quantize, check_elsewhere, check_golden_elsewhere, npy_bytes, onnx_info, runtime_record, tensor_json, web_files)
+from gru_deploy.bundle.parts import (
+    BUNDLE_FORMAT, BUNDLE_VERSION, GOLDEN_DIR, INT8_GOLDEN_TOL, PLATFORMS, REPOSITORY, TARGETS, _quantize,
+    check_elsewhere, npy_bytes, onnx_info, runtime_record, tensor_json, web_files)
 from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.manifest import atomic_write_bytes, json_bytes, sha256_bytes, staged_dir
-from gru_deploy.spec import OUTPUT_NAME, ModelSpec
+from gru_deploy.spec import STATE_IN, STATE_OUT
 
-from gru_deploy.manifest import TUTORIAL_MODEL_NAME as MODEL_NAME  # noqa: E402  (the Triton base name)
-# (variant, batch, seq) of the golden cases; lengths cases use lengths {seq, 1, 0}.
-GOLDEN_CASES = (("classifier", 1, 10), ("classifier", 2, 25), ("classifier", 3, 1),
-                ("stream", 2, 12), ("lengths", 3, 15))
-EDGE_VARIANTS = ("classifier", "stream")
+# The variants a bundle carries, where the export has them, and those --quantize int8 quantises.
+BUNDLE_VARIANTS = ("classifier", "lengths", "stream")
+INT8_VARIANTS = ("classifier", "stream")
+# A model in a bundle: its path there, the export file it is copied from, and what it is.
+Model = tuple[str, str, str, str]  # (bundle path, export file, variant, format)
 
 
-def golden_vectors(export_dir: Path, manifest: dict[str, Any], files: dict[str, str], atol: float, rtol: float,
-                   int8: dict[str, tuple[str, bytes]] | None = None) -> tuple[dict[str, bytes], dict[str, Any]]:
-    """Fixed inputs and the outputs eager PyTorch gives for them, per variant in `files`.
+def signatures_of(source: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each variant's signature, as the export's manifest records it."""
+    return {"classifier": source["signature"],
+            **{v: entry["signature"] for v, entry in (source.get("variants") or {}).items()}}
 
-    Written as `.npy` and as plain JSON, so C++, JavaScript or mobile tests can read them
-    without Python. `files` maps each variant to the bundle file its cases name. `int8`
-    maps a variant to its quantised model (bundle path, bytes): its cases record the int8
-    model's own outputs (checked at 1e-4 on reproduction) and name the fp32 case holding
-    eager's outputs for the same inputs. The int8 gate is judged apart, against eager on the
-    gate's few hundred sequences (quantize.judge_int8), whose eager rows the bundle keeps
-    (golden/int8_gate.VARIANT.npy). Returns the files and, per int8 variant, the gate's verdict.
-    """
-    import onnxruntime
-    import torch
 
-    from gru_deploy.bundle.quantize import judge_int8
-    from gru_deploy.check.runners import OnnxRuntimeRunner
-    from gru_deploy.check.verify import export_runners, make_feed
+def chosen_models(source: dict[str, Any], target: str, where: str) -> list[Model]:
+    """What a bundle carries, chosen by what the export's manifest says each file is. Edge: each
+    variant's ONNX model and its ORT-format copies. Server: a Triton repository holding each
+    variant in onnxruntime and, but for the stream model (served under the sequence batcher's
+    implicit state, onnxruntime only), in libtorch."""
+    from gru_deploy.bundle.triton import triton_name
+    from gru_deploy.manifest import find_models, model_name, select_model
 
-    spec = ModelSpec.from_dict(manifest["config"])
-    out: dict[str, bytes] = {}
-    cases: list[dict[str, Any]] = []
-    # each variant's eager runner, built once (export_runners loads and checks every file of it)
-    eagers = {variant: export_runners(export_dir, manifest, variant=variant)["eager"]
-              for variant in dict.fromkeys(v for v, _, _ in GOLDEN_CASES) if variant in files}
-    for index, (variant, batch, seq) in enumerate(GOLDEN_CASES):
-        if variant not in files:
+    name = model_name(source)
+    out: list[Model] = []
+    for variant in (v for v in BUNDLE_VARIANTS if v in signatures_of(source)):
+        if target == "edge":
+            onnx = select_model(source, variant, "onnx", where=where)
+            out += [(onnx, onnx, variant, "onnx")] + [(n, n, variant, "ort") for n in find_models(source, variant, "ort")]
             continue
-        eager = eagers[variant]
-        feed = make_feed(spec, variant, batch, seq, seed=1000 + index)
-        result = eager.run(feed)
-        name = f"{variant}_{index}"
-        case: dict[str, Any] = {"name": name, "variant": variant, "model": files[variant],
-                                "inputs": {}, "outputs": {}}
-        for kind, tensors in (("inputs", feed), ("outputs", result)):
-            for tensor_name, array in tensors.items():
-                path = f"{GOLDEN_DIR}/{name}.{tensor_name}.npy"
-                out[path] = npy_bytes(np.ascontiguousarray(array))
-                case[kind][tensor_name] = {**tensor_json(array), "npy": path}
-        cases.append(case)
-        if int8 and variant in int8:
-            model_path, model_bytes = int8[variant]
-            got = OnnxRuntimeRunner(spec, model_bytes, variant=variant).run(feed)
-            q_name = f"{name}_int8"
-            q_case = {"name": q_name, "variant": variant, "model": model_path, "precision": "int8",
-                      "eager_case": name, "atol": INT8_GOLDEN_TOL, "rtol": INT8_GOLDEN_TOL,
-                      "inputs": case["inputs"], "outputs": {}}
-            for tensor_name, array in got.items():
-                path = f"{GOLDEN_DIR}/{q_name}.{tensor_name}.npy"
-                out[path] = npy_bytes(np.ascontiguousarray(array))
-                q_case["outputs"][tensor_name] = {**tensor_json(array), "npy": path}
-            cases.append(q_case)
-    references = {"fp32": f"eager PyTorch {torch.__version__}"}
+        for fmt, file in (("onnx", "model.onnx"), ("torchscript", "model.pt"))[: 1 if variant == "stream" else 2]:
+            out.append((f"{REPOSITORY}/{triton_name(name, variant, fmt)}/1/{file}",
+                        select_model(source, variant, fmt, where=where), variant, fmt))
+    return out
+
+
+def golden_files(cases: list[dict[str, Any]], model_paths: dict[str, str], int8: dict[str, tuple[str, bytes]],
+                 signatures: dict[str, dict[str, Any]]) -> tuple[dict[str, bytes], list[dict[str, Any]]]:
+    """The export's golden cases (check.module_parity.golden_load) for the variants in
+    `model_paths` (variant -> the bundle's fp32 ONNX model its cases name), as .npy files and
+    golden.json entries: C++, JavaScript or mobile tests read them without Python. Each case of
+    an `int8` variant (bundle path, bytes) gets a twin holding the int8 model's own outputs
+    (checked at INT8_GOLDEN_TOL on reproduction) and naming the fp32 case."""
+    import onnxruntime as ort
+
+    from gru_deploy.check.runners import session_options
+
+    files: dict[str, bytes] = {}
+    entries = []
+
+    def entry(name: str, variant: str, model: str, tensors: dict[str, dict[str, np.ndarray]], **extra: Any) -> None:
+        case: dict[str, Any] = {"name": name, "variant": variant, "model": model, **extra}
+        for kind, arrays in tensors.items():
+            case[kind] = case.get(kind) or {}
+            for tensor, array in arrays.items():
+                path = f"{GOLDEN_DIR}/{name}.{tensor}.npy"
+                files[path] = npy_bytes(np.ascontiguousarray(array))
+                case[kind][tensor] = {**tensor_json(array), "npy": path}
+        entries.append(case)
+
+    sessions = {v: ort.InferenceSession(data, session_options(1), providers=["CPUExecutionProvider"])
+                for v, (_, data) in int8.items()}
+    for case in cases:
+        variant = case["variant"]
+        if variant not in model_paths:
+            continue
+        entry(case["name"], variant, model_paths[variant], {"inputs": case["inputs"], "outputs": case["outputs"]})
+        if variant in int8:
+            names = [o["name"] for o in signatures[variant]["outputs"]]
+            got = dict(zip(names, sessions[variant].run(names, case["inputs"])))
+            entry(f"{case['name']}_int8", variant, int8[variant][0], {"outputs": got}, precision="int8",
+                  eager_case=case["name"], atol=INT8_GOLDEN_TOL, rtol=INT8_GOLDEN_TOL,
+                  inputs=entries[-1]["inputs"])
+    return files, entries
+
+
+def int8_gates(export_dir: Path, source: dict[str, Any], variant: str, int8_bytes: bytes,
+               files: dict[str, bytes]) -> dict[str, dict[str, Any]]:
+    """The int8 gate (quantize.judge_int8) of each output of a quantised variant but its state,
+    against the export's TorchScript model of that variant in fp32 (checksum-verified: the
+    model's source is not at hand when packaging). Returns the verdicts by output; their
+    reference rows go into `files`."""
+    from gru_deploy.bundle.quantize import judge_int8
+    from gru_deploy.check.runners import run_module
+    from gru_deploy.convert import script
+    from gru_deploy.manifest import select_model, verified_path
+
+    name = select_model(source, variant, "torchscript", where=str(export_dir))
+    module = script.load(verified_path(export_dir, source, name))
+    signature = signatures_of(source)[variant]
+    outputs = [o["name"] for o in signature["outputs"] if o["name"] != STATE_OUT]
+    state = next((tuple(t["shape"][1:]) for t in signature["inputs"] if t["name"] == STATE_IN), None)
     gates = {}
-    for variant, (_, model_bytes) in (int8 or {}).items():
-        eager = eagers[variant]
-        state = (spec.hidden_size,) if variant == "stream" else None
-        [(gates[variant], rows)] = judge_int8(eager.run, model_bytes, [OUTPUT_NAME], spec.input_size, state).values()
-        gates[variant]["reference_file"] = f"{GOLDEN_DIR}/int8_gate.{variant}.npy"
-        out[gates[variant]["reference_file"]] = rows
-    if gates:
-        references["int8"] = f"the int8 model in onnxruntime {onnxruntime.__version__}"
-    document = {"format_version": 1, "atol": atol, "rtol": rtol, "reference": references, "cases": cases}
-    out[f"{GOLDEN_DIR}/golden.json"] = json_bytes(document)
-    return out, gates
-
-
-README_EDGE = """gru-deploy edge bundle — {name}
-{rule}
-A GRU sequence classifier for onnxruntime on devices and in browsers.
-
-  model.onnx / model.ort                 classifier: x float32 [batch, seq, {i}] -> logits [batch, {o}]
-  model_stream.onnx / model_stream.ort   streaming: (x [batch, chunk, {i}], h0 [batch, {h}]) -> (logits, h_n)
-  required_operators.config              operators for an onnxruntime minimal build (ORT format)
-  golden/                                fixed inputs and expected outputs (.npy and golden.json)
-  web/index.html, web/app.js             a static page: onnxruntime-web (WASM) on the first golden case
-  manifest.json                          signature, labels, sha256 of every file, versions
-
-Labels (index order): {labels}
-{runtime_line}
-Streaming: start with h0 = zeros, feed chunks of any length, pass h_n on as the next h0.
-
-Python:      onnxruntime.InferenceSession("model.onnx").run(["logits"], {{"x": x}})
-JavaScript:  const s = await ort.InferenceSession.create("model.onnx");   // onnxruntime-web / -node
-             const out = await s.run({{ x: new ort.Tensor("float32", data, [1, seq, {i}]) }});
-Browser:     serve this folder over HTTP, copy onnxruntime-web's dist/ to web/ort/ (or open
-             web/index.html?ort=URL/ort.min.js), open http://HOST:PORT/web/index.html
-Mobile:      load model.ort with onnxruntime-mobile (or a minimal build from required_operators.config).
-Check it:    gru-deploy verify <this folder or archive>
-"""
-
-README_SERVER = """gru-deploy server bundle — {name}
-{rule}
-A Triton Inference Server model repository (also loadable by KServe with Triton):
-
-  model_repository/{name}/               onnxruntime_onnx: x [-1, {i}] -> logits [{o}]; dynamic batching
-  model_repository/{name}_lengths/       onnxruntime_onnx: x (padded) + lengths [1] -> logits
-  model_repository/{name}_stream/        onnxruntime_onnx with the sequence batcher's implicit state (h0 -> h_n)
-  model_repository/{name}_torchscript/   pytorch_libtorch: x__0 -> logits__0 (model.pt, for libtorch / C++)
-  golden/                                fixed inputs and expected outputs (.npy and golden.json)
-  deploy/kserve-inferenceservice.yaml    KServe InferenceService: Triton reading model_repository/ from storageUri
-  deploy/gru-deploy-serve.yaml           Kubernetes Deployment + Service running `gru-deploy serve` on this bundle
-  deploy/Dockerfile                      the image that Deployment runs
-  manifest.json                          signatures, labels, sha256 of every file, versions
-
-Labels (index order): {labels}
-Run:    tritonserver --model-repository=$PWD/model_repository
-        or: gru-deploy serve <this folder or archive> --grpc-port 8001
-Scale:  kubectl apply -f deploy/kserve-inferenceservice.yaml (model_repository/ uploaded to its storageUri)
-        or: kubectl apply -f deploy/gru-deploy-serve.yaml (the image built with deploy/Dockerfile)
-Check:  gru-deploy verify <this folder or archive>
-"""
-
-
-# The edge bundle's static page (web/): onnxruntime-web (WASM) runs model.onnx on the first golden
-# classifier case and shows the label, the class probabilities and whether the logits match.
-# onnxruntime-web itself is not shipped (its wasm is 10+ MB): the page loads ort.min.js from
-# ?ort=URL, by default ./ort/ort.min.js (onnxruntime-web's dist/ copied to web/ort/).
-# tests/test_examples_browser.py opens it in headless Chromium.
+    for output, (gate, rows) in judge_int8(lambda feed: run_module(module, signature, feed), int8_bytes,
+                                           outputs, signature["inputs"][0]["shape"][2], state).items():
+        gate["reference_file"] = f"{GOLDEN_DIR}/int8_gate.{variant}.{output}.npy"
+        gate["reference"] = f"{name} (TorchScript, fp32)"
+        files[gate["reference_file"]] = rows
+        gates[output] = gate
+    return gates
 
 
 def runtime_line(runtimes: dict[str, Any]) -> str:
@@ -164,54 +137,59 @@ def runtime_line(runtimes: dict[str, Any]) -> str:
     return f"Made with {', '.join(ran)}{uses}. `gru-deploy verify` reruns the golden vectors in yours."
 
 
-def _readme(target: str, spec: ModelSpec, runtime_line: str) -> bytes:
-    template = README_EDGE if target == "edge" else README_SERVER
-    title = f"gru-deploy {target} bundle — {MODEL_NAME}"
-    return template.format(name=MODEL_NAME, rule="=" * len(title), i=spec.input_size, o=spec.output_size,
-                           h=spec.hidden_size, labels=", ".join(spec.labels),
-                           runtime_line=runtime_line).encode()
+def readme(target: str, name: str, models: dict[str, dict[str, Any]], signatures: dict[str, dict[str, Any]],
+           labels: list[str], runtimes: dict[str, Any], reference: str | None) -> bytes:
+    """The bundle's README.txt, written from what the bundle holds."""
+    def tensors(entries: list[dict[str, Any]]) -> str:
+        return ", ".join(f"{t['name']} {t['dtype']} [{', '.join(map(str, t['shape']))}]" for t in entries)
 
-
-# A model in a bundle: its path there, the export file it is copied from, and what it is.
-Model = tuple[str, str, str, str]  # (bundle path, export file, variant, format)
-
-
-def _edge_models(source: dict[str, Any], where: str) -> list[Model]:
-    """The classifier and stream models, .onnx and .ort, as the export's manifest lists them."""
-    from gru_deploy.manifest import select_model
-
-    out = []
-    for variant in EDGE_VARIANTS:
-        for fmt in ("onnx", "ort"):
-            name = select_model(source, variant, fmt, where=where)
-            out.append((name, name, variant, fmt))
-    return out
-
-
-def _server_models(source: dict[str, Any], where: str) -> list[Model]:
-    """A Triton repository: the ONNX classifier, lengths and stream models and the TorchScript classifier."""
-    from gru_deploy.bundle.triton import triton_name
-    from gru_deploy.manifest import select_model
-
-    layout = (("classifier", "onnx", "model.onnx"), ("lengths", "onnx", "model.onnx"),
-              ("stream", "onnx", "model.onnx"), ("classifier", "torchscript", "model.pt"))
-    return [(f"{REPOSITORY}/{triton_name(MODEL_NAME, variant, fmt)}/1/{file}",
-             select_model(source, variant, fmt, where=where), variant, fmt) for variant, fmt, file in layout]
+    title = f"gru-deploy {target} bundle — {name}" + (f" ({reference})" if reference else "")
+    lines = [title, "=" * len(title), "", "Models (manifest.json records each one's variant, format, precision, sha256):"]
+    lines += [f"  {path:<56} {info['variant']}, {info['format']}, {info['precision']}"
+              for path, info in sorted(models.items())]
+    lines += ["", "Signatures (a size, or an axis the caller chooses):"]
+    lines += [f"  {variant:<11} {tensors(sig['inputs'])} -> {tensors(sig['outputs'])}" for variant, sig in signatures.items()]
+    if "stream" in signatures:
+        lines.append(f"Streaming: start with {STATE_IN} = zeros, feed chunks of any length, pass {STATE_OUT} on as the "
+                     f"next {STATE_IN}.")
+    if labels:
+        lines.append(f"Labels (index order): {', '.join(labels)}")
+    lines += ["", f"  {GOLDEN_DIR}/  fixed inputs and their expected outputs (.npy and golden.json)"]
+    if target == "edge":
+        lines += ["  web/index.html, web/app.js  a static page: onnxruntime-web (WASM) on the first golden case; serve",
+                  "      this folder over HTTP with onnxruntime-web's dist/ copied to web/ort/ (or ?ort=URL/ort.min.js)"]
+        if any(info["format"] == "ort" for info in models.values()):
+            lines.append("  *.ort, required_operators.config  for onnxruntime mobile or a minimal build")
+    else:
+        lines += ["  deploy/kserve-inferenceservice.yaml  KServe InferenceService: Triton reading model_repository/",
+                  "  deploy/gru-deploy-serve.yaml         Kubernetes Deployment + Service running `gru-deploy serve`",
+                  "  deploy/Dockerfile                    the image that Deployment runs",
+                  "", "Run:    tritonserver --model-repository=$PWD/model_repository",
+                  "        or: gru-deploy serve <this folder or archive> --grpc-port 8001",
+                  "Scale:  kubectl apply -f deploy/kserve-inferenceservice.yaml (model_repository/ uploaded to its "
+                  "storageUri)", "        or: kubectl apply -f deploy/gru-deploy-serve.yaml (the image from "
+                  "deploy/Dockerfile)"]
+    lines += ["", runtime_line(runtimes), "Check:  gru-deploy verify <this folder or archive>", ""]
+    return "\n".join(lines).encode()
 
 
 def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] | None = None,
                  quantize: str | None = None, check_with: tuple[str, ...] = (),
                  deploy: Deploy | None = None) -> dict[str, bytes]:
-    """Every file of a bundle, manifest included, as {relative path: bytes}.
+    """Every file of a bundle, manifest included, as {relative path: bytes}: the same for the
+    tutorial model, a built-in family and your own model.
 
-    Models are chosen by what the export's manifest says they are. With `quantize`, int8
-    models are added and gated against eager (quantize.judge_int8, compare.int8_gate). With
-    `check_with`, the golden vectors are also run by each of those Python interpreters (a
-    venv with another onnxruntime) and the results recorded: a failure writes nothing.
-    A server bundle also holds deploy/ (bundle.kubernetes), where `deploy` says.
+    Models are chosen by what the export's manifest says they are (chosen_models); golden
+    vectors are the export's golden cases (eager PyTorch at export). With `quantize`, int8 copies of the
+    classifier and stream models are added and each output but the state is gated against the
+    export's TorchScript (int8_gates). With `check_with`, the golden vectors are also run by
+    each of those Python interpreters (a venv with another onnxruntime) and the results
+    recorded: a failure writes nothing. A server bundle also holds deploy/ (bundle.kubernetes).
+    Over 60 lines: one pass from the export's manifest to the bundle's, each step a call.
     """
     from gru_deploy.bundle.triton import triton_config
-    from gru_deploy.manifest import check_files, is_module_export, read_manifest
+    from gru_deploy.check.module_parity import golden_load
+    from gru_deploy.manifest import check_files, labels_of, model_name, read_manifest
     from gru_deploy.versions import library_versions
 
     if target not in TARGETS:
@@ -224,71 +202,75 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
     export_dir = Path(export_dir)
     source = read_manifest(export_dir)
     check_files(export_dir, source)  # every sha256, before any file is used
-    if is_module_export(source):  # your own model: its one model, golden vectors from its float64 outputs
-        from gru_deploy.bundle.user import build_user_bundle
-
-        return build_user_bundle(export_dir, source, target, step, quantize, check_with, deploy)
-    missing = [v for v in ("stream", "lengths") if v not in (source.get("variants") or {})]
-    if missing:
-        raise UserInputError(f"{export_dir}: the export lacks the {', '.join(missing)} model(s); re-export it")
-    spec = ModelSpec.from_dict(source["config"])
-    step(f"building the {target} files")
-    where = str(export_dir)
-    chosen = _edge_models(source, where) if target == "edge" else _server_models(source, where)
+    cases = golden_load(export_dir, source)
+    name, where = model_name(source), str(export_dir)
+    chosen = chosen_models(source, target, where)
+    signatures = {v: s for v, s in signatures_of(source).items() if any(m[2] == v for m in chosen)}
+    step(f"building the {target} files ({', '.join(signatures)})")
     files: dict[str, bytes] = {}
     models: dict[str, dict[str, Any]] = {}
-    for path, name, variant, fmt in chosen:
-        files[path] = (export_dir / name).read_bytes()
-        models[path] = {"variant": variant, "format": fmt, "precision": "fp32", "source": name,
+    for path, file, variant, fmt in chosen:
+        files[path] = (export_dir / file).read_bytes()
+        models[path] = {"variant": variant, "format": fmt, "precision": "fp32", "source": file,
                         **(onnx_info(files[path]) if fmt == "onnx" else {})}
-    if target == "edge":
-        files["required_operators.config"] = (export_dir / "required_operators.config").read_bytes()
-        files.update(web_files())
-    else:
-        for path, _, variant, fmt in chosen:
+        if target == "server":
             triton = PurePosixPath(path).parts[1]
             files[f"{REPOSITORY}/{triton}/config.pbtxt"] = triton_config(
-                triton, PLATFORMS[fmt], spec.signature(variant), libtorch_names=fmt == "torchscript").encode()
+                triton, PLATFORMS[fmt], signatures[variant], libtorch_names=fmt == "torchscript").encode()
+    if target == "edge":
+        files.update(web_files())
+        if "required_operators.config" in source["files"]:
+            files["required_operators.config"] = (export_dir / "required_operators.config").read_bytes()
     # golden cases name each variant's fp32 ONNX model; verify runs them on every model of the variant
-    golden_models = {info["variant"]: path for path, info in models.items() if info["format"] == "onnx"}
+    model_paths = {info["variant"]: path for path, info in models.items() if info["format"] == "onnx"}
     int8: dict[str, tuple[str, bytes]] = {}
     quantization: dict[str, Any] | None = None
     if quantize == "int8":
-        int8, quantization = _quantize(files, models, source, step)
-    step("computing golden vectors with eager PyTorch")
-    atol, rtol = source["parity"]["atol"], source["parity"]["rtol"]
-    golden, gates = golden_vectors(export_dir, source, golden_models, atol, rtol, int8)
+        chosen_fp32 = {model_paths[v]: models[model_paths[v]] for v in INT8_VARIANTS if v in model_paths}
+        int8, quantization = _quantize(files, chosen_fp32, source, step)
+        models.update(chosen_fp32)
+    step("golden vectors: the export's golden cases")
+    golden, entries = golden_files(cases, model_paths, int8, signatures)
     files.update(golden)
-    if quantization is not None:
-        for variant, (q_path, _) in int8.items():
-            gate = gates[variant]
-            quantization["models"][q_path]["gate_vs_eager"] = gate
+    references = {"fp32": source["golden"]["computed_by"]}
+    for variant, (q_path, q_bytes) in int8.items():
+        import onnxruntime
+
+        references["int8"] = f"the int8 model in onnxruntime {onnxruntime.__version__}"
+        step(f"judging {q_path} against the export's TorchScript on the int8 gate's sequences")
+        gates = quantization["models"][q_path]["gates_vs_eager"] = int8_gates(export_dir, source, variant, q_bytes, files)
+        for output, gate in gates.items():
             if not gate["passed"]:
-                raise CheckFailed(f"int8 {q_path} fails its gate against eager on {gate['rows']} sequences of 1 to "
-                                  f"{max(c[1] for c in gate['inputs']['cases']):,} steps: "
-                                  f"{gate['reason']}; nothing written")
-    golden_doc = json.loads(golden[f"{GOLDEN_DIR}/golden.json"])
-    runtimes = runtime_record(models, golden_doc["reference"], source["versions"].get("onnxruntime", "unknown"))
+                raise CheckFailed(f"int8 {q_path} fails its gate against {gate['reference']} on output {output}, "
+                                  f"{gate['rows']} rows of sequences of 1 to "
+                                  f"{max(c[1] for c in gate['inputs']['cases']):,} steps: {gate['reason']}; "
+                                  "nothing written")
+    atol, rtol = source["parity"]["atol"], source["parity"]["rtol"]
+    files[f"{GOLDEN_DIR}/golden.json"] = json_bytes({"format_version": 1, "atol": atol, "rtol": rtol,
+                                                    "reference": references, "cases": entries})
+    runtimes = runtime_record(models, references, source["versions"].get("onnxruntime", "unknown"))
     check_elsewhere(check_with, files, models, runtimes, step)
-    files["README.txt"] = _readme(target, spec, runtime_line(runtimes))
-    deployment = deploy_files(MODEL_NAME, deploy or Deploy(), files) if target == "server" else None
-    variants = {v: spec.signature(v) for v in golden_models}
+    labels = labels_of(source)
+    files["README.txt"] = readme(target, name, models, signatures, labels, runtimes,
+                                 (source.get("model") or {}).get("reference"))
+    deployment = deploy_files(name, deploy or Deploy(), files) if target == "server" else None
     manifest = {
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_VERSION,
         "target": target,
         "gru_deploy_version": __version__,
-        "model_name": MODEL_NAME,
-        "signatures": variants,
-        "config": spec.to_dict(),
-        "labels": list(spec.labels),
+        "model_name": name,
+        **({"model": source["model"]} if "model" in source else {}),
+        "signatures": signatures,
+        "config": source["config"],
+        "labels": labels,
         "models": dict(sorted(models.items())),
         "onnxruntime": runtimes,
         "golden": {"file": f"{GOLDEN_DIR}/golden.json", "atol": atol, "rtol": rtol},
         "quantization": quantization,
         "deploy": deployment,
         "source_export": {"manifest_sha256": sha256_bytes((export_dir / "manifest.json").read_bytes()),
-                          "strategy": source["strategy"], "metrics": {k: v for k, v in source["metrics"].items()
+                          "strategy": source["strategy"], "metrics": {k: v for k, v in (source.get("metrics") or {}).items()
                                                                         if k != "loss_history"}},
         "parity": {"passed": source["parity"]["passed"], "atol": atol, "rtol": rtol},
         "versions": library_versions(),
@@ -355,4 +337,4 @@ def package(export_dir: Path, target: str, out: Path | None = None, archive: boo
     return out, json.loads(files["manifest.json"])
 
 
-__all__ = ["package", "build_bundle", "archive_bytes", "golden_vectors", "TARGETS"]
+__all__ = ["package", "build_bundle", "archive_bytes", "TARGETS"]

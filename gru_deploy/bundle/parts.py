@@ -1,6 +1,5 @@
-"""What both bundle builders share (the tutorial model's, bundle.package, and a module's,
-bundle.user): the format, paths, golden-vector encoding, the int8 step, runtime records and
-the --check-with run. Here so neither builder imports the other's internals."""
+"""The parts of a bundle (bundle.package builds it, bundle.read reads it): the format, paths,
+golden-vector encoding, the int8 step, runtime records and the --check-with run."""
 
 from __future__ import annotations
 

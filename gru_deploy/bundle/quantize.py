@@ -230,6 +230,37 @@ def _quiet_quantizer() -> Iterator[None]:
         root.setLevel(level)
 
 
+def _reads(node: Any) -> set[str]:
+    """Every tensor a node reads: its inputs and what its sub-graphs take from outer scopes."""
+    names = set(node.input)
+    for sub in subgraphs(node):
+        inner = {i.name for i in sub.input} | {t.name for t in sub.initializer}
+        for child in sub.node:
+            names |= _reads(child) - inner
+            inner |= set(child.output)
+    return names - {""}
+
+
+def sort_nodes(graph: Any) -> None:
+    """Order a graph's nodes so each comes after the nodes whose outputs it reads, sub-graphs'
+    outer-scope reads included (the quantiser's own sort misses those: a Loop body reading a
+    tensor made outside it can land before its producer); stable, so a sorted graph is kept."""
+    made = {o: i for i, node in enumerate(graph.node) for o in node.output}
+    reads = [{made[n] for n in _reads(node) if n in made} for node in graph.node]
+    order: list[int] = []
+    placed: set[int] = set()
+    while len(order) < len(graph.node):
+        ready = next((i for i in range(len(graph.node)) if i not in placed and reads[i] <= placed), None)
+        if ready is None:
+            return  # a cycle: leave it for onnx.checker to report
+        order.append(ready)
+        placed.add(ready)
+    if order != sorted(order):
+        nodes = [graph.node[i] for i in order]
+        del graph.node[:]
+        graph.node.extend(nodes)
+
+
 def quantize_int8(onnx_bytes: bytes) -> tuple[bytes, dict[str, Any]]:
     """Dynamic int8 (QInt8 weights, reduce_range) of a serialised ONNX model, Loop bodies included.
 
@@ -286,6 +317,8 @@ def quantize_int8(onnx_bytes: bytes) -> tuple[bytes, dict[str, Any]]:
     entry.key = "gru_deploy.quantization"
     entry.value = json.dumps({"tool": f"onnxruntime {onnxruntime.__version__} quantize_dynamic", **settings},
                              sort_keys=True)
+    for graph in all_graphs(quantized.graph):
+        sort_nodes(graph)
     try:
         onnx.checker.check_model(quantized, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:

@@ -216,7 +216,8 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
     TorchScript models are not loaded, each recorded there instead."""
     from gru_deploy.bundle.quantize import recorded_gates, rejudge_int8
     from gru_deploy.check.compare import compare
-    from gru_deploy.manifest import answers_empty, is_module_export
+    from gru_deploy.manifest import answers_empty
+    from gru_deploy.spec import STATE_OUT
 
     empty = answers_empty(manifest)  # the export's grid ran empty sequences and lengths of 0
     sessions = {}
@@ -273,11 +274,9 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
                 checks.append(entry)
     quantization = manifest.get("quantization") or {}
     for model, record in (quantization.get("models") or {}).items():
-        gates = recorded_gates(record)
-        if is_module_export(manifest):  # each output of a module's model has its own gate (the tutorial
-            # model's bundles gate the logits of its classifier and stream models, not h_n)
-            signature = manifest["signatures"][(manifest["models"].get(model) or {}).get("variant", "classifier")]
-            gates = {o["name"]: gates.get(o["name"], {}) for o in signature["outputs"]}
+        recorded = recorded_gates(record)  # each output but the state has its own gate
+        signature = manifest["signatures"][(manifest["models"].get(model) or {}).get("variant", "classifier")]
+        gates = {o["name"]: recorded.get(o["name"], {}) for o in signature["outputs"] if o["name"] != STATE_OUT}
         for output, gate in gates.items():
             named = f" ({output})" if len(gates) > 1 else ""
             check = f"int8 gate: {model}{named} vs {gate.get('reference', 'eager')} on the int8 gate's sequences"
@@ -332,7 +331,7 @@ def _run(session: Any, fmt: str, signature: dict[str, Any], inputs: dict[str, np
     """The golden inputs, checked against the model's signature before the runtime sees them (a
     GRU/LSTM kernel aborts on an empty axis: empty sequences and lengths of 0 only where the
     export's grid ran them, `empty`), run; every output by name."""
-    from gru_deploy.check.runners import check_user_input, check_user_lengths, check_user_state
+    from gru_deploy.check.runners import check_user_input, check_user_lengths, check_user_state, run_module
     from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN
 
     names = [t["name"] for t in signature["inputs"]]
@@ -343,13 +342,7 @@ def _run(session: Any, fmt: str, signature: dict[str, Any], inputs: dict[str, np
         feed[LENGTHS_NAME] = check_user_lengths(inputs[LENGTHS_NAME], feed[INPUT_NAME], empty_seq=empty)
     if STATE_IN in names:
         feed[STATE_IN] = check_user_state(inputs[STATE_IN], feed[INPUT_NAME], signature)
-    feed = {name: feed[name] for name in names}  # the signature's order: TorchScript takes them by position
-    outputs = tuple(o["name"] for o in signature["outputs"])
     if fmt == "torchscript":
-        import torch
-
-        with torch.no_grad():
-            result = session(*(torch.from_numpy(v) for v in feed.values()))
-        result = result if isinstance(result, tuple) else (result,)
-        return {n: r.numpy() for n, r in zip(outputs, result)}
-    return dict(zip(outputs, session.run(list(outputs), feed)))
+        return run_module(session, signature, feed)
+    outputs = [o["name"] for o in signature["outputs"]]
+    return dict(zip(outputs, session.run(outputs, feed)))

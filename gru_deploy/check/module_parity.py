@@ -75,6 +75,62 @@ def reference_key(variant: str, batch: int, seq: int, name: str) -> str:
     return f"{batch}x{seq}/{name}" if variant == "classifier" else f"{variant}/{batch}x{seq}/{name}"
 
 
+# Golden cases: fixed inputs and what eager PyTorch answers for them, chosen and computed by the
+# export (the model is at hand there) and kept in GOLDEN_FILE, whence a bundle copies them.
+GOLDEN_FILE = "golden.npz"
+GOLDEN_KINDS = ("inputs", "outputs")
+
+
+def golden_key(case: str, kind: str, tensor: str) -> str:
+    """Where GOLDEN_FILE keeps one tensor of a golden case."""
+    return f"{case}/{kind}/{tensor}"
+
+
+def golden_store(cases: list[tuple[str, str, Feed, dict[str, "np.ndarray"]]]) -> tuple[bytes, dict[str, Any]]:
+    """(name, variant, inputs, eager outputs) per golden case -> GOLDEN_FILE's bytes and the
+    manifest's `golden` record."""
+    import io
+
+    import numpy as np
+    import torch
+
+    arrays: dict[str, "np.ndarray"] = {}
+    record = []
+    for name, variant, inputs, outputs in cases:
+        for kind, values in (("inputs", inputs), ("outputs", outputs)):
+            arrays.update({golden_key(name, kind, k): np.ascontiguousarray(v) for k, v in values.items()})
+        record.append({"name": name, "variant": variant, "inputs": list(inputs), "outputs": list(outputs)})
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue(), {"file": GOLDEN_FILE, "computed_by": f"eager PyTorch {torch.__version__}", "cases": record}
+
+
+def golden_load(folder: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The export's golden cases ({name, variant, inputs, outputs}, arrays by tensor name) from
+    its checksum-verified GOLDEN_FILE, as its manifest lists them."""
+    import numpy as np
+
+    from gru_deploy.manifest import verified_path
+
+    golden = manifest.get("golden") or {}
+    if not golden.get("cases"):
+        raise UserInputError(f"{folder}: the export records no golden cases (made by an older gru-deploy); "
+                             "re-export with this gru-deploy")
+    with np.load(verified_path(folder, manifest, golden.get("file", GOLDEN_FILE)), allow_pickle=False) as data:
+        stored = {key: data[key] for key in data.files}
+    cases = []
+    for entry in golden["cases"]:
+        case = {"name": entry["name"], "variant": entry["variant"]}
+        for kind in GOLDEN_KINDS:
+            keys = {t: golden_key(entry["name"], kind, t) for t in entry[kind]}
+            missing = [k for k in keys.values() if k not in stored]
+            if missing:
+                raise UserInputError(f"{folder}: {GOLDEN_FILE} lacks {missing[0]}; re-export the model")
+            case[kind] = {t: stored[k] for t, k in keys.items()}
+        cases.append(case)
+    return cases
+
+
 def case_feed(signature: UserSignature, batch: int, seq: int) -> Feed:
     """The parity grid's inputs for (batch, seq): the same at export and at verify."""
     import numpy as np

@@ -337,3 +337,15 @@ def check_user_state(state: Any, x: np.ndarray, signature: dict[str, Any]) -> np
     if not np.isfinite(state).all():
         raise UserInputError(f"non-finite state: {STATE_IN!r} holds NaN or inf")
     return np.ascontiguousarray(state)
+
+
+def run_module(module: Any, signature: dict[str, Any], feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A torch module (eager, or TorchScript loaded from an export or bundle) run on `feed`
+    (numpy, by input name): its inputs passed by position in the signature's order, every
+    output returned by name."""
+    import torch
+
+    with torch.no_grad():
+        result = module(*(torch.from_numpy(np.ascontiguousarray(feed[t["name"]])) for t in signature["inputs"]))
+    result = result if isinstance(result, tuple) else (result,)
+    return {o["name"]: r.numpy() for o, r in zip(signature["outputs"], result)}

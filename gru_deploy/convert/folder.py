@@ -15,6 +15,7 @@ from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.convert.graphs import STRATEGIES
 from gru_deploy.manifest import (MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, atomic_write_bytes,
                                  atomic_write_json, file_entry, staged_dir)
+from gru_deploy.check.module_parity import GOLDEN_FILE
 from gru_deploy.train import Checkpoint
 from gru_deploy.versions import library_versions
 
@@ -39,6 +40,9 @@ ORT_VARIANTS = ("classifier", "stream")
 TIMING_BUDGET_S = 0.5
 RETIME_WITHIN = 1.2
 RETIME_BUDGET_S = 1.5
+# The golden cases a bundle ships: (variant, batch, seq); lengths cases use lengths {seq, 1, 0}.
+GOLDEN_CASES = (("classifier", 1, 10), ("classifier", 2, 25), ("classifier", 3, 1),
+                ("stream", 2, 12), ("lengths", 3, 15))
 # Files in an export dir that gru-deploy did not write and keeps across exports.
 KEEP = ("README.md",)
 
@@ -175,6 +179,8 @@ def export_to_dir(
         notes.append(f"torch {library_versions()['torch']} deprecates what model.pt is made with (gru-deploy "
                      "silences it and keeps model.pt for libtorch runtimes): "
                      + " | ".join(m[:120] for m in deprecations))
+    step("computing the golden cases (eager PyTorch)")
+    files[GOLDEN_FILE], golden = golden_cases(model, spec)
     step("converting the classifier and stream models to ORT format (onnxruntime's converter)")
     ort_sources = [name for name, info in models.items() if info["format"] == "onnx" and info["variant"] in ORT_VARIANTS]
     add_ort_models(files, models, to_ort_format({name: files[name] for name in ort_sources}))
@@ -200,6 +206,7 @@ def export_to_dir(
             "source_checkpoint": {"sha256": checkpoint.sha256},
             "versions": library_versions(),
             "notes": notes,
+            "golden": golden,
             "files": {name: file_entry(stage / name) for name in files},
         }
         step("checking parity of every file: eager, TorchScript, onnxruntime, onnx reference, float64; "
@@ -217,6 +224,20 @@ def export_to_dir(
                               "notes": parity["notes"], "summary": parity["summary"]}
         atomic_write_json(stage / MANIFEST_NAME, manifest)
     return manifest
+
+
+def golden_cases(model: "torch.nn.Module", spec: "ModelSpec") -> tuple[bytes, dict[str, Any]]:
+    """The golden cases (GOLDEN_CASES; inputs from check.verify.make_feed) answered by the model
+    eager in fp32 (check.runners.eager_runner): GOLDEN_FILE's bytes and the manifest's record."""
+    from gru_deploy.check.module_parity import golden_store
+    from gru_deploy.check.runners import eager_runner
+    from gru_deploy.check.verify import make_feed
+
+    cases = []
+    for index, (variant, batch, seq) in enumerate(GOLDEN_CASES):
+        feed = make_feed(spec, variant, batch, seq, seed=1000 + index)
+        cases.append((f"{variant}_{index}", variant, feed, eager_runner(spec, model, variant).run(feed)))
+    return golden_store(cases)
 
 
 def check_candidate(what: str, runners: dict[str, Any], spec: "ModelSpec", atol: float, rtol: float,

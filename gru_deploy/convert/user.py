@@ -22,7 +22,7 @@ from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN, STATE_OUT
 from gru_deploy.check.module_parity import (  # noqa: F401  (shared with export; callers read them here too)
     LENGTHS_CASES, REFERENCE_FILE, REFERENCE_MAX_SEQ, STREAM_CASES, USER_CASES, Feed, UserSignature, as_outputs,
-    case_feed, case_input, failures, recording, reference_key, summarise, user_parity, user_runners,
+    case_feed, case_input, failures, GOLDEN_FILE, golden_store, recording, reference_key, summarise, user_parity, user_runners,
     verify_user_export)
 from gru_deploy.check.recurrence import check_recurrence, source_line  # noqa: F401  (the recurrence check: check's)
 
@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from gru_deploy.models.user import UserModel
 
 ONNX_RECURRENCE = ("Loop", "Scan", "GRU", "LSTM", "RNN")
+# Golden cases (batch, seq) per variant, a subset of the parity grid whose float64 outputs it
+# stored (USER_CASES, LENGTHS_CASES, STREAM_CASES): a bundle ships them.
+GOLDEN_BY_VARIANT = {"classifier": ((3, 7), (2, 100)), "lengths": ((3, 7), (4, 100)), "stream": ((3, 7), (2, 100))}
 # Probes that name each output axis: (batch, seq) pairs whose sizes differ from each other.
 PROBES = ((2, 3), (3, 5))
 
@@ -464,6 +467,22 @@ def export_stream_variant(model: "UserModel", signature: UserSignature, form: st
             "parity": parity, "stored": stored}
 
 
+def golden_cases(model: "UserModel", signatures: dict[str, UserSignature]) -> tuple[bytes, dict[str, Any]]:
+    """The golden cases (GOLDEN_BY_VARIANT, inputs as the parity grid's) of each exported variant,
+    answered by the module eager in fp32: GOLDEN_FILE's bytes and the manifest's record."""
+    from gru_deploy.check.runners import run_module
+    from gru_deploy.models.variants import LengthsOf, StreamOf
+
+    wrap = {"classifier": lambda m: m, "lengths": LengthsOf, "stream": StreamOf}
+    cases = []
+    for variant, sig in signatures.items():
+        eager = wrap[variant](model.module).eval()
+        for batch, seq in GOLDEN_BY_VARIANT[variant]:
+            feed = case_feed(sig, batch, seq)
+            cases.append((f"{variant}_{len(cases)}", variant, feed, run_module(eager, sig.to_dict(), feed)))
+    return golden_store(cases)
+
+
 def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: float = 1e-5, rtol: float = 1e-5,
                       input_size: int | None = None, output_names: list[str] | None = None,
                       on_step: Callable[[str], None] | None = None, labels: tuple[str, ...] = (),
@@ -567,6 +586,8 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
         add_ort_models(files, models, to_ort_format({n: d for n, d in files.items() if n.endswith(".onnx")}))
     except WriteFailed as exc:  # an op the ORT-format writer does not take: the edge bundle goes without
         notes.append(f"no ORT-format copy: {exc}")
+    files[GOLDEN_FILE], golden = golden_cases(model, {"classifier": signature,
+                                                     **{v: done["signature"] for v, done in exported.items()}})
     files[REFERENCE_FILE] = npz_bytes(stored)
     with staged_dir(Path(out), keep=KEEP) as stage:
         for name, data in files.items():
@@ -596,6 +617,7 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
                           "cases": [list(c) for c in USER_CASES],
                           **({"lengths_cases": [list(c) for c in LENGTHS_CASES]} if "lengths" in variants else {}),
                           **({"stream_cases": [list(c) for c in STREAM_CASES]} if "stream" in variants else {})},
+            "golden": golden,
             "files": {name: file_entry(stage / name) for name in (*files, "parity.json")},
             "parity": {"passed": True, "atol": atol, "rtol": rtol, "applied_atol": parity["applied_atol"],
                        "verified_max_seq": parity["verified_max_seq"], "unverifiable": [], "notes": parity["notes"],
