@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n N` (the README's test command): N workers share the cores, so each runs torch
+    # (and the CLIs it starts) on one thread. Set before torch is imported; with torch's default
+    # of a thread per core, two workers on 2 cores spent 5x the CPU time spinning.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+
 import shutil
 from pathlib import Path
 
