@@ -40,8 +40,9 @@ def main() -> None:
     known = {f"known: {name}": graph for name, graph in form_graphs(GRUClassifier().eval(), spec).items()}
     rows = []
     for shape in SHAPES:
-        chosen, record = choose_fastest(graphs, lambda models, budget: time_strategies(models, spec, shape, budget))
-        timed = time_strategies({**graphs, **known}, spec, shape, args.budget)
+        chosen, record = choose_fastest(
+            graphs, lambda models, budget: time_strategies(models, spec.signature(), shape, budget))
+        timed = time_strategies({**graphs, **known}, spec.signature(), shape, args.budget)
         check = {name: timed[name] for name in graphs}
         fastest = min(check, key=check.get)
         best_known = min(known, key=timed.get)

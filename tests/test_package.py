@@ -103,7 +103,8 @@ def test_models_are_recorded_with_variant_format_and_precision(bundles):
         ("model.onnx", "classifier", "onnx", "fp32", "model.onnx"), ("model.ort", "classifier", "ort", "fp32", "model.ort"),
         ("model_stream.onnx", "stream", "onnx", "fp32", "model_stream.onnx"),
         ("model_stream.ort", "stream", "ort", "fp32", "model_stream.ort"),
-        ("model_lengths.onnx", "lengths", "onnx", "fp32", "model_lengths.onnx")}
+        ("model_lengths.onnx", "lengths", "onnx", "fp32", "model_lengths.onnx"),
+        ("model_lengths.ort", "lengths", "ort", "fp32", "model_lengths.ort")}
     server = json.loads((bundles["server"] / "manifest.json").read_text())["models"]
     lengths = server["model_repository/gru_classifier_lengths/1/model.onnx"]
     assert (lengths["variant"], lengths["source"]) == ("lengths", "model_lengths.onnx")

@@ -90,12 +90,13 @@ def test_time_strategies_times_each_graph_on_the_typical_input(tiny_checkpoint, 
         return 10.04 * len(outputs)
 
     monkeypatch.setattr(timing, "median_us", fake_median_us)
-    timings = time_strategies(graphs, spec, (3, 5), budget_s=0.05)
+    timings = time_strategies(graphs, spec.signature(), (3, 5), budget_s=0.05)
     assert timings == {"a": 10.0, "b": 20.1}  # the medians, rounded to 0.1 µs, in the order given
     x = np.random.default_rng(0).standard_normal((3, 5, spec.input_size)).astype(np.float32)
     for (name, graph), output in zip(graphs.items(), outputs):
         expected = OnnxRuntimeRunner(spec, graph).run({"x": x})
-        np.testing.assert_array_equal(output["logits"], expected["logits"], err_msg=name)
+        [logits] = output  # the session's outputs, in the signature's order
+        np.testing.assert_array_equal(logits, expected["logits"], err_msg=name)
 
 
 @pytest.mark.parametrize("kwargs,fragment", [

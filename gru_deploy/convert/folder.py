@@ -26,15 +26,11 @@ if TYPE_CHECKING:
     from gru_deploy.spec import ModelSpec
 
 STRATEGY_CHOICES = (*STRATEGIES, "auto")
-# Variants exported beside the classifier, and their file names.
+# Variants exported beside the classifier.
 VARIANTS = ("stream", "lengths")
-VARIANT_FILES = {"stream": ("model_stream.pt", "model_stream.onnx"),
-                 "lengths": ("model_lengths.pt", "model_lengths.onnx")}
 # The forms each --strategy exports the stream and lengths variants in (auto checks and times
 # every one and keeps the fastest at the variant's workload).
 VARIANT_FORMS = {**{name: (name,) for name in STRATEGIES}, "auto": STRATEGIES}
-# Variants that also get an ORT-format copy (for onnxruntime mobile / minimal builds).
-ORT_VARIANTS = ("classifier", "stream")
 # auto: seconds of timing per candidate; when the two fastest are within RETIME_WITHIN of each
 # other, they are timed again for RETIME_BUDGET_S each and that second timing decides.
 TIMING_BUDGET_S = 0.5
@@ -94,7 +90,7 @@ def export_to_dir(
     (and writes nothing) when a guard or the parity gate fails.
     """
     from gru_deploy.convert import script
-    from gru_deploy.convert.graphs import add_ort_models, check_opset, to_ort_format
+    from gru_deploy.convert.graphs import check_opset
     from gru_deploy.models.tutorial import as_variant
     from gru_deploy.check.verify import build_runners, check_tolerances, parity_for_dir
 
@@ -130,17 +126,15 @@ def export_to_dir(
             check_candidate(f"strategy {name}", build_runners(spec, scripted, result.onnx_bytes), spec, atol, rtol)
         step(f"timing {', '.join(candidates)} at batch {typical[0]}, seq {typical[1]}")
         graphs = {n: r.onnx_bytes for n, r in results.items()}
-        chosen, auto = choose_fastest(graphs, lambda models, budget: time_strategies(models, spec, typical, budget),
-                                      step)
+        chosen, auto = choose_fastest(
+            graphs, lambda models, budget: time_strategies(models, spec.signature(), typical, budget), step)
         auto = {"typical_batch": typical[0], "typical_seq": typical[1], "threads": 1, **auto}
     result = results[chosen]
-    files = {"model.pt": pt_bytes, "model.onnx": result.onnx_bytes}
-    models: dict[str, dict[str, Any]] = {
-        "model.pt": {"variant": "classifier", "format": "torchscript", "precision": "fp32"},
-        "model.onnx": {"variant": "classifier", "format": "onnx", "precision": "fp32", "strategy": result.strategy,
-                       "opset": result.opset, "ir_version": result.ir_version},
-    }
+    files: dict[str, bytes] = {}
+    models: dict[str, dict[str, Any]] = {}
     variants: dict[str, Any] = {}
+    add_model(files, models, variants, "classifier", pt_bytes, result.onnx_bytes, result.strategy,
+              graph_record(result), spec.signature())
     for variant in VARIANTS:
         module = script.torchscript(as_variant(model, variant))
         forms = VARIANT_FORMS[strategy]
@@ -161,18 +155,11 @@ def export_to_dir(
             step(f"timing the {variant} variant as {', '.join(forms)} at {workload['description']}")
             form, variant_auto = choose_fastest(
                 {n: b.onnx_bytes for n, b in built.items()},
-                lambda models, budget: time_strategies(models, spec, typical, budget, variant=variant), step)
+                lambda models, budget: time_strategies(models, spec.signature(variant), typical, budget, variant),
+                step)
             variant_auto = {**workload, "threads": 1, **variant_auto}
-        exported = built[form]
-        pt_name, onnx_name = VARIANT_FILES[variant]
-        files[pt_name] = script.to_bytes(module)
-        files[onnx_name] = exported.onnx_bytes
-        models[pt_name] = {"variant": variant, "format": "torchscript", "precision": "fp32"}
-        models[onnx_name] = {"variant": variant, "format": "onnx", "precision": "fp32", "strategy": form,
-                             "opset": exported.opset, "ir_version": exported.ir_version}
-        variants[variant] = {"torchscript": pt_name, "onnx": onnx_name, "strategy": form, "auto": variant_auto,
-                             "signature": spec.signature(variant), "onnx_node_count": exported.node_count,
-                             "op_types": exported.op_types}
+        add_model(files, models, variants, variant, script.to_bytes(module), built[form].onnx_bytes, form,
+                  graph_record(built[form]), spec.signature(variant), auto=variant_auto)
     notes: list[str] = []
     deprecations = script.take_deprecations()
     if deprecations:
@@ -181,49 +168,26 @@ def export_to_dir(
                      + " | ".join(m[:120] for m in deprecations))
     step("computing the golden cases (eager PyTorch)")
     files[GOLDEN_FILE], golden = golden_cases(model, spec)
-    step("converting the classifier and stream models to ORT format (onnxruntime's converter)")
-    ort_sources = [name for name, info in models.items() if info["format"] == "onnx" and info["variant"] in ORT_VARIANTS]
-    add_ort_models(files, models, to_ort_format({name: files[name] for name in ort_sources}))
-    with staged_dir(Path(out), keep=KEEP) as stage:
-        for name, data in files.items():
-            atomic_write_bytes(stage / name, data)
-        manifest: dict[str, Any] = {
-            "format": MANIFEST_FORMAT,
-            "format_version": MANIFEST_VERSION,
-            "gru_deploy_version": __version__,
-            "strategy": result.strategy,
-            "auto": auto,
-            "opset": result.opset,
-            "ir_version": result.ir_version,
-            "onnx": {"node_count": result.node_count, "op_types": result.op_types},
-            "signature": spec.signature(),
-            "models": models,
-            "variants": variants,
-            "config": spec.to_dict(),
-            "labels": list(spec.labels),
-            "metrics": checkpoint.metrics,
-            "training": checkpoint.training,
-            "source_checkpoint": {"sha256": checkpoint.sha256},
-            "versions": library_versions(),
-            "notes": notes,
-            "golden": golden,
-            "files": {name: file_entry(stage / name) for name in files},
-        }
+
+    def prove(stage: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         step("checking parity of every file: eager, TorchScript, onnxruntime, onnx reference, float64; "
              "chunked streaming; padded batches")
         report = parity_for_dir(stage, manifest, atol, rtol)
         if not report:
             raise CheckFailed("parity failed, nothing written: " + "; ".join(report.failures()))
         parity = report.to_json()
-        atomic_write_json(stage / "parity.json", parity)
-        manifest["files"]["parity.json"] = file_entry(stage / "parity.json")
-        manifest["parity"] = {"passed": parity["passed"], "atol": atol, "rtol": rtol,
-                              "applied_atol": parity["applied_atol"],
-                              "noise_ceiling_fraction": parity["noise_ceiling_fraction"],
-                              "verified_max_seq": parity["verified_max_seq"], "unverifiable": parity["unverifiable"],
-                              "notes": parity["notes"], "summary": parity["summary"]}
-        atomic_write_json(stage / MANIFEST_NAME, manifest)
-    return manifest
+        return parity, {"passed": parity["passed"], "atol": atol, "rtol": rtol,
+                        "applied_atol": parity["applied_atol"],
+                        "noise_ceiling_fraction": parity["noise_ceiling_fraction"],
+                        "verified_max_seq": parity["verified_max_seq"], "unverifiable": parity["unverifiable"],
+                        "notes": parity["notes"], "summary": parity["summary"]}
+
+    return write_export(out, files, {
+        "strategy": result.strategy, "auto": auto, "opset": result.opset, "ir_version": result.ir_version,
+        "onnx": {"node_count": result.node_count, "op_types": result.op_types}, "signature": spec.signature(),
+        "models": models, "variants": variants, "config": spec.to_dict(), "labels": list(spec.labels),
+        "metrics": checkpoint.metrics, "training": checkpoint.training,
+        "source_checkpoint": {"sha256": checkpoint.sha256}, "golden": golden}, notes, prove, step)
 
 
 def golden_cases(model: "torch.nn.Module", spec: "ModelSpec") -> tuple[bytes, dict[str, Any]]:
@@ -285,33 +249,93 @@ def variant_workload(variant: str, typical: tuple[int, int]) -> dict[str, Any]:
     return {"typical_batch": batch, "typical_seq": seq, "description": f"batch {batch}, seq {seq}"}
 
 
-def workload_feed(spec: "ModelSpec", variant: str, typical: tuple[int, int]) -> dict[str, Any]:
-    """The inputs variant_workload describes (fixed seed)."""
+def workload_feed(signature: dict[str, Any], variant: str, typical: tuple[int, int]) -> dict[str, Any]:
+    """The inputs variant_workload describes, for any signature (fixed seed): x, a state
+    uniform in [-1, 1] where the model takes one, lengths uniform in 1..seq where it takes them."""
     import numpy as np
 
     from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN
 
     rng = np.random.default_rng(0)
     batch, seq = typical
-    steps = 1 if variant == "stream" else seq
-    feed = {INPUT_NAME: rng.standard_normal((batch, steps, spec.input_size)).astype(np.float32)}
-    if variant == "stream":
-        feed[STATE_IN] = rng.uniform(-1, 1, (batch, spec.hidden_size)).astype(np.float32)
-    if variant == "lengths":
-        feed[LENGTHS_NAME] = rng.integers(1, seq + 1, batch).astype(np.int64)
+    feed = {}
+    for tensor in signature["inputs"]:
+        if tensor["name"] == INPUT_NAME:
+            steps = 1 if variant == "stream" else seq
+            feed[INPUT_NAME] = rng.standard_normal((batch, steps, tensor["shape"][2])).astype(np.float32)
+        elif tensor["name"] == STATE_IN:
+            feed[STATE_IN] = rng.uniform(-1, 1, (batch, *tensor["shape"][1:])).astype(np.float32)
+        elif tensor["name"] == LENGTHS_NAME:
+            feed[LENGTHS_NAME] = rng.integers(1, seq + 1, batch).astype(np.int64)
     return feed
 
 
-def time_strategies(models: dict[str, bytes], spec: "ModelSpec", typical: tuple[int, int],
+def time_strategies(models: dict[str, bytes], signature: dict[str, Any], typical: tuple[int, int],
                     budget_s: float = TIMING_BUDGET_S, variant: str = "classifier") -> dict[str, float]:
     """Median onnxruntime latency (µs, one thread, one session each) of each graph of one variant
-    on its workload (variant_workload)."""
-    from gru_deploy.check.timing import median_us
-    from gru_deploy.check.runners import OnnxRuntimeRunner
+    on its workload (variant_workload), for the tutorial model and a module alike."""
+    import onnxruntime as ort
 
-    feed = workload_feed(spec, variant, typical)
+    from gru_deploy.check.runners import session_options
+    from gru_deploy.check.timing import median_us
+
+    feed = workload_feed(signature, variant, typical)
+    outputs = [o["name"] for o in signature["outputs"]]
     timings = {}
     for name, onnx_bytes in models.items():
-        runner = OnnxRuntimeRunner(spec, onnx_bytes, threads=1, variant=variant)
-        timings[name] = round(median_us(lambda: runner.run(feed), budget_s), 1)
+        session = ort.InferenceSession(onnx_bytes, session_options(1), providers=["CPUExecutionProvider"])
+        timings[name] = round(median_us(lambda: session.run(outputs, feed), budget_s), 1)
     return timings
+
+
+def graph_record(result: "ExportResult") -> dict[str, Any]:
+    """What the manifest records of a built graph."""
+    return {"opset": result.opset, "ir_version": result.ir_version, "node_count": result.node_count,
+            "op_types": result.op_types}
+
+
+def add_model(files: dict[str, bytes], models: dict[str, Any], variants: dict[str, Any], variant: str,
+              torchscript: bytes, onnx: bytes, form: str, graph: dict[str, Any], signature: dict[str, Any],
+              **record: Any) -> None:
+    """One variant's TorchScript and ONNX files (model.pt / model.onnx for the classifier,
+    model_VARIANT.* otherwise) put into `files`, and recorded as the manifest lists them:
+    `models` by file, `variants` (all but the classifier) by variant, with `record` added."""
+    stem = "model" if variant == "classifier" else f"model_{variant}"
+    pt, onnx_name = f"{stem}.pt", f"{stem}.onnx"
+    files[pt], files[onnx_name] = torchscript, onnx
+    models[pt] = {"variant": variant, "format": "torchscript", "precision": "fp32"}
+    models[onnx_name] = {"variant": variant, "format": "onnx", "precision": "fp32", "strategy": form,
+                         "opset": graph["opset"], "ir_version": graph["ir_version"]}
+    if variant != "classifier":
+        variants[variant] = {"torchscript": pt, "onnx": onnx_name, "strategy": form, "signature": signature,
+                             "onnx_node_count": graph["node_count"], "op_types": graph["op_types"], **record}
+
+
+def write_export(out: Path, files: dict[str, bytes], fields: dict[str, Any], notes: list[str],
+                 prove: Callable[[Path, dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]],
+                 step: Callable[[str], None]) -> dict[str, Any]:
+    """The export folder, written all at once, for the tutorial model and a module alike: ORT-format
+    copies of every ONNX model (onnxruntime's converter; a model it cannot convert is noted and
+    goes without), every file into a staging folder, `prove(stage, manifest)` -> (parity.json's
+    content, the manifest's parity record) raising CheckFailed to write nothing, then the
+    manifest (`fields` plus format, versions, notes and every file's sha256). Returns it."""
+    from gru_deploy.convert.graphs import add_ort_models, to_ort_format
+    from gru_deploy.errors import WriteFailed
+
+    models = fields["models"]
+    step("converting the ONNX models to ORT format (onnxruntime's converter)")
+    try:
+        add_ort_models(files, models, to_ort_format({n: files[n] for n, m in models.items() if m["format"] == "onnx"}))
+    except WriteFailed as exc:  # an op the ORT-format writer does not take: the edge bundle goes without
+        notes.append(f"no ORT-format copy: {exc}")
+    with staged_dir(Path(out), keep=KEEP) as stage:
+        for name, data in files.items():
+            atomic_write_bytes(stage / name, data)
+        manifest: dict[str, Any] = {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION,
+                                    "gru_deploy_version": __version__, **fields, "versions": library_versions(),
+                                    "notes": notes, "files": {name: file_entry(stage / name) for name in files}}
+        parity, manifest["parity"] = prove(stage, manifest)
+        atomic_write_json(stage / "parity.json", parity)
+        manifest["files"]["parity.json"] = file_entry(stage / "parity.json")
+        atomic_write_json(stage / MANIFEST_NAME, manifest)
+    return manifest

@@ -233,22 +233,6 @@ def _once(run: Callable[[Feed], list["np.ndarray"]]) -> Callable[[Feed], list["n
     return cached
 
 
-def _time_user_graphs(graphs: dict[str, bytes], signature: UserSignature, typical: tuple[int, int],
-                      budget_s: float) -> dict[str, float]:
-    """Median onnxruntime latency (µs, one thread) of each graph at the typical (batch, seq)."""
-    import onnxruntime as ort
-
-    from gru_deploy.check.timing import median_us
-    from gru_deploy.check.runners import session_options
-
-    x = case_input(typical[0], typical[1], signature.inputs[0]["shape"][2])
-    timings = {}
-    for name, data in graphs.items():
-        session = ort.InferenceSession(data, session_options(1), providers=["CPUExecutionProvider"])
-        timings[name] = round(median_us(lambda: session.run(signature.output_names, {INPUT_NAME: x}), budget_s), 1)
-    return timings
-
-
 def check_module_strategy(strategy: str, model: "UserModel | None" = None) -> None:
     if strategy not in MODULE_STRATEGIES:
         raise UserInputError(f"unknown strategy {strategy!r}; a module exports as {', '.join(MODULE_STRATEGIES)} "
@@ -493,14 +477,10 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
     and `training` are recorded as given (a built-in family's checkpoint carries them).
     `strategy` loop, fused (where it applies) or auto (the faster of the two that pass parity
     at `typical` (batch, seq))."""
-    from gru_deploy.versions import __version__
     from gru_deploy.check.verify import check_tolerances
     from gru_deploy.convert import script
-    from gru_deploy.convert.folder import KEEP
-    from gru_deploy.manifest import (MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, atomic_write_bytes,
-                                     atomic_write_json, file_entry, staged_dir)
+    from gru_deploy.convert.folder import add_model, choose_fastest, time_strategies, write_export
     from gru_deploy.models.user import input_size_of
-    from gru_deploy.versions import library_versions
 
     check_tolerances(atol, rtol)
     check_module_strategy(strategy, model)
@@ -532,24 +512,19 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
     auto = None
     chosen = next(iter(candidates))
     if strategy == "auto":
-        from gru_deploy.convert.folder import choose_fastest
-
         step(f"timing {', '.join(candidates)} at batch {typical[0]}, seq {typical[1]}")
         chosen, auto = choose_fastest({k: v[0] for k, v in candidates.items()},
-                                      lambda graphs, budget: _time_user_graphs(graphs, signature, typical, budget),
-                                      on_step=step)
+                                      lambda graphs, budget: time_strategies(graphs, signature.to_dict(), typical,
+                                                                             budget), on_step=step)
         auto.update({"typical_batch": typical[0], "typical_seq": typical[1], "candidates": list(candidates)})
     onnx_bytes, graph = candidates[chosen]
     parity = parities[chosen]
     stored = dict(stored)
     notes: list[str] = []
-    files = {"model.pt": pt_bytes, "model.onnx": onnx_bytes}
-    models = {
-        "model.pt": {"variant": "classifier", "format": "torchscript", "precision": "fp32"},
-        "model.onnx": {"variant": "classifier", "format": "onnx", "precision": "fp32", "strategy": chosen,
-                       "opset": graph["opset"], "ir_version": graph["ir_version"]},
-    }
+    files: dict[str, bytes] = {}
+    models: dict[str, dict[str, Any]] = {}
     variants: dict[str, Any] = {}
+    add_model(files, models, variants, "classifier", pt_bytes, onnx_bytes, chosen, graph, signature.to_dict())
     exported: dict[str, Any] = {}
     built = chosen if chosen in ("fused", "stepwise") and _tutorial_cell_family(model) else "loop"  # variants follow it
     if hasattr(scripted, LENGTHS_HOOK):
@@ -570,63 +545,28 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
         stored.update(done["stored"])
         parity.setdefault("variants", {})[variant] = done["parity"]
         parity["verified_max_seq"].update(done["parity"]["verified_max_seq"])
-        pt, onnx_name = f"model_{variant}.pt", f"model_{variant}.onnx"
-        files[pt], files[onnx_name] = done["pt"], done["onnx"]
-        models[pt] = {"variant": variant, "format": "torchscript", "precision": "fp32"}
-        models[onnx_name] = {"variant": variant, "format": "onnx", "precision": "fp32", "strategy": done["form"],
-                             "opset": done["graph"]["opset"], "ir_version": done["graph"]["ir_version"]}
-        variants[variant] = {"signature": done["signature"].to_dict(), "strategy": done["form"],
-                             "torchscript": pt, "onnx": onnx_name, "onnx_node_count": done["graph"]["node_count"],
-                             "op_types": done["graph"]["op_types"]}
-    step("converting the ONNX models to ORT format (onnxruntime's converter)")
-    from gru_deploy.convert.graphs import add_ort_models, to_ort_format
-    from gru_deploy.errors import WriteFailed
-
-    try:
-        add_ort_models(files, models, to_ort_format({n: d for n, d in files.items() if n.endswith(".onnx")}))
-    except WriteFailed as exc:  # an op the ORT-format writer does not take: the edge bundle goes without
-        notes.append(f"no ORT-format copy: {exc}")
+        add_model(files, models, variants, variant, done["pt"], done["onnx"], done["form"], done["graph"],
+                  done["signature"].to_dict())
     files[GOLDEN_FILE], golden = golden_cases(model, {"classifier": signature,
                                                      **{v: done["signature"] for v, done in exported.items()}})
     files[REFERENCE_FILE] = npz_bytes(stored)
-    with staged_dir(Path(out), keep=KEEP) as stage:
-        for name, data in files.items():
-            atomic_write_bytes(stage / name, data)
-        atomic_write_json(stage / "parity.json", parity)
-        manifest: dict[str, Any] = {
-            "format": MANIFEST_FORMAT,
-            "format_version": MANIFEST_VERSION,
-            "gru_deploy_version": __version__,
-            "model": {**model.record(), "recurrence": kept},
-            "strategy": chosen,
-            "auto": auto,
-            "opset": graph["opset"],
-            "ir_version": graph["ir_version"],
-            "onnx": {"node_count": graph["node_count"], "op_types": graph["op_types"]},
-            "signature": signature.to_dict(),
-            "models": models,
-            "variants": variants,
-            "config": {"input_size": size},
-            "labels": list(labels),
-            "metrics": {k: v for k, v in (metrics or {}).items() if k != "loss_history"},
-            "training": dict(training or {}),
-            "source_checkpoint": {"sha256": model.checkpoint_sha256},
-            "versions": library_versions(),
-            "notes": notes,
-            "reference": {"file": REFERENCE_FILE, "computed_by": f"{model.reference} in float64 (module.double())",
-                          "cases": [list(c) for c in USER_CASES],
-                          **({"lengths_cases": [list(c) for c in LENGTHS_CASES]} if "lengths" in variants else {}),
-                          **({"stream_cases": [list(c) for c in STREAM_CASES]} if "stream" in variants else {})},
-            "golden": golden,
-            "files": {name: file_entry(stage / name) for name in (*files, "parity.json")},
-            "parity": {"passed": True, "atol": atol, "rtol": rtol, "applied_atol": parity["applied_atol"],
-                       "verified_max_seq": parity["verified_max_seq"], "unverifiable": [], "notes": parity["notes"],
-                       "summary": parity["summary"],
-                       **({"variants": {v: {"passed": r["passed"], "summary": r["summary"]}
-                                        for v, r in parity["variants"].items()}} if variants else {})},
-        }
-        atomic_write_json(stage / MANIFEST_NAME, manifest)
-    return manifest
+    record = {"passed": True, "atol": atol, "rtol": rtol, "applied_atol": parity["applied_atol"],
+              "verified_max_seq": parity["verified_max_seq"], "unverifiable": [], "notes": parity["notes"],
+              "summary": parity["summary"],
+              **({"variants": {v: {"passed": r["passed"], "summary": r["summary"]}
+                               for v, r in parity["variants"].items()}} if variants else {})}
+    return write_export(out, files, {
+        "model": {**model.record(), "recurrence": kept}, "strategy": chosen, "auto": auto,
+        "opset": graph["opset"], "ir_version": graph["ir_version"],
+        "onnx": {"node_count": graph["node_count"], "op_types": graph["op_types"]},
+        "signature": signature.to_dict(), "models": models, "variants": variants, "config": {"input_size": size},
+        "labels": list(labels), "metrics": {k: v for k, v in (metrics or {}).items() if k != "loss_history"},
+        "training": dict(training or {}), "source_checkpoint": {"sha256": model.checkpoint_sha256},
+        "reference": {"file": REFERENCE_FILE, "computed_by": f"{model.reference} in float64 (module.double())",
+                      "cases": [list(c) for c in USER_CASES],
+                      **({"lengths_cases": [list(c) for c in LENGTHS_CASES]} if "lengths" in variants else {}),
+                      **({"stream_cases": [list(c) for c in STREAM_CASES]} if "stream" in variants else {})},
+        "golden": golden}, notes, lambda stage, manifest: (parity, record), step)
 
 
 def export_family(ckpt: Any, out: Path, opset: int = 17, atol: float = 1e-5, rtol: float = 1e-5,
