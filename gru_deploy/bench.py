@@ -430,3 +430,39 @@ def format_module_table(result: dict[str, Any]) -> str:
                          "the stream model's run)")
     lines.append("ratio: onnxruntime / TorchScript, both measured in this run")
     return "\n".join(lines)
+
+
+def bench(folder: "Path | None", threads: int = 1, budget_s: float = 0.5, large: bool = True,
+          plot_path: "Path | None" = None, progress: Callable[[str], None] | None = None,
+          say: Callable[[str], None] | None = None) -> tuple[dict[str, Any], str]:
+    """`gru-deploy bench`: the result and its table. An export folder of the tutorial model: every
+    runtime and form on its weights (run_bench); of a module (a built-in family or your own
+    model): its own models (run_module_bench); no folder: an untrained default-size model."""
+    import torch
+
+    from gru_deploy.errors import UserInputError
+    from gru_deploy.manifest import is_module_export, read_manifest, select_model, verified_path
+    from gru_deploy.models.tutorial import GRUClassifier, tutorial_parameters
+    from gru_deploy.spec import ModelSpec
+
+    if folder is None:
+        (say or (lambda message: None))("no FOLDER given: benchmarking an untrained default-size model (speed does "
+                                        "not depend on weights)")
+        torch.manual_seed(0)
+        spec, state = ModelSpec(), GRUClassifier().state_dict()
+    else:
+        from gru_deploy.convert import script
+
+        manifest = read_manifest(folder)
+        if is_module_export(manifest):  # a built-in family or your own model: its own models
+            if not large or plot_path is not None:
+                raise UserInputError("--no-large and --plot apply to the tutorial model's bench")
+            result = run_module_bench(folder, threads=threads, budget_s=budget_s, progress=progress)
+            return result, format_module_table(result)
+        spec = ModelSpec.from_dict(manifest["config"])
+        pt_name = select_model(manifest, "classifier", "torchscript", where=str(folder))
+        state = tutorial_parameters(script.load(verified_path(folder, manifest, pt_name)).state_dict())
+    result = run_bench(spec, state, threads=threads, budget_s=budget_s, large=large, progress=progress)
+    if plot_path is not None:
+        plot(result, plot_path)
+    return result, format_table(result)

@@ -592,7 +592,7 @@ def bench(obj: dict, folder: Path | None, threads: int, budget: float, no_large:
     """Median latency of eager PyTorch, TorchScript and each ONNX strategy in onnxruntime.
 
     Measures, in one run, the tutorial's eager loop (the reference), TorchScript, the
-    loop, scan and fused ONNX graphs in onnxruntime (one session each, --threads threads) at
+    loop, fused and stepwise ONNX graphs in onnxruntime (one session each, --threads threads) at
     (batch, seq) = (1,1), (1,100), (32,100), (1,1000), (256,200), and a hidden-256 /
     input-64 model at (1,100) and (64,100); prints medians with ratios to eager; reports the
     loop graph's cost at seq 1000 vs 2000 (batch 256) and whether it is linear (ratio under
@@ -609,50 +609,15 @@ def bench(obj: dict, folder: Path | None, threads: int, budget: float, no_large:
     Example:
       gru-deploy bench exported/ --json > bench.json
     """
-    from gru_deploy.bench import format_table, run_bench
-    from gru_deploy.bench import plot as plot_png
+    from gru_deploy.bench import bench as measure
 
     obj["quiet"] = quiet or as_json
-    if folder is not None:
-        from gru_deploy.convert import script
-        from gru_deploy.manifest import is_module_export, read_manifest, select_model, verified_path
-        from gru_deploy.spec import ModelSpec
-
-        manifest = read_manifest(folder)
-        if is_module_export(manifest):  # a built-in family or your own model: its own models
-            from gru_deploy.bench import format_module_table, run_module_bench
-
-            if no_large or plot is not None:
-                raise UserInputError("--no-large and --plot apply to the tutorial model's bench")
-            result = run_module_bench(folder, threads=threads, budget_s=budget,
-                                      progress=lambda m: _progress(obj, f"measuring {m}"))
-            if as_json:
-                _emit_json(result)
-            else:
-                click.echo(format_module_table(result))
-            return
-        spec = ModelSpec.from_dict(manifest["config"])
-        from gru_deploy.models.tutorial import tutorial_parameters
-
-        pt_name = select_model(manifest, "classifier", "torchscript", where=str(folder))
-        state = tutorial_parameters(script.load(verified_path(folder, manifest, pt_name)).state_dict())
-    else:
-        import torch
-
-        from gru_deploy.models.tutorial import GRUClassifier
-        from gru_deploy.spec import ModelSpec
-
-        _say(obj, "no FOLDER given: benchmarking an untrained default-size model (speed does not depend on weights)")
-        torch.manual_seed(0)
-        spec, state = ModelSpec(), GRUClassifier().state_dict()
-    result = run_bench(spec, state, threads=threads, budget_s=budget, large=not no_large,
-                       progress=lambda m: _progress(obj, f"measuring {m}"))
-    if plot is not None:
-        plot_png(result, plot)
+    result, table = measure(folder, threads=threads, budget_s=budget, large=not no_large, plot_path=plot,
+                            progress=lambda m: _progress(obj, f"measuring {m}"), say=lambda m: _say(obj, m))
     if as_json:
         _emit_json(result)
     else:
-        click.echo(format_table(result))
+        click.echo(table)
 
 
 @cli.command()
