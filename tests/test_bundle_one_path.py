@@ -1,0 +1,92 @@
+"""One bundle builder for every model (bundle.package.build_bundle): the tutorial model, a
+built-in family with every variant, and your own model with two outputs and no hooks go through
+the same code, and each bundle is held to the same promises: golden vectors that are the model
+run eager at export, every variant the export has, every int8 output but the state gated."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import gru_deploy
+from gru_deploy.bundle.package import package
+from gru_deploy.bundle.read import verify_bundle
+from gru_deploy.check.module_parity import golden_load
+from gru_deploy.check.runners import eager_runner, run_module
+from gru_deploy.manifest import read_manifest
+from gru_deploy.models.variants import LengthsOf, StreamOf
+from gru_deploy.spec import STATE_OUT
+
+KINDS = ("tutorial", "family", "user")
+
+
+@pytest.fixture(scope="module")
+def exports(export_dir, tiny_checkpoint, tmp_path_factory):
+    """Each kind's export folder and its model eager: variant, inputs -> outputs by name."""
+    from gru_deploy.models.families import StackedGRUClassifier
+    from user_models import TwoHeads
+
+    root = tmp_path_factory.mktemp("kinds")
+    torch.manual_seed(0)
+    family = StackedGRUClassifier(3, 5, 2, layers=2).eval()
+    gru_deploy.export(family, out=root / "family")
+    torch.manual_seed(0)
+    user = TwoHeads().eval()
+    gru_deploy.export(user, out=root / "user")
+    model = tiny_checkpoint.model()
+
+    def tutorial(variant, inputs):
+        return eager_runner(tiny_checkpoint.spec, model, variant).run(inputs)
+
+    def module_eager(module):
+        wrap = {"classifier": lambda m: m, "lengths": LengthsOf, "stream": StreamOf}
+
+        def run(variant, inputs, manifest):
+            signature = manifest["signature"] if variant == "classifier" else manifest["variants"][variant]["signature"]
+            return run_module(wrap[variant](module).eval(), signature, inputs)
+        return run
+
+    return {"tutorial": (export_dir, lambda v, i, m: tutorial(v, i)),
+            "family": (root / "family", module_eager(family)), "user": (root / "user", module_eager(user))}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_model_is_bundled_by_one_builder_to_the_same_promises(exports, kind, tmp_path):
+    folder, eager = exports[kind]
+    source = read_manifest(folder)
+    variants = {"classifier", *(source.get("variants") or {})}
+    cases = golden_load(folder, source)
+    assert {c["variant"] for c in cases} == variants
+    for case in cases:  # the export's golden outputs are the model run eager on the golden inputs
+        want = eager(case["variant"], case["inputs"], source)
+        assert set(want) == set(case["outputs"])
+        for name, got in case["outputs"].items():
+            np.testing.assert_allclose(got, want[name], rtol=0, atol=1e-6, err_msg=f"{kind} {case['name']} {name}")
+
+    edge, manifest = package(folder, "edge", out=tmp_path / "edge", quantize="int8")
+    assert verify_bundle(edge)["passed"]
+    assert set(manifest["signatures"]) == variants == {m["variant"] for m in manifest["models"].values()}
+    document = json.loads((edge / "golden" / "golden.json").read_text())
+    by_name = {c["name"]: c for c in cases}
+    for case in (c for c in document["cases"] if c.get("precision", "fp32") == "fp32"):
+        for name, tensor in case["outputs"].items():  # the bundle carries the export's golden cases as they are
+            np.testing.assert_array_equal(np.load(edge / tensor["npy"]), by_name[case["name"]]["outputs"][name])
+    assert document["reference"]["fp32"] == source["golden"]["computed_by"] == f"eager PyTorch {torch.__version__}"
+    quantized = {info["variant"]: record for path, record in manifest["quantization"]["models"].items()
+                 for info in [manifest["models"][path]]}
+    assert set(quantized) == {"classifier", "stream"} & variants
+    for variant, record in quantized.items():
+        gated = [o["name"] for o in manifest["signatures"][variant]["outputs"] if o["name"] != STATE_OUT]
+        assert list(record["gates_vs_eager"]) == gated
+        assert all(g["passed"] and g["reference"].endswith("(TorchScript, fp32)") for g in record["gates_vs_eager"].values())
+    readme = (edge / "README.txt").read_text()
+    assert all(path in readme for path in manifest["models"])
+
+    server, manifest = package(folder, "server", out=tmp_path / "server")
+    report = verify_bundle(server, trust_torchscript=True)
+    assert report["passed"] and report["not_run"] == []
+    formats = {(m["variant"], m["format"]) for m in manifest["models"].values()}
+    assert formats == {(v, f) for v in variants for f in ("onnx", "torchscript") if (v, f) != ("stream", "torchscript")}
