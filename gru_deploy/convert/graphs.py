@@ -224,86 +224,143 @@ def empty_input_branch(outputs: list[str], empty: "onnx.GraphProto", full: "onnx
 
 def build_fused(state_dict: dict[str, Any], spec: ModelSpec, opset: int = DEFAULT_OPSET,
                 variant: str = "classifier") -> "onnx.ModelProto":
-    """One variant as one ONNX GRU node plus the head, safe on empty inputs.
+    """The tutorial model's variant as one ONNX GRU node plus the head (fused_stack_graph, one
+    layer, one direction, the stream's state [batch, H])."""
+    import numpy as np
 
-    classifier: x -> logits. stream: (x, h0) -> (logits, h_n), h0 as the GRU's initial_h and
-    its Y_h as h_n. lengths: (x, lengths) -> logits through the GRU's sequence_lens.
-    onnxruntime's GRU kernel aborts the process when the batch or time axis is 0, and has had
-    out-of-bounds reads on a sequence_lens of 0, so: the graph branches (`If`) on
-    batch·seq == 0 and answers without the kernel (fc(0) = fc.bias; for the stream, fc(h0)
-    and h_n = h0); and the kernel gets max(lengths, 1), the state of a length-0 sample being
-    set back to 0 after it. No input can reach the abort, whoever runs the file.
+    w = fused_weights(state_dict)
+    normalization = None
+    if spec.normalization is not None:  # (x - mean) / std, as the scripted model does
+        mean, std = spec.normalization
+        normalization = (np.asarray(mean, np.float32), 1.0 / np.asarray(std, np.float32))
+    return fused_stack_graph([(w["W"], w["R"], w["B"])], w["fc_weight"], w["fc_bias"], spec.input_size, OUTPUT_NAME,
+                             opset, variant, normalization, layered_state=False)
+
+
+def fused_stack_graph(layers: list[tuple["np.ndarray", "np.ndarray", "np.ndarray"]], fc_weight: "np.ndarray",
+                      fc_bias: "np.ndarray", input_size: int, output_name: str, opset: int,
+                      variant: str = "classifier", normalization: tuple["np.ndarray", "np.ndarray"] | None = None,
+                      layered_state: bool = True) -> "onnx.ModelProto":
+    """A stack of GRU layers and a linear head as ONNX, one `GRU` node per layer: the fused form of
+    the tutorial model (one layer) and of the tutorial-cell family (convert.families), in one of
+    three variants. `layers`: each layer's W [D, 3H, in], R [D, 3H, H], B [D, 6H] (D = 1 or 2
+    directions, tutorial_cell_gru_weights); `normalization`: (mean, 1/std) applied to x first.
+
+    * classifier: x [batch, seq, input] -> output [batch, classes];
+    * lengths: (x padded, lengths int64 [batch]) -> output, every GRU node given the lengths as
+      its sequence_lens (each direction runs over each sample's own steps, the backward one from
+      its last valid step). The kernel gets max(lengths, 1) (a sequence_lens of 0 has read out of
+      bounds in onnxruntime) and a length-0 sample's features are set back to 0 after it;
+    * stream (one direction only): (x, h0) -> (output, h_n), layer l's GRU node starting from
+      its part of h0 (initial_h): h0 is [batch, layers, H], or [batch, H] without `layered_state`.
+
+    Layer l's Y [seq, D, batch, H] becomes the next layer's input [seq, batch, D·H] (both
+    directions side by side); the last layer's Y_h [D, batch, H] becomes [batch, D·H] for the
+    head. onnxruntime's GRU kernel aborts the process on an empty batch or sequence, so the graph
+    branches (`If`) on batch·seq == 0 and answers without the kernel: fc(0) = fc.bias, and for the
+    stream fc(h0's last layer) with h_n = h0. No input can reach the abort, whoever runs the file.
+    Over 60 lines: one graph, built in the order it runs.
     """
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    inputs, outputs = VARIANT_IO[variant]
-    arrays = fused_weights(state_dict)
-    consts = {**arrays, "zero": np.array(0, np.int64), "one": np.array(1, np.int64),
-              "axis0": np.array([0], np.int64), "axis1": np.array([1], np.int64),
-              "out_dim": np.array([spec.output_size], np.int64), "zero_f": np.array(0.0, np.float32)}
-    initializers = [numpy_helper.from_array(value, name) for name, value in consts.items()]
-    out_shape = ["batch", spec.output_size]
-    state_shape = ["batch", spec.hidden_size]
-
-    def value(name: str, shape: list[Any]) -> "onnx.ValueInfoProto":
-        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
-
-    if variant == "stream":  # nothing to step through: the state stays h0, the logits are fc(h0)
-        empty_nodes = [helper.make_node("Gemm", [STATE_IN, "fc_weight", "fc_bias"], ["logits_empty"], transB=1),
-                       helper.make_node("Identity", [STATE_IN], ["h_n_empty"])]
-        empty_outputs = [value("logits_empty", out_shape), value("h_n_empty", state_shape)]
-    else:
-        empty_nodes = [helper.make_node("Unsqueeze", ["batch_dim", "axis0"], ["batch_1d"]),
-                       helper.make_node("Concat", ["batch_1d", "out_dim"], ["empty_shape"], axis=0),
-                       helper.make_node("Expand", ["fc_bias", "empty_shape"], ["logits_empty"])]
-        empty_outputs = [value("logits_empty", out_shape)]
-    empty = helper.make_graph(empty_nodes, "empty_input", [], empty_outputs)
-    prologue, x_in = [], INPUT_NAME
-    if spec.normalization is not None:  # (x - mean) / std, as the scripted model does
-        mean, std = spec.normalization
-        initializers += [numpy_helper.from_array(np.asarray(mean, np.float32), "norm_mean"),
-                         numpy_helper.from_array(1.0 / np.asarray(std, np.float32), "norm_scale")]
-        prologue = [helper.make_node("Sub", [INPUT_NAME, "norm_mean"], ["x_centered"]),
-                    helper.make_node("Mul", ["x_centered", "norm_scale"], ["x_normalized"])]
+    directions, hidden = int(layers[0][1].shape[0]), int(layers[0][1].shape[2])
+    count, classes = len(layers), int(fc_weight.shape[0])
+    if variant == "stream" and directions == 2:
+        raise UserInputError("a bidirectional model cannot stream: its backward direction needs the whole sequence")
+    consts: dict[str, Any] = {"fc_weight": fc_weight, "fc_bias": fc_bias, "zero": np.array(0, np.int64),
+                              "one": np.array(1, np.int64), "zero_f": np.array(0.0, np.float32),
+                              "last_layer": np.array(count - 1, np.int64), "axis0": np.array([0], np.int64),
+                              "axis1": np.array([1], np.int64), "out_dim": np.array([classes], np.int64),
+                              "merge_directions": np.array([0, 0, directions * hidden], np.int64),
+                              "batch_features": np.array([0, directions * hidden], np.int64)}
+    nodes = []
+    x_in = INPUT_NAME
+    if normalization is not None:
+        consts["norm_mean"], consts["norm_scale"] = normalization
+        nodes += [helper.make_node("Sub", [INPUT_NAME, "norm_mean"], ["x_centered"]),
+                  helper.make_node("Mul", ["x_centered", "norm_scale"], ["x_normalized"])]
         x_in = "x_normalized"
-    gru_inputs = ["x_time_major", "W", "R", "B"]
-    nodes = prologue + [helper.make_node("Transpose", [x_in], ["x_time_major"], perm=[1, 0, 2])]
-    if variant == "stream":
-        nodes.append(helper.make_node("Unsqueeze", [STATE_IN, "axis0"], ["initial_h"]))
-        gru_inputs += ["", "initial_h"]
+    nodes.append(helper.make_node("Transpose", [x_in], ["steps_0"], perm=[1, 0, 2]))
+    sequence_lens = []
     if variant == "lengths":
         nodes += [helper.make_node("Max", [LENGTHS_NAME, "one"], ["lengths_at_least_1"]),
                   helper.make_node("Cast", ["lengths_at_least_1"], ["sequence_lens"], to=TensorProto.INT32)]
-        gru_inputs += ["sequence_lens"]
-    nodes += [helper.make_node("GRU", gru_inputs, ["", "h_last"], hidden_size=spec.hidden_size,
-                               linear_before_reset=0),
-              helper.make_node("Squeeze", ["h_last", "axis0"], ["h_kernel"])]
-    if variant == "lengths":  # a length-0 sample ran one step in the kernel: its state is h0 = 0
+        sequence_lens = ["sequence_lens"]
+    for layer, (W, R, B) in enumerate(layers):
+        consts.update({f"W_{layer}": W, f"R_{layer}": R, f"B_{layer}": B})
+        initial = []
+        if variant == "stream":  # this layer's [batch, H] of h0 -> initial_h [1, batch, H]
+            part = STATE_IN
+            if layered_state:
+                consts[f"index_{layer}"] = np.array(layer, np.int64)
+                nodes.append(helper.make_node("Gather", [STATE_IN, f"index_{layer}"], [f"h0_{layer}"], axis=1))
+                part = f"h0_{layer}"
+            nodes.append(helper.make_node("Unsqueeze", [part, "axis0"], [f"initial_h_{layer}"]))
+            initial = ["", f"initial_h_{layer}"]  # sequence_lens (none), initial_h
+        nodes.append(helper.make_node(
+            "GRU", [f"steps_{layer}", f"W_{layer}", f"R_{layer}", f"B_{layer}", *(sequence_lens or initial)],
+            # the last layer's Y (every step's state) is not read: unnamed, the kernel does not write it
+            [f"Y_{layer}" if layer + 1 < count else "", f"Y_h_{layer}"], hidden_size=hidden, linear_before_reset=0,
+            direction="bidirectional" if directions == 2 else "forward", name=f"gru_layer_{layer}"))
+        if layer + 1 < count:  # [seq, D, batch, H] -> [seq, batch, D*H]
+            nodes += [helper.make_node("Transpose", [f"Y_{layer}"], [f"Y_{layer}_tb"], perm=[0, 2, 1, 3]),
+                      helper.make_node("Reshape", [f"Y_{layer}_tb", "merge_directions"], [f"steps_{layer + 1}"])]
+    if directions == 1:  # Y_h [1, batch, H] -> [batch, H]: one node (measured: Transpose + Reshape cost 0.7 µs
+        # a call more at (1, 1))
+        nodes.append(helper.make_node("Squeeze", [f"Y_h_{count - 1}", "axis0"], ["features"]))
+    else:
+        nodes += [helper.make_node("Transpose", [f"Y_h_{count - 1}"], ["final_bd"], perm=[1, 0, 2]),
+                  helper.make_node("Reshape", ["final_bd", "batch_features"], ["features"])]
+    if variant == "lengths":  # a length-0 sample ran one step in the kernel: its state is 0
         nodes += [helper.make_node("Equal", [LENGTHS_NAME, "zero"], ["no_steps"]),
                   helper.make_node("Unsqueeze", ["no_steps", "axis1"], ["no_steps_2d"]),
-                  helper.make_node("Where", ["no_steps_2d", "zero_f", "h_kernel"], ["h"])]
-    else:
-        nodes.append(helper.make_node("Identity", ["h_kernel"], ["h"]))
-    nodes.append(helper.make_node("Gemm", ["h", "fc_weight", "fc_bias"], ["logits_full"], transB=1))
-    full_outputs = [value("logits_full", out_shape)]
-    if variant == "stream":
-        nodes.append(helper.make_node("Identity", ["h"], ["h_n_full"]))
-        full_outputs.append(value("h_n_full", state_shape))
+                  helper.make_node("Where", ["no_steps_2d", "zero_f", "features"], ["features_kept"])]
+    nodes.append(helper.make_node("Gemm", ["features_kept" if variant == "lengths" else "features", "fc_weight",
+                                           "fc_bias"], ["logits_full"], transB=1))
+    state = ["batch", count, hidden] if layered_state else ["batch", hidden]
+    outputs = [output_name]
+
+    def value(name: str, shape: list[Any] | None = None) -> "onnx.ValueInfoProto":
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape or ["batch", classes])
+
+    full_outputs = [value("logits_full")]
+    empty_nodes = [helper.make_node("Unsqueeze", ["batch_dim", "axis0"], ["batch_1d"]),
+                   helper.make_node("Concat", ["batch_1d", "out_dim"], ["empty_shape"], axis=0),
+                   helper.make_node("Expand", ["fc_bias", "empty_shape"], ["logits_empty"])]
+    empty_outputs = [value("logits_empty")]
+    if variant == "stream":  # every layer's Y_h [1, batch, H] -> h_n
+        if layered_state:
+            nodes += [helper.make_node("Transpose", [f"Y_h_{layer}"], [f"h_n_{layer}"], perm=[1, 0, 2])
+                      for layer in range(count)]
+            nodes.append(helper.make_node("Concat", [f"h_n_{layer}" for layer in range(count)], ["h_n_full"], axis=1))
+        else:
+            nodes.append(helper.make_node("Identity", ["features"], ["h_n_full"]))
+        full_outputs.append(value("h_n_full", state))
+        # nothing to step through: the state stays h0, the output is fc(h0's last layer)
+        last = STATE_IN
+        empty_nodes = []
+        if layered_state:
+            empty_nodes.append(helper.make_node("Gather", [STATE_IN, "last_layer"], ["h0_last"], axis=1))
+            last = "h0_last"
+        empty_nodes += [helper.make_node("Gemm", [last, "fc_weight", "fc_bias"], ["logits_empty"], transB=1),
+                        helper.make_node("Identity", [STATE_IN], ["h_n_empty"])]
+        empty_outputs.append(value("h_n_empty", state))
+        outputs.append(STATE_OUT)
     full = helper.make_graph(nodes, "gru", [], full_outputs)
-    graph_inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", "seq", spec.input_size])]
-    if variant == "stream":
-        graph_inputs.append(value(STATE_IN, state_shape))
+    empty = helper.make_graph(empty_nodes, "empty_input", [], empty_outputs)
+    inputs = [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", "seq", input_size])]
     if variant == "lengths":
-        graph_inputs.append(helper.make_tensor_value_info(LENGTHS_NAME, TensorProto.INT64, ["batch"]))
-    graph_outputs = [value(OUTPUT_NAME, out_shape)] + ([value(STATE_OUT, state_shape)] if variant == "stream" else [])
-    graph = helper.make_graph(empty_input_branch(list(outputs), empty, full), f"gru_{variant}_fused", graph_inputs,
-                              graph_outputs, initializers)
-    assert [i.name for i in graph.input] == list(inputs)
-    used = {name for g in all_graphs(graph) for node in g.node for name in node.input}
-    kept = [t for t in graph.initializer if t.name in used]  # a variant uses only some of the constants
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+        inputs.append(helper.make_tensor_value_info(LENGTHS_NAME, TensorProto.INT64, ["batch"]))
+    if variant == "stream":
+        inputs.append(helper.make_tensor_value_info(STATE_IN, TensorProto.FLOAT, state))
+    top = empty_input_branch(outputs, empty, full)
+    used = {name for node in nodes + empty_nodes + top for name in node.input}
+    graph = helper.make_graph(
+        top, f"gru_{variant}_fused", inputs,
+        [value(output_name)] + ([value(STATE_OUT, state)] if variant == "stream" else []),
+        [numpy_helper.from_array(np.array(v, dtype=np.asarray(v).dtype, copy=True), k)
+         for k, v in consts.items() if k in used])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=min_ir_version(opset),
                              producer_name="gru-deploy")
 
