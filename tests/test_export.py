@@ -62,7 +62,7 @@ def test_loop_body_does_not_slice_the_whole_input(exported):
 
 def test_traced_export_unrolls_and_the_guard_refuses_it(model):
     """Exporting the plain (unscripted) module traces it: the loop unrolls to the example length."""
-    models = [onnx.load_from_string(_export_once(model, ModelSpec(), 17, n)) for n in GUARD_LENGTHS]
+    models = [onnx.load_from_string(_export_once(model, ModelSpec().signature(), 17, n)) for n in GUARD_LENGTHS]
     with pytest.raises(CheckFailed, match="unrolled"):
         check_not_unrolled(models)
 

@@ -14,12 +14,12 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.check.onnx_walk import all_graphs, count_ops, subgraphs  # noqa: F401  (re-exported for convert, bundle)
 from gru_deploy.convert.script import quiet_torchscript_deprecation
-from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, OUTPUT_NAME, STATE_IN, STATE_OUT, VARIANT_IO, ModelSpec
+from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, OUTPUT_NAME, STATE_IN, STATE_OUT, ModelSpec
 from gru_deploy.check.onnx_walk import (  # noqa: F401  (re-exported: convert's callers read them here too)
     KNOWN_OPS, check_onnx_bytes, parse_onnx)
 
@@ -65,41 +65,94 @@ def check_opset(opset: int) -> int:
     return opset
 
 
-def example_inputs(spec: ModelSpec, variant: str, batch: int, seq: int) -> tuple["torch.Tensor", ...]:
-    """Example inputs of a variant, used to trace the export."""
+@contextlib.contextmanager
+def _quiet_stdout_fd() -> Iterator[None]:
+    """Send file descriptor 1 (C++ writes too) to a scratch file for the duration."""
+    import os
+    import sys
+    import tempfile
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as scratch:
+        os.dup2(scratch.fileno(), 1)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def example_args(signature: dict[str, Any], seq: int) -> tuple["torch.Tensor", ...]:
+    """Example inputs at batch 2 for the exporter, in the signature's order: x, lengths (seq and
+    seq - 1) and the state (zeros) where the signature takes them."""
     import torch
 
-    examples = {
-        INPUT_NAME: torch.zeros(batch, seq, spec.input_size),
-        STATE_IN: torch.zeros(batch, spec.hidden_size),
-        LENGTHS_NAME: torch.full((batch,), seq, dtype=torch.int64),
-    }
-    return tuple(examples[name] for name in VARIANT_IO[variant][0])
+    args = []
+    for tensor in signature["inputs"]:
+        if tensor["name"] == LENGTHS_NAME:
+            args.append(torch.tensor([seq, max(1, seq - 1)], dtype=torch.int64))
+        elif tensor["name"] == STATE_IN:
+            args.append(torch.zeros(2, *tensor["shape"][1:]))
+        else:
+            args.append(torch.zeros(2, seq, tensor["shape"][2]))
+    return tuple(args)
 
 
-def _export_once(scripted: "torch.jit.ScriptModule", spec: ModelSpec, opset: int, seq_len: int,
-                 variant: str = "classifier") -> bytes:
-    inputs, outputs = VARIANT_IO[variant]
-    dynamic = {}
-    for name in inputs + outputs:
-        shape = spec.tensor(name)["shape"]
-        dynamic[name] = {i: d for i, d in enumerate(shape) if isinstance(d, str)}
+def _export_once(module: "torch.nn.Module", signature: dict[str, Any], opset: int, seq: int) -> bytes:
+    """One export with TorchScript's exporter at example length `seq`; CheckFailed with its first
+    line when it fails (it prints the whole IR graph on stdout, from C++: kept off the terminal)."""
+    import warnings
+
+    import torch
+
+    names = [t["name"] for t in signature["inputs"] + signature["outputs"]]
+    dynamic = {t["name"]: {i: d for i, d in enumerate(t["shape"]) if isinstance(d, str)}
+               for t in signature["inputs"] + signature["outputs"]}
     buffer = io.BytesIO()
-    with quiet_torchscript_deprecation():
-        import torch
-
-        torch.onnx.export(
-            scripted,
-            example_inputs(spec, variant, 2, seq_len),
-            buffer,
-            dynamo=False,
-            opset_version=opset,
-            input_names=list(inputs),
-            output_names=list(outputs),
-            dynamic_axes=dynamic,
-            do_constant_folding=True,
-        )
+    try:
+        with quiet_torchscript_deprecation(), _quiet_stdout_fd(), warnings.catch_warnings():
+            # a GRU/LSTM exported at batch 2 "may fail at other batch sizes": the parity grid decides
+            warnings.filterwarnings("ignore", message=".*batch_size other than 1.*", category=UserWarning)
+            # a model.pt loaded back (verify --data) has no Python signature to read; x is given by position
+            warnings.filterwarnings("ignore", message="no signature found", category=UserWarning)
+            torch.onnx.export(module, example_args(signature, seq), buffer, dynamo=False, opset_version=opset,
+                              input_names=names[:len(signature["inputs"])],
+                              output_names=names[len(signature["inputs"]):], dynamic_axes=dynamic,
+                              do_constant_folding=True)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        hint = (" (seen with a scripted torch.nn.GRUCell, whose forward compares input.dim() with a tuple: "
+                "write the cell out, as the tutorial does, or use torch.nn.GRU)"
+                if "expected node type prim::ListConstruct" in first else "")
+        raise CheckFailed(f"the ONNX exporter failed on the scripted model: {type(exc).__name__}: "
+                          f"{first[:300]}{hint}") from None
     return buffer.getvalue()
+
+
+def export_scripted(scripted: "torch.jit.ScriptModule", signature: dict[str, Any], opset: int,
+                    needs: tuple[str, ...] = ("Loop",)) -> tuple["onnx.ModelProto", dict[str, int]]:
+    """A scripted module (the tutorial model's variants, a family's, your own) as ONNX, exported at
+    each of GUARD_LENGTHS and refused when its node count changes between them, when it drops an
+    input, or when it holds none of the `needs` ops (the recurrence); its inputs and outputs
+    shaped as the signature says. Returns the model and its op counts."""
+    import onnx
+
+    check_opset(opset)
+    models = [onnx.load_from_string(_export_once(scripted, signature, opset, n)) for n in GUARD_LENGTHS]
+    unused = [t["name"] for t in signature["inputs"] if t["name"] not in {i.name for i in models[0].graph.input}]
+    if unused:  # the exporter drops an input the graph never reads
+        raise CheckFailed(f"the exported graph does not read its input(s) {unused}: the model ignores "
+                          f"{'them' if len(unused) > 1 else 'it'}")
+    op_types = check_not_unrolled(models, needs=None)
+    if not any(op in op_types for op in needs):
+        what = needs[0] if len(needs) == 1 else "Loop or recurrent"
+        raise CheckFailed(f"refusing to write a graph without a {what} node: the time loop was unrolled")
+    model = models[0]
+    set_io_shapes(model, {t["name"]: t["shape"] for t in signature["inputs"] + signature["outputs"]})
+    model.producer_name = "gru-deploy"
+    return model, op_types
 
 
 def check_not_unrolled(models: list["onnx.ModelProto"], needs: str | None = "Loop") -> dict[str, int]:
@@ -114,16 +167,6 @@ def check_not_unrolled(models: list["onnx.ModelProto"], needs: str | None = "Loo
     if needs is not None and needs not in counts[0]:
         raise CheckFailed(f"refusing to write a graph without a {needs} node: the time loop was unrolled")
     return counts[0]
-
-
-def apply_signature(model: "onnx.ModelProto", spec: ModelSpec) -> None:
-    """Write the spec's dims onto the graph's inputs and outputs (named dynamic dims, fixed sizes).
-
-    The exporter names some static sizes it could not infer through the Loop (e.g. h_n's
-    hidden size); the signature is the contract, so the graph states it exactly.
-    """
-    set_io_shapes(model, {value.name: spec.tensor(value.name)["shape"]
-                          for value in list(model.graph.input) + list(model.graph.output)})
 
 
 def set_io_shapes(model: "onnx.ModelProto", shapes: dict[str, list[Any]]) -> None:
@@ -160,14 +203,7 @@ def export_loop(
 ) -> ExportResult:
     """Export a scripted variant (classifier, stream, lengths) to an ONNX Loop graph, guarded and
     checked; `strategy` names the form (loop: projections hoisted; stepwise: per step)."""
-    import onnx
-
-    check_opset(opset)
-    models = [onnx.load_from_string(_export_once(scripted, spec, opset, n, variant)) for n in GUARD_LENGTHS]
-    op_types = check_not_unrolled(models)
-    model = models[0]
-    model.producer_name = "gru-deploy"
-    apply_signature(model, spec)
+    model, op_types = export_scripted(scripted, spec.signature(variant), opset)
     return finish_export(model, strategy, opset, op_types, metadata)
 
 # --- fused: the cell mapped onto ONNX's GRU operator --------------------------------------

@@ -11,19 +11,16 @@ float64 module.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN, STATE_OUT
-from gru_deploy.check.module_parity import (  # noqa: F401  (shared with export; callers read them here too)
-    LENGTHS_CASES, REFERENCE_FILE, REFERENCE_MAX_SEQ, STREAM_CASES, USER_CASES, Feed, UserSignature, as_outputs,
-    case_feed, case_input, failures, GOLDEN_FILE, golden_store, recording, reference_key, summarise, user_parity, user_runners,
-    verify_user_export)
+from gru_deploy.check.module_parity import (
+    GOLDEN_FILE, LENGTHS_CASES, REFERENCE_FILE, STREAM_CASES, USER_CASES, Feed, UserSignature, as_outputs, case_feed,
+    case_input, failures, golden_store, recording, summarise, user_parity, user_runners)
 from gru_deploy.check.recurrence import check_recurrence, source_line  # noqa: F401  (the recurrence check: check's)
 
 if TYPE_CHECKING:
@@ -106,85 +103,13 @@ def discover_signature(module: "torch.nn.Module", input_size: int, reference: st
     return UserSignature(inputs, outputs)
 
 
-@contextlib.contextmanager
-def _quiet_stdout_fd():
-    """Send file descriptor 1 (C++ writes too) to a scratch file for the duration."""
-    import os
-    import sys
-    import tempfile
-
-    sys.stdout.flush()
-    saved = os.dup(1)
-    with tempfile.TemporaryFile() as scratch:
-        os.dup2(scratch.fileno(), 1)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            os.dup2(saved, 1)
-            os.close(saved)
-
-
-def example_args(signature: UserSignature, seq: int) -> tuple["torch.Tensor", ...]:
-    """Example inputs at batch 2 for the exporter: x, and lengths (seq and seq - 1) when the
-    signature takes them."""
-    import torch
-
-    args = []
-    for tensor in signature.inputs:
-        if tensor["name"] == LENGTHS_NAME:
-            args.append(torch.tensor([seq, max(1, seq - 1)], dtype=torch.int64))
-        elif tensor["name"] == STATE_IN:
-            args.append(torch.zeros(2, *tensor["shape"][1:]))
-        else:
-            args.append(torch.zeros(2, seq, tensor["shape"][2]))
-    return tuple(args)
-
-
 def export_user_onnx(scripted: "torch.jit.ScriptModule", signature: UserSignature, opset: int,
                      kind: str = "user") -> tuple[bytes, dict]:
-    """The scripted module as ONNX (TorchScript exporter), exported at two example lengths and
-    refused when its node count changes between them or it holds no recurrence."""
-    import onnx
-    import torch
+    """The scripted module as ONNX (convert.graphs.export_scripted: exported at two example
+    lengths, refused when its node count changes between them or it holds no recurrence)."""
+    from gru_deploy.convert.graphs import export_scripted, finish_export
 
-    from gru_deploy.convert.graphs import (GUARD_LENGTHS, check_not_unrolled, check_opset, finish_export,
-                                           set_io_shapes)
-    from gru_deploy.convert.script import quiet_torchscript_deprecation
-
-    check_opset(opset)
-    models = []
-    for seq in GUARD_LENGTHS:
-        buffer = io.BytesIO()
-        # The exporter warns that a GRU/LSTM exported at batch 2 may fail at other batch sizes:
-        # the parity grid runs batches 1, 2 and 3 and is what decides, so the warning is not shown.
-        try:  # the exporter prints the whole IR graph on stdout (from C++) when it fails
-            with quiet_torchscript_deprecation(), _quiet_stdout_fd(), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*batch_size other than 1.*", category=UserWarning)
-                # a model.pt loaded back (verify --data) has no Python signature to read; x is given by position
-                warnings.filterwarnings("ignore", message="no signature found", category=UserWarning)
-                torch.onnx.export(scripted, example_args(signature, seq), buffer, dynamo=False,
-                                  opset_version=opset, input_names=[t["name"] for t in signature.inputs],
-                                  output_names=signature.output_names,
-                                  dynamic_axes=signature.dynamic_axes(), do_constant_folding=True)
-        except Exception as exc:
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            hint = (" (seen with a scripted torch.nn.GRUCell, whose forward compares input.dim() with a tuple: "
-                    "write the cell out, as the tutorial does, or use torch.nn.GRU)"
-                    if "expected node type prim::ListConstruct" in first else "")
-            raise CheckFailed(f"the ONNX exporter failed on the scripted model: {type(exc).__name__}: "
-                              f"{first[:300]}{hint}") from None
-        models.append(onnx.load_from_string(buffer.getvalue()))
-    unused = [t["name"] for t in signature.inputs if t["name"] not in {i.name for i in models[0].graph.input}]
-    if unused:  # the exporter drops an input the graph never reads
-        raise CheckFailed(f"the exported graph does not read its input(s) {unused}: the model ignores "
-                          f"{'them' if len(unused) > 1 else 'it'}")
-    op_types = check_not_unrolled(models, needs=None)
-    if not any(op in op_types for op in ONNX_RECURRENCE):
-        raise CheckFailed("refusing to write a graph without a Loop or recurrent node: the time loop was unrolled")
-    model = models[0]
-    set_io_shapes(model, {t["name"]: t["shape"] for t in signature.inputs + signature.outputs})
-    model.producer_name = "gru-deploy"
+    model, op_types = export_scripted(scripted, signature.to_dict(), opset, needs=ONNX_RECURRENCE)
     result = finish_export(model, "loop", opset, op_types, {"gru_deploy.model": kind})
     return result.onnx_bytes, {"opset": result.opset, "ir_version": result.ir_version,
                                "node_count": result.node_count, "op_types": result.op_types}
