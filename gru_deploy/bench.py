@@ -339,7 +339,8 @@ def run_module_bench(folder: Any, threads: int = 1, budget_s: float = 0.5,
     MODULE_SHAPES; the lengths model at (32, 100) with lengths spread over 1..100 beside the
     classifier on the same padded batch; the stream model per step at batch 1, raw
     (session.run) and through gru_deploy.Stream. Files are chosen through the manifest and
-    checked against it."""
+    checked against it. Over 60 lines: one timing run over the export's three models, each a
+    few lines of setup and a median."""
     from pathlib import Path
 
     import onnxruntime as ort

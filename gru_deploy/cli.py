@@ -254,6 +254,9 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
       gru-deploy export --checkpoint checkpoint.pt --strategy auto --typical-batch 32
       gru-deploy export --model my_models.py:TwoLayerGRU --checkpoint ck.pt --out mine/
       gru-deploy train --layers 2 --out two.pt && gru-deploy export --checkpoint two.pt --strategy auto
+    \f
+    Over 60 lines: the command's usage checks, the untrained default, and its human and --json
+    summaries; the work is api.export.
     """
     from gru_deploy.convert.graphs import check_opset
     from gru_deploy.check.verify import check_tolerances
@@ -356,6 +359,9 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
     Examples:
       gru-deploy verify exported/ --json > parity.json
       gru-deploy verify exported-edge.tar.gz
+    \f
+    Over 60 lines: the usage checks and the printing of three reports (a bundle's checks, a
+    module export's pairs, the tutorial grid's cases); the checks are api.verify.
     """
     import gru_deploy
     from gru_deploy.bundle.read import is_bundle

@@ -118,3 +118,31 @@ def test_the_checks_see_a_violation():
     assert [(m, t) for m, ts in edges.items() for t in ts if layer(t) > layer(m)] == [
         ("gru_deploy.check.x", "gru_deploy.serve.y")]
     assert circles(edges) == [{"gru_deploy.check.x", "gru_deploy.serve.y"}]
+
+
+# The issue's rule: a function over ~60 lines says in its docstring why it is that long.
+LONG_FUNCTION = 60
+REASON = "Over 60 lines:"
+
+
+def long_functions_without_a_reason(source: str, where: str) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            size = node.end_lineno - node.lineno + 1
+            if size > LONG_FUNCTION and REASON not in " ".join((ast.get_docstring(node) or "").split()):
+                found.append(f"{where}:{node.lineno} {node.name} ({size} lines)")
+    return found
+
+
+def test_every_long_function_says_why_in_its_docstring():
+    found = [f for path in sorted(PACKAGE.rglob("*.py"))
+             for f in long_functions_without_a_reason(path.read_text(), str(path.relative_to(PACKAGE)))]
+    assert found == [], f"over {LONG_FUNCTION} lines with no '{REASON}' in the docstring: {found}"
+
+
+def test_the_long_function_check_sees_one():
+    body = "\n".join(f"    x{i} = {i}" for i in range(LONG_FUNCTION))
+    assert long_functions_without_a_reason(f'def f():\n    """Short."""\n{body}\n', "m.py") == [
+        f"m.py:1 f ({LONG_FUNCTION + 2} lines)"]
+    assert long_functions_without_a_reason(f'def f():\n    """{REASON} why."""\n{body}\n', "m.py") == []

@@ -102,6 +102,8 @@ def rewrite_for_quantization(model: "onnx.ModelProto") -> tuple["onnx.ModelProto
     the rewrite → the original initializer / Constant names its values come from) and the
     number of Gemm nodes turned into MatMul. The fp32 function is unchanged: folding and
     transposing copy values, MatMul(+Add) is Gemm's definition for alpha=1, beta=1.
+    Over 60 lines: one walk over every graph and sub-graph, each rewrite a few lines where the
+    node is met.
     """
     import numpy as np
     import onnx
@@ -269,6 +271,8 @@ def quantize_int8(onnx_bytes: bytes) -> tuple[bytes, dict[str, Any]]:
     (the share of those bytes now stored as int8), size_before, size_after, op_types (after),
     the weights quantised / kept in fp32, and the IR version and opset. Raises CheckFailed
     when nothing was quantised or the result is not a valid model for the same opset.
+    Over 60 lines: the quantiser's one run, then each fact of the report computed from the
+    models before and after.
     """
     import json
 

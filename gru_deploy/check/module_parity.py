@@ -243,7 +243,9 @@ def user_parity(runners: dict[str, Callable], signature: UserSignature, atol: fl
     the tutorial model). Empty axes are not run: a user graph's recurrent kernel may abort on
     them (onnxruntime's GRU does). With `alone(feed, b)` (the lengths variant: the module in
     float64 on sample b alone, unpadded), float64's padded answer for each sample is held to it
-    too, on the sample's valid steps: padding must change nothing."""
+    too, on the sample's valid steps: padding must change nothing. Over 60 lines: the grid's
+    loops over cases, runners and outputs, with the rules for the reference evaluator's length
+    and for padding."""
     from gru_deploy.check.compare import compare
 
     skipped = {name: why for name, why in runners.items() if isinstance(why, str)}

@@ -87,7 +87,9 @@ def export_to_dir(
 
     `strategy` is loop, fused, stepwise or auto; auto checks every strategy's parity, times each at
     the `typical` (batch, seq) in onnxruntime and keeps the fastest. Raises CheckFailed
-    (and writes nothing) when a guard or the parity gate fails.
+    (and writes nothing) when a guard or the parity gate fails. Over 60 lines: the tutorial
+    model's front half (script, forms, auto per variant, parity), each step a call; write_export
+    writes the folder.
     """
     from gru_deploy.convert import script
     from gru_deploy.convert.graphs import check_opset

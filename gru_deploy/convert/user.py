@@ -401,7 +401,8 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
     all at once and only when every check passes; return the manifest. `labels`, `metrics`
     and `training` are recorded as given (a built-in family's checkpoint carries them).
     `strategy` loop, fused (where it applies) or auto (the faster of the two that pass parity
-    at `typical` (batch, seq))."""
+    at `typical` (batch, seq)). Over 60 lines: a module's front half (script, recurrence,
+    signature, forms, parity, hooks' variants), each step a call; write_export writes the folder."""
     from gru_deploy.check.verify import check_tolerances
     from gru_deploy.convert import script
     from gru_deploy.convert.folder import add_model, choose_fastest, time_strategies, write_export

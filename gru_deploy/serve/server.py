@@ -889,7 +889,8 @@ def config_json(message: Any) -> dict[str, Any]:
 def make_app(service: "Service | Model", limits: Limits | None = None, manage: bool = True) -> "web.Application":
     """The REST endpoint (KServe v2 / Triton HTTP, with the binary tensor extension) of `service`
     (a Model alone is served without sequences). `manage`: the app starts and stops the
-    service's batchers (False where the gRPC endpoint shares them and `serve` runs them)."""
+    service's batchers (False where the gRPC endpoint shares them and `serve` runs them).
+    Over 60 lines: the protocol's routes, each a few lines over Service and Model."""
     from aiohttp import web
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
