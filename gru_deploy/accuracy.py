@@ -72,7 +72,8 @@ def module_accuracy(folder: Path, manifest: dict[str, Any], data: str, test: str
     export's form) and int8 (onnxruntime's dynamic quantiser over the loop form, where it
     stores at least half the weight bytes as int8), with each one's argmax agreement with
     TorchScript. Variable-length data runs each sample at its own length, unpadded (samples of
-    one length batched together): these exports have no lengths variant. Over 60 lines: the
+    one length batched together), through the classifier: a module's lengths variant is
+    optional, so it is not the one measured. Over 60 lines: the
     data's fit to the model is checked first, then each runtime predicts the test split, one
     pass per sequence length."""
     import onnxruntime as ort
