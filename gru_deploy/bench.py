@@ -349,12 +349,11 @@ def run_module_bench(folder: Any, threads: int = 1, budget_s: float = 0.5,
     from gru_deploy.check.runners import session_options
     from gru_deploy.convert import script
     from gru_deploy.convert.user import UserSignature, case_feed
-    from gru_deploy.manifest import check_files, select_model, verified_path
-    from gru_deploy.serve.user import user_export
+    from gru_deploy.manifest import check_files, read_manifest, select_model, verified_path
     from gru_deploy.versions import library_versions
 
     folder = Path(folder)
-    manifest = user_export(folder)
+    manifest = read_manifest(folder)
     check_files(folder, manifest)
     step = progress or (lambda message: None)
     torch.set_num_threads(threads)

@@ -109,17 +109,3 @@ def check_module_graph(data: bytes, manifest: dict[str, Any], name: str, variant
     if not isinstance(recorded, (dict, list)):
         raise UserInputError(f"{where}: the manifest does not record {name}'s op types; re-export or re-package it")
     check_onnx_bytes(data, f"{path}: {name}", known=frozenset(recorded))
-
-
-def user_export(path: Path) -> dict[str, Any] | None:
-    """The manifest of an export folder of the user's own model; None for anything else (a
-    bundle, a tutorial export, a path that is not an export folder: the tutorial path reports
-    those)."""
-    from gru_deploy.bundle.read import is_bundle
-    from gru_deploy.manifest import MANIFEST_NAME, is_module_export, read_manifest
-
-    path = Path(path)
-    if not path.is_dir() or not (path / MANIFEST_NAME).is_file() or is_bundle(path):
-        return None
-    manifest = read_manifest(path)
-    return manifest if is_module_export(manifest) else None
