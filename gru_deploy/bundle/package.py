@@ -50,7 +50,8 @@ def chosen_models(source: dict[str, Any], target: str, where: str) -> list[Model
 
     name = model_name(source)
     out: list[Model] = []
-    for variant in (v for v in BUNDLE_VARIANTS if v in signatures_of(source)):
+    present = signatures_of(source)
+    for variant in (v for v in BUNDLE_VARIANTS if v in present):
         if target == "edge":
             onnx = select_model(source, variant, "onnx", where=where)
             out += [(onnx, onnx, variant, "onnx")] + [(n, n, variant, "ort") for n in find_models(source, variant, "ort")]
@@ -233,10 +234,11 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
     golden, entries = golden_files(cases, model_paths, int8, signatures)
     files.update(golden)
     references = {"fp32": source["golden"]["computed_by"]}
-    for variant, (q_path, q_bytes) in int8.items():
+    if int8:
         import onnxruntime
 
         references["int8"] = f"the int8 model in onnxruntime {onnxruntime.__version__}"
+    for variant, (q_path, q_bytes) in int8.items():
         step(f"judging {q_path} against the export's TorchScript on the int8 gate's sequences")
         gates = quantization["models"][q_path]["gates_vs_eager"] = int8_gates(export_dir, source, variant, q_bytes, files)
         for output, gate in gates.items():
