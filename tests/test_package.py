@@ -179,6 +179,19 @@ def test_package_refuses_an_export_with_a_bad_checksum(export_copy, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_an_export_without_golden_cases_is_refused_with_what_to_do(export_copy, tmp_path):
+    """An export made before the export chose its golden cases (no `golden` in its manifest, no
+    golden.npz): one line on stderr saying to re-export, exit 2, nothing written."""
+    data = json.loads((export_copy / "manifest.json").read_text())
+    del data["golden"], data["files"]["golden.npz"]
+    (export_copy / "golden.npz").unlink()
+    (export_copy / "manifest.json").write_text(json.dumps(data))
+    proc = run_cli("package", str(export_copy), "--target", "edge", "--out", str(tmp_path / "b"))
+    assert proc.returncode == 2 and "re-export with this gru-deploy" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "b").exists()
+
+
 # --- tampered and malformed bundles --------------------------------------------------------
 
 def _flip_byte(root):
