@@ -108,7 +108,7 @@ def int8_gates(export_dir: Path, source: dict[str, Any], variant: str, int8_byte
     against the export's TorchScript model of that variant in fp32 (checksum-verified: the
     model's source is not at hand when packaging). Returns the verdicts by output; their
     reference rows go into `files`."""
-    from gru_deploy.bundle.quantize import judge_int8
+    from gru_deploy.bundle.quantize import gated_outputs, judge_int8
     from gru_deploy.check.runners import run_module
     from gru_deploy.convert import script
     from gru_deploy.manifest import select_model, verified_path
@@ -116,7 +116,7 @@ def int8_gates(export_dir: Path, source: dict[str, Any], variant: str, int8_byte
     name = select_model(source, variant, "torchscript", where=str(export_dir))
     module = script.load(verified_path(export_dir, source, name))
     signature = signatures_of(source)[variant]
-    outputs = [o["name"] for o in signature["outputs"] if o["name"] != STATE_OUT]
+    outputs = gated_outputs(signature)
     state = next((tuple(t["shape"][1:]) for t in signature["inputs"] if t["name"] == STATE_IN), None)
     gates = {}
     for output, (gate, rows) in judge_int8(lambda feed: run_module(module, signature, feed), int8_bytes,

@@ -424,6 +424,14 @@ def judge_int8(reference: Any, int8_bytes: bytes, outputs: list[str], input_size
     return out
 
 
+def gated_outputs(signature: dict[str, Any]) -> list[str]:
+    """The outputs of a quantised model that the int8 gate judges: every one but the state
+    (h_n), which is carried, not read as an answer."""
+    from gru_deploy.spec import STATE_OUT
+
+    return [o["name"] for o in signature["outputs"] if o["name"] != STATE_OUT]
+
+
 def recorded_gates(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """A quantised model's recorded gate verdicts, by output: `gates_vs_eager`, or the one
     `gate_vs_eager` of a tutorial bundle (and of a module's bundle before per-output gates)."""

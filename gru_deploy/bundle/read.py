@@ -215,10 +215,9 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
     """Load every model and run the golden cases and int8 gates; with `not_run` (a list), the
     TorchScript models are not loaded, each recorded there instead. Over 60 lines: every
     failure is recorded as a check with its own message, not raised, so the report is whole."""
-    from gru_deploy.bundle.quantize import recorded_gates, rejudge_int8
+    from gru_deploy.bundle.quantize import gated_outputs, recorded_gates, rejudge_int8
     from gru_deploy.check.compare import compare
     from gru_deploy.manifest import answers_empty
-    from gru_deploy.spec import STATE_OUT
 
     empty = answers_empty(manifest)  # the export's grid ran empty sequences and lengths of 0
     sessions = {}
@@ -277,7 +276,7 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
     for model, record in (quantization.get("models") or {}).items():
         recorded = recorded_gates(record)  # each output but the state has its own gate
         signature = manifest["signatures"][(manifest["models"].get(model) or {}).get("variant", "classifier")]
-        gates = {o["name"]: recorded.get(o["name"], {}) for o in signature["outputs"] if o["name"] != STATE_OUT}
+        gates = {name: recorded.get(name, {}) for name in gated_outputs(signature)}
         for output, gate in gates.items():
             named = f" ({output})" if len(gates) > 1 else ""
             check = f"int8 gate: {model}{named} vs {gate.get('reference', 'eager')} on the int8 gate's sequences"

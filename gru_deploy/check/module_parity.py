@@ -86,11 +86,20 @@ def golden_key(case: str, kind: str, tensor: str) -> str:
     return f"{case}/{kind}/{tensor}"
 
 
+def npz_bytes(arrays: dict[str, "np.ndarray"]) -> bytes:
+    """Arrays as the bytes of one .npz file."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
 def golden_store(cases: list[tuple[str, str, Feed, dict[str, "np.ndarray"]]]) -> tuple[bytes, dict[str, Any]]:
     """(name, variant, inputs, eager outputs) per golden case -> GOLDEN_FILE's bytes and the
     manifest's `golden` record."""
-    import io
-
     import numpy as np
     import torch
 
@@ -100,9 +109,7 @@ def golden_store(cases: list[tuple[str, str, Feed, dict[str, "np.ndarray"]]]) ->
         for kind, values in (("inputs", inputs), ("outputs", outputs)):
             arrays.update({golden_key(name, kind, k): np.ascontiguousarray(v) for k, v in values.items()})
         record.append({"name": name, "variant": variant, "inputs": list(inputs), "outputs": list(outputs)})
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue(), {"file": GOLDEN_FILE, "computed_by": f"eager PyTorch {torch.__version__}", "cases": record}
+    return npz_bytes(arrays), {"file": GOLDEN_FILE, "computed_by": f"eager PyTorch {torch.__version__}", "cases": record}
 
 
 def golden_load(folder: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:

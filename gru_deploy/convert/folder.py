@@ -136,7 +136,7 @@ def export_to_dir(
     models: dict[str, dict[str, Any]] = {}
     variants: dict[str, Any] = {}
     add_model(files, models, variants, "classifier", pt_bytes, result.onnx_bytes, result.strategy,
-              graph_record(result), spec.signature())
+              result.record(), spec.signature())
     for variant in VARIANTS:
         module = script.torchscript(as_variant(model, variant))
         forms = VARIANT_FORMS[strategy]
@@ -161,7 +161,7 @@ def export_to_dir(
                 step)
             variant_auto = {**workload, "threads": 1, **variant_auto}
         add_model(files, models, variants, variant, script.to_bytes(module), built[form].onnx_bytes, form,
-                  graph_record(built[form]), spec.signature(variant), auto=variant_auto)
+                  built[form].record(), spec.signature(variant), auto=variant_auto)
     notes: list[str] = []
     deprecations = script.take_deprecations()
     if deprecations:
@@ -288,12 +288,6 @@ def time_strategies(models: dict[str, bytes], signature: dict[str, Any], typical
         session = ort.InferenceSession(onnx_bytes, session_options(1), providers=["CPUExecutionProvider"])
         timings[name] = round(median_us(lambda: session.run(outputs, feed), budget_s), 1)
     return timings
-
-
-def graph_record(result: "ExportResult") -> dict[str, Any]:
-    """What the manifest records of a built graph."""
-    return {"opset": result.opset, "ir_version": result.ir_version, "node_count": result.node_count,
-            "op_types": result.op_types}
 
 
 def add_model(files: dict[str, bytes], models: dict[str, Any], variants: dict[str, Any], variant: str,

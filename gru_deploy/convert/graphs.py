@@ -47,6 +47,11 @@ class ExportResult:
     node_count: int
     op_types: dict[str, int] = field(default_factory=dict)
 
+    def record(self) -> dict[str, Any]:
+        """What the manifest records of the graph."""
+        return {"opset": self.opset, "ir_version": self.ir_version, "node_count": self.node_count,
+                "op_types": self.op_types}
+
 
 def min_ir_version(opset: int) -> int:
     """The lowest ONNX IR version that can carry `opset` (from onnx's own version table):

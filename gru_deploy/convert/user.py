@@ -12,7 +12,6 @@ float64 module.
 from __future__ import annotations
 
 import copy
-import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -20,7 +19,7 @@ from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN, STATE_OUT
 from gru_deploy.check.module_parity import (
     GOLDEN_FILE, LENGTHS_CASES, REFERENCE_FILE, STREAM_CASES, USER_CASES, Feed, UserSignature, as_outputs, case_feed,
-    case_input, failures, golden_store, recording, summarise, user_parity, user_runners)
+    case_input, failures, golden_store, npz_bytes, recording, summarise, user_parity, user_runners)
 from gru_deploy.check.recurrence import check_recurrence, source_line  # noqa: F401  (the recurrence check: check's)
 
 if TYPE_CHECKING:
@@ -111,8 +110,7 @@ def export_user_onnx(scripted: "torch.jit.ScriptModule", signature: UserSignatur
 
     model, op_types = export_scripted(scripted, signature.to_dict(), opset, needs=ONNX_RECURRENCE)
     result = finish_export(model, "loop", opset, op_types, {"gru_deploy.model": kind})
-    return result.onnx_bytes, {"opset": result.opset, "ir_version": result.ir_version,
-                               "node_count": result.node_count, "op_types": result.op_types}
+    return result.onnx_bytes, result.record()
 
 
 # --- parity ---------------------------------------------------------------------------------
@@ -131,14 +129,6 @@ STATE_HOOK = "initial_state"
 # forward's answer, and chunks of these sizes carried through h_n are the one pass.
 CHUNK_SIZES = (1, 7)
 CONTRACT_CASES = ((2, 9), (1, 100))
-
-
-def npz_bytes(arrays: dict[str, "np.ndarray"]) -> bytes:
-    import numpy as np
-
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
 
 
 # --- the export folder ----------------------------------------------------------------------
@@ -224,8 +214,7 @@ def build_fused_graph(model: "UserModel", signature: UserSignature, opset: int,
                                      opset, variant=variant)
     result = finish_export(onnx_model, "fused", opset, count_ops(onnx_model.graph),
                            {"gru_deploy.model": model.record()["kind"]})
-    return result.onnx_bytes, {"opset": result.opset, "ir_version": result.ir_version,
-                               "node_count": result.node_count, "op_types": result.op_types}
+    return result.onnx_bytes, result.record()
 
 
 def _tutorial_cell_family(model: "UserModel") -> bool:
