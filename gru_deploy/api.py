@@ -101,7 +101,8 @@ def verify(path: str | Path, atol: float = 1e-5, rtol: float = 1e-5, data: str |
     JUnit XML (before the accuracy is measured: a failing run is when CI needs it)."""
     from gru_deploy.bundle.read import is_bundle, verify_bundle
     from gru_deploy.accuracy import deployment_accuracy, module_accuracy
-    from gru_deploy.check.verify import check_tolerances, user_export_parity, verify_export
+    from gru_deploy.check.grid import check_tolerances
+    from gru_deploy.check.verify import user_export_parity, verify_export
     from gru_deploy.manifest import atomic_write_bytes, read_manifest
 
     path = Path(path)
@@ -114,21 +115,20 @@ def verify(path: str | Path, atol: float = 1e-5, rtol: float = 1e-5, data: str |
         raise UserInputError("trust_torchscript applies to bundles; an export folder's TorchScript is loaded as "
                              "part of its parity grid")
     check_tolerances(atol, rtol)
-    user = user_export_parity(path, atol, rtol, on_case=on_case)
-    if user is not None:
-        if junit_xml is not None:
-            from gru_deploy.check.junit import module_report_as_cases, parity_junit_xml
-
-            atomic_write_bytes(Path(junit_xml), parity_junit_xml(module_report_as_cases(user),
-                                                                 f"gru-deploy verify {path}"))
-        accuracy = module_accuracy(path, read_manifest(path), data, test) if data and user["passed"] else None
-        return {**user, "deployment_accuracy": accuracy}
-    report = verify_export(path, atol=atol, rtol=rtol, on_case=on_case).to_json()
+    parity = user_export_parity(path, atol, rtol, on_case=on_case)
+    module = parity is not None  # a built-in family's or your own model's export: its stored float64 reference
+    report = (parity if module else verify_export(path, atol=atol, rtol=rtol, on_case=on_case)).to_json()
     if junit_xml is not None:
         from gru_deploy.check.junit import parity_junit_xml
 
         atomic_write_bytes(Path(junit_xml), parity_junit_xml(report, f"gru-deploy verify {path}"))
-    return {**report, "deployment_accuracy": deployment_accuracy(path, data, test) if data else None}
+    if not data:
+        accuracy = None
+    elif module:
+        accuracy = module_accuracy(path, read_manifest(path), data, test) if report["passed"] else None
+    else:
+        accuracy = deployment_accuracy(path, data, test)
+    return {**report, "deployment_accuracy": accuracy}
 
 
 def package(export_dir: str | Path, target: str, out: str | Path | None = None, quantize: str | None = None,

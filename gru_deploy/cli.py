@@ -259,7 +259,7 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
     summaries; the work is api.export.
     """
     from gru_deploy.convert.graphs import check_opset
-    from gru_deploy.check.verify import check_tolerances
+    from gru_deploy.check.grid import check_tolerances
 
     import gru_deploy
     from gru_deploy.models.user import parse_model_args
@@ -310,15 +310,11 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
     summary = manifest["parity"]["summary"]
     worst_pair = max(summary, key=lambda k: summary[k]["max_abs"])
     cases = len(json.loads((out / "parity.json").read_text())["cases"])
-    from gru_deploy.check.verify import tolerance_line
+    from gru_deploy.check.grid import tolerance_line
 
     click.echo(f"parity holds: {len(summary)} comparisons over {cases} cases; worst max abs error "
                f"{summary[worst_pair]['max_abs']:.2e} ({worst_pair}); {tolerance_line(manifest['parity'])}; "
                f"details in {out / 'parity.json'}")
-    for variant, report in (manifest["parity"].get("variants") or {}).items():  # a module's variants
-        worst = max(report["summary"], key=lambda k: report["summary"][k]["max_abs"])
-        click.echo(f"{variant} variant: parity holds: {len(report['summary'])} comparisons; worst max abs error "
-                   f"{report['summary'][worst]['max_abs']:.2e} ({worst})")
 
 
 @cli.command()
@@ -400,49 +396,34 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
     accuracy = report["deployment_accuracy"]
     if as_json:
         _emit_json(report)
-    if "results" in report:  # a module's export (a built-in family or your own model)
-        parts = [("", report)] + [(f"{v}: ", r) for v, r in (report.get("variants") or {}).items()]
-        if not as_json:
-            for variant, part in parts:
-                for pair, s in part["summary"].items():
-                    click.echo(f"{'ok  ' if s['passed'] else 'FAIL'} {variant + pair:<54} max abs {s['max_abs']:.2e}  "
-                               f"atol {s.get('applied_atol', part['atol']):.2e}  ({s['cases']} cases)")
-            if accuracy:
-                click.echo(f"accuracy on {accuracy['data']} test split ({accuracy['test_samples']} samples"
-                           f"{', each at its own length' if accuracy['variable_length'] else ''}):")
-                for name, row in accuracy["runtimes"].items():
-                    click.echo(f"  {name:<36} {row['accuracy']:.1%}  (agrees with TorchScript on "
-                               f"{row['agreement_with_torchscript']:.1%})")
-                for note in accuracy["notes"]:
-                    click.echo(f"  note: {note}")
-        if not report["passed"]:
-            raise CheckFailed(f"parity failed for {path}: " + "; ".join(
-                f"{variant}{k}: max abs {v['max_abs']:.3g} (atol {v.get('applied_atol', part['atol']):.3g}, rtol "
-                f"{part['rtol']:g})" for variant, part in parts for k, v in part["summary"].items() if not v["passed"]))
-    else:
-        from gru_deploy.check.verify import failure_lines
+    from gru_deploy.check.grid import failure_lines
 
-        def number(value: Any) -> str:
-            return "inf" if value is None else f"{value:.2e}"
+    def number(value: Any) -> str:
+        return "inf" if value is None else f"{value:.2e}"
 
-        if not as_json:
-            for pair, s in report["summary"].items():
-                click.echo(f"{'ok  ' if s['passed'] else 'FAIL'} {pair:<42} max abs {number(s['max_abs'])}  "
-                           f"p99 abs {number(s['p99_abs'])}  min atol {number(s['min_atol'])}  "
-                           f"atol applied {number(s['applied_atol'])}  "
-                           f"argmax {s['argmax_agreement']:.0%}  ({s['cases']} cases)")
-            for case in report.get("unverifiable") or []:
-                click.echo(f"UNVERIFIABLE {case['variant']} batch={case['batch']} seq={case['seq']}: "
-                           + "; ".join(f"{out}: {why}" for out, why in case["outputs"].items()))
-            if accuracy:
-                click.echo(f"accuracy on {accuracy['data']} test split ({accuracy['test_samples']} samples):")
-                for name, row in accuracy["runtimes"].items():
-                    click.echo(f"  {name:<36} {row['accuracy']:.1%}  (agrees with eager on "
-                               f"{row['agreement_with_eager']:.1%})")
-        if not report["passed"]:
-            raise CheckFailed(f"parity failed for {path}: " + "; ".join(failure_lines(report["summary"])))
     if not as_json:
-        from gru_deploy.check.verify import tolerance_line
+        for pair, s in report["summary"].items():
+            click.echo(f"{'ok  ' if s['passed'] else 'FAIL'} {pair:<42} max abs {number(s['max_abs'])}  "
+                       f"p99 abs {number(s['p99_abs'])}  min atol {number(s['min_atol'])}  "
+                       f"atol applied {number(s['applied_atol'])}  "
+                       f"argmax {s['argmax_agreement']:.0%}  ({s['cases']} cases)")
+        for case in report.get("unverifiable") or []:
+            click.echo(f"UNVERIFIABLE {case['variant']} batch={case['batch']} seq={case['seq']}: "
+                       + "; ".join(f"{out}: {why}" for out, why in case["outputs"].items()))
+        if accuracy:
+            reference = "eager" if "agreement_with_eager" in next(iter(accuracy["runtimes"].values())) \
+                else "torchscript"
+            click.echo(f"accuracy on {accuracy['data']} test split ({accuracy['test_samples']} samples"
+                       f"{', each at its own length' if accuracy.get('variable_length') else ''}):")
+            for name, row in accuracy["runtimes"].items():
+                click.echo(f"  {name:<36} {row['accuracy']:.1%}  (agrees with {reference} on "
+                           f"{row['agreement_with_' + reference]:.1%})")
+            for note in accuracy.get("notes") or []:
+                click.echo(f"  note: {note}")
+    if not report["passed"]:
+        raise CheckFailed(f"parity failed for {path}: " + "; ".join(failure_lines(report["summary"])))
+    if not as_json:
+        from gru_deploy.check.grid import tolerance_line
 
         click.echo(f"parity holds for {path}: {tolerance_line(report)}")
 

@@ -16,6 +16,7 @@ from gru_deploy.bundle.package import package
 from gru_deploy.bundle.read import verify_bundle
 from gru_deploy.check.module_parity import golden_load
 from gru_deploy.check.runners import eager_runner, run_module
+from gru_deploy.check.grid import pair_key
 from gru_deploy.manifest import read_manifest
 from gru_deploy.models.variants import LengthsOf, StreamOf
 from gru_deploy.spec import STATE_OUT
@@ -90,3 +91,54 @@ def test_every_model_is_bundled_by_one_builder_to_the_same_promises(exports, kin
     assert report["passed"] and report["not_run"] == []
     formats = {(m["variant"], m["format"]) for m in manifest["models"].values()}
     assert formats == {(v, f) for v in variants for f in ("onnx", "torchscript") if (v, f) != ("stream", "torchscript")}
+
+
+REPORT_KEYS = {"passed", "atol", "rtol", "applied_atol", "noise_ceiling_fraction", "verified_max_seq", "unverifiable",
+               "notes", "summary", "cases"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_model_is_proved_by_one_parity_grid_to_one_report(exports, kind, tmp_path):
+    """check.grid.run_parity is every model's grid: parity.json has one shape, the manifest
+    keeps it less the cases, verify re-runs it on the files, and a wrong ONNX weight fails it
+    with the pair named, in the CLI's lines and in JUnit XML alike."""
+    import shutil
+    import xml.etree.ElementTree as ET
+
+    import onnx
+    from onnx import numpy_helper
+
+    from gru_deploy.manifest import atomic_write_json, sha256_file
+
+    folder, _ = exports[kind]
+    manifest = read_manifest(folder)
+    parity = json.loads((folder / "parity.json").read_text())
+    assert set(parity) == REPORT_KEYS and parity["passed"]
+    assert {k: v for k, v in parity.items() if k != "cases"} == manifest["parity"]
+    variants = {"classifier", *(manifest.get("variants") or {})}
+    assert set(parity["verified_max_seq"]) == {c["variant"] for c in parity["cases"]} == variants
+    verified = gru_deploy.verify(folder)
+    assert verified["passed"] and set(verified) - {"deployment_accuracy"} == REPORT_KEYS
+    first = manifest["signature"]["outputs"][0]["name"]
+    for variant in variants:  # the files' float64 -> onnxruntime comparison, made at export and at verify
+        key = pair_key("" if variant == "classifier" else f"{variant}:", "float64", "onnxruntime", first)
+        assert key in parity["summary"] and key in verified["summary"], key
+
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    model = onnx.load(bad / "model.onnx")
+    weight = max((t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT),
+                 key=lambda t: int(np.prod(t.dims)))
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) + np.float32(0.05), weight.name))
+    onnx.save(model, bad / "model.onnx")
+    tampered = json.loads((bad / "manifest.json").read_text())
+    tampered["files"]["model.onnx"] = {"sha256": sha256_file(bad / "model.onnx"),
+                                       "size": (bad / "model.onnx").stat().st_size}
+    atomic_write_json(bad / "manifest.json", tampered)
+    junit = tmp_path / "junit.xml"
+    report = gru_deploy.verify(bad, junit_xml=junit)
+    failed = {k for k, s in report["summary"].items() if not s["passed"]}
+    assert not report["passed"] and pair_key("", "float64", "onnxruntime", first) in failed
+    assert not any(":" in k for k in failed)  # the classifier's graph was changed, not a variant's
+    root = ET.parse(junit).getroot()
+    assert {t.get("classname") for t in root.iter("testcase") if t.find("failure") is not None} == failed

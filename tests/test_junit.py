@@ -53,10 +53,10 @@ def test_the_junit_module_loads_neither_torch_nor_numpy():
 def passing_report(export_dir: Path) -> dict[str, Any]:
     """A real parity report over the session export's files, on a few small cases."""
     from gru_deploy.spec import ModelSpec
-    from gru_deploy.check.verify import export_runners, run_parity
+    from gru_deploy.check.verify import export_runners, tutorial_grid
 
     manifest = read_manifest(export_dir)
-    report = run_parity(export_runners(export_dir, manifest), ModelSpec.from_dict(manifest["config"]),
+    report = tutorial_grid(export_runners(export_dir, manifest), ModelSpec.from_dict(manifest["config"]),
                         cases=[(1, 0), (3, 7), (2, 30)])
     assert report
     return report.to_json()

@@ -48,12 +48,13 @@ def test_the_hook_exports_a_lengths_variant_proved_padded_equals_alone(tagger):
     assert [t["name"] for t in lengths["signature"]["inputs"]] == ["x", "lengths"]
     assert lengths["signature"]["outputs"] == manifest["signature"]["outputs"]  # per step: [batch, seq, 3]
     assert {m["variant"] for m in manifest["models"].values()} == {"classifier", "lengths", "stream"}
-    parity = json.loads((tagger / "parity.json").read_text())["variants"]["lengths"]
-    assert parity["passed"] and max(s for _, s in parity["cases"]) == 2048
-    assert parity["summary"]["float64 alone->float64 padded[logits]"]["max_abs"] <= 1e-9
-    for key, entry in parity["summary"].items():
+    parity = json.loads((tagger / "parity.json").read_text())
+    assert parity["passed"] and parity["verified_max_seq"]["lengths"] == 2048
+    summary = {k: e for k, e in parity["summary"].items() if k.startswith("lengths:")}
+    assert summary["lengths:float64 alone->float64 padded"]["max_abs"] <= 1e-9
+    for key, entry in summary.items():
         assert entry["max_abs"] <= 1e-5, (key, entry)
-    assert {k.split("->")[1].split("[")[0] for k in parity["summary"]} >= {"onnxruntime", "onnx-reference"}
+    assert {k.split("->")[1].split("[")[0] for k in summary} >= {"onnxruntime", "onnx-reference"}
 
 
 def test_a_hook_that_lets_padding_leak_is_refused(tmp_path):
@@ -74,7 +75,8 @@ def test_verify_rechecks_the_lengths_variant_and_catches_a_tampered_reference(ta
 
     proc = run_cli("verify", str(tagger), "--json")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["variants"]["lengths"]["passed"]
+    report = json.loads(proc.stdout)
+    assert report["passed"] and report["summary"]["lengths:float64->onnxruntime"]["passed"]
     bad = tmp_path / "bad"
     shutil.copytree(tagger, bad)
     with np.load(bad / "reference_float64.npz") as data:
@@ -88,12 +90,12 @@ def test_verify_rechecks_the_lengths_variant_and_catches_a_tampered_reference(ta
     atomic_write_json(bad / "manifest.json", manifest)
     junit = tmp_path / "parity-junit.xml"
     proc = run_cli("verify", str(bad), "--junit-xml", str(junit))
-    assert proc.returncode == 1 and "lengths: float64->" in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and "lengths:float64->" in proc.stderr, proc.stderr
     import xml.etree.ElementTree as ET  # CI's view of the same failure: the lengths pairs, by case
 
     root = ET.parse(junit).getroot()
     failed = [t.get("classname") for t in root.iter("testcase") if t.find("failure") is not None]
-    assert failed and all(name.startswith("lengths: float64->") for name in failed)
+    assert failed and all(name.startswith("lengths:float64->") for name in failed)
     assert int(root.get("failures")) == len(failed) and int(root.get("tests")) > len(failed)
 
 

@@ -23,14 +23,16 @@ def test_the_hooks_export_a_stream_variant_whose_promise_is_checked(tagger):  # 
     assert [t["name"] for t in stream["signature"]["inputs"]] == ["x", "h0"]
     assert [t["name"] for t in stream["signature"]["outputs"]] == ["logits", "h_n"]
     assert stream["signature"]["inputs"][1]["shape"] == ["batch", 6]
-    parity = json.loads((tagger / "parity.json").read_text())["variants"]["stream"]
-    assert parity["passed"] and max(s for _, s in parity["cases"]) == 2048
-    for key in ("float64 forward->float64 stream[logits]", "float64 one pass->float64 chunks of 1[logits]",
-                "float64 one pass->float64 chunks of 7[h_n]"):
+    parity = json.loads((tagger / "parity.json").read_text())
+    assert parity["passed"] and parity["verified_max_seq"]["stream"] == 2048
+    for key in ("stream:float64 forward->float64 stream", "stream:float64 one pass->float64 chunks of 1",
+                "stream:float64 one pass->float64 chunks of 7[h_n]"):
         assert parity["summary"][key]["max_abs"] <= 1e-9, key
-    assert all(e["max_abs"] <= 1e-5 for e in parity["summary"].values())
+    stream = {k: e for k, e in parity["summary"].items() if k.startswith("stream:")}
+    assert "stream:float64->onnxruntime[h_n]" in stream and all(e["max_abs"] <= 1e-5 for e in stream.values())
     proc = run_cli("verify", str(tagger), "--json")
-    assert proc.returncode == 0 and json.loads(proc.stdout)["variants"]["stream"]["passed"]
+    verified = json.loads(proc.stdout)
+    assert proc.returncode == 0 and verified["passed"] and "stream:torchscript->onnxruntime[h_n]" in verified["summary"]
 
 
 def test_a_stream_hook_that_forgets_its_state_is_refused(tmp_path):
@@ -118,8 +120,8 @@ def test_the_fused_family_streams_through_gru_nodes_from_every_layers_state(tmp_
     grus = [n for g in all_graphs(graph) for n in g.node if n.op_type == "GRU"]
     assert len(grus) == 2 and all(len(n.input) == 6 and n.input[5] for n in grus)  # initial_h given
     assert not any(n.op_type == "Loop" for g in all_graphs(graph) for n in g.node)
-    parity = json.loads((out / "parity.json").read_text())["variants"]["stream"]
-    assert parity["passed"] and "float64->onnxruntime[h_n]" in parity["summary"]
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"] and "stream:float64->onnxruntime[h_n]" in parity["summary"]
     x = np.random.default_rng(8).standard_normal((2, 9, 3)).astype(np.float32)
     h0 = np.random.default_rng(9).uniform(-1, 1, (2, 2, 5)).astype(np.float32)
     with torch.no_grad():
@@ -170,7 +172,7 @@ def test_the_family_exports_stepwise_with_every_variant_projecting_inside_its_lo
         (stepwise_mm, loops), (loop_mm, _) = body_matmuls(tmp_path / "stepwise", name), body_matmuls(tmp_path / "loop", name)
         assert loops == 2 and stepwise_mm > loop_mm, name  # one Loop per layer
     parity = json.loads((tmp_path / "stepwise" / "parity.json").read_text())
-    assert parity["passed"] and all(v["passed"] for v in parity["variants"].values())
+    assert parity["passed"] and {k.split(":")[0] for k in parity["summary"] if ":" in k} == {"lengths", "stream"}
     with pytest.raises(gru_deploy.UserInputError, match="not a tutorial-cell family model"):
         gru_deploy.export(torch.nn.GRU(3, 5), out=tmp_path / "x", strategy="stepwise")
 

@@ -15,7 +15,7 @@ from gru_deploy.manifest import atomic_write_json, read_manifest, sha256_file
 from gru_deploy.check.runners import Runner
 from gru_deploy.spec import ModelSpec
 from gru_deploy.check.verify import (GRID_BATCHES, GRID_SEQS, VARIANT_CASES, export_runners, grid_cases, make_input,
-                               run_parity, verify_export)
+                               tutorial_grid, verify_export)
 
 
 def test_export_dir_holds_its_files_and_a_complete_manifest(export_dir):
@@ -82,13 +82,13 @@ class Offset(Runner):
 def test_a_wrong_runtime_fails_and_the_worst_case_is_named(export_dir):
     runners = export_runners(export_dir, read_manifest(export_dir))
     runners = {"eager": runners["eager"], "onnxruntime": Offset(runners["onnxruntime"], 1e-3)}
-    report = run_parity(runners, ModelSpec(labels=read_manifest(export_dir)["labels"]), cases=[(1, 1), (3, 7)])
+    report = tutorial_grid(runners, ModelSpec(labels=read_manifest(export_dir)["labels"]), cases=[(1, 1), (3, 7)])
     assert not report
     [line] = report.failures()
     assert "eager->onnxruntime" in line and "batch=3 seq=7" in line
     assert report.summary()["eager->onnxruntime"]["min_atol"] == pytest.approx(1e-3, rel=1e-2)
     # The same runtime passes with a tolerance above its error.
-    assert run_parity(runners, ModelSpec(), cases=[(3, 7)], atol=2e-3, rtol=0)
+    assert tutorial_grid(runners, ModelSpec(), cases=[(3, 7)], atol=2e-3, rtol=0)
 
 
 def test_verify_fails_on_a_model_that_computes_something_else(export_copy, tmp_path):
@@ -195,7 +195,7 @@ def test_noise_above_the_ceiling_is_unverifiable_never_passed(ill_conditioned_ex
     manifest = read_manifest(ill_conditioned_export)
     spec = ModelSpec.from_dict(manifest["config"])
     runners = export_runners(ill_conditioned_export, manifest)
-    report = run_parity(runners, spec, cases=[(64, 100), (2, 1000)], seed=13)  # the grid's seed for 64 x 100
+    report = tutorial_grid(runners, spec, cases=[(64, 100), (2, 1000)], seed=13)  # the grid's seed for 64 x 100
     loud, long_case = report.cases
     assert set(loud["unverifiable"]) == {"logits"} and "ceiling" in loud["unverifiable"]["logits"]
     assert loud["pairs"] == {} and set(loud["unverified_pairs"]) >= {"eager->onnxruntime", "float64->onnxruntime"}
@@ -206,7 +206,7 @@ def test_noise_above_the_ceiling_is_unverifiable_never_passed(ill_conditioned_ex
 
 
 def test_an_ill_conditioned_export_records_how_far_it_is_verified(ill_conditioned_export, tmp_path):
-    from gru_deploy.check.verify import NOISE_CAP_FRACTION
+    from gru_deploy.check.grid import NOISE_CAP_FRACTION
 
     manifest = read_manifest(ill_conditioned_export)
     parity = manifest["parity"]

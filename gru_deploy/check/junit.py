@@ -71,20 +71,3 @@ def parity_junit_xml(report_json: dict[str, Any], name: str = "gru-deploy parity
         element.attrib.update(counts)
     ET.indent(root)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
-
-
-def module_report_as_cases(report: dict[str, Any]) -> dict[str, Any]:
-    """A module export's parity report (convert.user.user_parity: a flat "results" list, its
-    variants under "variants") in the shape parity_junit_xml reads: one case per (variant,
-    batch, seq), its pairs named "<variant>: <pair>" for a variant."""
-    cases: dict[tuple[str, int, int], dict[str, Any]] = {}
-    reports = [("", report)] + [(f"{name}: ", r) for name, r in (report.get("variants") or {}).items()]
-    for prefix, part in reports:
-        for result in part["results"]:
-            case = cases.setdefault((prefix, result["batch"], result["seq"]),
-                                    {"batch": result["batch"], "seq": result["seq"], "pairs": {}})
-            comparison = {k: v for k, v in result.items() if k not in ("pair", "batch", "seq")}
-            case["pairs"][prefix + result["pair"]] = comparison
-    return {"atol": report.get("atol"), "rtol": report.get("rtol"), "applied_atol": report.get("applied_atol"),
-            "verified_max_seq": report.get("verified_max_seq"), "passed": report.get("passed"),
-            "cases": list(cases.values())}

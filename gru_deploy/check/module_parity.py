@@ -18,13 +18,12 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from gru_deploy.check.grid import ParityReport
+
 
 # The parity grid for user models: (batch, seq); the onnx reference evaluator (pure Python)
-# runs up to REFERENCE_MAX_SEQ steps.
+# runs on the cases up to 100 steps (REFERENCE_MAX_CELLS).
 USER_CASES = ((1, 1), (3, 7), (2, 100), (1, 2048))
-
-
-REFERENCE_MAX_SEQ = 100
 
 
 @dataclass
@@ -155,15 +154,26 @@ def case_feed(signature: UserSignature, batch: int, seq: int) -> Feed:
     return feed
 
 
+class Call:
+    """A runner over one runtime of a module: `run(feed) -> every output by name`, as
+    check.grid.run_parity takes it; `unsupported` says why it cannot judge the model."""
+
+    def __init__(self, name: str, run: Callable[[Feed], dict[str, "np.ndarray"]] | None = None,
+                 unsupported: str = "") -> None:
+        self.name, self._run, self.unsupported = name, run, unsupported
+
+    def run(self, feed: Feed) -> dict[str, "np.ndarray"]:
+        return self._run(feed)  # type: ignore[misc]
+
+
 def user_runners(module: "torch.nn.Module | None", scripted: "torch.jit.ScriptModule", onnx_bytes: bytes,
                  signature: UserSignature, stored: dict[str, "np.ndarray"] | None = None,
-                 method: str = "forward", variant: str = "classifier"
-                 ) -> dict[str, Callable[[Feed], list["np.ndarray"]]]:
-    """Callables of a feed (numpy, by input name) returning every output as numpy: eager and
-    float64 (the user's module's `method`, and a float64 copy of it) when the module is at
-    hand, TorchScript, onnxruntime and onnx's reference evaluator. Without the module
+                 method: str = "forward", variant: str = "classifier") -> dict[str, Call]:
+    """Runners of a feed (numpy, by input name) returning every output as float64 numpy by name:
+    eager and float64 (the user's module's `method`, and a float64 copy of it) when the module
+    is at hand, TorchScript, onnxruntime and onnx's reference evaluator. Without the module
     (verify), float64 answers from `stored`: the float64 outputs the export computed from the
-    module (REFERENCE_FILE)."""
+    module (REFERENCE_FILE). Over 60 lines: one small adapter per runtime, each a few lines."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -173,39 +183,57 @@ def user_runners(module: "torch.nn.Module | None", scripted: "torch.jit.ScriptMo
     from gru_deploy.check.runners import reference_gaps, session_options
 
     names_in = [t["name"] for t in signature.inputs]
+    names = signature.output_names
 
-    def torch_call(fn: Any, dtype: "torch.dtype") -> Callable:
-        def run(feed: Feed) -> list["np.ndarray"]:
+    def torch_call(fn: Any, dtype: "torch.dtype") -> Callable[[Feed], dict[str, "np.ndarray"]]:
+        def run(feed: Feed) -> dict[str, "np.ndarray"]:
             args = [torch.from_numpy(feed[n]) for n in names_in]
             args = [a.to(dtype) if a.is_floating_point() else a for a in args]
             with torch.no_grad():
                 out = as_outputs(fn(*args), "the model")
-            return [o.detach().double().numpy() for o in out]
+            return {name: o.detach().double().numpy() for name, o in zip(names, out)}
         return run
+
+    def float64_call(fn: Any) -> Callable[[Feed], dict[str, "np.ndarray"]]:
+        run = torch_call(fn, torch.float64)
+
+        def checked(feed: Feed) -> dict[str, "np.ndarray"]:
+            try:
+                return run(feed)
+            except UserInputError:
+                raise
+            except Exception as exc:
+                raise UserInputError(
+                    f"the float64 reference (your module after .double()) failed: {type(exc).__name__}: "
+                    f"{(str(exc).splitlines() or [''])[0]}; create tensors inside forward with the input's dtype "
+                    "(e.g. x.new_zeros)") from None
+        return checked
+
+    def as_float64(outputs: list) -> dict[str, "np.ndarray"]:
+        return {name: np.asarray(o, np.float64) for name, o in zip(names, outputs)}
 
     session = ort.InferenceSession(onnx_bytes, session_options(1), providers=["CPUExecutionProvider"])
     gap = reference_gaps(onnx.load_from_string(onnx_bytes))
-    names = signature.output_names
-    runners: dict[str, Callable] = {}
+    runners: dict[str, Call] = {}
     if module is not None:
-        runners["eager"] = torch_call(getattr(module, method), torch.float32)
-    runners["torchscript"] = torch_call(scripted, torch.float32)
-    runners["onnxruntime"] = lambda feed: [np.asarray(o, np.float64) for o in session.run(names, feed)]
-    if not gap:  # else it would compute something else: user_parity says it was not run, and why
-        reference = ReferenceEvaluator(onnx_bytes)
-        runners["onnx-reference"] = lambda feed: [np.asarray(o, np.float64) for o in reference.run(names, feed)]
+        runners["eager"] = Call("eager", torch_call(getattr(module, method), torch.float32))
+    runners["torchscript"] = Call("torchscript", torch_call(scripted, torch.float32))
+    runners["onnxruntime"] = Call("onnxruntime", lambda feed: as_float64(session.run(names, feed)))
+    if gap:  # it would compute something else: the report says it was not run, and why
+        runners["onnx-reference"] = Call("onnx-reference", unsupported=gap)
     else:
-        runners["onnx-reference (not run)"] = gap  # type: ignore[assignment]
+        reference = ReferenceEvaluator(onnx_bytes)
+        runners["onnx-reference"] = Call("onnx-reference", lambda feed: as_float64(reference.run(names, feed)))
     if module is not None:
-        runners["float64"] = torch_call(getattr(copy.deepcopy(module).double(), method), torch.float64)
+        runners["float64"] = Call("float64", float64_call(getattr(copy.deepcopy(module).double(), method)))
     elif stored is not None:
-        def recorded(feed: Feed) -> list["np.ndarray"]:
+        def recorded(feed: Feed) -> dict[str, "np.ndarray"]:
             batch, seq = feed[INPUT_NAME].shape[:2]
-            keys = [reference_key(variant, batch, seq, name) for name in names]
-            if keys[0] not in stored:
+            keys = {name: reference_key(variant, batch, seq, name) for name in names}
+            if keys[names[0]] not in stored:
                 raise CheckFailed(f"{REFERENCE_FILE} holds no float64 {variant} outputs for batch {batch}, seq {seq}")
-            return [stored[key] for key in keys]
-        runners["float64"] = recorded
+            return {name: stored[key] for name, key in keys.items()}
+        runners["float64"] = Call("float64", recorded)
     return runners
 
 
@@ -216,112 +244,59 @@ def case_input(batch: int, seq: int, input_size: int) -> "np.ndarray":
     return np.random.default_rng(batch * 1009 + seq).standard_normal((batch, seq, input_size)).astype(np.float32)
 
 
-def recording(run: Callable, signature: UserSignature, variant: str = "classifier"
-              ) -> tuple[Callable, dict[str, "np.ndarray"]]:
-    """`run`, and the dict it fills with every output it returns (keys as reference_key): the
+def recording(runner: Call, signature: UserSignature, variant: str = "classifier"
+              ) -> tuple[Call, dict[str, "np.ndarray"]]:
+    """`runner`, and the dict it fills with every output it returns (keys as reference_key): the
     float64 module's outputs are stored as parity computes them."""
     seen: dict[str, "np.ndarray"] = {}
 
-    def run_and_keep(feed: Feed) -> list["np.ndarray"]:
-        outputs = run(feed)
+    def run_and_keep(feed: Feed) -> dict[str, "np.ndarray"]:
+        outputs = runner.run(feed)
         batch, seq = feed[INPUT_NAME].shape[:2]
-        for name, out in zip(signature.output_names, outputs):
-            seen[reference_key(variant, batch, seq, name)] = out
+        seen.update({reference_key(variant, batch, seq, name): out for name, out in outputs.items()})
         return outputs
-    return run_and_keep, seen
+    return Call(runner.name, run_and_keep), seen
 
 
-def summarise(results: list[dict[str, Any]], summary: dict[str, Any], key: str, batch: int, seq: int,
-               comparison: Any) -> None:
-    results.append({"pair": key, "batch": batch, "seq": seq, **comparison.to_json()})
-    entry = summary.setdefault(key, {"max_abs": 0.0, "cases": 0, "passed": True, "applied_atol": comparison.atol})
-    entry["max_abs"] = max(entry["max_abs"], comparison.max_abs)
-    entry["cases"] += 1
-    entry["passed"] = entry["passed"] and comparison.passed
+# onnx's reference evaluator (pure Python) runs on a module's cases of at most this many batch x
+# steps: every case of the grids up to 100 steps (USER_CASES, LENGTHS_CASES, STREAM_CASES).
+REFERENCE_MAX_CELLS = 400
+MODULE_NOTES = (
+    f"onnx's reference evaluator runs on cases of at most {REFERENCE_MAX_CELLS} batch x steps (it is pure Python)",
+    "empty batches and sequences are not run: a recurrent kernel may abort on them",
+    "float32's own error is not estimated for a module: every comparison is held to atol itself")
 
 
-def user_parity(runners: dict[str, Callable], signature: UserSignature, atol: float, rtol: float,
-                cases: tuple[tuple[int, int], ...] = USER_CASES,
-                on_case: Callable[[str], None] | None = None,
-                alone: Callable[[Feed, int], list["np.ndarray"]] | None = None,
-                variant: str = "classifier") -> dict[str, Any]:
-    """Every runner against float64 (and each against eager or TorchScript) on every case, every
-    output, by `check.compare` (an element fails only when it exceeds both atol and rtol, as for
-    the tutorial model). Empty axes are not run: a user graph's recurrent kernel may abort on
-    them (onnxruntime's GRU does). With `alone(feed, b)` (the lengths variant: the module in
-    float64 on sample b alone, unpadded), float64's padded answer for each sample is held to it
-    too, on the sample's valid steps: padding must change nothing. Over 60 lines: the grid's
-    loops over cases, runners and outputs, with the rules for the reference evaluator's length
-    and for padding."""
-    from gru_deploy.check.compare import compare
-
-    skipped = {name: why for name, why in runners.items() if isinstance(why, str)}
-    runners = {name: run for name, run in runners.items() if name not in skipped}
-    first = "eager" if "eager" in runners else "torchscript"
-    pairs = [("float64", name) for name in runners if name != "float64"] + \
-            [(first, name) for name in runners if name not in (first, "float64")]
-    results: list[dict[str, Any]] = []
-    summary: dict[str, Any] = {}
-    for batch, seq in cases:
-        if on_case:
-            on_case(f"batch {batch}, seq {seq}")
-        feed = case_feed(signature, batch, seq)
-        outs = {}
-        for name, run in runners.items():
-            if name == "onnx-reference" and seq > REFERENCE_MAX_SEQ:
-                continue
-            try:
-                outs[name] = run(feed)
-            except (UserInputError, CheckFailed):
-                raise
-            except Exception as exc:
-                if name == "float64":
-                    raise UserInputError(
-                        f"the float64 reference (your module after .double()) failed: {type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}; create tensors inside forward with the "
-                        "input's dtype (e.g. x.new_zeros)") from None
-                raise CheckFailed(f"{name} failed at batch {batch}, seq {seq}: {type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-        for ref, got in pairs:
-            if ref not in outs or got not in outs:
-                continue
-            for name, a, b in zip(signature.output_names, outs[got], outs[ref]):
-                summarise(results, summary, f"{ref}->{got}[{name}]", batch, seq, compare(b, a, atol, rtol))
-        if alone is not None and "float64" in outs:
-            lengths = feed[LENGTHS_NAME]
-            for index in range(batch):
-                single = alone(feed, index)
-                for output, padded, want in zip(signature.outputs, outs["float64"], single):
-                    got = padded[index:index + 1]
-                    if "seq" in output["shape"]:  # a per-step output: the sample's own steps only
-                        axis = output["shape"].index("seq")
-                        got = got.take(range(int(lengths[index])), axis=axis)
-                    summarise(results, summary, f"float64 alone->float64 padded[{output['name']}]", batch, seq,
-                               compare(want, got, atol, rtol))
-    passed = all(entry["passed"] for entry in summary.values())
-    notes = [f"onnx's reference evaluator runs up to {REFERENCE_MAX_SEQ} steps (it is pure Python)",
-             "empty batches and sequences are not run: a recurrent kernel may abort on them"]
-    notes += [f"{name.split(' ')[0]} not run: {why}" for name, why in skipped.items()]
-    if alone is not None:
-        notes.append("lengths spread over 1..seq; 'float64 alone': the module's forward in float64 on each sample "
-                     "alone, unpadded, against its padded answer on its valid steps")
-    # No widening here: every comparison is held to atol itself, so every case run is verified.
-    return {"passed": passed, "atol": atol, "rtol": rtol, "applied_atol": atol,
-            "verified_max_seq": {variant: max((seq for _, seq in cases), default=-1)}, "unverifiable": [],
-            "cases": [list(c) for c in cases], "summary": summary, "results": results, "notes": notes}
+def module_pairs(names: list[str]) -> list[tuple[str, str, int | None]]:
+    """A module's pairs: every runner against float64, and each against eager (TorchScript
+    where the module is not at hand)."""
+    first = "eager" if "eager" in names else "torchscript"
+    limit = {"onnx-reference": REFERENCE_MAX_CELLS}
+    return ([("float64", name, limit.get(name)) for name in names if name != "float64"]
+            + [(first, name, limit.get(name)) for name in names if name not in (first, "float64")])
 
 
-def failures(parity: dict[str, Any]) -> list[str]:
-    return [f"{key}: max abs error {entry['max_abs']:.3g} (atol {entry.get('applied_atol', parity['atol']):.3g}, "
-            f"rtol {parity['rtol']:.3g})" for key, entry in parity["summary"].items() if not entry["passed"]]
+def module_parity(runners: dict[str, Call], signature: UserSignature, atol: float, rtol: float,
+                  cases: tuple[tuple[int, int], ...] = USER_CASES, variant: str = "classifier",
+                  on_case: Callable[[str], None] | None = None, extra: Callable | None = None) -> "ParityReport":
+    """The parity grid (check.grid.run_parity) of a module's variant on its cases (case_feed's
+    inputs), every output of every pair (module_pairs) held to atol and rtol. Empty axes are not
+    run: a user graph's recurrent kernel may abort on them (onnxruntime's GRU does)."""
+    from gru_deploy.check.grid import run_parity
+
+    report = run_parity(runners, lambda batch, seq, index: case_feed(signature, batch, seq), cases, atol, rtol,
+                        module_pairs(list(runners)), seed=None, variant=variant,
+                        prefix="" if variant == "classifier" else f"{variant}:", on_case=on_case, extra=extra)
+    report.notes.extend(note for note in MODULE_NOTES if note not in report.notes)
+    return report
 
 
 def verify_user_export(folder: Path, manifest: dict[str, Any], atol: float, rtol: float,
-                       on_case: Callable[[str], None] | None = None) -> dict[str, Any]:
+                       on_case: Callable[[str], None] | None = None) -> "ParityReport":
     """Parity of a user export's files, without the user's code: TorchScript (model*.pt) is the
     PyTorch side, and the float64 outputs the export computed from the user's module (its
-    REFERENCE_FILE, checksum-verified) the reference; the classifier and, where the export has
-    it, the lengths variant (under "variants")."""
+    REFERENCE_FILE, checksum-verified) the reference; the classifier and each variant the
+    export has (its comparisons under the variant's prefix)."""
     import numpy as np
 
     from gru_deploy.manifest import verified_path
@@ -340,9 +315,7 @@ def verify_user_export(folder: Path, manifest: dict[str, Any], atol: float, rtol
         sig = UserSignature(entry["signature"]["inputs"], entry["signature"]["outputs"])
         variant = _verify_variant(folder, manifest, name, sig, entry.get("op_types"), stored,
                                   _cases(folder, reference.get(f"{name}_cases", defaults[name])), atol, rtol, on_case)
-        report.setdefault("variants", {})[name] = variant
-        report["passed"] = report["passed"] and variant["passed"]
-        report["verified_max_seq"].update(variant["verified_max_seq"])
+        report.extend(variant)
     return report
 
 
@@ -356,7 +329,7 @@ def _cases(folder: Path, cases: Any) -> tuple[tuple[int, int], ...]:
 
 def _verify_variant(folder: Path, manifest: dict[str, Any], variant: str, signature: UserSignature, recorded: Any,
                     stored: dict[str, "np.ndarray"], cases: tuple[tuple[int, int], ...], atol: float, rtol: float,
-                    on_case: Callable[[str], None] | None) -> dict[str, Any]:
+                    on_case: Callable[[str], None] | None) -> "ParityReport":
     from gru_deploy.check import torchscript as script
     from gru_deploy.check.onnx_walk import check_onnx_bytes
     from gru_deploy.manifest import select_model, verified_path
@@ -370,4 +343,4 @@ def _verify_variant(folder: Path, manifest: dict[str, Any], variant: str, signat
     scripted = script.load(pt)
     check_recurrence(scripted, str(pt))
     runners = user_runners(None, scripted, onnx_bytes, signature, stored, variant=variant)
-    return user_parity(runners, signature, atol, rtol, cases=cases, on_case=on_case, variant=variant)
+    return module_parity(runners, signature, atol, rtol, cases=cases, variant=variant, on_case=on_case)

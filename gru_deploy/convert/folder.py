@@ -94,7 +94,8 @@ def export_to_dir(
     from gru_deploy.convert import script
     from gru_deploy.convert.graphs import check_opset
     from gru_deploy.models.tutorial import as_variant
-    from gru_deploy.check.verify import build_runners, check_tolerances, parity_for_dir
+    from gru_deploy.check.grid import check_tolerances
+    from gru_deploy.check.verify import build_runners, parity_for_dir
 
     check_opset(opset)
     check_tolerances(atol, rtol)
@@ -177,12 +178,7 @@ def export_to_dir(
         report = parity_for_dir(stage, manifest, atol, rtol)
         if not report:
             raise CheckFailed("parity failed, nothing written: " + "; ".join(report.failures()))
-        parity = report.to_json()
-        return parity, {"passed": parity["passed"], "atol": atol, "rtol": rtol,
-                        "applied_atol": parity["applied_atol"],
-                        "noise_ceiling_fraction": parity["noise_ceiling_fraction"],
-                        "verified_max_seq": parity["verified_max_seq"], "unverifiable": parity["unverifiable"],
-                        "notes": parity["notes"], "summary": parity["summary"]}
+        return report.to_json(), report.record()
 
     return write_export(out, files, {
         "strategy": result.strategy, "auto": auto, "opset": result.opset, "ir_version": result.ir_version,
@@ -210,10 +206,10 @@ def check_candidate(what: str, runners: dict[str, Any], spec: "ModelSpec", atol:
                     variant: str = "classifier") -> None:
     """auto's check before timing a candidate: the classifier's full grid, a variant's grid;
     CheckFailed (nothing written) when parity fails."""
-    from gru_deploy.check.verify import VARIANT_CASES, run_parity
+    from gru_deploy.check.verify import VARIANT_CASES, tutorial_grid
 
     cases = None if variant == "classifier" else VARIANT_CASES
-    report = run_parity(runners, spec, cases=cases, atol=atol, rtol=rtol, variant=variant)
+    report = tutorial_grid(runners, spec, cases, variant, atol=atol, rtol=rtol)
     if not report:
         raise CheckFailed(f"parity failed for {what}, nothing written: " + "; ".join(report.failures()))
 

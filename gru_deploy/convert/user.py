@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, Callable
 from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN, STATE_OUT
 from gru_deploy.check.module_parity import (
-    GOLDEN_FILE, LENGTHS_CASES, REFERENCE_FILE, STREAM_CASES, USER_CASES, Feed, UserSignature, as_outputs, case_feed,
-    case_input, failures, golden_store, npz_bytes, recording, summarise, user_parity, user_runners)
+    GOLDEN_FILE, LENGTHS_CASES, REFERENCE_FILE, STREAM_CASES, USER_CASES, Call, Feed, UserSignature, as_outputs,
+    case_feed, case_input, golden_store, module_parity, npz_bytes, recording, user_runners)
+from gru_deploy.check.grid import pair_key
 from gru_deploy.check.recurrence import check_recurrence, source_line  # noqa: F401  (the recurrence check: check's)
 
 if TYPE_CHECKING:
@@ -136,16 +137,16 @@ CONTRACT_CASES = ((2, 9), (1, 100))
 MODULE_STRATEGIES = ("loop", "fused", "stepwise", "auto")
 
 
-def _once(run: Callable[[Feed], list["np.ndarray"]]) -> Callable[[Feed], list["np.ndarray"]]:
-    """`run`, answering each parity case (a feed is fixed by its (batch, seq): case_feed) once."""
-    answers: dict[tuple[int, ...], list["np.ndarray"]] = {}
+def _once(runner: Call) -> Call:
+    """`runner`, answering each parity case (a feed is fixed by its (batch, seq): case_feed) once."""
+    answers: dict[tuple[int, ...], dict[str, "np.ndarray"]] = {}
 
-    def cached(feed: Feed) -> list["np.ndarray"]:
+    def cached(feed: Feed) -> dict[str, "np.ndarray"]:
         key = tuple(feed[INPUT_NAME].shape[:2])
         if key not in answers:
-            answers[key] = run(feed)
+            answers[key] = runner.run(feed)
         return answers[key]
-    return cached
+    return Call(runner.name, cached)
 
 
 def check_module_strategy(strategy: str, model: "UserModel | None" = None) -> None:
@@ -267,14 +268,33 @@ def export_lengths_variant(model: "UserModel", signature: UserSignature, form: s
     runners["float64"], stored = recording(runners["float64"], sig, "lengths")
     double = copy.deepcopy(model.module).double()
 
-    def alone(feed: Feed, index: int) -> list["np.ndarray"]:
-        x = torch.from_numpy(feed[INPUT_NAME][index:index + 1, :int(feed[LENGTHS_NAME][index])]).double()
-        with torch.no_grad():
-            return [o.detach().numpy() for o in as_outputs(double(x), model.reference)]
+    def padding(feed: Feed, outputs: dict[str, dict[str, "np.ndarray"]]) -> dict[str, Any]:
+        """Each sample's padded float64 answer against the module's forward in float64 on the
+        sample alone, unpadded (a per-step output: on the sample's own steps)."""
+        import numpy as np
 
-    parity = user_parity(runners, sig, atol, rtol, cases=LENGTHS_CASES, alone=alone, variant="lengths")
-    if not parity["passed"]:
-        raise CheckFailed("the lengths variant's parity failed, nothing written: " + "; ".join(failures(parity)))
+        from gru_deploy.check.compare import compare
+
+        want: dict[str, list["np.ndarray"]] = {o["name"]: [] for o in sig.outputs}
+        got: dict[str, list["np.ndarray"]] = {o["name"]: [] for o in sig.outputs}
+        for index, length in enumerate(feed[LENGTHS_NAME]):
+            x = torch.from_numpy(feed[INPUT_NAME][index:index + 1, :int(length)]).double()
+            with torch.no_grad():
+                single = as_outputs(double(x), model.reference)
+            for output, alone in zip(sig.outputs, single):
+                padded = outputs["float64"][output["name"]][index:index + 1]
+                if "seq" in output["shape"]:
+                    padded = padded.take(range(int(length)), axis=output["shape"].index("seq"))
+                want[output["name"]].append(alone.detach().numpy().ravel())
+                got[output["name"]].append(padded.ravel())
+        return {pair_key("", "float64 alone", "float64 padded", name):
+                compare(np.concatenate(want[name]), np.concatenate(got[name]), atol, rtol).to_json() for name in want}
+
+    parity = module_parity(runners, sig, atol, rtol, LENGTHS_CASES, "lengths", extra=padding)
+    parity.notes.append("lengths spread over 1..seq; 'float64 alone': the module's forward in float64 on each sample "
+                        "alone, unpadded, against its padded answer on its valid steps")
+    if not parity:
+        raise CheckFailed("the lengths variant's parity failed, nothing written: " + "; ".join(parity.failures()))
     return {"signature": sig, "pt": script.to_bytes(scripted), "onnx": onnx_bytes, "graph": graph, "form": form,
             "parity": parity, "stored": stored}
 
@@ -288,14 +308,15 @@ def stream_signature(signature: UserSignature, state_dims: list[int]) -> UserSig
                          signature.outputs + [{"name": STATE_OUT, **state}])
 
 
-def _stream_contract(model: "UserModel", signature: UserSignature, atol: float, rtol: float,
-                     results: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-    """The stream's promise on the float64 module: from initial_state, one chunk gives
-    forward's outputs; chunks carried through h_n give the one pass's outputs and state."""
+def _stream_contract(model: "UserModel", signature: UserSignature, atol: float, rtol: float) -> list[dict[str, Any]]:
+    """The stream's promise on the float64 module, as parity cases: from initial_state, one
+    chunk gives forward's outputs; chunks carried through h_n give the one pass's outputs and
+    state (one case per chunk size)."""
     import numpy as np
     import torch
 
     from gru_deploy.check.compare import compare
+    from gru_deploy.check.grid import pair_key
 
     double = copy.deepcopy(model.module).double()
     names = signature.output_names
@@ -304,15 +325,20 @@ def _stream_contract(model: "UserModel", signature: UserSignature, atol: float, 
     def numpy(values: Any) -> list["np.ndarray"]:
         return [v.detach().numpy() for v in as_outputs(values, model.reference)]
 
+    def case(batch: int, seq: int, pairs: dict[str, Any], **more: Any) -> dict[str, Any]:
+        return {"batch": batch, "seq": seq, **more, "variant": "stream", "pairs": pairs,
+                "passed": all(c["passed"] for c in pairs.values())}
+
+    cases = []
     for batch, seq in CONTRACT_CASES:
         x = torch.from_numpy(case_input(batch, seq, signature.inputs[0]["shape"][2])).double()
         h0 = getattr(double, STATE_HOOK)(batch).double()
         with torch.no_grad():
             whole = numpy(double(x))
             one = numpy(getattr(double, STREAM_HOOK)(x, h0))
-            for name, want, got in zip(names, whole, one):
-                summarise(results, summary, f"float64 forward->float64 stream[{name}]", batch, seq,
-                           compare(want, got, atol, rtol))
+            cases.append(case(batch, seq, {pair_key("stream:", "float64 forward", "float64 stream", name):
+                                           compare(want, got, atol, rtol).to_json()
+                                           for name, want, got in zip(names, whole, one)}))
             for size in CHUNK_SIZES:
                 state, parts = h0, []
                 for start in range(0, seq, size):
@@ -321,9 +347,11 @@ def _stream_contract(model: "UserModel", signature: UserSignature, atol: float, 
                     parts.append(out)
                 chunked = [np.concatenate([p[i] for p in parts], axis=signature.outputs[i]["shape"].index("seq"))
                            if per_step[i] else parts[-1][i] for i in range(len(names))] + [parts[-1][-1]]
-                for name, want, got in zip(names + [STATE_OUT], one, chunked):
-                    summarise(results, summary, f"float64 one pass->float64 chunks of {size}[{name}]", batch, seq,
-                               compare(want, got, atol, rtol))
+                cases.append(case(batch, seq, {
+                    pair_key("stream:", "float64 one pass", f"float64 chunks of {size}", name):
+                    compare(want, got, atol, rtol).to_json() for name, want, got in zip(names + [STATE_OUT], one, chunked)},
+                    chunk=size))
+    return cases
 
 
 def export_stream_variant(model: "UserModel", signature: UserSignature, form: str, opset: int, atol: float,
@@ -354,13 +382,12 @@ def export_stream_variant(model: "UserModel", signature: UserSignature, form: st
     step("checking the stream variant's parity: one pass = forward = chunks, every runner against float64")
     runners = user_runners(model.module, scripted, onnx_bytes, sig, method=STREAM_HOOK, variant="stream")
     runners["float64"], stored = recording(runners["float64"], sig, "stream")
-    parity = user_parity(runners, sig, atol, rtol, cases=STREAM_CASES, variant="stream")
-    _stream_contract(model, signature, atol, rtol, parity["results"], parity["summary"])
-    parity["passed"] = all(entry["passed"] for entry in parity["summary"].values())
-    parity["notes"].append(f"from {STATE_HOOK}: one chunk = forward, and chunks of {CHUNK_SIZES} steps carried "
-                           f"through {STATE_OUT} = the one pass, on the float64 module at {list(CONTRACT_CASES)}")
-    if not parity["passed"]:
-        raise CheckFailed("the stream variant's parity failed, nothing written: " + "; ".join(failures(parity)))
+    parity = module_parity(runners, sig, atol, rtol, STREAM_CASES, "stream")
+    parity.cases.extend(_stream_contract(model, signature, atol, rtol))
+    parity.notes.append(f"from {STATE_HOOK}: one chunk = forward, and chunks of {CHUNK_SIZES} steps carried "
+                        f"through {STATE_OUT} = the one pass, on the float64 module at {list(CONTRACT_CASES)}")
+    if not parity:
+        raise CheckFailed("the stream variant's parity failed, nothing written: " + "; ".join(parity.failures()))
     return {"signature": sig, "pt": script.to_bytes(scripted), "onnx": onnx_bytes, "graph": graph, "form": form,
             "parity": parity, "stored": stored}
 
@@ -392,7 +419,7 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
     `strategy` loop, fused (where it applies) or auto (the faster of the two that pass parity
     at `typical` (batch, seq)). Over 60 lines: a module's front half (script, recurrence,
     signature, forms, parity, hooks' variants), each step a call; write_export writes the folder."""
-    from gru_deploy.check.verify import check_tolerances
+    from gru_deploy.check.grid import check_tolerances
     from gru_deploy.convert import script
     from gru_deploy.convert.folder import add_model, choose_fastest, time_strategies, write_export
     from gru_deploy.models.user import input_size_of
@@ -421,9 +448,9 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
             runners["float64"], stored = recording(runners["float64"], signature)
             module_side = {name: _once(runners[name]) for name in ("eager", "torchscript", "float64")}
         runners.update(module_side)
-        parities[form] = user_parity(runners, signature, atol, rtol)
-        if not parities[form]["passed"]:
-            raise CheckFailed(f"parity failed ({form}), nothing written: " + "; ".join(failures(parities[form])))
+        parities[form] = module_parity(runners, signature, atol, rtol)
+        if not parities[form]:
+            raise CheckFailed(f"parity failed ({form}), nothing written: " + "; ".join(parities[form].failures()))
     auto = None
     chosen = next(iter(candidates))
     if strategy == "auto":
@@ -458,18 +485,12 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
                      f"(x, {STATE_IN}) (and {STATE_HOOK}(batch))")
     for variant, done in exported.items():
         stored.update(done["stored"])
-        parity.setdefault("variants", {})[variant] = done["parity"]
-        parity["verified_max_seq"].update(done["parity"]["verified_max_seq"])
+        parity.extend(done["parity"])
         add_model(files, models, variants, variant, done["pt"], done["onnx"], done["form"], done["graph"],
                   done["signature"].to_dict())
     files[GOLDEN_FILE], golden = golden_cases(model, {"classifier": signature,
                                                      **{v: done["signature"] for v, done in exported.items()}})
     files[REFERENCE_FILE] = npz_bytes(stored)
-    record = {"passed": True, "atol": atol, "rtol": rtol, "applied_atol": parity["applied_atol"],
-              "verified_max_seq": parity["verified_max_seq"], "unverifiable": [], "notes": parity["notes"],
-              "summary": parity["summary"],
-              **({"variants": {v: {"passed": r["passed"], "summary": r["summary"]}
-                               for v, r in parity["variants"].items()}} if variants else {})}
     return write_export(out, files, {
         "model": {**model.record(), "recurrence": kept}, "strategy": chosen, "auto": auto,
         "opset": graph["opset"], "ir_version": graph["ir_version"],
@@ -481,7 +502,7 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
                       "cases": [list(c) for c in USER_CASES],
                       **({"lengths_cases": [list(c) for c in LENGTHS_CASES]} if "lengths" in variants else {}),
                       **({"stream_cases": [list(c) for c in STREAM_CASES]} if "stream" in variants else {})},
-        "golden": golden}, notes, lambda stage, manifest: (parity, record), step)
+        "golden": golden}, notes, lambda stage, manifest: (parity.to_json(), parity.record()), step)
 
 
 def export_family(ckpt: Any, out: Path, opset: int = 17, atol: float = 1e-5, rtol: float = 1e-5,
