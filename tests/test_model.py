@@ -120,4 +120,21 @@ def test_lengths_form_equals_each_sample_alone():
         out = masked(x, lengths)
         for b, n in enumerate(lengths.tolist()):
             torch.testing.assert_close(out[b], tutorial_forward(model, x[b:b + 1, :n])[0], atol=1e-6, rtol=1e-6)
-    assert tuple(masked.state_dict()) == PARAMETER_NAMES
+    assert tuple(masked.state_dict()) == tuple(f"inner.{name}" for name in PARAMETER_NAMES)  # the hook's wrapper
+    assert tuple(model.state_dict()) == PARAMETER_NAMES  # the tutorial's own names, as its checkpoints hold them
+
+
+def test_the_tutorial_classifier_declares_the_hooks_any_module_may(tmp_path):
+    """One model interface: exported as a module (the path a family and your own model take),
+    the tutorial classifier's hooks give its lengths and stream variants, state [batch, hidden],
+    each proved against the module in float64."""
+    import gru_deploy
+
+    torch.manual_seed(5)
+    manifest = gru_deploy.export(GRUClassifier(3, 6, 2).eval(), out=tmp_path / "e")
+    assert set(manifest["variants"]) == {"lengths", "stream"} and manifest["model"]["recurrence"] == "loop"
+    state = manifest["variants"]["stream"]["signature"]["inputs"][1]
+    assert state == {"name": "h0", "dtype": "float32", "shape": ["batch", 6]}
+    summary = manifest["parity"]["summary"]
+    assert manifest["parity"]["passed"] and "lengths:float64 alone->float64 padded" in summary
+    assert "stream:float64 one pass->float64 chunks of 7[h_n]" in summary

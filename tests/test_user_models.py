@@ -213,6 +213,9 @@ def test_the_loop_check_reads_the_time_axis_not_any_loop():
     for name in ("TwoLayerGRU", "Tagger", "MaskedTagger", "LSTMLoop"):
         assert check_recurrence(_scripted(name), name) == "loop", name
     assert check_recurrence(_scripted("TorchGRUClassifier"), "TorchGRUClassifier") == "gru"
+    assert check_recurrence(_scripted("HoistedProjection"), "HoistedProjection") == "loop"  # via linear and a tuple
+    with pytest.raises(CheckFailed, match="carries state .* fixed number"):  # the projected axis is not time
+        check_recurrence(_scripted("LoopOverProjectedAxis"), "LoopOverProjectedAxis")
     with pytest.raises(CheckFailed, match=rf"user_models.py:{_line('range(3)')} carries state .* fixed number"):
         check_recurrence(_scripted("FixedStepsAndBatchLoop"), "FixedStepsAndBatchLoop")
     with pytest.raises(CheckFailed, match="no recurrence over the input's time axis"):

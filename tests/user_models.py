@@ -301,3 +301,39 @@ class StatelessSteps(PerSample):
         for t in range(x.size(1)):
             out.append(self.fc(x[:, t]))
         return torch.stack(out, 1)
+
+
+class HoistedProjection(nn.Module):
+    """The tutorial model's way: every step's input projection in one matmul before the loop,
+    returned through a helper's tuple; the loop runs over the projection's time axis."""
+
+    def __init__(self, input_size: int = 3, hidden: int = 5) -> None:
+        super().__init__()
+        self.proj = nn.Linear(input_size, hidden)
+        self.fc = nn.Linear(hidden, 2)
+
+    def project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        steps = self.proj(x.transpose(0, 1))  # [seq, batch, hidden]
+        return steps, torch.zeros(x.size(0), steps.size(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps, h = self.project(x)
+        for t in range(steps.size(0)):
+            h = torch.tanh(steps[t] + h)
+        return self.fc(h)
+
+
+class LoopOverProjectedAxis(nn.Module):
+    """A loop over an axis that a matmul made of the time axis (x^T x sums the steps away; its
+    size is the input's): not a recurrence over time."""
+
+    def __init__(self, input_size: int = 3) -> None:
+        super().__init__()
+        self.fc = nn.Linear(input_size, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gram = torch.matmul(x.transpose(1, 2), x)  # [batch, input, input]
+        h = torch.zeros(x.size(0), gram.size(2))
+        for k in range(gram.size(2)):
+            h = torch.tanh(gram[:, k] + h)
+        return self.fc(h)

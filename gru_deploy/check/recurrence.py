@@ -68,6 +68,10 @@ def time_axes(value: Any, x: Any, depth: int = 0) -> set[int]:
         dims = [_constant_int(v) for v in args[1].node().inputs()]
         source = time_axes(args[0], x, depth + 1)
         return {i for i, d in enumerate(dims) if d is not None and d % X_RANK in source}
+    if kind == "prim::TupleUnpack" and args[0].node().kind() == "prim::TupleConstruct":  # a helper's tuple
+        return time_axes(list(args[0].node().inputs())[list(node.outputs()).index(value)], x, depth + 1)
+    if kind in ("aten::linear", "aten::matmul"):  # the last axis is projected; the leading ones stay
+        return {axis for axis in time_axes(args[0], x, depth + 1) if axis != X_RANK - 1}
     if kind in SAME_AXES:
         tensors = [v for v in args if v.type().kind() == "TensorType"]
         return time_axes(tensors[0], x, depth + 1) if tensors else set()

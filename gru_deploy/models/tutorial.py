@@ -98,6 +98,26 @@ class GRUClassifier(nn.Module):
         h0 = torch.zeros(x.size(0), self.hidden_size, dtype=x.dtype, device=x.device)
         return self.fc(self.recur(x, h0))
 
+    # The variant hooks every model may declare (models.variants), the tutorial model's too.
+
+    def initial_state(self, batch: int) -> torch.Tensor:
+        """The state forward starts from: [batch, hidden] zeros."""
+        return torch.zeros(batch, self.hidden_size)
+
+    @torch.jit.export
+    def forward_stream(self, x: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chunk from state h0 [batch, hidden] -> (logits, h_n): feeding a sequence chunk by
+        chunk, carrying h_n into the next h0, gives one pass's logits and final state."""
+        h = self.recur(x, h0)
+        return self.fc(h), h
+
+    @torch.jit.export
+    def forward_lengths(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """x [batch, seq, input] padded, lengths int64 [batch] -> logits: each sample's as it gets
+        them alone, unpadded; a length of 0 gives fc(0)."""
+        h0 = torch.zeros(x.size(0), self.hidden_size, dtype=x.dtype, device=x.device)
+        return self.fc(self.recur_masked(x, h0, lengths))
+
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Input projections of every step, time-major, and the merged hidden weights."""
         cell = self.gru
@@ -146,42 +166,18 @@ class GRUClassifier(nn.Module):
         return h
 
 
-class StreamingClassifier(GRUClassifier):
-    """Stateful form: (x [batch, chunk, input], h0 [batch, hidden]) -> (logits, h_n).
+def as_variant(model: GRUClassifier, variant: str, hoist: bool = True) -> nn.Module:
+    """A copy of the model (the same weights) as a variant's module: the classifier itself, or
+    its hook made `forward` (models.variants: LengthsOf, StreamOf), as any module's variant is;
+    with the input projections hoisted out of the loop or (hoist=False) computed per step."""
+    import copy
 
-    Feeding a sequence chunk by chunk, carrying h_n into the next h0, gives the logits and
-    final state of one pass over the whole sequence.
-    """
+    from gru_deploy.models.variants import LengthsOf, StreamOf
 
-    def forward(self, x: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.recur(x, h0)
-        return self.fc(h), h
-
-
-class LengthsClassifier(GRUClassifier):
-    """Variable-length form: (x [batch, seq, input] padded, lengths int64 [batch]) -> logits.
-
-    Each sample's output equals the one it gets alone, unpadded; lengths of 0 give fc(0).
-    """
-
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        h0 = torch.zeros(x.size(0), self.hidden_size, dtype=x.dtype, device=x.device)
-        return self.fc(self.recur_masked(x, h0, lengths))
-
-
-VARIANT_CLASSES = {"classifier": GRUClassifier, "stream": StreamingClassifier, "lengths": LengthsClassifier}
-
-
-def as_variant(model: GRUClassifier, variant: str, hoist: bool = True) -> GRUClassifier:
-    """The same weights in another form (classifier, stream, lengths), with the input
-    projections hoisted out of the loop or (hoist=False) computed per step."""
-    cls = VARIANT_CLASSES[variant]
-    out = cls(model.gru.input_size, model.hidden_size, model.fc.out_features)
+    out = copy.deepcopy(model)
     out.hoist = hoist
-    out.normalize = model.normalize
-    out.norm_mean, out.norm_scale = model.norm_mean.clone(), model.norm_scale.clone()
-    out.load_state_dict(model.state_dict())
-    return out.eval()
+    wrap = {"classifier": lambda m: m, "lengths": LengthsOf, "stream": StreamOf}[variant]
+    return wrap(out).eval()
 
 
 def tutorial_forward(model: GRUClassifier, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
@@ -251,7 +247,9 @@ def load_weights(spec: ModelSpec, state_dict: Mapping[str, Any]) -> GRUClassifie
 
 
 def tutorial_parameters(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Only the tutorial's parameters (a scripted module's state_dict also lists its buffers)."""
+    """Only the tutorial's parameters (a scripted module's state_dict also lists its buffers; a
+    variant's module holds the model as `inner`: models.variants)."""
+    state = {k.removeprefix("inner."): v for k, v in state.items()}
     return {k: v for k, v in state.items() if k in PARAMETER_NAMES}
 
 
