@@ -21,7 +21,8 @@ def deployment_accuracy(folder: Path, data: str, test: str | None = None, seed: 
     strategy and the other one, built from the same weights) and int8, with each one's argmax
     agreement with eager. Variable-length data runs through the lengths models."""
     from gru_deploy.data import load_data
-    from gru_deploy.convert.graphs import export_fused, export_loop
+    from gru_deploy.convert.families import export_fused
+    from gru_deploy.convert.graphs import export_loop
     from gru_deploy.manifest import check_files, read_manifest, select_model, tutorial_only
     from gru_deploy.models.tutorial import tutorial_parameters
     from gru_deploy.bundle.quantize import quantize_int8
@@ -83,7 +84,8 @@ def module_accuracy(folder: Path, manifest: dict[str, Any], data: str, test: str
     from gru_deploy.bundle.quantize import quantize_int8
     from gru_deploy.check.runners import session_options
     from gru_deploy.convert import script
-    from gru_deploy.convert.user import UserSignature, as_outputs, export_user_onnx
+    from gru_deploy.check.module_parity import UserSignature, as_outputs
+    from gru_deploy.convert.pipeline import export_user_onnx
     from gru_deploy.data import load_data
     from gru_deploy.manifest import check_files, select_model, verified_path
 

@@ -31,7 +31,8 @@ def variant_graphs(spec: "ModelSpec", model: Any, variant: str, scripted: Any = 
     """A variant's ONNX forms, {"loop", "stepwise", "fused"}, of one eager model
     (`scripted`: the variant's TorchScript module when the caller has it)."""
     from gru_deploy.convert import script
-    from gru_deploy.convert.graphs import export_fused, export_loop
+    from gru_deploy.convert.families import export_fused
+    from gru_deploy.convert.graphs import export_loop
     from gru_deploy.models.tutorial import as_variant
 
     scripted = scripted if scripted is not None else script.torchscript(as_variant(model, variant))
@@ -348,7 +349,7 @@ def run_module_bench(folder: Any, threads: int = 1, budget_s: float = 0.5,
 
     from gru_deploy.check.runners import session_options
     from gru_deploy.convert import script
-    from gru_deploy.convert.user import UserSignature, case_feed
+    from gru_deploy.check.module_parity import UserSignature, case_feed
     from gru_deploy.manifest import check_files, read_manifest, select_model, verified_path
     from gru_deploy.versions import library_versions
 

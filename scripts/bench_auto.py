@@ -28,7 +28,7 @@ def main() -> None:
     import onnxruntime as ort
 
     from gru_deploy.bench import SHAPES, default_graphs
-    from gru_deploy.convert.folder import choose_fastest, time_strategies
+    from gru_deploy.convert.pipeline import choose_fastest, time_strategies
 
     import torch
     from bench_loop_forms import form_graphs

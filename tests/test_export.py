@@ -100,7 +100,7 @@ def test_every_supported_opset_exports_and_matches_onnxruntime(model, opset):
 
 @pytest.fixture(scope="module")
 def fused(model):
-    from gru_deploy.convert.graphs import export_fused
+    from gru_deploy.convert.families import export_fused
 
     return export_fused(model.state_dict(), ModelSpec())
 
@@ -157,7 +157,7 @@ def test_variants_answer_empty_inputs_and_zero_lengths_without_the_recurrence(mo
     (the GRU kernel aborts on an empty axis)."""
     import torch
 
-    from gru_deploy.convert.graphs import export_fused
+    from gru_deploy.convert.families import export_fused
     from gru_deploy.models.tutorial import tutorial_state
 
     for variant in ("stream", "lengths"):
@@ -244,7 +244,7 @@ def test_ir_version_follows_the_opset(opset, ir):
 @pytest.mark.slow
 def test_fused_at_opset_19_carries_ir_9_and_passes_the_checker(model):
     """IR 8 with opset 19 is an invalid model."""
-    from gru_deploy.convert.graphs import export_fused
+    from gru_deploy.convert.families import export_fused
 
     for result in (export_fused(model.state_dict(), ModelSpec(), 19),):
         proto = onnx.load_from_string(result.onnx_bytes)

@@ -459,7 +459,7 @@ def test_int8_gate_at_package_time_refuses_and_writes_nothing(export_dir, tmp_pa
 
 def test_int8_of_a_fused_model_is_refused_with_the_reason(tiny_checkpoint):
     """onnxruntime has no int8 GRU kernel: the quantiser would touch only the head."""
-    from gru_deploy.convert.graphs import export_fused
+    from gru_deploy.convert.families import export_fused
     from gru_deploy.bundle.package import _quantize
 
     fused = export_fused(tiny_checkpoint.state_dict, tiny_checkpoint.spec).onnx_bytes

@@ -9,7 +9,8 @@ import pytest
 from gru_deploy.errors import UserInputError
 from gru_deploy.convert.graphs import count_ops
 from gru_deploy.manifest import read_manifest
-from gru_deploy.convert.folder import export_to_dir, time_strategies
+from gru_deploy.convert.folder import export_to_dir
+from gru_deploy.convert.pipeline import time_strategies
 from gru_deploy.check.verify import verify_export
 
 
@@ -39,7 +40,7 @@ def test_auto_keeps_the_fastest_it_measured(tiny_checkpoint, tmp_path, monkeypat
     """auto's timings decide: the graph timed fastest is the one written, and the timings recorded."""
     import onnx
 
-    from gru_deploy.convert import folder as pipeline
+    from gru_deploy.convert import pipeline
 
     timed: dict[tuple[str, str], bytes] = {}
     # stepwise: not the first candidate; far apart: no re-timing
@@ -76,7 +77,7 @@ def test_time_strategies_times_each_graph_on_the_typical_input(tiny_checkpoint, 
     import numpy as np
 
     from gru_deploy.check import timing
-    from gru_deploy.convert.graphs import export_fused
+    from gru_deploy.convert.families import export_fused
     from gru_deploy.check.runners import OnnxRuntimeRunner
 
     spec = tiny_checkpoint.spec
@@ -140,7 +141,7 @@ def test_stepwise_export_projects_inside_the_loop_and_verifies(tiny_checkpoint, 
 
 def test_auto_times_the_two_fastest_again_when_they_are_close():
     """Within 20%: the second, longer timing of the two decides, and both timings are recorded."""
-    from gru_deploy.convert.folder import RETIME_BUDGET_S, TIMING_BUDGET_S, choose_fastest
+    from gru_deploy.convert.pipeline import RETIME_BUDGET_S, TIMING_BUDGET_S, choose_fastest
 
     graphs = {"loop": b"L", "fused": b"F", "stepwise": b"S"}
     calls = []

@@ -237,7 +237,7 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 from gru_deploy.errors import UserInputError
 from gru_deploy.manifest import read_manifest
 from gru_deploy.check.verify import export_runners
-from gru_deploy.convert.graphs import export_fused
+from gru_deploy.convert.families import export_fused
 from gru_deploy.check.runners import OnnxRuntimeRunner
 
 folder = sys.argv[1]

@@ -179,7 +179,7 @@ def test_a_factory_function_and_a_package_module_path_work(tmp_path, monkeypatch
 
 def test_a_module_with_no_recurrence_is_refused():
     from gru_deploy.convert.script import quiet_torchscript_deprecation
-    from gru_deploy.convert.user import check_recurrence
+    from gru_deploy.check.recurrence import check_recurrence
 
     class Mean(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,7 +207,7 @@ def test_the_loop_check_reads_the_time_axis_not_any_loop():
     """A while loop over x.size(1) is a recurrence; a fixed 3-step state loop beside a loop over
     the batch is refused at its line; a per-sample loop, or a time loop that carries nothing,
     is no recurrence."""
-    from gru_deploy.convert.user import check_recurrence
+    from gru_deploy.check.recurrence import check_recurrence
 
     assert check_recurrence(_scripted("WhileLoop"), "WhileLoop") == "loop"
     for name in ("TwoLayerGRU", "Tagger", "MaskedTagger", "LSTMLoop"):

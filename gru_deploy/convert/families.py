@@ -15,21 +15,24 @@ Either way the parity grid against the module run in float64 decides.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from gru_deploy.errors import UserInputError
+from gru_deploy.errors import CheckFailed, UserInputError
 
 if TYPE_CHECKING:
     import onnx
     import torch
 
+    from gru_deploy.convert.graphs import ExportResult
+    from gru_deploy.spec import ModelSpec
+
 
 def fused_plan(module: "torch.nn.Module", recurrence: str, reference: str) -> str:
     """'build' (gru-deploy writes the GRU graph) or 'exporter' (the exporter's graph is one);
     UserInputError saying why for any other model."""
-    from gru_deploy.models.families import StackedGRUClassifier
+    from gru_deploy.models.families import cell_layers
 
-    if isinstance(module, StackedGRUClassifier):
+    if cell_layers(module) is not None:
         return "build"
     if recurrence == "gru":
         return "exporter"
@@ -40,22 +43,42 @@ def fused_plan(module: "torch.nn.Module", recurrence: str, reference: str) -> st
 
 def build_stacked_fused(module: "torch.nn.Module", input_size: int, output_name: str,
                         opset: int, variant: str = "classifier") -> "onnx.ModelProto":
-    """StackedGRUClassifier as ONNX, one `GRU` node per layer (convert.graphs.fused_stack_graph),
-    in the classifier, lengths or stream variant; the stream's state is [batch, layers, H], as
-    forward_stream's."""
+    """A tutorial-cell model (models.families.cell_layers: the tutorial classifier, the stacked
+    family) as ONNX, one `GRU` node per layer (convert.graphs.fused_stack_graph), in the
+    classifier, lengths or stream variant; the stream's state has the shape of the model's
+    initial_state ([batch, layers, H] for the family, [batch, H] for the tutorial classifier)."""
     import numpy as np
 
     from gru_deploy.convert.graphs import float32_arrays, fused_stack_graph, tutorial_cell_gru_weights
+    from gru_deploy.models.families import cell_layers
 
     weights = float32_arrays(module.state_dict())
-    directions = ("fw", "bw") if hasattr(module.layers[0], "bw") else ("fw",)
     layers = []
-    for layer in range(len(module.layers)):
-        per_direction = [tutorial_cell_gru_weights(weights, f"layers.{layer}.{d}.") for d in directions]
+    for prefixes in cell_layers(module) or []:
+        per_direction = [tutorial_cell_gru_weights(weights, prefix) for prefix in prefixes]
         layers.append(tuple(np.stack([arrays[i] for arrays in per_direction]) for i in range(3)))
     normalization = None
     if module.normalize:
         normalization = (module.norm_mean.detach().numpy().astype(np.float32),
                          module.norm_scale.detach().numpy().astype(np.float32))
+    state = module.initial_state(1)
     return fused_stack_graph(layers, weights["fc.weight"], weights["fc.bias"], input_size, output_name, opset,
-                             variant, normalization)
+                             variant, normalization, layered_state=state is None or state.dim() == 3)
+
+
+def export_fused(state_dict: dict[str, Any], spec: "ModelSpec", opset: int = 17,
+                 metadata: dict[str, Any] | None = None, variant: str = "classifier") -> "ExportResult":
+    """The tutorial classifier's variant (its weights, a scripted module's buffers ignored; its
+    spec) in the fused form
+    (build_stacked_fused), checked like every graph (convert.graphs.finish_export)."""
+    from gru_deploy.convert.graphs import check_opset, count_ops, finish_export
+    from gru_deploy.models.tutorial import load_weights, tutorial_parameters
+    from gru_deploy.spec import OUTPUT_NAME
+
+    check_opset(opset)
+    model = build_stacked_fused(load_weights(spec, tutorial_parameters(state_dict)), spec.input_size, OUTPUT_NAME,
+                                opset, variant)
+    op_types = count_ops(model.graph)
+    if "GRU" not in op_types:
+        raise CheckFailed("the fused graph has no GRU node")
+    return finish_export(model, "fused", opset, op_types, metadata)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.check.onnx_walk import all_graphs, count_ops, subgraphs  # noqa: F401  (re-exported for convert, bundle)
 from gru_deploy.convert.script import quiet_torchscript_deprecation
-from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, OUTPUT_NAME, STATE_IN, STATE_OUT, ModelSpec
+from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN, STATE_OUT, ModelSpec
 from gru_deploy.check.onnx_walk import (  # noqa: F401  (re-exported: convert's callers read them here too)
     KNOWN_OPS, check_onnx_bytes, parse_onnx)
 
@@ -263,21 +263,6 @@ def empty_input_branch(outputs: list[str], empty: "onnx.GraphProto", full: "onnx
             helper.make_node("If", ["is_empty"], outputs, then_branch=empty, else_branch=full)]
 
 
-def build_fused(state_dict: dict[str, Any], spec: ModelSpec, opset: int = DEFAULT_OPSET,
-                variant: str = "classifier") -> "onnx.ModelProto":
-    """The tutorial model's variant as one ONNX GRU node plus the head (fused_stack_graph, one
-    layer, one direction, the stream's state [batch, H])."""
-    import numpy as np
-
-    w = fused_weights(state_dict)
-    normalization = None
-    if spec.normalization is not None:  # (x - mean) / std, as the scripted model does
-        mean, std = spec.normalization
-        normalization = (np.asarray(mean, np.float32), 1.0 / np.asarray(std, np.float32))
-    return fused_stack_graph([(w["W"], w["R"], w["B"])], w["fc_weight"], w["fc_bias"], spec.input_size, OUTPUT_NAME,
-                             opset, variant, normalization, layered_state=False)
-
-
 def fused_stack_graph(layers: list[tuple["np.ndarray", "np.ndarray", "np.ndarray"]], fc_weight: "np.ndarray",
                       fc_bias: "np.ndarray", input_size: int, output_name: str, opset: int,
                       variant: str = "classifier", normalization: tuple["np.ndarray", "np.ndarray"] | None = None,
@@ -407,7 +392,7 @@ def fused_stack_graph(layers: list[tuple["np.ndarray", "np.ndarray", "np.ndarray
 
 
 def without_empty_guard(onnx_bytes: bytes) -> bytes | None:
-    """The non-empty branch of a guarded graph (build_fused's `If` on batch·seq == 0) as a graph of its own, for a caller that never feeds an empty axis (the
+    """The non-empty branch of a guarded graph (fused_stack_graph's `If` on batch·seq == 0) as a graph of its own, for a caller that never feeds an empty axis (the
     streaming API steps batch >= 1, one step at a time); None for a graph without the guard.
 
     The nodes are the branch's own, so it computes exactly what the guarded graph computes on
@@ -442,17 +427,6 @@ def without_empty_guard(onnx_bytes: bytes) -> bytes | None:
                              producer_name="gru-deploy")
     onnx.checker.check_model(step)
     return step.SerializeToString()
-
-
-def export_fused(state_dict: dict[str, Any], spec: ModelSpec, opset: int = DEFAULT_OPSET,
-                 metadata: dict[str, Any] | None = None, variant: str = "classifier") -> ExportResult:
-    """Export one variant's fused (ONNX GRU op) graph, checked like the others."""
-    check_opset(opset)
-    model = build_fused(state_dict, spec, opset, variant)
-    op_types = count_ops(model.graph)
-    if "GRU" not in op_types:
-        raise CheckFailed("the fused graph has no GRU node")
-    return finish_export(model, "fused", opset, op_types, metadata)
 
 
 def finish_export(model: "onnx.ModelProto", strategy: str, opset: int, op_types: dict[str, int],

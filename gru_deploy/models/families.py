@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from gru_deploy.errors import UserInputError
-from gru_deploy.models.tutorial import GRUCell
+from gru_deploy.models.tutorial import GRUCell, GRUClassifier
 
 
 class _Normalized(nn.Module):
@@ -123,15 +123,27 @@ class DirectionCell(GRUCell):
 
 
 def stepwise(module: nn.Module) -> nn.Module:
-    """A copy of a tutorial-cell family module whose cells run as written, once per step (the
-    `stepwise` form); the same weights and the same function."""
+    """A copy of a tutorial-cell model (cell_layers) whose cells run as written, once per step
+    (the `stepwise` form); the same weights and the same function."""
     import copy
 
     out = copy.deepcopy(module)
-    for cell in out.modules():
-        if isinstance(cell, DirectionCell):
-            cell.hoist = False
+    for part in out.modules():
+        if isinstance(part, (DirectionCell, GRUClassifier)):
+            part.hoist = False
     return out
+
+
+def cell_layers(module: nn.Module) -> "list[list[str]] | None":
+    """Where a tutorial-cell model keeps its cells: per layer, each direction's parameter prefix
+    (`{prefix}W_xz.weight`, …); the tutorial classifier is the one-layer, one-direction member.
+    None for any other model (gru-deploy then cannot build its fused or stepwise form)."""
+    if isinstance(module, GRUClassifier):
+        return [["gru."]]
+    if isinstance(module, StackedGRUClassifier):
+        return [[f"layers.{i}.{d}." for d in (("fw", "bw") if module.bidirectional else ("fw",))]
+                for i in range(len(module.layers))]
+    return None
 
 
 class UniLayer(nn.Module):
