@@ -173,15 +173,18 @@ TUTORIAL_MODEL_NAME, MODULE_MODEL_NAME = "gru_classifier", "model"
 
 
 def model_name(manifest: dict[str, Any]) -> str:
-    """The base of the Triton names an export's or bundle's models are served under."""
+    """The base of the Triton names an export's or bundle's models are served under, as its
+    manifest records it (an export or bundle from before the record: by its kind of model)."""
     return manifest.get("model_name") or (MODULE_MODEL_NAME if is_module_export(manifest) else TUTORIAL_MODEL_NAME)
 
 
 def answers_empty(manifest: dict[str, Any]) -> bool:
-    """True when the export's parity grid ran empty sequences and lengths of 0 on its graphs
-    (the tutorial model's: they are guarded and answer fc(h0)); a module's grid runs neither (a
-    GRU/LSTM kernel aborts the process on an empty axis), so its inputs refuse them."""
-    return not is_module_export(manifest)
+    """True when the export's parity grid ran empty sequences (and lengths of 0) in every variant
+    and passed, as its parity record says (`empty_inputs_verified`): then its inputs accept them;
+    otherwise they are refused (a GRU/LSTM kernel may abort the process on an empty axis). An
+    export or bundle from before the record: the tutorial model's grid ran them, a module's not."""
+    recorded = (manifest.get("parity") or {}).get("empty_inputs_verified")
+    return bool(recorded) if recorded is not None else not is_module_export(manifest)
 
 
 def labels_of(manifest: dict[str, Any]) -> list[str]:

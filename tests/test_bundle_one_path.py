@@ -94,7 +94,7 @@ def test_every_model_is_bundled_by_one_builder_to_the_same_promises(exports, kin
 
 
 REPORT_KEYS = {"passed", "atol", "rtol", "applied_atol", "noise_ceiling_fraction", "verified_max_seq", "unverifiable",
-               "notes", "summary", "cases"}
+               "empty_inputs_verified", "notes", "summary", "cases"}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -142,3 +142,56 @@ def test_every_model_is_proved_by_one_parity_grid_to_one_report(exports, kind, t
     assert not any(":" in k for k in failed)  # the classifier's graph was changed, not a variant's
     root = ET.parse(junit).getroot()
     assert {t.get("classname") for t in root.iter("testcase") if t.find("failure") is not None} == failed
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_model_is_exported_by_one_pipeline(exports, kind):
+    """convert.pipeline.export_model writes every kind's folder: the same manifest fields, each
+    ONNX graph naming its variant and form as the manifest lists them, each TorchScript file
+    loading with the parameters of the one model, and the note on torch's deprecation heard."""
+    import onnx
+
+    folder, _ = exports[kind]
+    manifest = read_manifest(folder)
+    assert {"strategy", "auto", "opset", "ir_version", "onnx", "signature", "models", "variants", "config", "labels",
+            "metrics", "training", "source_checkpoint", "golden", "parity", "files", "notes", "versions"} <= set(manifest)
+    parameters = None
+    for name, record in manifest["models"].items():
+        if record["format"] == "onnx":
+            props = {p.key: p.value for p in onnx.load(folder / name).metadata_props}
+            assert props["gru_deploy.strategy"] == record["strategy"], name
+            assert props.get("gru_deploy.variant", "classifier") == record["variant"], name
+        if record["format"] == "torchscript":
+            state = torch.jit.load(folder / name).state_dict()
+            values = sorted((k.removeprefix("inner."), tuple(v.shape)) for k, v in state.items())
+            assert parameters in (None, values), name  # every variant wraps the same model
+            parameters = values
+    assert any("deprecates what model.pt is made with" in note for note in manifest["notes"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_inputs_are_answered_exactly_where_the_grid_verified_them(exports, kind, tmp_path):
+    """An export records whether every variant's grid ran an empty sequence and passed; infer
+    answers an empty sequence there and refuses it elsewhere, by that record, not by the kind."""
+    import shutil
+
+    from gru_deploy.errors import UserInputError
+    from gru_deploy.manifest import atomic_write_json
+    from gru_deploy.serve.infer import infer
+
+    folder, _ = exports[kind]
+    manifest = read_manifest(folder)
+    ran_empty = {c["variant"] for c in json.loads((folder / "parity.json").read_text())["cases"] if c["seq"] == 0}
+    verified = manifest["parity"]["empty_inputs_verified"]
+    assert verified == (ran_empty == {"classifier", *(manifest.get("variants") or {})}) == (kind == "tutorial")
+    size = manifest["signature"]["inputs"][0]["shape"][2]
+    empty = np.zeros((2, 0, size), np.float32)
+    if verified:
+        assert all(v.shape[0] == 2 for v in infer(folder, empty).outputs.values())
+        unverified = tmp_path / "unverified"  # the same files, the record saying otherwise: refused
+        shutil.copytree(folder, unverified)
+        atomic_write_json(unverified / "manifest.json",
+                          {**manifest, "parity": {**manifest["parity"], "empty_inputs_verified": False}})
+        folder = unverified
+    with pytest.raises(UserInputError, match="empty"):  # (a module's graph is never handed one: it may abort)
+        infer(folder, empty)

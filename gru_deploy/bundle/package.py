@@ -274,7 +274,9 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
         "source_export": {"manifest_sha256": sha256_bytes((export_dir / "manifest.json").read_bytes()),
                           "strategy": source["strategy"], "metrics": {k: v for k, v in (source.get("metrics") or {}).items()
                                                                         if k != "loss_history"}},
-        "parity": {"passed": source["parity"]["passed"], "atol": atol, "rtol": rtol},
+        "parity": {"passed": source["parity"]["passed"], "atol": atol, "rtol": rtol,
+                   **({"empty_inputs_verified": source["parity"]["empty_inputs_verified"]}
+                      if "empty_inputs_verified" in source["parity"] else {})},
         "versions": library_versions(),
         "files": {path: {"sha256": sha256_bytes(data), "size": len(data)} for path, data in sorted(files.items())},
     }

@@ -91,8 +91,17 @@ class ParityReport:
     def record(self) -> dict[str, Any]:
         """What an export's manifest keeps of the report (parity.json keeps it all, with the cases)."""
         return {"passed": self.passed, "atol": self.atol, "rtol": self.rtol, "applied_atol": self.applied_atol,
-                "noise_ceiling_fraction": NOISE_CAP_FRACTION, **self.verification(), "notes": self.notes,
+                "noise_ceiling_fraction": NOISE_CAP_FRACTION, **self.verification(),
+                "empty_inputs_verified": self.empty_inputs_verified, "notes": self.notes,
                 "summary": _json_safe(self.summary())}
+
+    @property
+    def empty_inputs_verified(self) -> bool:
+        """Whether every variant's grid ran an empty sequence (a lengths model's: lengths of 0)
+        and passed: what the export's inputs then accept (manifest.answers_empty)."""
+        variants = {case.get("variant", "classifier") for case in self.cases}
+        empty = {case.get("variant", "classifier") for case in self.cases if case["seq"] == 0}
+        return self.passed and bool(variants) and empty == variants
 
     def extend(self, part: "ParityReport") -> None:
         """Take another part's cases and notes (a variant's, under its prefix) into this report."""

@@ -17,6 +17,7 @@ from gru_deploy.check.compare import DEFAULT_ATOL, DEFAULT_RTOL
 from gru_deploy.convert.graphs import STRATEGIES
 from gru_deploy.convert.pipeline import Built, Proof, check_failed, export_model
 from gru_deploy.errors import CheckFailed
+from gru_deploy.manifest import TUTORIAL_MODEL_NAME
 from gru_deploy.train import Checkpoint
 from gru_deploy.versions import __version__
 
@@ -81,7 +82,8 @@ class TutorialProof(Proof):
             return report.to_json(), report.record()
 
         checkpoint = self.checkpoint
-        return {"config": self.spec.to_dict(), "labels": list(self.spec.labels), "metrics": checkpoint.metrics,
+        return {"model_name": TUTORIAL_MODEL_NAME, "config": self.spec.to_dict(), "labels": list(self.spec.labels),
+                "metrics": checkpoint.metrics,
                 "training": checkpoint.training, "source_checkpoint": {"sha256": checkpoint.sha256}}, prove
 
 

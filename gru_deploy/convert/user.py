@@ -17,6 +17,7 @@ from gru_deploy.check.module_parity import (
     case_input, golden_store, module_parity, npz_bytes, recording, user_runners)
 from gru_deploy.convert.pipeline import (LENGTHS_HOOK, STATE_HOOK, STREAM_HOOK, Built, Proof, _tutorial_cell_family,
                                          check_failed, export_model)
+from gru_deploy.manifest import MODULE_MODEL_NAME
 from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_OUT
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ class ModuleProof(Proof):
         files[REFERENCE_FILE] = npz_bytes(stored)
         cases = {"classifier": USER_CASES, "lengths": LENGTHS_CASES, "stream": STREAM_CASES}
         fields = {
-            "model": {**model.record(), "recurrence": kept},
+            "model": {**model.record(), "recurrence": kept}, "model_name": MODULE_MODEL_NAME,
             "config": {"input_size": signatures["classifier"].inputs[0]["shape"][2]}, "labels": list(self.labels),
             "metrics": {k: v for k, v in self.metrics.items() if k != "loss_history"},
             "training": dict(self.training), "source_checkpoint": {"sha256": model.checkpoint_sha256},
