@@ -143,6 +143,21 @@ def test_every_model_is_proved_by_one_parity_grid_to_one_report(exports, kind, t
     root = ET.parse(junit).getroot()
     assert {t.get("classname") for t in root.iter("testcase") if t.find("failure") is not None} == failed
 
+    # the ORT-format copy (what onnxruntime mobile and web load) is judged too: the tampered
+    # graph as model.ort beside the right model.onnx fails on the ORT copy's pairs alone
+    from gru_deploy.convert.graphs import to_ort_format
+
+    ort_bad = tmp_path / "ort_bad"
+    shutil.copytree(folder, ort_bad)
+    (ort_bad / "model.ort").write_bytes(to_ort_format({"model.onnx": (bad / "model.onnx").read_bytes()})["model.ort"])
+    tampered = json.loads((ort_bad / "manifest.json").read_text())
+    tampered["files"]["model.ort"] = {"sha256": sha256_file(ort_bad / "model.ort"),
+                                      "size": (ort_bad / "model.ort").stat().st_size}
+    atomic_write_json(ort_bad / "manifest.json", tampered)
+    report = gru_deploy.verify(ort_bad)
+    failed = {k for k, s in report["summary"].items() if not s["passed"]}
+    assert not report["passed"] and failed and all("->onnxruntime-ort" in k and ":" not in k for k in failed)
+
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_model_is_exported_by_one_pipeline(exports, kind):
@@ -195,3 +210,29 @@ def test_empty_inputs_are_answered_exactly_where_the_grid_verified_them(exports,
         folder = unverified
     with pytest.raises(UserInputError, match="empty"):  # (a module's graph is never handed one: it may abort)
         infer(folder, empty)
+
+
+def test_a_modules_export_refuses_an_ort_copy_that_computes_something_else(tmp_path, monkeypatch):
+    """At export, each ORT-format copy is run on the staged files against the float64 answers:
+    a converter that wrote a different model fails the export, and nothing is written."""
+    import onnx
+    from onnx import numpy_helper
+
+    from gru_deploy.convert import graphs
+    from gru_deploy.errors import CheckFailed
+    from gru_deploy.models.families import StackedGRUClassifier
+
+    convert = graphs.to_ort_format
+
+    def wrong_weights(onnx_files):
+        model = onnx.load_from_string(onnx_files["model.onnx"])
+        weight = max((t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT),
+                     key=lambda t: int(np.prod(t.dims)))
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) + np.float32(0.05), weight.name))
+        return convert({**onnx_files, "model.onnx": model.SerializeToString()})
+
+    monkeypatch.setattr(graphs, "to_ort_format", wrong_weights)
+    torch.manual_seed(0)
+    with pytest.raises(CheckFailed, match="classifier model's ORT-format copy failed parity.*onnxruntime-ort"):
+        gru_deploy.export(StackedGRUClassifier(3, 5, 2, layers=1).eval(), out=tmp_path / "e")
+    assert not (tmp_path / "e").exists()

@@ -168,12 +168,14 @@ class Call:
 
 def user_runners(module: "torch.nn.Module | None", scripted: "torch.jit.ScriptModule", onnx_bytes: bytes,
                  signature: UserSignature, stored: dict[str, "np.ndarray"] | None = None,
-                 method: str = "forward", variant: str = "classifier") -> dict[str, Call]:
+                 method: str = "forward", variant: str = "classifier", ort_format: bytes | None = None
+                 ) -> dict[str, Call]:
     """Runners of a feed (numpy, by input name) returning every output as float64 numpy by name:
     eager and float64 (the user's module's `method`, and a float64 copy of it) when the module
     is at hand, TorchScript, onnxruntime and onnx's reference evaluator. Without the module
     (verify), float64 answers from `stored`: the float64 outputs the export computed from the
-    module (REFERENCE_FILE). Over 60 lines: one small adapter per runtime, each a few lines."""
+    module (REFERENCE_FILE). `ort_format`: the ORT-format copy, run as "onnxruntime-ort". Over
+    60 lines: one small adapter per runtime, each a few lines."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -219,6 +221,8 @@ def user_runners(module: "torch.nn.Module | None", scripted: "torch.jit.ScriptMo
         runners["eager"] = Call("eager", torch_call(getattr(module, method), torch.float32))
     runners["torchscript"] = Call("torchscript", torch_call(scripted, torch.float32))
     runners["onnxruntime"] = Call("onnxruntime", lambda feed: as_float64(session.run(names, feed)))
+    if ort_format is not None:
+        runners["onnxruntime-ort"] = ort_format_runner(ort_format, signature)
     if gap:  # it would compute something else: the report says it was not run, and why
         runners["onnx-reference"] = Call("onnx-reference", unsupported=gap)
     else:
@@ -227,14 +231,50 @@ def user_runners(module: "torch.nn.Module | None", scripted: "torch.jit.ScriptMo
     if module is not None:
         runners["float64"] = Call("float64", float64_call(getattr(copy.deepcopy(module).double(), method)))
     elif stored is not None:
-        def recorded(feed: Feed) -> dict[str, "np.ndarray"]:
-            batch, seq = feed[INPUT_NAME].shape[:2]
-            keys = {name: reference_key(variant, batch, seq, name) for name in names}
-            if keys[names[0]] not in stored:
-                raise CheckFailed(f"{REFERENCE_FILE} holds no float64 {variant} outputs for batch {batch}, seq {seq}")
-            return {name: stored[key] for name, key in keys.items()}
-        runners["float64"] = Call("float64", recorded)
+        runners["float64"] = stored_runner(stored, signature, variant)
     return runners
+
+
+def ort_format_runner(ort_format: bytes, signature: UserSignature) -> Call:
+    """onnxruntime on a model's ORT-format copy (what onnxruntime mobile and web load): every
+    output as float64 numpy by name."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from gru_deploy.check.runners import session_options
+
+    names = signature.output_names
+    session = ort.InferenceSession(ort_format, session_options(1), providers=["CPUExecutionProvider"])
+    return Call("onnxruntime-ort", lambda feed: {name: np.asarray(o, np.float64)
+                                                 for name, o in zip(names, session.run(names, feed))})
+
+
+def ort_format_parity(folder: Path, manifest: dict[str, Any], variant: str, signature: UserSignature,
+                      stored: dict[str, "np.ndarray"], cases: tuple[tuple[int, int], ...], atol: float, rtol: float,
+                      on_case: Callable[[str], None] | None = None) -> "ParityReport | None":
+    """The variant's ORT-format copy (where the manifest lists one, checksum-checked) against the
+    stored float64 answers on the module grid; None where the export has no copy."""
+    from gru_deploy.manifest import find_models, verified_path
+
+    names = find_models(manifest, variant, "ort", where=str(folder))
+    if not names:
+        return None
+    runners = {"float64": stored_runner(stored, signature, variant),
+               "onnxruntime-ort": ort_format_runner(verified_path(folder, manifest, names[0]).read_bytes(), signature)}
+    return module_parity(runners, signature, atol, rtol, cases=cases, variant=variant, on_case=on_case)
+
+
+def stored_runner(stored: dict[str, "np.ndarray"], signature: UserSignature, variant: str) -> Call:
+    """The float64 answers the export stored (REFERENCE_FILE), by case: verify's reference."""
+    names = signature.output_names
+
+    def recorded(feed: Feed) -> dict[str, "np.ndarray"]:
+        batch, seq = feed[INPUT_NAME].shape[:2]
+        keys = {name: reference_key(variant, batch, seq, name) for name in names}
+        if keys[names[0]] not in stored:
+            raise CheckFailed(f"{REFERENCE_FILE} holds no float64 {variant} outputs for batch {batch}, seq {seq}")
+        return {name: stored[key] for name, key in keys.items()}
+    return Call("float64", recorded)
 
 
 def case_input(batch: int, seq: int, input_size: int) -> "np.ndarray":
@@ -332,7 +372,7 @@ def _verify_variant(folder: Path, manifest: dict[str, Any], variant: str, signat
                     on_case: Callable[[str], None] | None) -> "ParityReport":
     from gru_deploy.check import torchscript as script
     from gru_deploy.check.onnx_walk import check_onnx_bytes
-    from gru_deploy.manifest import select_model, verified_path
+    from gru_deploy.manifest import find_models, select_model, verified_path
 
     pt = verified_path(folder, manifest, select_model(manifest, variant, "torchscript", where=str(folder)))
     onnx_path = verified_path(folder, manifest, select_model(manifest, variant, "onnx", where=str(folder)))
@@ -342,5 +382,7 @@ def _verify_variant(folder: Path, manifest: dict[str, Any], variant: str, signat
     check_onnx_bytes(onnx_bytes, f"{folder}: {onnx_path.name}", known=frozenset(recorded))
     scripted = script.load(pt)
     check_recurrence(scripted, str(pt))
-    runners = user_runners(None, scripted, onnx_bytes, signature, stored, variant=variant)
+    ort_names = find_models(manifest, variant, "ort", where=str(folder))
+    ort_format = verified_path(folder, manifest, ort_names[0]).read_bytes() if ort_names else None
+    runners = user_runners(None, scripted, onnx_bytes, signature, stored, variant=variant, ort_format=ort_format)
     return module_parity(runners, signature, atol, rtol, cases=cases, variant=variant, on_case=on_case)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from gru_deploy.check.grid import pair_key
 from gru_deploy.check.module_parity import (
     LENGTHS_CASES, REFERENCE_FILE, STREAM_CASES, USER_CASES, Call, Feed, UserSignature, as_outputs, case_feed,
-    case_input, golden_store, module_parity, npz_bytes, recording, user_runners)
+    case_input, golden_store, module_parity, npz_bytes, ort_format_parity, recording, user_runners)
 from gru_deploy.convert.pipeline import (LENGTHS_HOOK, STATE_HOOK, STREAM_HOOK, Built, Proof, _tutorial_cell_family,
                                          check_failed, export_model)
 from gru_deploy.manifest import MODULE_MODEL_NAME
@@ -110,7 +110,19 @@ class ModuleProof(Proof):
             "reference": {"file": REFERENCE_FILE, "computed_by": f"{model.reference} in float64 (module.double())",
                           "cases": [list(c) for c in USER_CASES],
                           **{f"{v}_cases": [list(c) for c in cases[v]] for v in signatures if v != "classifier"}}}
-        return fields, lambda stage, manifest: (report.to_json(), report.record())
+        atol, rtol = self.atol, self.rtol
+
+        def prove(stage: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+            """The export's own proof, and each ORT-format copy written beside it (staged) against
+            the float64 answers on the same grid."""
+            for variant, sig in signatures.items():
+                part = ort_format_parity(stage, manifest, variant, sig, stored, cases[variant], atol, rtol)
+                if part is not None and not part:
+                    raise check_failed(f"the {variant} model's ORT-format copy failed parity", part)
+                if part is not None:
+                    report.extend(part)
+            return report.to_json(), report.record()
+        return fields, prove
 
 
 def padding_check(model: "UserModel", sig: UserSignature, atol: float, rtol: float) -> Callable:
