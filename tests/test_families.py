@@ -217,6 +217,13 @@ def test_auto_times_loop_fused_and_stepwise_and_keeps_the_fastest(family_checkpo
     decided = auto.get("retimed", auto)["median_us"]
     assert manifest["strategy"] == auto["chosen"] == min(decided, key=decided.__getitem__)
     assert manifest["models"]["model.onnx"]["strategy"] == auto["chosen"]
+    for variant in ("lengths", "stream"):  # auto per variant: every form checked and timed at its own workload
+        record = manifest["variants"][variant]
+        assert set(record["auto"]["median_us"]) == {"loop", "fused", "stepwise"}, variant
+        decided = record["auto"].get("retimed", record["auto"])["median_us"]
+        assert record["strategy"] == record["auto"]["chosen"] == min(decided, key=decided.__getitem__), variant
+        assert manifest["models"][record["onnx"]]["strategy"] == record["strategy"], variant
+    assert manifest["variants"]["stream"]["auto"]["steps_per_call"] == 1
 
 
 def test_fused_is_refused_for_a_cell_gru_deploy_cannot_map(tmp_path):

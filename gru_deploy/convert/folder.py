@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from gru_deploy.check.compare import DEFAULT_ATOL, DEFAULT_RTOL
-from gru_deploy.convert.graphs import STRATEGIES
 from gru_deploy.convert.pipeline import Built, Proof, check_failed, export_model
 from gru_deploy.errors import CheckFailed
 from gru_deploy.manifest import TUTORIAL_MODEL_NAME
@@ -29,9 +28,6 @@ if TYPE_CHECKING:
     from gru_deploy.models.user import UserModel
     from gru_deploy.spec import ModelSpec
 
-# The forms each --strategy exports the stream and lengths variants in (auto checks and times
-# every one and keeps the fastest at the variant's workload).
-VARIANT_FORMS = {**{name: (name,) for name in STRATEGIES}, "auto": STRATEGIES}
 # The golden cases a bundle ships: (variant, batch, seq); lengths cases use lengths {seq, 1, 0}.
 GOLDEN_CASES = (("classifier", 1, 10), ("classifier", 2, 25), ("classifier", 3, 1),
                 ("stream", 2, 12), ("lengths", 3, 15))
@@ -47,9 +43,6 @@ class TutorialProof(Proof):
         return {"gru_deploy.version": __version__, "gru_deploy.config": self.spec.to_dict(),
                 "gru_deploy.labels": list(self.spec.labels),
                 "gru_deploy.source_checkpoint_sha256": self.checkpoint.sha256 or ""}
-
-    def variant_forms(self, strategy: str, classifier_form: str, model: "UserModel") -> tuple[str, ...]:
-        return VARIANT_FORMS[strategy]
 
     def check(self, built: Built, model: "UserModel", choosing: bool, step: Callable[[str], None]) -> None:
         """auto's check before timing a candidate (the classifier's full grid, a variant's

@@ -51,9 +51,6 @@ class Proof:
     def metadata(self, model: "UserModel") -> dict[str, Any]:
         raise NotImplementedError
 
-    def variant_forms(self, strategy: str, classifier_form: str, model: "UserModel") -> tuple[str, ...]:
-        raise NotImplementedError
-
     def check(self, built: Built, model: "UserModel", choosing: bool, step: Callable[[str], None]
               ) -> "ParityReport | None":
         """CheckFailed (nothing written) when the candidate fails; its report where the proof
@@ -113,7 +110,7 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
         if variant == "classifier":
             candidates = classifier_forms(model, scripted, kept, sig, opset, strategy, metadata, step)
         else:
-            forms = proof.variant_forms(strategy, chosen["classifier"].form, model)
+            forms = variant_forms(strategy, chosen["classifier"].form, model)
             candidates = {form: build_variant(model, variant, form, sig, opset, metadata, step) for form in forms}
         reports = {form: proof.check(built, model, len(candidates) > 1, step) for form, built in candidates.items()}
         form, auto = next(iter(candidates)), None
@@ -169,6 +166,16 @@ def declared_variants(model: "UserModel", scripted: "torch.jit.ScriptModule", si
                              f"forward starts from), got {getattr(state, 'shape', type(state).__name__)}")
     signatures["stream"] = stream_signature(signature, [int(d) for d in state.shape[1:]])
     return signatures, notes
+
+
+def variant_forms(strategy: str, classifier_form: str, model: "UserModel") -> tuple[str, ...]:
+    """The forms a variant is built in, for every model: a tutorial-cell model's variants in
+    every form under auto (each checked and timed at the variant's own workload), else in the
+    classifier's form; any other model's, the exporter's graph of its hook (a Loop, or
+    torch.nn.GRU's GRU nodes)."""
+    if not _tutorial_cell_family(model):
+        return ("loop",)
+    return STRATEGIES if strategy == "auto" else (classifier_form,)
 
 
 def classifier_forms(model: "UserModel", scripted: "torch.jit.ScriptModule", kept: str, signature: "UserSignature",

@@ -15,8 +15,7 @@ from gru_deploy.check.grid import pair_key
 from gru_deploy.check.module_parity import (
     LENGTHS_CASES, REFERENCE_FILE, STREAM_CASES, USER_CASES, Call, Feed, UserSignature, as_outputs, case_feed,
     case_input, golden_store, module_parity, npz_bytes, ort_format_parity, recording, user_runners)
-from gru_deploy.convert.pipeline import (LENGTHS_HOOK, STATE_HOOK, STREAM_HOOK, Built, Proof, _tutorial_cell_family,
-                                         check_failed, export_model)
+from gru_deploy.convert.pipeline import LENGTHS_HOOK, STATE_HOOK, STREAM_HOOK, Built, Proof, check_failed, export_model
 from gru_deploy.manifest import MODULE_MODEL_NAME
 from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_OUT
 
@@ -47,16 +46,11 @@ class ModuleProof(Proof):
         self.atol, self.rtol, self.labels = atol, rtol, labels
         self.metrics, self.training = metrics or {}, training or {}
         self.stored: list[dict[str, "np.ndarray"]] = []
-        self.module_side: dict[str, Call] = {}  # the classifier's eager, TorchScript and float64: alike for every form
+        # per variant, its eager, TorchScript and float64 runners: alike for every form, run once
+        self.module_side: dict[str, dict[str, Call]] = {}
 
     def metadata(self, model: "UserModel") -> dict[str, Any]:
         return {"gru_deploy.model": model.record()["kind"]}
-
-    def variant_forms(self, strategy: str, classifier_form: str, model: "UserModel") -> tuple[str, ...]:
-        """A module's variants follow the classifier's form where gru-deploy builds it (the
-        tutorial-cell models' fused and stepwise), else the exporter's graph of the hook."""
-        return (classifier_form if classifier_form in ("fused", "stepwise") and _tutorial_cell_family(model)
-                else "loop",)
 
     def check(self, built: Built, model: "UserModel", choosing: bool, step: Callable[[str], None]) -> "ParityReport":
         variant, sig = built.variant, built.signature
@@ -64,15 +58,11 @@ class ModuleProof(Proof):
         step(f"checking parity of every output ({variant} as {built.form}): eager, TorchScript, onnxruntime, onnx "
              "reference, float64")
         runners = user_runners(model.module, built.scripted, built.onnx_bytes, sig, method=method, variant=variant)
-        if variant != "classifier":
+        if variant not in self.module_side:
             runners["float64"], stored = recording(runners["float64"], sig, variant)
             self.stored.append(stored)
-        elif not self.module_side:
-            runners["float64"], stored = recording(runners["float64"], sig)
-            self.stored.append(stored)
-            self.module_side = {name: _once(runners[name]) for name in ("eager", "torchscript", "float64")}
-        if variant == "classifier":
-            runners.update(self.module_side)
+            self.module_side[variant] = {name: _once(runners[name]) for name in ("eager", "torchscript", "float64")}
+        runners.update(self.module_side[variant])
         cases = {"classifier": USER_CASES, "lengths": LENGTHS_CASES, "stream": STREAM_CASES}[variant]
         extra = padding_check(model, sig, self.atol, self.rtol) if variant == "lengths" else None
         report = module_parity(runners, sig, self.atol, self.rtol, cases, variant, extra=extra)
