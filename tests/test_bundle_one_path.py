@@ -236,3 +236,42 @@ def test_a_modules_export_refuses_an_ort_copy_that_computes_something_else(tmp_p
     with pytest.raises(CheckFailed, match="classifier model's ORT-format copy failed parity.*onnxruntime-ort"):
         gru_deploy.export(StackedGRUClassifier(3, 5, 2, layers=1).eval(), out=tmp_path / "e")
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_stream_model_is_fed_in_chunks_in_its_runtimes(exports, kind):
+    """check.grid.check_chunked, for every model with a stream variant, at export and at
+    verify: TorchScript and onnxruntime carry h_n across chunks of 1, 7 and 100 as one pass."""
+    folder, _ = exports[kind]
+    manifest = read_manifest(folder)
+    keys = {f"stream:one-pass->chunks:{runtime}{suffix}" for runtime in ("torchscript", "onnxruntime")
+            for suffix in ("", "[h_n]")}
+    if "stream" not in (manifest.get("variants") or {}):
+        assert not any("chunks:" in k for k in manifest["parity"]["summary"])
+        return
+    assert keys <= set(manifest["parity"]["summary"]) and keys <= set(gru_deploy.verify(folder)["summary"])
+
+
+def test_the_chunked_check_catches_a_runtime_that_drops_the_state_and_joins_per_step_outputs():
+    from gru_deploy.check.grid import check_chunked
+
+    signature = {"inputs": [{"name": "x", "shape": ["batch", "seq", 2]}, {"name": "h0", "shape": ["batch", 3]}],
+                 "outputs": [{"name": "tags", "shape": ["batch", "seq", 3]}, {"name": "h_n", "shape": ["batch", 3]}]}
+
+    class Running:  # h_t = h_{t-1} + x_t (padded to 3): every step's state as the per-step output
+        name = "running"
+
+        def __init__(self, keeps_state):
+            self.keeps_state = keeps_state
+
+        def run(self, feed):
+            x = np.pad(feed["x"], ((0, 0), (0, 0), (0, 1)))
+            start = feed["h0"] if self.keeps_state else np.zeros_like(feed["h0"])
+            tags = start[:, None, :] + np.cumsum(x, axis=1)
+            return {"tags": tags.astype(np.float32), "h_n": tags[:, -1].astype(np.float32)}
+
+    good = check_chunked(Running(True), signature, 1e-4, 1e-4, seq=50, chunks=(1, 7))
+    assert all(c["passed"] for c in good) and {c["chunk"] for c in good} == {1, 7}
+    assert set(good[0]["pairs"]) == {"stream:one-pass->chunks:running[tags]", "stream:one-pass->chunks:running[h_n]"}
+    bad = check_chunked(Running(False), signature, 1e-4, 1e-4, seq=50, chunks=(7,))
+    assert not bad[0]["passed"] and not bad[0]["pairs"]["stream:one-pass->chunks:running[h_n]"]["passed"]

@@ -274,3 +274,45 @@ def check_tolerances(atol: float, rtol: float) -> None:
     for name, value in (("atol", atol), ("rtol", rtol)):
         if not (value >= 0 and np.isfinite(value)):
             raise UserInputError(f"--{name} must be a finite number >= 0, got {value}")
+
+
+def make_input(batch: int, seq: int, input_size: int, seed: int) -> np.ndarray:
+    """Normal values of both signs, each sample at its own scale in [0.01, 10]."""
+    rng = np.random.default_rng(seed)
+    scale = 10.0 ** rng.uniform(-2, 1, size=(batch, 1, 1))
+    return (rng.standard_normal((batch, seq, input_size)) * scale).astype(np.float32)
+
+
+# The stream fed in chunks: one sequence of CHUNKED_SEQ steps, in chunks of each size.
+CHUNK_SIZES = (1, 7, 100)
+CHUNKED_SEQ = 1000
+
+
+def check_chunked(runner: Any, signature: dict[str, Any], atol: float, rtol: float, seq: int = CHUNKED_SEQ,
+                  chunks: Iterable[int] = CHUNK_SIZES, batch: int = 2, seed: int = 7) -> list[dict[str, Any]]:
+    """A stream model in one runtime (`runner.run(feed) -> outputs by name`) fed one sequence in
+    chunks from zeros, h_n carried into h0, against one pass: every output (a per-step one,
+    the chunks' steps side by side) and h_n; one case per chunk size, with `bit_identical`."""
+    from gru_deploy.spec import INPUT_NAME, STATE_IN, STATE_OUT
+
+    inputs = {t["name"]: t for t in signature["inputs"]}
+    x = make_input(batch, seq, int(inputs[INPUT_NAME]["shape"][2]), seed)
+    h0 = np.zeros((batch, *inputs[STATE_IN]["shape"][1:]), np.float32)
+    whole = runner.run({INPUT_NAME: x, STATE_IN: h0})
+    per_step = {o["name"]: o["shape"].index("seq") for o in signature["outputs"] if "seq" in o["shape"]}
+    cases = []
+    for chunk in chunks:
+        h, parts = h0, []
+        for start in range(0, seq, chunk):
+            out = runner.run({INPUT_NAME: np.ascontiguousarray(x[:, start:start + chunk]), STATE_IN: h})
+            h = np.asarray(out[STATE_OUT], np.float32)
+            parts.append(out)
+        pairs = {}
+        for name in whole:
+            got = np.concatenate([p[name] for p in parts], axis=per_step[name]) if name in per_step else parts[-1][name]
+            comparison = compare(whole[name], got, atol, rtol).to_json()
+            comparison["bit_identical"] = bool(np.array_equal(whole[name], got))
+            pairs[pair_key("stream:", "one-pass", f"chunks:{runner.name}", name)] = comparison
+        cases.append({"batch": batch, "seq": seq, "chunk": chunk, "variant": "stream", "pairs": pairs,
+                      "passed": all(c["passed"] for c in pairs.values())})
+    return cases

@@ -385,4 +385,12 @@ def _verify_variant(folder: Path, manifest: dict[str, Any], variant: str, signat
     ort_names = find_models(manifest, variant, "ort", where=str(folder))
     ort_format = verified_path(folder, manifest, ort_names[0]).read_bytes() if ort_names else None
     runners = user_runners(None, scripted, onnx_bytes, signature, stored, variant=variant, ort_format=ort_format)
-    return module_parity(runners, signature, atol, rtol, cases=cases, variant=variant, on_case=on_case)
+    report = module_parity(runners, signature, atol, rtol, cases=cases, variant=variant, on_case=on_case)
+    if variant == "stream":  # the runtimes carry the state across chunks as one pass does
+        from gru_deploy.check.grid import CHUNK_SIZES, check_chunked
+
+        for name in ("torchscript", "onnxruntime"):
+            if on_case is not None:
+                on_case(f"stream: chunks of {', '.join(map(str, CHUNK_SIZES))} in {name}")
+            report.cases.extend(check_chunked(runners[name], signature.to_dict(), atol, rtol))
+    return report

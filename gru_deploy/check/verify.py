@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from gru_deploy.check.compare import DEFAULT_ATOL, DEFAULT_RTOL, compare
-from gru_deploy.check.grid import ParityReport, check_tolerances, run_parity
+from gru_deploy.check.compare import DEFAULT_ATOL, DEFAULT_RTOL
+from gru_deploy.check.grid import CHUNK_SIZES, ParityReport, check_chunked, check_tolerances, make_input, run_parity
 from gru_deploy.check.runners import Runner
-from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, OUTPUT_NAME, STATE_IN, STATE_OUT, ModelSpec
+from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN, ModelSpec
 
 if TYPE_CHECKING:
     import torch
@@ -38,13 +38,6 @@ PAIRS: tuple[tuple[str, str, int | None], ...] = (
 
 def grid_cases() -> list[tuple[int, int]]:
     return [(b, s) for b in GRID_BATCHES for s in GRID_SEQS] + list(EXTRA_CASES)
-
-
-def make_input(batch: int, seq: int, input_size: int, seed: int) -> np.ndarray:
-    """Normal values of both signs, each sample at its own scale in [0.01, 10]."""
-    rng = np.random.default_rng(seed)
-    scale = 10.0 ** rng.uniform(-2, 1, size=(batch, 1, 1))
-    return (rng.standard_normal((batch, seq, input_size)) * scale).astype(np.float32)
 
 
 def make_feed(spec: ModelSpec, variant: str, batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
@@ -111,8 +104,6 @@ def build_runners(spec: ModelSpec, module: "torch.jit.ScriptModule", onnx_model:
 
 # The stream and lengths variants: a smaller grid, plus a long case.
 VARIANT_CASES = tuple((b, s) for b in (1, 3, 8) for s in (0, 1, 7, 100)) + ((2, 1000),)
-CHUNK_SIZES = (1, 7, 100)
-CHUNKED_SEQ = 1000
 
 
 def export_runners(folder: Path, manifest: dict[str, Any], threads: int = 1,
@@ -136,27 +127,6 @@ def export_runners(folder: Path, manifest: dict[str, Any], threads: int = 1,
     return runners
 
 
-def check_chunked(runner: Runner, spec: ModelSpec, atol: float, rtol: float, seq: int = CHUNKED_SEQ,
-                  chunks: Iterable[int] = CHUNK_SIZES, batch: int = 2, seed: int = 7) -> list[dict[str, Any]]:
-    """Feed one sequence in chunks, carrying h_n into h0, and compare with one pass (logits and h_n)."""
-    x = make_input(batch, seq, spec.input_size, seed)
-    h0 = np.zeros((batch, spec.hidden_size), np.float32)
-    whole = runner.run({INPUT_NAME: x, STATE_IN: h0})
-    cases = []
-    for chunk in chunks:
-        h, out = h0, None
-        for start in range(0, seq, chunk):
-            out = runner.run({INPUT_NAME: np.ascontiguousarray(x[:, start:start + chunk]), STATE_IN: h})
-            h = out[STATE_OUT]
-        pairs = {f"stream:one-pass->chunks:{runner.name}" + ("" if name == OUTPUT_NAME else f"[{name}]"):
-                 compare(whole[name], out[name], atol, rtol).to_json() for name in (OUTPUT_NAME, STATE_OUT)}
-        for name, c in zip((OUTPUT_NAME, STATE_OUT), pairs.values()):
-            c["bit_identical"] = bool(np.array_equal(whole[name], out[name]))
-        cases.append({"batch": batch, "seq": seq, "chunk": chunk, "variant": "stream", "pairs": pairs,
-                      "passed": all(c["passed"] for c in pairs.values())})
-    return cases
-
-
 def parity_for_dir(folder: Path, manifest: dict[str, Any], atol: float = DEFAULT_ATOL,
                    rtol: float = DEFAULT_RTOL, on_case: Callable[[str], None] | None = None) -> ParityReport:
     """The full parity gate over an export dir's files (checksums checked on load).
@@ -175,7 +145,7 @@ def parity_for_dir(folder: Path, manifest: dict[str, Any], atol: float = DEFAULT
             for name in ("torchscript", "onnxruntime"):
                 if on_case is not None:
                     on_case(f"stream: chunks of {', '.join(map(str, CHUNK_SIZES))} in {name}")
-                report.cases.extend(check_chunked(runners[name], spec, atol, rtol))
+                report.cases.extend(check_chunked(runners[name], spec.signature("stream"), atol, rtol))
     return report
 
 

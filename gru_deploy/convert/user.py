@@ -11,7 +11,7 @@ import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from gru_deploy.check.grid import pair_key
+from gru_deploy.check.grid import check_chunked, pair_key
 from gru_deploy.check.module_parity import (
     LENGTHS_CASES, REFERENCE_FILE, STREAM_CASES, USER_CASES, Call, Feed, UserSignature, as_outputs, case_feed,
     case_input, golden_store, module_parity, npz_bytes, ort_format_parity, recording, user_runners)
@@ -58,6 +58,7 @@ class ModuleProof(Proof):
         step(f"checking parity of every output ({variant} as {built.form}): eager, TorchScript, onnxruntime, onnx "
              "reference, float64")
         runners = user_runners(model.module, built.scripted, built.onnx_bytes, sig, method=method, variant=variant)
+        in_runtimes = {name: runners[name] for name in ("torchscript", "onnxruntime")}  # not cached: chunks share shapes
         if variant not in self.module_side:
             runners["float64"], stored = recording(runners["float64"], sig, variant)
             self.stored.append(stored)
@@ -72,6 +73,8 @@ class ModuleProof(Proof):
         if variant == "stream":
             classifier = UserSignature(sig.inputs[:1], [o for o in sig.outputs if o["name"] != STATE_OUT])
             report.cases.extend(_stream_contract(model, classifier, self.atol, self.rtol))
+            for runner in in_runtimes.values():  # the runtimes carry the state across chunks too
+                report.cases.extend(check_chunked(runner, sig.to_dict(), self.atol, self.rtol))
             report.notes.append(f"from {STATE_HOOK}: one chunk = forward, and chunks of {CHUNK_SIZES} steps carried "
                                 f"through {STATE_OUT} = the one pass, on the float64 module at {list(CONTRACT_CASES)}")
         if not report:
