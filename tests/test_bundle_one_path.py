@@ -275,3 +275,31 @@ def test_the_chunked_check_catches_a_runtime_that_drops_the_state_and_joins_per_
     assert set(good[0]["pairs"]) == {"stream:one-pass->chunks:running[tags]", "stream:one-pass->chunks:running[h_n]"}
     bad = check_chunked(Running(False), signature, 1e-4, 1e-4, seq=50, chunks=(7,))
     assert not bad[0]["passed"] and not bad[0]["pairs"]["stream:one-pass->chunks:running[h_n]"]["passed"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_model_is_served_by_one_infer_and_one_stream(exports, kind):
+    """The serving stage, for every kind: gru_deploy.load(...).predict answers each golden case
+    of the classifier and lengths variants as the model did eager at export, and a Stream fed a
+    golden stream case step by step ends where the stream model's one pass ends."""
+    folder, _ = exports[kind]
+    manifest = read_manifest(folder)
+    loaded = gru_deploy.load(folder)
+    for case in golden_load(folder, manifest):
+        inputs, want = case["inputs"], case["outputs"]
+        if case["variant"] == "stream":
+            stream = loaded.stream(batch=inputs["x"].shape[0])
+            stream.state = inputs["h0"]
+            for t in range(inputs["x"].shape[1]):
+                answer = stream.step(inputs["x"][:, t])
+            got = answer if isinstance(answer, dict) else {manifest["signature"]["outputs"][0]["name"]: answer}
+            for name, value in got.items():
+                np.testing.assert_allclose(value, want[name], rtol=1e-5, atol=1e-5, err_msg=f"{kind} {name}")
+            np.testing.assert_allclose(stream.state, want[STATE_OUT], rtol=1e-5, atol=1e-5)
+            continue
+        lengths = inputs.get("lengths")
+        if lengths is not None and not manifest["parity"]["empty_inputs_verified"]:
+            assert lengths.min() >= 1  # a module's golden lengths are what its grid verified
+        got = loaded.predict(inputs["x"], lengths=lengths)
+        for name, value in want.items():
+            np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-5, err_msg=f"{kind} {case['name']} {name}")
