@@ -64,6 +64,7 @@ LENGTHS_CASES = ((3, 7), (4, 100), (3, 2048))
 
 
 STREAM_CASES = ((1, 1), (3, 7), (2, 100), (1, 2048))
+CASES = {"classifier": USER_CASES, "lengths": LENGTHS_CASES, "stream": STREAM_CASES}
 
 
 Feed = dict  # input name -> numpy array
@@ -178,11 +179,10 @@ def user_runners(module: "torch.nn.Module | None", scripted: "torch.jit.ScriptMo
     60 lines: one small adapter per runtime, each a few lines."""
     import numpy as np
     import onnx
-    import onnxruntime as ort
     import torch
     from onnx.reference import ReferenceEvaluator
 
-    from gru_deploy.check.runners import reference_gaps, session_options
+    from gru_deploy.check.runners import reference_gaps
 
     names_in = [t["name"] for t in signature.inputs]
     names = signature.output_names
@@ -214,15 +214,14 @@ def user_runners(module: "torch.nn.Module | None", scripted: "torch.jit.ScriptMo
     def as_float64(outputs: list) -> dict[str, "np.ndarray"]:
         return {name: np.asarray(o, np.float64) for name, o in zip(names, outputs)}
 
-    session = ort.InferenceSession(onnx_bytes, session_options(1), providers=["CPUExecutionProvider"])
     gap = reference_gaps(onnx.load_from_string(onnx_bytes))
     runners: dict[str, Call] = {}
     if module is not None:
         runners["eager"] = Call("eager", torch_call(getattr(module, method), torch.float32))
     runners["torchscript"] = Call("torchscript", torch_call(scripted, torch.float32))
-    runners["onnxruntime"] = Call("onnxruntime", lambda feed: as_float64(session.run(names, feed)))
+    runners["onnxruntime"] = onnxruntime_runner("onnxruntime", onnx_bytes, signature)
     if ort_format is not None:
-        runners["onnxruntime-ort"] = ort_format_runner(ort_format, signature)
+        runners["onnxruntime-ort"] = onnxruntime_runner("onnxruntime-ort", ort_format, signature)
     if gap:  # it would compute something else: the report says it was not run, and why
         runners["onnx-reference"] = Call("onnx-reference", unsupported=gap)
     else:
@@ -235,17 +234,17 @@ def user_runners(module: "torch.nn.Module | None", scripted: "torch.jit.ScriptMo
     return runners
 
 
-def ort_format_runner(ort_format: bytes, signature: UserSignature) -> Call:
-    """onnxruntime on a model's ORT-format copy (what onnxruntime mobile and web load): every
-    output as float64 numpy by name."""
+def onnxruntime_runner(name: str, model: bytes, signature: UserSignature) -> Call:
+    """onnxruntime (one thread, CPU) on a model's ONNX bytes or its ORT-format copy (what
+    onnxruntime mobile and web load): every output as float64 numpy by name."""
     import numpy as np
     import onnxruntime as ort
 
     from gru_deploy.check.runners import session_options
 
     names = signature.output_names
-    session = ort.InferenceSession(ort_format, session_options(1), providers=["CPUExecutionProvider"])
-    return Call("onnxruntime-ort", lambda feed: {name: np.asarray(o, np.float64)
+    session = ort.InferenceSession(model, session_options(1), providers=["CPUExecutionProvider"])
+    return Call(name, lambda feed: {name: np.asarray(o, np.float64)
                                                  for name, o in zip(names, session.run(names, feed))})
 
 
@@ -260,7 +259,8 @@ def ort_format_parity(folder: Path, manifest: dict[str, Any], variant: str, sign
     if not names:
         return None
     runners = {"float64": stored_runner(stored, signature, variant),
-               "onnxruntime-ort": ort_format_runner(verified_path(folder, manifest, names[0]).read_bytes(), signature)}
+               "onnxruntime-ort": onnxruntime_runner("onnxruntime-ort", verified_path(folder, manifest, names[0]).read_bytes(),
+                                                     signature)}
     return module_parity(runners, signature, atol, rtol, cases=cases, variant=variant, on_case=on_case)
 
 
@@ -348,13 +348,12 @@ def verify_user_export(folder: Path, manifest: dict[str, Any], atol: float, rtol
     recorded = (manifest.get("onnx") or {}).get("op_types")
     report = _verify_variant(folder, manifest, "classifier", signature, recorded, stored,
                              _cases(folder, reference.get("cases", USER_CASES)), atol, rtol, on_case)
-    defaults = {"lengths": LENGTHS_CASES, "stream": STREAM_CASES}
     for name, entry in (manifest.get("variants") or {}).items():
-        if name not in defaults:
+        if name not in CASES or name == "classifier":
             raise UserInputError(f"{folder}/manifest.json: unknown variant {name!r}")
         sig = UserSignature(entry["signature"]["inputs"], entry["signature"]["outputs"])
         variant = _verify_variant(folder, manifest, name, sig, entry.get("op_types"), stored,
-                                  _cases(folder, reference.get(f"{name}_cases", defaults[name])), atol, rtol, on_case)
+                                  _cases(folder, reference.get(f"{name}_cases", CASES[name])), atol, rtol, on_case)
         report.extend(variant)
     return report
 
@@ -386,11 +385,20 @@ def _verify_variant(folder: Path, manifest: dict[str, Any], variant: str, signat
     ort_format = verified_path(folder, manifest, ort_names[0]).read_bytes() if ort_names else None
     runners = user_runners(None, scripted, onnx_bytes, signature, stored, variant=variant, ort_format=ort_format)
     report = module_parity(runners, signature, atol, rtol, cases=cases, variant=variant, on_case=on_case)
-    if variant == "stream":  # the runtimes carry the state across chunks as one pass does
-        from gru_deploy.check.grid import CHUNK_SIZES, check_chunked
-
-        for name in ("torchscript", "onnxruntime"):
-            if on_case is not None:
-                on_case(f"stream: chunks of {', '.join(map(str, CHUNK_SIZES))} in {name}")
-            report.cases.extend(check_chunked(runners[name], signature.to_dict(), atol, rtol))
+    if variant == "stream":
+        report.cases.extend(chunked_in_runtimes(runners, signature, atol, rtol, on_case))
     return report
+
+
+def chunked_in_runtimes(runners: dict[str, Call], signature: UserSignature, atol: float, rtol: float,
+                        on_case: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The stream model in TorchScript and onnxruntime (`runners`, uncached: chunks share
+    shapes) fed in chunks against one pass (check.grid.check_chunked): at export and at verify."""
+    from gru_deploy.check.grid import CHUNK_SIZES, check_chunked
+
+    cases = []
+    for name in ("torchscript", "onnxruntime"):
+        if on_case is not None:
+            on_case(f"stream: chunks of {', '.join(map(str, CHUNK_SIZES))} in {name}")
+        cases.extend(check_chunked(runners[name], signature.to_dict(), atol, rtol))
+    return cases

@@ -11,10 +11,10 @@ import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from gru_deploy.check.grid import check_chunked, pair_key
+from gru_deploy.check.grid import pair_key
 from gru_deploy.check.module_parity import (
-    LENGTHS_CASES, REFERENCE_FILE, STREAM_CASES, USER_CASES, Call, Feed, UserSignature, as_outputs, case_feed,
-    case_input, golden_store, module_parity, npz_bytes, ort_format_parity, recording, user_runners)
+    CASES, REFERENCE_FILE, USER_CASES, Call, Feed, UserSignature, as_outputs, case_feed, case_input,
+    chunked_in_runtimes, golden_store, module_parity, npz_bytes, ort_format_parity, recording, user_runners)
 from gru_deploy.convert.pipeline import LENGTHS_HOOK, STATE_HOOK, STREAM_HOOK, Built, Proof, check_failed, export_model
 from gru_deploy.manifest import MODULE_MODEL_NAME
 from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_OUT
@@ -62,16 +62,15 @@ class ModuleProof(Proof):
         step(f"checking parity of every output ({variant} as {built.form}): eager, TorchScript, onnxruntime, onnx "
              "reference, float64")
         runners = user_runners(model.module, built.scripted, built.onnx_bytes, sig, method=method, variant=variant)
-        in_runtimes = {name: runners[name] for name in ("torchscript", "onnxruntime")}  # not cached: chunks share shapes
+        in_runtimes = dict(runners)  # before the cached module side replaces them: chunks share shapes
         if variant not in self.module_side:
             runners["float64"], stored = recording(runners["float64"], sig, variant)
             self.stored.append(stored)
             self.module_side[variant] = {name: _once(runners[name]) for name in ("eager", "torchscript", "float64")}
         runners.update(self.module_side[variant])
-        cases = {"classifier": USER_CASES, "lengths": LENGTHS_CASES, "stream": STREAM_CASES}[variant]
         if variant == "lengths" and variant not in self.padding:
             self.padding[variant] = _once_per_case(padding_check(model, sig, self.atol, self.rtol))
-        report = module_parity(runners, sig, self.atol, self.rtol, cases, variant, extra=self.padding.get(variant))
+        report = module_parity(runners, sig, self.atol, self.rtol, CASES[variant], variant, extra=self.padding.get(variant))
         if variant == "lengths":
             report.notes.append("lengths spread over 1..seq; 'float64 alone': the module's forward in float64 on each "
                                 "sample alone, unpadded, against its padded answer on its valid steps")
@@ -80,8 +79,7 @@ class ModuleProof(Proof):
                 classifier = UserSignature(sig.inputs[:1], [o for o in sig.outputs if o["name"] != STATE_OUT])
                 self.contract = _stream_contract(model, classifier, self.atol, self.rtol)
             report.cases.extend(self.contract)
-            for runner in in_runtimes.values():  # the runtimes carry the state across chunks too
-                report.cases.extend(check_chunked(runner, sig.to_dict(), self.atol, self.rtol))
+            report.cases.extend(chunked_in_runtimes(in_runtimes, sig, self.atol, self.rtol))
             report.notes.append(f"from {STATE_HOOK}: one chunk = forward, and chunks of {CHUNK_SIZES} steps carried "
                                 f"through {STATE_OUT} = the one pass, on the float64 module at {list(CONTRACT_CASES)}")
         if not report:
@@ -101,7 +99,6 @@ class ModuleProof(Proof):
         for part in self.stored:
             stored.update(part)
         files[REFERENCE_FILE] = npz_bytes(stored)
-        cases = {"classifier": USER_CASES, "lengths": LENGTHS_CASES, "stream": STREAM_CASES}
         fields = {
             "model": {**model.record(), "recurrence": kept}, "model_name": MODULE_MODEL_NAME,
             "config": {"input_size": signatures["classifier"].inputs[0]["shape"][2]}, "labels": list(self.labels),
@@ -109,14 +106,14 @@ class ModuleProof(Proof):
             "training": dict(self.training), "source_checkpoint": {"sha256": model.checkpoint_sha256},
             "reference": {"file": REFERENCE_FILE, "computed_by": f"{model.reference} in float64 (module.double())",
                           "cases": [list(c) for c in USER_CASES],
-                          **{f"{v}_cases": [list(c) for c in cases[v]] for v in signatures if v != "classifier"}}}
+                          **{f"{v}_cases": [list(c) for c in CASES[v]] for v in signatures if v != "classifier"}}}
         atol, rtol = self.atol, self.rtol
 
         def prove(stage: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
             """The export's own proof, and each ORT-format copy written beside it (staged) against
             the float64 answers on the same grid."""
             for variant, sig in signatures.items():
-                part = ort_format_parity(stage, manifest, variant, sig, stored, cases[variant], atol, rtol)
+                part = ort_format_parity(stage, manifest, variant, sig, stored, CASES[variant], atol, rtol)
                 if part is not None and not part:
                     raise check_failed(f"the {variant} model's ORT-format copy failed parity", part)
                 if part is not None:
