@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 
-from gru_deploy.check.verify import export_runners
 from gru_deploy.errors import UserInputError
 from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, OUTPUT_NAME, ModelSpec
 
@@ -23,8 +22,10 @@ def deployment_accuracy(folder: Path, data: str, test: str | None = None, seed: 
     from gru_deploy.data import load_data
     from gru_deploy.convert.families import export_fused
     from gru_deploy.convert.graphs import export_loop
-    from gru_deploy.manifest import check_files, read_manifest, select_model, tutorial_only
-    from gru_deploy.models.tutorial import tutorial_parameters
+    from gru_deploy.check import torchscript as script
+    from gru_deploy.check.runners import eager_runner
+    from gru_deploy.manifest import check_files, read_manifest, select_model, tutorial_only, verified_path
+    from gru_deploy.models.tutorial import load_weights, tutorial_parameters
     from gru_deploy.bundle.quantize import quantize_int8
     from gru_deploy.check.runners import OnnxRuntimeRunner
 
@@ -37,12 +38,13 @@ def deployment_accuracy(folder: Path, data: str, test: str | None = None, seed: 
     if list(dataset.labels) != list(spec.labels):
         raise UserInputError(f"{data}: its labels {list(dataset.labels)} are not the model's {list(spec.labels)}")
     variant = "lengths" if dataset.lengths is not None else "classifier"
-    runners = export_runners(folder, manifest, variant=variant)
+    module = script.load(verified_path(folder, manifest, select_model(manifest, variant, "torchscript",
+                                                                      where=str(folder))))
+    eager = eager_runner(spec, load_weights(spec, tutorial_parameters(module.state_dict())), variant)
     graphs: dict[str, bytes] = {}
     onnx_name = select_model(manifest, variant, "onnx", where=str(folder))
     strategy = manifest["models"][onnx_name].get("strategy", "loop")
     graphs[f"onnxruntime {strategy} (exported)"] = (folder / onnx_name).read_bytes()  # checked above
-    module = runners["torchscript"].fn  # this variant's TorchScript, checked against the manifest
     if strategy == "loop":
         loop_graph = graphs[f"onnxruntime {strategy} (exported)"]
         graphs["onnxruntime fused"] = export_fused(tutorial_parameters(module.state_dict()), spec,
@@ -55,7 +57,7 @@ def deployment_accuracy(folder: Path, data: str, test: str | None = None, seed: 
     feed = {INPUT_NAME: dataset.x}
     if variant == "lengths":
         feed[LENGTHS_NAME] = dataset.lengths
-    predictions = {"eager": runners["eager"].run(feed)[OUTPUT_NAME].argmax(1)}
+    predictions = {"eager": eager.run(feed)[OUTPUT_NAME].argmax(1)}
     for name, graph in graphs.items():
         predictions[name] = OnnxRuntimeRunner(spec, graph, variant=variant).run(feed)[OUTPUT_NAME].argmax(1)
     rows = {name: {"accuracy": float((pred == dataset.y).mean()),

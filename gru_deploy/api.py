@@ -102,8 +102,8 @@ def verify(path: str | Path, atol: float = 1e-5, rtol: float = 1e-5, data: str |
     from gru_deploy.bundle.read import is_bundle, verify_bundle
     from gru_deploy.accuracy import deployment_accuracy, module_accuracy
     from gru_deploy.check.grid import check_tolerances
-    from gru_deploy.check.verify import user_export_parity, verify_export
-    from gru_deploy.manifest import atomic_write_bytes, read_manifest
+    from gru_deploy.check.module_parity import verify_export
+    from gru_deploy.manifest import atomic_write_bytes, is_module_export, read_manifest
 
     path = Path(path)
     if is_bundle(path):
@@ -115,16 +115,14 @@ def verify(path: str | Path, atol: float = 1e-5, rtol: float = 1e-5, data: str |
         raise UserInputError("trust_torchscript applies to bundles; an export folder's TorchScript is loaded as "
                              "part of its parity grid")
     check_tolerances(atol, rtol)
-    parity = user_export_parity(path, atol, rtol, on_case=on_case)
-    module = parity is not None  # a built-in family's or your own model's export: its stored float64 reference
-    report = (parity if module else verify_export(path, atol=atol, rtol=rtol, on_case=on_case)).to_json()
+    report = verify_export(path, atol=atol, rtol=rtol, on_case=on_case).to_json()
     if junit_xml is not None:
         from gru_deploy.check.junit import parity_junit_xml
 
         atomic_write_bytes(Path(junit_xml), parity_junit_xml(report, f"gru-deploy verify {path}"))
     if not data:
         accuracy = None
-    elif module:
+    elif is_module_export(read_manifest(path)):
         accuracy = module_accuracy(path, read_manifest(path), data, test) if report["passed"] else None
     else:
         accuracy = deployment_accuracy(path, data, test)

@@ -82,7 +82,7 @@ def staged_dir(target: Path, keep: tuple[str, ...] = ()) -> Iterator[Path]:
         raise WriteFailed(f"cannot create {target.parent}: {exc.strerror or exc}") from None
     if target.exists() and not target.is_dir():
         raise UserInputError(f"{target} exists and is not a folder; choose another --out")
-    _recover_interrupted_runs(target)
+    recover_interrupted_runs(target)
     try:
         stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-{os.getpid()}-", dir=target.parent))
     except OSError as exc:
@@ -108,7 +108,7 @@ def staged_dir(target: Path, keep: tuple[str, ...] = ()) -> Iterator[Path]:
             shutil.rmtree(stage, ignore_errors=True)
 
 
-def _recover_interrupted_runs(target: Path) -> None:
+def recover_interrupted_runs(target: Path) -> None:
     """Repair what a run killed mid-way (kill -9, power loss) left beside `target`.
 
     Its hidden folders are named `.NAME.staging-PID-*` and `.NAME.old-PID-*`; those whose

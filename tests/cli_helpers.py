@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 EXPORT_FILES = ["golden.npz", "manifest.json", "model.onnx", "model.ort", "model.pt", "model_lengths.onnx", "model_lengths.ort", "model_lengths.pt",
-                "model_stream.onnx", "model_stream.ort", "model_stream.pt", "parity.json", "required_operators.config"]
+                "model_stream.onnx", "model_stream.ort", "model_stream.pt", "parity.json", "reference_float64.npz",
+                "required_operators.config"]
 
 
 def gru_deploy_exe() -> str:
@@ -22,3 +23,38 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
     """Run the real console script; return the completed process (text mode)."""
     return subprocess.run([gru_deploy_exe(), *args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
                           stdin=subprocess.DEVNULL)
+
+
+def tutorial_runners(folder: Path, variant: str = "classifier") -> dict:
+    """Runners over a tutorial export's files for one variant (the files checked against the
+    manifest): eager (the tutorial's own loop) and float64 (the numpy re-implementation) on
+    model.pt's weights, TorchScript, onnxruntime and onnx's reference evaluator."""
+    from gru_deploy.check import torchscript as script
+    from gru_deploy.check.runners import (Float64Runner, OnnxReferenceRunner, OnnxRuntimeRunner, eager_runner,
+                                          torchscript_runner)
+    from gru_deploy.manifest import read_manifest, select_model, verified_path
+    from gru_deploy.models.tutorial import load_weights, tutorial_parameters, weights_numpy
+    from gru_deploy.spec import ModelSpec
+
+    manifest = read_manifest(folder)
+    spec = ModelSpec.from_dict(manifest["config"])
+    module = script.load(verified_path(folder, manifest, select_model(manifest, variant, "torchscript")))
+    model = load_weights(spec, tutorial_parameters(module.state_dict()))
+    onnx_bytes = verified_path(folder, manifest, select_model(manifest, variant, "onnx")).read_bytes()
+    return {"eager": eager_runner(spec, model, variant), "torchscript": torchscript_runner(spec, module, variant),
+            "onnxruntime": OnnxRuntimeRunner(spec, onnx_bytes, variant=variant),
+            "onnx-reference": OnnxReferenceRunner(spec, onnx_bytes, variant=variant),
+            "float64": Float64Runner(spec, weights_numpy(model), variant)}
+
+
+def small_grid(runners: dict, folder: Path, cases, variant: str = "classifier", first_seed: int = 0, **options):
+    """The export's parity grid (check.module_parity.module_parity, the wide grid's inputs) on a
+    few cases through `runners`."""
+    from gru_deploy.check.module_parity import Grid, UserSignature, module_parity
+    from gru_deploy.manifest import read_manifest
+
+    manifest = read_manifest(folder)
+    entry = manifest if variant == "classifier" else manifest["variants"][variant]
+    signature = UserSignature(entry["signature"]["inputs"], entry["signature"]["outputs"])
+    return module_parity(runners, signature, options.pop("atol", 1e-5), options.pop("rtol", 1e-5),
+                         Grid({variant: tuple(cases)}, "scaled", 21, first_seed=first_seed), variant, **options)

@@ -9,7 +9,7 @@ import pytest
 
 from cli_helpers import run_cli
 from gru_deploy.manifest import read_manifest
-from gru_deploy.check.verify import export_runners
+from cli_helpers import tutorial_runners
 
 
 @pytest.fixture()
@@ -45,7 +45,7 @@ def test_infer_matches_the_float64_reference(export_dir, arrays):
     proc = run_cli("infer", str(export_dir), "--input", str(paths["x"]), "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    expected = export_runners(export_dir, read_manifest(export_dir))["float64"].run({"x": x})["logits"]
+    expected = tutorial_runners(export_dir)["float64"].run({"x": x})["logits"]
     np.testing.assert_allclose(np.array(result["logits"]), expected, rtol=1e-5, atol=1e-5)
     labels = read_manifest(export_dir)["labels"]
     for item, row in zip(result["predictions"], expected):
@@ -90,7 +90,7 @@ def test_infer_with_lengths_equals_each_sample_alone(export_dir, arrays, tmp_pat
                    "--json")
     assert proc.returncode == 0, proc.stderr
     padded = np.array(json.loads(proc.stdout)["logits"])
-    runner = export_runners(export_dir, read_manifest(export_dir))["float64"]
+    runner = tutorial_runners(export_dir)["float64"]
     for b, n in enumerate([40, 9, 0]):
         alone = runner.run({"x": np.ascontiguousarray(x[b:b + 1, :n])})["logits"][0]
         np.testing.assert_allclose(padded[b], alone, atol=1e-5)

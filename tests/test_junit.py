@@ -52,12 +52,9 @@ def test_the_junit_module_loads_neither_torch_nor_numpy():
 @pytest.fixture(scope="module")
 def passing_report(export_dir: Path) -> dict[str, Any]:
     """A real parity report over the session export's files, on a few small cases."""
-    from gru_deploy.spec import ModelSpec
-    from gru_deploy.check.verify import export_runners, tutorial_grid
+    from cli_helpers import small_grid, tutorial_runners
 
-    manifest = read_manifest(export_dir)
-    report = tutorial_grid(export_runners(export_dir, manifest), ModelSpec.from_dict(manifest["config"]),
-                        cases=[(1, 0), (3, 7), (2, 30)])
+    report = small_grid(tutorial_runners(export_dir), export_dir, [(1, 0), (3, 7), (2, 30)])
     assert report
     return report.to_json()
 
@@ -142,7 +139,7 @@ def test_verify_writes_the_report_before_failing(export_dir, tiny_checkpoint, tm
     suite, cases = read_junit(out)
     expected = entries(report)
     failed = [(pair, case, c) for pair, case, c in expected if not c["passed"]]
-    assert {pair for pair, _, _ in failed} >= {"eager->onnxruntime", "float64->onnxruntime"}
+    assert {pair for pair, _, _ in failed} >= {"torchscript->onnxruntime", "float64->onnxruntime"}
     assert (suite.tests, suite.failures, suite.errors) == (len(expected), len(failed), 0)
     by_name = {(c.classname, c.name): c for c in cases}  # --json sorts the pairs; the XML keeps the run's order
     assert len(by_name) == len(cases) and set(by_name) == {(pair, case_label(case)) for pair, case, _ in expected}

@@ -11,7 +11,7 @@ from gru_deploy.convert.graphs import count_ops
 from gru_deploy.manifest import read_manifest
 from gru_deploy.convert.folder import export_to_dir
 from gru_deploy.convert.pipeline import time_strategies
-from gru_deploy.check.verify import verify_export
+from gru_deploy.check.module_parity import verify_export
 
 
 def test_fused_export_verifies(tiny_checkpoint, tmp_path):

@@ -20,8 +20,8 @@ import time
 import pytest
 
 from cli_helpers import gru_deploy_exe, run_cli
-from gru_deploy.manifest import _recover_interrupted_runs, read_manifest, sha256_file
-from gru_deploy.check.verify import verify_export
+from gru_deploy.manifest import recover_interrupted_runs, read_manifest, sha256_file
+from gru_deploy.check.module_parity import verify_export
 
 
 def _spawn(*args, preexec=None):
@@ -49,7 +49,7 @@ def test_kill_9_during_export_leaves_old_or_new_complete(export_copy, tmp_path, 
     time.sleep(random.Random(seed).uniform(0.5, 5.0))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    _recover_interrupted_runs(export_copy)  # what the next export does first (the swap window: see below)
+    recover_interrupted_runs(export_copy)  # what the next export does first (the swap window: see below)
     manifest = read_manifest(export_copy)
     assert manifest["source_checkpoint"]["sha256"] in (old_sha, sha256_file(other))
     assert verify_export(export_copy)  # complete: every checksum and the parity gate
@@ -236,7 +236,8 @@ import sys, numpy as np
 from hypothesis import given, settings, strategies as st, HealthCheck
 from gru_deploy.errors import UserInputError
 from gru_deploy.manifest import read_manifest
-from gru_deploy.check.verify import export_runners
+sys.path.insert(0, sys.argv[2])
+from cli_helpers import tutorial_runners
 from gru_deploy.convert.families import export_fused
 from gru_deploy.check.runners import OnnxRuntimeRunner
 
@@ -244,7 +245,7 @@ folder = sys.argv[1]
 manifest = read_manifest(folder)
 runners = {}
 for variant in ("classifier", "stream", "lengths"):
-    for name, runner in export_runners(folder, manifest, variant=variant).items():
+    for name, runner in tutorial_runners(folder, variant=variant).items():
         if name != "onnx-reference":
             runners[(variant, name)] = runner
 import torch
@@ -280,7 +281,8 @@ print(json.dumps(outcomes))
 
 @pytest.mark.slow
 def test_random_inputs_never_kill_the_process(export_dir):
-    proc = subprocess.run([sys.executable, "-c", FUZZ, str(export_dir)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", FUZZ, str(export_dir), os.path.dirname(os.path.abspath(__file__))],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"exit {proc.returncode} (negative: killed by signal {-proc.returncode})\n" \
                                  f"{proc.stderr[-2000:]}"
     outcomes = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -313,7 +315,7 @@ def test_recovery_restores_the_newest_backup_and_leaves_live_runs_alone(tmp_path
     live.mkdir()
     dead = tmp_path / ".out.staging-999999993-y"
     dead.mkdir()
-    _recover_interrupted_runs(target)
+    recover_interrupted_runs(target)
     assert (target / "v").read_text() == "newest"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name])
 

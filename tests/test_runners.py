@@ -7,14 +7,14 @@ import pytest
 
 from gru_deploy.errors import UserInputError
 from gru_deploy.manifest import read_manifest
-from gru_deploy.check.verify import export_runners
+from cli_helpers import tutorial_runners
 
 GOOD = np.zeros((2, 5, 8), dtype=np.float32)
 
 
 @pytest.fixture(scope="module")
 def runners(export_dir):
-    return export_runners(export_dir, read_manifest(export_dir))
+    return tutorial_runners(export_dir)
 
 
 def _nan():

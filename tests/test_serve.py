@@ -21,7 +21,7 @@ import gru_deploy.serve.server as serving
 from cli_helpers import gru_deploy_exe
 from gru_deploy.manifest import read_manifest
 from gru_deploy.serve.server import Pending, length_groups, load_model, make_app
-from gru_deploy.check.verify import export_runners
+from cli_helpers import tutorial_runners
 
 import tritonclient.http as http  # noqa: E402  (the test extra installs tritonclient[http])
 
@@ -65,7 +65,7 @@ def server(export_dir):
 @pytest.fixture(scope="module")
 def local(export_dir):
     """The local onnxruntime answer for one sample, alone and unpadded."""
-    runner = export_runners(export_dir, read_manifest(export_dir))["onnxruntime"]
+    runner = tutorial_runners(export_dir)["onnxruntime"]
     return lambda x: runner.run({"x": x})["logits"]
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from gru_deploy.errors import UserInputError
 from gru_deploy.serve.infer import infer
-from gru_deploy.check.verify import export_runners
+from cli_helpers import tutorial_runners
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_steps_equal_one_pass_of_the_stream_model_and_eager(export):
     whole = one_pass(export, x, h0)
     np.testing.assert_allclose(logits, whole["logits"], atol=1e-6, rtol=0)
     np.testing.assert_allclose(stream.state, whole["h_n"], atol=1e-6, rtol=0)
-    eager = export_runners(export, read_manifest(export), variant="stream")["eager"].run({"x": x, "h0": h0})
+    eager = tutorial_runners(export, variant="stream")["eager"].run({"x": x, "h0": h0})
     np.testing.assert_allclose(logits, eager["logits"], atol=1e-5, rtol=1e-5)
     # each sequence of the batch is independent: the second alone gives its row
     alone = Stream(export)

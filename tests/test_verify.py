@@ -8,14 +8,15 @@ import shutil
 import numpy as np
 import pytest
 
-from cli_helpers import EXPORT_FILES, run_cli
+from cli_helpers import EXPORT_FILES, run_cli, small_grid, tutorial_runners
 
 from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.manifest import atomic_write_json, read_manifest, sha256_file
 from gru_deploy.check.runners import Runner
 from gru_deploy.spec import ModelSpec
-from gru_deploy.check.verify import (GRID_BATCHES, GRID_SEQS, VARIANT_CASES, export_runners, grid_cases, make_input,
-                               tutorial_grid, verify_export)
+from gru_deploy.check.grid import make_input
+from gru_deploy.check.module_parity import (GRID_BATCHES, GRID_SEQS, VARIANT_CASES, WIDE_CASES, WIDE_GRID, Grid,
+                                            UserSignature, scaled_feed, verify_export)
 
 
 def test_export_dir_holds_its_files_and_a_complete_manifest(export_dir):
@@ -37,8 +38,10 @@ def test_parity_json_covers_the_whole_grid_and_every_pair(export_dir):
     cases = {(c["batch"], c["seq"]) for c in report["cases"]}
     assert cases >= {(b, s) for b in GRID_BATCHES for s in GRID_SEQS}
     assert set(report["summary"]) >= {"eager->torchscript", "eager->onnxruntime", "float64->onnxruntime",
-                                      "eager->onnx-reference", "stream:eager->onnxruntime[h_n]",
-                                      "stream:one-pass->chunks:onnxruntime[h_n]", "lengths:eager->onnxruntime"}
+                                      "eager->onnx-reference", "float64->onnxruntime-ort",
+                                      "stream:eager->onnxruntime[h_n]", "stream:float64->onnxruntime-ort[h_n]",
+                                      "stream:one-pass->chunks:onnxruntime[h_n]", "lengths:eager->onnxruntime",
+                                      "lengths:float64 alone->float64 padded"}
     for stats in report["summary"].values():
         assert stats["passed"] and stats["argmax_agreement"] == 1.0
         assert {"max_abs", "mean_abs", "p99_abs", "max_rel", "p99_rel", "min_atol", "min_rtol"} <= set(stats)
@@ -57,7 +60,7 @@ def test_verify_export_passes(export_dir):
 
 @pytest.mark.parametrize("seq", [1500, 2048])
 def test_onnxruntime_matches_float64_up_to_2048_steps(export_dir, seq):
-    runners = export_runners(export_dir, read_manifest(export_dir))
+    runners = tutorial_runners(export_dir)
     x = {"x": make_input(4, seq, 8, seed=seq)}
     np.testing.assert_allclose(runners["onnxruntime"].run(x)["logits"], runners["float64"].run(x)["logits"],
                                atol=1e-5, rtol=0)
@@ -80,15 +83,15 @@ class Offset(Runner):
 
 
 def test_a_wrong_runtime_fails_and_the_worst_case_is_named(export_dir):
-    runners = export_runners(export_dir, read_manifest(export_dir))
+    runners = tutorial_runners(export_dir)
     runners = {"eager": runners["eager"], "onnxruntime": Offset(runners["onnxruntime"], 1e-3)}
-    report = tutorial_grid(runners, ModelSpec(labels=read_manifest(export_dir)["labels"]), cases=[(1, 1), (3, 7)])
+    report = small_grid(runners, export_dir, [(1, 1), (3, 7)])
     assert not report
     [line] = report.failures()
     assert "eager->onnxruntime" in line and "batch=3 seq=7" in line
     assert report.summary()["eager->onnxruntime"]["min_atol"] == pytest.approx(1e-3, rel=1e-2)
     # The same runtime passes with a tolerance above its error.
-    assert tutorial_grid(runners, ModelSpec(), cases=[(3, 7)], atol=2e-3, rtol=0)
+    assert small_grid(runners, export_dir, [(3, 7)], atol=2e-3, rtol=0)
 
 
 def test_verify_fails_on_a_model_that_computes_something_else(export_copy, tmp_path):
@@ -108,8 +111,9 @@ def test_verify_fails_on_a_model_that_computes_something_else(export_copy, tmp_p
     atomic_write_json(export_copy / "manifest.json", manifest)
     report = verify_export(export_copy)
     assert not report
-    assert not report.summary()["eager->onnxruntime"]["passed"]
-    assert report.summary()["eager->torchscript"]["passed"]
+    assert not report.summary()["torchscript->onnxruntime"]["passed"]
+    assert not report.summary()["float64->onnxruntime"]["passed"]
+    assert report.summary()["float64->torchscript"]["passed"]
 
 
 def test_verify_refuses_a_tampered_file(export_copy):
@@ -127,7 +131,7 @@ def test_bad_tolerances_are_user_errors(export_dir, atol, rtol):
 
 
 def test_grid_is_the_documented_one():
-    cases = grid_cases()
+    cases = WIDE_GRID.cases["classifier"]
     assert (64, 1000) in cases and (1, 0) in cases and (2, 2048) in cases
     assert len(cases) == len(GRID_BATCHES) * len(GRID_SEQS) + 1
 
@@ -150,8 +154,8 @@ def test_verify_reports_progress_per_case(export_dir):
     report = verify_export(export_dir, on_case=heard.append)
     parity_cases = [c for c in report.cases if "chunk" not in c]
     case_lines = [m for m in heard if " case " in m]
-    assert len(case_lines) == len(parity_cases) == len(grid_cases()) + 2 * len(VARIANT_CASES)
-    assert case_lines[0] == f"classifier: case 1/{len(grid_cases())}: batch 1, seq 0"
+    assert len(case_lines) == len(parity_cases) == len(WIDE_CASES) + 2 * len(VARIANT_CASES)
+    assert case_lines[0] == f"classifier: case 1/{len(WIDE_CASES)}: batch 1, seq 0"
     assert sum("chunks of" in m for m in heard) == 2
 
 
@@ -171,16 +175,16 @@ def ill_conditioned_export(tiny_checkpoint, tmp_path_factory):
     return out
 
 
-def _ceiling_holds(report: dict, runners: dict, spec: ModelSpec) -> int:
+def _ceiling_holds(report: dict, runners: dict, folder) -> int:
     """Every compared output of every case was held to at most atol + max(atol, 0.1% of its
     float64 scale); the number of comparisons checked."""
-    from gru_deploy.check.verify import make_feed
-
+    manifest = read_manifest(folder)
+    signature = UserSignature(manifest["signature"]["inputs"], manifest["signature"]["outputs"])
     checked = 0
     for case in report["cases"]:
         if "float32_noise" not in case or case["variant"] != "classifier":
             continue
-        reference = runners["float64"].run(make_feed(spec, "classifier", case["batch"], case["seq"], case["seed"]))
+        reference = runners["float64"].run(scaled_feed(signature, case["batch"], case["seq"], case["seed"]))
         scale = float(np.abs(reference["logits"]).max()) if reference["logits"].size else 0.0
         for c in case["pairs"].values():
             assert c["atol"] <= report["atol"] + max(report["atol"], 1e-3 * scale) * (1 + 1e-9)
@@ -192,17 +196,16 @@ def test_noise_above_the_ceiling_is_unverifiable_never_passed(ill_conditioned_ex
     """Classifier runners only (no stream variant to back the gate up): the 100-step case whose
     float32 noise exceeds the ceiling is recorded as unverifiable, not compared into a pass,
     and the longest verified length stops below it; the case where it stays under is judged."""
-    manifest = read_manifest(ill_conditioned_export)
-    spec = ModelSpec.from_dict(manifest["config"])
-    runners = export_runners(ill_conditioned_export, manifest)
-    report = tutorial_grid(runners, spec, cases=[(64, 100), (2, 1000)], seed=13)  # the grid's seed for 64 x 100
+    runners = tutorial_runners(ill_conditioned_export)
+    runners.pop("onnx-reference")
+    report = small_grid(runners, ill_conditioned_export, [(64, 100), (2, 1000)], first_seed=13)  # 64 x 100's seed
     loud, long_case = report.cases
     assert set(loud["unverifiable"]) == {"logits"} and "ceiling" in loud["unverifiable"]["logits"]
     assert loud["pairs"] == {} and set(loud["unverified_pairs"]) >= {"eager->onnxruntime", "float64->onnxruntime"}
     assert "unverifiable" not in long_case and long_case["pairs"]["float64->onnxruntime"]["passed"]
     assert report.verification()["verified_max_seq"] == {"classifier": -1}
     assert all(s["cases"] == 1 for s in report.summary().values())  # the 1,000-step case alone
-    assert _ceiling_holds(report.to_json(), runners, spec) >= 4
+    assert _ceiling_holds(report.to_json(), runners, ill_conditioned_export) >= 4
 
 
 def test_an_ill_conditioned_export_records_how_far_it_is_verified(ill_conditioned_export, tmp_path):
@@ -220,8 +223,7 @@ def test_an_ill_conditioned_export_records_how_far_it_is_verified(ill_conditione
     report = json.loads(proc.stdout)
     assert report["verified_max_seq"] == parity["verified_max_seq"] and report["unverifiable"]
     assert report["applied_atol"] == pytest.approx(parity["applied_atol"])
-    spec = ModelSpec.from_dict(manifest["config"])
-    assert _ceiling_holds(report, export_runners(ill_conditioned_export, manifest), spec) > 50
+    assert _ceiling_holds(report, tutorial_runners(ill_conditioned_export), ill_conditioned_export) > 50
     from junitparser import JUnitXml, Skipped
 
     suite = next(iter(JUnitXml.fromfile(str(tmp_path / "j.xml"))))
@@ -258,10 +260,11 @@ def test_a_loop_stopped_after_500_steps_fails_verify_on_an_ill_conditioned_expor
     name = next(n for n, m in manifest["models"].items() if m["variant"] == "classifier" and m["format"] == "onnx")
     _truncate_loop(folder / name, 500)
     manifest["files"][name] = file_entry(folder / name)
+    manifest["onnx"]["op_types"]["Min"] = 1  # the record vouches for the new op: parity alone must catch it
     atomic_write_json(folder / "manifest.json", manifest)
     proc = run_cli("verify", str(folder))
     assert proc.returncode == 1, proc.stdout
-    assert "eager->onnxruntime" in proc.stderr and "seq=1000" in proc.stderr and "atol applied up to" in proc.stderr
+    assert "float64->onnxruntime" in proc.stderr and "seq=1000" in proc.stderr and "atol applied up to" in proc.stderr
 
 
 def test_float32_noise_grows_where_the_trajectory_amplifies_rounding():

@@ -1,8 +1,8 @@
 """The parity grid, one for every model: run each case through runners, compare every output of
 each pair, widen a case's atol for float32's own error where the reference can estimate it,
 and report per case and per pair (`ParityReport`: parity.json's shape, the manifest's record).
-It runs and compares; the runners and the cases are the caller's (check.verify for the
-tutorial model's grid, check.module_parity for a module's)."""
+It runs and compares; the runners and the cases are the caller's (check.module_parity's grids).
+"""
 
 from __future__ import annotations
 
@@ -212,8 +212,9 @@ def run_parity(
         noise: dict[str, float] = {}
         if "float64" in runners:  # its answer is the noise's unperturbed run and the pairs' reference
             outputs["float64"] = _run(runners["float64"], "float64", feed, batch, seq)
-            if hasattr(runners["float64"], "float32_noise"):  # float32's own error on this input
-                noise = runners["float64"].float32_noise(feed, seed=(seed or 0) + index, clean=outputs["float64"])
+            estimate = getattr(runners["float64"], "float32_noise", None)
+            if estimate is not None:  # float32's own error on this input
+                noise = estimate(feed, seed=(seed or 0) + index, clean=outputs["float64"])
         widening, unverifiable = noise_tolerance(noise, outputs.get("float64", {}), atol)
         result: dict[str, Any] = {}
         unverified: dict[str, Any] = {}

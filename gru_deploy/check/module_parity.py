@@ -1,14 +1,15 @@
-"""Parity of a module's export (a built-in family or your own model): its signature, the
-grid's inputs, runners over every runtime (the module eager and in float64 when it is at hand,
-else the float64 outputs the export stored), the comparison of every output, and `verify`
-of the files. It runs and compares; it builds nothing (convert.user builds the graphs)."""
+"""Parity of every export: its signature, the parity grids (the unit grid, the wide grid) and
+their inputs, runners over every runtime (the module eager and its float64 reference when it
+is at hand, else the float64 answers the export stored), the comparison of every output, and
+`verify` of an export folder from its files. It runs and compares; it builds nothing
+(convert builds the graphs)"""
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from gru_deploy.check.recurrence import check_recurrence
 from gru_deploy.errors import CheckFailed, UserInputError
@@ -19,11 +20,6 @@ if TYPE_CHECKING:
     import torch
 
     from gru_deploy.check.grid import ParityReport
-
-
-# The parity grid for user models: (batch, seq); the onnx reference evaluator (pure Python)
-# runs on the cases up to 100 steps (REFERENCE_MAX_CELLS).
-USER_CASES = ((1, 1), (3, 7), (2, 100), (1, 2048))
 
 
 @dataclass
@@ -56,15 +52,77 @@ def as_outputs(value: Any, reference: str) -> tuple["torch.Tensor", ...]:
                          f"{type(value).__name__}")
 
 
-REFERENCE_FILE = "reference_float64.npz"
-
-
-# The lengths variant's grid: (batch, seq), lengths spread over 1..seq (the first sample full).
+# The unit grid, a module's: (batch, seq) per variant, unit-normal inputs (case_feed); the lengths
+# variant's lengths spread over 1..seq (the first sample full).
+USER_CASES = ((1, 1), (3, 7), (2, 100), (1, 2048))
 LENGTHS_CASES = ((3, 7), (4, 100), (3, 2048))
-
-
 STREAM_CASES = ((1, 1), (3, 7), (2, 100), (1, 2048))
 CASES = {"classifier": USER_CASES, "lengths": LENGTHS_CASES, "stream": STREAM_CASES}
+# onnx's reference evaluator (pure Python) runs on the unit grid's cases of at most this many
+# batch x steps: every case up to 100 steps.
+REFERENCE_MAX_CELLS = 400
+
+# The wide grid, for a model whose float64 reference estimates float32's own error (the tutorial
+# classifier's numpy re-implementation): batch {1, 3, 64} x seq {0, 1, 7, 100, 1000} plus one
+# 2,048-step case; its variants on a smaller grid plus a long case; inputs of both signs at scales
+# from 0.01 to 10 (scaled_feed, seeded by the case's index), lengths {seq, 1, 0, random}.
+GRID_BATCHES = (1, 3, 64)
+GRID_SEQS = (0, 1, 7, 100, 1000)
+WIDE_CASES = tuple((b, s) for b in GRID_BATCHES for s in GRID_SEQS) + ((2, 2048),)
+VARIANT_CASES = tuple((b, s) for b in (1, 3, 8) for s in (0, 1, 7, 100)) + ((2, 1000),)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A parity grid: its (batch, seq) cases per variant, how its inputs are drawn ("normal":
+    case_feed; "scaled": scaled_feed), how many batch x steps onnx's reference evaluator runs
+    on, and the golden cases (variant, batch, seq) a bundle ships. The manifest records it under
+    `reference`, so that verify draws the inputs the export drew."""
+
+    cases: Mapping[str, tuple[tuple[int, int], ...]]
+    inputs: str = "normal"
+    reference_cells: int = REFERENCE_MAX_CELLS
+    golden: tuple[tuple[str, int, int], ...] = ()
+    first_seed: int = 0
+
+    def feed(self, signature: "UserSignature", batch: int, seq: int, index: int, seed: int | None = None) -> "Feed":
+        """A case's inputs: the same at export and at verify (`index`: the case's place in its
+        variant's grid; `seed`: the base of its seeds, the grid's unless given)."""
+        if self.inputs == "scaled":
+            return scaled_feed(signature, batch, seq, (self.first_seed if seed is None else seed) + index)
+        return case_feed(signature, batch, seq)
+
+    @property
+    def seed(self) -> int | None:
+        return self.first_seed if self.inputs == "scaled" else None
+
+    def record(self, signatures: Mapping[str, "UserSignature"]) -> dict[str, Any]:
+        return {"inputs": self.inputs, "reference_cells": self.reference_cells,
+                "cases": [list(c) for c in self.cases["classifier"]],
+                **{f"{v}_cases": [list(c) for c in self.cases[v]] for v in signatures if v != "classifier"}}
+
+    @classmethod
+    def from_record(cls, reference: Mapping[str, Any], where: str) -> "Grid":
+        """The grid an export recorded (an export from before `inputs` was recorded: the unit grid)."""
+        inputs = reference.get("inputs", "normal")
+        cells = reference.get("reference_cells", REFERENCE_MAX_CELLS)
+        if inputs not in ("normal", "scaled") or type(cells) is not int or cells < 0:
+            raise UserInputError(f"{where}/manifest.json: unknown reference grid ({inputs!r}, {cells!r}); re-export "
+                                 "with this gru-deploy")
+        cases = {"classifier": _cases(where, reference.get("cases", USER_CASES))}
+        cases.update({v: _cases(where, reference.get(f"{v}_cases", CASES[v])) for v in CASES if v != "classifier"})
+        return cls(cases, inputs, cells)
+
+
+UNIT_GRID = Grid(CASES, golden=(("classifier", 3, 7), ("classifier", 2, 100), ("lengths", 3, 7),
+                                ("lengths", 4, 100), ("stream", 3, 7), ("stream", 2, 100)))
+WIDE_GRID = Grid({"classifier": WIDE_CASES, "lengths": VARIANT_CASES, "stream": VARIANT_CASES}, "scaled", 21,
+                 golden=(("classifier", 1, 10), ("classifier", 2, 25), ("classifier", 3, 1), ("stream", 2, 12),
+                         ("lengths", 3, 15)))
+GOLDEN_SEED = 1000  # the golden cases' inputs (scaled_feed) are seeded from here, by their index
+
+
+REFERENCE_FILE = "reference_float64.npz"
 
 
 Feed = dict  # input name -> numpy array
@@ -155,13 +213,36 @@ def case_feed(signature: UserSignature, batch: int, seq: int) -> Feed:
     return feed
 
 
+def scaled_feed(signature: UserSignature, batch: int, seq: int, seed: int) -> Feed:
+    """The wide grid's inputs: x of both signs, each sample at its own scale in [0.01, 10]
+    (check.grid.make_input), a state uniform in [-1, 1], lengths {seq, 1, 0, random in 0..seq}."""
+    import numpy as np
+
+    from gru_deploy.check.grid import make_input
+
+    feed = {INPUT_NAME: make_input(batch, seq, signature.inputs[0]["shape"][2], seed)}
+    rng = np.random.default_rng(seed + 10_000)
+    state = next((t for t in signature.inputs if t["name"] == STATE_IN), None)
+    if state is not None:
+        feed[STATE_IN] = rng.uniform(-1, 1, size=(batch, *state["shape"][1:])).astype(np.float32)
+    if any(t["name"] == LENGTHS_NAME for t in signature.inputs):
+        lengths = rng.integers(0, seq + 1, size=batch)
+        lengths[: min(batch, 3)] = [seq, min(seq, 1), 0][: min(batch, 3)]
+        feed[LENGTHS_NAME] = lengths.astype(np.int64)
+    return feed
+
+
+Noise = Callable[..., dict[str, float]]  # (feed, seed=, clean=) -> float32's own error per output
+
+
 class Call:
     """A runner over one runtime of a module: `run(feed) -> every output by name`, as
-    check.grid.run_parity takes it; `unsupported` says why it cannot judge the model."""
+    check.grid.run_parity takes it; `unsupported` says why it cannot judge the model;
+    `float32_noise`, on a float64 reference that estimates it, float32's own error on a feed."""
 
     def __init__(self, name: str, run: Callable[[Feed], dict[str, "np.ndarray"]] | None = None,
-                 unsupported: str = "") -> None:
-        self.name, self._run, self.unsupported = name, run, unsupported
+                 unsupported: str = "", noise: Noise | None = None) -> None:
+        self.name, self._run, self.unsupported, self.float32_noise = name, run, unsupported, noise
 
     def run(self, feed: Feed) -> dict[str, "np.ndarray"]:
         return self._run(feed)  # type: ignore[misc]
@@ -169,13 +250,14 @@ class Call:
 
 def user_runners(module: "torch.nn.Module | None", scripted: "torch.jit.ScriptModule", onnx_bytes: bytes,
                  signature: UserSignature, stored: dict[str, "np.ndarray"] | None = None,
-                 method: str = "forward", variant: str = "classifier", ort_format: bytes | None = None
-                 ) -> dict[str, Call]:
+                 method: str = "forward", variant: str = "classifier", ort_format: bytes | None = None,
+                 float64: Call | None = None) -> dict[str, Call]:
     """Runners of a feed (numpy, by input name) returning every output as float64 numpy by name:
     eager and float64 (the user's module's `method`, and a float64 copy of it) when the module
     is at hand, TorchScript, onnxruntime and onnx's reference evaluator. Without the module
     (verify), float64 answers from `stored`: the float64 outputs the export computed from the
-    module (REFERENCE_FILE). `ort_format`: the ORT-format copy, run as "onnxruntime-ort". Over
+    module (REFERENCE_FILE). `ort_format`: the ORT-format copy, run as "onnxruntime-ort".
+    `float64`: the model's own reference instead of its float64 copy (the tutorial's). Over
     60 lines: one small adapter per runtime, each a few lines."""
     import numpy as np
     import onnx
@@ -227,7 +309,9 @@ def user_runners(module: "torch.nn.Module | None", scripted: "torch.jit.ScriptMo
     else:
         reference = ReferenceEvaluator(onnx_bytes)
         runners["onnx-reference"] = Call("onnx-reference", lambda feed: as_float64(reference.run(names, feed)))
-    if module is not None:
+    if float64 is not None:
+        runners["float64"] = float64
+    elif module is not None:
         runners["float64"] = Call("float64", float64_call(getattr(copy.deepcopy(module).double(), method)))
     elif stored is not None:
         runners["float64"] = stored_runner(stored, signature, variant)
@@ -249,10 +333,10 @@ def onnxruntime_runner(name: str, model: bytes, signature: UserSignature) -> Cal
 
 
 def ort_format_parity(folder: Path, manifest: dict[str, Any], variant: str, signature: UserSignature,
-                      stored: dict[str, "np.ndarray"], cases: tuple[tuple[int, int], ...], atol: float, rtol: float,
+                      stored: dict[str, "np.ndarray"], grid: Grid, atol: float, rtol: float,
                       on_case: Callable[[str], None] | None = None) -> "ParityReport | None":
     """The variant's ORT-format copy (where the manifest lists one, checksum-checked) against the
-    stored float64 answers on the module grid; None where the export has no copy."""
+    stored float64 answers on the grid; None where the export has no copy."""
     from gru_deploy.manifest import find_models, verified_path
 
     names = find_models(manifest, variant, "ort", where=str(folder))
@@ -261,20 +345,32 @@ def ort_format_parity(folder: Path, manifest: dict[str, Any], variant: str, sign
     runners = {"float64": stored_runner(stored, signature, variant),
                "onnxruntime-ort": onnxruntime_runner("onnxruntime-ort", verified_path(folder, manifest, names[0]).read_bytes(),
                                                      signature)}
-    return module_parity(runners, signature, atol, rtol, cases=cases, variant=variant, on_case=on_case)
+    return module_parity(runners, signature, atol, rtol, grid, variant=variant, on_case=on_case)
 
 
 def stored_runner(stored: dict[str, "np.ndarray"], signature: UserSignature, variant: str) -> Call:
-    """The float64 answers the export stored (REFERENCE_FILE), by case: verify's reference."""
+    """The float64 answers the export stored (REFERENCE_FILE), by case: verify's reference; with
+    float32's own error on each case where the export's reference estimated it."""
     names = signature.output_names
 
-    def recorded(feed: Feed) -> dict[str, "np.ndarray"]:
+    def keys_of(feed: Feed, prefix: str = "") -> dict[str, str]:
         batch, seq = feed[INPUT_NAME].shape[:2]
-        keys = {name: reference_key(variant, batch, seq, name) for name in names}
+        keys = {name: prefix + reference_key(variant, batch, seq, name) for name in names}
         if keys[names[0]] not in stored:
-            raise CheckFailed(f"{REFERENCE_FILE} holds no float64 {variant} outputs for batch {batch}, seq {seq}")
-        return {name: stored[key] for name, key in keys.items()}
-    return Call("float64", recorded)
+            raise CheckFailed(f"{REFERENCE_FILE} holds no float64 {variant} {prefix.strip('/') or 'outputs'} for "
+                              f"batch {batch}, seq {seq}")
+        return keys
+
+    def recorded(feed: Feed) -> dict[str, "np.ndarray"]:
+        return {name: stored[key] for name, key in keys_of(feed).items()}
+
+    def noise(feed: Feed, **_: Any) -> dict[str, float]:
+        return {name: float(stored[key]) for name, key in keys_of(feed, NOISE_PREFIX).items()}
+    estimated = any(key.startswith(NOISE_PREFIX) for key in stored)
+    return Call("float64", recorded, noise=noise if estimated else None)
+
+
+NOISE_PREFIX = "float32_noise/"  # REFERENCE_FILE's keys of float32's own error, per case and output
 
 
 def case_input(batch: int, seq: int, input_size: int) -> "np.ndarray":
@@ -287,7 +383,9 @@ def case_input(batch: int, seq: int, input_size: int) -> "np.ndarray":
 def recording(runner: Call, signature: UserSignature, variant: str = "classifier"
               ) -> tuple[Call, dict[str, "np.ndarray"]]:
     """`runner`, and the dict it fills with every output it returns (keys as reference_key): the
-    float64 module's outputs are stored as parity computes them."""
+    float64 reference's outputs (and its float32-noise estimates) are stored as parity computes them."""
+    import numpy as np
+
     seen: dict[str, "np.ndarray"] = {}
 
     def run_and_keep(feed: Feed) -> dict[str, "np.ndarray"]:
@@ -295,79 +393,99 @@ def recording(runner: Call, signature: UserSignature, variant: str = "classifier
         batch, seq = feed[INPUT_NAME].shape[:2]
         seen.update({reference_key(variant, batch, seq, name): out for name, out in outputs.items()})
         return outputs
-    return Call(runner.name, run_and_keep), seen
+
+    def noise_and_keep(feed: Feed, **options: Any) -> dict[str, float]:
+        noise = runner.float32_noise(feed, **options)  # type: ignore[misc]
+        batch, seq = feed[INPUT_NAME].shape[:2]
+        seen.update({NOISE_PREFIX + reference_key(variant, batch, seq, name): np.float64(value)
+                     for name, value in noise.items()})
+        return noise
+    return Call(runner.name, run_and_keep, noise=noise_and_keep if runner.float32_noise else None), seen
 
 
-# onnx's reference evaluator (pure Python) runs on a module's cases of at most this many batch x
-# steps: every case of the grids up to 100 steps (USER_CASES, LENGTHS_CASES, STREAM_CASES).
-REFERENCE_MAX_CELLS = 400
-MODULE_NOTES = (
-    f"onnx's reference evaluator runs on cases of at most {REFERENCE_MAX_CELLS} batch x steps (it is pure Python)",
-    "empty batches and sequences are not run: a recurrent kernel may abort on them",
-    "float32's own error is not estimated for a module: every comparison is held to atol itself")
-
-
-def module_pairs(names: list[str]) -> list[tuple[str, str, int | None]]:
+def module_pairs(names: list[str], reference_cells: int = REFERENCE_MAX_CELLS) -> list[tuple[str, str, int | None]]:
     """A module's pairs: every runner against float64, and each against eager (TorchScript
-    where the module is not at hand)."""
+    where the module is not at hand); onnx's reference evaluator on cases of at most
+    `reference_cells` batch x steps."""
     first = "eager" if "eager" in names else "torchscript"
-    limit = {"onnx-reference": REFERENCE_MAX_CELLS}
+    limit = {"onnx-reference": reference_cells}
     return ([("float64", name, limit.get(name)) for name in names if name != "float64"]
             + [(first, name, limit.get(name)) for name in names if name not in (first, "float64")])
 
 
 def module_parity(runners: dict[str, Call], signature: UserSignature, atol: float, rtol: float,
-                  cases: tuple[tuple[int, int], ...] = USER_CASES, variant: str = "classifier",
-                  on_case: Callable[[str], None] | None = None, extra: Callable | None = None) -> "ParityReport":
-    """The parity grid (check.grid.run_parity) of a module's variant on its cases (case_feed's
-    inputs), every output of every pair (module_pairs) held to atol and rtol. Empty axes are not
-    run: a user graph's recurrent kernel may abort on them (onnxruntime's GRU does)."""
+                  grid: Grid = UNIT_GRID, variant: str = "classifier", on_case: Callable[[str], None] | None = None,
+                  extra: Callable | None = None) -> "ParityReport":
+    """The parity grid (check.grid.run_parity) of a model's variant on `grid`'s cases and inputs,
+    every output of every pair (module_pairs) held to atol and rtol (widened for float32's own
+    error where the float64 reference estimates it)."""
     from gru_deploy.check.grid import run_parity
 
-    report = run_parity(runners, lambda batch, seq, index: case_feed(signature, batch, seq), cases, atol, rtol,
-                        module_pairs(list(runners)), seed=None, variant=variant,
+    cases = grid.cases[variant]
+    report = run_parity(runners, lambda batch, seq, index: grid.feed(signature, batch, seq, index), cases, atol, rtol,
+                        module_pairs(list(runners), grid.reference_cells), seed=grid.seed, variant=variant,
                         prefix="" if variant == "classifier" else f"{variant}:", on_case=on_case, extra=extra)
-    report.notes.extend(note for note in MODULE_NOTES if note not in report.notes)
+    notes = [f"onnx's reference evaluator runs on cases of at most {grid.reference_cells} batch x steps (it is pure "
+             "Python)"]
+    if variant == "lengths":
+        notes.append("lengths spread over 1..seq, the first sample full" if grid.inputs == "normal"
+                     else "lengths {seq, 1, 0, random in 0..seq}")
+    if not any(0 in case for case in cases):
+        notes.append("empty batches and sequences are not run: a recurrent kernel may abort on them")
+    if getattr(runners.get("float64"), "float32_noise", None) is None:
+        notes.append("float32's own error is not estimated (the float64 reference is the module itself): every "
+                     "comparison is held to atol itself")
+    report.notes.extend(note for note in notes if note not in report.notes)
     return report
 
 
-def verify_user_export(folder: Path, manifest: dict[str, Any], atol: float, rtol: float,
-                       on_case: Callable[[str], None] | None = None) -> "ParityReport":
-    """Parity of a user export's files, without the user's code: TorchScript (model*.pt) is the
-    PyTorch side, and the float64 outputs the export computed from the user's module (its
-    REFERENCE_FILE, checksum-verified) the reference; the classifier and each variant the
-    export has (its comparisons under the variant's prefix)."""
+def verify_export(folder: Path, atol: float = 1e-5, rtol: float = 1e-5,
+                  on_case: Callable[[str], None] | None = None) -> "ParityReport":
+    """`verify` of an export folder, every model alike, from its files alone: checksums first;
+    then, on the grid the export recorded, TorchScript (model*.pt) as the PyTorch side and the
+    float64 answers the export stored (REFERENCE_FILE, with its float32-noise estimates) as the
+    reference; the classifier and each variant the export has (under the variant's prefix)."""
     import numpy as np
 
-    from gru_deploy.manifest import verified_path
+    from gru_deploy.check.grid import check_tolerances
+    from gru_deploy.manifest import MANIFEST_NAME, check_files, read_manifest, verified_path
 
-    reference = manifest.get("reference") or {}
+    check_tolerances(atol, rtol)
+    folder = Path(folder)
+    if folder.is_dir() and not (folder / MANIFEST_NAME).is_file():
+        raise UserInputError(f"{folder}: no {MANIFEST_NAME}; run gru-deploy export first")
+    manifest = read_manifest(folder)
+    check_files(folder, manifest)
+    reference = manifest.get("reference")
+    if not isinstance(reference, dict):
+        raise UserInputError(f"{folder}: the export stores no float64 reference (made by an older gru-deploy); "
+                             "re-export with this gru-deploy")
+    grid = Grid.from_record(reference, str(folder))
     with np.load(verified_path(folder, manifest, reference.get("file", REFERENCE_FILE)), allow_pickle=False) as data:
         stored = {key: data[key] for key in data.files}
-    signature = UserSignature(manifest["signature"]["inputs"], manifest["signature"]["outputs"])
-    recorded = (manifest.get("onnx") or {}).get("op_types")
-    report = _verify_variant(folder, manifest, "classifier", signature, recorded, stored,
-                             _cases(folder, reference.get("cases", USER_CASES)), atol, rtol, on_case)
-    for name, entry in (manifest.get("variants") or {}).items():
-        if name not in CASES or name == "classifier":
+    report = None
+    for name, entry in {"classifier": manifest, **(manifest.get("variants") or {})}.items():
+        if name not in CASES or (name == "classifier" and entry is not manifest):
             raise UserInputError(f"{folder}/manifest.json: unknown variant {name!r}")
         sig = UserSignature(entry["signature"]["inputs"], entry["signature"]["outputs"])
-        variant = _verify_variant(folder, manifest, name, sig, entry.get("op_types"), stored,
-                                  _cases(folder, reference.get(f"{name}_cases", CASES[name])), atol, rtol, on_case)
-        report.extend(variant)
-    return report
+        recorded = (manifest.get("onnx") or {}).get("op_types") if entry is manifest else entry.get("op_types")
+        part = _verify_variant(folder, manifest, name, sig, recorded, stored, grid, atol, rtol, on_case)
+        report = part if report is None else report
+        if part is not report:
+            report.extend(part)
+    return report  # type: ignore[return-value]
 
 
-def _cases(folder: Path, cases: Any) -> tuple[tuple[int, int], ...]:
+def _cases(where: str, cases: Any) -> tuple[tuple[int, int], ...]:
     if not isinstance(cases, (list, tuple)) or not all(
-            isinstance(c, (list, tuple)) and len(c) == 2 and all(type(v) is int and 1 <= v <= 100_000 for v in c)
-            for c in cases):
-        raise UserInputError(f"{folder}/manifest.json: reference cases must be a list of [batch, seq] pairs")
+            isinstance(c, (list, tuple)) and len(c) == 2 and all(type(v) is int and 0 <= v <= 100_000 for v in c)
+            and c[0] >= 1 for c in cases):
+        raise UserInputError(f"{where}/manifest.json: reference cases must be a list of [batch, seq] pairs")
     return tuple((int(c[0]), int(c[1])) for c in cases)
 
 
 def _verify_variant(folder: Path, manifest: dict[str, Any], variant: str, signature: UserSignature, recorded: Any,
-                    stored: dict[str, "np.ndarray"], cases: tuple[tuple[int, int], ...], atol: float, rtol: float,
+                    stored: dict[str, "np.ndarray"], grid: Grid, atol: float, rtol: float,
                     on_case: Callable[[str], None] | None) -> "ParityReport":
     from gru_deploy.check import torchscript as script
     from gru_deploy.check.onnx_walk import check_onnx_bytes
@@ -384,7 +502,7 @@ def _verify_variant(folder: Path, manifest: dict[str, Any], variant: str, signat
     ort_names = find_models(manifest, variant, "ort", where=str(folder))
     ort_format = verified_path(folder, manifest, ort_names[0]).read_bytes() if ort_names else None
     runners = user_runners(None, scripted, onnx_bytes, signature, stored, variant=variant, ort_format=ort_format)
-    report = module_parity(runners, signature, atol, rtol, cases=cases, variant=variant, on_case=on_case)
+    report = module_parity(runners, signature, atol, rtol, grid, variant=variant, on_case=on_case)
     if variant == "stream":
         report.cases.extend(chunked_in_runtimes(runners, signature, atol, rtol, on_case))
     return report

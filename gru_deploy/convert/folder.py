@@ -1,8 +1,10 @@
 """`export` of the tutorial classifier from its checkpoint: the one pipeline (convert.pipeline)
-with the tutorial model's proof, `TutorialProof`: its noise-ceiling parity grid (check.verify)
-on the staged files, eager being the tutorial's own batch-major loop and float64 a numpy
-re-implementation of the equations; its golden cases, its ONNX metadata and its manifest
-fields (the spec under `config`) as its exports always had them.
+with every model's proof (convert.user.ModuleProof) and what the tutorial model has of its
+own: its float64 reference is a numpy re-implementation of the equations (written from the
+design, not from our torch code) that also estimates float32's own error, so it is proved on
+the wide grid (batch up to 64, empty sequences, inputs at scales 0.01 to 10, the widening for
+float32's own error below its ceiling); its ONNX metadata and manifest fields (the spec under
+`config`) are as its exports always had them.
 
 Everything is built in a staging folder beside the target and swapped in only after the
 parity gate passes, so a failed or interrupted export leaves the earlier export whole.
@@ -14,70 +16,45 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from gru_deploy.check.compare import DEFAULT_ATOL, DEFAULT_RTOL
-from gru_deploy.convert.pipeline import Built, Proof, check_failed, export_model
-from gru_deploy.errors import CheckFailed
+from gru_deploy.check.module_parity import WIDE_GRID, Call
+from gru_deploy.convert.pipeline import export_model
+from gru_deploy.convert.user import ModuleProof
 from gru_deploy.manifest import TUTORIAL_MODEL_NAME
 from gru_deploy.train import Checkpoint
 from gru_deploy.versions import __version__
 
 if TYPE_CHECKING:
-    import torch
-
-    from gru_deploy.check.grid import ParityReport
     from gru_deploy.check.module_parity import UserSignature
     from gru_deploy.models.user import UserModel
-    from gru_deploy.spec import ModelSpec
-
-# The golden cases a bundle ships: (variant, batch, seq); lengths cases use lengths {seq, 1, 0}.
-GOLDEN_CASES = (("classifier", 1, 10), ("classifier", 2, 25), ("classifier", 3, 1),
-                ("stream", 2, 12), ("lengths", 3, 15))
 
 
-class TutorialProof(Proof):
+class TutorialProof(ModuleProof):
     """The tutorial classifier's proof (see the module's docstring)."""
 
     def __init__(self, checkpoint: Checkpoint, atol: float, rtol: float) -> None:
-        self.checkpoint, self.spec, self.atol, self.rtol = checkpoint, checkpoint.spec, atol, rtol
+        super().__init__(atol, rtol, tuple(checkpoint.spec.labels), checkpoint.metrics, checkpoint.training, WIDE_GRID)
+        self.checkpoint, self.spec = checkpoint, checkpoint.spec
 
     def metadata(self, model: "UserModel") -> dict[str, Any]:
         return {"gru_deploy.version": __version__, "gru_deploy.config": self.spec.to_dict(),
                 "gru_deploy.labels": list(self.spec.labels),
                 "gru_deploy.source_checkpoint_sha256": self.checkpoint.sha256 or ""}
 
-    def check(self, built: Built, model: "UserModel", choosing: bool, step: Callable[[str], None]) -> None:
-        """auto's check before timing a candidate (the classifier's full grid, a variant's
-        grid); a single form is proved on the staged files (prove)."""
-        from gru_deploy.check.verify import VARIANT_CASES, build_runners, tutorial_grid
+    def float64_runner(self, model: "UserModel", variant: str) -> Call:
+        from gru_deploy.check.runners import Float64Runner
+        from gru_deploy.models.tutorial import weights_numpy
 
-        if not choosing:
-            return None
-        what = f"the {built.variant} variant as {built.form}" if built.variant != "classifier" else \
-            f"strategy {built.form}"
-        step(f"checking parity of {what} before timing it")
-        runners = build_runners(self.spec, built.scripted, built.onnx_bytes, variant=built.variant)
-        cases = None if built.variant == "classifier" else VARIANT_CASES
-        report = tutorial_grid(runners, self.spec, cases, built.variant, atol=self.atol, rtol=self.rtol)
-        if not report:
-            raise check_failed(f"parity failed for {what}", report)
-        return None
+        runner = Float64Runner(self.spec, weights_numpy(model.module), variant)
+        return Call("float64", runner.run, noise=runner.float32_noise)
 
-    def golden(self, model: "UserModel", signatures: dict[str, "UserSignature"]) -> tuple[bytes, dict[str, Any]]:
-        return golden_cases(model.module, self.spec)
+    def reference_source(self, model: "UserModel") -> str:
+        return "the GRU equations re-implemented in float64 numpy (check.runners.Float64Runner)"
 
-    def finish(self, model: "UserModel", kept: str, parts: list["ParityReport"], files: dict[str, bytes],
-               signatures: dict[str, "UserSignature"]) -> tuple[dict[str, Any], Callable]:
-        from gru_deploy.check.verify import parity_for_dir
-
-        def prove(stage: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-            report = parity_for_dir(stage, manifest, self.atol, self.rtol)
-            if not report:
-                raise CheckFailed("parity failed, nothing written: " + "; ".join(report.failures()))
-            return report.to_json(), report.record()
-
+    def fields(self, model: "UserModel", kept: str, signatures: dict[str, "UserSignature"]) -> dict[str, Any]:
         checkpoint = self.checkpoint
         return {"model_name": TUTORIAL_MODEL_NAME, "config": self.spec.to_dict(), "labels": list(self.spec.labels),
-                "metrics": checkpoint.metrics,
-                "training": checkpoint.training, "source_checkpoint": {"sha256": checkpoint.sha256}}, prove
+                "metrics": checkpoint.metrics, "training": checkpoint.training,
+                "source_checkpoint": {"sha256": checkpoint.sha256}}
 
 
 def export_to_dir(checkpoint: Checkpoint, out: Path, opset: int = 17, atol: float = DEFAULT_ATOL,
@@ -95,17 +72,3 @@ def export_to_dir(checkpoint: Checkpoint, out: Path, opset: int = 17, atol: floa
                       checkpoint.sha256)
     return export_model(model, Path(out), TutorialProof(checkpoint, atol, rtol), opset=opset, atol=atol, rtol=rtol,
                         strategy=strategy, typical=typical, labels=tuple(checkpoint.spec.labels), on_step=on_step)
-
-
-def golden_cases(model: "torch.nn.Module", spec: "ModelSpec") -> tuple[bytes, dict[str, Any]]:
-    """The golden cases (GOLDEN_CASES; inputs from check.verify.make_feed) answered by the model
-    eager in fp32 (check.runners.eager_runner): GOLDEN_FILE's bytes and the manifest's record."""
-    from gru_deploy.check.module_parity import golden_store
-    from gru_deploy.check.runners import eager_runner
-    from gru_deploy.check.verify import make_feed
-
-    cases = []
-    for index, (variant, batch, seq) in enumerate(GOLDEN_CASES):
-        feed = make_feed(spec, variant, batch, seq, seed=1000 + index)
-        cases.append((f"{variant}_{index}", variant, feed, eager_runner(spec, model, variant).run(feed)))
-    return golden_store(cases)

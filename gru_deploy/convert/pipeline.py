@@ -4,12 +4,11 @@ under auto) → golden cases → the export folder (write_export), proved before
 in. Its building blocks live here too: scripting, reading the signature off the module, each
 form's graph (loop, fused, stepwise), the variants' hooks, auto's timings, the folder's writer.
 
-What differs between models is how parity is proved, and it is the model's `Proof`:
-* a module's (convert.user.ModuleProof): every form against the module itself in float64 on
-  the module grid (check.module_parity), the float64 answers stored for verify;
-* the tutorial classifier's (convert.folder.TutorialProof): its noise-ceiling grid
-  (check.verify) run on the staged files, with its float64 re-implementation of the equations;
-  its golden cases and manifest fields are the ones its exports always had.
+Every model is proved alike (convert.user.ModuleProof): each form against a float64 reference
+on a parity grid (check.module_parity), the float64 answers stored for verify. What differs
+is what the model declares through its `Proof`: the tutorial classifier (convert.folder.
+TutorialProof) brings its own float64 reference (a numpy re-implementation that estimates
+float32's own error), hence the wide grid, and its golden cases and manifest fields.
 """
 
 from __future__ import annotations
@@ -80,8 +79,10 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
     from gru_deploy.check.module_parity import GOLDEN_FILE
     from gru_deploy.convert import script
     from gru_deploy.convert.graphs import check_opset
+    from gru_deploy.manifest import recover_interrupted_runs
     from gru_deploy.models.user import input_size_of
 
+    recover_interrupted_runs(Path(out))  # first, whatever this export then does (a killed run's swap)
     check_opset(opset)
     check_tolerances(atol, rtol)
     check_module_strategy(strategy, model)

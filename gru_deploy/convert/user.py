@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from gru_deploy.check.grid import pair_key
 from gru_deploy.check.module_parity import (
-    CASES, REFERENCE_FILE, USER_CASES, Call, Feed, UserSignature, as_outputs, case_feed, case_input,
+    GOLDEN_SEED, REFERENCE_FILE, UNIT_GRID, Call, Feed, Grid, UserSignature, as_outputs, case_input,
     chunked_in_runtimes, golden_store, module_parity, npz_bytes, ort_format_parity, recording, user_runners)
 from gru_deploy.convert.pipeline import LENGTHS_HOOK, STATE_HOOK, STREAM_HOOK, Built, Proof, check_failed, export_model
 from gru_deploy.manifest import MODULE_MODEL_NAME
@@ -25,9 +25,6 @@ if TYPE_CHECKING:
     from gru_deploy.check.grid import ParityReport
     from gru_deploy.models.user import UserModel
 
-# Golden cases (batch, seq) per variant, a subset of the parity grid whose float64 outputs it
-# stored (USER_CASES, LENGTHS_CASES, STREAM_CASES): a bundle ships them.
-GOLDEN_BY_VARIANT = {"classifier": ((3, 7), (2, 100)), "lengths": ((3, 7), (4, 100)), "stream": ((3, 7), (2, 100))}
 # The stream's promise, checked on the float64 module: from the initial state, one chunk is
 # forward's answer, and chunks of these sizes carried through h_n are the one pass.
 CHUNK_SIZES = (1, 7)
@@ -38,12 +35,13 @@ CONTRACT_CASES = ((2, 9), (1, 100))
 
 
 class ModuleProof(Proof):
-    """A module's proof: each candidate on the module grid against the module in float64, the
+    """Every model's proof: each candidate on its grid (the unit grid unless given) against its
+    float64 reference (the module in float64 unless the model has its own: float64_runner), the
     float64 answers recorded as they are computed (REFERENCE_FILE: verify's reference)."""
 
     def __init__(self, atol: float, rtol: float, labels: tuple[str, ...] = (), metrics: dict[str, Any] | None = None,
-                 training: dict[str, Any] | None = None) -> None:
-        self.atol, self.rtol, self.labels = atol, rtol, labels
+                 training: dict[str, Any] | None = None, grid: Grid = UNIT_GRID) -> None:
+        self.atol, self.rtol, self.labels, self.grid = atol, rtol, labels, grid
         self.metrics, self.training = metrics or {}, training or {}
         self.stored: list[dict[str, "np.ndarray"]] = []
         # per variant, what does not depend on the form, run once for all its candidates: its
@@ -56,12 +54,27 @@ class ModuleProof(Proof):
     def metadata(self, model: "UserModel") -> dict[str, Any]:
         return {"gru_deploy.model": model.record()["kind"]}
 
+    def float64_runner(self, model: "UserModel", variant: str) -> Call | None:
+        """The model's own float64 reference for a variant; None: the module in float64."""
+        return None
+
+    def reference_source(self, model: "UserModel") -> str:
+        return f"{model.reference} in float64 (module.double())"
+
+    def fields(self, model: "UserModel", kept: str, signatures: dict[str, UserSignature]) -> dict[str, Any]:
+        """The manifest's fields for this model (a module's: what it is, where its code lives)."""
+        return {"model": {**model.record(), "recurrence": kept}, "model_name": MODULE_MODEL_NAME,
+                "config": {"input_size": signatures["classifier"].inputs[0]["shape"][2]}, "labels": list(self.labels),
+                "metrics": {k: v for k, v in self.metrics.items() if k != "loss_history"},
+                "training": dict(self.training), "source_checkpoint": {"sha256": model.checkpoint_sha256}}
+
     def check(self, built: Built, model: "UserModel", choosing: bool, step: Callable[[str], None]) -> "ParityReport":
         variant, sig = built.variant, built.signature
         method = {"classifier": "forward", "lengths": LENGTHS_HOOK, "stream": STREAM_HOOK}[variant]
         step(f"checking parity of every output ({variant} as {built.form}): eager, TorchScript, onnxruntime, onnx "
              "reference, float64")
-        runners = user_runners(model.module, built.scripted, built.onnx_bytes, sig, method=method, variant=variant)
+        runners = user_runners(model.module, built.scripted, built.onnx_bytes, sig, method=method, variant=variant,
+                               float64=self.float64_runner(model, variant))
         in_runtimes = dict(runners)  # before the cached module side replaces them: chunks share shapes
         if variant not in self.module_side:
             runners["float64"], stored = recording(runners["float64"], sig, variant)
@@ -70,10 +83,11 @@ class ModuleProof(Proof):
         runners.update(self.module_side[variant])
         if variant == "lengths" and variant not in self.padding:
             self.padding[variant] = _once_per_case(padding_check(model, sig, self.atol, self.rtol))
-        report = module_parity(runners, sig, self.atol, self.rtol, CASES[variant], variant, extra=self.padding.get(variant))
+        report = module_parity(runners, sig, self.atol, self.rtol, self.grid, variant,
+                               extra=self.padding.get(variant))
         if variant == "lengths":
-            report.notes.append("lengths spread over 1..seq; 'float64 alone': the module's forward in float64 on each "
-                                "sample alone, unpadded, against its padded answer on its valid steps")
+            report.notes.append("'float64 alone': the module's forward in float64 on each sample alone, unpadded, "
+                                "against its padded answer on its valid steps")
         if variant == "stream":
             if self.contract is None:
                 classifier = UserSignature(sig.inputs[:1], [o for o in sig.outputs if o["name"] != STATE_OUT])
@@ -88,7 +102,7 @@ class ModuleProof(Proof):
         return report
 
     def golden(self, model: "UserModel", signatures: dict[str, UserSignature]) -> tuple[bytes, dict[str, Any]]:
-        return golden_cases(model, signatures)
+        return golden_cases(model, signatures, self.grid)
 
     def finish(self, model: "UserModel", kept: str, parts: list["ParityReport"], files: dict[str, bytes],
                signatures: dict[str, UserSignature]) -> tuple[dict[str, Any], Callable]:
@@ -99,21 +113,16 @@ class ModuleProof(Proof):
         for part in self.stored:
             stored.update(part)
         files[REFERENCE_FILE] = npz_bytes(stored)
-        fields = {
-            "model": {**model.record(), "recurrence": kept}, "model_name": MODULE_MODEL_NAME,
-            "config": {"input_size": signatures["classifier"].inputs[0]["shape"][2]}, "labels": list(self.labels),
-            "metrics": {k: v for k, v in self.metrics.items() if k != "loss_history"},
-            "training": dict(self.training), "source_checkpoint": {"sha256": model.checkpoint_sha256},
-            "reference": {"file": REFERENCE_FILE, "computed_by": f"{model.reference} in float64 (module.double())",
-                          "cases": [list(c) for c in USER_CASES],
-                          **{f"{v}_cases": [list(c) for c in CASES[v]] for v in signatures if v != "classifier"}}}
-        atol, rtol = self.atol, self.rtol
+        fields = {**self.fields(model, kept, signatures),
+                  "reference": {"file": REFERENCE_FILE, "computed_by": self.reference_source(model),
+                                **self.grid.record(signatures)}}
+        atol, rtol, grid = self.atol, self.rtol, self.grid
 
         def prove(stage: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
             """The export's own proof, and each ORT-format copy written beside it (staged) against
             the float64 answers on the same grid."""
             for variant, sig in signatures.items():
-                part = ort_format_parity(stage, manifest, variant, sig, stored, CASES[variant], atol, rtol)
+                part = ort_format_parity(stage, manifest, variant, sig, stored, grid, atol, rtol)
                 if part is not None and not part:
                     raise check_failed(f"the {variant} model's ORT-format copy failed parity", part)
                 if part is not None:
@@ -168,15 +177,19 @@ def _once_per_case(extra: Callable) -> Callable:
 
 
 def _once(runner: Call) -> Call:
-    """`runner`, answering each parity case (a feed is fixed by its (batch, seq): case_feed) once."""
-    answers: dict[tuple[int, ...], dict[str, "np.ndarray"]] = {}
+    """`runner`, answering each parity case (a feed is fixed by its (batch, seq): the grid's
+    inputs) once, and estimating float32's own error on it once where it does."""
+    answers: dict[tuple[int, ...], Any] = {}
 
-    def cached(feed: Feed) -> dict[str, "np.ndarray"]:
-        key = tuple(feed[INPUT_NAME].shape[:2])
-        if key not in answers:
-            answers[key] = runner.run(feed)
-        return answers[key]
-    return Call(runner.name, cached)
+    def cached(kind: str, compute: Callable) -> Callable:
+        def answer(feed: Feed, **options: Any) -> Any:
+            key = (kind, *feed[INPUT_NAME].shape[:2])
+            if key not in answers:
+                answers[key] = compute(feed, **options)
+            return answers[key]
+        return answer
+    noise = cached("noise", runner.float32_noise) if runner.float32_noise is not None else None
+    return Call(runner.name, cached("run", runner.run), noise=noise)
 
 
 def _stream_contract(model: "UserModel", signature: UserSignature, atol: float, rtol: float) -> list[dict[str, Any]]:
@@ -225,19 +238,20 @@ def _stream_contract(model: "UserModel", signature: UserSignature, atol: float, 
     return cases
 
 
-def golden_cases(model: "UserModel", signatures: dict[str, UserSignature]) -> tuple[bytes, dict[str, Any]]:
-    """The golden cases (GOLDEN_BY_VARIANT, inputs as the parity grid's) of each exported variant,
+def golden_cases(model: "UserModel", signatures: dict[str, UserSignature], grid: Grid) -> tuple[bytes, dict[str, Any]]:
+    """The grid's golden cases of each exported variant (inputs as the grid draws them),
     answered by the module eager in fp32: GOLDEN_FILE's bytes and the manifest's record."""
     from gru_deploy.check.runners import run_module
     from gru_deploy.models.variants import LengthsOf, StreamOf
 
     wrap = {"classifier": lambda m: m, "lengths": LengthsOf, "stream": StreamOf}
     cases = []
-    for variant, sig in signatures.items():
-        eager = wrap[variant](model.module).eval()
-        for batch, seq in GOLDEN_BY_VARIANT[variant]:
-            feed = case_feed(sig, batch, seq)
-            cases.append((f"{variant}_{len(cases)}", variant, feed, run_module(eager, sig.to_dict(), feed)))
+    for variant, batch, seq in grid.golden:
+        if variant in signatures:
+            sig = signatures[variant]
+            feed = grid.feed(sig, batch, seq, len(cases), seed=GOLDEN_SEED)
+            outputs = run_module(wrap[variant](model.module).eval(), sig.to_dict(), feed)
+            cases.append((f"{variant}_{len(cases)}", variant, feed, outputs))
     return golden_store(cases)
 
 
