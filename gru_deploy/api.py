@@ -100,10 +100,10 @@ def verify(path: str | Path, atol: float = 1e-5, rtol: float = 1e-5, data: str |
     "deployment_accuracy": test accuracy per runtime; `junit_xml` writes the parity grid as
     JUnit XML (before the accuracy is measured: a failing run is when CI needs it)."""
     from gru_deploy.bundle.read import is_bundle, verify_bundle
-    from gru_deploy.accuracy import deployment_accuracy, module_accuracy
+    from gru_deploy.accuracy import deployment_accuracy
     from gru_deploy.check.grid import check_tolerances
     from gru_deploy.check.module_parity import verify_export
-    from gru_deploy.manifest import atomic_write_bytes, is_module_export, read_manifest
+    from gru_deploy.manifest import atomic_write_bytes
 
     path = Path(path)
     if is_bundle(path):
@@ -120,12 +120,7 @@ def verify(path: str | Path, atol: float = 1e-5, rtol: float = 1e-5, data: str |
         from gru_deploy.check.junit import parity_junit_xml
 
         atomic_write_bytes(Path(junit_xml), parity_junit_xml(report, f"gru-deploy verify {path}"))
-    if not data:
-        accuracy = None
-    elif is_module_export(read_manifest(path)):
-        accuracy = module_accuracy(path, read_manifest(path), data, test) if report["passed"] else None
-    else:
-        accuracy = deployment_accuracy(path, data, test)
+    accuracy = deployment_accuracy(path, data, test) if data and report["passed"] else None
     return {**report, "deployment_accuracy": accuracy}
 
 

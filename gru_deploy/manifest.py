@@ -204,18 +204,6 @@ def labelled_output(signature: dict[str, Any], labels: Any) -> str | None:
     return None
 
 
-def tutorial_only(manifest: dict[str, Any], where: str, what: str) -> None:
-    """UserInputError when `manifest` is an export of a module through the generic path (your
-    own model, or a built-in family): `what` handles exports of the tutorial model only, in
-    this version."""
-    if is_module_export(manifest):
-        model = manifest["model"]
-        whose = f"the built-in family {model['family']!r}" if model.get("family") else "your own model"
-        raise UserInputError(f"{where} is an export of {whose} ({model.get('reference')}); {what} handles "
-                             "exports of the tutorial model only in this version (export, verify, package, "
-                             "infer and inspect handle this one)")
-
-
 def read_manifest(folder: Path) -> dict[str, Any]:
     """Load and validate `folder/manifest.json`; raise UserInputError naming what is wrong."""
     folder = Path(folder)

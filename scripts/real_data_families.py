@@ -48,7 +48,7 @@ def main() -> None:
     import torch
 
     import gru_deploy
-    from gru_deploy.accuracy import deployment_accuracy, module_accuracy
+    from gru_deploy.accuracy import deployment_accuracy
     from gru_deploy.cli import _train_options
     from gru_deploy.data import load_data
     from gru_deploy.manifest import read_manifest
@@ -71,10 +71,7 @@ def main() -> None:
             out = Path(tmp) / name.replace(" ", "_").replace(",", "").replace(".", "_")
             manifest = gru_deploy.export(checkpoint=ckpt, out=out, strategy="auto")
             manifest = read_manifest(out)
-            if manifest.get("model"):
-                accuracy = module_accuracy(out, manifest, args.data, seed=args.seed)
-            else:
-                accuracy = deployment_accuracy(out, args.data, seed=args.seed)
+            accuracy = deployment_accuracy(out, args.data, seed=args.seed)
             worst = max(entry["max_abs"] for key, entry in manifest["parity"]["summary"].items()
                         if key.startswith("float64->"))
             rows.append({"model": name, "family": family, "layers": layers, "bidirectional": bidirectional,

@@ -13,7 +13,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from gru_deploy.errors import UserInputError
 
@@ -150,4 +150,25 @@ def input_size_of(module: "torch.nn.Module") -> int | None:
             return int(sub.input_size)
         if isinstance(sub, nn.Linear):
             return int(sub.in_features)
+    return None
+
+
+def rebuild(manifest: dict[str, Any], state_dict: Mapping[str, Any]) -> UserModel | None:
+    """The module an export was made from, rebuilt from its weights where gru-deploy defines its
+    class (the tutorial classifier, a built-in family); None for your own model (verify does
+    not run your code)."""
+    from gru_deploy.models import families, tutorial
+    from gru_deploy.spec import ModelSpec
+
+    record = manifest.get("model")
+    if isinstance(record, dict) and record.get("kind") == "family":
+        module = families.build_family(record["family"], dict(record.get("args") or {}))
+        own = module.state_dict()  # TorchScript also keeps the non-persistent buffers (the normalization)
+        module.load_state_dict({k: v for k, v in state_dict.items() if k in own})
+        return UserModel(module.eval(), record["reference"], families.__file__, record.get("args") or {},
+                         family=record["family"])
+    if record is None and "config" in manifest:  # the tutorial classifier: its spec is the config
+        spec = ModelSpec.from_dict(manifest["config"])
+        module = tutorial.load_weights(spec, tutorial.tutorial_parameters(state_dict))
+        return UserModel(module.eval(), "gru_deploy.models.tutorial:GRUClassifier", tutorial.__file__)
     return None
