@@ -1,4 +1,10 @@
-"""Benchmark harness: medians over repeats, ratios to a reference measured in the same run."""
+"""Benchmark harness: medians over repeats, ratios to a reference measured in the same run.
+
+One bench for every model gru-deploy can rebuild from an export (the tutorial classifier, a
+built-in family: models.user.rebuild) or none (the default-size tutorial model, untrained):
+every variant in every form the export pipeline builds (convert.pipeline.every_form), beside
+eager PyTorch (the model as its author wrote it: models.user.baseline) and TorchScript. Your
+own model's export is timed from its files (run_module_bench): its code is not run."""
 
 from __future__ import annotations
 
@@ -11,94 +17,103 @@ if TYPE_CHECKING:
 
     import numpy as np
 
+    from gru_deploy.convert.pipeline import Built
+    from gru_deploy.models.user import UserModel
     from gru_deploy.spec import ModelSpec
 
 
 SHAPES = ((1, 1), (1, 100), (32, 100), (1, 1000), (256, 200))
-LARGE_SHAPES = ((1, 100), (64, 100))  # for the hidden-256 / input-64 model
+LARGE_SHAPES = ((1, 100), (64, 100))  # for the same model at hidden 256 / input 64
+LARGE_SIZES = (64, 256)  # input, hidden
 SCALING = (256, (1000, 2000))  # batch, seq lengths: is the loop's cost linear in T?
 # Doubling T doubles a linear loop's time (ratio 2); the tutorial's batch-major slicing, whose
 # cost grows with T², measured 3.8 (docs/performance.md). Below this ratio we call it linear.
 LINEAR_BELOW = 3.0
 
 
-def classifier_graphs(spec: "ModelSpec", model: Any, scripted: Any = None) -> dict[str, bytes]:
-    """The classifier's ONNX forms, {"loop", "stepwise", "fused"}, of one eager model."""
-    return variant_graphs(spec, model, "classifier", scripted)
+def default_model() -> "UserModel":
+    """The default-size tutorial classifier, untrained (seed 0; speed does not depend on the weights)."""
+    import torch
 
+    from gru_deploy.models import tutorial
+    from gru_deploy.models.user import UserModel
 
-def variant_graphs(spec: "ModelSpec", model: Any, variant: str, scripted: Any = None) -> dict[str, bytes]:
-    """A variant's ONNX forms, {"loop", "stepwise", "fused"}, of one eager model
-    (`scripted`: the variant's TorchScript module when the caller has it)."""
-    from gru_deploy.convert import script
-    from gru_deploy.convert.families import export_fused
-    from gru_deploy.convert.graphs import export_loop
-    from gru_deploy.models.tutorial import as_variant
-
-    scripted = scripted if scripted is not None else script.torchscript(as_variant(model, variant))
-    stepwise = script.torchscript(as_variant(model, variant, hoist=False))
-    return {"loop": export_loop(scripted, spec, variant=variant).onnx_bytes,
-            "stepwise": export_loop(stepwise, spec, variant=variant, strategy="stepwise").onnx_bytes,
-            "fused": export_fused(model.state_dict(), spec, variant=variant).onnx_bytes}
+    torch.manual_seed(0)
+    return UserModel(tutorial.GRUClassifier().eval(), "gru_deploy.models.tutorial:GRUClassifier", tutorial.__file__)
 
 
 def default_graphs() -> tuple["ModelSpec", dict[str, bytes]]:
-    """The default-size model, untrained (seed 0; speed does not depend on the weights), and its
-    three ONNX forms: what the benchmark scripts time."""
-    import torch
-
-    from gru_deploy.models.tutorial import GRUClassifier
+    """The default-size model and its classifier's ONNX forms: what the benchmark scripts time."""
+    from gru_deploy.convert.pipeline import every_form
     from gru_deploy.spec import ModelSpec
 
-    torch.manual_seed(0)
-    spec = ModelSpec()
-    return spec, classifier_graphs(spec, GRUClassifier().eval())
+    forms = every_form(default_model())["classifier"]
+    return ModelSpec(), {form: built.onnx_bytes for form, built in forms.items()}
 
 
-def _contenders(spec: "ModelSpec", state_dict: dict, threads: int) -> dict[str, Callable[["np.ndarray"], object]]:
-    """Callables of x (float32 numpy) for eager, TorchScript and each ONNX strategy."""
+def _session_call(built: "Built", threads: int) -> Callable[[dict[str, "np.ndarray"]], Any]:
+    """A form's onnxruntime session as a call of its feed, the inputs checked first as infer
+    checks them (check.runners.check_user_*): what a user's call costs."""
+    import onnxruntime as ort
+
+    from gru_deploy.check.runners import check_user_input, check_user_lengths, check_user_state, session_options
+    from gru_deploy.spec import LENGTHS_NAME, STATE_IN
+
+    signature = built.signature.to_dict()
+    session = ort.InferenceSession(built.onnx_bytes, session_options(threads), providers=["CPUExecutionProvider"])
+
+    def run(feed: dict[str, "np.ndarray"]) -> Any:
+        x = check_user_input(feed["x"], signature, empty_seq=True)
+        checked = {"x": x}
+        if LENGTHS_NAME in feed:
+            checked[LENGTHS_NAME] = check_user_lengths(feed[LENGTHS_NAME], x, empty_seq=True)
+        if STATE_IN in feed:
+            checked[STATE_IN] = check_user_state(feed[STATE_IN], x, signature)
+        return session.run(None, checked)
+    return run
+
+
+def _contenders(model: "UserModel", forms: dict[str, "Built"], threads: int) -> dict[str, Callable]:
+    """Callables of x (float32 numpy): eager, TorchScript and onnxruntime in each form."""
     import torch
 
-    from gru_deploy.convert import script
-    from gru_deploy.models.tutorial import load_weights, tutorial_forward
+    from gru_deploy.models.user import baseline
 
-    model = load_weights(spec, state_dict)
-    scripted = script.torchscript(model)
-    graphs = {f"onnxruntime {name}": graph for name, graph in classifier_graphs(spec, model, scripted).items()}
+    eager, _ = baseline(model.module)
+    scripted = next(iter(forms.values())).scripted
 
-    def eager(x):
-        with torch.no_grad():
-            return tutorial_forward(model, torch.from_numpy(x))
+    def torch_call(fn: Callable) -> Callable:
+        def run(x):
+            with torch.no_grad():
+                return fn(torch.from_numpy(x))
+        return run
 
-    def torchscript(x):
-        with torch.no_grad():
-            return scripted(torch.from_numpy(x))
-
-    found: dict[str, Callable] = {"eager": eager, "torchscript": torchscript}
-    for name, graph in graphs.items():
-        found[name] = _ort_call(spec, graph, threads)
+    found: dict[str, Callable] = {"eager": torch_call(eager), "torchscript": torch_call(scripted)}
+    for form, built in forms.items():
+        call = _session_call(built, threads)
+        found[f"onnxruntime {form}"] = (lambda c: lambda x: c({"x": x}))(call)
     return found
 
 
-def _ort_call(spec: "ModelSpec", graph: bytes, threads: int) -> Callable:
-    from gru_deploy.check.runners import OnnxRuntimeRunner
+def _sizes(model: "UserModel") -> tuple[int, int]:
+    from gru_deploy.models.user import input_size_of
 
-    runner = OnnxRuntimeRunner(spec, graph, threads=threads)
-    return lambda x: runner.run({"x": x})
+    hidden = getattr(model.module, "hidden_size", None) or model.args.get("hidden_size")
+    return int(input_size_of(model.module) or 0), int(hidden or 0)
 
 
-def _rows(contenders: dict[str, Callable], spec: "ModelSpec", shapes, budget_s: float,
+def _rows(contenders: dict[str, Callable], sizes: tuple[int, int], shapes, budget_s: float,
           progress: Callable[[str], None]) -> list[dict[str, Any]]:
     import numpy as np
 
     rows = []
     for batch, seq in shapes:
-        x = np.random.default_rng(batch * 7919 + seq).standard_normal((batch, seq, spec.input_size)).astype(np.float32)
+        x = np.random.default_rng(batch * 7919 + seq).standard_normal((batch, seq, sizes[0])).astype(np.float32)
         progress(f"batch {batch}, seq {seq}")
         timings = {name: median_us(lambda: fn(x), budget_s) for name, fn in contenders.items()}
         fastest = min(timings.values())
         rows.append({
-            "input_size": spec.input_size, "hidden_size": spec.hidden_size, "batch": batch, "seq": seq,
+            "input_size": sizes[0], "hidden_size": sizes[1], "batch": batch, "seq": seq,
             "median_us": timings,
             "speedup_vs_eager": {k: timings["eager"] / v for k, v in timings.items()},
             "times_fastest": {k: v / fastest for k, v in timings.items()},
@@ -106,31 +121,35 @@ def _rows(contenders: dict[str, Callable], spec: "ModelSpec", shapes, budget_s: 
     return rows
 
 
-def gru_step_reference(spec: "ModelSpec", state_dict: dict, threads: int) -> Callable[[], object]:
+def gru_step_reference(module: Any, threads: int) -> Callable[[], object] | None:
     """The floor for one streaming step: one ONNX `GRU` node (seq 1, batch 1, no head, no guard)
-    run with io_binding, its state ping-ponged between two bound buffers."""
+    with the first cell's weights, run with io_binding, its state ping-ponged between two bound
+    buffers; None for a model whose cell is not the tutorial's (models.families.cell_layers)."""
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from gru_deploy.convert.graphs import fused_weights, min_ir_version
     from gru_deploy.check.runners import session_options
+    from gru_deploy.convert.graphs import float32_arrays, min_ir_version, tutorial_cell_gru_weights
+    from gru_deploy.models.families import cell_layers
 
-    w = fused_weights(state_dict)
-    h, i = spec.hidden_size, spec.input_size
+    layers = cell_layers(module)
+    if not layers:
+        return None
+    W, R, B = (a[None] for a in tutorial_cell_gru_weights(float32_arrays(module.state_dict()), layers[0][0]))
+    h, i = R.shape[2], W.shape[2]
     graph = helper.make_graph(
         [helper.make_node("GRU", ["x", "W", "R", "B", "", "h0"], ["", "h_n"], hidden_size=h, linear_before_reset=0)],
         "one_gru_node",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, i]),
          helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, 1, h])],
         [helper.make_tensor_value_info("h_n", TensorProto.FLOAT, [1, 1, h])],
-        [numpy_helper.from_array(w[k], k) for k in ("W", "R", "B")])
+        [numpy_helper.from_array(array, name) for array, name in ((W, "W"), (R, "R"), (B, "B"))])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=min_ir_version(17))
     session = ort.InferenceSession(model.SerializeToString(), session_options(threads),
                                    providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal((1, 1, i)).astype(np.float32)
-    buffers = [np.zeros((1, 1, h), np.float32), np.zeros((1, 1, h), np.float32)]
-    values = [ort.OrtValue.ortvalue_from_numpy(b) for b in buffers]
+    values = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, h), np.float32)) for _ in range(2)]
     x_value = ort.OrtValue.ortvalue_from_numpy(x)
     bindings = []
     for a, b in ((0, 1), (1, 0)):
@@ -148,119 +167,120 @@ def gru_step_reference(spec: "ModelSpec", state_dict: dict, threads: int) -> Cal
     return step
 
 
-def streaming_step(spec: "ModelSpec", state_dict: dict, threads: int, budget_s: float) -> dict[str, Any]:
-    """Per-step latency of streaming at batch 1, one step per call: the eager cell, the
-    TorchScript and ONNX stream models (each form) with a plain `run()`, the
-    streaming API (`gru_deploy.Stream`, io_binding) over each, and the one-GRU-node io_binding floor."""
+def streaming_step(model: "UserModel", forms: dict[str, "Built"], threads: int, budget_s: float) -> dict[str, Any]:
+    """Per-step latency of streaming at batch 1, one step per call: eager (the author's step:
+    models.user.baseline), the TorchScript and ONNX stream models (each form) with a plain call
+    (inputs checked as infer checks them), the streaming API (`gru_deploy.Stream`, io_binding)
+    over each, and, for a tutorial-cell model, the one-GRU-node io_binding floor."""
     import numpy as np
     import torch
 
-    from gru_deploy.convert import script
-    from gru_deploy.models.tutorial import as_variant, load_weights
-    from gru_deploy.check.runners import OnnxRuntimeRunner
+    from gru_deploy.models.user import baseline
     from gru_deploy.serve.stream import Stream
 
-    model = load_weights(spec, state_dict)
-    stream = script.torchscript(as_variant(model, "stream"))
-    graphs = variant_graphs(spec, model, "stream", stream)
-    x = np.random.default_rng(0).standard_normal((1, 1, spec.input_size)).astype(np.float32)
-    h = np.zeros((1, spec.hidden_size), np.float32)
+    _, eager_step = baseline(model.module)
+    sizes = _sizes(model)
+    loop = forms.get("loop") or next(iter(forms.values()))
+    x = np.random.default_rng(0).standard_normal((1, 1, sizes[0])).astype(np.float32)
+    h = np.zeros((1, *loop.signature.inputs[1]["shape"][1:]), np.float32)
     xt, ht = torch.from_numpy(x), torch.from_numpy(h)
 
-    def eager_cell():
-        with torch.no_grad():
-            return model.gru(xt[:, 0], ht)
+    def timed_torch(fn: Callable) -> float:
+        def once():
+            with torch.no_grad():
+                return fn(xt, ht)
+        return median_us(once, budget_s)
 
-    def torchscript_stream():
-        with torch.no_grad():
-            return stream(xt, ht)
-
-    timings = {"eager cell": median_us(eager_cell, budget_s),
-               "torchscript stream": median_us(torchscript_stream, budget_s)}
-    for form, graph in graphs.items():
-        runner = OnnxRuntimeRunner(spec, graph, threads=threads, variant="stream")
-        timings[f"onnxruntime stream {form}, run()"] = median_us(lambda: runner.run({"x": x, "h0": h}), budget_s)
-        api = Stream.from_onnx(graph, spec.signature("stream"), threads=threads)
+    timings = {"eager step": timed_torch(eager_step), "torchscript stream": timed_torch(loop.scripted)}
+    for form, built in forms.items():
+        call = _session_call(built, threads)
+        timings[f"onnxruntime stream {form}, run()"] = median_us(lambda: call({"x": x, "h0": h}), budget_s)
+        api = Stream.from_onnx(built.onnx_bytes, built.signature.to_dict(), threads=threads)
         x_t = x[0, 0]
         timings[f"Stream API, {form}"] = median_us(lambda: api.step(x_t), budget_s)
-    timings["one GRU node, io_binding"] = median_us(gru_step_reference(spec, state_dict, threads), budget_s)
-    floor = timings["one GRU node, io_binding"]
-    today = timings["onnxruntime stream loop, run()"]
-    return {"input_size": spec.input_size, "hidden_size": spec.hidden_size, "batch": 1, "chunk": 1,
-            "median_us_per_step": timings,
-            "speedup_vs_eager": {k: timings["eager cell"] / v for k, v in timings.items()},
-            "vs_loop_stream_run": {k: v / today for k, v in timings.items()},
-            "vs_one_gru_node": {k: v / floor for k, v in timings.items()}}
+    floor_step = gru_step_reference(model.module, threads)
+    if floor_step is not None:
+        timings["one GRU node, io_binding"] = median_us(floor_step, budget_s)
+    reference = f"onnxruntime stream {'loop' if 'loop' in forms else next(iter(forms))}, run()"
+    row = {"input_size": sizes[0], "hidden_size": sizes[1], "batch": 1, "chunk": 1, "median_us_per_step": timings,
+           "speedup_vs_eager": {k: timings["eager step"] / v for k, v in timings.items()},
+           "vs_loop_stream_run": {k: v / timings[reference] for k, v in timings.items()}}
+    if floor_step is not None:
+        row["vs_one_gru_node"] = {k: v / timings["one GRU node, io_binding"] for k, v in timings.items()}
+    return row
 
 
 LENGTHS_SHAPES = ((1, 100), (32, 100))
 
 
-def lengths_rows(spec: "ModelSpec", state_dict: dict, threads: int, budget_s: float) -> list[dict[str, Any]]:
-    """The variable-length model in each form (loop, stepwise, fused) on padded batches with lengths
-    spread over 1..seq; ratios to the loop form."""
+def lengths_rows(forms: dict[str, "Built"], threads: int, budget_s: float) -> list[dict[str, Any]]:
+    """The variable-length model in each form on padded batches with lengths spread over
+    1..seq; ratios to the loop form (the first form where there is no loop)."""
     import numpy as np
 
-    from gru_deploy.models.tutorial import load_weights
-    from gru_deploy.check.runners import OnnxRuntimeRunner
-
-    graphs = variant_graphs(spec, load_weights(spec, state_dict), "lengths")
-    runners = {f"onnxruntime lengths {form}": OnnxRuntimeRunner(spec, graph, threads=threads, variant="lengths")
-               for form, graph in graphs.items()}
+    calls = {f"onnxruntime lengths {form}": _session_call(built, threads) for form, built in forms.items()}
+    reference = f"onnxruntime lengths {'loop' if 'loop' in forms else next(iter(forms))}"
+    input_size = next(iter(forms.values())).signature.inputs[0]["shape"][2]
     rows = []
     for batch, seq in LENGTHS_SHAPES:
         rng = np.random.default_rng(batch * 31 + seq)
-        feed = {"x": rng.standard_normal((batch, seq, spec.input_size)).astype(np.float32),
+        feed = {"x": rng.standard_normal((batch, seq, input_size)).astype(np.float32),
                 "lengths": rng.integers(1, seq + 1, batch).astype(np.int64)}
-        timings = {name: median_us(lambda: r.run(feed), budget_s) for name, r in runners.items()}
-        loop = timings["onnxruntime lengths loop"]
+        timings = {name: median_us(lambda: call(feed), budget_s) for name, call in calls.items()}
         rows.append({"batch": batch, "seq": seq, "lengths": f"uniform in 1..{seq}", "median_us": timings,
-                     "vs_loop": {name: value / loop for name, value in timings.items()}})
+                     "vs_loop": {name: value / timings[reference] for name, value in timings.items()}})
     return rows
 
 
-def run_bench(spec: "ModelSpec", state_dict: dict, threads: int = 1, budget_s: float = 0.5,
-              large: bool = True, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Medians of every runtime on the standard shapes, in one run; ratios to eager and to the fastest."""
+def run_bench(model: "UserModel", threads: int = 1, budget_s: float = 0.5, large: bool = True,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Medians of every runtime and form on the standard shapes, in one run; ratios to eager
+    and to the fastest. `large`: the same kind of model at input 64 / hidden 256 too (where
+    gru-deploy defines its class: models.user.resized)."""
     import numpy as np
     import torch
 
-    from gru_deploy.models.tutorial import GRUClassifier
-    from gru_deploy.spec import ModelSpec as Spec
+    from gru_deploy.convert.pipeline import every_form
+    from gru_deploy.models.user import resized
     from gru_deploy.versions import library_versions
 
     say = progress or (lambda message: None)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        contenders = _contenders(spec, state_dict, threads)
-        rows = _rows(contenders, spec, SHAPES, budget_s, say)
+        say(f"building every form of {model.reference}")
+        forms = every_form(model)
+        contenders = _contenders(model, forms["classifier"], threads)
+        rows = _rows(contenders, _sizes(model), SHAPES, budget_s, say)
         batch, (short, long) = SCALING
-        loop = contenders["onnxruntime loop"]
-        say(f"loop scaling at batch {batch}, seq {short} and {long}")
-        x_long = np.random.default_rng(1).standard_normal((batch, long, spec.input_size)).astype(np.float32)
+        scaled = "loop" if "loop" in forms["classifier"] else next(iter(forms["classifier"]))
+        loop = contenders[f"onnxruntime {scaled}"]
+        say(f"{scaled} scaling at batch {batch}, seq {short} and {long}")
+        x_long = np.random.default_rng(1).standard_normal((batch, long, _sizes(model)[0])).astype(np.float32)
         x_short = np.ascontiguousarray(x_long[:, :short])
-        scaling = {"batch": batch, "seq": [short, long],
+        scaling = {"form": scaled, "batch": batch, "seq": [short, long],
                    "median_us": [median_us(lambda: loop(x_short), budget_s),
                                  median_us(lambda: loop(x_long), budget_s)]}
         scaling["ratio"] = scaling["median_us"][1] / scaling["median_us"][0]
         scaling["linear_below"] = LINEAR_BELOW
         scaling["linear"] = scaling["ratio"] < LINEAR_BELOW
-        if large:
-            torch.manual_seed(0)
-            big = Spec(input_size=64, hidden_size=256, output_size=spec.output_size)
-            big_state = GRUClassifier(64, 256, spec.output_size).state_dict()
-            rows += _rows(_contenders(big, big_state, threads), big, LARGE_SHAPES, budget_s, say)
-        say("streaming, one step per call")
-        streaming = [streaming_step(spec, state_dict, threads, budget_s)]
-        if large:
-            streaming.append(streaming_step(big, big_state, threads, budget_s))
-        say("the variable-length model in each form")
-        lengths = lengths_rows(spec, state_dict, threads, budget_s)
+        big = resized(model, *LARGE_SIZES) if large else None
+        big_forms = every_form(big) if big is not None else None
+        if big is not None:
+            rows += _rows(_contenders(big, big_forms["classifier"], threads), _sizes(big), LARGE_SHAPES, budget_s, say)
+        streaming = []
+        for each, each_forms in ((model, forms), (big, big_forms)):
+            if each is not None and "stream" in each_forms:
+                say(f"streaming, one step per call ({'%d/%d' % _sizes(each)})")
+                streaming.append(streaming_step(each, each_forms["stream"], threads, budget_s))
+        lengths = []
+        if "lengths" in forms:
+            say("the variable-length model in each form")
+            lengths = lengths_rows(forms["lengths"], threads, budget_s)
     finally:
         torch.set_num_threads(previous_threads)
-    return {"threads": threads, "budget_s": budget_s, "versions": library_versions(), "rows": rows,
-            "loop_scaling": scaling, "streaming": streaming, "lengths": lengths}
+    return {"model": model.reference, "threads": threads, "budget_s": budget_s, "versions": library_versions(),
+            "rows": rows, "loop_scaling": scaling, "streaming": streaming, "lengths": lengths}
 
 
 ORDER = ("eager", "torchscript", "onnxruntime loop", "onnxruntime stepwise", "onnxruntime fused")
@@ -274,7 +294,7 @@ def format_table(result: dict[str, Any]) -> str:
         cells = "".join(f"{row['median_us'][n]:>16,.0f} ({row['speedup_vs_eager'][n]:>6.1f}x)" for n in names)
         lines.append(f"{row['input_size']:>3}/{row['hidden_size']:<3} {row['batch']:>4}, {row['seq']:<5}" + cells)
     s = result["loop_scaling"]
-    lines.append(f"loop scaling at batch {s['batch']}: seq {s['seq'][0]} {s['median_us'][0]:,.0f} µs, "
+    lines.append(f"{s.get('form', 'loop')} scaling at batch {s['batch']}: seq {s['seq'][0]} {s['median_us'][0]:,.0f} µs, "
                  f"seq {s['seq'][1]} {s['median_us'][1]:,.0f} µs, ratio {s['ratio']:.2f} (2.00 = linear): "
                  + (f"linear (under {s['linear_below']:.2f})" if s["linear"]
                     else f"NOT LINEAR (at or over {s['linear_below']:.2f})"))
@@ -282,15 +302,16 @@ def format_table(result: dict[str, Any]) -> str:
         cells = ", ".join(f"{k} {v:,.1f} µs ({row['speedup_vs_eager'][k]:.1f}x)"
                           for k, v in row["median_us_per_step"].items())
         lines.append(f"streaming per step, batch 1, {row['input_size']}/{row['hidden_size']}: {cells}")
-        api = [k for k in row["vs_one_gru_node"] if k.startswith("Stream API")]
+        api = [k for k in row["vs_loop_stream_run"] if k.startswith("Stream API")]
         lines.append("  Stream API per step: " + ", ".join(
-            f"{k} {row['vs_loop_stream_run'][k]:.2f}x the loop stream model's run(), "
-            f"{row['vs_one_gru_node'][k]:.2f}x one GRU node with io_binding" for k in api))
+            f"{k} {row['vs_loop_stream_run'][k]:.2f}x the loop stream model's run()"
+            + (f", {row['vs_one_gru_node'][k]:.2f}x one GRU node with io_binding" if "vs_one_gru_node" in row else "")
+            for k in api))
     for row in result.get("lengths", []):
         cells = ", ".join(f"{k} {v:,.0f} µs" for k, v in row["median_us"].items())
         ratios = ", ".join(f"{k.rsplit(' ', 1)[-1]} {v:.2f}x" for k, v in row["vs_loop"].items() if "loop" not in k)
-        lines.append(f"lengths model at batch {row['batch']}, seq {row['seq']} (lengths {row['lengths']}): {cells}; "
-                     f"vs loop: {ratios}")
+        lines.append(f"lengths model at batch {row['batch']}, seq {row['seq']} (lengths {row['lengths']}): {cells}"
+                     + (f"; vs loop: {ratios}" if ratios else ""))
     return "\n".join(lines)
 
 
@@ -436,34 +457,32 @@ def format_module_table(result: dict[str, Any]) -> str:
 def bench(folder: "Path | None", threads: int = 1, budget_s: float = 0.5, large: bool = True,
           plot_path: "Path | None" = None, progress: Callable[[str], None] | None = None,
           say: Callable[[str], None] | None = None) -> tuple[dict[str, Any], str]:
-    """`gru-deploy bench`: the result and its table. An export folder of the tutorial model: every
-    runtime and form on its weights (run_bench); of a module (a built-in family or your own
-    model): its own models (run_module_bench); no folder: an untrained default-size model."""
-    import torch
-
+    """`gru-deploy bench`: the result and its table. An export folder whose model gru-deploy
+    can rebuild from its weights (the tutorial classifier, a built-in family), or no folder (an
+    untrained default-size model): every variant in every form (run_bench). Your own model's
+    export: its files (run_module_bench)."""
     from gru_deploy.errors import UserInputError
-    from gru_deploy.manifest import is_module_export, read_manifest, select_model, verified_path
-    from gru_deploy.models.tutorial import GRUClassifier, tutorial_parameters
-    from gru_deploy.spec import ModelSpec
 
     if folder is None:
         (say or (lambda message: None))("no FOLDER given: benchmarking an untrained default-size model (speed does "
                                         "not depend on weights)")
-        torch.manual_seed(0)
-        spec, state = ModelSpec(), GRUClassifier().state_dict()
+        model = default_model()
     else:
         from gru_deploy.convert import script
+        from gru_deploy.manifest import check_files, read_manifest, select_model, verified_path
+        from gru_deploy.models.user import rebuild
 
         manifest = read_manifest(folder)
-        if is_module_export(manifest):  # a built-in family or your own model: its own models
+        check_files(folder, manifest)
+        pt_name = select_model(manifest, "classifier", "torchscript", where=str(folder))
+        model = rebuild(manifest, script.load(verified_path(folder, manifest, pt_name)).state_dict())
+        if model is None:  # your own model: its code is not run
             if not large or plot_path is not None:
-                raise UserInputError("--no-large and --plot apply to the tutorial model's bench")
+                raise UserInputError("--no-large and --plot apply where gru-deploy rebuilds the model (the tutorial "
+                                     "classifier, a built-in family); your own model's export is timed from its files")
             result = run_module_bench(folder, threads=threads, budget_s=budget_s, progress=progress)
             return result, format_module_table(result)
-        spec = ModelSpec.from_dict(manifest["config"])
-        pt_name = select_model(manifest, "classifier", "torchscript", where=str(folder))
-        state = tutorial_parameters(script.load(verified_path(folder, manifest, pt_name)).state_dict())
-    result = run_bench(spec, state, threads=threads, budget_s=budget_s, large=large, progress=progress)
+    result = run_bench(model, threads=threads, budget_s=budget_s, large=large, progress=progress)
     if plot_path is not None:
         plot(result, plot_path)
     return result, format_table(result)

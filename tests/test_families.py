@@ -363,3 +363,22 @@ def test_the_bidirectional_torch_gru_family_exports_lengths_and_says_why_it_cann
         "(e.g. bidirectional)"]
     nodes = _nodes(out / "model_lengths.onnx")
     assert len([n for n in nodes if n.op_type == "GRU"]) == 4 and not [n for n in nodes if n.op_type == "Loop"]
+
+
+def test_bench_on_a_family_export_times_every_form_beside_eager(family_checkpoints, tmp_path):
+    """bench rebuilds a family's model from its export (models.user.rebuild) and times what it
+    times for the tutorial model: eager, TorchScript and every form of every variant; a
+    model that cannot stream (bidirectional) has no streaming row."""
+    import gru_deploy
+
+    for name, forms, streams in (("stacked", {"loop", "stepwise", "fused"}, True), ("torch_bi", {"fused"}, False)):
+        out = tmp_path / name
+        gru_deploy.export(checkpoint=family_checkpoints[name], out=out)
+        proc = run_cli("bench", str(out), "--budget", "0.01", "--no-large", "--json")
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout)
+        assert {r["hidden_size"] for r in result["rows"]} == {8}
+        for row in result["rows"]:
+            assert set(row["median_us"]) == {"eager", "torchscript", *(f"onnxruntime {f}" for f in forms)}
+            assert row["speedup_vs_eager"]["eager"] == 1
+        assert bool(result["streaming"]) == streams and len(result["lengths"]) == 2

@@ -190,7 +190,7 @@ def test_bench_times_a_modules_own_models_against_torchscript(tagger):  # noqa: 
     stream = next(r for r in result["rows"] if r["model"] == "stream")
     assert stream["stream_api_vs_run"] == pytest.approx(stream["stream_api_us"] / stream["onnxruntime_us"], rel=0.01)
     proc = run_cli("bench", str(tagger), "--plot", "x.png")
-    assert proc.returncode == 2 and "apply to the tutorial model's bench" in proc.stderr
+    assert proc.returncode == 2 and "your own model's export is timed from its files" in proc.stderr
 
 
 def test_the_server_bundle_streams_through_tritons_sequence_batcher(tagger, tmp_path):  # noqa: F811

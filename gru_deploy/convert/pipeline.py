@@ -108,11 +108,9 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
     chosen: dict[str, Any] = {}
     metadata = proof.metadata(model)
     for variant, sig in signatures.items():
-        if variant == "classifier":
-            candidates = classifier_forms(model, scripted, kept, sig, opset, strategy, metadata, step)
-        else:
-            forms = variant_forms(strategy, chosen["classifier"].form, model)
-            candidates = {form: build_variant(model, variant, form, sig, opset, metadata, step) for form in forms}
+        classifier_form = chosen["classifier"].form if chosen else strategy
+        candidates = variant_candidates(model, scripted, kept, variant, sig, opset, strategy, metadata, step,
+                                        classifier_form)
         reports = {form: proof.check(built, model, len(candidates) > 1, step) for form, built in candidates.items()}
         form, auto = next(iter(candidates)), None
         if strategy == "auto" and (len(candidates) > 1 or variant == "classifier"):  # the classifier: always timed
@@ -167,6 +165,32 @@ def declared_variants(model: "UserModel", scripted: "torch.jit.ScriptModule", si
                              f"forward starts from), got {getattr(state, 'shape', type(state).__name__)}")
     signatures["stream"] = stream_signature(signature, [int(d) for d in state.shape[1:]])
     return signatures, notes
+
+
+def variant_candidates(model: "UserModel", scripted: "torch.jit.ScriptModule", kept: str, variant: str,
+                       sig: UserSignature, opset: int, strategy: str, metadata: dict[str, Any],
+                       step: Callable[[str], None], classifier_form: str) -> dict[str, Built]:
+    """A variant's candidate forms under `strategy` (the classifier's: classifier_forms; a
+    variant's: variant_forms, after the classifier's kept form), each built."""
+    if variant == "classifier":
+        return classifier_forms(model, scripted, kept, sig, opset, strategy, metadata, step)
+    forms = variant_forms(strategy, classifier_form, model)
+    return {form: build_variant(model, variant, form, sig, opset, metadata, step) for form in forms}
+
+
+def every_form(model: "UserModel", opset: int = 17, step: Callable[[str], None] = lambda message: None
+               ) -> dict[str, dict[str, Built]]:
+    """Every variant the module declares in every form that applies (what `auto` weighs),
+    built as export builds them, unchecked: what bench times."""
+    from gru_deploy.check.recurrence import check_recurrence
+    from gru_deploy.models.user import input_size_of
+
+    scripted = script_user(model)
+    kept = check_recurrence(scripted, model.reference)
+    signature = discover_signature(model.module, input_size_of(model.module), model.reference)
+    signatures, _ = declared_variants(model, scripted, signature)
+    return {variant: variant_candidates(model, scripted, kept, variant, sig, opset, "auto", {}, step, "auto")
+            for variant, sig in signatures.items()}
 
 
 def variant_forms(strategy: str, classifier_form: str, model: "UserModel") -> tuple[str, ...]:

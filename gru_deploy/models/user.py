@@ -172,3 +172,35 @@ def rebuild(manifest: dict[str, Any], state_dict: Mapping[str, Any]) -> UserMode
         module = tutorial.load_weights(spec, tutorial.tutorial_parameters(state_dict))
         return UserModel(module.eval(), "gru_deploy.models.tutorial:GRUClassifier", tutorial.__file__)
     return None
+
+
+def resized(model: UserModel, input_size: int, hidden_size: int) -> UserModel | None:
+    """The same kind of model at other sizes, untrained (seed 0: speed does not depend on the
+    weights), for bench's large rows; None where gru-deploy does not define its class."""
+    import torch
+
+    from gru_deploy.models import families, tutorial
+
+    torch.manual_seed(0)
+    outputs = model.module.fc.out_features if hasattr(model.module, "fc") else None
+    if model.family:
+        args = {**model.args, "input_size": input_size, "hidden_size": hidden_size}
+        args.pop("normalization", None)
+        return UserModel(families.build_family(model.family, args).eval(), model.reference, model.source_file, args,
+                         family=model.family)
+    if isinstance(model.module, tutorial.GRUClassifier):
+        return UserModel(tutorial.GRUClassifier(input_size, hidden_size, outputs).eval(), model.reference,
+                         model.source_file)
+    return None
+
+
+def baseline(module: "torch.nn.Module") -> tuple[Any, Any]:
+    """What bench calls eager: (the model run as its author wrote it, one step of it from a
+    state, or None where it cannot stream). The tutorial classifier's are its own batch-major
+    loop and its cell; any other module's, its forward and forward_stream."""
+    from gru_deploy.models import tutorial
+
+    if isinstance(module, tutorial.GRUClassifier):
+        return (lambda x: tutorial.tutorial_forward(module, x)), (lambda x, h: module.gru(x[:, 0], h))
+    stream = getattr(module, "forward_stream", None)
+    return module, (stream if stream is not None and module.initial_state(1) is not None else None)
