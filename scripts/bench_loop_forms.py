@@ -75,12 +75,20 @@ class MergedForm(TutorialForm):
         return self.fc(h)
 
 
+def session(graph: bytes):
+    """An onnxruntime session on one thread (the CPU provider)."""
+    import onnxruntime as ort
+
+    from gru_deploy.check.runners import session_options
+
+    return ort.InferenceSession(graph, session_options(1), providers=["CPUExecutionProvider"])
+
+
 def form_graphs(model: GRUClassifier, spec) -> dict[str, bytes]:
     """Each form of `model` scripted and exported as an ONNX Loop, checked against the
     tutorial's eager code (1e-5)."""
     from gru_deploy.convert import script
     from gru_deploy.convert.graphs import export_loop
-    from gru_deploy.check.runners import OnnxRuntimeRunner
 
     forms = {"tutorial": TutorialForm(model), "time-major": TimeMajorForm(model),
              "merged in loop": MergedForm(model), "export form": model}
@@ -90,7 +98,7 @@ def form_graphs(model: GRUClassifier, spec) -> dict[str, bytes]:
     graphs = {}
     for name, form in forms.items():
         graphs[name] = export_loop(script.torchscript(form.eval()), spec).onnx_bytes
-        got = OnnxRuntimeRunner(spec, graphs[name], threads=1).run({"x": check.numpy()})["logits"]
+        got = session(graphs[name]).run(["logits"], {"x": check.numpy()})[0]
         np.testing.assert_allclose(got, expected, atol=1e-5)
     return graphs
 
@@ -102,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from gru_deploy.bench import median_us
-    from gru_deploy.check.runners import OnnxRuntimeRunner
     from gru_deploy.spec import ModelSpec
 
     torch.set_num_threads(1)
@@ -111,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     model = GRUClassifier().eval()
     graphs = form_graphs(model, spec)
     forms = list(graphs)
-    runners = {name: OnnxRuntimeRunner(spec, graph, threads=1) for name, graph in graphs.items()}
+    runners = {name: session(graph) for name, graph in graphs.items()}
     rows = []
     for batch, seq in SHAPES:
         x = np.random.default_rng(seq).standard_normal((batch, seq, 8)).astype(np.float32)
-        timings = {name: median_us(lambda: r.run({"x": x}), args.budget) for name, r in runners.items()}
+        timings = {name: median_us(lambda: r.run(None, {"x": x}), args.budget) for name, r in runners.items()}
         rows.append({"batch": batch, "seq": seq, "median_us": timings,
                      "speedup_vs_tutorial": {k: timings["tutorial"] / v for k, v in timings.items()}})
     if args.json:

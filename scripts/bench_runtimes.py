@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     from gru_deploy.bench import median_us
     from gru_deploy.convert.graphs import export_loop
     from gru_deploy.models.tutorial import GRUClassifier, tutorial_forward
-    from gru_deploy.check.runners import OnnxRuntimeRunner
+    import onnxruntime
+
+    from gru_deploy.check.runners import session_options
     from gru_deploy.spec import ModelSpec
     from gru_deploy.train import load_checkpoint
 
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         spec, model = ModelSpec(), GRUClassifier().eval()
     scripted = script.torchscript(model)
     onnx_bytes = export_loop(scripted, spec).onnx_bytes
-    ort = OnnxRuntimeRunner(spec, onnx_bytes, threads=args.threads)
+    ort = onnxruntime.InferenceSession(onnx_bytes, session_options(args.threads), providers=["CPUExecutionProvider"])
 
     rows = []
     for batch, seq in SHAPES:
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():  # TorchScript modules refuse inference-mode tensors here
             x_ts = x.clone()
             timings["torchscript"] = median_us(lambda: scripted(x_ts), args.budget)
-        timings["onnxruntime"] = median_us(lambda: ort.run({"x": x_np}), args.budget)
+        timings["onnxruntime"] = median_us(lambda: ort.run(None, {"x": x_np}), args.budget)
         rows.append({"batch": batch, "seq": seq, "median_us": timings,
                      "ratio_to_eager": {k: timings["eager"] / v for k, v in timings.items()}})
 

@@ -26,25 +26,35 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
 
 
 def tutorial_runners(folder: Path, variant: str = "classifier") -> dict:
-    """Runners over a tutorial export's files for one variant (the files checked against the
-    manifest): eager (the tutorial's own loop) and float64 (the numpy re-implementation) on
-    model.pt's weights, TorchScript, onnxruntime and onnx's reference evaluator."""
+    """The parity grid's runners (check.module_parity.user_runners) over a tutorial export's
+    files for one variant: eager (the classifier rebuilt from model.pt's weights), TorchScript,
+    onnxruntime, onnx's reference evaluator, and float64 (the numpy re-implementation)."""
     from gru_deploy.check import torchscript as script
-    from gru_deploy.check.runners import (Float64Runner, OnnxReferenceRunner, OnnxRuntimeRunner, eager_runner,
-                                          torchscript_runner)
+    from gru_deploy.check.module_parity import UserSignature, user_runners
+    from gru_deploy.check.runners import Float64Runner
     from gru_deploy.manifest import read_manifest, select_model, verified_path
     from gru_deploy.models.tutorial import load_weights, tutorial_parameters, weights_numpy
     from gru_deploy.spec import ModelSpec
 
     manifest = read_manifest(folder)
     spec = ModelSpec.from_dict(manifest["config"])
+    entry = manifest if variant == "classifier" else manifest["variants"][variant]
+    signature = UserSignature(entry["signature"]["inputs"], entry["signature"]["outputs"])
     module = script.load(verified_path(folder, manifest, select_model(manifest, variant, "torchscript")))
     model = load_weights(spec, tutorial_parameters(module.state_dict()))
     onnx_bytes = verified_path(folder, manifest, select_model(manifest, variant, "onnx")).read_bytes()
-    return {"eager": eager_runner(spec, model, variant), "torchscript": torchscript_runner(spec, module, variant),
-            "onnxruntime": OnnxRuntimeRunner(spec, onnx_bytes, variant=variant),
-            "onnx-reference": OnnxReferenceRunner(spec, onnx_bytes, variant=variant),
-            "float64": Float64Runner(spec, weights_numpy(model), variant)}
+    method = {"classifier": "forward", "lengths": "forward_lengths", "stream": "forward_stream"}[variant]
+    return user_runners(model, module, onnx_bytes, signature, method=method, variant=variant,
+                        float64=Float64Runner(spec, weights_numpy(model), variant))
+
+
+def onnxruntime_outputs(graph: bytes, feed: dict) -> dict:
+    """One run of an ONNX model in onnxruntime (CPU): every output by name."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feed)))
 
 
 def small_grid(runners: dict, folder: Path, cases, variant: str = "classifier", first_seed: int = 0, **options):

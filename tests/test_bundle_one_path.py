@@ -15,7 +15,7 @@ import gru_deploy
 from gru_deploy.bundle.package import package
 from gru_deploy.bundle.read import verify_bundle
 from gru_deploy.check.module_parity import golden_load
-from gru_deploy.check.runners import eager_runner, run_module
+from gru_deploy.check.runners import run_module
 from gru_deploy.check.grid import pair_key
 from gru_deploy.manifest import read_manifest
 from gru_deploy.models.variants import LengthsOf, StreamOf
@@ -39,9 +39,6 @@ def exports(export_dir, tiny_checkpoint, tmp_path_factory):
     gru_deploy.export(user, out=root / "user")
     model = tiny_checkpoint.model()
 
-    def tutorial(variant, inputs):
-        return eager_runner(tiny_checkpoint.spec, model, variant).run(inputs)
-
     def module_eager(module):
         wrap = {"classifier": lambda m: m, "lengths": LengthsOf, "stream": StreamOf}
 
@@ -50,7 +47,7 @@ def exports(export_dir, tiny_checkpoint, tmp_path_factory):
             return run_module(wrap[variant](module).eval(), signature, inputs)
         return run
 
-    return {"tutorial": (export_dir, lambda v, i, m: tutorial(v, i)),
+    return {"tutorial": (export_dir, module_eager(model)),
             "family": (root / "family", module_eager(family)), "user": (root / "user", module_eager(user))}
 
 

@@ -15,8 +15,9 @@ from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.convert.graphs import (GUARD_LENGTHS, SUPPORTED_OPSETS, _export_once, check_not_unrolled, check_opset,
                                count_ops, export_loop)
 from gru_deploy.models.tutorial import GRUClassifier, tutorial_forward
-from gru_deploy.check.runners import OnnxRuntimeRunner
 from gru_deploy.spec import ModelSpec
+
+from cli_helpers import onnxruntime_outputs
 
 
 @pytest.fixture(scope="module")
@@ -88,12 +89,12 @@ def test_opsets_outside_the_verified_range_are_refused(opset):
 def test_every_supported_opset_exports_and_matches_onnxruntime(model, opset):
     result = export_loop(script.torchscript(model), ModelSpec(), opset)
     assert onnx.load_from_string(result.onnx_bytes).opset_import[0].version == opset
-    runner = OnnxRuntimeRunner(ModelSpec(), result.onnx_bytes)
     for seq in (0, 1, 37):
         x = np.random.default_rng(seq).standard_normal((3, seq, 8)).astype(np.float32) * 4
         with torch.no_grad():
             expected = tutorial_forward(model, torch.from_numpy(x)).numpy()
-        np.testing.assert_allclose(runner.run({"x": x})["logits"], expected, atol=1e-5, rtol=1e-5)
+        got = onnxruntime_outputs(result.onnx_bytes, {"x": x})["logits"]
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
 # --- fused -------------------------------------------------------------------------------
@@ -121,7 +122,7 @@ def test_fused_matches_float64_up_to_1500_steps(model, fused, seq):
     from gru_deploy.check.runners import Float64Runner
 
     x = {"x": (np.random.default_rng(seq).standard_normal((3, seq, 8)) * 3).astype(np.float32)}
-    got = OnnxRuntimeRunner(ModelSpec(), fused.onnx_bytes).run(x)["logits"]
+    got = onnxruntime_outputs(fused.onnx_bytes, x)["logits"]
     np.testing.assert_allclose(got, Float64Runner(ModelSpec(), weights_numpy(model)).run(x)["logits"], atol=1e-5)
 
 

@@ -78,7 +78,7 @@ def test_time_strategies_times_each_graph_on_the_typical_input(tiny_checkpoint, 
 
     from gru_deploy.check import timing
     from gru_deploy.convert.families import export_fused
-    from gru_deploy.check.runners import OnnxRuntimeRunner
+    from cli_helpers import onnxruntime_outputs
 
     spec = tiny_checkpoint.spec
     shifted = {**tiny_checkpoint.state_dict, "fc.bias": tiny_checkpoint.state_dict["fc.bias"] + 1.0}
@@ -95,7 +95,7 @@ def test_time_strategies_times_each_graph_on_the_typical_input(tiny_checkpoint, 
     assert timings == {"a": 10.0, "b": 20.1}  # the medians, rounded to 0.1 µs, in the order given
     x = np.random.default_rng(0).standard_normal((3, 5, spec.input_size)).astype(np.float32)
     for (name, graph), output in zip(graphs.items(), outputs):
-        expected = OnnxRuntimeRunner(spec, graph).run({"x": x})
+        expected = onnxruntime_outputs(graph, {"x": x})
         [logits] = output  # the session's outputs, in the signature's order
         np.testing.assert_array_equal(logits, expected["logits"], err_msg=name)
 

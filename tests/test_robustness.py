@@ -235,22 +235,12 @@ FUZZ = r'''
 import sys, numpy as np
 from hypothesis import given, settings, strategies as st, HealthCheck
 from gru_deploy.errors import UserInputError
-from gru_deploy.manifest import read_manifest
-sys.path.insert(0, sys.argv[2])
-from cli_helpers import tutorial_runners
-from gru_deploy.convert.families import export_fused
-from gru_deploy.check.runners import OnnxRuntimeRunner
+from gru_deploy.serve.infer import infer
 
-folder = sys.argv[1]
-manifest = read_manifest(folder)
-runners = {}
-for variant in ("classifier", "stream", "lengths"):
-    for name, runner in tutorial_runners(folder, variant=variant).items():
-        if name != "onnx-reference":
-            runners[(variant, name)] = runner
-import torch
-fused = export_fused(dict(torch.jit.load(folder + "/model.pt").state_dict()), runners[("classifier", "eager")].spec)
-runners[("classifier", "onnxruntime-fused")] = OnnxRuntimeRunner(runners[("classifier", "eager")].spec, fused.onnx_bytes)
+folders = sys.argv[1:]  # an export in the loop form, one in the fused form
+calls = []
+for folder in folders:
+    calls += [(folder, "classifier"), (folder, "stream"), (folder, "lengths")]
 values = st.sampled_from([0.0, 1.0, -1.0, 1e30, -1e30, 3.4e38, np.nan, np.inf, -np.inf, 1e-30])
 outcomes = {"ok": 0, "refused": 0}
 
@@ -261,14 +251,14 @@ outcomes = {"ok": 0, "refused": 0}
 def check(batch, seq, channels, fill, dtype, rank, lengths, h):
     shape = [(batch, seq, channels), (batch, seq), (batch, seq, channels, 1)][[3, 2, 4].index(rank)]
     x = np.full(shape, fill).astype(dtype) if dtype != "int64" or np.isfinite(fill) else np.zeros(shape, dtype)
-    for (variant, name), runner in runners.items():
-        feed = {"x": x}
+    for folder, variant in calls:
+        options = {}
         if variant == "stream":
-            feed["h0"] = np.zeros((batch, h), np.float32)
+            options["h0"] = np.zeros((batch, h), np.float32)
         if variant == "lengths":
-            feed["lengths"] = np.full(batch, lengths, np.int64)
+            options["lengths"] = np.full(batch, lengths, np.int64)
         try:
-            runner.run(feed)
+            infer(folder, x, **options)
             outcomes["ok"] += 1
         except UserInputError:
             outcomes["refused"] += 1
@@ -280,8 +270,14 @@ print(json.dumps(outcomes))
 
 
 @pytest.mark.slow
-def test_random_inputs_never_kill_the_process(export_dir):
-    proc = subprocess.run([sys.executable, "-c", FUZZ, str(export_dir), os.path.dirname(os.path.abspath(__file__))],
+def test_random_inputs_never_kill_the_process(export_dir, checkpoint_file, tmp_path):
+    """Random shapes and values through infer (the path every runtime call takes) on a loop and
+    a fused export, every variant, in a subprocess: each is answered or refused, none kills it."""
+    import gru_deploy
+
+    fused = tmp_path / "fused"
+    gru_deploy.export(checkpoint=checkpoint_file, out=fused, strategy="fused")
+    proc = subprocess.run([sys.executable, "-c", FUZZ, str(export_dir), str(fused)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"exit {proc.returncode} (negative: killed by signal {-proc.returncode})\n" \
                                  f"{proc.stderr[-2000:]}"

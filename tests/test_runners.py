@@ -1,4 +1,5 @@
-"""Runners: one interface; the onnxruntime runner refuses bad feeds before the runtime sees them."""
+"""The inputs' checks (check.runners.check_user_*), on the path every runtime call takes (infer,
+serve, Stream): a bad input is refused, in every variant, before onnxruntime sees it."""
 
 from __future__ import annotations
 
@@ -6,64 +7,60 @@ import numpy as np
 import pytest
 
 from gru_deploy.errors import UserInputError
-from gru_deploy.manifest import read_manifest
-from cli_helpers import tutorial_runners
+from gru_deploy.serve.infer import infer
 
 GOOD = np.zeros((2, 5, 8), dtype=np.float32)
 
 
-@pytest.fixture(scope="module")
-def runners(export_dir):
-    return tutorial_runners(export_dir)
-
-
-def _nan():
+def _with(value, index=(1, 2, 3)):
     x = GOOD.copy()
-    x[1, 2, 3] = np.nan
-    return {"x": x}
+    x[index] = value
+    return x
 
 
-def _inf():
-    x = GOOD.copy()
-    x[0, 0, 0] = -np.inf
-    return {"x": x}
-
-
-BAD_FEEDS = {
-    "wrong name": ({"input": GOOD}, "takes inputs"),
-    "extra input": ({"x": GOOD, "h0": GOOD}, "takes inputs"),
-    "not an array": ({"x": GOOD.tolist()}, "numpy array"),
-    "float64": ({"x": GOOD.astype(np.float64)}, "float32"),
-    "int": ({"x": GOOD.astype(np.int64)}, "float32"),
-    "rank 2": ({"x": GOOD[0]}, "rank 3"),
-    "rank 4": ({"x": GOOD[None]}, "rank 3"),
-    "channels": ({"x": np.zeros((2, 5, 7), np.float32)}, "channels"),
-    "nan": (_nan(), "non-finite"),
-    "inf": (_inf(), "non-finite"),
+BAD_X = {
+    "not an array": (GOOD.tolist(), "float32 array"),
+    "float64": (GOOD.astype(np.float64), "float32 array"),
+    "int": (GOOD.astype(np.int64), "float32 array"),
+    "rank 2": (GOOD[0], r"shape \[batch, seq, 8\]"),
+    "rank 4": (GOOD[None], r"shape \[batch, seq, 8\]"),
+    "channels": (np.zeros((2, 5, 7), np.float32), r"shape \[batch, seq, 8\]"),
+    "empty batch": (np.zeros((0, 5, 8), np.float32), "empty batch"),
+    "nan": (_with(np.nan), "non-finite"),
+    "inf": (_with(-np.inf, (0, 0, 0)), "non-finite"),
 }
+VARIANTS = {"classifier": {}, "lengths": {"lengths": np.array([5, 1])}, "stream": {"stream": True}}
 
 
-@pytest.mark.parametrize("name", ["eager", "torchscript", "onnxruntime", "float64"])
-@pytest.mark.parametrize("case", sorted(BAD_FEEDS))
-def test_every_runner_rejects_bad_feeds(runners, name, case):
-    feed, message = BAD_FEEDS[case]
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("case", sorted(BAD_X))
+def test_every_variant_refuses_a_bad_input(export_dir, variant, case):
+    x, message = BAD_X[case]
     with pytest.raises(UserInputError, match=message):
-        runners[name].run(feed)
+        infer(export_dir, x, **VARIANTS[variant])
 
 
-@pytest.mark.parametrize("name", ["eager", "torchscript", "onnxruntime", "onnx-reference", "float64"])
-def test_empty_batch_and_empty_sequence(runners, name):
-    empty_batch = runners[name].run({"x": np.zeros((0, 5, 8), np.float32)})["logits"]
-    assert empty_batch.shape == (0, 4)
-    # seq 0: h stays 0, so the logits are fc's bias.
-    bias = runners["float64"].w["fc.bias"]
-    out = runners[name].run({"x": np.zeros((3, 0, 8), np.float32)})["logits"]
+@pytest.mark.parametrize("lengths,message", [(np.array([5, 6]), r"0\.\.5"), (np.array([5, -1]), r"0\.\.5"),
+                                             (np.array([5]), r"shape \[2\]"), (np.array([5.0, 1.0]), "INT64")])
+def test_bad_lengths_are_refused(export_dir, lengths, message):
+    with pytest.raises(UserInputError, match=message):
+        infer(export_dir, GOOD, lengths=lengths)
+
+
+@pytest.mark.parametrize("h0,message", [(np.zeros((2, 15), np.float32), r"shape \[2, 16\]"),
+                                        (np.full((2, 16), np.nan, np.float32), "non-finite")])
+def test_a_bad_state_is_refused(export_dir, h0, message):
+    with pytest.raises(UserInputError, match=message):
+        infer(export_dir, GOOD, h0=h0)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_an_empty_sequence_answers_the_head_on_the_zero_state(export_dir, variant):
+    """The tutorial export's grid ran empty sequences (its record says so), so they are
+    answered: h stays 0, so the logits are fc's bias."""
+    import torch
+
+    bias = torch.jit.load(str(export_dir / "model.pt")).state_dict()["fc.bias"].numpy()
+    options = {"lengths": np.array([0, 0, 0])} if variant == "lengths" else VARIANTS[variant]
+    out = infer(export_dir, np.zeros((3, 0, 8), np.float32), **options).outputs["logits"]
     np.testing.assert_allclose(out, np.tile(bias, (3, 1)), atol=1e-6)
-
-
-def test_onnxruntime_runner_rejects_an_unloadable_model(tmp_path):
-    from gru_deploy.check.runners import OnnxRuntimeRunner
-    from gru_deploy.spec import ModelSpec
-
-    with pytest.raises(UserInputError, match="onnxruntime cannot load"):
-        OnnxRuntimeRunner(ModelSpec(), b"not an onnx model")

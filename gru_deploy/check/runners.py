@@ -1,16 +1,13 @@
-"""Runners: one interface, `run(feed) -> outputs`, over every runtime we compare.
-
-A runner serves one variant of the model (see `spec.VARIANT_IO`): the classifier
-(`x` → `logits`), the stateful stream (`x`, `h0` → `logits`, `h_n`) or the variable-length
-form (`x`, `lengths` → `logits`). `run` validates the feed against the variant's signature
-before any runtime sees it — rank, dtype, names, sizes, lengths in [0, seq], finiteness —
-because onnxruntime checks none of the semantics and some of its kernels abort the process
-on edge cases; an empty batch is answered without calling a runtime at all.
-"""
+"""What runs a model outside its exported graph: the inputs' checks before onnxruntime sees
+them (check_user_*: infer, serve, Stream and bundle verify call them; onnxruntime checks none
+of the semantics and some of its kernels abort the process on an empty axis), onnxruntime's
+session options, a torch module run on a feed (run_module), where onnx's reference evaluator
+would judge a graph wrongly (reference_gaps), and the tutorial classifier's float64
+re-implementation (Float64Runner). Every parity runner is check.module_parity's `Call`."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
@@ -19,135 +16,10 @@ from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, OUTPUT_NAME, STATE_IN, STA
 
 if TYPE_CHECKING:
     import onnx
-    import torch
 
 Feed = Mapping[str, np.ndarray]
 FLOAT32_ROUNDING = 2.0 ** -24  # unit roundoff of float32
 Outputs = dict[str, np.ndarray]
-
-
-def validate_feed(feed: Feed, spec: ModelSpec, variant: str = "classifier") -> dict[str, np.ndarray]:
-    """Check a feed against a variant's signature; UserInputError says what is wrong."""
-    inputs, _ = VARIANT_IO[variant]
-    if not isinstance(feed, Mapping):
-        raise UserInputError("the input must be a mapping of input names to arrays")
-    if set(feed) != set(inputs):
-        raise UserInputError(f"the {variant} model takes inputs {list(inputs)}, got {sorted(feed)}")
-    for name in inputs:
-        value = feed[name]
-        if not isinstance(value, np.ndarray):
-            raise UserInputError(f"input {name!r} must be a numpy array, got {type(value).__name__}")
-        expected = spec.tensor(name)
-        if value.dtype != np.dtype(expected["dtype"]):
-            raise UserInputError(f"input {name!r} must be {expected['dtype']}, got {value.dtype}")
-        if value.ndim != len(expected["shape"]):
-            raise UserInputError(
-                f"input {name!r} must have rank {len(expected['shape'])} {expected['shape']}, "
-                f"got shape {list(value.shape)}"
-            )
-    x = feed[INPUT_NAME]
-    if x.shape[2] != spec.input_size:
-        raise UserInputError(
-            f"input {INPUT_NAME!r} has {x.shape[2]} channels on its last axis, the model takes {spec.input_size}"
-        )
-    batch, seq = x.shape[0], x.shape[1]
-    if STATE_IN in feed:
-        h0 = feed[STATE_IN]
-        if h0.shape != (batch, spec.hidden_size):
-            raise UserInputError(
-                f"input {STATE_IN!r} must have shape [{batch}, {spec.hidden_size}] (batch of x, hidden size), "
-                f"got {list(h0.shape)}"
-            )
-    if LENGTHS_NAME in feed:
-        lengths = feed[LENGTHS_NAME]
-        if lengths.shape[0] != batch:
-            raise UserInputError(f"input {LENGTHS_NAME!r} has {lengths.shape[0]} entries but x has batch {batch}")
-        if lengths.size and (lengths.min() < 0 or lengths.max() > seq):
-            raise UserInputError(
-                f"input {LENGTHS_NAME!r} must lie in [0, {seq}] (the padded sequence length), "
-                f"found {int(lengths.min())}..{int(lengths.max())}"
-            )
-    for name in inputs:
-        value = feed[name]
-        if value.dtype.kind == "f" and value.size and not np.isfinite(value).all():
-            raise UserInputError(f"non-finite input: {name!r} holds NaN or inf")
-    return {name: feed[name] for name in inputs}
-
-
-class Runner:
-    """Base: `name`, the spec, the variant, and `run(feed) -> outputs`."""
-
-    name = "runner"
-
-    def __init__(self, spec: ModelSpec, variant: str = "classifier") -> None:
-        if variant not in VARIANT_IO:
-            raise ValueError(f"unknown variant {variant!r}")
-        self.spec = spec
-        self.variant = variant
-        self.outputs = VARIANT_IO[variant][1]
-
-    def run(self, feed: Feed) -> Outputs:
-        return self.run_validated(validate_feed(feed, self.spec, self.variant))
-
-    def run_validated(self, feed: dict[str, np.ndarray]) -> Outputs:
-        """`run` for a feed that `validate_feed` already passed (serve validates each request and
-        then runs their padded batch): the empty-batch rule still holds."""
-        if feed[INPUT_NAME].shape[0] == 0:  # empty batch: nothing to compute, no kernel sees it
-            return {name: np.zeros([0] + self.spec.tensor(name)["shape"][1:], np.float32) for name in self.outputs}
-        return self._infer(feed)
-
-    def _infer(self, feed: dict[str, np.ndarray]) -> Outputs:
-        raise NotImplementedError
-
-
-class TorchRunner(Runner):
-    """A torch callable (eager or TorchScript) taking the variant's inputs in order, under no_grad."""
-
-    def __init__(self, spec: ModelSpec, fn: Callable, name: str, variant: str = "classifier") -> None:
-        super().__init__(spec, variant)
-        self.fn = fn
-        self.name = name
-
-    def _infer(self, feed: dict[str, np.ndarray]) -> Outputs:
-        import torch
-
-        with torch.no_grad():
-            result = self.fn(*(torch.from_numpy(np.ascontiguousarray(v)) for v in feed.values()))
-        result = result if isinstance(result, tuple) else (result,)
-        return {name: value.numpy() for name, value in zip(self.outputs, result)}
-
-
-def eager_runner(spec: ModelSpec, model: "torch.nn.Module", variant: str = "classifier") -> TorchRunner:
-    """The reference: the tutorial's own loop on the model's weights.
-
-    For the stream it starts from h0; for lengths it runs each sample alone on its unpadded
-    prefix — the definition of what a padded batch must give.
-    """
-    import torch
-
-    from gru_deploy.models.tutorial import tutorial_state
-
-    def classifier(x):
-        return model.fc(tutorial_state(model, x))
-
-    def stream(x, h0):
-        h = tutorial_state(model, x, h0)
-        return model.fc(h), h
-
-    def lengths(x, lengths):
-        states = [tutorial_state(model, x[b:b + 1, : int(lengths[b])]) for b in range(x.size(0))]
-        return model.fc(torch.cat(states, 0))
-
-    fns = {"classifier": classifier, "stream": stream, "lengths": lengths}
-    return TorchRunner(spec, fns[variant], "eager", variant)
-
-
-def torchscript_runner(spec: ModelSpec, module: "torch.jit.ScriptModule", variant: str = "classifier") -> TorchRunner:
-    return TorchRunner(spec, module, "torchscript", variant)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def session_options(threads: int, spinning: bool = True) -> Any:
@@ -170,27 +42,6 @@ def session_options(threads: int, spinning: bool = True) -> Any:
     return options
 
 
-class OnnxRuntimeRunner(Runner):
-    """onnxruntime on the CPU execution provider, one session, its own thread setting."""
-
-    name = "onnxruntime"
-
-    def __init__(self, spec: ModelSpec, model: bytes, threads: int = 1, variant: str = "classifier") -> None:
-        super().__init__(spec, variant)
-        import onnxruntime as ort
-
-        try:
-            self.session = ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise UserInputError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
-        names = tuple(i.name for i in self.session.get_inputs())
-        if set(names) != set(VARIANT_IO[variant][0]):
-            raise UserInputError(f"the ONNX model's inputs {list(names)} do not match the {variant} signature")
-
-    def _infer(self, feed: dict[str, np.ndarray]) -> Outputs:
-        return dict(zip(self.outputs, self.session.run(list(self.outputs), feed)))
-
-
 def reference_gaps(model: "onnx.ModelProto") -> str:
     """What onnx's ReferenceEvaluator would compute wrongly in `model`, or "": its GRU ignores
     the `sequence_lens` input (onnx/reference/ops/op_gru.py), so a fused lengths model would
@@ -204,36 +55,18 @@ def reference_gaps(model: "onnx.ModelProto") -> str:
     return ""
 
 
-class OnnxReferenceRunner(Runner):
-    """onnx's own `ReferenceEvaluator`: an independent (slow, pure numpy) runtime."""
-
-    name = "onnx-reference"
-
-    def __init__(self, spec: ModelSpec, model: bytes, variant: str = "classifier") -> None:
-        super().__init__(spec, variant)
-        import onnx
-        from onnx.reference import ReferenceEvaluator
-
-        proto = onnx.load_from_string(model)
-        # Why this runner cannot judge the model, if it cannot (run_parity then skips it and says so).
-        self.unsupported = reference_gaps(proto)
-        self.evaluator = ReferenceEvaluator(proto)
-
-    def _infer(self, feed: dict[str, np.ndarray]) -> Outputs:
-        results = self.evaluator.run(list(self.outputs), feed)
-        return {name: np.asarray(value) for name, value in zip(self.outputs, results)}
-
-
-class Float64Runner(Runner):
-    """The equations, re-implemented in float64 numpy from the design, not from our torch code."""
+class Float64Runner:
+    """The tutorial classifier's equations, re-implemented in float64 numpy from the design, not
+    from our torch code: the float64 reference of its proof (`run(feed) -> outputs by name`,
+    the grid's feeds), which also estimates float32's own error (`float32_noise`)."""
 
     name = "float64"
 
     def __init__(self, spec: ModelSpec, weights: Mapping[str, np.ndarray], variant: str = "classifier") -> None:
-        super().__init__(spec, variant)
+        self.spec, self.variant, self.outputs = spec, variant, VARIANT_IO[variant][1]
         self.w = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
 
-    def _infer(self, feed: dict[str, np.ndarray]) -> Outputs:
+    def run(self, feed: Feed) -> Outputs:
         return self._compute(feed)
 
     def float32_noise(self, feed: Feed, probes: int = 3, seed: int = 0,
@@ -247,14 +80,13 @@ class Float64Runner(Runner):
         saturated or near-chaotic state) it grows, and any float32 runtime differs that much.
         `clean`: this runner's own answer on `feed`, where the caller has it (not run again).
         """
-        checked = validate_feed(feed, self.spec, self.variant)
-        if checked[INPUT_NAME].shape[0] == 0 or checked[INPUT_NAME].shape[1] == 0:
+        if feed[INPUT_NAME].shape[0] == 0 or feed[INPUT_NAME].shape[1] == 0:
             return {name: 0.0 for name in self.outputs}
-        clean = self._compute(checked) if clean is None else clean
+        clean = self._compute(feed) if clean is None else clean
         rng = np.random.default_rng(seed)
         spread = {name: 0.0 for name in self.outputs}
         for _ in range(probes):
-            noisy = self._compute(checked, rng)
+            noisy = self._compute(feed, rng)
             for name in self.outputs:
                 spread[name] = max(spread[name], float(np.abs(noisy[name] - clean[name]).max()))
         return spread
