@@ -52,3 +52,27 @@ def export_copy(export_dir: Path, tmp_path: Path) -> Path:
     dest = tmp_path / "exported"
     shutil.copytree(export_dir, dest)
     return dest
+
+
+KINDS = ("tutorial", "family", "user")
+
+
+@pytest.fixture(scope="session")
+def every_kind(export_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One export folder per kind of model, for the tests of a stage that every model goes
+    through: the tutorial classifier (the session export), a built-in family's model with every
+    variant (2 layers), and your own model with two outputs and no hooks (tests/user_models.py)."""
+    import torch
+
+    import gru_deploy
+    from gru_deploy.models.families import StackedGRUClassifier
+    from user_models import TwoHeads
+
+    root = tmp_path_factory.mktemp("kinds")
+    torch.manual_seed(0)
+    family = StackedGRUClassifier(3, 5, 2, layers=2).eval()
+    gru_deploy.export(family, out=root / "family")
+    torch.manual_seed(0)
+    user = TwoHeads().eval()
+    gru_deploy.export(user, out=root / "user")
+    return {"tutorial": (export_dir, None), "family": (root / "family", family), "user": (root / "user", user)}

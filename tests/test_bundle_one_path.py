@@ -21,24 +21,12 @@ from gru_deploy.manifest import read_manifest
 from gru_deploy.models.variants import LengthsOf, StreamOf
 from gru_deploy.spec import STATE_OUT
 
-KINDS = ("tutorial", "family", "user")
+from conftest import KINDS
 
 
 @pytest.fixture(scope="module")
-def exports(export_dir, tiny_checkpoint, tmp_path_factory):
+def exports(every_kind, tiny_checkpoint):
     """Each kind's export folder and its model eager: variant, inputs -> outputs by name."""
-    from gru_deploy.models.families import StackedGRUClassifier
-    from user_models import TwoHeads
-
-    root = tmp_path_factory.mktemp("kinds")
-    torch.manual_seed(0)
-    family = StackedGRUClassifier(3, 5, 2, layers=2).eval()
-    gru_deploy.export(family, out=root / "family")
-    torch.manual_seed(0)
-    user = TwoHeads().eval()
-    gru_deploy.export(user, out=root / "user")
-    model = tiny_checkpoint.model()
-
     def module_eager(module):
         wrap = {"classifier": lambda m: m, "lengths": LengthsOf, "stream": StreamOf}
 
@@ -47,8 +35,8 @@ def exports(export_dir, tiny_checkpoint, tmp_path_factory):
             return run_module(wrap[variant](module).eval(), signature, inputs)
         return run
 
-    return {"tutorial": (export_dir, module_eager(model)),
-            "family": (root / "family", module_eager(family)), "user": (root / "user", module_eager(user))}
+    models = {kind: module if module is not None else tiny_checkpoint.model() for kind, (_, module) in every_kind.items()}
+    return {kind: (folder, module_eager(models[kind])) for kind, (folder, _) in every_kind.items()}
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -14,8 +14,10 @@ from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.manifest import atomic_write_json, read_manifest, sha256_file
 from gru_deploy.spec import ModelSpec
 from gru_deploy.check.grid import make_input
-from gru_deploy.check.module_parity import (GRID_BATCHES, GRID_SEQS, VARIANT_CASES, WIDE_CASES, WIDE_GRID, Grid,
-                                            UserSignature, scaled_feed, verify_export)
+from gru_deploy.check.module_parity import (GRID_BATCHES, GRID_SEQS, WIDE_GRID, Grid, UserSignature, scaled_feed,
+                                            verify_export)
+
+from conftest import KINDS
 
 
 def test_export_dir_holds_its_files_and_a_complete_manifest(export_dir):
@@ -53,10 +55,6 @@ def test_grid_inputs_have_both_signs_and_several_scales():
     assert scales.max() / scales.min() > 50
 
 
-def test_verify_export_passes(export_dir):
-    assert verify_export(export_dir)
-
-
 @pytest.mark.parametrize("seq", [1500, 2048])
 def test_onnxruntime_matches_float64_up_to_2048_steps(export_dir, seq):
     runners = tutorial_runners(export_dir)
@@ -92,36 +90,6 @@ def test_a_wrong_runtime_fails_and_the_worst_case_is_named(export_dir):
     assert small_grid(runners, export_dir, [(3, 7)], atol=2e-3, rtol=0)
 
 
-def test_verify_fails_on_a_model_that_computes_something_else(export_copy, tmp_path):
-    """Swap in another model's ONNX (checksum updated): the checksums pass, parity must not."""
-    import torch
-
-    from gru_deploy.convert import script
-    from gru_deploy.convert.graphs import export_loop
-    from gru_deploy.models.tutorial import GRUClassifier
-
-    torch.manual_seed(123)
-    other = export_loop(script.torchscript(GRUClassifier().eval()), ModelSpec())
-    (export_copy / "model.onnx").write_bytes(other.onnx_bytes)
-    manifest = read_manifest(export_copy)
-    manifest["files"]["model.onnx"] = {"sha256": sha256_file(export_copy / "model.onnx"),
-                                       "size": len(other.onnx_bytes)}
-    atomic_write_json(export_copy / "manifest.json", manifest)
-    report = verify_export(export_copy)
-    assert not report
-    assert not report.summary()["torchscript->onnxruntime"]["passed"]
-    assert not report.summary()["float64->onnxruntime"]["passed"]
-    assert report.summary()["float64->torchscript"]["passed"]
-
-
-def test_verify_refuses_a_tampered_file(export_copy):
-    data = bytearray((export_copy / "model.pt").read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (export_copy / "model.pt").write_bytes(bytes(data))
-    with pytest.raises(CheckFailed, match="sha256"):
-        verify_export(export_copy)
-
-
 @pytest.mark.parametrize("atol,rtol", [(-1, 1e-5), (1e-5, float("nan")), (float("inf"), 0)])
 def test_bad_tolerances_are_user_errors(export_dir, atol, rtol):
     with pytest.raises(UserInputError):
@@ -134,27 +102,107 @@ def test_grid_is_the_documented_one():
     assert len(cases) == len(GRID_BATCHES) * len(GRID_SEQS) + 1
 
 
-def test_missing_model_file_is_a_check_failure(export_copy):
-    (export_copy / "model.onnx").unlink()
-    with pytest.raises(CheckFailed, match="missing"):
-        verify_export(export_copy)
+# --- verify, one path for every model: the tutorial classifier, a family's model, your own ----
 
 
-def test_copy_of_an_export_still_verifies(export_dir, tmp_path):
+@pytest.fixture()
+def kind_copy(every_kind, kind, tmp_path):
+    """A private copy of that kind's export, free to corrupt."""
+    folder = tmp_path / kind
+    shutil.copytree(every_kind[kind][0], folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_verify_passes_from_the_files_alone(every_kind, kind):
+    """TorchScript against every ONNX runtime, each against the stored float64 answers, every
+    variant the export has under its prefix, the chunked stream in the runtimes where it streams."""
+    folder = every_kind[kind][0]
+    manifest = read_manifest(folder)
+    report = verify_export(folder)
+    assert report.passed and not any(key.startswith("eager") for key in report.summary())
+    for variant in ("classifier", *(manifest.get("variants") or {})):
+        prefix = "" if variant == "classifier" else f"{variant}:"
+        assert any(key.startswith(f"{prefix}float64->onnxruntime") for key in report.summary())
+        assert any(key.startswith(f"{prefix}torchscript->onnxruntime-ort") for key in report.summary())
+    assert any(key.startswith("stream:one-pass->chunks:onnxruntime") for key in report.summary()) == \
+        ("stream" in (manifest.get("variants") or {}))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_verify_reports_progress_per_case_of_the_grid_the_export_recorded(every_kind, kind):
+    """One message per parity case (the CLI shows them on stderr on a terminal; --quiet drops
+    them), as many as the grid the manifest records, in order."""
+    folder = every_kind[kind][0]
+    grid = Grid.from_record(read_manifest(folder)["reference"], str(folder))
+    heard: list[str] = []
+    report = verify_export(folder, on_case=heard.append)
+    case_lines = [m for m in heard if " case " in m]
+    variants = ("classifier", *(read_manifest(folder).get("variants") or {}))
+    assert len(case_lines) == sum(len(grid.cases[v]) for v in variants)
+    first = grid.cases["classifier"][0]
+    assert case_lines[0] == f"classifier: case 1/{len(grid.cases['classifier'])}: batch {first[0]}, seq {first[1]}"
+    assert sum("chunks of" in m for m in heard) == (2 if "stream" in variants else 0)
+    assert report.passed
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_verify_fails_on_a_model_that_computes_something_else(kind_copy, kind):
+    """Every weight of model.onnx scaled by 1.01, its checksum updated: the checksums pass,
+    parity must not; TorchScript still agrees with the reference."""
+    import onnx
+    from onnx import numpy_helper
+
+    from gru_deploy.manifest import file_entry
+
+    model = onnx.load(str(kind_copy / "model.onnx"))
+    for tensor in model.graph.initializer:
+        array = numpy_helper.to_array(tensor)
+        if array.dtype == np.float32 and array.size > 1:
+            tensor.CopyFrom(numpy_helper.from_array(array * np.float32(1.01), tensor.name))
+    onnx.save(model, str(kind_copy / "model.onnx"))
+    manifest = read_manifest(kind_copy)
+    manifest["files"]["model.onnx"] = file_entry(kind_copy / "model.onnx")
+    atomic_write_json(kind_copy / "manifest.json", manifest)
+    report = verify_export(kind_copy)
+    summary = report.summary()
+    first = manifest["signature"]["outputs"][0]["name"]
+    suffix = "" if first == "logits" else f"[{first}]"
+    assert not report and not summary[f"float64->onnxruntime{suffix}"]["passed"]
+    assert not summary[f"torchscript->onnxruntime{suffix}"]["passed"]
+    assert summary[f"float64->torchscript{suffix}"]["passed"]
+    proc = run_cli("verify", str(kind_copy))
+    assert proc.returncode == 1 and "float64->onnxruntime" in proc.stderr
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("damage", ["flip a byte of model.pt", "delete model.onnx",
+                                    "flip a byte of reference_float64.npz"])
+def test_verify_refuses_a_damaged_file(kind_copy, kind, damage):
+    name = damage.rsplit(" ", 1)[-1]
+    if damage.startswith("delete"):
+        (kind_copy / name).unlink()
+    else:
+        data = bytearray((kind_copy / name).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (kind_copy / name).write_bytes(bytes(data))
+    with pytest.raises(CheckFailed, match="missing" if damage.startswith("delete") else "sha256"):
+        verify_export(kind_copy)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_copy_of_an_export_still_verifies(every_kind, kind, tmp_path):
     dest = tmp_path / "moved"
-    shutil.copytree(export_dir, dest)
+    shutil.copytree(every_kind[kind][0], dest)
     assert verify_export(dest)
 
 
-def test_verify_reports_progress_per_case(export_dir):
-    """One message per parity case (the CLI shows them on stderr on a terminal; --quiet drops them)."""
-    heard: list[str] = []
-    report = verify_export(export_dir, on_case=heard.append)
-    parity_cases = [c for c in report.cases if "chunk" not in c]
-    case_lines = [m for m in heard if " case " in m]
-    assert len(case_lines) == len(parity_cases) == len(WIDE_CASES) + 2 * len(VARIANT_CASES)
-    assert case_lines[0] == f"classifier: case 1/{len(WIDE_CASES)}: batch 1, seq 0"
-    assert sum("chunks of" in m for m in heard) == 2
+def test_an_export_from_before_the_stored_reference_is_refused_with_what_to_do(export_copy):
+    manifest = read_manifest(export_copy)
+    del manifest["reference"]
+    atomic_write_json(export_copy / "manifest.json", manifest)
+    with pytest.raises(UserInputError, match="re-export with this gru-deploy"):
+        verify_export(export_copy)
 
 
 @pytest.fixture(scope="module")
