@@ -15,7 +15,6 @@ import numpy as np
 from gru_deploy.errors import UserInputError
 
 BUILTIN = ("synthetic", "seed-random", "basicmotions", "japanesevowels")
-DEFAULT_DATA = "synthetic"
 # Frequency bands (cycles per step) of the synthetic task, one per class.
 SYNTHETIC_BANDS = ((0.02, 0.05), (0.07, 0.11), (0.14, 0.19), (0.23, 0.30))
 SYNTHETIC_LABELS = ("very-slow", "slow", "fast", "very-fast")

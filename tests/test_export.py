@@ -194,14 +194,14 @@ def test_variants_answer_empty_inputs_and_zero_lengths_without_the_recurrence(mo
 
 
 def test_fused_mapping_negates_only_the_z_gate(model):
-    from gru_deploy.convert.graphs import fused_weights
+    from gru_deploy.convert.graphs import float32_arrays, tutorial_cell_gru_weights
 
-    w = fused_weights(model.state_dict())
+    W, R, B = tutorial_cell_gru_weights(float32_arrays(model.state_dict()), "gru.")
     h = 16
-    np.testing.assert_array_equal(w["W"][0, :h], -model.gru.W_xz.weight.detach().numpy())
-    np.testing.assert_array_equal(w["W"][0, h:2 * h], model.gru.W_xr.weight.detach().numpy())
-    np.testing.assert_array_equal(w["R"][0, 2 * h:], model.gru.W_hh.weight.detach().numpy())
-    assert not w["B"][0, 3 * h:].any()  # recurrent biases are zero
+    np.testing.assert_array_equal(W[:h], -model.gru.W_xz.weight.detach().numpy())
+    np.testing.assert_array_equal(W[h:2 * h], model.gru.W_xr.weight.detach().numpy())
+    np.testing.assert_array_equal(R[2 * h:], model.gru.W_hh.weight.detach().numpy())
+    assert not B[3 * h:].any()  # recurrent biases are zero
 
 
 @pytest.mark.parametrize("variant,inputs,outputs", [

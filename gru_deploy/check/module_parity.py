@@ -36,9 +36,6 @@ class UserSignature:
     def output_names(self) -> list[str]:
         return [o["name"] for o in self.outputs]
 
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        return {t["name"]: {i: d for i, d in enumerate(t["shape"]) if isinstance(d, str)}
-                for t in self.inputs + self.outputs}
 
 
 def as_outputs(value: Any, reference: str) -> tuple["torch.Tensor", ...]:

@@ -240,14 +240,6 @@ def float32_arrays(state_dict: dict[str, Any]) -> dict[str, "np.ndarray"]:
             for k, v in state_dict.items()}
 
 
-def fused_weights(state_dict: dict[str, Any]) -> dict[str, "np.ndarray"]:
-    """ONNX GRU's W, R, B (one direction, leading axis 1) and the head, from the tutorial's
-    parameters (see tutorial_cell_gru_weights)."""
-    w = float32_arrays(state_dict)
-    W, R, B = tutorial_cell_gru_weights(w, "gru.")
-    return {"W": W[None], "R": R[None], "B": B[None], "fc_weight": w["fc.weight"], "fc_bias": w["fc.bias"]}
-
-
 def empty_input_branch(outputs: list[str], empty: "onnx.GraphProto", full: "onnx.GraphProto"
                        ) -> list["onnx.NodeProto"]:
     """The nodes that branch (`If`) on batch·seq of x being 0: `empty` answers without the

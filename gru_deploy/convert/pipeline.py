@@ -50,10 +50,9 @@ class Proof:
     def metadata(self, model: "UserModel") -> dict[str, Any]:
         raise NotImplementedError
 
-    def check(self, built: Built, model: "UserModel", choosing: bool, step: Callable[[str], None]
-              ) -> "ParityReport | None":
-        """CheckFailed (nothing written) when the candidate fails; its report where the proof
-        keeps one (a module's), else None (the folder's proof runs on the staged files)."""
+    def check(self, built: Built, model: "UserModel", step: Callable[[str], None]
+              ) -> "ParityReport":
+        """The candidate's parity report; CheckFailed (nothing written) when it fails."""
         raise NotImplementedError
 
     def golden(self, model: "UserModel", signatures: dict[str, "UserSignature"]) -> tuple[bytes, dict[str, Any]]:
@@ -111,13 +110,12 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
         classifier_form = chosen["classifier"].form if chosen else strategy
         candidates = variant_candidates(model, scripted, kept, variant, sig, opset, strategy, metadata, step,
                                         classifier_form)
-        reports = {form: proof.check(built, model, len(candidates) > 1, step) for form, built in candidates.items()}
+        reports = {form: proof.check(built, model, step) for form, built in candidates.items()}
         form, auto = next(iter(candidates)), None
         if strategy == "auto" and (len(candidates) > 1 or variant == "classifier"):  # the classifier: always timed
             form, auto = time_candidates(candidates, variant, typical, step)
         chosen[variant] = built = candidates[form]
-        if reports[form] is not None:
-            parts.append(reports[form])
+        parts.append(reports[form])
         add_model(files, models, variants, variant, built.pt_bytes, built.onnx_bytes, form,
                   built.graph, sig.to_dict(), **({"auto": auto} if variant != "classifier" else {}))
         if variant == "classifier":
@@ -462,7 +460,6 @@ def stream_signature(signature: UserSignature, state_dims: list[int]) -> UserSig
 
 # --- auto and the export folder ----------------------------------------------------------------
 
-STRATEGY_CHOICES = (*STRATEGIES, "auto")
 # auto: seconds of timing per candidate; when the two fastest are within RETIME_WITHIN of each
 # other, they are timed again for RETIME_BUDGET_S each and that second timing decides.
 TIMING_BUDGET_S = 0.5

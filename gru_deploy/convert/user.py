@@ -68,7 +68,7 @@ class ModuleProof(Proof):
                 "metrics": {k: v for k, v in self.metrics.items() if k != "loss_history"},
                 "training": dict(self.training), "source_checkpoint": {"sha256": model.checkpoint_sha256}}
 
-    def check(self, built: Built, model: "UserModel", choosing: bool, step: Callable[[str], None]) -> "ParityReport":
+    def check(self, built: Built, model: "UserModel", step: Callable[[str], None]) -> "ParityReport":
         variant, sig = built.variant, built.signature
         method = {"classifier": "forward", "lengths": LENGTHS_HOOK, "stream": STREAM_HOOK}[variant]
         step(f"checking parity of every output ({variant} as {built.form}): eager, TorchScript, onnxruntime, onnx "

@@ -30,7 +30,6 @@ from gru_deploy.spec import ModelSpec
 if TYPE_CHECKING:
     import numpy as np
 
-GATES = ("z", "r", "h")
 PARAMETER_NAMES = (
     "gru.W_xz.weight", "gru.W_xz.bias", "gru.W_hz.weight",
     "gru.W_xr.weight", "gru.W_xr.bias", "gru.W_hr.weight",
