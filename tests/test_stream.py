@@ -11,6 +11,7 @@ import pytest
 from gru_deploy.errors import UserInputError
 from gru_deploy.serve.infer import infer
 from cli_helpers import tutorial_runners
+from test_lengths_hook import tagger  # noqa: F401  (a module fixture: your own tagger's export)
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +33,53 @@ def one_pass(path, x, h0):
     return infer(path, x, h0=h0).outputs
 
 
-def test_steps_equal_one_pass_of_the_stream_model_and_eager(export):
+@pytest.fixture(params=["tutorial loop", "tutorial fused", "family", "user"])
+def streaming(request, export_dir, fused_export, every_kind, tagger):  # noqa: F811
+    """An export of each kind of model that streams: the tutorial classifier (loop and fused),
+    a family's 2-layer model, your own tagger (per-step outputs)."""
+    return {"tutorial loop": export_dir, "tutorial fused": fused_export, "family": every_kind["family"][0],
+            "user": tagger}[request.param]
+
+
+def test_steps_equal_one_pass_of_the_stream_model(streaming):
+    """One engine for every model: stepping from a random state gives, for every output, what the
+    stream model gives on the whole sequence (a per-step output: step t is its t-th step), and
+    the final state; each sequence of a batch is independent of the others."""
     from gru_deploy import Stream
     from gru_deploy.manifest import read_manifest
+
+    signature = read_manifest(streaming)["variants"]["stream"]["signature"]
+    sizes = {t["name"]: t["shape"] for t in signature["inputs"]}
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 40, sizes["x"][2])).astype(np.float32)
+    h0 = rng.uniform(-0.5, 0.5, (3, *sizes["h0"][1:])).astype(np.float32)
+    whole = one_pass(streaming, x, h0)
+
+    def by_name(answer):  # the tutorial model's Stream answers its logits, a module's every output by name
+        return answer if isinstance(answer, dict) else {"logits": answer}
+
+    stream = Stream(streaming, batch=3)
+    stream.state = h0
+    steps = [by_name(stream.step(x[:, t])) for t in range(x.shape[1])]
+    for output in signature["outputs"]:
+        name = output["name"]
+        if name == "h_n":
+            continue
+        got = (np.concatenate([s[name] for s in steps], output["shape"].index("seq")) if "seq" in output["shape"]
+               else steps[-1][name])
+        np.testing.assert_allclose(got, whole[name], atol=1e-5, rtol=0, err_msg=name)
+    np.testing.assert_allclose(stream.state, whole["h_n"], atol=1e-5, rtol=0)
+    alone = Stream(streaming)
+    alone.state = h0[1:2]
+    for t in range(x.shape[1]):
+        row = by_name(alone.step(x[1, t]))
+    name = signature["outputs"][0]["name"]
+    np.testing.assert_allclose(row[name][0], steps[-1][name][1], atol=1e-6, rtol=0)
+
+
+def test_the_tutorial_stream_equals_its_own_loop_eager(export):
+    """The stream model against the tutorial's module eager (forward_stream) from a random state."""
+    from gru_deploy import Stream
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((3, 40, 8)).astype(np.float32)
@@ -43,17 +88,8 @@ def test_steps_equal_one_pass_of_the_stream_model_and_eager(export):
     stream.state = h0
     for t in range(x.shape[1]):
         logits = stream.step(x[:, t])
-    whole = one_pass(export, x, h0)
-    np.testing.assert_allclose(logits, whole["logits"], atol=1e-6, rtol=0)
-    np.testing.assert_allclose(stream.state, whole["h_n"], atol=1e-6, rtol=0)
     eager = tutorial_runners(export, variant="stream")["eager"].run({"x": x, "h0": h0})
     np.testing.assert_allclose(logits, eager["logits"], atol=1e-5, rtol=1e-5)
-    # each sequence of the batch is independent: the second alone gives its row
-    alone = Stream(export)
-    alone.state = h0[1:2]
-    for t in range(x.shape[1]):
-        row = alone.step(x[1, t])
-    np.testing.assert_allclose(row[0], logits[1], atol=1e-6, rtol=0)
 
 
 def test_the_step_skips_the_guard_and_computes_what_the_guarded_graph_does(fused_export, export_dir):
