@@ -325,8 +325,9 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
 @click.option("--rtol", type=float, default=1e-5, show_default=True,
               help="Relative tolerance (export folders; a bundle uses its manifest's).")
 @click.option("--data", default=None, metavar="NAME|PATH",
-              help="Also report accuracy on this data set's test split (as in train --data): eager, "
-                   "onnxruntime fp32 (both strategies) and int8, with agreement with eager.")
+              help="Also report a classifier's accuracy on this data set's test split (as in train --data): "
+                   "TorchScript, onnxruntime fp32 (the exported form; every form and eager where gru-deploy "
+                   "rebuilds the model) and int8, with agreement with TorchScript.")
 @click.option("--test", "test_path", default=None, metavar="PATH_TEST.ts", help="With --data PATH_TRAIN.ts.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output (progress shows per case, on a terminal).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON on stdout (also on failure).")
@@ -341,10 +342,12 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
            as_json: bool, junit_xml: Path | None, trust_torchscript: bool) -> None:
     """Check an export folder or a bundle (folder or .tar.gz). Exit 0 when it holds, 1 when not.
 
-    An export folder: every checksum, then parity of eager PyTorch (the tutorial's loop),
-    TorchScript, onnxruntime, onnx's ReferenceEvaluator and a float64 re-implementation on
-    batch {1,3,64} x seq {0,1,7,100,1000} plus 2,048 steps; the streaming and
-    variable-length models on their grids; streaming in chunks of 1, 7 and 100.
+    An export folder, from its files alone, every model alike: every checksum, then on the
+    grid the export recorded, TorchScript (model*.pt) against onnxruntime, the ORT-format copy
+    and onnx's ReferenceEvaluator, and each against the float64 answers the export stored
+    (reference_float64.npz; the tutorial model's: batch {1,3,64} x seq {0,1,7,100,1000} plus
+    2,048 steps, widened for float32's own error); every variant on its grid; the stream fed in
+    chunks of 1, 7 and 100.
 
     A bundle: manifest schema, every checksum, no extra or missing file, each model loads
     in its runtime, the golden vectors reproduce within the manifest's tolerances, int8
@@ -567,7 +570,7 @@ def infer(folder: Path, input_path: Path, lengths_path: Path | None, state_in: P
               help="Threads for torch and for each onnxruntime session.")
 @click.option("--budget", type=click.FloatRange(min=0.01), default=0.5, show_default=True,
               help="Seconds spent measuring each (runtime, shape).")
-@click.option("--no-large", is_flag=True, help="Skip the hidden-256 / input-64 model.")
+@click.option("--no-large", is_flag=True, help="Skip the same model at hidden 256 / input 64.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write a PNG bar chart (needs matplotlib: pip install 'gru-deploy[plot]').")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
@@ -577,16 +580,18 @@ def bench(obj: dict, folder: Path | None, threads: int, budget: float, no_large:
           quiet: bool, as_json: bool) -> None:
     """Median latency of eager PyTorch, TorchScript and each ONNX strategy in onnxruntime.
 
-    Measures, in one run, the tutorial's eager loop (the reference), TorchScript, the
-    loop, fused and stepwise ONNX graphs in onnxruntime (one session each, --threads threads) at
-    (batch, seq) = (1,1), (1,100), (32,100), (1,1000), (256,200), and a hidden-256 /
-    input-64 model at (1,100) and (64,100); prints medians with ratios to eager; reports the
-    loop graph's cost at seq 1000 vs 2000 (batch 256) and whether it is linear (ratio under
-    3; a T-squared cost gives ~4), and streaming's per-step cost. FOLDER is an export folder
-    (its weights are used; checksums are checked); without it, an untrained model. Reports
-    only: the exit code does not depend on the timings.
+    For the tutorial classifier and a built-in family's model (gru-deploy rebuilds it from the
+    export's weights), in one run: eager (the model as its author wrote it: the tutorial's own
+    loop; the reference), TorchScript, and every ONNX form the export pipeline builds (loop,
+    fused, stepwise where they apply) in onnxruntime (one session each, --threads threads) at
+    (batch, seq) = (1,1), (1,100), (32,100), (1,1000), (256,200), and the same model at hidden
+    256 / input 64 at (1,100) and (64,100); prints medians with ratios to eager; reports the
+    loop graph's cost at seq 1000 vs 2000 (batch 256) and whether it is linear (ratio under 3;
+    a T-squared cost gives ~4), each form's streaming per-step cost and lengths model. FOLDER
+    is an export folder (checksums are checked); without it, an untrained default model.
+    Reports only: the exit code does not depend on the timings.
 
-    On the export of a built-in family or your own model: its own models, TorchScript
+    On the export of your own model (its code is not run): its own models, TorchScript
     (model.pt, the reference) against onnxruntime at (1,1), (1,100), (32,100), (1,1000), its
     lengths model at (32,100) and its stream model per step (raw and through
     gru_deploy.Stream), where it has them.
