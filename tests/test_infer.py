@@ -137,3 +137,26 @@ def test_invalid_inputs_exit_2_with_one_line(export_dir, arrays, tmp_path, args,
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "out.npy").exists()
+
+
+# --- infer, one path for every model: the tutorial classifier, a family's model, your own ------
+
+@pytest.mark.parametrize("kind", ["tutorial", "family", "user"])
+def test_infer_answers_every_variant_as_the_model_did_at_export(every_kind, kind):
+    """The golden cases (the model run eager in fp32 at export) through infer, every variant the
+    export has, every output by name: the file the manifest lists, run on the inputs checked."""
+    from gru_deploy.check.module_parity import golden_load
+    from gru_deploy.serve.infer import infer
+    from gru_deploy.spec import LENGTHS_NAME, STATE_IN
+
+    folder = every_kind[kind][0]
+    manifest = read_manifest(folder)
+    cases = golden_load(folder, manifest)
+    assert {c["variant"] for c in cases} == {"classifier", *(manifest.get("variants") or {})}
+    for case in cases:
+        inputs = case["inputs"]
+        result = infer(folder, inputs["x"], lengths=inputs.get(LENGTHS_NAME), h0=inputs.get(STATE_IN),
+                       stream=case["variant"] == "stream")
+        assert set(result.outputs) == set(case["outputs"]), case["name"]
+        for name, want in case["outputs"].items():
+            np.testing.assert_allclose(result.outputs[name], want, atol=1e-5, rtol=1e-5, err_msg=f"{case['name']} {name}")
