@@ -88,7 +88,8 @@ def form_graphs(model: GRUClassifier, spec) -> dict[str, bytes]:
     """Each form of `model` scripted and exported as an ONNX Loop, checked against the
     tutorial's eager code (1e-5)."""
     from gru_deploy.convert import script
-    from gru_deploy.convert.graphs import export_loop
+    from gru_deploy.check.module_parity import UserSignature
+    from gru_deploy.convert.pipeline import export_user_onnx
 
     forms = {"tutorial": TutorialForm(model), "time-major": TimeMajorForm(model),
              "merged in loop": MergedForm(model), "export form": model}
@@ -97,7 +98,7 @@ def form_graphs(model: GRUClassifier, spec) -> dict[str, bytes]:
         expected = tutorial_forward(model, check).numpy()
     graphs = {}
     for name, form in forms.items():
-        graphs[name] = export_loop(script.torchscript(form.eval()), spec).onnx_bytes
+        graphs[name] = export_user_onnx(script.torchscript(form.eval()), UserSignature(**spec.signature()), 17)[0]
         got = session(graphs[name]).run(["logits"], {"x": check.numpy()})[0]
         np.testing.assert_allclose(got, expected, atol=1e-5)
     return graphs

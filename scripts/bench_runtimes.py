@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from gru_deploy.convert import script
     from gru_deploy.bench import median_us
-    from gru_deploy.convert.graphs import export_loop
+    from gru_deploy.check.module_parity import UserSignature
+    from gru_deploy.convert.pipeline import export_user_onnx
     from gru_deploy.models.tutorial import GRUClassifier, tutorial_forward
     import onnxruntime
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         spec, model = ModelSpec(), GRUClassifier().eval()
     scripted = script.torchscript(model)
-    onnx_bytes = export_loop(scripted, spec).onnx_bytes
+    onnx_bytes = export_user_onnx(scripted, UserSignature(**spec.signature()), 17)[0]
     ort = onnxruntime.InferenceSession(onnx_bytes, session_options(args.threads), providers=["CPUExecutionProvider"])
 
     rows = []

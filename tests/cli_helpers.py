@@ -68,3 +68,37 @@ def small_grid(runners: dict, folder: Path, cases, variant: str = "classifier", 
     signature = UserSignature(entry["signature"]["inputs"], entry["signature"]["outputs"])
     return module_parity(runners, signature, options.pop("atol", 1e-5), options.pop("rtol", 1e-5),
                          Grid({variant: tuple(cases)}, "scaled", 21, first_seed=first_seed), variant, **options)
+
+
+def tutorial_graph(model, spec, form: str = "loop", variant: str = "classifier", opset: int = 17,
+                   metadata: dict | None = None):
+    """The tutorial classifier's `variant` in `form` as export builds it (convert.pipeline:
+    export_user_onnx of the scripted variant for loop and stepwise, build_fused_graph for fused):
+    its ONNX bytes, form and graph record (opset, ir_version, node_count, op_types)."""
+    import types
+
+    from gru_deploy.check.module_parity import UserSignature
+    from gru_deploy.convert import script
+    from gru_deploy.convert.pipeline import build_fused_graph, export_user_onnx
+    from gru_deploy.models.user import UserModel
+
+    raw = spec.signature(variant)
+    signature = UserSignature(raw["inputs"], raw["outputs"])
+    if form == "fused":
+        data, record = build_fused_graph(UserModel(model, "tutorial", None), signature, opset, variant, metadata)
+    else:
+        module = variant_module(model, variant, hoist=form != "stepwise")
+        data, record = export_user_onnx(script.torchscript(module), signature, opset, metadata, strategy=form)
+    return types.SimpleNamespace(onnx_bytes=data, strategy=form, **record)
+
+
+def variant_module(model, variant: str, hoist: bool = True):
+    """A copy of the tutorial classifier as a variant's module (models.variants: its hook made
+    forward), its projections hoisted out of the loop or (hoist=False) computed per step."""
+    import copy
+
+    from gru_deploy.models.variants import LengthsOf, StreamOf
+
+    out = copy.deepcopy(model)
+    out.hoist = hoist
+    return {"classifier": lambda m: m, "lengths": LengthsOf, "stream": StreamOf}[variant](out).eval()

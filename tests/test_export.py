@@ -13,11 +13,11 @@ import torch
 from gru_deploy.convert import script
 from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.convert.graphs import (GUARD_LENGTHS, SUPPORTED_OPSETS, _export_once, check_not_unrolled, check_opset,
-                               count_ops, export_loop)
+                               count_ops)
 from gru_deploy.models.tutorial import GRUClassifier, tutorial_forward
 from gru_deploy.spec import ModelSpec
 
-from cli_helpers import onnxruntime_outputs
+from cli_helpers import onnxruntime_outputs, tutorial_graph
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def exported(model):
-    return export_loop(script.torchscript(model), ModelSpec(), metadata={"gru_deploy.config": ModelSpec().to_dict(),
-                                                                         "note": "plain"})
+    return tutorial_graph(model, ModelSpec(), metadata={"gru_deploy.config": ModelSpec().to_dict(), "note": "plain"})
 
 
 def test_graph_has_a_loop_and_dynamic_batch_and_seq(exported):
@@ -87,7 +86,7 @@ def test_opsets_outside_the_verified_range_are_refused(opset):
 
 @pytest.mark.parametrize("opset", list(SUPPORTED_OPSETS))
 def test_every_supported_opset_exports_and_matches_onnxruntime(model, opset):
-    result = export_loop(script.torchscript(model), ModelSpec(), opset)
+    result = tutorial_graph(model, ModelSpec(), opset=opset)
     assert onnx.load_from_string(result.onnx_bytes).opset_import[0].version == opset
     for seq in (0, 1, 37):
         x = np.random.default_rng(seq).standard_normal((3, seq, 8)).astype(np.float32) * 4
@@ -101,9 +100,7 @@ def test_every_supported_opset_exports_and_matches_onnxruntime(model, opset):
 
 @pytest.fixture(scope="module")
 def fused(model):
-    from gru_deploy.convert.families import export_fused
-
-    return export_fused(model.state_dict(), ModelSpec())
+    return tutorial_graph(model, ModelSpec(), "fused")
 
 
 def test_fused_graph_is_one_gru_node_with_an_old_ir_version(fused):
@@ -158,11 +155,10 @@ def test_variants_answer_empty_inputs_and_zero_lengths_without_the_recurrence(mo
     (the GRU kernel aborts on an empty axis)."""
     import torch
 
-    from gru_deploy.convert.families import export_fused
     from gru_deploy.models.tutorial import tutorial_state
 
     for variant in ("stream", "lengths"):
-        result = export_fused(model.state_dict(), ModelSpec(), variant=variant)
+        result = tutorial_graph(model, ModelSpec(), "fused", variant)
         assert result.strategy == "fused" and result.op_types["GRU"] == 1
         (tmp_path / f"{variant}.onnx").write_bytes(result.onnx_bytes)
     code = (
@@ -209,9 +205,7 @@ def test_fused_mapping_negates_only_the_z_gate(model):
     ("lengths", {"x": ["batch", "seq", 8], "lengths": ["batch"]}, {"logits": ["batch", 4]}),
 ])
 def test_variants_export_with_dynamic_dims(model, variant, inputs, outputs):
-    from gru_deploy.models.tutorial import as_variant
-
-    result = export_loop(script.torchscript(as_variant(model, variant)), ModelSpec(), variant=variant)
+    result = tutorial_graph(model, ModelSpec(), variant=variant)
     proto = onnx.load_from_string(result.onnx_bytes)
     assert result.op_types.get("Loop") == 1
 
@@ -245,9 +239,7 @@ def test_ir_version_follows_the_opset(opset, ir):
 @pytest.mark.slow
 def test_fused_at_opset_19_carries_ir_9_and_passes_the_checker(model):
     """IR 8 with opset 19 is an invalid model."""
-    from gru_deploy.convert.families import export_fused
-
-    for result in (export_fused(model.state_dict(), ModelSpec(), 19),):
+    for result in (tutorial_graph(model, ModelSpec(), "fused", opset=19),):
         proto = onnx.load_from_string(result.onnx_bytes)
         assert (result.opset, proto.ir_version) == (19, 9), result.strategy
         onnx.checker.check_model(proto, full_check=True)

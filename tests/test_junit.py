@@ -110,15 +110,14 @@ def _diverging_export(export_dir: Path, tiny_checkpoint: Any, tmp_path: Path) ->
     TorchScript still matches eager, onnxruntime is off by 1 in every logit."""
     import shutil
 
-    from gru_deploy.convert import script
-    from gru_deploy.convert.graphs import export_loop
+    from cli_helpers import tutorial_graph
     from gru_deploy.models.tutorial import load_weights
 
     folder = tmp_path / "diverging"
     shutil.copytree(export_dir, folder)
     spec = tiny_checkpoint.spec
     state = {**tiny_checkpoint.state_dict, "fc.bias": tiny_checkpoint.state_dict["fc.bias"] + 1.0}
-    (folder / "model.onnx").write_bytes(export_loop(script.torchscript(load_weights(spec, state)), spec).onnx_bytes)
+    (folder / "model.onnx").write_bytes(tutorial_graph(load_weights(spec, state), spec).onnx_bytes)
     manifest = read_manifest(folder)
     manifest["files"]["model.onnx"] = file_entry(folder / "model.onnx")
     (folder / "manifest.json").write_bytes(json_bytes(manifest))

@@ -94,11 +94,12 @@ def test_float64_reference_matches_torch():
 
 
 def test_streaming_form_carries_state_across_chunks():
-    from gru_deploy.models.tutorial import as_variant, tutorial_state
+    from cli_helpers import variant_module
+    from gru_deploy.models.tutorial import tutorial_state
 
     torch.manual_seed(3)
     model = GRUClassifier().eval()
-    stream = as_variant(model, "stream")
+    stream = variant_module(model, "stream")
     x = torch.randn(2, 30, 8)
     h = torch.zeros(2, 16)
     with torch.no_grad():
@@ -109,11 +110,11 @@ def test_streaming_form_carries_state_across_chunks():
 
 
 def test_lengths_form_equals_each_sample_alone():
-    from gru_deploy.models.tutorial import as_variant
+    from cli_helpers import variant_module
 
     torch.manual_seed(4)
     model = GRUClassifier().eval()
-    masked = as_variant(model, "lengths")
+    masked = variant_module(model, "lengths")
     x = torch.randn(4, 12, 8)
     lengths = torch.tensor([12, 1, 0, 5])
     with torch.no_grad():

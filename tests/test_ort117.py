@@ -87,10 +87,8 @@ def models(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
     import onnxruntime as ort
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
-    from gru_deploy.convert.graphs import export_loop
-    from gru_deploy.models.tutorial import as_variant
+    from cli_helpers import tutorial_graph
     from gru_deploy.bundle.quantize import quantize_int8
-    from gru_deploy.convert.script import torchscript
 
     base = tmp_path_factory.mktemp("ort117")
     onnx_dir, ort_dir = base / "onnx", base / "ort132"
@@ -98,7 +96,7 @@ def models(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
     model = tiny_checkpoint.model()
     cases = []
     for variant, stem in (("classifier", "model"), ("stream", "model_stream")):
-        fp32 = export_loop(torchscript(as_variant(model, variant)), tiny_checkpoint.spec, variant=variant).onnx_bytes
+        fp32 = tutorial_graph(model, tiny_checkpoint.spec, variant=variant).onnx_bytes
         int8, _ = quantize_int8(fp32)
         for name, data, atol in ((f"{stem}.onnx", fp32, FP32_ATOL), (f"{stem}_int8.onnx", int8, INT8_ATOL)):
             (onnx_dir / name).write_bytes(data)

@@ -459,10 +459,10 @@ def test_int8_gate_at_package_time_refuses_and_writes_nothing(export_dir, tmp_pa
 
 def test_int8_of_a_fused_model_is_refused_with_the_reason(tiny_checkpoint):
     """onnxruntime has no int8 GRU kernel: the quantiser would touch only the head."""
-    from gru_deploy.convert.families import export_fused
+    from cli_helpers import tutorial_graph
     from gru_deploy.bundle.package import _quantize
 
-    fused = export_fused(tiny_checkpoint.state_dict, tiny_checkpoint.spec).onnx_bytes
+    fused = tutorial_graph(tiny_checkpoint.model(), tiny_checkpoint.spec, "fused").onnx_bytes
     files = {"model.onnx": fused}
     models = {"model.onnx": {"variant": "classifier", "format": "onnx", "precision": "fp32", "source": "model.onnx"}}
     source = {"models": {"model.onnx": {"strategy": "fused"}}}

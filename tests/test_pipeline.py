@@ -77,13 +77,13 @@ def test_time_strategies_times_each_graph_on_the_typical_input(tiny_checkpoint, 
     import numpy as np
 
     from gru_deploy.check import timing
-    from gru_deploy.convert.families import export_fused
-    from cli_helpers import onnxruntime_outputs
+    from cli_helpers import onnxruntime_outputs, tutorial_graph
+    from gru_deploy.models.tutorial import load_weights
 
     spec = tiny_checkpoint.spec
     shifted = {**tiny_checkpoint.state_dict, "fc.bias": tiny_checkpoint.state_dict["fc.bias"] + 1.0}
-    graphs = {"a": export_fused(tiny_checkpoint.state_dict, spec).onnx_bytes,
-              "b": export_fused(shifted, spec).onnx_bytes}
+    graphs = {"a": tutorial_graph(tiny_checkpoint.model(), spec, "fused").onnx_bytes,
+              "b": tutorial_graph(load_weights(spec, shifted), spec, "fused").onnx_bytes}
     outputs = []
 
     def fake_median_us(fn, budget_s=1.0, min_runs=5, max_runs=1000):

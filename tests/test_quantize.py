@@ -7,10 +7,12 @@ import onnx
 import pytest
 
 from gru_deploy.errors import CheckFailed
-from gru_deploy.convert.graphs import count_ops, export_loop
-from gru_deploy.models.tutorial import GRUClassifier, as_variant
+from gru_deploy.convert.graphs import count_ops
+from gru_deploy.models.tutorial import GRUClassifier
 from gru_deploy.bundle.quantize import MAX_IR_VERSION, quantize_int8, rewrite_for_quantization
 from gru_deploy.convert.script import torchscript
+
+from cli_helpers import tutorial_graph
 from gru_deploy.spec import ModelSpec
 
 # Max |int8 − fp32| on the logits of random N(0,1) inputs [4, 50, 8]. Measured: 0.014..0.017
@@ -35,8 +37,7 @@ def exported(tiny_checkpoint) -> dict[str, bytes]:
     model = tiny_checkpoint.model()
     out = {}
     for variant in ("classifier", "stream"):
-        module = torchscript(as_variant(model, variant))
-        out[variant] = export_loop(module, tiny_checkpoint.spec, variant=variant).onnx_bytes
+        out[variant] = tutorial_graph(model, tiny_checkpoint.spec, variant=variant).onnx_bytes
     return out
 
 
@@ -143,7 +144,7 @@ def test_int8_file_shrinks_with_a_real_hidden_size():
     torch.manual_seed(0)
     spec = ModelSpec(hidden_size=128)
     model = GRUClassifier(spec.input_size, spec.hidden_size, spec.output_size).eval()
-    data = export_loop(torchscript(model), spec).onnx_bytes
+    data = tutorial_graph(model, spec).onnx_bytes
     out, report = quantize_int8(data)
     ratio = report["size_after"] / report["size_before"]
     print(f"\nhidden 128: share {report['weight_bytes_quantized_share']:.3f}, "

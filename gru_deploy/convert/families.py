@@ -15,16 +15,13 @@ Either way the parity grid against the module run in float64 decides.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from gru_deploy.errors import CheckFailed, UserInputError
+from gru_deploy.errors import UserInputError
 
 if TYPE_CHECKING:
     import onnx
     import torch
-
-    from gru_deploy.convert.graphs import ExportResult
-    from gru_deploy.spec import ModelSpec
 
 
 def fused_plan(module: "torch.nn.Module", recurrence: str, reference: str) -> str:
@@ -64,21 +61,3 @@ def build_stacked_fused(module: "torch.nn.Module", input_size: int, output_name:
     state = module.initial_state(1)
     return fused_stack_graph(layers, weights["fc.weight"], weights["fc.bias"], input_size, output_name, opset,
                              variant, normalization, layered_state=state is None or state.dim() == 3)
-
-
-def export_fused(state_dict: dict[str, Any], spec: "ModelSpec", opset: int = 17,
-                 metadata: dict[str, Any] | None = None, variant: str = "classifier") -> "ExportResult":
-    """The tutorial classifier's variant (its weights, a scripted module's buffers ignored; its
-    spec) in the fused form
-    (build_stacked_fused), checked like every graph (convert.graphs.finish_export)."""
-    from gru_deploy.convert.graphs import check_opset, count_ops, finish_export
-    from gru_deploy.models.tutorial import load_weights, tutorial_parameters
-    from gru_deploy.spec import OUTPUT_NAME
-
-    check_opset(opset)
-    model = build_stacked_fused(load_weights(spec, tutorial_parameters(state_dict)), spec.input_size, OUTPUT_NAME,
-                                opset, variant)
-    op_types = count_ops(model.graph)
-    if "GRU" not in op_types:
-        raise CheckFailed("the fused graph has no GRU node")
-    return finish_export(model, "fused", opset, op_types, metadata)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.check.onnx_walk import all_graphs, count_ops, subgraphs  # noqa: F401  (re-exported for convert, bundle)
 from gru_deploy.convert.script import quiet_torchscript_deprecation
-from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN, STATE_OUT, ModelSpec
+from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN, STATE_OUT
 from gru_deploy.check.onnx_walk import (  # noqa: F401  (re-exported: convert's callers read them here too)
     KNOWN_OPS, check_onnx_bytes, parse_onnx)
 
@@ -197,19 +197,6 @@ def add_metadata(model: "onnx.ModelProto", metadata: dict[str, Any]) -> None:
         entry.key = key
         entry.value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
-
-def export_loop(
-    scripted: "torch.jit.ScriptModule",
-    spec: ModelSpec,
-    opset: int = DEFAULT_OPSET,
-    metadata: dict[str, Any] | None = None,
-    variant: str = "classifier",
-    strategy: str = "loop",
-) -> ExportResult:
-    """Export a scripted variant (classifier, stream, lengths) to an ONNX Loop graph, guarded and
-    checked; `strategy` names the form (loop: projections hoisted; stepwise: per step)."""
-    model, op_types = export_scripted(scripted, spec.signature(variant), opset)
-    return finish_export(model, strategy, opset, op_types, metadata)
 
 # --- fused: the cell mapped onto ONNX's GRU operator --------------------------------------
 # Fused graphs carry the lowest IR version their opset allows (min_ir_version), so that

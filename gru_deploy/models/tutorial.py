@@ -165,20 +165,6 @@ class GRUClassifier(nn.Module):
         return h
 
 
-def as_variant(model: GRUClassifier, variant: str, hoist: bool = True) -> nn.Module:
-    """A copy of the model (the same weights) as a variant's module: the classifier itself, or
-    its hook made `forward` (models.variants: LengthsOf, StreamOf), as any module's variant is;
-    with the input projections hoisted out of the loop or (hoist=False) computed per step."""
-    import copy
-
-    from gru_deploy.models.variants import LengthsOf, StreamOf
-
-    out = copy.deepcopy(model)
-    out.hoist = hoist
-    wrap = {"classifier": lambda m: m, "lengths": LengthsOf, "stream": StreamOf}[variant]
-    return wrap(out).eval()
-
-
 def tutorial_forward(model: GRUClassifier, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
     """The tutorial's own loop: batch-major slicing, one cell call per step."""
     return model.fc(tutorial_state(model, x, h))
