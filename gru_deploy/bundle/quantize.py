@@ -405,12 +405,12 @@ def npy_bytes(array: Any) -> bytes:
 def judge_int8(reference: Any, int8_bytes: bytes, outputs: list[str], input_size: int,
                state_shape: tuple[int, ...] | None = None) -> dict[str, tuple[dict[str, Any], bytes]]:
     """The int8 gate (compare.int8_gate) of each of a quantised model's `outputs` against
-    `reference` (feed -> {output: answer in fp32}) on check.verify.INT8_GATE_CASES. Returns, per
+    `reference` (feed -> {output: answer in fp32}) on check.grid.INT8_GATE_CASES. Returns, per
     output, the verdict, with what regenerates its inputs, and the reference rows as .npy bytes:
     a bundle keeps them, so `verify BUNDLE` judges the int8 model again without the fp32
     reference at hand."""
     from gru_deploy.check.compare import int8_gate
-    from gru_deploy.check.verify import INT8_GATE_CASES, int8_gate_feeds
+    from gru_deploy.check.grid import INT8_GATE_CASES, int8_gate_feeds
 
     feeds = int8_gate_feeds(input_size, state_shape)
     want = _gate_rows(reference, feeds, outputs)
@@ -443,7 +443,7 @@ def rejudge_int8(int8_path: Path, reference_rows: Any, record: dict[str, Any]) -
     """The gate again, as `verify BUNDLE` runs it: the recorded inputs regenerated, the int8
     model at `int8_path` run on them and held to the recorded bound against the stored rows."""
     from gru_deploy.check.compare import int8_gate
-    from gru_deploy.check.verify import INT8_GATE_CASES, int8_gate_feeds
+    from gru_deploy.check.grid import INT8_GATE_CASES, int8_gate_feeds
 
     inputs = record["inputs"]
     if [tuple(c) for c in inputs["cases"]] != list(INT8_GATE_CASES):

@@ -99,7 +99,7 @@ def _failed(shape: tuple[int, ...], atol: float, rtol: float, reason: str) -> Co
     return Comparison(False, tuple(shape), nan, nan, nan, nan, nan, nan, nan, nan, 0.0, atol, rtol, reason)
 
 
-# The int8 gate, judged on INT8_GATE_CASES (check.verify: 280 sequences of 1 to 2,048 steps,
+# The int8 gate, judged on INT8_GATE_CASES (check.grid: 280 sequences of 1 to 2,048 steps,
 # inputs at scales 0.01-10) against the fp32 reference, row by row (a row: one sample, or one
 # step of a per-step output). Three clauses, each able to fail on its own:
 # - error: the 95th percentile of the rows' largest |int8 - fp32| is within INT8_BOUND_FRACTION

@@ -13,7 +13,7 @@ import numpy as np
 
 from gru_deploy.check.compare import DEFAULT_ATOL, DEFAULT_RTOL, compare
 from gru_deploy.errors import CheckFailed, UserInputError
-from gru_deploy.spec import OUTPUT_NAME
+from gru_deploy.spec import INPUT_NAME, OUTPUT_NAME, STATE_IN
 
 # A case's atol grows by this many times float32's own error on its input (Monte Carlo
 # arithmetic on the float64 reference). Measured on 9 stream cases of a trained model (AMD
@@ -294,7 +294,7 @@ def check_chunked(runner: Any, signature: dict[str, Any], atol: float, rtol: flo
     """A stream model in one runtime (`runner.run(feed) -> outputs by name`) fed one sequence in
     chunks from zeros, h_n carried into h0, against one pass: every output (a per-step one,
     the chunks' steps side by side) and h_n; one case per chunk size, with `bit_identical`."""
-    from gru_deploy.spec import INPUT_NAME, STATE_IN, STATE_OUT
+    from gru_deploy.spec import STATE_OUT
 
     inputs = {t["name"]: t for t in signature["inputs"]}
     x = make_input(batch, seq, int(inputs[INPUT_NAME]["shape"][2]), seed)
@@ -317,3 +317,23 @@ def check_chunked(runner: Any, signature: dict[str, Any], atol: float, rtol: flo
         cases.append({"batch": batch, "seq": seq, "chunk": chunk, "variant": "stream", "pairs": pairs,
                       "passed": all(c["passed"] for c in pairs.values())})
     return cases
+
+
+# The int8 gate's inputs (compare.int8_gate): a few hundred sequences up to the grid's longest,
+# (batch, seq) each: 64 samples at 1, 7, 25 and 100 steps, 16 at 1,000 and 8 at 2,048.
+INT8_GATE_CASES = ((64, 1), (64, 7), (64, 25), (64, 100), (16, 1000), (8, 2048))
+
+
+def int8_gate_feeds(input_size: int, state_shape: tuple[int, ...] | None = None,
+                    seed: int = 5000) -> list[dict[str, np.ndarray]]:
+    """The int8 gate's feeds: x per INT8_GATE_CASES (make_input), plus a state uniform in
+    [-1, 1] where the model takes one (`state_shape` without the batch axis); fixed seeds, so a
+    bundle's verify regenerates exactly the inputs its recorded reference answered."""
+    feeds = []
+    for index, (batch, seq) in enumerate(INT8_GATE_CASES):
+        feed = {INPUT_NAME: make_input(batch, seq, input_size, seed + index)}
+        if state_shape is not None:
+            rng = np.random.default_rng(seed + 100 + index)
+            feed[STATE_IN] = rng.uniform(-1, 1, size=(batch, *state_shape)).astype(np.float32)
+        feeds.append(feed)
+    return feeds
