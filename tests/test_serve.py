@@ -485,3 +485,43 @@ def test_serving_a_bundle_archive_extracts_it_once_and_hashes_each_file_once(exp
     assert len(hashed) == len(manifest["files"])  # each file once
     (service,) = services
     assert [m.name for m in service.models] == [NAME, LENGTHS, "gru_classifier_stream"]
+
+
+# --- serve, one path for every model: the tutorial classifier, a family's model, your own -------
+
+@pytest.mark.parametrize("kind", ["tutorial", "family", "user"])
+def test_serve_answers_every_models_golden_cases_as_the_model_did_at_export(every_kind, kind):
+    """`gru-deploy serve` on each kind's export, a real client (tritonclient.http): the golden
+    cases of the classifier and lengths models, every output by name, equal to the model run
+    eager at export, under the Triton names the manifest records. (The stream model's state is
+    the server's, from zeros at a sequence's start: test_serve_protocols holds its sequences.)"""
+    from gru_deploy.check.module_parity import golden_load
+    from gru_deploy.manifest import model_name
+
+    folder = every_kind[kind][0]
+    manifest = read_manifest(folder)
+    base = model_name(manifest)
+    proc, port, _ = start(folder)
+    try:
+        client = http.InferenceServerClient(f"127.0.0.1:{port}")
+        served = 0
+        for case in golden_load(folder, manifest):
+            if case["variant"] == "stream":
+                continue
+            inputs = case["inputs"]
+            tensors = [http.InferInput("x", list(inputs["x"].shape), "FP32")]
+            tensors[0].set_data_from_numpy(inputs["x"], binary_data=True)
+            if case["variant"] == "lengths":  # as its config declares it: dims [1]
+                lengths = inputs["lengths"].reshape(-1, 1)
+                tensors.append(http.InferInput("lengths", list(lengths.shape), "INT64"))
+                tensors[1].set_data_from_numpy(lengths, binary_data=True)
+            name = base if case["variant"] == "classifier" else f"{base}_{case['variant']}"
+            result = client.infer(name, tensors, outputs=[http.InferRequestedOutput(n) for n in case["outputs"]])
+            for output, want in case["outputs"].items():
+                np.testing.assert_allclose(result.as_numpy(output), want, atol=1e-5, rtol=1e-5,
+                                           err_msg=f"{kind} {case['name']} {output}")
+            served += 1
+        assert served >= 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
