@@ -37,7 +37,6 @@ class UserSignature:
         return [o["name"] for o in self.outputs]
 
 
-
 def as_outputs(value: Any, reference: str) -> tuple["torch.Tensor", ...]:
     import torch
 
