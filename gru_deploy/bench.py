@@ -56,20 +56,15 @@ def _session_call(built: "Built", threads: int) -> Callable[[dict[str, "np.ndarr
     checks them (check.runners.check_user_*): what a user's call costs."""
     import onnxruntime as ort
 
-    from gru_deploy.check.runners import check_user_input, check_user_lengths, check_user_state, session_options
+    from gru_deploy.check.runners import check_user_feed, session_options
     from gru_deploy.spec import LENGTHS_NAME, STATE_IN
 
     signature = built.signature.to_dict()
     session = ort.InferenceSession(built.onnx_bytes, session_options(threads), providers=["CPUExecutionProvider"])
 
     def run(feed: dict[str, "np.ndarray"]) -> Any:
-        x = check_user_input(feed["x"], signature, empty_seq=True)
-        checked = {"x": x}
-        if LENGTHS_NAME in feed:
-            checked[LENGTHS_NAME] = check_user_lengths(feed[LENGTHS_NAME], x, empty_seq=True)
-        if STATE_IN in feed:
-            checked[STATE_IN] = check_user_state(feed[STATE_IN], x, signature)
-        return session.run(None, checked)
+        return session.run(None, check_user_feed(feed["x"], signature, True, feed.get(LENGTHS_NAME),
+                                                 feed.get(STATE_IN)))
     return run
 
 

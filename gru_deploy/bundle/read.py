@@ -331,17 +331,13 @@ def _run(session: Any, fmt: str, signature: dict[str, Any], inputs: dict[str, np
     """The golden inputs, checked against the model's signature before the runtime sees them (a
     GRU/LSTM kernel aborts on an empty axis: empty sequences and lengths of 0 only where the
     export's grid ran them, `empty`), run; every output by name."""
-    from gru_deploy.check.runners import check_user_input, check_user_lengths, check_user_state, run_module
+    from gru_deploy.check.runners import check_user_feed, run_module
     from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN
 
     names = [t["name"] for t in signature["inputs"]]
     if sorted(inputs) != sorted(names):
         raise UserInputError(f"golden inputs {sorted(inputs)}; the model takes {names}")
-    feed = {INPUT_NAME: check_user_input(inputs[INPUT_NAME], signature, empty_seq=empty)}
-    if LENGTHS_NAME in names:
-        feed[LENGTHS_NAME] = check_user_lengths(inputs[LENGTHS_NAME], feed[INPUT_NAME], empty_seq=empty)
-    if STATE_IN in names:
-        feed[STATE_IN] = check_user_state(inputs[STATE_IN], feed[INPUT_NAME], signature)
+    feed = check_user_feed(inputs[INPUT_NAME], signature, empty, inputs.get(LENGTHS_NAME), inputs.get(STATE_IN))
     if fmt == "torchscript":
         return run_module(session, signature, feed)
     outputs = [o["name"] for o in signature["outputs"]]

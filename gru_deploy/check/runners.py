@@ -171,6 +171,19 @@ def check_user_state(state: Any, x: np.ndarray, signature: dict[str, Any]) -> np
     return np.ascontiguousarray(state)
 
 
+def check_user_feed(x: Any, signature: dict[str, Any], empty_seq: bool = False, lengths: Any = None,
+                    state: Any = None) -> dict[str, np.ndarray]:
+    """The feed onnxruntime gets: every input the signature takes, each checked first
+    (check_user_input, check_user_lengths, check_user_state; `empty_seq` as for them)."""
+    names = {t["name"] for t in signature["inputs"]}
+    feed = {INPUT_NAME: check_user_input(x, signature, empty_seq=empty_seq)}
+    if LENGTHS_NAME in names:
+        feed[LENGTHS_NAME] = check_user_lengths(lengths, feed[INPUT_NAME], empty_seq=empty_seq)
+    if STATE_IN in names:
+        feed[STATE_IN] = check_user_state(state, feed[INPUT_NAME], signature)
+    return feed
+
+
 def run_module(module: Any, signature: dict[str, Any], feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A torch module (eager, or TorchScript loaded from an export or bundle) run on `feed`
     (numpy, by input name): its inputs passed by position in the signature's order, every

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from gru_deploy.errors import UserInputError
-from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN, STATE_OUT
+from gru_deploy.spec import STATE_OUT
 
 
 def load_array(path: Path, what: str) -> np.ndarray:
@@ -136,16 +136,11 @@ def infer(path: Path, x: Any, lengths: Any = None, h0: Any = None, stream: bool 
     `manifest`: an export folder's, already read; `file`: the model file, already chosen (choose)."""
     import onnxruntime as ort
 
-    from gru_deploy.check.runners import check_user_input, check_user_lengths, check_user_state, session_options
+    from gru_deploy.check.runners import check_user_feed, session_options
 
     file = file or choose(path, lengths is not None, stream or h0 is not None, precision, manifest)
     signature = file.signature
-    x = check_user_input(x, signature, empty_seq=file.answers_empty)
-    feed = {INPUT_NAME: x}
-    if file.variant == "lengths":
-        feed[LENGTHS_NAME] = check_user_lengths(lengths, x, empty_seq=file.answers_empty)
-    if file.variant == "stream":
-        feed[STATE_IN] = check_user_state(h0, x, signature)
+    feed = check_user_feed(x, signature, file.answers_empty, lengths, h0)
     session = ort.InferenceSession(file.data, session_options(threads), providers=["CPUExecutionProvider"])
     names = [o["name"] for o in signature["outputs"]]
     return Prediction(dict(zip(names, session.run(names, feed))), signature, tuple(file.labels), file.name, precision)
