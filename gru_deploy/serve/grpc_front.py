@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from gru_deploy.serve.server import (ClientError, Service, array_from_raw, internal_error, raw_output,
+from gru_deploy.errors import UserInputError
+from gru_deploy.serve.server import (EXTENSIONS, ClientError, Service, array_from_raw, internal_error, raw_output,
                                      tensor_header)
 
 log = logging.getLogger(__name__)
@@ -85,9 +85,11 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.service, self.pb = service, service_pb2
 
     async def _answer(self, context: Any, call: Any, request: Any = None) -> Any:
-        """`call()`'s message, or the v2 error as a gRPC status (abort raises, ending the call)."""
+        """`call()`'s message (awaited where it is a coroutine), or the v2 error as a gRPC status
+        (abort raises, ending the call)."""
         try:
-            return await call()
+            answer = call()
+            return await answer if asyncio.iscoroutine(answer) else answer
         except ClientError as exc:
             self.service.refused("grpc", getattr(request, "model_name", None) or getattr(request, "name", ""), exc)
             await context.abort(status_code(exc.status), str(exc))
@@ -102,7 +104,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return self.pb.ServerReadyResponse(ready=self.service.ready)
 
     async def ModelReady(self, request: Any, context: Any) -> Any:
-        async def call() -> Any:
+        def call() -> Any:
             self.service.target(request.name)
             return self.pb.ModelReadyResponse(ready=self.service.ready)
         return await self._answer(context, call, request)
@@ -111,19 +113,16 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         """Triton's statistics extension: every model's (an empty name) or one model's."""
         from google.protobuf import json_format
 
-        async def call() -> Any:
-            return json_format.ParseDict({"model_stats": self.service.statistics(request.name)},
-                                         self.pb.ModelStatisticsResponse())
-        return await self._answer(context, call, request)
+        return await self._answer(context, lambda: json_format.ParseDict(
+            {"model_stats": self.service.statistics(request.name)}, self.pb.ModelStatisticsResponse()), request)
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
         from gru_deploy.versions import __version__
-        from gru_deploy.serve.server import EXTENSIONS
 
         return self.pb.ServerMetadataResponse(name="gru-deploy", version=__version__, extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
-        async def call() -> Any:
+        def call() -> Any:
             meta = self.service.metadata(request.name)
             tensor = self.pb.ModelMetadataResponse.TensorMetadata
             return self.pb.ModelMetadataResponse(
@@ -132,9 +131,8 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return await self._answer(context, call, request)
 
     async def ModelConfig(self, request: Any, context: Any) -> Any:
-        async def call() -> Any:
-            return self.pb.ModelConfigResponse(config=self.service.config(request.name))
-        return await self._answer(context, call, request)
+        return await self._answer(
+            context, lambda: self.pb.ModelConfigResponse(config=self.service.config(request.name)), request)
 
     async def _infer(self, request: Any) -> Any:
         """One ModelInferRequest to its ModelInferResponse (raw_output_contents, as Triton answers)."""
@@ -157,18 +155,9 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def _observed(self, request: Any) -> Any:
-        """`_infer`, counted in the metrics by its status (200, the client error's, or 500)."""
-        start, status = time.perf_counter(), "200"
-        try:
+        """`_infer`, counted in the metrics and statistics (Service.observed)."""
+        with self.service.observed("grpc", request.model_name):
             return await self._infer(request)
-        except ClientError as exc:
-            status = str(exc.status)
-            raise
-        except Exception:
-            status = "500"
-            raise
-        finally:
-            self.service.observe("grpc", status, time.perf_counter() - start, request.model_name)
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         return await self._answer(context, lambda: self._observed(request), request)
@@ -238,8 +227,6 @@ async def start_grpc(service: Service, host: str, port: int) -> tuple[Any, int]:
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(service), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
-        from gru_deploy.errors import UserInputError
-
         raise UserInputError(f"cannot listen for gRPC on {host}:{port} (in use?); choose another --grpc-port")
     await server.start()
     return server, bound

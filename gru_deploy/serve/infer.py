@@ -94,6 +94,9 @@ class Prediction:
         if self.classes is not None:
             return [f"{i}: {item['label']} (p={item['probabilities'][item['label']]:.3f})"
                     for i, item in enumerate(self.to_json()["predictions"])]
+        def few(values: np.ndarray, count: int, form: str) -> str:  # the first `count` values, "..." for more
+            return " ".join(format(v, form) for v in values[:count]) + (" ..." if values.size > count else "")
+
         out = []
         for spec in self.signature["outputs"]:
             name, shape = spec["name"], spec["shape"]
@@ -101,15 +104,11 @@ class Prediction:
             out.append(f"{name} {list(value.shape)} ({', '.join(str(d) for d in shape)})")
             for i, row in enumerate(value[:limit]):
                 if row.ndim == 1 and row.size > 1:
-                    out.append(f"  sample {i}: argmax {int(row.argmax())}  " + " ".join(f"{v:.4f}" for v in row[:8])
-                               + (" ..." if row.size > 8 else ""))
+                    out.append(f"  sample {i}: argmax {int(row.argmax())}  " + few(row, 8, ".4f"))
                 elif row.ndim == 2 and shape[1] == "seq":
-                    steps = row.argmax(axis=-1)
-                    out.append(f"  sample {i}: argmax per step " + " ".join(str(int(s)) for s in steps[:40])
-                               + (" ..." if steps.size > 40 else ""))
+                    out.append(f"  sample {i}: argmax per step " + few(row.argmax(axis=-1), 40, "d"))
                 else:
-                    flat = np.ravel(row)
-                    out.append(f"  sample {i}: " + " ".join(f"{v:.4f}" for v in flat[:8]) + (" ..." if flat.size > 8 else ""))
+                    out.append(f"  sample {i}: " + few(np.ravel(row), 8, ".4f"))
             if value.shape[0] > limit:
                 out.append(f"  ... {value.shape[0] - limit} more samples (--json prints all)")
         return out

@@ -51,20 +51,10 @@ def read_repository(path: Path, precision: str = "fp32") -> Repository:
     """The served models of the export folder or bundle (folder or .tar.gz) at `path`: every
     file checked against the manifest first; UserInputError when it has no ONNX model of
     `precision` to serve."""
-    from gru_deploy.bundle.read import check_bundle_files, is_bundle, open_bundle
-    from gru_deploy.manifest import PRECISIONS, read_manifest, verified_path
+    from gru_deploy.serve.user import opened
 
-    if precision not in PRECISIONS:
-        raise UserInputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    path = Path(path)
-    if is_bundle(path):
-        with open_bundle(path) as (folder, manifest):
-            check_bundle_files(folder, manifest)  # every sha256, once
-            return _collect(manifest, f"{path} ({manifest['target']} bundle)", str(path), precision,
-                            lambda name: (folder / name).read_bytes(), bundle=True)
-    manifest = read_manifest(path)
-    return _collect(manifest, str(path), str(path), precision,
-                    lambda name: verified_path(path, manifest, name).read_bytes(), bundle=False)
+    with opened(path, precision) as (manifest, where, read, bundle):  # a bundle's every sha256, once
+        return _collect(manifest, where, str(Path(path)), precision, read, bundle)
 
 
 def _collect(manifest: dict[str, Any], where: str, path: str, precision: str, read: Callable[[str], bytes],

@@ -81,7 +81,6 @@ async def _run(service: Service, host: str, port: int, grpc_port: int | None, pr
         repository, models, sequences = await asyncio.get_running_loop().run_in_executor(None, load)
         service.install(models, sequences)
         await service.start()
-        left = tuple(repository.left)
         settings = ", ".join(f"{m.name}: max batch {m.max_batch}, max delay {m.max_delay * 1000:g} ms"
                              for m in models) + grouping
         served = ", ".join(f"{m.name} ({m.file})" for m in service.stateless)
@@ -89,11 +88,10 @@ async def _run(service: Service, host: str, port: int, grpc_port: int | None, pr
                  + (f"; sequences as {sequences.name} ({sequences.file}; at most {sequences.max_sequences} live, "
                     f"freed after {sequences.idle_s:g} s idle)" if sequences is not None else
                     "; no sequences (the export has no stream variant)")
-                 + "".join(f"; not served here, left to Triton: {m}" for m in left) + "; Ctrl-C stops")
+                 + "".join(f"; not served here, left to Triton: {m}" for m in repository.left) + "; Ctrl-C stops")
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
         await stop.wait()
         await service.drain(10.0)  # not ready from here; requests in flight finish first
     finally:

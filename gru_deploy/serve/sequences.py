@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from gru_deploy.serve.server import (  # noqa: F401  (the sequence parameters are read where requests are)
-    MAX_SEQUENCE_ID, MAX_SEQUENCE_ID_BYTES, ClientError, Limits, Model, Pending, SequenceFlags, fail,
+    MAX_SEQUENCE_ID, MAX_SEQUENCE_ID_BYTES, ClientError, Limits, Model, Pending, SequenceFlags, fail, same_length,
     sequence_flags)
 from gru_deploy.spec import INPUT_NAME, STATE_IN, STATE_OUT
 
@@ -63,6 +63,7 @@ class SequenceModel(Model):
         self.session = ort.InferenceSession(onnx_bytes, session_options(threads), providers=["CPUExecutionProvider"])
         self.state_shape, self.output_names = tuple(state_shape), list(output_names)
         self.stateless = stateless
+        self.scored, self.labels = stateless.scored, stateless.labels  # Model.outputs: the stateless model's
         self.max_sequences, self.idle_s = max_sequences, idle_s
         self.live: dict[int | str, Live] = {}
         # chunks queued or running per sequence, whose clients still wait: such a sequence is not
@@ -77,15 +78,9 @@ class SequenceModel(Model):
     def input_size(self) -> int:
         return self.stateless.input_size
 
-    def outputs(self, result: Any) -> dict[str, tuple[str, Callable[[], np.ndarray]]]:
-        return self.stateless.outputs(result)
-
     @property
     def default_outputs(self) -> tuple[str, ...]:  # type: ignore[override]
         return tuple(self.stateless.default_outputs)
-
-    def extra_outputs(self) -> tuple[str, ...]:
-        return self.stateless.extra_outputs()
 
     # --- admission, on the event loop -------------------------------------------------------
 
@@ -160,13 +155,7 @@ class SequenceModel(Model):
             if k == len(waves):
                 waves.append([])
             waves[k].append(p)
-        parts = []
-        for wave in waves:
-            by_steps: dict[int, list[Pending]] = {}
-            for p in wave:
-                by_steps.setdefault(p.x.shape[1], []).append(p)
-            parts += [by_steps[steps] for steps in sorted(by_steps)]
-        return parts
+        return [part for wave in waves for part in same_length(wave)]
 
     def run_chunks(self, x: np.ndarray, h0: np.ndarray) -> list[np.ndarray]:
         self.on_batch(x.shape[0])

@@ -19,9 +19,10 @@ import math
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -88,6 +89,14 @@ def length_groups(group: list[Pending], ratio: float = LENGTH_RATIO, slack: int 
     return [part[::-1] for part in reversed(parts)]
 
 
+def same_length(group: list[Pending]) -> list[list[Pending]]:
+    """`group` in parts of one sequence length each (nothing is padded), shortest first."""
+    by_seq: dict[int, list[Pending]] = {}
+    for p in group:
+        by_seq.setdefault(p.x.shape[1], []).append(p)
+    return [by_seq[seq] for seq in sorted(by_seq)]
+
+
 def fail(group: list[Pending], exc: BaseException) -> None:
     """Answer every still-waiting request of `group` with `exc`."""
     for p in group:
@@ -102,8 +111,8 @@ class Duration:
     count: int = 0
     ns: int = 0
 
-    def add(self, ns: int, count: int = 1) -> None:
-        self.count += count
+    def add(self, ns: int) -> None:
+        self.count += 1
         self.ns += max(0, int(ns))
 
 
@@ -206,7 +215,6 @@ class Model:
         from gru_deploy.manifest import labelled_output
 
         self.takes_lengths = any(t["name"] == LENGTHS_NAME for t in signature["inputs"])
-        self.variant = "lengths" if self.takes_lengths else "classifier"
         self.signature, self.labels, self.answers_empty = signature, list(labels), answers_empty
         self.session = ort.InferenceSession(onnx_bytes, session_options(threads), providers=["CPUExecutionProvider"])
         self.output_names = [o["name"] for o in signature["outputs"]]
@@ -278,10 +286,7 @@ class Model:
         within one); without, only requests of one sequence length together (nothing is padded),
         shortest first."""
         if not self.takes_lengths:
-            by_seq: dict[int, list[Pending]] = {}
-            for p in group:
-                by_seq.setdefault(p.x.shape[1], []).append(p)
-            return [by_seq[seq] for seq in sorted(by_seq)]
+            return same_length(group)
         return length_groups(group) if self.group_by_length else [group]
 
     def rows(self, result: Any, row: int, request: Pending) -> Any:
@@ -295,7 +300,6 @@ class Model:
                 value = value.take(range(seq), axis=spec["shape"].index("seq"))
             out[spec["name"]] = value
         return out
-
 
     def outputs(self, result: Any) -> dict[str, tuple[str, Callable[[], np.ndarray]]]:
         """What a request may ask for: name -> (v2 datatype, computed only when asked)."""
@@ -318,14 +322,6 @@ class Model:
         """Outputs served on request beyond the config's (a classifier with labels: computed
         from its scores)."""
         return ("probabilities", "label") if self.scored is not None else ()
-
-    def tensors(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """The v2 metadata's inputs and outputs: the served config's, as Triton derives them."""
-        return config_tensors(self.model_config)
-
-    def config(self) -> str:
-        """The config.pbtxt served for this model (Triton's schema)."""
-        return self.config_text
 
     def run(self, x: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
         """One onnxruntime call. Each request was validated on arrival (`validate`) and a padded
@@ -416,10 +412,6 @@ class Model:
         self.stats.executed(answered, x.shape[0], start, built, ran, time.perf_counter_ns())
 
 
-def _meta(name: str, datatype: str, shape: list[int]) -> dict[str, Any]:
-    return {"name": name, "datatype": datatype, "shape": shape}
-
-
 def config_tensors(config: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The v2 metadata's inputs and outputs of a ModelConfig, as Triton derives them: the batch
     axis (-1) first where max_batch_size > 0, then each tensor's dims."""
@@ -428,7 +420,8 @@ def config_tensors(config: Any) -> tuple[list[dict[str, Any]], list[dict[str, An
     batch = [-1] if config.max_batch_size > 0 else []
 
     def meta(t: Any) -> dict[str, Any]:
-        return _meta(t.name, pb.DataType.Name(t.data_type).removeprefix("TYPE_"), batch + [int(d) for d in t.dims])
+        return {"name": t.name, "datatype": pb.DataType.Name(t.data_type).removeprefix("TYPE_"),
+                "shape": batch + [int(d) for d in t.dims]}
 
     return [meta(t) for t in config.input], [meta(t) for t in config.output]
 
@@ -667,10 +660,9 @@ def sequence_flags(parameters: Any) -> SequenceFlags | None:
         shown = f"sequence_id {sid}" if sid.bit_length() <= 128 else f"a sequence_id of {sid.bit_length()} bits"
         raise ClientError(400, f"{shown} is outside uint64: use an integer from 1 to 2**64 - 1, or a string of "
                                f"at most {MAX_SEQUENCE_ID_BYTES} bytes")
-    if isinstance(sid, str) and len(sid.encode("utf-8", "surrogatepass")) > MAX_SEQUENCE_ID_BYTES:
-        raise ClientError(400, f"sequence_id is a string of {len(sid.encode('utf-8', 'surrogatepass'))} bytes; "
-                               f"the limit is {MAX_SEQUENCE_ID_BYTES}: use a shorter id (a UUID, or a hash of "
-                               "yours)")
+    if isinstance(sid, str) and (size := len(sid.encode("utf-8", "surrogatepass"))) > MAX_SEQUENCE_ID_BYTES:
+        raise ClientError(400, f"sequence_id is a string of {size} bytes; the limit is {MAX_SEQUENCE_ID_BYTES}: "
+                               "use a shorter id (a UUID, or a hash of yours)")
     for name, value in (("sequence_start", start), ("sequence_end", end)):
         if not isinstance(value, bool):
             raise ClientError(400, f"{name} must be true or false, got {value!r}")
@@ -732,7 +724,8 @@ class Service:
             sequences.on_end = lambda why: ended.labels(reason=why).inc()
         # each model's output names (its metadata's, and those it computes on request), checked
         # against every request's before it runs
-        self._offered = {m.name: [t["name"] for t in m.tensors()[1]] + list(m.extra_outputs()) for m in self.models}
+        self._offered = {m.name: [t["name"] for t in config_tensors(m.model_config)[1]] + list(m.extra_outputs())
+                         for m in self.models}
 
     @property
     def models(self) -> tuple[Model, ...]:
@@ -748,16 +741,13 @@ class Service:
 
     def metadata(self, name: str) -> dict[str, Any]:
         target = self.target(name)
-        inputs, outputs = target.tensors()
+        inputs, outputs = config_tensors(target.model_config)
         return {"name": target.name, "versions": ["1"], "platform": "onnxruntime_onnx", "inputs": inputs,
                 "outputs": outputs}
 
     def config(self, name: str) -> Any:
-        """Triton's ModelConfig message for `name`: the config.pbtxt the server bundle writes."""
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
-
-        return text_format.Parse(self.target(name).config(), model_config_pb2.ModelConfig())
+        """Triton's ModelConfig message for `name`: the config.pbtxt it serves, parsed afresh."""
+        return parse_config(self.target(name).config_text)
 
     def arrival(self) -> Arrival:
         return Arrival(self.models)
@@ -773,53 +763,62 @@ class Service:
 
     async def infer(self, name: str, arrays: dict[str, np.ndarray], parameters: Any, requested: list[str] | None,
                     arrival: Arrival) -> tuple[Model, Any]:
-        """`_infer`, counted in flight while it runs (`drain` waits for none)."""
-        self.in_flight += 1
-        try:
-            return await self._infer(name, arrays, parameters, requested, arrival)
-        finally:
-            self.in_flight -= 1
-
-    async def _infer(self, name: str, arrays: dict[str, np.ndarray], parameters: Any, requested: list[str] | None,
-                     arrival: Arrival) -> tuple[Model, Any]:
         """Run one decoded request: stateless, or a chunk of a sequence when its parameters carry
         a sequence_id. Returns the model that answered and its result (`outputs()` reads it).
         Every check, the requested output names included, comes before the model runs: a
-        refused chunk leaves its sequence's state as it was."""
-        target = self.target(name)
-        offered = self._offered[target.name]
-        unknown = [n for n in requested or () if n not in offered]
-        if unknown:
-            raise ClientError(400, f"unknown output {unknown[0]!r}; choose from {sorted(offered)}")
-        flags = sequence_flags(parameters or {})
-        if flags is None:
-            if target is self.sequences:
-                raise ClientError(400, f"model {name!r} keeps a state per sequence: send sequence_id with "
-                                       "sequence_start/sequence_end (tritonclient: infer(..., sequence_id=..., "
-                                       "sequence_start=..., sequence_end=...))")
-            x, lengths = target.validate(arrays, self.limits)
-            if 0 < target.max_batch < x.shape[0]:  # as Triton refuses a batch beyond the config's
-                raise ClientError(400, f"batch {x.shape[0]} exceeds model {target.name!r}'s max_batch_size "
-                                       f"{target.max_batch} (its config): send at most {target.max_batch} "
-                                       "samples per request")
+        refused chunk leaves its sequence's state as it was. Counted in flight while it runs
+        (`drain` waits for none)."""
+        self.in_flight += 1
+        try:
+            target = self.target(name)
+            offered = self._offered[target.name]
+            unknown = [n for n in requested or () if n not in offered]
+            if unknown:
+                raise ClientError(400, f"unknown output {unknown[0]!r}; choose from {sorted(offered)}")
+            flags = sequence_flags(parameters or {})
+            if flags is None:
+                if target is self.sequences:
+                    raise ClientError(400, f"model {name!r} keeps a state per sequence: send sequence_id with "
+                                           "sequence_start/sequence_end (tritonclient: infer(..., sequence_id=..., "
+                                           "sequence_start=..., sequence_end=...))")
+                x, lengths = target.validate(arrays, self.limits)
+                if 0 < target.max_batch < x.shape[0]:  # as Triton refuses a batch beyond the config's
+                    raise ClientError(400, f"batch {x.shape[0]} exceeds model {target.name!r}'s max_batch_size "
+                                           f"{target.max_batch} (its config): send at most {target.max_batch} "
+                                           "samples per request")
+                arrival.done()
+                return target, await target.infer(x, lengths)
+            if self.sequences is None:
+                raise ClientError(400, f"{self.model.file} cannot keep a sequence's state: the export has no stream "
+                                       f"variant (a bidirectional model or torch.nn.GRU's family has none); send "
+                                       "each sequence whole, without sequence_id")
+            x = self.sequences.admit(arrays, flags, self.limits)
             arrival.done()
-            return target, await target.infer(x, lengths)
-        if self.sequences is None:
-            raise ClientError(400, f"{self.model.file} cannot keep a sequence's state: the export has no stream "
-                                   f"variant (a bidirectional model or torch.nn.GRU's family has none); send each "
-                                   "sequence whole, without sequence_id")
-        x = self.sequences.admit(arrays, flags, self.limits)
-        arrival.done()
-        return self.sequences, await self.sequences.infer_chunk(x, flags)
+            return self.sequences, await self.sequences.infer_chunk(x, flags)
+        finally:
+            self.in_flight -= 1
 
-    def observe(self, protocol: str, status: str, seconds: float, model: str = "") -> None:
-        """One inference request answered: the metrics, and the statistics of `model` (the model
-        named in the request, when this server serves it)."""
-        self.requests.labels(protocol=protocol, status=status).inc()
-        self.latency.labels(protocol=protocol).observe(seconds)
-        served = next((m for m in self.models if m.name == model), None)
-        if served is not None:
-            served.stats.finished(status == "200", round(seconds * 1e9))
+    @contextmanager
+    def observed(self, protocol: str, model: str) -> Iterator[None]:
+        """One inference request, answered inside: counted in the metrics by its status (200, the
+        client error's, or 500), and in the statistics of `model` (the model named in the
+        request, when this server serves it)."""
+        start, status = time.perf_counter(), "200"
+        try:
+            yield
+        except ClientError as exc:
+            status = str(exc.status)
+            raise
+        except Exception:
+            status = "500"
+            raise
+        finally:
+            seconds = time.perf_counter() - start
+            self.requests.labels(protocol=protocol, status=status).inc()
+            self.latency.labels(protocol=protocol).observe(seconds)
+            served = next((m for m in self.models if m.name == model), None)
+            if served is not None:
+                served.stats.finished(status == "200", round(seconds * 1e9))
 
     def refused(self, protocol: str, model: str, exc: ClientError) -> None:
         """One line at info level for a request refused with a client error (4xx)."""
@@ -865,25 +864,19 @@ def config_json(message: Any) -> dict[str, Any]:
     wide = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
             FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
 
-    def numbers(value: Any, descriptor: Any) -> Any:
-        if not isinstance(value, dict):
-            return value
-        for entry in descriptor.fields:
-            if entry.name not in value:
-                continue
-            item = value[entry.name]
-            if entry.message_type is not None and entry.message_type.GetOptions().map_entry:
-                inner = entry.message_type.fields_by_name["value"]
-                value[entry.name] = {k: (numbers(v, inner.message_type) if inner.message_type is not None
-                                         else int(v) if inner.type in wide else v) for k, v in item.items()}
-            elif entry.message_type is not None:
-                value[entry.name] = ([numbers(v, entry.message_type) for v in item] if isinstance(item, list)
-                                     else numbers(item, entry.message_type))
-            elif entry.type in wide:
-                value[entry.name] = [int(v) for v in item] if isinstance(item, list) else int(item)
-        return value
+    def numbers(value: Any, entry: Any) -> Any:  # the JSON value of field `entry` (each item, where repeated)
+        if isinstance(value, list):
+            return [numbers(v, entry) for v in value]
+        if entry.message_type is None:
+            return int(value) if entry.type in wide else value
+        if entry.message_type.GetOptions().map_entry:
+            return {k: numbers(v, entry.message_type.fields_by_name["value"]) for k, v in value.items()}
+        return message_numbers(value, entry.message_type)
 
-    return numbers(json_format.MessageToDict(message, preserving_proto_field_name=True), message.DESCRIPTOR)
+    def message_numbers(value: dict[str, Any], descriptor: Any) -> dict[str, Any]:
+        return {k: numbers(v, descriptor.fields_by_name[k]) for k, v in value.items()}
+
+    return message_numbers(json_format.MessageToDict(message, preserving_proto_field_name=True), message.DESCRIPTOR)
 
 
 def make_app(service: "Service | Model", limits: Limits | None = None, manage: bool = True) -> "web.Application":
@@ -900,6 +893,8 @@ def make_app(service: "Service | Model", limits: Limits | None = None, manage: b
         service = Service(service, None, limits)
     limits = service.limits
 
+    too_large = f"request body exceeds the limit of {limits.max_body_bytes} bytes"
+
     def error(status: int, message: str) -> web.Response:
         return web.json_response({"error": message}, status=status)
 
@@ -907,13 +902,10 @@ def make_app(service: "Service | Model", limits: Limits | None = None, manage: b
     async def v2_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         try:
             return await handler(request)
-        except ClientError as exc:
-            service.refused("rest", request.match_info.get("name", ""), exc)
-            return error(exc.status, str(exc))
-        except web.HTTPRequestEntityTooLarge:
-            exc = ClientError(413, f"request body exceeds the limit of {limits.max_body_bytes} bytes")
-            service.refused("rest", request.match_info.get("name", ""), exc)
-            return error(exc.status, str(exc))
+        except (ClientError, web.HTTPRequestEntityTooLarge) as exc:
+            refused = exc if isinstance(exc, ClientError) else ClientError(413, too_large)
+            service.refused("rest", request.match_info.get("name", ""), refused)
+            return error(refused.status, str(refused))
         except web.HTTPException as exc:
             if exc.status >= 400:
                 return error(exc.status, exc.reason)
@@ -935,8 +927,7 @@ def make_app(service: "Service | Model", limits: Limits | None = None, manage: b
         return web.json_response(service.metadata(request.match_info["name"]))
 
     async def model_config(request: web.Request) -> web.Response:
-        config = service.config(request.match_info["name"])
-        return web.json_response(config_json(config))
+        return web.json_response(config_json(service.config(request.match_info["name"])))
 
     async def model_ready(request: web.Request) -> web.Response:
         return web.json_response({"name": service.target(request.match_info["name"]).name, "ready": service.ready},
@@ -946,31 +937,24 @@ def make_app(service: "Service | Model", limits: Limits | None = None, manage: b
         return web.json_response({"model_stats": service.statistics(request.match_info.get("name", ""))})
 
     async def infer(request: web.Request) -> web.Response:
-        start = time.perf_counter()
-        status = "200"
-        arrival = service.arrival()
-        try:
-            service.target(request.match_info["name"])
-            if request.content_length is not None and request.content_length > limits.max_body_bytes:
-                raise ClientError(413, f"request body exceeds the limit of {limits.max_body_bytes} bytes")
+        with service.observed("rest", request.match_info["name"]):
+            arrival = service.arrival()
             try:
-                body = await asyncio.wait_for(request.read(), limits.read_timeout_s)
-            except asyncio.TimeoutError:
-                raise ClientError(408, f"the request body did not arrive within {limits.read_timeout_s:g} s") from None
-            header, arrays = parse_request(body, request.headers.get(HEADER_LENGTH), limits)
-            target, result = await service.infer(request.match_info["name"], arrays, header.get("parameters"),
-                                                 requested_outputs(header), arrival)
-            payload, headers = encode_response(target, header, result)
-            return web.Response(body=payload, headers=headers)
-        except ClientError as exc:
-            status = str(exc.status)
-            raise
-        except Exception:
-            status = "500"
-            raise
-        finally:
-            arrival.done()
-            service.observe("rest", status, time.perf_counter() - start, request.match_info["name"])
+                service.target(request.match_info["name"])
+                if request.content_length is not None and request.content_length > limits.max_body_bytes:
+                    raise ClientError(413, too_large)
+                try:
+                    body = await asyncio.wait_for(request.read(), limits.read_timeout_s)
+                except asyncio.TimeoutError:
+                    raise ClientError(408, f"the request body did not arrive within "
+                                           f"{limits.read_timeout_s:g} s") from None
+                header, arrays = parse_request(body, request.headers.get(HEADER_LENGTH), limits)
+                target, result = await service.infer(request.match_info["name"], arrays, header.get("parameters"),
+                                                     requested_outputs(header), arrival)
+                payload, headers = encode_response(target, header, result)
+                return web.Response(body=payload, headers=headers)
+            finally:
+                arrival.done()
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(service.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -979,17 +963,13 @@ def make_app(service: "Service | Model", limits: Limits | None = None, manage: b
     if manage:
         app.on_startup.append(lambda app: service.start())
         app.on_cleanup.append(lambda app: service.stop())
+    per_model = [(web.get, "", model_metadata), (web.get, "/config", model_config), (web.get, "/ready", model_ready),
+                 (web.get, "/stats", model_stats), (web.post, "/infer", infer)]
     app.add_routes([
         web.get("/v2/models/stats", model_stats),  # every model's; before /v2/models/{name} matches "stats"
         web.get("/v2/health/live", live), web.get("/v2/health/ready", ready), web.get("/v2", server_metadata),
-        web.get("/v2/models/{name}", model_metadata), web.get("/v2/models/{name}/versions/{version}", model_metadata),
-        web.get("/v2/models/{name}/config", model_config),
-        web.get("/v2/models/{name}/versions/{version}/config", model_config),
-        web.get("/v2/models/{name}/ready", model_ready),
-        web.get("/v2/models/{name}/versions/{version}/ready", model_ready),
-        web.get("/v2/models/{name}/stats", model_stats),
-        web.get("/v2/models/{name}/versions/{version}/stats", model_stats),
-        web.post("/v2/models/{name}/infer", infer), web.post("/v2/models/{name}/versions/{version}/infer", infer),
+        *(route(f"/v2/models/{{name}}{version}{suffix}", handler) for route, suffix, handler in per_model
+          for version in ("", "/versions/{version}")),
         web.get("/metrics", metrics),
     ])
     return app

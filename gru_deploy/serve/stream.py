@@ -97,9 +97,6 @@ class Stream:
         return cls("", batch, "fp32", threads, _file=ModuleFile(name, onnx_bytes, "stream", signature, [], "", True,
                                                                  by_name))
 
-    def _answer(self, values: dict[str, np.ndarray]) -> Any:
-        return values if self.by_name else values[self.output_names[0]]
-
     def step(self, x_t: np.ndarray) -> Any:
         """One time step for every sequence: x_t float32 [batch, input_size] (or [input_size]
         for a batch of 1; a chunk [batch, steps, input_size] goes to `run`). Returns the outputs
@@ -141,7 +138,7 @@ class Stream:
         names = list(self._out) + [STATE_OUT]
         values = dict(zip(names, self.session.run(names, {INPUT_NAME: chunk, STATE_IN: self._h[self._current]})))
         self._h[self._current][...] = values.pop(STATE_OUT)
-        return self._answer(values)
+        return values if self.by_name else values[self.output_names[0]]
 
     @property
     def state(self) -> np.ndarray:

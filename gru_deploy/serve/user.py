@@ -4,9 +4,10 @@ model alike); and telling a module's export or bundle (for the streaming API) ap
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from gru_deploy.errors import UserInputError
 
@@ -37,6 +38,27 @@ def signature_of(manifest: dict[str, Any], variant: str, where: str) -> dict[str
     return signature
 
 
+@contextmanager
+def opened(path: Path, precision: str, manifest: dict[str, Any] | None = None
+           ) -> Iterator[tuple[dict[str, Any], str, Callable[[str], bytes], bool]]:
+    """The manifest of the export or bundle (folder or .tar.gz) at `path` (`manifest`: an export's,
+    already read), where it is for messages, a reader of its files that checks them against the
+    manifest (a bundle's every checksum checked once, on opening), and whether it is a bundle."""
+    from gru_deploy.bundle.read import check_bundle_files, is_bundle, open_bundle
+    from gru_deploy.manifest import PRECISIONS, read_manifest, verified_path
+
+    if precision not in PRECISIONS:
+        raise UserInputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    path = Path(path)
+    if manifest is None and is_bundle(path):
+        with open_bundle(path) as (folder, manifest):
+            check_bundle_files(folder, manifest)
+            yield manifest, f"{path} ({manifest['target']} bundle)", lambda name: (folder / name).read_bytes(), True
+    else:
+        manifest = manifest if manifest is not None else read_manifest(path)
+        yield manifest, str(path), lambda name: verified_path(path, manifest, name).read_bytes(), False
+
+
 @dataclass
 class ModuleFile:
     """One ONNX model of a module's export or bundle, as its manifest describes it."""
@@ -57,12 +79,8 @@ def module_file(path: Path, variants: str | tuple[str, ...], precision: str = "f
     `precision` (the last one is required: its absence is the user error signature_of gives),
     read through the manifest: checksums checked, and its graph refused if it holds an op type
     other than the ones the manifest records. `manifest`: an export's, already read."""
-    from gru_deploy.bundle.read import check_bundle_files, is_bundle, open_bundle
-    from gru_deploy.manifest import (PRECISIONS, answers_empty, find_models, is_module_export, labels_of,
-                                     read_manifest, select_model, verified_path)
+    from gru_deploy.manifest import answers_empty, find_models, is_module_export, labels_of, select_model
 
-    if precision not in PRECISIONS:
-        raise UserInputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     wanted = (variants,) if isinstance(variants, str) else variants
 
     def choose(manifest: dict[str, Any], where: str) -> tuple[str, str]:
@@ -79,17 +97,9 @@ def module_file(path: Path, variants: str | tuple[str, ...], precision: str = "f
             raise UserInputError(f"{exc}{hint}") from None
 
     path = Path(path)
-    if manifest is None and is_bundle(path):
-        with open_bundle(path) as (folder, manifest):
-            check_bundle_files(folder, manifest)
-            where = f"{path} ({manifest['target']} bundle)"
-            variant, name = choose(manifest, where)
-            data = (folder / name).read_bytes()
-    else:
-        manifest = manifest if manifest is not None else read_manifest(path)
-        where = str(path)
+    with opened(path, precision, manifest) as (manifest, where, read, _):
         variant, name = choose(manifest, where)
-        data = verified_path(path, manifest, name).read_bytes()
+        data = read(name)
     check_module_graph(data, manifest, name, variant, where, str(path))
     return ModuleFile(name, data, variant, signature_of(manifest, variant, where), labels_of(manifest), where,
                       answers_empty(manifest), is_module_export(manifest))
