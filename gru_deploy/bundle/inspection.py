@@ -32,7 +32,8 @@ def onnx_summary(data: bytes, where: str) -> dict[str, Any]:
     }
 
 
-def _file_status(folder: Path, files: dict[str, Any]) -> dict[str, str]:
+def _files_report(folder: Path, files: dict[str, Any]) -> dict[str, Any]:
+    """Each listed file with its status (ok, missing, CHANGED), and the summary of each intact .onnx."""
     from gru_deploy.manifest import sha256_file
 
     status = {}
@@ -44,7 +45,9 @@ def _file_status(folder: Path, files: dict[str, Any]) -> dict[str, str]:
             status[name] = "CHANGED"
         else:
             status[name] = "ok"
-    return status
+    return {"files": {n: {**files[n], "status": s} for n, s in status.items()},
+            "onnx": {n: onnx_summary((folder / n).read_bytes(), n) for n, s in status.items()
+                     if n.endswith(".onnx") and s == "ok"}}
 
 
 def inspect_path(path: Path) -> dict[str, Any]:
@@ -57,26 +60,19 @@ def inspect_path(path: Path) -> dict[str, Any]:
         return {"kind": "onnx", "path": str(path), **onnx_summary(path.read_bytes(), str(path))}
     if is_bundle(path):
         with open_bundle(path) as (folder, manifest):
-            status = _file_status(folder, manifest["files"])
-            onnx = {n: onnx_summary((folder / n).read_bytes(), n) for n, s in status.items()
-                    if n.endswith(".onnx") and s == "ok"}
             return {"kind": "bundle", "path": str(path), "target": manifest["target"],
                     "signatures": manifest["signatures"], "labels": manifest["labels"],
-                    "models": _models(manifest),
-                    "files": {n: {**manifest["files"][n], "status": s} for n, s in status.items()}, "onnx": onnx}
+                    "models": _models(manifest), **_files_report(folder, manifest["files"])}
     manifest = read_manifest(path)
-    status = _file_status(path, manifest["files"])
-    onnx = {n: onnx_summary((path / n).read_bytes(), n) for n, s in status.items()
-            if n.endswith(".onnx") and s == "ok"}
+    parity = manifest.get("parity") or {}
     return {"kind": "export", "path": str(path), "strategy": manifest["strategy"], "signature": manifest["signature"],
             "variants": {k: v["signature"] for k, v in (manifest.get("variants") or {}).items()},
             "models": _models(manifest),
             "labels": manifest["labels"], "metrics": {k: v for k, v in manifest.get("metrics", {}).items()
                                                       if k != "loss_history"},
-            "parity_passed": (manifest.get("parity") or {}).get("passed"),
-            "parity": {k: (manifest.get("parity") or {}).get(k)
-                       for k in ("atol", "rtol", "applied_atol", "verified_max_seq", "unverifiable")},
-            "files": {n: {**manifest["files"][n], "status": s} for n, s in status.items()}, "onnx": onnx}
+            "parity_passed": parity.get("passed"),
+            "parity": {k: parity.get(k) for k in ("atol", "rtol", "applied_atol", "verified_max_seq", "unverifiable")},
+            **_files_report(path, manifest["files"])}
 
 
 def _models(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -104,8 +100,7 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"  model {name}: {info['variant']} ({info['format']}, {info['precision']}{form})")
         onnx_items = report["onnx"]
     for name, info in onnx_items.items():
-        sig = ", ".join(f"{v['name']} {v['dtype']}{v['shape']}" for v in info["inputs"])
-        out = ", ".join(f"{v['name']} {v['dtype']}{v['shape']}" for v in info["outputs"])
+        sig, out = (", ".join(f"{v['name']} {v['dtype']}{v['shape']}" for v in info[k]) for k in ("inputs", "outputs"))
         ops = ", ".join(f"{k}×{v}" for k, v in sorted(info["op_types"].items()))
         lines.append(f"{name}: IR {info['ir_version']}, opset {info['opset']}; ({sig}) -> ({out})")
         lines.append(f"    ops: {ops}")

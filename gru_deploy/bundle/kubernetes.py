@@ -111,9 +111,8 @@ def deploy_files(model_name: str, deploy: Deploy, files: dict[str, bytes]) -> di
     `files` (every other file of the bundle already there); the manifest's record of them."""
     import yaml
 
-    from gru_deploy.versions import __version__
     from gru_deploy.bundle.parts import REPOSITORY
-    from gru_deploy.versions import library_versions
+    from gru_deploy.versions import __version__, library_versions
 
     name = resource_name(model_name)
     storage_uri = deploy.storage_uri or f"pvc://gru-deploy-models/{name}/{REPOSITORY}"

@@ -22,7 +22,8 @@ from gru_deploy.versions import __version__
 from gru_deploy.bundle.kubernetes import Deploy, deploy_files
 from gru_deploy.bundle.parts import (
     BUNDLE_FORMAT, BUNDLE_VERSION, GOLDEN_DIR, INT8_GOLDEN_TOL, PLATFORMS, REPOSITORY, TARGETS, _quantize,
-    check_elsewhere, npy_bytes, onnx_info, runtime_record, tensor_json, web_files)
+    check_elsewhere, onnx_info, runtime_record, tensor_json, web_files)
+from gru_deploy.bundle.quantize import npy_bytes
 from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.manifest import atomic_write_bytes, json_bytes, sha256_bytes, staged_dir
 from gru_deploy.spec import STATE_IN, STATE_OUT
@@ -116,11 +117,10 @@ def int8_gates(export_dir: Path, source: dict[str, Any], variant: str, int8_byte
     name = select_model(source, variant, "torchscript", where=str(export_dir))
     module = script.load(verified_path(export_dir, source, name))
     signature = signatures_of(source)[variant]
-    outputs = gated_outputs(signature)
     state = next((tuple(t["shape"][1:]) for t in signature["inputs"] if t["name"] == STATE_IN), None)
     gates = {}
     for output, (gate, rows) in judge_int8(lambda feed: run_module(module, signature, feed), int8_bytes,
-                                           outputs, signature["inputs"][0]["shape"][2], state).items():
+                                           gated_outputs(signature), signature["inputs"][0]["shape"][2], state).items():
         gate["reference_file"] = f"{GOLDEN_DIR}/int8_gate.{variant}.{output}.npy"
         gate["reference"] = f"{name} (TorchScript, fp32)"
         files[gate["reference_file"]] = rows
@@ -296,23 +296,16 @@ def archive_bytes(files: dict[str, bytes], root: str) -> bytes:
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name in sorted(entries):
             data = entries[name]
-            info = tarfile.TarInfo(name)
+            info = tarfile.TarInfo(name)  # its defaults: mtime 0, owner 0:0 without names, mode 644
             if data is None:
                 info.type, info.mode = tarfile.DIRTYPE, 0o755
             else:
-                info.size, info.mode = len(data), 0o644
-            _fix(info)
+                info.size = len(data)
             tar.addfile(info, None if data is None else io.BytesIO(data))
     out = io.BytesIO()
     with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=9) as gz:
         gz.write(raw.getvalue())
     return out.getvalue()
-
-
-def _fix(info: tarfile.TarInfo) -> None:
-    info.mtime = 0
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
 
 
 def package(export_dir: Path, target: str, out: Path | None = None, archive: bool = False, force: bool = False,

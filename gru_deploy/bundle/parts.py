@@ -9,27 +9,21 @@ from typing import Any, Callable
 
 import numpy as np
 
-from gru_deploy.bundle.quantize import npy_bytes  # noqa: F401  (bundle's callers read it here)
 from gru_deploy.errors import CheckFailed, UserInputError
 
-
 BUNDLE_FORMAT = "gru-deploy-bundle"
-
-
 BUNDLE_VERSION = 1
-
-
 TARGETS = ("edge", "server")
-
-
 GOLDEN_DIR = "golden"
+REPOSITORY = "model_repository"
+PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
+INT8_GOLDEN_TOL = 1e-4  # an int8 model against its own recorded outputs (runtime rounding may differ)
+# Below this share of weight bytes in int8, a "quantised" model is not one: refuse it.
+MIN_INT8_SHARE = 0.5
 
 
 def tensor_json(array: np.ndarray) -> dict[str, Any]:
     return {"dtype": str(array.dtype), "shape": list(array.shape), "data": array.ravel().tolist()}
-
-
-INT8_GOLDEN_TOL = 1e-4  # an int8 model against its own recorded outputs (runtime rounding may differ)
 
 
 def onnx_info(data: bytes) -> dict[str, Any]:
@@ -48,12 +42,11 @@ def runtime_record(models: dict[str, dict[str, Any]], golden: dict[str, Any], co
     happened, runs in other runtimes. No floor release is claimed: none was run."""
     import onnxruntime
 
-    onnx_models = {name: info for name, info in models.items() if info["format"] == "onnx"}
+    onnx_models = [info for info in models.values() if info["format"] == "onnx"]
     record: dict[str, Any] = {"golden_outputs": golden, "bundle_made_with": onnxruntime.__version__}
     if onnx_models:
-        opset = max(info["opset"] for info in onnx_models.values())
-        ir = max(info["ir_version"] for info in onnx_models.values())
-        record["onnx_compatibility"] = {"max_opset": opset, "max_ir_version": ir}
+        record["onnx_compatibility"] = {"max_opset": max(info["opset"] for info in onnx_models),
+                                        "max_ir_version": max(info["ir_version"] for info in onnx_models)}
     ort_files = sorted(name for name, info in models.items() if info["format"] == "ort")
     if ort_files:
         record["ort_format"] = {"files": ort_files, "converted_with_onnxruntime": converted_with}
@@ -67,16 +60,6 @@ def web_files() -> dict[str, bytes]:
 
     folder = resources.files("gru_deploy") / "web"
     return {f"web/{name}": (folder / name).read_bytes() for name in ("index.html", "app.js")}
-
-
-REPOSITORY = "model_repository"
-
-
-PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
-
-
-# Below this share of weight bytes in int8, a "quantised" model is not one: refuse it.
-MIN_INT8_SHARE = 0.5
 
 
 def _quantize(files: dict[str, bytes], models: dict[str, dict[str, Any]], source: dict[str, Any],

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.convert.graphs import all_graphs, count_ops, subgraphs
@@ -37,19 +36,13 @@ INT8_TYPES = (2, 3)  # TensorProto UINT8, INT8
 FOLDABLE = ("Transpose", "Concat", "Identity")
 
 
-def _float_initializers(model: "onnx.ModelProto") -> dict[str, int]:
-    """Name → bytes of every float initializer, sub-graphs included."""
+def _weights(model: "onnx.ModelProto") -> dict[str, int]:
+    """Name → bytes of every float initializer, then of every float Constant-node tensor of rank >= 2
+    (weights stored as nodes), sub-graphs included."""
     from onnx import numpy_helper
 
-    return {t.name: numpy_helper.to_array(t).nbytes
-            for g in all_graphs(model.graph) for t in g.initializer if t.data_type in FLOAT_TYPES}
-
-
-def _constant_weights(model: "onnx.ModelProto") -> dict[str, int]:
-    """Name → bytes of float Constant-node tensors of rank >= 2 (weights stored as nodes)."""
-    from onnx import numpy_helper
-
-    out = {}
+    out = {t.name: numpy_helper.to_array(t).nbytes
+           for g in all_graphs(model.graph) for t in g.initializer if t.data_type in FLOAT_TYPES}
     for graph in all_graphs(model.graph):
         for node in graph.node:
             if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
@@ -57,16 +50,6 @@ def _constant_weights(model: "onnx.ModelProto") -> dict[str, int]:
                 if tensor.data_type in FLOAT_TYPES and len(tensor.dims) >= 2:
                     out[node.output[0]] = numpy_helper.to_array(tensor).nbytes
     return out
-
-
-def _used_names(graph: "onnx.GraphProto") -> set[str]:
-    """Every name read by a node or output of the graph or its sub-graphs."""
-    names: set[str] = set()
-    for g in all_graphs(graph):
-        names.update(o.name for o in g.output)
-        for node in g.node:
-            names.update(node.input)
-    return names
 
 
 def _all_names(graph: "onnx.GraphProto") -> set[str]:
@@ -112,12 +95,11 @@ def rewrite_for_quantization(model: "onnx.ModelProto") -> tuple["onnx.ModelProto
     model = onnx.ModelProto.FromString(model.SerializeToString())
     top = model.graph
     taken = _all_names(top)
-    sources: dict[str, set[str]] = {name: {name} for name in {**_float_initializers(model), **_constant_weights(model)}}
+    sources: dict[str, set[str]] = {name: {name} for name in _weights(model)}
 
     # 1. Fold weight producers into top-level initializers (values are loop-invariant).
     def fold(graph: "onnx.GraphProto", visible: dict[str, "np.ndarray"]) -> None:
-        local = dict(visible)
-        local.update({t.name: numpy_helper.to_array(t) for t in graph.initializer})
+        local = {**visible, **{t.name: numpy_helper.to_array(t) for t in graph.initializer}}
         kept = []
         for node in graph.node:
             value = None
@@ -153,12 +135,13 @@ def rewrite_for_quantization(model: "onnx.ModelProto") -> tuple["onnx.ModelProto
     fold(top, {})
 
     # 2. Gemm → MatMul (+Add) against a constant (pre-transposed when transB=1) weight.
-    def owner(name: str, path: list["onnx.GraphProto"]) -> "onnx.TensorProto | None":
+    def owner(name: str, path: list["onnx.GraphProto"]) -> tuple[Any, "onnx.TensorProto | None"]:
+        """The innermost graph of `path` holding initializer `name`, and that initializer."""
         for graph in reversed(path):
             for tensor in graph.initializer:
                 if tensor.name == name:
-                    return tensor
-        return None
+                    return graph, tensor
+        return None, None
 
     transposed: dict[str, str] = {}
     rewritten = 0
@@ -171,7 +154,7 @@ def rewrite_for_quantization(model: "onnx.ModelProto") -> tuple["onnx.ModelProto
             for sub in subgraphs(node):
                 gemms([*path, sub])
             attrs = _attrs(node)
-            weight = owner(node.input[1], path) if node.op_type == "Gemm" else None
+            home, weight = owner(node.input[1], path) if node.op_type == "Gemm" else (None, None)
             has_c = len(node.input) > 2 and node.input[2] != ""
             if (weight is None or attrs.get("transA", 0) != 0 or attrs.get("alpha", 1.0) != 1.0
                     or (has_c and attrs.get("beta", 1.0) != 1.0) or len(weight.dims) != 2):
@@ -182,20 +165,16 @@ def rewrite_for_quantization(model: "onnx.ModelProto") -> tuple["onnx.ModelProto
                 if b_name not in transposed:
                     t_name = _fresh(f"{b_name}_T", taken)
                     # the copy lives beside the original, so every graph that sees B sees it
-                    home = next(g for g in reversed(path) if any(t.name == b_name for t in g.initializer))
                     home.initializer.append(numpy_helper.from_array(
                         np.ascontiguousarray(numpy_helper.to_array(weight).T), t_name))
                     transposed[b_name] = t_name
                     sources[t_name] = set(sources.get(b_name, {b_name}))
                 b_name = transposed[b_name]
             base = node.name or f"gemm_{rewritten}"
+            product = _fresh(f"{node.output[0]}_matmul", taken) if has_c else node.output[0]
+            nodes.append(helper.make_node("MatMul", [node.input[0], b_name], [product], name=f"{base}_MatMul"))
             if has_c:
-                product = _fresh(f"{node.output[0]}_matmul", taken)
-                nodes.append(helper.make_node("MatMul", [node.input[0], b_name], [product], name=f"{base}_MatMul"))
                 nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{base}_Add"))
-            else:
-                nodes.append(helper.make_node("MatMul", [node.input[0], b_name], [node.output[0]],
-                                              name=f"{base}_MatMul"))
             rewritten += 1
         del graph.node[:]
         graph.node.extend(nodes)
@@ -203,7 +182,8 @@ def rewrite_for_quantization(model: "onnx.ModelProto") -> tuple["onnx.ModelProto
     gemms([top])
 
     # 3. Drop initializers nothing reads any more (the originals of transposed copies).
-    used = _used_names(top)
+    used = {i for g in all_graphs(top) for n in g.node for i in n.input}
+    used |= {o.name for g in all_graphs(top) for o in g.output}
     for graph in all_graphs(top):
         keep = [t for t in graph.initializer if t.name in used]
         del graph.initializer[:]
@@ -211,25 +191,6 @@ def rewrite_for_quantization(model: "onnx.ModelProto") -> tuple["onnx.ModelProto
     live = {t.name for g in all_graphs(top) for t in g.initializer if t.data_type in FLOAT_TYPES}
     sources = {name: origin for name, origin in sources.items() if name in live}
     return model, sources, rewritten
-
-
-def _drop_new_value_info(model: "onnx.ModelProto", keep: set[str]) -> None:
-    for graph in all_graphs(model.graph):
-        kept = [v for v in graph.value_info if v.name in keep]
-        del graph.value_info[:]
-        graph.value_info.extend(kept)
-
-
-@contextmanager
-def _quiet_quantizer() -> Iterator[None]:
-    """The quantiser logs 'consider pre-processing' on the root logger; we have no use for it."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 def _reads(node: Any) -> set[str]:
@@ -285,7 +246,7 @@ def quantize_int8(onnx_bytes: bytes) -> tuple[bytes, dict[str, Any]]:
         original = onnx.load_from_string(onnx_bytes)
     except Exception as exc:  # protobuf's DecodeError and friends
         raise UserInputError(f"not an ONNX model: {exc}") from None
-    weights = {**_float_initializers(original), **_constant_weights(original)}
+    weights = _weights(original)
     weight_bytes = sum(weights.values())
     opsets = {o.domain or "ai.onnx": o.version for o in original.opset_import}
     prepared, sources, gemms_rewritten = rewrite_for_quantization(original)
@@ -295,13 +256,22 @@ def quantize_int8(onnx_bytes: bytes) -> tuple[bytes, dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="gru-deploy-quant-") as tmp:
         src, dst = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
         onnx.save_model(prepared, str(src))
-        with _quiet_quantizer():
+        root = logging.getLogger()  # the quantiser logs 'consider pre-processing' there; we have no use for it
+        level = root.level
+        root.setLevel(logging.ERROR)
+        try:
             quantize_dynamic(str(src), str(dst), **{**settings, "weight_type": getattr(QuantType, settings["weight_type"])})
+        finally:
+            root.setLevel(level)
         quantized = onnx.load(str(dst))
 
     # The quantiser's shape inference leaves a value_info per intermediate tensor; the input
     # had its own (often none). They are optional and onnxruntime infers them again on load.
-    _drop_new_value_info(quantized, {v.name for g in all_graphs(original.graph) for v in g.value_info})
+    known_info = {v.name for g in all_graphs(original.graph) for v in g.value_info}
+    for graph in all_graphs(quantized.graph):
+        kept_info = [v for v in graph.value_info if v.name in known_info]
+        del graph.value_info[:]
+        graph.value_info.extend(kept_info)
     ir_raised_from = None
     if quantized.ir_version > MAX_IR_VERSION:
         ir_raised_from = int(quantized.ir_version)
@@ -313,14 +283,10 @@ def quantize_int8(onnx_bytes: bytes) -> tuple[bytes, dict[str, Any]]:
     # keep the input's metadata, not the quantiser's bookkeeping (e.g. onnx.infer), and say what was done
     known = {p.key for p in original.metadata_props}
     props = [(p.key, p.value) for p in quantized.metadata_props if p.key in known]
+    recorded = {"tool": f"onnxruntime {onnxruntime.__version__} quantize_dynamic", **settings}
     del quantized.metadata_props[:]
-    for key, value in props:
-        entry = quantized.metadata_props.add()
-        entry.key, entry.value = key, value
-    entry = quantized.metadata_props.add()
-    entry.key = "gru_deploy.quantization"
-    entry.value = json.dumps({"tool": f"onnxruntime {onnxruntime.__version__} quantize_dynamic", **settings},
-                             sort_keys=True)
+    for key, value in [*props, ("gru_deploy.quantization", json.dumps(recorded, sort_keys=True))]:
+        quantized.metadata_props.add(key=key, value=value)
     for graph in all_graphs(quantized.graph):
         sort_nodes(graph)
     try:
@@ -348,7 +314,7 @@ def quantize_int8(onnx_bytes: bytes) -> tuple[bytes, dict[str, Any]]:
     consumers = sorted({n.op_type for g in all_graphs(original.graph) for n in g.node
                         if float_left & set(n.input)} - {"Constant"})
     report = {
-        "settings": {"tool": f"onnxruntime {onnxruntime.__version__} quantize_dynamic", **settings},
+        "settings": recorded,
         "quantized_op_types": {op: n - before_ops.get(op, 0) for op, n in sorted(after_ops.items())
                                if n > before_ops.get(op, 0)},
         "float_weight_consumers": consumers,
@@ -358,9 +324,9 @@ def quantize_int8(onnx_bytes: bytes) -> tuple[bytes, dict[str, Any]]:
         "weight_bytes_quantized_share": round(share, 4),
         "size_before": len(onnx_bytes),
         "size_after": len(out),
-        "op_types": dict(sorted(count_ops(quantized.graph).items())),
+        "op_types": dict(sorted(after_ops.items())),
         "weights_quantized": sorted(done),
-        "weights_fp32": sorted(set(weights) - done),
+        "weights_fp32": sorted(float_left),
         "gemm_rewritten_to_matmul": gemms_rewritten,
         "ir_version": int(quantized.ir_version),
         "ir_version_lowered_from": ir_raised_from,

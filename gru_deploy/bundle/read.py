@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from gru_deploy.bundle.parts import BUNDLE_FORMAT, BUNDLE_VERSION, TARGETS
 from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.manifest import check_file_entries, parse_manifest, safe_relative_name, sha256_file
 
@@ -28,8 +29,6 @@ MAX_MEMBER_BYTES = 512 << 20
 
 def parse_bundle_manifest(raw: bytes, where: str) -> dict[str, Any]:
     """Validate a bundle manifest's schema; UserInputError naming the problem."""
-    from gru_deploy.bundle.parts import BUNDLE_FORMAT, BUNDLE_VERSION, TARGETS
-
     manifest = parse_manifest(raw, f"{where}: manifest.json", BUNDLE_FORMAT, BUNDLE_VERSION, BUNDLE_FIELDS)
     if manifest["target"] not in TARGETS:
         raise UserInputError(f"{where}: unknown target {manifest['target']!r}")
@@ -61,7 +60,7 @@ def is_bundle(path: Path) -> bool:
             data = json.loads(manifest.read_text())
         except (ValueError, UnicodeDecodeError):
             return False
-        return isinstance(data, dict) and data.get("format") == "gru-deploy-bundle"
+        return isinstance(data, dict) and data.get("format") == BUNDLE_FORMAT
     return False
 
 
@@ -78,8 +77,7 @@ def open_bundle(path: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
         yield path, parse_bundle_manifest(manifest_path.read_bytes(), str(path))
         return
     with tempfile.TemporaryDirectory(prefix="gru-deploy-bundle-") as tmp:
-        root, manifest = _extract(path, Path(tmp))
-        yield root, manifest
+        yield _extract(path, Path(tmp))
 
 
 def _extract(archive: Path, dest: Path) -> tuple[Path, dict[str, Any]]:
@@ -107,8 +105,7 @@ def _extract(archive: Path, dest: Path) -> tuple[Path, dict[str, Any]]:
             handle = tar.extractfile(manifest_member)
             manifest = parse_bundle_manifest(handle.read() if handle else b"", str(archive))
             listed = {f"{top}/{name}": entry["size"] for name, entry in manifest["files"].items()}
-            folders = {str(PurePosixPath(name).parent) for name in listed} | {top}
-            folders |= {str(p) for name in listed for p in PurePosixPath(name).parents if str(p) != "."}
+            folders = {top} | {str(p) for name in listed for p in PurePosixPath(name).parents if str(p) != "."}
             for name, member in by_name.items():
                 if member.isdir():
                     if name not in folders:
@@ -159,9 +156,8 @@ def _golden_feed(case: dict[str, Any], folder: Path, kind: str) -> dict[str, np.
     return out
 
 
-# Why a bundle's TorchScript is not loaded unless asked: torch.jit.load runs the code the file
-# holds (a TorchScript archive carries Python-like code, and unpickling its constants can call
-# arbitrary functions), so loading a received model.pt is running the sender's program.
+# A TorchScript archive carries Python-like code and unpickling its constants can call arbitrary
+# functions: loading a received model.pt (torch.jit.load) runs the sender's program.
 TORCHSCRIPT_NOT_RUN = ("not loaded: TorchScript runs code from the file (torch.jit.load); its sha256 matches the "
                        "manifest, but a sender's file is the sender's program. Pass --trust-torchscript "
                        "(trust_torchscript=True) for a bundle you made or trust")
@@ -182,10 +178,6 @@ def verify_bundle(path: Path, trust_torchscript: bool = False) -> dict[str, Any]
     checks: list[dict[str, Any]] = []
     not_run: list[dict[str, str]] = []
     report = {"bundle": str(path), "target": None, "passed": False, "checks": checks, "not_run": not_run}
-
-    def fail(check: str, message: str) -> None:
-        checks.append({"check": check, "passed": False, "message": message})
-
     try:
         with open_bundle(path) as (folder, manifest):
             report["target"] = manifest["target"]
@@ -193,21 +185,25 @@ def verify_bundle(path: Path, trust_torchscript: bool = False) -> dict[str, Any]
             try:
                 check_bundle_files(folder, manifest)
             except CheckFailed as exc:
-                fail("files: sha256, sizes, nothing extra or missing", str(exc))
+                _fail(checks, "files: sha256, sizes, nothing extra or missing", str(exc))
             else:
                 checks.append({"check": f"{len(manifest['files'])} files: sha256, sizes, nothing extra or missing",
                                "passed": True})
                 _check_models(path, folder, manifest, checks, not_run if not trust_torchscript else None)
     except CheckFailed as exc:  # an archive that cannot be read or fails its inspection
-        fail("archive", str(exc))
+        _fail(checks, "archive", str(exc))
     report["passed"] = bool(checks) and all(c["passed"] for c in checks)
     return report
+
+
+def _fail(checks: list[dict[str, Any]], check: str, message: str) -> None:
+    checks.append({"check": check, "passed": False, "message": message})
 
 
 def first_failure(report: dict[str, Any]) -> str:
     """The message of a report's first failed check (for the one-line error)."""
     failed = [c for c in report["checks"] if not c["passed"]]
-    return f"{failed[0]['message']}" + (f" (and {len(failed) - 1} more failed check(s))" if len(failed) > 1 else "")
+    return failed[0]["message"] + (f" (and {len(failed) - 1} more failed check(s))" if len(failed) > 1 else "")
 
 
 def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: list[dict[str, Any]],
@@ -230,7 +226,7 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
             sessions[name] = _load_model(folder / name, info["format"], known)
             checks.append({"check": f"loads: {name}", "passed": True})
         except CheckFailed as exc:
-            checks.append({"check": f"loads: {name}", "passed": False, "message": str(exc)})
+            _fail(checks, f"loads: {name}", str(exc))
     golden = json.loads((folder / manifest["golden"]["file"]).read_text())
     atol, rtol = manifest["golden"]["atol"], manifest["golden"]["rtol"]
     for case in golden["cases"]:
@@ -238,15 +234,14 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
             inputs = _golden_feed(case, folder, "inputs")
             expected = _golden_feed(case, folder, "outputs")
         except CheckFailed as exc:
-            checks.append({"check": f"golden {case['name']}: data", "passed": False, "message": str(exc)})
+            _fail(checks, f"golden {case['name']}: data", str(exc))
             continue
         precision = case.get("precision", "fp32")
         models = [m for m, info in manifest["models"].items() if info.get("variant") == case["variant"]
                   and info.get("precision", "fp32") == precision]
         if case["model"] not in models:
-            checks.append({"check": f"golden {case['name']}: model", "passed": False,
-                           "message": f"{path}: golden case {case['name']} names {case['model']!r}, "
-                                      f"not a {precision} {case['variant']} model of the bundle"})
+            _fail(checks, f"golden {case['name']}: model", f"{path}: golden case {case['name']} names "
+                  f"{case['model']!r}, not a {precision} {case['variant']} model of the bundle")
             continue
         case_atol, case_rtol = case.get("atol", atol), case.get("rtol", rtol)
         for model in models:
@@ -257,12 +252,11 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
                 got = _run(sessions[model], manifest["models"][model]["format"], manifest["signatures"][case["variant"]],
                            inputs, empty)
             except UserInputError as exc:
-                checks.append({"check": check, "passed": False,
-                               "message": f"{path}: golden {case['name']} does not fit {model}: {exc}"})
+                _fail(checks, check, f"{path}: golden {case['name']} does not fit {model}: {exc}")
                 continue
             except Exception as exc:  # the runtime refused the model's own golden inputs
-                checks.append({"check": check, "passed": False, "message": f"{path}: {model} failed on golden "
-                               f"{case['name']}: {str(exc).strip().splitlines()[0][:200]}"})
+                _fail(checks, check, f"{path}: {model} failed on golden {case['name']}: "
+                      f"{str(exc).strip().splitlines()[0][:200]}")
                 continue
             for out_name, want in expected.items():
                 result = compare(want, got[out_name], case_atol, case_rtol)
@@ -282,15 +276,14 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
             check = f"int8 gate: {model}{named} vs {gate.get('reference', 'eager')} on the int8 gate's sequences"
             reference_file = gate.get("reference_file")
             if "max_abs_bound" not in gate or "inputs" not in gate or reference_file not in manifest["files"]:
-                checks.append({"check": check, "passed": False,
-                               "message": f"{path}: {model}{named} has no recorded int8 gate (bound, inputs and "
-                                          "reference rows); re-package with this gru-deploy"})
+                _fail(checks, check, f"{path}: {model}{named} has no recorded int8 gate (bound, inputs and "
+                      "reference rows); re-package with this gru-deploy")
                 continue
             try:
                 reference = np.load(folder / reference_file, allow_pickle=False)  # its sha256 was checked above
                 verdict = rejudge_int8(folder / model, reference, gate)
             except UserInputError as exc:
-                checks.append({"check": check, "passed": False, "message": str(exc)})
+                _fail(checks, check, str(exc))
                 continue
             entry = {"check": check, "passed": verdict["passed"], "max_abs": verdict["max_abs"],
                      "quantile_abs": verdict["quantile_abs"], "max_abs_bound": gate["max_abs_bound"],
@@ -309,11 +302,10 @@ def _load_model(path: Path, fmt: str, known: frozenset[str] | None = None) -> An
     if fmt in ("onnx", "ort"):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.log_severity_level = 3
+        from gru_deploy.check.runners import session_options
+
         try:
-            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime's own exception types
             raise CheckFailed(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0][:200]})") from None
     if fmt == "torchscript":
