@@ -47,6 +47,7 @@ def export(model: "torch.nn.Module | str | None" = None, *,
     """
     from gru_deploy.convert.user import export_family, export_user_model
 
+    common = {"opset": opset, "atol": atol, "rtol": rtol, "strategy": strategy, "typical": typical, "on_step": on_step}
     if model is None:
         from gru_deploy.convert.folder import export_to_dir
         from gru_deploy.train import Checkpoint, FamilyCheckpoint, load_checkpoint
@@ -59,13 +60,10 @@ def export(model: "torch.nn.Module | str | None" = None, *,
         ckpt = (checkpoint if isinstance(checkpoint, (Checkpoint, FamilyCheckpoint))
                 else load_checkpoint(Path(checkpoint)))
         if isinstance(ckpt, FamilyCheckpoint):
-            return export_family(ckpt, Path(out), opset=opset, atol=atol, rtol=rtol, on_step=on_step,
-                                 strategy=strategy, typical=typical)
-        return export_to_dir(ckpt, Path(out), opset=opset, atol=atol, rtol=rtol, strategy=strategy, typical=typical,
-                             on_step=on_step)
-    user = _user_model(model, model_args, checkpoint)
-    return export_user_model(user, Path(out), opset=opset, atol=atol, rtol=rtol, input_size=input_size,
-                             output_names=output_names, on_step=on_step, strategy=strategy, typical=typical)
+            return export_family(ckpt, Path(out), **common)
+        return export_to_dir(ckpt, Path(out), **common)
+    return export_user_model(_user_model(model, model_args, checkpoint), Path(out), input_size=input_size,
+                             output_names=output_names, **common)
 
 
 def _user_model(model: Any, model_args: dict[str, Any] | None, checkpoint: Any) -> Any:

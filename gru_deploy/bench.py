@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from gru_deploy.check.timing import median_us  # noqa: F401  (here too: scripts and tests import it from bench)
+from gru_deploy.errors import UserInputError
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -175,7 +176,8 @@ def streaming_step(model: "UserModel", forms: dict[str, "Built"], threads: int, 
 
     _, eager_step = baseline(model.module)
     sizes = _sizes(model)
-    loop = forms.get("loop") or next(iter(forms.values()))
+    first = "loop" if "loop" in forms else next(iter(forms))
+    loop = forms[first]
     x = np.random.default_rng(0).standard_normal((1, 1, sizes[0])).astype(np.float32)
     h = np.zeros((1, *loop.signature.inputs[1]["shape"][1:]), np.float32)
     xt, ht = torch.from_numpy(x), torch.from_numpy(h)
@@ -196,7 +198,7 @@ def streaming_step(model: "UserModel", forms: dict[str, "Built"], threads: int, 
     floor_step = gru_step_reference(model.module, threads)
     if floor_step is not None:
         timings["one GRU node, io_binding"] = median_us(floor_step, budget_s)
-    reference = f"onnxruntime stream {'loop' if 'loop' in forms else next(iter(forms))}, run()"
+    reference = f"onnxruntime stream {first}, run()"
     row = {"input_size": sizes[0], "hidden_size": sizes[1], "batch": 1, "chunk": 1, "median_us_per_step": timings,
            "speedup_vs_eager": {k: timings["eager step"] / v for k, v in timings.items()},
            "vs_loop_stream_run": {k: v / timings[reference] for k, v in timings.items()}}
@@ -253,12 +255,10 @@ def run_bench(model: "UserModel", threads: int = 1, budget_s: float = 0.5, large
         say(f"{scaled} scaling at batch {batch}, seq {short} and {long}")
         x_long = np.random.default_rng(1).standard_normal((batch, long, _sizes(model)[0])).astype(np.float32)
         x_short = np.ascontiguousarray(x_long[:, :short])
-        scaling = {"form": scaled, "batch": batch, "seq": [short, long],
-                   "median_us": [median_us(lambda: loop(x_short), budget_s),
-                                 median_us(lambda: loop(x_long), budget_s)]}
-        scaling["ratio"] = scaling["median_us"][1] / scaling["median_us"][0]
-        scaling["linear_below"] = LINEAR_BELOW
-        scaling["linear"] = scaling["ratio"] < LINEAR_BELOW
+        times = [median_us(lambda: loop(x_short), budget_s), median_us(lambda: loop(x_long), budget_s)]
+        ratio = times[1] / times[0]
+        scaling = {"form": scaled, "batch": batch, "seq": [short, long], "median_us": times, "ratio": ratio,
+                   "linear_below": LINEAR_BELOW, "linear": ratio < LINEAR_BELOW}
         big = resized(model, *LARGE_SIZES) if large else None
         big_forms = every_form(big) if big is not None else None
         if big is not None:
@@ -289,8 +289,9 @@ def format_table(result: dict[str, Any]) -> str:
         cells = "".join(f"{row['median_us'][n]:>16,.0f} ({row['speedup_vs_eager'][n]:>6.1f}x)" for n in names)
         lines.append(f"{row['input_size']:>3}/{row['hidden_size']:<3} {row['batch']:>4}, {row['seq']:<5}" + cells)
     s = result["loop_scaling"]
-    lines.append(f"{s.get('form', 'loop')} scaling at batch {s['batch']}: seq {s['seq'][0]} {s['median_us'][0]:,.0f} µs, "
-                 f"seq {s['seq'][1]} {s['median_us'][1]:,.0f} µs, ratio {s['ratio']:.2f} (2.00 = linear): "
+    lines.append(f"{s.get('form', 'loop')} scaling at batch {s['batch']}: seq {s['seq'][0]} "
+                 f"{s['median_us'][0]:,.0f} µs, seq {s['seq'][1]} {s['median_us'][1]:,.0f} µs, "
+                 f"ratio {s['ratio']:.2f} (2.00 = linear): "
                  + (f"linear (under {s['linear_below']:.2f})" if s["linear"]
                     else f"NOT LINEAR (at or over {s['linear_below']:.2f})"))
     for row in result["streaming"]:
@@ -318,8 +319,6 @@ def plot(result: dict[str, Any], path: "Path") -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from gru_deploy.errors import UserInputError
-
         raise UserInputError("--plot needs matplotlib: pip install 'gru-deploy[plot]'") from None
     import io
 
@@ -349,29 +348,24 @@ def plot(result: dict[str, Any], path: "Path") -> None:
 MODULE_SHAPES = ((1, 1), (1, 100), (32, 100), (1, 1000))
 
 
-def run_module_bench(folder: Any, threads: int = 1, budget_s: float = 0.5,
+def run_module_bench(folder: "Path", manifest: dict[str, Any], threads: int = 1, budget_s: float = 0.5,
                      progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Medians of a module export's own models, in one run: TorchScript (model.pt, the
     reference) and onnxruntime (model.onnx, in its recorded form) on the classifier at
     MODULE_SHAPES; the lengths model at (32, 100) with lengths spread over 1..100 beside the
     classifier on the same padded batch; the stream model per step at batch 1, raw
-    (session.run) and through gru_deploy.Stream. Files are chosen through the manifest and
-    checked against it. Over 60 lines: one timing run over the export's three models, each a
-    few lines of setup and a median."""
-    from pathlib import Path
-
+    (session.run) and through gru_deploy.Stream. Files are chosen through `manifest` (which bench
+    has read and checked) and checked against it. Over 60 lines: one timing run over the
+    export's three models, each a few lines of setup and a median."""
     import onnxruntime as ort
     import torch
 
     from gru_deploy.check.runners import session_options
     from gru_deploy.convert import script
     from gru_deploy.check.module_parity import UserSignature, case_feed
-    from gru_deploy.manifest import check_files, read_manifest, select_model, verified_path
+    from gru_deploy.manifest import select_model, verified_path
     from gru_deploy.versions import library_versions
 
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    check_files(folder, manifest)
     step = progress or (lambda message: None)
     torch.set_num_threads(threads)
 
@@ -437,8 +431,9 @@ def format_module_table(result: dict[str, Any]) -> str:
              "median µs",
              f"{'model':<11} {'form':<6} {'batch':>5} {'seq':>5} {'TorchScript':>12} {'onnxruntime':>12} {'ratio':>7}"]
     for r in result["rows"]:
-        lines.append(f"{r['model']:<11} {str(r['form']):<6} {r['batch']:>5} {r['seq']:>5} {r['torchscript_us']:>12,.1f} "
-                     f"{r['onnxruntime_us']:>12,.1f} {r['onnxruntime_vs_torchscript']:>7.2f}")
+        lines.append(f"{r['model']:<11} {str(r['form']):<6} {r['batch']:>5} {r['seq']:>5} "
+                     f"{r['torchscript_us']:>12,.1f} {r['onnxruntime_us']:>12,.1f} "
+                     f"{r['onnxruntime_vs_torchscript']:>7.2f}")
         if "classifier_same_batch_us" in r:
             lines.append(f"  the classifier on the same padded batch (every sample run to 100 steps): "
                          f"{r['classifier_same_batch_us']:,.1f} µs")
@@ -456,8 +451,6 @@ def bench(folder: "Path | None", threads: int = 1, budget_s: float = 0.5, large:
     can rebuild from its weights (the tutorial classifier, a built-in family), or no folder (an
     untrained default-size model): every variant in every form (run_bench). Your own model's
     export: its files (run_module_bench)."""
-    from gru_deploy.errors import UserInputError
-
     if folder is None:
         (say or (lambda message: None))("no FOLDER given: benchmarking an untrained default-size model (speed does "
                                         "not depend on weights)")
@@ -475,7 +468,7 @@ def bench(folder: "Path | None", threads: int = 1, budget_s: float = 0.5, large:
             if not large or plot_path is not None:
                 raise UserInputError("--no-large and --plot apply where gru-deploy rebuilds the model (the tutorial "
                                      "classifier, a built-in family); your own model's export is timed from its files")
-            result = run_module_bench(folder, threads=threads, budget_s=budget_s, progress=progress)
+            result = run_module_bench(folder, manifest, threads=threads, budget_s=budget_s, progress=progress)
             return result, format_module_table(result)
     result = run_bench(model, threads=threads, budget_s=budget_s, large=large, progress=progress)
     if plot_path is not None:

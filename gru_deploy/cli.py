@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from gru_deploy.versions import __version__
-from gru_deploy.errors import GruDeployError, UserInputError
+from gru_deploy.errors import CheckFailed, GruDeployError, UserInputError
 
 DATA_DEFAULTS = {
     # The tutorial's own run: 20 full-batch epochs of Adam at lr 1e-3.
@@ -69,13 +69,9 @@ def _train_options(data: str, epochs: int | None, batch_size: int | None, lr: fl
 
     real = data in REAL_DATA or data.endswith(".ts")
     defaults = DATA_DEFAULTS.get(data, REAL_DEFAULTS if real else GENERIC_DEFAULTS)
-    return TrainOptions(
-        epochs=epochs if epochs is not None else defaults["epochs"],
-        batch_size=batch_size if batch_size is not None else defaults["batch_size"],
-        lr=lr if lr is not None else defaults["lr"],
-        seed=seed,
-        normalize=real if normalize is None else normalize,
-    )
+    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
+    return TrainOptions(**{k: defaults[k] if v is None else v for k, v in given.items()}, seed=seed,
+                        normalize=real if normalize is None else normalize)
 
 
 def _train(data: str, hidden_size: int, options: Any, test_fraction: float, quiet: bool, test: str | None = None,
@@ -104,34 +100,25 @@ def _retired_strategy(ctx: click.Context, param: click.Parameter, value: str) ->
     return value
 
 
-def _data_options(func):
-    options = [
-        click.option("--data", default="synthetic", show_default=True, metavar="NAME|PATH",
-                     help="Built-in data set (synthetic, seed-random; basicmotions, japanesevowels with the "
-                          "datasets extra), an .npz with x [N,T,I] float32, y [N] int, optional labels and "
-                          "lengths, or a UEA/UCR .ts file."),
-        click.option("--test", "test_path", default=None, metavar="PATH_TEST.ts",
-                     help="With --data PATH_TRAIN.ts: the test split (else --test-fraction is held out)."),
-        click.option("--normalize/--no-normalize", default=None,
-                     help="Per-channel normalisation learned on the training split, baked into the model "
-                          "[default: on for .ts and real data sets, off otherwise]."),
-        click.option("--epochs", type=int, default=None, help="Training epochs [default: 20]."),
-        click.option("--hidden-size", type=click.IntRange(min=1), default=16, show_default=True),
-        click.option("--batch-size", type=int, default=None,
-                     help="Minibatch size [default: 64; seed-random: 1000, the tutorial's full batch]."),
-        click.option("--lr", type=float, default=None,
-                     help="Adam learning rate [default: 0.01; seed-random: 0.001 as in the tutorial]."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed for data, init and shuffling."),
-        click.option("--test-fraction", type=float, default=0.2, show_default=True,
-                     help="Share of the data held out for test accuracy (.npz and synthetic)."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
 @cli.command()
-@_data_options
+@click.option("--data", default="synthetic", show_default=True, metavar="NAME|PATH",
+              help="Built-in data set (synthetic, seed-random; basicmotions, japanesevowels with the "
+                   "datasets extra), an .npz with x [N,T,I] float32, y [N] int, optional labels and "
+                   "lengths, or a UEA/UCR .ts file.")
+@click.option("--test", "test_path", default=None, metavar="PATH_TEST.ts",
+              help="With --data PATH_TRAIN.ts: the test split (else --test-fraction is held out).")
+@click.option("--normalize/--no-normalize", default=None,
+              help="Per-channel normalisation learned on the training split, baked into the model "
+                   "[default: on for .ts and real data sets, off otherwise].")
+@click.option("--epochs", type=int, default=None, help="Training epochs [default: 20].")
+@click.option("--hidden-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batch-size", type=int, default=None,
+              help="Minibatch size [default: 64; seed-random: 1000, the tutorial's full batch].")
+@click.option("--lr", type=float, default=None,
+              help="Adam learning rate [default: 0.01; seed-random: 0.001 as in the tutorial].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for data, init and shuffling.")
+@click.option("--test-fraction", type=float, default=0.2, show_default=True,
+              help="Share of the data held out for test accuracy (.npz and synthetic).")
 @click.option("--family", type=click.Choice(["tutorial", "torch-gru"]), default="tutorial", show_default=True,
               help="tutorial: the tutorial's GRU cell in an explicit loop; torch-gru: torch.nn.GRU. Both with a "
                    "Linear head on the last layer's final state(s).")
@@ -164,13 +151,11 @@ def train(obj: dict, data: str, test_path: str | None, normalize: bool | None, e
     """
     obj["quiet"] = quiet or as_json
     options = _train_options(data, epochs, batch_size, lr, seed, normalize)
-    if family == "tutorial" and layers == 1 and not bidirectional:
-        ckpt = _train(data, hidden_size, options, test_fraction, obj["quiet"], test_path)
-        config = ckpt.spec.to_dict()
-    else:
-        ckpt = _train(data, hidden_size, options, test_fraction, obj["quiet"], test_path,
-                      family=(family, layers, bidirectional))
-        config = {"family": ckpt.family, "model_args": ckpt.model_args, "labels": list(ckpt.labels)}
+    tutorial = family == "tutorial" and layers == 1 and not bidirectional
+    ckpt = _train(data, hidden_size, options, test_fraction, obj["quiet"], test_path,
+                  family=None if tutorial else (family, layers, bidirectional))
+    config = (ckpt.spec.to_dict() if tutorial
+              else {"family": ckpt.family, "model_args": ckpt.model_args, "labels": list(ckpt.labels)})
     sha = ckpt.save(out)
     result = {"checkpoint": str(out), "sha256": sha, "config": config,
               "metrics": {k: v for k, v in ckpt.metrics.items() if k != "loss_history"}}
@@ -195,10 +180,9 @@ def train(obj: dict, data: str, test_path: str | None, normalize: bool | None, e
               help="ONNX form of the classifier, stream and lengths models: loop (the scripted loop as an ONNX "
                    "Loop, input projections hoisted before it), stepwise (the same Loop with each step's input "
                    "projection inside it: faster at large batch x long sequences), fused (ONNX's GRU operator), "
-                   "auto (check each, "
-                   "time them at each model's typical workload, keep the fastest). A built-in family or "
-                   "--model exports as loop, fused (the tutorial cell families and torch.nn.GRU), stepwise (the tutorial "
-                   "cell families) or auto.")
+                   "auto (check each, time them at each model's typical workload, keep the fastest). A built-in "
+                   "family or --model exports as loop, fused (the tutorial cell families and torch.nn.GRU), stepwise "
+                   "(the tutorial cell families) or auto.")
 @click.option("--typical-batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="Batch size that --strategy auto times.")
 @click.option("--typical-seq", type=click.IntRange(min=1), default=100, show_default=True,
@@ -259,10 +243,9 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
     Over 60 lines: the command's usage checks, the untrained default, and its human and --json
     summaries; the work is api.export.
     """
-    from gru_deploy.convert.graphs import check_opset
-    from gru_deploy.check.grid import check_tolerances
-
     import gru_deploy
+    from gru_deploy.check.grid import check_tolerances, tolerance_line
+    from gru_deploy.convert.graphs import check_opset
     from gru_deploy.models.user import parse_model_args
 
     obj["quiet"] = quiet or as_json
@@ -284,8 +267,7 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
         _say(obj, f"trained: held-out accuracy {source.metrics['test_accuracy']:.1%}")
     manifest = gru_deploy.export(
         model_ref, checkpoint=source, out=out, model_args=parse_model_args(model_args) if model_ref else None,
-        input_size=input_size,
-        output_names=[n.strip() for n in output_names.split(",")] if output_names else None,
+        input_size=input_size, output_names=[n.strip() for n in output_names.split(",")] if output_names else None,
         strategy=strategy, opset=opset, atol=atol, rtol=rtol, typical=(typical_batch, typical_seq),
         on_step=lambda m: _progress(obj, m))
     if as_json:
@@ -311,8 +293,6 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
     summary = manifest["parity"]["summary"]
     worst_pair = max(summary, key=lambda k: summary[k]["max_abs"])
     cases = len(json.loads((out / "parity.json").read_text())["cases"])
-    from gru_deploy.check.grid import tolerance_line
-
     click.echo(f"parity holds: {len(summary)} comparisons over {cases} cases; worst max abs error "
                f"{summary[worst_pair]['max_abs']:.2e} ({worst_pair}); {tolerance_line(manifest['parity'])}; "
                f"details in {out / 'parity.json'}")
@@ -364,14 +344,12 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
     module export's pairs, the tutorial grid's cases); the checks are api.verify.
     """
     import gru_deploy
-    from gru_deploy.bundle.read import is_bundle
-    from gru_deploy.errors import CheckFailed
+    from gru_deploy.bundle.read import first_failure, is_bundle
+    from gru_deploy.check.grid import failure_lines, tolerance_line
 
     obj["quiet"] = quiet or as_json
     ctx = click.get_current_context()
     if is_bundle(path):
-        from gru_deploy.bundle.read import first_failure
-
         given = [f"--{name.replace('_path', '').replace('_', '-')}"
                  for name in ("atol", "rtol", "data", "test_path", "junit_xml")
                  if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
@@ -400,12 +378,10 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
     accuracy = report["deployment_accuracy"]
     if as_json:
         _emit_json(report)
-    from gru_deploy.check.grid import failure_lines
+    else:
+        def number(value: Any) -> str:
+            return "inf" if value is None else f"{value:.2e}"
 
-    def number(value: Any) -> str:
-        return "inf" if value is None else f"{value:.2e}"
-
-    if not as_json:
         for pair, s in report["summary"].items():
             click.echo(f"{'ok  ' if s['passed'] else 'FAIL'} {pair:<42} max abs {number(s['max_abs'])}  "
                        f"p99 abs {number(s['p99_abs'])}  min atol {number(s['min_atol'])}  "
@@ -425,8 +401,6 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
     if not report["passed"]:
         raise CheckFailed(f"parity failed for {path}: " + "; ".join(failure_lines(report["summary"])))
     if not as_json:
-        from gru_deploy.check.grid import tolerance_line
-
         click.echo(f"parity holds for {path}: {tolerance_line(report)}")
 
 
@@ -705,8 +679,6 @@ def serve(path: Path, host: str, port: int, model_name: str | None, max_batch: i
     import importlib.util
 
     if not all(importlib.util.find_spec(m) for m in ("aiohttp", "prometheus_client")):
-        from gru_deploy.errors import UserInputError
-
         raise UserInputError("serve needs aiohttp and prometheus-client: pip install 'gru-deploy[serve]'")
     from gru_deploy.serve.server import Limits
     from gru_deploy.serve.run import serve as run_server

@@ -59,15 +59,9 @@ class DataSplit:
     source: str
 
     def describe(self) -> dict[str, object]:
-        return {
-            "source": self.source,
-            "train_samples": len(self.train),
-            "test_samples": len(self.test),
-            "seq_len": int(self.train.x.shape[1]),
-            "variable_length": self.train.lengths is not None,
-            "input_size": self.train.input_size,
-            "labels": list(self.train.labels),
-        }
+        return {"source": self.source, "train_samples": len(self.train), "test_samples": len(self.test),
+                "seq_len": int(self.train.x.shape[1]), "variable_length": self.train.lengths is not None,
+                "input_size": self.train.input_size, "labels": list(self.train.labels)}
 
 
 def validate_arrays(x: np.ndarray, y: np.ndarray, num_classes: int, source: str) -> None:
@@ -92,9 +86,8 @@ def validate_arrays(x: np.ndarray, y: np.ndarray, num_classes: int, source: str)
         bad = int(np.argwhere(~np.isfinite(x))[0][0])
         raise UserInputError(f"{source}: x holds NaN or inf (first in sample {bad})")
     if y.min() < 0 or y.max() >= num_classes:
-        raise UserInputError(
-            f"{source}: labels must lie in [0, {num_classes - 1}], found {int(y.min())}..{int(y.max())}"
-        )
+        raise UserInputError(f"{source}: labels must lie in [0, {num_classes - 1}], "
+                             f"found {int(y.min())}..{int(y.max())}")
 
 
 def validate_lengths(lengths: np.ndarray, x: np.ndarray, source: str) -> None:
@@ -103,10 +96,8 @@ def validate_lengths(lengths: np.ndarray, x: np.ndarray, source: str) -> None:
     if lengths.shape[0] != x.shape[0]:
         raise UserInputError(f"{source}: lengths has {lengths.shape[0]} entries but x has {x.shape[0]} samples")
     if lengths.min() < 0 or lengths.max() > x.shape[1]:
-        raise UserInputError(
-            f"{source}: lengths must lie in [0, {x.shape[1]}] (the padded length), "
-            f"found {int(lengths.min())}..{int(lengths.max())}"
-        )
+        raise UserInputError(f"{source}: lengths must lie in [0, {x.shape[1]}] (the padded length), "
+                             f"found {int(lengths.min())}..{int(lengths.max())}")
 
 
 def synthetic(n: int = 2000, seq_len: int = 40, input_size: int = 8, seed: int = 0) -> Dataset:
@@ -182,11 +173,8 @@ def split(data: Dataset, test_fraction: float, seed: int) -> DataSplit:
     if n - n_test < 1:
         raise UserInputError(f"{data.name}: {n} sample(s) are too few to hold out a test split")
     order = np.random.default_rng(seed).permutation(n)
-    return DataSplit(
-        data.subset(order[n_test:], f"{data.name}/train"),
-        data.subset(order[:n_test], f"{data.name}/test"),
-        data.name,
-    )
+    name = data.name
+    return DataSplit(data.subset(order[n_test:], f"{name}/train"), data.subset(order[:n_test], f"{name}/test"), name)
 
 
 def load_data(source: str, seed: int = 0, test_fraction: float = 0.2, input_size: int | None = None,
@@ -208,15 +196,12 @@ def load_data(source: str, seed: int = 0, test_fraction: float = 0.2, input_size
     path = Path(source)
     if path.suffix != ".npz":
         if not path.exists():
-            raise UserInputError(
-                f"unknown data set {source!r}: give one of {', '.join(BUILTIN)} or a path to an .npz file"
-            )
+            raise UserInputError(f"unknown data set {source!r}: give one of {', '.join(BUILTIN)} "
+                                 "or a path to an .npz file")
         raise UserInputError(f"{source}: unsupported data file type {path.suffix!r}; use .npz or .ts")
     data = load_npz(path)
     if input_size is not None and data.input_size != input_size:
-        raise UserInputError(
-            f"{source}: x has {data.input_size} input channels but the model takes {input_size}"
-        )
+        raise UserInputError(f"{source}: x has {data.input_size} input channels but the model takes {input_size}")
     return split(data, test_fraction, seed)
 
 
@@ -277,17 +262,18 @@ def load_ts(path: Path) -> Dataset:
         label = fields[-1].strip()
         if label not in labels:
             raise UserInputError(f"{where}: class label {label!r} is not one of @classLabel {list(labels)}")
-        series = []
+        series: list[list[float]] = []
         for dim, field_text in enumerate(fields[:-1]):
             values = field_text.split(",")
             if any(v.strip() in ("?", "") or v.strip().lower() == "nan" for v in values):
                 raise UserInputError(f"{where}: missing value in dimension {dim + 1}; impute missing values "
                                      "before training")
-            try:
-                series.append([float(v) for v in values])
-            except ValueError:
-                bad = next(v for v in values if not _is_float(v))
-                raise UserInputError(f"{where}: {bad.strip()!r} in dimension {dim + 1} is not a number") from None
+            series.append([])
+            for v in values:
+                try:
+                    series[-1].append(float(v))
+                except ValueError:
+                    raise UserInputError(f"{where}: {v.strip()!r} in dimension {dim + 1} is not a number") from None
         cases.append((number, series, label))
     if not in_data:
         raise UserInputError(f"{path}: no @data line")
@@ -315,14 +301,6 @@ def load_ts(path: Path) -> Dataset:
     return Dataset(str(path), x, y, labels, None if equal else lengths)
 
 
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
 def aeon_data_dir() -> Path:
     """The folder of data sets the `aeon` package ships, found without importing aeon (slow)."""
     import importlib.util
@@ -340,9 +318,7 @@ def load_builtin_ts(name: str) -> DataSplit:
     """basicmotions or japanesevowels, with the train/test split as shipped."""
     problem = TS_DATASETS[name]
     folder = aeon_data_dir() / problem
-    train = load_ts(folder / f"{problem}_TRAIN.ts")
-    test = load_ts(folder / f"{problem}_TEST.ts")
-    return _ts_split(train, test, name)
+    return _ts_split(load_ts(folder / f"{problem}_TRAIN.ts"), load_ts(folder / f"{problem}_TEST.ts"), name)
 
 
 def _ts_split(train: Dataset, test: Dataset, source: str) -> DataSplit:

@@ -57,16 +57,9 @@ class Checkpoint:
         return load_weights(self.spec, self.state_dict)
 
     def to_bytes(self) -> bytes:
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "format_version": CHECKPOINT_VERSION,
-            "config": self.spec.to_dict(),
-            "state_dict": self.state_dict,
-            "metrics": self.metrics,
-            "training": self.training,
-            "versions": self.versions,
-        }
-        return _payload_bytes(payload)
+        return _payload_bytes({"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+                               "config": self.spec.to_dict(), "state_dict": self.state_dict, "metrics": self.metrics,
+                               "training": self.training, "versions": self.versions})
 
     def save(self, path: Path) -> str:
         """Write the checkpoint atomically; its sha256."""
@@ -81,23 +74,20 @@ def _payload_bytes(payload: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def _logits(model: GRUClassifier, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-    """The classifier's logits; with lengths, the masked loop (state held past each length)."""
-    if lengths is None:
-        return model(x)
-    h0 = torch.zeros(x.size(0), model.hidden_size, dtype=x.dtype)
-    return model.fc(model.recur_masked(x, h0, lengths))
+def _logits(model: torch.nn.Module, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """The classifier's logits; with lengths, its `forward_lengths` (state held past each length)."""
+    return model(x) if lengths is None else model.forward_lengths(x, lengths)
 
 
-def accuracy(model: GRUClassifier, data: Dataset, batch_size: int = 256) -> float:
+def accuracy(model: torch.nn.Module, data: Dataset, batch_size: int = 256) -> float:
+    """Share of `data` the classifier (the tutorial's or a family's) gets right."""
     model.eval()
     correct = 0
-    lengths = None if data.lengths is None else torch.from_numpy(data.lengths)
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
-            part = None if lengths is None else lengths[start:start + batch_size]
-            logits = _logits(model, torch.from_numpy(data.x[start:start + batch_size]), part)
-            correct += int((logits.argmax(1).numpy() == data.y[start:start + batch_size]).sum())
+            x = torch.from_numpy(data.x[start:start + batch_size])
+            lengths = None if data.lengths is None else torch.from_numpy(data.lengths[start:start + batch_size])
+            correct += int((_logits(model, x, lengths).argmax(1).numpy() == data.y[start:start + batch_size]).sum())
     return correct / len(data)
 
 
@@ -115,49 +105,34 @@ def channel_statistics(data: Dataset) -> tuple[tuple[float, ...], tuple[float, .
     return tuple(values.mean(0).tolist()), tuple(np.maximum(values.std(0), 1e-6).tolist())
 
 
-def train(
-    spec: ModelSpec,
-    split: DataSplit,
-    options: TrainOptions,
-    progress: Callable[[int, float], None] | None = None,
-) -> Checkpoint:
+def train(spec: ModelSpec, split: DataSplit, options: TrainOptions,
+          progress: Callable[[int, float], None] | None = None) -> Checkpoint:
     """Train a fresh classifier on `split.train`; report held-out accuracy on `split.test`.
 
     `progress(epoch, loss)` is called after every epoch.
     """
-    _check_data(split, spec.input_size, spec.output_size)
+    if split.train.input_size != spec.input_size:
+        raise UserInputError(f"data has {split.train.input_size} input channels but the model takes "
+                             f"{spec.input_size}")
+    if len(split.train.labels) != spec.output_size:
+        raise UserInputError(f"data has {len(split.train.labels)} classes but the model has {spec.output_size}")
     if options.normalize:
         spec = replace(spec, normalization=channel_statistics(split.train))
     torch.manual_seed(options.seed)
-    model = build_model(spec)
-    history = _fit(model, _logits, split, options, progress)
-    metrics = {
-        "train_accuracy": accuracy(model, split.train),
-        "test_accuracy": accuracy(model, split.test),
-        "final_loss": history[-1],
-        "loss_history": history,
-    }
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    metrics, state = _fit(build_model(spec), split, options, progress)
     return Checkpoint(spec, state, metrics, _training_record(split, options), library_versions())
-
-
-def _check_data(split: DataSplit, input_size: int, classes: int) -> None:
-    if split.train.input_size != input_size:
-        raise UserInputError(f"data has {split.train.input_size} input channels but the model takes {input_size}")
-    if len(split.train.labels) != classes:
-        raise UserInputError(f"data has {len(split.train.labels)} classes but the model has {classes}")
 
 
 def _training_record(split: DataSplit, options: TrainOptions) -> dict[str, Any]:
     return {"data": split.describe(), "epochs": options.epochs, "batch_size": options.batch_size,
-            "normalize": options.normalize,
-            "lr": options.lr, "seed": options.seed, "optimizer": "Adam", "loss": "cross_entropy"}
+            "normalize": options.normalize, "lr": options.lr, "seed": options.seed, "optimizer": "Adam",
+            "loss": "cross_entropy"}
 
 
-def _fit(model: torch.nn.Module, logits: Callable[..., torch.Tensor], split: DataSplit, options: TrainOptions,
-         progress: Callable[[int, float], None] | None) -> list[float]:
-    """Adam + cross-entropy over shuffled minibatches; `logits(model, x, lengths or None)`.
-    Returns the loss per epoch; leaves the model in eval mode."""
+def _fit(model: torch.nn.Module, split: DataSplit, options: TrainOptions,
+         progress: Callable[[int, float], None] | None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Adam + cross-entropy over shuffled minibatches, `progress(epoch, loss)` after each epoch;
+    then the metrics (accuracies, loss per epoch) and a copy of the trained weights."""
     optimiser = torch.optim.Adam(model.parameters(), lr=options.lr)
     loss_fn = torch.nn.CrossEntropyLoss()
     x = torch.from_numpy(split.train.x)
@@ -172,15 +147,16 @@ def _fit(model: torch.nn.Module, logits: Callable[..., torch.Tensor], split: Dat
         for start in range(0, len(x), options.batch_size):
             index = order[start:start + options.batch_size]
             optimiser.zero_grad()
-            loss = loss_fn(logits(model, x[index], None if lengths is None else lengths[index]), y[index])
+            loss = loss_fn(_logits(model, x[index], None if lengths is None else lengths[index]), y[index])
             loss.backward()
             optimiser.step()
             total += loss.item() * len(index)
         history.append(total / len(x))
         if progress is not None:
             progress(epoch, history[-1])
-    model.eval()
-    return history
+    metrics = {"train_accuracy": accuracy(model, split.train), "test_accuracy": accuracy(model, split.test),
+               "final_loss": history[-1], "loss_history": history}
+    return metrics, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 # --- the built-in families (stacked / bidirectional tutorial cells, torch.nn.GRU) -------------
@@ -222,22 +198,6 @@ class FamilyCheckpoint:
     save = Checkpoint.save
 
 
-def _family_logits(model: torch.nn.Module, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-    return model(x) if lengths is None else model.forward_lengths(x, lengths)
-
-
-def family_accuracy(model: torch.nn.Module, data: Dataset, batch_size: int = 256) -> float:
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            x = torch.from_numpy(data.x[start:start + batch_size])
-            lengths = None if data.lengths is None else torch.from_numpy(data.lengths[start:start + batch_size])
-            pred = _family_logits(model, x, lengths).argmax(1).numpy()
-            correct += int((pred == data.y[start:start + batch_size]).sum())
-    return correct / len(data)
-
-
 def train_family(family: str, hidden_size: int, layers: int, bidirectional: bool, split: DataSplit,
                  options: TrainOptions, progress: Callable[[int, float], None] | None = None) -> FamilyCheckpoint:
     """Train a fresh member of a built-in family on `split.train`, as `train` does the tutorial's."""
@@ -248,12 +208,7 @@ def train_family(family: str, hidden_size: int, layers: int, bidirectional: bool
     if options.normalize:
         args["normalization"] = channel_statistics(split.train)
     torch.manual_seed(options.seed)
-    model = build_family(family, args)
-    history = _fit(model, _family_logits, split, options, progress)
-    metrics = {"train_accuracy": family_accuracy(model, split.train),
-               "test_accuracy": family_accuracy(model, split.test),
-               "final_loss": history[-1], "loss_history": history}
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    metrics, state = _fit(build_family(family, args), split, options, progress)
     return FamilyCheckpoint(family, args, state, tuple(split.train.labels), metrics,
                             _training_record(split, options), library_versions())
 
@@ -274,9 +229,7 @@ def load_checkpoint(path: Path) -> "Checkpoint | FamilyCheckpoint":
     except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError, zipfile.BadZipFile,
             KeyError, AttributeError, TypeError, IndexError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserInputError(
-            f"{path}: not a loadable weights-only PyTorch checkpoint ({first[:200]})"
-        ) from None
+        raise UserInputError(f"{path}: not a loadable weights-only PyTorch checkpoint ({first[:200]})") from None
     sha = sha256_bytes(raw)
     if not isinstance(obj, dict):
         raise UserInputError(f"{path}: holds a {type(obj).__name__}, expected a checkpoint dict or a state_dict")
@@ -324,9 +277,5 @@ def stderr_progress(epochs: int, quiet: bool) -> tuple[Callable[[int, float], No
     bar = click.progressbar(length=epochs, label="training", file=sys.stderr,
                             item_show_func=lambda loss: f"loss {loss:.4f}" if loss is not None else "")
     bar.__enter__()
-
-    def update(epoch: int, loss: float) -> None:
-        bar.update(1, loss)
-
-    return update, lambda: bar.__exit__(None, None, None)
+    return lambda epoch, loss: bar.update(1, loss), lambda: bar.__exit__(None, None, None)
 
