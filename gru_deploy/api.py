@@ -96,11 +96,13 @@ def verify(path: str | Path, atol: float = 1e-5, rtol: float = 1e-5, data: str |
 
     On an export folder, `data` (a data set name or path; `test`: a .ts test file) adds
     "deployment_accuracy": test accuracy per runtime; `junit_xml` writes the parity grid as
-    JUnit XML (before the accuracy is measured: a failing run is when CI needs it)."""
+    JUnit XML (before the accuracy is measured: a failing run is when CI needs it).
+    "stage_seconds" says where an export folder's verify spent its time (check.timing)."""
     from gru_deploy.bundle.read import is_bundle, verify_bundle
     from gru_deploy.accuracy import deployment_accuracy
     from gru_deploy.check.grid import check_tolerances
     from gru_deploy.check.module_parity import verify_export
+    from gru_deploy.check.timing import measuring, stage
     from gru_deploy.manifest import atomic_write_bytes
 
     path = Path(path)
@@ -113,13 +115,17 @@ def verify(path: str | Path, atol: float = 1e-5, rtol: float = 1e-5, data: str |
         raise UserInputError("trust_torchscript applies to bundles; an export folder's TorchScript is loaded as "
                              "part of its parity grid")
     check_tolerances(atol, rtol)
-    report = verify_export(path, atol=atol, rtol=rtol, on_case=on_case).to_json()
-    if junit_xml is not None:
-        from gru_deploy.check.junit import parity_junit_xml
+    with measuring() as clock:
+        report = verify_export(path, atol=atol, rtol=rtol, on_case=on_case).to_json()
+        if junit_xml is not None:
+            from gru_deploy.check.junit import parity_junit_xml
 
-        atomic_write_bytes(Path(junit_xml), parity_junit_xml(report, f"gru-deploy verify {path}"))
-    accuracy = deployment_accuracy(path, data, test) if data and report["passed"] else None
-    return {**report, "deployment_accuracy": accuracy}
+            atomic_write_bytes(Path(junit_xml), parity_junit_xml(report, f"gru-deploy verify {path}"))
+        accuracy = None
+        if data and report["passed"]:
+            with stage("accuracy"):
+                accuracy = deployment_accuracy(path, data, test)
+    return {**report, "deployment_accuracy": accuracy, "stage_seconds": clock.record()}
 
 
 def package(export_dir: str | Path, target: str, out: str | Path | None = None, quantize: str | None = None,

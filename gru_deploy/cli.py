@@ -245,6 +245,7 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
     """
     import gru_deploy
     from gru_deploy.check.grid import check_tolerances, tolerance_line
+    from gru_deploy.check.timing import measuring, stage, stage_line
     from gru_deploy.convert.graphs import check_opset
     from gru_deploy.models.user import parse_model_args
 
@@ -260,21 +261,26 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
         raise UserInputError("--model needs --checkpoint: the state_dict of your trained model "
                              "(torch.save({'state_dict': model.state_dict(), 'model_args': {...}}, 'ck.pt'))")
     source: Any = checkpoint
-    if model_ref is None and checkpoint is None:
-        _say(obj, "no --checkpoint given: training the default model on the synthetic data set first "
-                  f"(seed {seed}; use `gru-deploy train` to keep a checkpoint)")
-        source = _train("synthetic", 16, _train_options("synthetic", None, None, None, seed), 0.2, obj["quiet"])
-        _say(obj, f"trained: held-out accuracy {source.metrics['test_accuracy']:.1%}")
-    manifest = gru_deploy.export(
-        model_ref, checkpoint=source, out=out, model_args=parse_model_args(model_args) if model_ref else None,
-        input_size=input_size, output_names=[n.strip() for n in output_names.split(",")] if output_names else None,
-        strategy=strategy, opset=opset, atol=atol, rtol=rtol, typical=(typical_batch, typical_seq),
-        on_step=lambda m: _progress(obj, m))
+    with measuring() as clock:
+        if model_ref is None and checkpoint is None:
+            _say(obj, "no --checkpoint given: training the default model on the synthetic data set first "
+                      f"(seed {seed}; use `gru-deploy train` to keep a checkpoint)")
+            with stage("train"):
+                source = _train("synthetic", 16, _train_options("synthetic", None, None, None, seed), 0.2,
+                                obj["quiet"])
+            _say(obj, f"trained: held-out accuracy {source.metrics['test_accuracy']:.1%}")
+        manifest = gru_deploy.export(
+            model_ref, checkpoint=source, out=out, model_args=parse_model_args(model_args) if model_ref else None,
+            input_size=input_size, output_names=[n.strip() for n in output_names.split(",")] if output_names else None,
+            strategy=strategy, opset=opset, atol=atol, rtol=rtol, typical=(typical_batch, typical_seq),
+            on_step=lambda m: _progress(obj, m))
+    times = clock.record()
     if as_json:
         keys = ["strategy", "auto", "opset", "files", "parity"] + (
             ["model", "signature"] if "model" in manifest else [])
         _emit_json({"out": str(out), **{k: manifest[k] for k in keys},
-                    "metrics": {k: v for k, v in manifest["metrics"].items() if k != "loss_history"}})
+                    "metrics": {k: v for k, v in manifest["metrics"].items() if k != "loss_history"},
+                    "stage_seconds": times})
         return
     for note in manifest["notes"]:
         _say(obj, f"note: {note}")
@@ -296,6 +302,7 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
     click.echo(f"parity holds: {len(summary)} comparisons over {cases} cases; worst max abs error "
                f"{summary[worst_pair]['max_abs']:.2e} ({worst_pair}); {tolerance_line(manifest['parity'])}; "
                f"details in {out / 'parity.json'}")
+    _say(obj, stage_line(times))
 
 
 @cli.command()
@@ -346,6 +353,7 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
     import gru_deploy
     from gru_deploy.bundle.read import first_failure, is_bundle
     from gru_deploy.check.grid import failure_lines, tolerance_line
+    from gru_deploy.check.timing import stage_line
 
     obj["quiet"] = quiet or as_json
     ctx = click.get_current_context()
@@ -402,6 +410,8 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
         raise CheckFailed(f"parity failed for {path}: " + "; ".join(failure_lines(report["summary"])))
     if not as_json:
         click.echo(f"parity holds for {path}: {tolerance_line(report)}")
+        if "stage_seconds" in report:
+            _say(obj, stage_line(report["stage_seconds"]))
 
 
 @cli.command()

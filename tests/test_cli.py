@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,11 +73,24 @@ def test_train_export_verify_round_trip(tmp_path):
     assert summary["parity"]["passed"] and summary["strategy"] == "loop"
     assert sorted(p.name for p in out.iterdir()) == EXPORT_FILES
     assert read_manifest(out)["source_checkpoint"]["sha256"] == result["sha256"]
+    assert_stages(summary["stage_seconds"], {"script", "forms", "parity", "float32 noise", "ORT conversion",
+                                             "golden", "write"})
     proc = run_cli("verify", str(out), "--json")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["passed"] is True
+    report = json.loads(proc.stdout)
+    assert report["passed"] is True
+    assert_stages(report["stage_seconds"], {"checksums", "load", "parity"})
     proc = run_cli("verify", str(out))
     assert proc.returncode == 0 and "parity holds" in proc.stdout
+    assert "time " in proc.stderr and " parity " in proc.stderr  # where the time went, for people too
+
+
+def assert_stages(record, stages):
+    """A run's stage_seconds: at least these stages, every number >= 0, and the stages and the
+    rest adding up to the total (each second counted once)."""
+    assert stages <= set(record["stages_s"]), record
+    assert all(v >= 0 for v in record["stages_s"].values()) and record["other_s"] >= 0
+    assert abs(sum(record["stages_s"].values()) + record["other_s"] - record["total_s"]) < 0.01, record
 
 
 @pytest.mark.slow
@@ -86,6 +100,7 @@ def test_export_without_a_checkpoint_trains_the_default_model(tmp_path):
     proc = run_cli("export", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "training the default model" in proc.stderr
+    assert re.search(r"time [0-9.]+ s: .*train [0-9.]+ s", proc.stderr)  # training counted as a stage
     manifest = read_manifest(tmp_path / "exported")
     assert manifest["metrics"]["test_accuracy"] >= 0.9
     assert (tmp_path / "exported" / "README.md").read_text() == "kept\n"  # foreign files survive

@@ -64,3 +64,29 @@ def test_an_empty_sequence_answers_the_head_on_the_zero_state(export_dir, varian
     options = {"lengths": np.array([0, 0, 0])} if variant == "lengths" else VARIANTS[variant]
     out = infer(export_dir, np.zeros((3, 0, 8), np.float32), **options).outputs["logits"]
     np.testing.assert_allclose(out, np.tile(bias, (3, 1)), atol=1e-6)
+
+
+def test_stage_clock_counts_each_second_once_in_the_innermost_stage(monkeypatch):
+    """Nested stages: the inner one's seconds are not also the outer one's; the rest is `other`;
+    outside `measuring` a stage times nothing."""
+    from gru_deploy.check import timing
+
+    now = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+
+    def wait(seconds):
+        now[0] += seconds
+
+    with timing.stage("unmeasured"):
+        wait(5)
+    with timing.measuring() as clock:
+        wait(1)  # other
+        with timing.stage("parity"):
+            wait(2)
+            with timing.stage("float32 noise"):
+                wait(3)
+            wait(4)
+        with timing.stage("parity"):
+            wait(0.5)
+    assert clock.record() == {"total_s": 10.5, "stages_s": {"parity": 6.5, "float32 noise": 3.0}, "other_s": 1.0}
+    assert timing.stage_line(clock.record()) == "time 10.5 s: parity 6.5 s, float32 noise 3.0 s, other 1.0 s"

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from gru_deploy.check.compare import DEFAULT_ATOL, DEFAULT_RTOL, compare
+from gru_deploy.check.timing import stage
 from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.spec import INPUT_NAME, OUTPUT_NAME, STATE_IN
 
@@ -214,7 +215,8 @@ def run_parity(
             outputs["float64"] = _run(runners["float64"], "float64", feed, batch, seq)
             estimate = getattr(runners["float64"], "float32_noise", None)
             if estimate is not None:  # float32's own error on this input
-                noise = estimate(feed, seed=(seed or 0) + index, clean=outputs["float64"])
+                with stage("float32 noise"):
+                    noise = estimate(feed, seed=(seed or 0) + index, clean=outputs["float64"])
         widening, unverifiable = noise_tolerance(noise, outputs.get("float64", {}), atol)
         result: dict[str, Any] = {}
         unverified: dict[str, Any] = {}

@@ -444,14 +444,16 @@ def verify_export(folder: Path, atol: float = 1e-5, rtol: float = 1e-5,
     import numpy as np
 
     from gru_deploy.check.grid import check_tolerances
+    from gru_deploy.check.timing import stage
     from gru_deploy.manifest import MANIFEST_NAME, check_files, read_manifest, verified_path
 
     check_tolerances(atol, rtol)
     folder = Path(folder)
     if folder.is_dir() and not (folder / MANIFEST_NAME).is_file():
         raise UserInputError(f"{folder}: no {MANIFEST_NAME}; run gru-deploy export first")
-    manifest = read_manifest(folder)
-    check_files(folder, manifest)
+    with stage("checksums"):
+        manifest = read_manifest(folder)
+        check_files(folder, manifest)
     reference = manifest.get("reference")
     if not isinstance(reference, dict):
         raise UserInputError(f"{folder}: the export stores no float64 reference (made by an older gru-deploy); "
@@ -485,22 +487,26 @@ def _verify_variant(folder: Path, manifest: dict[str, Any], variant: str, signat
                     on_case: Callable[[str], None] | None) -> "ParityReport":
     from gru_deploy.check import torchscript as script
     from gru_deploy.check.onnx_walk import check_onnx_bytes
+    from gru_deploy.check.timing import stage
     from gru_deploy.manifest import find_models, select_model, verified_path
 
-    pt = verified_path(folder, manifest, select_model(manifest, variant, "torchscript", where=str(folder)))
-    onnx_path = verified_path(folder, manifest, select_model(manifest, variant, "onnx", where=str(folder)))
-    if not isinstance(recorded, dict):
-        raise UserInputError(f"{folder}/manifest.json: the {variant} model's op_types are missing; re-export the model")
-    onnx_bytes = onnx_path.read_bytes()
-    check_onnx_bytes(onnx_bytes, f"{folder}: {onnx_path.name}", known=frozenset(recorded))
-    scripted = script.load(pt)
-    check_recurrence(scripted, str(pt))
-    ort_names = find_models(manifest, variant, "ort", where=str(folder))
-    ort_format = verified_path(folder, manifest, ort_names[0]).read_bytes() if ort_names else None
-    runners = user_runners(None, scripted, onnx_bytes, signature, stored, variant=variant, ort_format=ort_format)
-    report = module_parity(runners, signature, atol, rtol, grid, variant=variant, on_case=on_case)
-    if variant == "stream":
-        report.cases.extend(chunked_in_runtimes(runners, signature, atol, rtol, on_case))
+    with stage("load"):
+        pt = verified_path(folder, manifest, select_model(manifest, variant, "torchscript", where=str(folder)))
+        onnx_path = verified_path(folder, manifest, select_model(manifest, variant, "onnx", where=str(folder)))
+        if not isinstance(recorded, dict):
+            raise UserInputError(f"{folder}/manifest.json: the {variant} model's op_types are missing; re-export "
+                                 "the model")
+        onnx_bytes = onnx_path.read_bytes()
+        check_onnx_bytes(onnx_bytes, f"{folder}: {onnx_path.name}", known=frozenset(recorded))
+        scripted = script.load(pt)
+        check_recurrence(scripted, str(pt))
+        ort_names = find_models(manifest, variant, "ort", where=str(folder))
+        ort_format = verified_path(folder, manifest, ort_names[0]).read_bytes() if ort_names else None
+    with stage("parity"):
+        runners = user_runners(None, scripted, onnx_bytes, signature, stored, variant=variant, ort_format=ort_format)
+        report = module_parity(runners, signature, atol, rtol, grid, variant=variant, on_case=on_case)
+        if variant == "stream":
+            report.cases.extend(chunked_in_runtimes(runners, signature, atol, rtol, on_case))
     return report
 
 

@@ -74,8 +74,9 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
     applies, checked, timed at `typical` (batch, seq) at each variant's workload, the fastest
     kept). Over 60 lines: the pipeline's stages in order, each a call."""
     from gru_deploy.check.grid import check_tolerances
-    from gru_deploy.check.recurrence import check_recurrence
     from gru_deploy.check.module_parity import GOLDEN_FILE
+    from gru_deploy.check.recurrence import check_recurrence
+    from gru_deploy.check.timing import stage
     from gru_deploy.convert import script
     from gru_deploy.convert.graphs import check_opset
     from gru_deploy.manifest import recover_interrupted_runs
@@ -92,14 +93,15 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
     if size is None:
         raise UserInputError(f"{model.reference}: cannot read the input size off its layers; pass --input-size")
     script.take_deprecations()  # what this export hears, not what earlier work in this process heard
-    step(f"scripting {model.reference} with torch.jit.script (checking its time loop stays a loop)")
-    scripted = script_user(model)
-    kept = check_recurrence(scripted, model.reference)
-    step(f"reading the signature off the module (input [batch, seq, {size}])")
-    signature = discover_signature(model.module, size, model.reference, output_names)
-    if labels and (len(signature.outputs) != 1 or signature.outputs[0]["shape"][-1] != len(labels)):
-        raise UserInputError(f"{len(labels)} labels do not fit the outputs {signature.to_dict()['outputs']}")
-    signatures, notes = declared_variants(model, scripted, signature)
+    with stage("script"):
+        step(f"scripting {model.reference} with torch.jit.script (checking its time loop stays a loop)")
+        scripted = script_user(model)
+        kept = check_recurrence(scripted, model.reference)
+        step(f"reading the signature off the module (input [batch, seq, {size}])")
+        signature = discover_signature(model.module, size, model.reference, output_names)
+        if labels and (len(signature.outputs) != 1 or signature.outputs[0]["shape"][-1] != len(labels)):
+            raise UserInputError(f"{len(labels)} labels do not fit the outputs {signature.to_dict()['outputs']}")
+        signatures, notes = declared_variants(model, scripted, signature)
     files: dict[str, bytes] = {}
     models: dict[str, dict[str, Any]] = {}
     variants: dict[str, Any] = {}
@@ -108,12 +110,15 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
     metadata = proof.metadata(model)
     for variant, sig in signatures.items():
         classifier_form = chosen["classifier"].form if chosen else strategy
-        candidates = variant_candidates(model, scripted, kept, variant, sig, opset, strategy, metadata, step,
-                                        classifier_form)
-        reports = {form: proof.check(built, model, step) for form, built in candidates.items()}
+        with stage("forms"):
+            candidates = variant_candidates(model, scripted, kept, variant, sig, opset, strategy, metadata, step,
+                                            classifier_form)
+        with stage("parity"):
+            reports = {form: proof.check(built, model, step) for form, built in candidates.items()}
         form, auto = next(iter(candidates)), None
         if strategy == "auto" and (len(candidates) > 1 or variant == "classifier"):  # the classifier: always timed
-            form, auto = time_candidates(candidates, variant, typical, step)
+            with stage("auto"):
+                form, auto = time_candidates(candidates, variant, typical, step)
         chosen[variant] = built = candidates[form]
         parts.append(reports[form])
         add_model(files, models, variants, variant, built.pt_bytes, built.onnx_bytes, form,
@@ -126,7 +131,8 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
                      "silences it and keeps model.pt for libtorch runtimes): "
                      + " | ".join(m[:120] for m in deprecations))
     step("computing the golden cases (eager PyTorch)")
-    files[GOLDEN_FILE], golden = proof.golden(model, signatures)
+    with stage("golden"):
+        files[GOLDEN_FILE], golden = proof.golden(model, signatures)
     fields, prove = proof.finish(model, kept, parts, files, signatures)
     graph = chosen["classifier"].graph
     return write_export(out, files, {
@@ -566,23 +572,27 @@ def write_export(out: Path, files: dict[str, bytes], fields: dict[str, Any], not
     goes without), every file into a staging folder, `prove(stage, manifest)` -> (parity.json's
     content, the manifest's parity record) raising CheckFailed to write nothing, then the
     manifest (`fields` plus format, versions, notes and every file's sha256). Returns it."""
+    from gru_deploy.check.timing import stage
     from gru_deploy.convert.graphs import add_ort_models, to_ort_format
     from gru_deploy.errors import WriteFailed
 
     models = fields["models"]
     step("converting the ONNX models to ORT format (onnxruntime's converter)")
     try:
-        add_ort_models(files, models, to_ort_format({n: files[n] for n, m in models.items() if m["format"] == "onnx"}))
+        with stage("ORT conversion"):
+            converted = to_ort_format({n: files[n] for n, m in models.items() if m["format"] == "onnx"})
+        add_ort_models(files, models, converted)
     except WriteFailed as exc:  # an op the ORT-format writer does not take: the edge bundle goes without
         notes.append(f"no ORT-format copy: {exc}")
-    with staged_dir(Path(out), keep=KEEP) as stage:
+    with stage("write"), staged_dir(Path(out), keep=KEEP) as staged:
         for name, data in files.items():
-            atomic_write_bytes(stage / name, data)
+            atomic_write_bytes(staged / name, data)
         manifest: dict[str, Any] = {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION,
                                     "gru_deploy_version": __version__, **fields, "versions": library_versions(),
-                                    "notes": notes, "files": {name: file_entry(stage / name) for name in files}}
-        parity, manifest["parity"] = prove(stage, manifest)
-        atomic_write_json(stage / "parity.json", parity)
-        manifest["files"]["parity.json"] = file_entry(stage / "parity.json")
-        atomic_write_json(stage / MANIFEST_NAME, manifest)
+                                    "notes": notes, "files": {name: file_entry(staged / name) for name in files}}
+        with stage("parity"):
+            parity, manifest["parity"] = prove(staged, manifest)
+        atomic_write_json(staged / "parity.json", parity)
+        manifest["files"]["parity.json"] = file_entry(staged / "parity.json")
+        atomic_write_json(staged / MANIFEST_NAME, manifest)
     return manifest
