@@ -167,9 +167,15 @@ def streaming_step(model: "UserModel", forms: dict[str, "Built"], threads: int, 
     """Per-step latency of streaming at batch 1, one step per call: eager (the author's step:
     models.user.baseline), the TorchScript and ONNX stream models (each form) with a plain call
     (inputs checked as infer checks them), the streaming API (`gru_deploy.Stream`, io_binding)
-    over each, and, for a tutorial-cell model, the one-GRU-node io_binding floor."""
+    over each (stepping the one-step model where the export has one, as an export's Stream
+    does), and, for a tutorial-cell model, the one-step model's plain run() and the
+    one-GRU-node io_binding floor."""
     import numpy as np
+    import onnxruntime as ort
     import torch
+
+    from gru_deploy.check.runners import session_options
+    from gru_deploy.convert.pipeline import build_step_model
 
     from gru_deploy.models.user import baseline
     from gru_deploy.serve.stream import Stream
@@ -189,10 +195,16 @@ def streaming_step(model: "UserModel", forms: dict[str, "Built"], threads: int, 
         return median_us(once, budget_s)
 
     timings = {"eager step": timed_torch(eager_step), "torchscript stream": timed_torch(loop.scripted)}
+    one_step = build_step_model(model, loop.signature, 17, {}, lambda message: None)
+    if one_step is not None:  # the export's model_step.onnx, as a user outside gru-deploy runs it
+        session = ort.InferenceSession(one_step[0], session_options(threads), providers=["CPUExecutionProvider"])
+        feed = {"x": x.reshape(1, 1, -1), "h0": h.reshape(1, -1, sizes[1]).transpose(1, 0, 2).copy()}
+        timings["onnxruntime step model, run()"] = median_us(lambda: session.run(None, feed), budget_s)
     for form, built in forms.items():
         call = _session_call(built, threads)
         timings[f"onnxruntime stream {form}, run()"] = median_us(lambda: call({"x": x, "h0": h}), budget_s)
-        api = Stream.from_onnx(built.onnx_bytes, built.signature.to_dict(), threads=threads)
+        api = Stream.from_onnx(built.onnx_bytes, built.signature.to_dict(), threads=threads,
+                               step=one_step[0] if one_step is not None else None)
         x_t = x[0, 0]
         timings[f"Stream API, {form}"] = median_us(lambda: api.step(x_t), budget_s)
     floor_step = gru_step_reference(model.module, threads)

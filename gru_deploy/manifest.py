@@ -187,6 +187,16 @@ def answers_empty(manifest: dict[str, Any]) -> bool:
     return bool(recorded) if recorded is not None else not is_module_export(manifest)
 
 
+def variant_record(manifest: dict[str, Any], variant: str) -> dict[str, Any]:
+    """What an export's manifest records of a variant's model besides the classifier (its
+    signature, form, op types): under `variants`; the stream's one-step model ("step") under
+    variants.stream.step_model. Empty where it records none."""
+    variants = manifest.get("variants") or {}
+    if variant == "step":
+        return (variants.get("stream") or {}).get("step_model") or {}
+    return variants.get(variant) or {}
+
+
 def labels_of(manifest: dict[str, Any]) -> list[str]:
     """The class labels an export or bundle records (top level; older tutorial manifests: in config)."""
     return list(manifest.get("labels") or (manifest.get("config") or {}).get("labels") or [])

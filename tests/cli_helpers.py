@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-EXPORT_FILES = ["golden.npz", "manifest.json", "model.onnx", "model.ort", "model.pt", "model_lengths.onnx", "model_lengths.ort", "model_lengths.pt",
-                "model_stream.onnx", "model_stream.ort", "model_stream.pt", "parity.json", "reference_float64.npz",
+EXPORT_FILES = ["golden.npz", "manifest.json", "model.onnx", "model.ort", "model.pt", "model_lengths.onnx",
+                "model_lengths.ort", "model_lengths.pt", "model_step.onnx", "model_stream.onnx", "model_stream.ort",
+                "model_stream.pt", "parity.json", "reference_float64.npz",
                 "required_operators.config"]
 
 

@@ -50,7 +50,7 @@ def test_bench_measures_every_runtime_on_every_shape(small_result):
                                          "onnxruntime fused"}
     [stream] = small_result["streaming"]
     assert set(stream["median_us_per_step"]) == {
-        "eager step", "torchscript stream", "one GRU node, io_binding",
+        "eager step", "torchscript stream", "one GRU node, io_binding", "onnxruntime step model, run()",
         *(f"onnxruntime stream {form}, run()" for form in FORMS), *(f"Stream API, {form}" for form in FORMS)}
     assert [(r["batch"], r["seq"]) for r in small_result["lengths"]] == [(1, 100), (32, 100)]
 

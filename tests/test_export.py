@@ -265,3 +265,43 @@ def test_logger_levels_are_restored_when_an_export_fails(monkeypatch):
     with pytest.raises(WriteFailed, match="conversion failed"):
         to_ort_format({"m.onnx": b"x"})
     assert noisy.level == logging.INFO
+
+
+@pytest.mark.parametrize("layers, normalized", [(1, False), (3, True)])
+def test_the_one_step_model_is_gru_nodes_and_the_head_and_computes_a_stream_step(layers, normalized):
+    """model_step.onnx: one GRU node per layer, the head, and for a stack only the state's split
+    and concat: nothing around them (no Transpose, Gather, Unsqueeze or If); normalisation folded
+    into the first layer's weights. It computes the module's stream step from any state."""
+    import onnxruntime as ort
+
+    from gru_deploy.convert.families import build_step
+    from gru_deploy.models.families import StackedGRUClassifier
+
+    torch.manual_seed(1)
+    module = (GRUClassifier() if layers == 1 else
+              StackedGRUClassifier(8, 16, 4, layers=layers, normalization=((0.5,) * 8, (2.0,) * 8))).eval()
+    step = build_step(module, "logits", 17)
+    ops = count_ops(step.graph)
+    assert ops == {"GRU": layers, "Squeeze": 1, "Gemm": 1, **({"Split": 1, "Concat": 1} if layers > 1 else {})}
+    session = ort.InferenceSession(step.SerializeToString(), providers=["CPUExecutionProvider"])
+    batch = 3
+    h0 = torch.rand(module.initial_state(batch).shape) * 2 - 1
+    x = torch.randn(batch, 1, 8) * 3
+    with torch.no_grad():
+        want_logits, want_h = module.forward_stream(x, h0)
+    state = h0.numpy().reshape(batch, layers, 16).transpose(1, 0, 2).copy()
+    logits, h_n = session.run(None, {"x": x.numpy().reshape(1, batch, 8), "h0": state})
+    np.testing.assert_allclose(logits, want_logits.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(h_n.transpose(1, 0, 2).reshape(want_h.shape), want_h.numpy(), atol=1e-5, rtol=0)
+
+
+def test_an_export_whose_one_step_model_computes_something_else_writes_nothing(tiny_checkpoint, tmp_path,
+                                                                                monkeypatch):
+    from gru_deploy.convert import graphs
+    from gru_deploy.convert.folder import export_to_dir
+
+    real = graphs.step_graph
+    monkeypatch.setattr(graphs, "step_graph", lambda layers, w, b, *args, **kw: real(layers, w, b + 0.01, *args, **kw))
+    with pytest.raises(CheckFailed, match="one-step model's parity failed.*step:float64->onnxruntime-step"):
+        export_to_dir(tiny_checkpoint, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

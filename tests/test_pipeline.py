@@ -170,6 +170,6 @@ def test_inspect_shows_each_variants_form(tiny_checkpoint, tmp_path):
     models = json.loads(proc.stdout)["models"]
     assert {n: (m["variant"], m.get("strategy")) for n, m in models.items() if m["format"] == "onnx"} == {
         "model.onnx": ("classifier", "fused"), "model_stream.onnx": ("stream", "fused"),
-        "model_lengths.onnx": ("lengths", "fused")}
+        "model_lengths.onnx": ("lengths", "fused"), "model_step.onnx": ("step", "fused")}
     text = run_cli("inspect", str(tmp_path / "fused")).stdout
     assert "model model_lengths.onnx: lengths (onnx, fp32, fused)" in text

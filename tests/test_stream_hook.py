@@ -170,7 +170,8 @@ def test_the_family_exports_stepwise_with_every_variant_projecting_inside_its_lo
         (stepwise_mm, loops), (loop_mm, _) = body_matmuls(tmp_path / "stepwise", name), body_matmuls(tmp_path / "loop", name)
         assert loops == 2 and stepwise_mm > loop_mm, name  # one Loop per layer
     parity = json.loads((tmp_path / "stepwise" / "parity.json").read_text())
-    assert parity["passed"] and {k.split(":")[0] for k in parity["summary"] if ":" in k} == {"lengths", "stream"}
+    assert parity["passed"] and {k.split(":")[0] for k in parity["summary"] if ":" in k} == {"lengths", "stream",
+                                                                                                 "step"}
     with pytest.raises(gru_deploy.UserInputError, match="not a tutorial-cell family model"):
         gru_deploy.export(torch.nn.GRU(3, 5), out=tmp_path / "x", strategy="stepwise")
 

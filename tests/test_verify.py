@@ -11,7 +11,7 @@ import pytest
 from cli_helpers import EXPORT_FILES, run_cli, small_grid, tutorial_runners
 
 from gru_deploy.errors import CheckFailed, UserInputError
-from gru_deploy.manifest import atomic_write_json, read_manifest, sha256_file
+from gru_deploy.manifest import atomic_write_json, read_manifest, sha256_file, variant_record
 from gru_deploy.spec import ModelSpec
 from gru_deploy.check.grid import make_input
 from gru_deploy.check.module_parity import (GRID_BATCHES, GRID_SEQS, WIDE_GRID, Grid, UserSignature, scaled_feed,
@@ -127,6 +127,10 @@ def test_verify_passes_from_the_files_alone(every_kind, kind):
         assert any(key.startswith(f"{prefix}torchscript->onnxruntime-ort") for key in report.summary())
     assert any(key.startswith("stream:one-pass->chunks:onnxruntime") for key in report.summary()) == \
         ("stream" in (manifest.get("variants") or {}))
+    # the one-step model of a one-direction tutorial-cell model (not your own module's), with the stream
+    assert bool(variant_record(manifest, "step")) == (kind != "user")
+    assert ({"step:float64->onnxruntime-step", "step:torchscript->onnxruntime-step[h_n]"} <= set(report.summary())) \
+        == (kind != "user")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -139,7 +143,8 @@ def test_verify_reports_progress_per_case_of_the_grid_the_export_recorded(every_
     report = verify_export(folder, on_case=heard.append)
     case_lines = [m for m in heard if " case " in m]
     variants = ("classifier", *(read_manifest(folder).get("variants") or {}))
-    assert len(case_lines) == sum(len(grid.cases[v]) for v in variants)
+    one_step = [c for c in grid.cases["stream"] if c[1] == 1] if variant_record(read_manifest(folder), "step") else []
+    assert len(case_lines) == sum(len(grid.cases[v]) for v in variants) + len(one_step)
     first = grid.cases["classifier"][0]
     assert case_lines[0] == f"classifier: case 1/{len(grid.cases['classifier'])}: batch {first[0]}, seq {first[1]}"
     assert sum("chunks of" in m for m in heard) == (2 if "stream" in variants else 0)
@@ -173,6 +178,30 @@ def test_verify_fails_on_a_model_that_computes_something_else(kind_copy, kind):
     assert summary[f"float64->torchscript{suffix}"]["passed"]
     proc = run_cli("verify", str(kind_copy))
     assert proc.returncode == 1 and "float64->onnxruntime" in proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["tutorial", "family"])
+def test_verify_fails_on_a_one_step_model_that_computes_something_else(kind_copy, kind):
+    """model_step.onnx with its weights scaled by 1.01, its checksum updated: the stream model
+    still passes, the one-step model's pairs must not."""
+    import onnx
+    from onnx import numpy_helper
+
+    from gru_deploy.manifest import file_entry
+
+    model = onnx.load(str(kind_copy / "model_step.onnx"))
+    for tensor in model.graph.initializer:
+        array = numpy_helper.to_array(tensor)
+        if array.dtype == np.float32 and array.size > 1:
+            tensor.CopyFrom(numpy_helper.from_array(array * np.float32(1.01), tensor.name))
+    onnx.save(model, str(kind_copy / "model_step.onnx"))
+    manifest = read_manifest(kind_copy)
+    manifest["files"]["model_step.onnx"] = file_entry(kind_copy / "model_step.onnx")
+    atomic_write_json(kind_copy / "manifest.json", manifest)
+    summary = verify_export(kind_copy).summary()
+    assert not summary["step:float64->onnxruntime-step"]["passed"]
+    assert not summary["step:torchscript->onnxruntime-step"]["passed"]
+    assert summary["stream:float64->onnxruntime"]["passed"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -328,6 +328,60 @@ def onnxruntime_runner(name: str, model: bytes, signature: UserSignature) -> Cal
                                                  for name, o in zip(names, session.run(names, feed))})
 
 
+def step_layout(state_shape: "tuple[int, ...] | list[int]") -> tuple[int, int]:
+    """(layers, hidden) of a stream state [..., H] or [..., layers, H] (without the batch axis):
+    the step model keeps it as [layers, batch, H], ONNX's GRU layout."""
+    return (1, int(state_shape[-1])) if len(state_shape) == 1 else (int(state_shape[0]), int(state_shape[1]))
+
+
+def step_runner(name: str, model: bytes, signature: UserSignature) -> Call:
+    """onnxruntime on the one-step model (convert.graphs.step_graph), fed and answering in the
+    stream variant's signature (x [batch, 1, I], h0 and h_n [batch, *state]), so that it is
+    compared with the stream's runners on the stream grid's one-step cases."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from gru_deploy.check.runners import session_options
+    from gru_deploy.spec import STATE_OUT
+
+    names = signature.output_names
+    state = next(t for t in signature.inputs if t["name"] == STATE_IN)["shape"][1:]
+    layers, hidden = step_layout(state)
+    session = ort.InferenceSession(model, session_options(1), providers=["CPUExecutionProvider"])
+
+    def run(feed: Feed) -> dict[str, "np.ndarray"]:
+        x, h0 = feed[INPUT_NAME], feed[STATE_IN]
+        batch = x.shape[0]
+        if x.shape[1] != 1:
+            raise CheckFailed(f"{name} runs one step; it was given {x.shape[1]}")
+        h0_step = np.ascontiguousarray(h0.reshape(batch, layers, hidden).transpose(1, 0, 2))
+        out = dict(zip(names, session.run(names, {INPUT_NAME: x.reshape(1, batch, -1), STATE_IN: h0_step})))
+        out[STATE_OUT] = out[STATE_OUT].transpose(1, 0, 2).reshape(h0.shape)
+        return {key: np.asarray(value, np.float64) for key, value in out.items()}
+    return Call(name, run)
+
+
+def step_parity(runners: dict[str, Call], step_bytes: bytes, signature: UserSignature, grid: Grid, atol: float,
+                rtol: float, on_case: Callable[[str], None] | None = None) -> "ParityReport":
+    """The one-step model against the stream's float64 reference and its PyTorch side (eager, or
+    TorchScript at verify) on the stream grid's one-step cases, with the same inputs (the same
+    case index, so the same seeds) and every output: cases of the stream variant, pairs under
+    `step:`."""
+    from gru_deploy.check.grid import run_parity
+
+    cases = [(index, case) for index, case in enumerate(grid.cases["stream"]) if case[1] == 1]
+    test = step_runner("onnxruntime-step", step_bytes, signature)
+    side = "eager" if "eager" in runners else "torchscript"
+    report = run_parity({"float64": runners["float64"], side: runners[side], test.name: test},
+                        lambda batch, seq, i: grid.feed(signature, batch, seq, cases[i][0]),
+                        [case for _, case in cases], atol, rtol,
+                        [("float64", test.name, None), (side, test.name, None)], seed=grid.seed, variant="stream",
+                        prefix="step:", on_case=on_case)
+    report.notes.append("the one-step model (model_step.onnx) on the stream grid's one-step cases, as the stream "
+                        "model's signature feeds it")
+    return report
+
+
 def ort_format_parity(folder: Path, manifest: dict[str, Any], variant: str, signature: UserSignature,
                       stored: dict[str, "np.ndarray"], grid: Grid, atol: float, rtol: float,
                       on_case: Callable[[str], None] | None = None) -> "ParityReport | None":
@@ -488,7 +542,7 @@ def _verify_variant(folder: Path, manifest: dict[str, Any], variant: str, signat
     from gru_deploy.check import torchscript as script
     from gru_deploy.check.onnx_walk import check_onnx_bytes
     from gru_deploy.check.timing import stage
-    from gru_deploy.manifest import find_models, select_model, verified_path
+    from gru_deploy.manifest import find_models, select_model, variant_record, verified_path
 
     with stage("load"):
         pt = verified_path(folder, manifest, select_model(manifest, variant, "torchscript", where=str(folder)))
@@ -507,6 +561,14 @@ def _verify_variant(folder: Path, manifest: dict[str, Any], variant: str, signat
         report = module_parity(runners, signature, atol, rtol, grid, variant=variant, on_case=on_case)
         if variant == "stream":
             report.cases.extend(chunked_in_runtimes(runners, signature, atol, rtol, on_case))
+    step = variant_record(manifest, "step") if variant == "stream" else {}
+    if step:
+        with stage("load"):
+            step_path = verified_path(folder, manifest, select_model(manifest, "step", "onnx", where=str(folder)))
+            step_bytes = step_path.read_bytes()
+            check_onnx_bytes(step_bytes, f"{folder}: {step_path.name}", known=frozenset(step.get("op_types") or ()))
+        with stage("parity"):
+            report.extend(step_parity(runners, step_bytes, signature, grid, atol, rtol, on_case))
     return report
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from gru_deploy.errors import UserInputError
 
 if TYPE_CHECKING:
+    import numpy as np
     import onnx
     import torch
 
@@ -44,9 +45,21 @@ def build_stacked_fused(module: "torch.nn.Module", input_size: int, output_name:
     family) as ONNX, one `GRU` node per layer (convert.graphs.fused_stack_graph), in the
     classifier, lengths or stream variant; the stream's state has the shape of the model's
     initial_state ([batch, layers, H] for the family, [batch, H] for the tutorial classifier)."""
+    from gru_deploy.convert.graphs import fused_stack_graph
+
+    layers, fc_weight, fc_bias, normalization = gru_node_weights(module)
+    state = module.initial_state(1)
+    return fused_stack_graph(layers, fc_weight, fc_bias, input_size, output_name, opset, variant, normalization,
+                             layered_state=state is None or state.dim() == 3)
+
+
+def gru_node_weights(module: "torch.nn.Module") -> tuple[list, "np.ndarray", "np.ndarray", tuple | None]:
+    """A tutorial-cell model's weights as ONNX's GRU nodes take them: per layer (W, R, B) with the
+    directions stacked (convert.graphs.tutorial_cell_gru_weights), the head, and (mean, 1/std)
+    where the model normalises its input."""
     import numpy as np
 
-    from gru_deploy.convert.graphs import float32_arrays, fused_stack_graph, tutorial_cell_gru_weights
+    from gru_deploy.convert.graphs import float32_arrays, tutorial_cell_gru_weights
     from gru_deploy.models.families import cell_layers
 
     weights = float32_arrays(module.state_dict())
@@ -58,6 +71,17 @@ def build_stacked_fused(module: "torch.nn.Module", input_size: int, output_name:
     if module.normalize:
         normalization = (module.norm_mean.detach().numpy().astype(np.float32),
                          module.norm_scale.detach().numpy().astype(np.float32))
-    state = module.initial_state(1)
-    return fused_stack_graph(layers, weights["fc.weight"], weights["fc.bias"], input_size, output_name, opset,
-                             variant, normalization, layered_state=state is None or state.dim() == 3)
+    return layers, weights["fc.weight"], weights["fc.bias"], normalization
+
+
+def build_step(module: "torch.nn.Module", output_name: str, opset: int) -> "onnx.ModelProto | None":
+    """The one-step model (convert.graphs.step_graph) of a tutorial-cell model that streams (one
+    direction); None for any other model."""
+    from gru_deploy.convert.graphs import step_graph
+    from gru_deploy.models.families import cell_layers
+
+    layers = cell_layers(module)
+    if not layers or len(layers[0]) != 1 or module.initial_state(1) is None:
+        return None
+    weight_layers, fc_weight, fc_bias, normalization = gru_node_weights(module)
+    return step_graph(weight_layers, fc_weight, fc_bias, output_name, opset, normalization)

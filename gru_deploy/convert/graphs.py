@@ -370,6 +370,61 @@ def fused_stack_graph(layers: list[tuple["np.ndarray", "np.ndarray", "np.ndarray
                              producer_name="gru-deploy")
 
 
+def step_graph(layers: list[tuple["np.ndarray", "np.ndarray", "np.ndarray"]], fc_weight: "np.ndarray",
+               fc_bias: "np.ndarray", output_name: str, opset: int,
+               normalization: tuple["np.ndarray", "np.ndarray"] | None = None) -> "onnx.ModelProto":
+    """One streaming step of a one-direction tutorial-cell model as ONNX, with nothing but the
+    work: one `GRU` node per layer, the head, state in and out, in the layout ONNX's GRU reads
+    (so no Transpose, Gather or Unsqueeze runs around it, and no empty-input guard: a step has
+    one time step and a batch of at least 1). `layers` as fused_stack_graph takes them (one
+    direction); `normalization` (mean, 1/std) is folded into the first layer's input weights.
+
+    x [1, batch, input] (the step, time-major: for one step the same memory as [batch, 1, input]),
+    h0 [layers, batch, H] -> output [batch, classes], h_n [layers, batch, H]. Layer l's Y_h is
+    layer l+1's one-step input as it stands. What `Stream.step` runs (measured in
+    docs/performance.md: the layout nodes and the guard of the stream model cost more than the
+    head)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    count, hidden, classes = len(layers), int(layers[0][1].shape[2]), int(fc_weight.shape[0])
+    input_size = int(layers[0][0].shape[2])
+    consts: dict[str, Any] = {"fc_weight": fc_weight, "fc_bias": fc_bias, "axis0": np.array([0], np.int64)}
+    for layer, (W, R, B) in enumerate(layers):
+        if layer == 0 and normalization is not None:  # W (x - mean) scale + b = (W scale) x + (b - W scale mean)
+            mean, scale = (np.asarray(a, np.float64) for a in normalization)
+            folded = W.astype(np.float64) * scale
+            B = B.astype(np.float64).copy()
+            B[:, :3 * hidden] -= folded @ mean
+            W, B = folded.astype(np.float32), B.astype(np.float32)
+        consts.update({f"W_{layer}": W, f"R_{layer}": R, f"B_{layer}": B})
+    nodes = []
+    if count > 1:
+        nodes.append(helper.make_node("Split", [STATE_IN], [f"h0_{layer}" for layer in range(count)], axis=0,
+                                      **({"num_outputs": count} if opset >= 18 else {})))
+    step_in = INPUT_NAME
+    for layer in range(count):
+        state_in, state_out = (STATE_IN, STATE_OUT) if count == 1 else (f"h0_{layer}", f"h_n_{layer}")
+        nodes.append(helper.make_node("GRU", [step_in, f"W_{layer}", f"R_{layer}", f"B_{layer}", "", state_in],
+                                      ["", state_out], hidden_size=hidden, linear_before_reset=0,
+                                      name=f"gru_layer_{layer}"))
+        step_in = state_out
+    if count > 1:
+        nodes.append(helper.make_node("Concat", [f"h_n_{layer}" for layer in range(count)], [STATE_OUT], axis=0))
+    nodes += [helper.make_node("Squeeze", [step_in, "axis0"], ["features"]),
+              helper.make_node("Gemm", ["features", "fc_weight", "fc_bias"], [output_name], transB=1)]
+    state = [count, "batch", hidden]
+    graph = helper.make_graph(
+        nodes, "gru_step",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [1, "batch", input_size]),
+         helper.make_tensor_value_info(STATE_IN, TensorProto.FLOAT, state)],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["batch", classes]),
+         helper.make_tensor_value_info(STATE_OUT, TensorProto.FLOAT, state)],
+        [numpy_helper.from_array(np.array(v, copy=True), k) for k, v in consts.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=min_ir_version(opset),
+                             producer_name="gru-deploy")
+
+
 def without_empty_guard(onnx_bytes: bytes) -> bytes | None:
     """The non-empty branch of a guarded graph (fused_stack_graph's `If` on batch·seq == 0) as a graph of its own, for a caller that never feeds an empty axis (the
     streaming API steps batch >= 1, one step at a time); None for a graph without the guard.

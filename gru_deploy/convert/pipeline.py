@@ -125,6 +125,13 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
                   built.graph, sig.to_dict(), **({"auto": auto} if variant != "classifier" else {}))
         if variant == "classifier":
             classifier_auto = auto
+    if "stream" in signatures:
+        with stage("forms"):
+            step_model = build_step_model(model, signatures["stream"], opset, metadata, step)
+        if step_model is not None:
+            with stage("parity"):
+                parts.append(proof.check_step(step_model[0], chosen["stream"], model, step))
+            add_step_model(files, models, variants, *step_model)
     deprecations = script.take_deprecations()
     if deprecations:
         notes.append(f"torch {library_versions()['torch']} deprecates what model.pt is made with (gru-deploy "
@@ -253,6 +260,48 @@ def time_candidates(candidates: dict[str, Built], variant: str, typical: tuple[i
                                   lambda graphs, budget: time_strategies(graphs, signature, typical, budget, variant),
                                   step)
     return form, {**workload, "threads": 1, "candidates": list(candidates), **record}
+
+
+def build_step_model(model: "UserModel", stream: "UserSignature", opset: int, metadata: dict[str, Any],
+                     step: Callable[[str], None]) -> tuple[bytes, dict[str, Any], dict[str, Any]] | None:
+    """The stream variant's one-step model where gru-deploy can build it (a one-direction
+    tutorial-cell model: convert.families.build_step): its bytes, graph record and signature;
+    None for any other model."""
+    from gru_deploy.check.module_parity import step_layout
+    from gru_deploy.convert.families import build_step
+    from gru_deploy.convert.graphs import count_ops, finish_export
+
+    if not _tutorial_cell_family(model):
+        return None
+    onnx_model = build_step(model.module, stream.output_names[0], opset)
+    if onnx_model is None:
+        return None
+    step("building the one-step model: one ONNX GRU node per layer and the head, nothing around them")
+    result = finish_export(onnx_model, "fused", opset, count_ops(onnx_model.graph),
+                           {**metadata, "gru_deploy.variant": "step", "gru_deploy.strategy": "fused"})
+    inputs = {t["name"]: t for t in stream.inputs}
+    layers, hidden = step_layout(inputs[STATE_IN]["shape"][1:])
+    state = {"dtype": "float32", "shape": [layers, "batch", hidden]}
+    x = {"name": INPUT_NAME, "dtype": "float32", "shape": [1, "batch", inputs[INPUT_NAME]["shape"][2]]}
+    signature = {"inputs": [x, {"name": STATE_IN, **state}],
+                 "outputs": [{**stream.outputs[0], "shape": ["batch", *stream.outputs[0]["shape"][1:]]},
+                             {"name": STATE_OUT, **state}]}
+    return result.onnx_bytes, result.record(), signature
+
+
+def add_step_model(files: dict[str, bytes], models: dict[str, Any], variants: dict[str, Any], data: bytes,
+                   graph: dict[str, Any], signature: dict[str, Any]) -> None:
+    """The one-step model into `files`, listed in `models` as variant "step" and recorded under
+    the stream variant's `step_model` (manifest.variant_record; no TorchScript of its own: the
+    stream's is its PyTorch side)."""
+    name = "model_step.onnx"
+    files[name] = data
+    models[name] = {"variant": "step", "format": "onnx", "precision": "fp32", "strategy": "fused",
+                    "opset": graph["opset"], "ir_version": graph["ir_version"]}
+    variants["stream"]["step_model"] = {
+        "onnx": name, "strategy": "fused", "signature": signature,
+        "layout": "x [1, batch, input] (one step, time-major), state [layers, batch, hidden]",
+        "onnx_node_count": graph["node_count"], "op_types": graph["op_types"]}
 
 
 def check_failed(what: str, report: "ParityReport") -> CheckFailed:
@@ -580,7 +629,8 @@ def write_export(out: Path, files: dict[str, bytes], fields: dict[str, Any], not
     step("converting the ONNX models to ORT format (onnxruntime's converter)")
     try:
         with stage("ORT conversion"):
-            converted = to_ort_format({n: files[n] for n, m in models.items() if m["format"] == "onnx"})
+            converted = to_ort_format({n: files[n] for n, m in models.items()
+                                       if m["format"] == "onnx" and m["variant"] != "step"})
         add_ort_models(files, models, converted)
     except WriteFailed as exc:  # an op the ORT-format writer does not take: the edge bundle goes without
         notes.append(f"no ORT-format copy: {exc}")

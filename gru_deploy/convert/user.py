@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from gru_deploy.check.grid import pair_key
 from gru_deploy.check.module_parity import (
     GOLDEN_SEED, REFERENCE_FILE, UNIT_GRID, Call, Feed, Grid, UserSignature, as_outputs, case_input,
-    chunked_in_runtimes, golden_store, module_parity, npz_bytes, ort_format_parity, recording, user_runners)
+    chunked_in_runtimes, golden_store, module_parity, npz_bytes, ort_format_parity, recording, step_parity,
+    user_runners)
 from gru_deploy.convert.pipeline import LENGTHS_HOOK, STATE_HOOK, STREAM_HOOK, Built, Proof, check_failed, export_model
 from gru_deploy.manifest import MODULE_MODEL_NAME
 from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_OUT
@@ -99,6 +100,16 @@ class ModuleProof(Proof):
         if not report:
             raise check_failed(f"the {variant} variant's parity failed ({built.form})" if variant != "classifier"
                                else f"parity failed ({built.form})", report)
+        return report
+
+    def check_step(self, step_bytes: bytes, stream: Built, model: "UserModel", step: Callable[[str], None]
+                   ) -> "ParityReport":
+        """The one-step model against the stream's float64 reference and eager on the stream
+        grid's one-step cases (check.module_parity.step_parity)."""
+        step("checking the one-step model against float64 and eager")
+        report = step_parity(self.module_side["stream"], step_bytes, stream.signature, self.grid, self.atol, self.rtol)
+        if not report:
+            raise check_failed("the one-step model's parity failed", report)
         return report
 
     def golden(self, model: "UserModel", signatures: dict[str, UserSignature]) -> tuple[bytes, dict[str, Any]]:

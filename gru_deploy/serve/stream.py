@@ -12,9 +12,11 @@ onnxruntime's bound buffers between calls, with no numpy round trip and no re-al
 One engine for every model with a stream variant (the tutorial model, a built-in family, your
 own), read off the stream signature the manifest records: the model is the stream variant the
 manifest lists (in the export's chosen form: `GRU` nodes or a Loop), its file checked against
-the manifest. `step` runs it with onnxruntime's io_binding: x, the two state buffers and the
-outputs are allocated once; the state ping-pongs between the two buffers (one is h0 while the
-other receives h_n), so a step copies only x in and the outputs out. `run(chunk)` feeds a chunk
+the manifest. `step` runs the export's one-step model where it has one (model_step.onnx: GRU
+nodes and the head in ONNX's GRU layout), else the stream model, with onnxruntime's
+io_binding: x, the two state buffers and the outputs are allocated once; the state ping-pongs
+between the two buffers (one is h0 while the other receives h_n), so a step copies only x in
+and the outputs out. `run(chunk)` feeds a chunk
 of any length the same way (it is what a chunk of `gru-deploy infer --state-in/--state-out`
 computes).
 
@@ -27,10 +29,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import warnings
+
 import numpy as np
 
 from gru_deploy.errors import UserInputError
 from gru_deploy.spec import INPUT_NAME, STATE_IN, STATE_OUT
+
+# step's finite check is a dot product with zeros (a fifth of np.isfinite(x).all()'s cost): NaN
+# exactly where an element is NaN or inf, which numpy reports as a warning; step raises instead
+warnings.filterwarnings("ignore", message="invalid value encountered in dot", category=RuntimeWarning,
+                        module=r"gru_deploy\.serve\.stream")
 
 
 class Stream:
@@ -38,9 +47,12 @@ class Stream:
     `reset()`."""
 
     def __init__(self, path: str | Path, batch: int = 1, precision: str = "fp32", threads: int = 1,
-                 _file: Any = None) -> None:
+                 _file: Any = None, _step: bytes | None = None) -> None:
+        """Over 60 lines: the files chosen, then every buffer and both bindings allocated once,
+        in the layout of the graph `step` runs (the one-step model's, or the stream model's)."""
         import onnxruntime as ort
 
+        from gru_deploy.check.module_parity import step_layout
         from gru_deploy.check.runners import session_options
         from gru_deploy.convert.graphs import without_empty_guard
         from gru_deploy.serve.user import module_file
@@ -57,9 +69,16 @@ class Stream:
         self.input_size = int(inputs[INPUT_NAME]["shape"][2])
         self.state_shape = tuple(int(d) for d in inputs[STATE_IN]["shape"][1:])
         self.output_names = [o["name"] for o in self.signature["outputs"] if o["name"] != STATE_OUT]
-        # `step` never feeds an empty axis, so it may run the guarded graph's non-empty branch
-        # alone (the same nodes, without the per-call guard); `run` takes any chunk: the whole graph.
-        step_graph = without_empty_guard(file.data)
+        # `step` runs the one-step model where the export lists one (model_step.onnx: one GRU node
+        # per layer and the head, state [layers, batch, H]); else the stream model's non-empty
+        # branch alone (the same nodes, without the per-call guard); `run` the whole stream model.
+        if _file is None and precision == "fp32":
+            listed = module_file(Path(path), ("step", "stream"), precision)
+            _step = listed.data if listed.variant == "step" else None
+            self.step_model = listed.name if listed.variant == "step" else None
+        else:
+            self.step_model = "model_step.onnx" if _step is not None else None
+        step_graph = _step if _step is not None else without_empty_guard(file.data)
         try:
             self.session = ort.InferenceSession(file.data, session_options(threads),
                                                 providers=["CPUExecutionProvider"])
@@ -69,8 +88,17 @@ class Stream:
             raise UserInputError(f"{path}: onnxruntime cannot load {file.name}: "
                                  f"{(str(exc).strip().splitlines() or [''])[0][:300]}") from None
         self.guard_skipped = step_graph is not None
-        self._x = np.zeros((batch, 1, self.input_size), np.float32)
-        self._h = [np.zeros((batch, *self.state_shape), np.float32) for _ in range(2)]
+        self._layers, hidden = step_layout(self.state_shape)
+        self._layer_major = _step is not None
+        if _step is not None:  # ONNX's GRU layout: the same memory for one step
+            x_shape, h_shape = (1, batch, self.input_size), (self._layers, batch, hidden)
+        else:
+            x_shape, h_shape = (batch, 1, self.input_size), (batch, *self.state_shape)
+        self._x = np.zeros(x_shape, np.float32)
+        self._x_rows = self._x.reshape(batch, self.input_size)  # views: [batch, input] in either layout, flat
+        self._x_flat = self._x.reshape(-1)
+        self._zeros = np.zeros(batch * self.input_size, np.float32)  # the finite check's (step)
+        self._h = [np.zeros(h_shape, np.float32) for _ in range(2)]
         self._out = {o["name"]: np.zeros([batch] + [1 if d == "seq" else int(d) for d in o["shape"][1:]], np.float32)
                      for o in self.signature["outputs"] if o["name"] != STATE_OUT}
         values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in
@@ -89,13 +117,13 @@ class Stream:
 
     @classmethod
     def from_onnx(cls, onnx_bytes: bytes, signature: dict[str, Any], batch: int = 1, threads: int = 1,
-                  name: str = "model_stream.onnx", by_name: bool = False) -> "Stream":
-        """A Stream over a stream model given as bytes and its signature (benchmarks, tests): no
-        manifest, no checks."""
+                  name: str = "model_stream.onnx", by_name: bool = False, step: bytes | None = None) -> "Stream":
+        """A Stream over a stream model given as bytes and its signature (benchmarks, tests), and
+        its one-step model where given: no manifest, no checks."""
         from gru_deploy.serve.user import ModuleFile
 
         return cls("", batch, "fp32", threads, _file=ModuleFile(name, onnx_bytes, "stream", signature, [], "", True,
-                                                                 by_name))
+                                                                 by_name), _step=step)
 
     def step(self, x_t: np.ndarray) -> Any:
         """One time step for every sequence: x_t float32 [batch, input_size] (or [input_size]
@@ -104,18 +132,18 @@ class Stream:
         name of a module."""
         if x_t.__class__ is not np.ndarray:
             x_t = np.asarray(x_t)
-        if x_t.ndim == 3:
-            return self.run(x_t)
-        if x_t.shape == (self.input_size,) and self.batch == 1:
-            x_t = x_t[None]
-        if x_t.shape != (self.batch, self.input_size):
-            raise UserInputError(f"step takes x_t of shape [{self.batch}, {self.input_size}] (batch={self.batch}, "
-                                 f"input size), got {list(x_t.shape)}")
+        shape = x_t.shape
+        if shape != self._x_rows.shape:
+            if len(shape) == 3:
+                return self.run(x_t)
+            if shape != (self.input_size,) or self.batch != 1:  # [input_size]: the one row of a batch of 1
+                raise UserInputError(f"step takes x_t of shape [{self.batch}, {self.input_size}] (batch="
+                                     f"{self.batch}, input size), got {list(shape)}")
         if x_t.dtype != np.float32:
             raise UserInputError(f"step takes float32 x_t, got {x_t.dtype}")
-        if not np.isfinite(x_t).all():
+        self._x_rows[...] = x_t
+        if self._x_flat.dot(self._zeros) != 0.0:  # NaN exactly where an element is NaN or inf
             raise UserInputError("non-finite input: x_t holds NaN or inf")
-        self._x[:, 0, :] = x_t
         self._step_session.run_with_iobinding(self._bindings[self._current])
         self._current ^= 1
         if self.by_name:
@@ -136,14 +164,24 @@ class Stream:
         if chunk.shape[1] == 1:
             return self.step(chunk[:, 0])
         names = list(self._out) + [STATE_OUT]
-        values = dict(zip(names, self.session.run(names, {INPUT_NAME: chunk, STATE_IN: self._h[self._current]})))
-        self._h[self._current][...] = values.pop(STATE_OUT)
+        values = dict(zip(names, self.session.run(names, {INPUT_NAME: chunk, STATE_IN: self.state})))
+        self._set_state(values.pop(STATE_OUT))
         return values if self.by_name else values[self.output_names[0]]
 
     @property
     def state(self) -> np.ndarray:
         """The state of every sequence, [batch, *state] as the signature says (a copy)."""
-        return self._h[self._current].copy()
+        h = self._h[self._current]
+        if self._layer_major:  # the one-step model's [layers, batch, H]
+            h = h.transpose(1, 0, 2)
+        return h.copy().reshape(self.batch, *self.state_shape)
+
+    def _set_state(self, h: np.ndarray) -> None:
+        held = self._h[self._current]
+        if self._layer_major:
+            held[...] = h.reshape(self.batch, self._layers, -1).transpose(1, 0, 2)
+        else:
+            held[...] = h
 
     @state.setter
     def state(self, h: np.ndarray) -> None:
@@ -153,7 +191,7 @@ class Stream:
                                  f"{h.dtype} {list(h.shape)}")
         if not np.isfinite(h).all():
             raise UserInputError("non-finite state: it holds NaN or inf")
-        self._h[self._current][...] = h
+        self._set_state(h)
 
     def reset(self) -> None:
         """Start every sequence again from the zero state."""

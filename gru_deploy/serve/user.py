@@ -28,8 +28,9 @@ def signature_of(manifest: dict[str, Any], variant: str, where: str) -> dict[str
     not define is a user error saying which hook it lacks."""
     if variant == "classifier":
         return manifest.get("signature") or manifest.get("signatures", {}).get("classifier")
-    signature = (manifest.get("variants") or {}).get(variant, {}).get("signature") \
-        or (manifest.get("signatures") or {}).get(variant)
+    from gru_deploy.manifest import variant_record
+
+    signature = variant_record(manifest, variant).get("signature") or (manifest.get("signatures") or {}).get(variant)
     if signature is None:
         raise UserInputError(f"{where}: this model has no {variant} variant (its module defines no "
                              f"@torch.jit.export {HOOKS[variant]})" + (
@@ -110,12 +111,13 @@ def check_module_graph(data: bytes, manifest: dict[str, Any], name: str, variant
     bundle lists it) that holds an op type other than the ones the manifest records."""
     from gru_deploy.bundle.package import BUNDLE_FORMAT
     from gru_deploy.convert.graphs import check_onnx_bytes
+    from gru_deploy.manifest import variant_record
 
     if manifest.get("format") == BUNDLE_FORMAT:  # a bundle records each file's op types
         recorded = manifest["models"][name].get("op_types")
     else:
         recorded = ((manifest.get("onnx") or {}) if variant == "classifier"
-                    else (manifest.get("variants") or {}).get(variant, {})).get("op_types")
+                    else variant_record(manifest, variant)).get("op_types")
     if not isinstance(recorded, (dict, list)):
         raise UserInputError(f"{where}: the manifest does not record {name}'s op types; re-export or re-package it")
     check_onnx_bytes(data, f"{path}: {name}", known=frozenset(recorded))
