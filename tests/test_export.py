@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -280,9 +282,13 @@ def test_the_one_step_model_is_gru_nodes_and_the_head_and_computes_a_stream_step
     torch.manual_seed(1)
     module = (GRUClassifier() if layers == 1 else
               StackedGRUClassifier(8, 16, 4, layers=layers, normalization=((0.5,) * 8, (2.0,) * 8))).eval()
+    from gru_deploy.convert.graphs import without_empty_guard
+
     step = build_step(module, "logits", 17)
-    ops = count_ops(step.graph)
-    assert ops == {"GRU": layers, "Squeeze": 1, "Gemm": 1, **({"Split": 1, "Concat": 1} if layers > 1 else {})}
+    assert [n.op_type for n in step.graph.node] == ["Shape", "Gather", "Equal", "If"]  # the empty-batch guard
+    work = onnx.load_from_string(without_empty_guard(step.SerializeToString()))  # what Stream.step runs
+    assert count_ops(work.graph) == {"GRU": layers, "Squeeze": 1, "Gemm": 1,
+                                     **({"Split": 1, "Concat": 1} if layers > 1 else {})}
     session = ort.InferenceSession(step.SerializeToString(), providers=["CPUExecutionProvider"])
     batch = 3
     h0 = torch.rand(module.initial_state(batch).shape) * 2 - 1
@@ -293,6 +299,14 @@ def test_the_one_step_model_is_gru_nodes_and_the_head_and_computes_a_stream_step
     logits, h_n = session.run(None, {"x": x.numpy().reshape(1, batch, 8), "h0": state})
     np.testing.assert_allclose(logits, want_logits.numpy(), atol=1e-5, rtol=0)
     np.testing.assert_allclose(h_n.transpose(1, 0, 2).reshape(want_h.shape), want_h.numpy(), atol=1e-5, rtol=0)
+    # an empty batch never reaches the kernel, which would abort the process (run apart, to survive one)
+    probe = ("import sys, numpy as np, onnxruntime as ort; s = ort.InferenceSession(sys.stdin.buffer.read(), "
+             "providers=['CPUExecutionProvider']); logits, h_n = s.run(None, {'x': np.zeros((1, 0, 8), np.float32), "
+             f"'h0': np.zeros(({layers}, 0, 16), np.float32)}}); print(logits.shape, h_n.shape)")
+    proc = subprocess.run([sys.executable, "-c", probe], input=step.SerializeToString(), capture_output=True,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stdout.decode().split() == ["(0,", "4)", f"({layers},", "0,", "16)"], \
+        proc.stderr.decode()[-300:]
 
 
 def test_an_export_whose_one_step_model_computes_something_else_writes_nothing(tiny_checkpoint, tmp_path,

@@ -375,15 +375,16 @@ def step_graph(layers: list[tuple["np.ndarray", "np.ndarray", "np.ndarray"]], fc
                normalization: tuple["np.ndarray", "np.ndarray"] | None = None) -> "onnx.ModelProto":
     """One streaming step of a one-direction tutorial-cell model as ONNX, with nothing but the
     work: one `GRU` node per layer, the head, state in and out, in the layout ONNX's GRU reads
-    (so no Transpose, Gather or Unsqueeze runs around it, and no empty-input guard: a step has
-    one time step and a batch of at least 1). `layers` as fused_stack_graph takes them (one
-    direction); `normalization` (mean, 1/std) is folded into the first layer's input weights.
+    (so no Transpose, Gather or Unsqueeze runs around it). `layers` as fused_stack_graph takes
+    them (one direction); `normalization` (mean, 1/std) is folded into the first layer's input
+    weights. Like the fused graphs it branches (`If`) on an empty batch, so that no input of
+    the file reaches the kernel's abort; `Stream.step` (batch >= 1) runs the full branch alone
+    (without_empty_guard).
 
     x [1, batch, input] (the step, time-major: for one step the same memory as [batch, 1, input]),
     h0 [layers, batch, H] -> output [batch, classes], h_n [layers, batch, H]. Layer l's Y_h is
-    layer l+1's one-step input as it stands. What `Stream.step` runs (measured in
-    docs/performance.md: the layout nodes and the guard of the stream model cost more than the
-    head)."""
+    layer l+1's one-step input as it stands. Over 60 lines: one graph and its guard, built in
+    the order they run."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
@@ -404,22 +405,40 @@ def step_graph(layers: list[tuple["np.ndarray", "np.ndarray", "np.ndarray"]], fc
                                       **({"num_outputs": count} if opset >= 18 else {})))
     step_in = INPUT_NAME
     for layer in range(count):
-        state_in, state_out = (STATE_IN, STATE_OUT) if count == 1 else (f"h0_{layer}", f"h_n_{layer}")
+        state_in, state_out = (STATE_IN, "h_n_full") if count == 1 else (f"h0_{layer}", f"h_n_{layer}")
         nodes.append(helper.make_node("GRU", [step_in, f"W_{layer}", f"R_{layer}", f"B_{layer}", "", state_in],
                                       ["", state_out], hidden_size=hidden, linear_before_reset=0,
                                       name=f"gru_layer_{layer}"))
         step_in = state_out
     if count > 1:
-        nodes.append(helper.make_node("Concat", [f"h_n_{layer}" for layer in range(count)], [STATE_OUT], axis=0))
+        nodes.append(helper.make_node("Concat", [f"h_n_{layer}" for layer in range(count)], ["h_n_full"], axis=0))
     nodes += [helper.make_node("Squeeze", [step_in, "axis0"], ["features"]),
-              helper.make_node("Gemm", ["features", "fc_weight", "fc_bias"], [output_name], transB=1)]
+              helper.make_node("Gemm", ["features", "fc_weight", "fc_bias"], ["logits_full"], transB=1)]
     state = [count, "batch", hidden]
+
+    def value(name: str, shape: list[Any]) -> "onnx.ValueInfoProto":
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+    # an empty batch never reaches the kernel (it aborts the process): the output is [0, classes]
+    # and the state stays h0
+    empty = helper.make_graph(
+        [helper.make_node("Unsqueeze", ["batch_dim", "axis0"], ["batch_1d"]),
+         helper.make_node("Concat", ["batch_1d", "out_dim"], ["empty_shape"], axis=0),
+         helper.make_node("Expand", ["fc_bias", "empty_shape"], ["logits_empty"]),
+         helper.make_node("Identity", [STATE_IN], ["h_n_empty"])],
+        "empty_batch", [], [value("logits_empty", ["batch", classes]), value("h_n_empty", state)])
+    full = helper.make_graph(nodes, "gru_step", [], [value("logits_full", ["batch", classes]),
+                                                     value("h_n_full", state)])
+    consts.update({"zero": np.array(0, np.int64), "one": np.array(1, np.int64),
+                   "out_dim": np.array([classes], np.int64)})
+    guard = [helper.make_node("Shape", [INPUT_NAME], ["shape"]),
+             helper.make_node("Gather", ["shape", "one"], ["batch_dim"], axis=0),
+             helper.make_node("Equal", ["batch_dim", "zero"], ["is_empty"]),
+             helper.make_node("If", ["is_empty"], [output_name, STATE_OUT], then_branch=empty, else_branch=full)]
     graph = helper.make_graph(
-        nodes, "gru_step",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [1, "batch", input_size]),
-         helper.make_tensor_value_info(STATE_IN, TensorProto.FLOAT, state)],
-        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["batch", classes]),
-         helper.make_tensor_value_info(STATE_OUT, TensorProto.FLOAT, state)],
+        guard, "gru_step",
+        [value(INPUT_NAME, [1, "batch", input_size]), value(STATE_IN, state)],
+        [value(output_name, ["batch", classes]), value(STATE_OUT, state)],
         [numpy_helper.from_array(np.array(v, copy=True), k) for k, v in consts.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=min_ir_version(opset),
                              producer_name="gru-deploy")

@@ -78,7 +78,7 @@ class Stream:
             self.step_model = listed.name if listed.variant == "step" else None
         else:
             self.step_model = "model_step.onnx" if _step is not None else None
-        step_graph = _step if _step is not None else without_empty_guard(file.data)
+        step_graph = without_empty_guard(_step if _step is not None else file.data) or _step
         try:
             self.session = ort.InferenceSession(file.data, session_options(threads),
                                                 providers=["CPUExecutionProvider"])
