@@ -151,24 +151,31 @@ def test_verify_reports_progress_per_case_of_the_grid_the_export_recorded(every_
     assert report.passed
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_verify_fails_on_a_model_that_computes_something_else(kind_copy, kind):
-    """Every weight of model.onnx scaled by 1.01, its checksum updated: the checksums pass,
-    parity must not; TorchScript still agrees with the reference."""
+def scale_weights(folder, name):
+    """Every float weight of the export's ONNX file `name` scaled by 1.01, its checksum updated
+    in the manifest (returned): the checksums pass, parity must not."""
     import onnx
     from onnx import numpy_helper
 
     from gru_deploy.manifest import file_entry
 
-    model = onnx.load(str(kind_copy / "model.onnx"))
+    model = onnx.load(str(folder / name))
     for tensor in model.graph.initializer:
         array = numpy_helper.to_array(tensor)
         if array.dtype == np.float32 and array.size > 1:
             tensor.CopyFrom(numpy_helper.from_array(array * np.float32(1.01), tensor.name))
-    onnx.save(model, str(kind_copy / "model.onnx"))
-    manifest = read_manifest(kind_copy)
-    manifest["files"]["model.onnx"] = file_entry(kind_copy / "model.onnx")
-    atomic_write_json(kind_copy / "manifest.json", manifest)
+    onnx.save(model, str(folder / name))
+    manifest = read_manifest(folder)
+    manifest["files"][name] = file_entry(folder / name)
+    atomic_write_json(folder / "manifest.json", manifest)
+    return manifest
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_verify_fails_on_a_model_that_computes_something_else(kind_copy, kind):
+    """Every weight of model.onnx scaled by 1.01, its checksum updated: the checksums pass,
+    parity must not; TorchScript still agrees with the reference."""
+    manifest = scale_weights(kind_copy, "model.onnx")
     report = verify_export(kind_copy)
     summary = report.summary()
     first = manifest["signature"]["outputs"][0]["name"]
@@ -184,20 +191,7 @@ def test_verify_fails_on_a_model_that_computes_something_else(kind_copy, kind):
 def test_verify_fails_on_a_one_step_model_that_computes_something_else(kind_copy, kind):
     """model_step.onnx with its weights scaled by 1.01, its checksum updated: the stream model
     still passes, the one-step model's pairs must not."""
-    import onnx
-    from onnx import numpy_helper
-
-    from gru_deploy.manifest import file_entry
-
-    model = onnx.load(str(kind_copy / "model_step.onnx"))
-    for tensor in model.graph.initializer:
-        array = numpy_helper.to_array(tensor)
-        if array.dtype == np.float32 and array.size > 1:
-            tensor.CopyFrom(numpy_helper.from_array(array * np.float32(1.01), tensor.name))
-    onnx.save(model, str(kind_copy / "model_step.onnx"))
-    manifest = read_manifest(kind_copy)
-    manifest["files"]["model_step.onnx"] = file_entry(kind_copy / "model_step.onnx")
-    atomic_write_json(kind_copy / "manifest.json", manifest)
+    scale_weights(kind_copy, "model_step.onnx")
     summary = verify_export(kind_copy).summary()
     assert not summary["step:float64->onnxruntime-step"]["passed"]
     assert not summary["step:torchscript->onnxruntime-step"]["passed"]
