@@ -271,12 +271,10 @@ def build_step_model(model: "UserModel", stream: "UserSignature", opset: int, me
     from gru_deploy.convert.families import build_step
     from gru_deploy.convert.graphs import count_ops, finish_export
 
-    if not _tutorial_cell_family(model):
-        return None
     onnx_model = build_step(model.module, stream.output_names[0], opset)
     if onnx_model is None:
         return None
-    step("building the one-step model: one ONNX GRU node per layer and the head, nothing around them")
+    step("building the one-step model: one ONNX GRU node per layer and the head")
     result = finish_export(onnx_model, "fused", opset, count_ops(onnx_model.graph),
                            {**metadata, "gru_deploy.variant": "step", "gru_deploy.strategy": "fused"})
     inputs = {t["name"]: t for t in stream.inputs}
@@ -284,8 +282,7 @@ def build_step_model(model: "UserModel", stream: "UserSignature", opset: int, me
     state = {"dtype": "float32", "shape": [layers, "batch", hidden]}
     x = {"name": INPUT_NAME, "dtype": "float32", "shape": [1, "batch", inputs[INPUT_NAME]["shape"][2]]}
     signature = {"inputs": [x, {"name": STATE_IN, **state}],
-                 "outputs": [{**stream.outputs[0], "shape": ["batch", *stream.outputs[0]["shape"][1:]]},
-                             {"name": STATE_OUT, **state}]}
+                 "outputs": [stream.outputs[0], {"name": STATE_OUT, **state}]}
     return result.onnx_bytes, result.record(), signature
 
 

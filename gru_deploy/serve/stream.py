@@ -26,10 +26,9 @@ logits array; a module's (a built-in family's, your own) every output by name, a
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
-
-import warnings
 
 import numpy as np
 
@@ -72,10 +71,9 @@ class Stream:
         # `step` runs the one-step model where the export lists one (model_step.onnx: one GRU node
         # per layer and the head, state [layers, batch, H]); else the stream model's non-empty
         # branch alone (the same nodes, without the per-call guard); `run` the whole stream model.
-        if _file is None and precision == "fp32":
-            listed = module_file(Path(path), ("step", "stream"), precision)
-            _step = listed.data if listed.variant == "step" else None
-            self.step_model = listed.name if listed.variant == "step" else None
+        if file.step_listed:
+            listed = module_file(Path(path), "step", precision)
+            _step, self.step_model = listed.data, listed.name
         else:
             self.step_model = "model_step.onnx" if _step is not None else None
         step_graph = without_empty_guard(_step if _step is not None else file.data) or _step

@@ -72,6 +72,7 @@ class ModuleFile:
     where: str
     answers_empty: bool  # manifest.answers_empty
     module: bool  # manifest.is_module_export: a module's export or bundle (a family's, your own)
+    step_listed: bool = False  # the manifest lists a one-step model of this precision (model_step.onnx)
 
 
 def module_file(path: Path, variants: str | tuple[str, ...], precision: str = "fp32",
@@ -103,7 +104,8 @@ def module_file(path: Path, variants: str | tuple[str, ...], precision: str = "f
         data = read(name)
     check_module_graph(data, manifest, name, variant, where, str(path))
     return ModuleFile(name, data, variant, signature_of(manifest, variant, where), labels_of(manifest), where,
-                      answers_empty(manifest), is_module_export(manifest))
+                      answers_empty(manifest), is_module_export(manifest),
+                      bool(find_models(manifest, "step", "onnx", precision, where)))
 
 
 def check_module_graph(data: bytes, manifest: dict[str, Any], name: str, variant: str, where: str, path: str) -> None:
