@@ -174,6 +174,7 @@ def streaming_step(model: "UserModel", forms: dict[str, "Built"], threads: int, 
     import onnxruntime as ort
     import torch
 
+    from gru_deploy.check.module_parity import step_layout, step_state
     from gru_deploy.check.runners import session_options
     from gru_deploy.convert.pipeline import build_step_model
 
@@ -198,7 +199,7 @@ def streaming_step(model: "UserModel", forms: dict[str, "Built"], threads: int, 
     one_step = build_step_model(model, loop.signature, 17, {}, lambda message: None)
     if one_step is not None:  # the export's model_step.onnx, as a user outside gru-deploy runs it
         session = ort.InferenceSession(one_step[0], session_options(threads), providers=["CPUExecutionProvider"])
-        feed = {"x": x.reshape(1, 1, -1), "h0": h.reshape(1, -1, sizes[1]).transpose(1, 0, 2).copy()}
+        feed = {"x": x.reshape(1, 1, -1), "h0": np.ascontiguousarray(step_state(h, step_layout(h.shape[1:])[0]))}
         timings["onnxruntime step model, run()"] = median_us(lambda: session.run(None, feed), budget_s)
     for form, built in forms.items():
         call = _session_call(built, threads)

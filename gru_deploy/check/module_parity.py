@@ -334,6 +334,16 @@ def step_layout(state_shape: "tuple[int, ...] | list[int]") -> tuple[int, int]:
     return (1, int(state_shape[-1])) if len(state_shape) == 1 else (int(state_shape[0]), int(state_shape[1]))
 
 
+def step_state(h: "np.ndarray", layers: int) -> "np.ndarray":
+    """A stream state [batch, *state] in the step model's layout [layers, batch, H] (a view)."""
+    return h.reshape(h.shape[0], layers, -1).transpose(1, 0, 2)
+
+
+def stream_state(h: "np.ndarray", state_shape: "tuple[int, ...]") -> "np.ndarray":
+    """The step model's [layers, batch, H] as the stream signature's [batch, *state] (a copy)."""
+    return h.transpose(1, 0, 2).copy().reshape(h.shape[1], *state_shape)
+
+
 def step_runner(name: str, model: bytes, signature: UserSignature) -> Call:
     """onnxruntime on the one-step model (convert.graphs.step_graph), fed and answering in the
     stream variant's signature (x [batch, 1, I], h0 and h_n [batch, *state]), so that it is
@@ -345,8 +355,8 @@ def step_runner(name: str, model: bytes, signature: UserSignature) -> Call:
     from gru_deploy.spec import STATE_OUT
 
     names = signature.output_names
-    state = next(t for t in signature.inputs if t["name"] == STATE_IN)["shape"][1:]
-    layers, hidden = step_layout(state)
+    state = tuple(next(t for t in signature.inputs if t["name"] == STATE_IN)["shape"][1:])
+    layers, _ = step_layout(state)
     session = ort.InferenceSession(model, session_options(1), providers=["CPUExecutionProvider"])
 
     def run(feed: Feed) -> dict[str, "np.ndarray"]:
@@ -354,9 +364,9 @@ def step_runner(name: str, model: bytes, signature: UserSignature) -> Call:
         batch = x.shape[0]
         if x.shape[1] != 1:
             raise CheckFailed(f"{name} runs one step; it was given {x.shape[1]}")
-        h0_step = np.ascontiguousarray(h0.reshape(batch, layers, hidden).transpose(1, 0, 2))
+        h0_step = np.ascontiguousarray(step_state(h0, layers))
         out = dict(zip(names, session.run(names, {INPUT_NAME: x.reshape(1, batch, -1), STATE_IN: h0_step})))
-        out[STATE_OUT] = out[STATE_OUT].transpose(1, 0, 2).reshape(h0.shape)
+        out[STATE_OUT] = stream_state(out[STATE_OUT], state)
         return {key: np.asarray(value, np.float64) for key, value in out.items()}
     return Call(name, run)
 

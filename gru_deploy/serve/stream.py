@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from gru_deploy.check.module_parity import step_layout, step_state, stream_state
 from gru_deploy.errors import UserInputError
 from gru_deploy.spec import INPUT_NAME, STATE_IN, STATE_OUT
 
@@ -51,7 +52,6 @@ class Stream:
         in the layout of the graph `step` runs (the one-step model's, or the stream model's)."""
         import onnxruntime as ort
 
-        from gru_deploy.check.module_parity import step_layout
         from gru_deploy.check.runners import session_options
         from gru_deploy.convert.graphs import without_empty_guard
         from gru_deploy.serve.user import module_file
@@ -170,16 +170,10 @@ class Stream:
     def state(self) -> np.ndarray:
         """The state of every sequence, [batch, *state] as the signature says (a copy)."""
         h = self._h[self._current]
-        if self._layer_major:  # the one-step model's [layers, batch, H]
-            h = h.transpose(1, 0, 2)
-        return h.copy().reshape(self.batch, *self.state_shape)
+        return stream_state(h, self.state_shape) if self._layer_major else h.copy()
 
     def _set_state(self, h: np.ndarray) -> None:
-        held = self._h[self._current]
-        if self._layer_major:
-            held[...] = h.reshape(self.batch, self._layers, -1).transpose(1, 0, 2)
-        else:
-            held[...] = h
+        self._h[self._current][...] = step_state(h, self._layers) if self._layer_major else h
 
     @state.setter
     def state(self, h: np.ndarray) -> None:
