@@ -410,6 +410,39 @@ def test_a_lone_request_does_not_wait_for_the_batching_delay(export_dir, local, 
     assert calls == [(1, 5, 8), (2, 5, 8)]
 
 
+def test_a_call_shorter_than_the_hop_to_the_worker_runs_on_the_event_loop(export_dir, local, monkeypatch):
+    """Before any call is timed, a call runs on the worker thread; one the model's recent calls
+    say takes under INLINE_NS runs on the event loop's thread; a longer one on the worker again.
+    Each call updates the estimate, and the answers are the same wherever the call ran."""
+    model = load_model(export_dir, 1, 1, 0.0, None)  # batching off: each request is one call
+    threads: list[str] = []
+    run = model.run
+
+    def recording(x, lengths):
+        threads.append(threading.current_thread().name)
+        return run(x, lengths)
+    monkeypatch.setattr(model, "run", recording)
+    x = np.random.default_rng(9).standard_normal((1, 3, 8)).astype(np.float32)
+
+    async def scenario():
+        answers, estimates = [], []
+        try:
+            for ns_per_step in (None, serving.INLINE_NS / 30, serving.INLINE_NS / 3):
+                model.ns_per_step = ns_per_step  # 3 steps: under INLINE_NS, then over it
+                answers.append(await model.infer(x, np.array([3], np.int64)))
+                estimates.append(model.ns_per_step)
+        finally:
+            model.executor.shutdown(wait=True)
+        return answers, estimates
+
+    answers, estimates = run_async(scenario())
+    loop_thread = threading.current_thread().name  # asyncio.run runs the loop on this thread
+    assert threads[0].startswith("onnxruntime") and threads[1] == loop_thread and threads[2].startswith("onnxruntime")
+    assert all(e is not None and e > 0 for e in estimates)
+    for got in answers:
+        np.testing.assert_allclose(got["logits"], local(x), atol=1e-5, rtol=1e-5)
+
+
 def test_length_groups_bound_the_padding_and_keep_similar_lengths_together():
     def pending(seq: int, batch: int = 1) -> Pending:
         return Pending(np.zeros((batch, seq, 8), np.float32), np.full(batch, seq, np.int64), None)

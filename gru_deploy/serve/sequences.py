@@ -191,7 +191,7 @@ class SequenceModel(Model):
             h0 = np.stack([np.zeros(self.state_shape, np.float32) if live.state is None else live.state
                            for _, live in ready])
             built = time.perf_counter_ns()
-            values = await asyncio.get_running_loop().run_in_executor(self.executor, self.run_chunks, x, h0)
+            values = await self.call(self.run_chunks, x, h0)
         except Exception as exc:
             for p, _ in ready:
                 if self.live.pop(p.flags.id, None) is not None:
