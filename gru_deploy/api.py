@@ -33,7 +33,7 @@ def export(model: "torch.nn.Module | str | None" = None, *,
            out: str | Path = "exported", model_args: dict[str, Any] | None = None, input_size: int | None = None,
            output_names: list[str] | None = None, strategy: str = "loop", opset: int = 17, atol: float = 1e-5,
            rtol: float = 1e-5, typical: tuple[int, int] = (1, 100),
-           on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+           on_step: Callable[[str], None] | None = None, targets: tuple[str, ...] = ()) -> dict[str, Any]:
     """Export a model to `out` (written whole, only when every check passes); return its manifest.
 
     `model` None: the model in `checkpoint` (a path, a `Checkpoint` or a `FamilyCheckpoint`):
@@ -43,11 +43,14 @@ def export(model: "torch.nn.Module | str | None" = None, *,
     `package.module:Name`: your own, built with `model_args` over the checkpoint's and loaded
     from `checkpoint`. A module exports as loop, fused (the tutorial cell families and
     torch.nn.GRU; refused for others), stepwise (the tutorial cell families) or auto (the
-    fastest at `typical` (batch, seq)).
+    fastest at `typical` (batch, seq)). `targets`: what to build beside ONNX and TorchScript:
+    "torch-export" (a `.pt2` torch.export program per variant, its loop a torch.while_loop,
+    proved like every other file), for the one-direction tutorial-cell models.
     """
     from gru_deploy.convert.user import export_family, export_user_model
 
-    common = {"opset": opset, "atol": atol, "rtol": rtol, "strategy": strategy, "typical": typical, "on_step": on_step}
+    common = {"opset": opset, "atol": atol, "rtol": rtol, "strategy": strategy, "typical": typical, "on_step": on_step,
+              "targets": tuple(targets)}
     if model is None:
         from gru_deploy.convert.folder import export_to_dir
         from gru_deploy.train import Checkpoint, FamilyCheckpoint, load_checkpoint

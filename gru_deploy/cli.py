@@ -202,12 +202,16 @@ def train(obj: dict, data: str, test_path: str | None, normalize: bool | None, e
 @click.option("--output-names", default=None, metavar="A,B,...",
               help="With --model: names of the outputs [default: logits for one output, output_0, ... for "
                    "several].")
+@click.option("--targets", default="", metavar="torch-export",
+              help="What to build beside ONNX and TorchScript (always written), comma-separated: torch-export "
+                   "(model*.pt2, a torch.export program per variant, batch and seq dynamic, its time loop a "
+                   "torch.while_loop; for the tutorial classifier and `train --layers N` models).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON on stdout.")
 @click.pass_obj
 def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: str, typical_batch: int,
            typical_seq: int, atol: float, rtol: float, seed: int, model_ref: str | None, model_args: str | None,
-           input_size: int | None, output_names: str | None, quiet: bool, as_json: bool) -> None:
+           input_size: int | None, output_names: str | None, targets: str, quiet: bool, as_json: bool) -> None:
     """Script the model, export it to ONNX and prove parity; write the export folder.
 
     \b
@@ -218,6 +222,7 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
       model_stream.* (x, h0) -> (logits, h_n), and model_lengths.* (x, lengths) ->
                      logits: TorchScript and ONNX, in the same form
       model*.ort     ORT format of the classifier and stream models
+      model*.pt2     with --targets torch-export: torch.export programs (torch.export.load)
       parity.json    eager vs TorchScript vs onnxruntime vs onnx reference vs float64
       manifest.json  signature, opset, sha256 of every file, config, labels, metrics, versions
     An element fails parity only when it exceeds both --atol and --rtol. Exit 1 (and
@@ -239,6 +244,7 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
       gru-deploy export --checkpoint checkpoint.pt --strategy auto --typical-batch 32
       gru-deploy export --model my_models.py:TwoLayerGRU --checkpoint ck.pt --out mine/
       gru-deploy train --layers 2 --out two.pt && gru-deploy export --checkpoint two.pt --strategy auto
+      gru-deploy export --checkpoint checkpoint.pt --targets torch-export
     \f
     Over 60 lines: the command's usage checks, the untrained default, and its human and --json
     summaries; the work is api.export.
@@ -247,11 +253,14 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
     from gru_deploy.check.grid import check_tolerances, tolerance_line
     from gru_deploy.check.timing import measuring, stage, stage_line
     from gru_deploy.convert.graphs import check_opset
+    from gru_deploy.convert.programs import check_targets
     from gru_deploy.models.user import parse_model_args
 
     obj["quiet"] = quiet or as_json
     check_opset(opset)
     check_tolerances(atol, rtol)
+    wanted = tuple(t.strip() for t in targets.split(",") if t.strip())
+    check_targets(wanted)
     if model_ref is None:
         for name, value in (("--model-args", model_args), ("--input-size", input_size),
                             ("--output-names", output_names)):
@@ -273,7 +282,7 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
             model_ref, checkpoint=source, out=out, model_args=parse_model_args(model_args) if model_ref else None,
             input_size=input_size, output_names=[n.strip() for n in output_names.split(",")] if output_names else None,
             strategy=strategy, opset=opset, atol=atol, rtol=rtol, typical=(typical_batch, typical_seq),
-            on_step=lambda m: _progress(obj, m))
+            on_step=lambda m: _progress(obj, m), targets=wanted)
     times = clock.record()
     if as_json:
         keys = ["strategy", "auto", "opset", "files", "parity"] + (

@@ -68,17 +68,19 @@ class Proof:
 def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, atol: float = 1e-5,
                  rtol: float = 1e-5, strategy: str = "loop", typical: tuple[int, int] = (1, 100),
                  input_size: int | None = None, output_names: list[str] | None = None, labels: tuple[str, ...] = (),
-                 on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 on_step: Callable[[str], None] | None = None, targets: tuple[str, ...] = ()) -> dict[str, Any]:
     """Export any model into `out`, all at once and only when every check passes; return the
     manifest. `strategy`: loop, fused, stepwise (where they apply) or auto (every form that
     applies, checked, timed at `typical` (batch, seq) at each variant's workload, the fastest
-    kept). Over 60 lines: the pipeline's stages in order, each a call."""
+    kept). `targets`: what is built beside ONNX and TorchScript (convert.programs.TARGETS).
+    Over 60 lines: the pipeline's stages in order, each a call."""
     from gru_deploy.check.grid import check_tolerances
     from gru_deploy.check.module_parity import GOLDEN_FILE
     from gru_deploy.check.recurrence import check_recurrence
     from gru_deploy.check.timing import stage
     from gru_deploy.convert import script
     from gru_deploy.convert.graphs import check_opset
+    from gru_deploy.convert.programs import add_program, build_program, check_targets
     from gru_deploy.manifest import recover_interrupted_runs
     from gru_deploy.models.user import input_size_of
 
@@ -86,6 +88,7 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
     check_opset(opset)
     check_tolerances(atol, rtol)
     check_module_strategy(strategy, model)
+    check_targets(targets, model)
     if min(typical) < 1:
         raise UserInputError(f"the typical batch and seq must be at least 1, got {typical}")
     step = on_step or (lambda message: None)
@@ -132,6 +135,12 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
             with stage("parity"):
                 parts.append(proof.check_step(step_model[0], chosen["stream"], model, step))
             add_step_model(files, models, variants, *step_model)
+    for variant, sig in signatures.items() if "torch-export" in targets else ():
+        with stage("torch.export"):
+            program, record = build_program(model, variant, sig, step)
+        with stage("parity"):
+            parts.append(proof.check_program(program, variant, sig, model, step))
+        add_program(files, models, variant, program, record)
     deprecations = script.take_deprecations()
     if deprecations:
         notes.append(f"torch {library_versions()['torch']} deprecates what model.pt is made with (gru-deploy "

@@ -112,6 +112,20 @@ class ModuleProof(Proof):
             raise check_failed("the one-step model's parity failed", report)
         return report
 
+    def check_program(self, data: bytes, variant: str, signature: UserSignature, model: "UserModel",
+                      step: Callable[[str], None]) -> "ParityReport":
+        """A variant's torch.export program against its float64 reference and eager on the
+        variant's grid (check.programs.program_parity)."""
+        from gru_deploy.check.module_parity import program_parity
+        from gru_deploy.convert.programs import program_name
+
+        step(f"checking the {variant} torch.export program against float64 and eager")
+        report = program_parity(self.module_side[variant], data, signature, self.grid, variant, self.atol, self.rtol,
+                                program_name(variant))
+        if not report:
+            raise check_failed(f"the {variant} torch.export program's parity failed", report)
+        return report
+
     def golden(self, model: "UserModel", signatures: dict[str, UserSignature]) -> tuple[bytes, dict[str, Any]]:
         return golden_cases(model, signatures, self.grid)
 
@@ -270,18 +284,19 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
                       input_size: int | None = None, output_names: list[str] | None = None,
                       on_step: Callable[[str], None] | None = None, labels: tuple[str, ...] = (),
                       metrics: dict[str, Any] | None = None, training: dict[str, Any] | None = None,
-                      strategy: str = "loop", typical: tuple[int, int] = (1, 100)) -> dict[str, Any]:
+                      strategy: str = "loop", typical: tuple[int, int] = (1, 100),
+                      targets: tuple[str, ...] = ()) -> dict[str, Any]:
     """Export your own module into `out` by the one pipeline with the module's proof; return the
     manifest. `labels`, `metrics` and `training` are recorded as given (a built-in family's
     checkpoint carries them)."""
     return export_model(model, out, ModuleProof(atol, rtol, labels, metrics, training), opset=opset, atol=atol,
                         rtol=rtol, strategy=strategy, typical=typical, input_size=input_size,
-                        output_names=output_names, labels=labels, on_step=on_step)
+                        output_names=output_names, labels=labels, on_step=on_step, targets=targets)
 
 
 def export_family(ckpt: Any, out: Path, opset: int = 17, atol: float = 1e-5, rtol: float = 1e-5,
                   on_step: Callable[[str], None] | None = None, strategy: str = "loop",
-                  typical: tuple[int, int] = (1, 100)) -> dict[str, Any]:
+                  typical: tuple[int, int] = (1, 100), targets: tuple[str, ...] = ()) -> dict[str, Any]:
     """Export a built-in family's checkpoint (train.FamilyCheckpoint) by the generic path."""
     from gru_deploy.models import families
     from gru_deploy.models.user import UserModel
@@ -290,4 +305,5 @@ def export_family(ckpt: Any, out: Path, opset: int = 17, atol: float = 1e-5, rto
     model = UserModel(ckpt.model(), reference, families.__file__, dict(ckpt.model_args), ckpt.sha256,
                       family=ckpt.family)
     return export_user_model(model, out, opset=opset, atol=atol, rtol=rtol, on_step=on_step, labels=ckpt.labels,
-                             metrics=ckpt.metrics, training=ckpt.training, strategy=strategy, typical=typical)
+                             metrics=ckpt.metrics, training=ckpt.training, strategy=strategy, typical=typical,
+                              targets=targets)

@@ -1,0 +1,131 @@
+"""Export targets beside ONNX and TorchScript, for PyTorch's successors of TorchScript: a
+torch.export program (`.pt2`, `torch.export.save`), dynamic batch and seq, for each variant.
+
+torch.export unrolls a Python `for` loop to the example's length, as tracing does; so the
+program is built from the model's control-flow form (models.control_flow: the same weights, the
+loop a `torch.while_loop`), and a program without its `while_loop` is refused before anything
+is written. Each program is proved on the variant's parity grid like every other file
+(check.programs).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING, Any, Callable
+
+from gru_deploy.check.module_parity import PROGRAM_FORMAT
+from gru_deploy.errors import CheckFailed, UserInputError
+from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN
+
+if TYPE_CHECKING:
+    from gru_deploy.check.module_parity import UserSignature
+    from gru_deploy.models.user import UserModel
+
+TARGETS = ("torch-export",)
+METHODS = {"classifier": "forward", "lengths": "forward_lengths", "stream": "forward_stream"}
+
+WHILE_LOOP_HINT = (
+    "write the time loop with torch.while_loop, which torch.export keeps a loop: "
+    "h = torch.while_loop(lambda t, h: t < x.size(1), lambda t, h: (t + 1, cell(x.index_select(1, t.reshape(1))"
+    ".squeeze(1), h)), (torch.zeros((), dtype=torch.int64), h0))[1]")
+
+
+def check_targets(targets: tuple[str, ...], model: "UserModel | None" = None) -> None:
+    """UserInputError for a target this gru-deploy does not build, or one `model` cannot take."""
+    from gru_deploy.models.control_flow import control_flow_form
+
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise UserInputError(f"unknown target {unknown[0]!r}: choose from {', '.join(TARGETS)} (ONNX and "
+                             "TorchScript are always written)")
+    if targets and model is not None and control_flow_form(model.module) is None:
+        raise UserInputError(
+            f"{model.reference}: --targets {','.join(targets)} needs the model's time loop as control flow, and "
+            "gru-deploy writes that form for one-direction tutorial-cell models only (the tutorial classifier, "
+            "`train --layers N`); torch.export would unroll a Python for loop to one example length. For your own "
+            f"module, {WHILE_LOOP_HINT}")
+
+
+def example_inputs(signature: "UserSignature") -> tuple[Any, ...]:
+    """Inputs torch.export traces with: batch 2 and seq 3 (neither 0 nor 1, which it would
+    specialise), lengths 3 and 1, zero states."""
+    import torch
+
+    args = []
+    for tensor in signature.inputs:
+        if tensor["name"] == INPUT_NAME:
+            args.append(torch.zeros(2, 3, int(tensor["shape"][2])))
+        elif tensor["name"] == LENGTHS_NAME:
+            args.append(torch.tensor([3, 1], dtype=torch.int64))
+        elif tensor["name"] == STATE_IN:
+            args.append(torch.zeros(2, *(int(d) for d in tensor["shape"][1:])))
+        else:
+            raise CheckFailed(f"no example for input {tensor['name']!r}")
+    return tuple(args)
+
+
+def dynamic_shapes(signature: "UserSignature") -> tuple[dict[int, Any], ...]:
+    """Batch dynamic on every input, seq on x; no bounds."""
+    from torch.export import Dim
+
+    batch, seq = Dim("batch"), Dim("seq")
+    return tuple({0: batch, 1: seq} if t["name"] == INPUT_NAME else {0: batch} for t in signature.inputs)
+
+
+def build_program(model: "UserModel", variant: str, signature: "UserSignature",
+                  step: Callable[[str], None]) -> tuple[bytes, dict[str, Any]]:
+    """The variant's torch.export program, saved (`torch.export.save`): its bytes and record
+    (the loops it keeps, each axis's bounds as torch.export recorded them)."""
+    import torch
+
+    from gru_deploy.models.control_flow import Variant, control_flow_form
+
+    form = control_flow_form(model.module)
+    if form is None:
+        raise UserInputError(f"{model.reference}: no control-flow form; {WHILE_LOOP_HINT}")
+    step(f"torch.export of the {variant} variant (its loop a torch.while_loop; batch and seq dynamic)")
+    torch._dynamo.reset()  # a guard of an earlier export in this process would leak into this one
+    example = example_inputs(signature)
+    try:
+        program = torch.export.export(Variant(form.eval(), METHODS[variant]), example,
+                                      dynamic_shapes={"args": dynamic_shapes(signature)})
+    except Exception as exc:
+        raise CheckFailed(f"torch.export of the {variant} variant failed: {type(exc).__name__}: "
+                          f"{(str(exc).splitlines() or [''])[0][:300]}") from None
+    loops = sum(1 for node in program.graph.nodes
+                if node.op == "call_function" and node.target is torch.ops.higher_order.while_loop)
+    if loops == 0:
+        raise CheckFailed(f"the {variant} program has no while_loop: torch.export unrolled its time loop")
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue(), {"while_loops": loops, "bounds": axis_bounds(program, signature)}
+
+
+def axis_bounds(program: Any, signature: "UserSignature") -> dict[str, list[int | None]]:
+    """[min, max] of x's batch and seq as the program records them (None: unbounded)."""
+    x = next(node for node in program.graph.nodes if node.op == "placeholder"
+             and node.name == program.graph_signature.user_inputs[0])
+    bounds = {}
+    for axis, name in ((0, "batch"), (1, "seq")):
+        size = x.meta["val"].shape[axis]
+        if isinstance(size, int):
+            bounds[name] = [size, size]
+            continue
+        ranges = program.range_constraints[size.node.expr]  # sympy: torch's infinity is not an Integer
+        bounds[name] = [int(v) if v.is_Integer else None for v in (ranges.lower, ranges.upper)]
+    return bounds
+
+
+def program_name(variant: str) -> str:
+    return "model.pt2" if variant == "classifier" else f"model_{variant}.pt2"
+
+
+def add_program(files: dict[str, bytes], models: dict[str, Any], variant: str, data: bytes,
+                record: dict[str, Any]) -> None:
+    """The program into `files`, listed in `models` by its variant and format."""
+    import torch
+
+    name = program_name(variant)
+    files[name] = data
+    models[name] = {"variant": variant, "format": PROGRAM_FORMAT, "precision": "fp32", "form": "while_loop",
+                    "torch": torch.__version__, **record}

@@ -1,0 +1,129 @@
+"""`--targets torch-export`: a torch.export program per variant, its loop a torch.while_loop,
+proved on the variant's grid at export and again by verify; refused for models without a
+control-flow form, and for a program that lost its loop."""
+
+from __future__ import annotations
+
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import gru_deploy
+from cli_helpers import run_cli
+from gru_deploy.check.module_parity import UserSignature, load_program, verify_export
+from gru_deploy.errors import CheckFailed, UserInputError
+from gru_deploy.manifest import atomic_write_json, file_entry, read_manifest
+
+TARGETS = ("torch-export",)
+
+
+@pytest.fixture(scope="module")
+def programs(checkpoint_file, tiny_checkpoint, tmp_path_factory):
+    """The tutorial classifier and a 2-layer family model, each exported with its programs."""
+    from gru_deploy.models.families import StackedGRUClassifier
+
+    root = tmp_path_factory.mktemp("programs")
+    gru_deploy.export(checkpoint=checkpoint_file, out=root / "tutorial", targets=TARGETS)
+    torch.manual_seed(0)
+    family = StackedGRUClassifier(3, 5, 2, layers=2).eval()
+    gru_deploy.export(family, out=root / "family", targets=TARGETS)
+    return {"tutorial": (root / "tutorial", tiny_checkpoint.model().eval()), "family": (root / "family", family)}
+
+
+def listed_programs(manifest):
+    return {info["variant"]: (name, info) for name, info in manifest["models"].items()
+            if info["format"] == "torch-export"}
+
+
+@pytest.mark.parametrize("kind", ["tutorial", "family"])
+def test_export_writes_a_program_per_variant_with_its_loop_and_proves_it(programs, kind):
+    folder, module = programs[kind]
+    manifest = read_manifest(folder)
+    found = listed_programs(manifest)
+    assert sorted(found) == ["classifier", "lengths", "stream"]
+    summary = manifest["parity"]["summary"]
+    for variant, (name, info) in found.items():
+        assert (folder / name).is_file() and info["while_loops"] >= 1
+        assert info["bounds"] == {"batch": [0, None], "seq": [0, None]}
+        prefix = "" if variant == "classifier" else f"{variant}:"
+        assert summary[f"{prefix}float64->torch-export"]["cases"] > 0
+    # a length and batch no example had, against the module itself: the loop is a loop
+    program = load_program((folder / found["classifier"][0]).read_bytes(), "model.pt2")
+    x = torch.randn(5, 300, module.layers[0].fw.input_size if kind == "family" else 8)
+    with torch.no_grad():
+        np.testing.assert_allclose(program(x).numpy(), module(x).numpy(), atol=1e-5, rtol=1e-5)
+    stream = load_program((folder / found["stream"][0]).read_bytes(), "model_stream.pt2")
+    h0 = module.initial_state(5) + 0.5
+    with torch.no_grad():
+        for got, want in zip(stream(x[:, :7], h0), module.forward_stream(x[:, :7], h0)):
+            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def scaled_program(folder, module, variant, name):
+    """The variant's program rebuilt from weights scaled by 1.01, written over `name`, its
+    checksum updated in the manifest: the checksums pass, parity must not."""
+    from gru_deploy.convert.programs import build_program
+
+    manifest = read_manifest(folder)
+    sig = manifest["signature"] if variant == "classifier" else manifest["variants"][variant]["signature"]
+    scaled = type(module)(*module_args(module))
+    scaled.load_state_dict({k: v * 1.01 for k, v in module.state_dict().items()})
+    data, _ = build_program(SimpleNamespace(module=scaled.eval(), reference="scaled"), variant,
+                            UserSignature(sig["inputs"], sig["outputs"]), lambda message: None)
+    (folder / name).write_bytes(data)
+    manifest["files"][name] = file_entry(folder / name)
+    atomic_write_json(folder / "manifest.json", manifest)
+
+
+def module_args(module):
+    if hasattr(module, "layers"):
+        return module.layers[0].fw.input_size, module.hidden_size, module.fc.out_features, len(module.layers)
+    return module.gru.input_size, module.hidden_size, module.fc.out_features
+
+
+@pytest.mark.parametrize("kind", ["tutorial", "family"])
+def test_verify_reruns_the_programs_and_fails_on_one_that_computes_something_else(programs, kind, tmp_path):
+    folder, module = programs[kind]
+    report = verify_export(folder)
+    assert report and "torchscript->torch-export" in report.summary()
+    copy = tmp_path / kind
+    shutil.copytree(folder, copy)
+    scaled_program(copy, module, "lengths", listed_programs(read_manifest(copy))["lengths"][0])
+    report = verify_export(copy)
+    assert not report
+    assert any(f.startswith("lengths:float64->torch-export") for f in report.failures())
+    assert all("torch-export" in f for f in report.failures())
+
+
+def test_targets_are_refused_where_no_control_flow_form_exists(tmp_path):
+    from gru_deploy.models.families import StackedGRUClassifier
+    from user_models import TwoHeads
+
+    with pytest.raises(UserInputError, match="torch.while_loop"):
+        gru_deploy.export(TwoHeads().eval(), out=tmp_path / "user", targets=TARGETS)
+    with pytest.raises(UserInputError, match="one-direction"):
+        gru_deploy.export(StackedGRUClassifier(3, 5, 2, layers=1, bidirectional=True).eval(), out=tmp_path / "bi",
+                          targets=TARGETS)
+    assert not (tmp_path / "user").exists() and not (tmp_path / "bi").exists()
+    proc = run_cli("export", "--targets", "onnx-dynamo", "--out", str(tmp_path / "cli"))
+    assert proc.returncode == 2 and "unknown target 'onnx-dynamo'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "cli").exists()
+
+
+def test_a_program_whose_loop_was_unrolled_is_refused(tmp_path, monkeypatch):
+    """torch.while_loop replaced by a Python loop (what torch.export would unroll): the export
+    fails and writes nothing."""
+    from gru_deploy.models.families import StackedGRUClassifier
+
+    def unrolled(cond, body, carried):
+        while cond(*carried):
+            carried = body(*carried)
+        return carried
+    monkeypatch.setattr(torch, "while_loop", unrolled)
+    torch.manual_seed(0)
+    with pytest.raises(CheckFailed, match="torch.export|while_loop"):
+        gru_deploy.export(StackedGRUClassifier(3, 5, 2, layers=1).eval(), out=tmp_path / "out", targets=TARGETS)
+    assert not (tmp_path / "out").exists()
