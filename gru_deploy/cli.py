@@ -202,10 +202,12 @@ def train(obj: dict, data: str, test_path: str | None, normalize: bool | None, e
 @click.option("--output-names", default=None, metavar="A,B,...",
               help="With --model: names of the outputs [default: logits for one output, output_0, ... for "
                    "several].")
-@click.option("--targets", default="", metavar="torch-export",
+@click.option("--targets", default="", metavar="torch-export,aoti",
               help="What to build beside ONNX and TorchScript (always written), comma-separated: torch-export "
                    "(model*.pt2, a torch.export program per variant, batch and seq dynamic, its time loop a "
-                   "torch.while_loop; for the tutorial classifier and `train --layers N` models).")
+                   "torch.while_loop), aoti (model.aoti.pt2, the classifier's program compiled by AOTInductor for "
+                   "libtorch without Python: needs g++, 20-30 s; also builds the programs). Each is proved like "
+                   "the ONNX files. For the tutorial classifier and `train --layers N` models.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON on stdout.")
 @click.pass_obj
@@ -223,6 +225,7 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
                      logits: TorchScript and ONNX, in the same form
       model*.ort     ORT format of the classifier and stream models
       model*.pt2     with --targets torch-export: torch.export programs (torch.export.load)
+      model.aoti.pt2 with --targets aoti: an AOTInductor package (libtorch, no Python)
       parity.json    eager vs TorchScript vs onnxruntime vs onnx reference vs float64
       manifest.json  signature, opset, sha256 of every file, config, labels, metrics, versions
     An element fails parity only when it exceeds both --atol and --rtol. Exit 1 (and
@@ -331,8 +334,9 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
               help="Also write the parity report as JUnit XML for CI, one testcase per case and runner pair "
                    "(export folders; written also when parity fails).")
 @click.option("--trust-torchscript", is_flag=True,
-              help="Bundles: also load and run their TorchScript models. torch.jit.load runs code from the file: "
-                   "use it only on a bundle you made or trust (without it they are listed as not run).")
+              help="Bundles: also load and run their TorchScript models and AOTInductor packages. torch.jit.load "
+                   "runs code from the file and a package is a shared library: use it only on a bundle you made or "
+                   "trust (without it they are listed as not run).")
 @click.pass_obj
 def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, test_path: str | None, quiet: bool,
            as_json: bool, junit_xml: Path | None, trust_torchscript: bool) -> None:
@@ -348,8 +352,9 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
     A bundle: manifest schema, every checksum, no extra or missing file, each model loads
     in its runtime, the golden vectors reproduce within the manifest's tolerances, int8
     models pass their gate again. An archive is inspected whole and only then extracted, to
-    a temporary folder. Its TorchScript models are not loaded unless --trust-torchscript
-    (torch.jit.load runs code from the file); they are listed as not run.
+    a temporary folder. Its TorchScript models and AOTInductor packages are not loaded unless
+    --trust-torchscript (torch.jit.load runs code from the file; a package is a shared
+    library); they are listed as not run.
 
     \b
     Examples:

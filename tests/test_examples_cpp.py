@@ -1,5 +1,6 @@
 """examples/cpp: libtorch (the one the torch wheel ships) loads the server bundle's model.pt
-and reproduces the bundle's golden logits, read from golden/golden.json with nlohmann/json.
+(or, with --aoti, its AOTInductor package) and reproduces the bundle's golden logits, read
+from golden/golden.json with nlohmann/json.
 
 The program is built with CMake into ~/.cache/gru-deploy/cpp-build (GRU_DEPLOY_CACHE moves
 it), reused across runs and wiped when the example's sources or the torch install change.
@@ -117,3 +118,39 @@ def test_libtorch_runs_a_user_models_bundle_every_output_and_its_lengths_model(p
         proc = subprocess.run([str(program), str(bundle / "model_repository/model_torchscript/1/model.pt"),
                                str(tmp_path / "wrong.json")], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1 and "FAILED" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def aoti_bundle(checkpoint_file, tmp_path_factory) -> Path:
+    """A server bundle of the tiny checkpoint exported with --targets aoti (one AOTInductor
+    compile of the classifier: 20-30 s here)."""
+    import gru_deploy
+
+    root = tmp_path_factory.mktemp("aoti")
+    gru_deploy.export(checkpoint=checkpoint_file, out=root / "export", targets=("aoti",))
+    out, _ = package(root / "export", "server", out=root / "server")
+    return out
+
+
+def test_libtorch_runs_the_aoti_package_on_the_golden_vectors_without_python(program, aoti_bundle, tmp_path):
+    """torch::inductor::AOTIModelPackageLoader loads the server bundle's AOTInductor package, the
+    package chosen by what the bundle's manifest says it is; a changed golden logit fails."""
+    manifest = json.loads((aoti_bundle / "manifest.json").read_text())
+    (package_path,) = [n for n, info in manifest["models"].items() if info["format"] == "aoti"]
+    golden = aoti_bundle / "golden" / "golden.json"
+    proc = run_aoti(program, aoti_bundle / package_path, golden)
+    print(proc.stdout, proc.stderr)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    n_cases = sum(c["variant"] == "classifier" for c in json.loads(golden.read_text())["cases"])
+    assert f"{n_cases} classifier case(s)" in proc.stdout and proc.stdout.count("ok  ") == n_cases
+    assert float(re.search(r"^max abs error: (\S+)$", proc.stdout, re.M).group(1)) <= TOL
+    wrong = json.loads(golden.read_text())
+    next(c for c in wrong["cases"] if c["variant"] == "classifier")["outputs"]["logits"]["data"][0] += 1e-3
+    (tmp_path / "golden.json").write_text(json.dumps(wrong))
+    proc = run_aoti(program, aoti_bundle / package_path, tmp_path / "golden.json")
+    assert proc.returncode == 1 and "FAILED" in proc.stdout, proc.stdout + proc.stderr
+
+
+def run_aoti(program: Path, package_path: Path, golden: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(program), "--aoti", str(package_path), str(golden)], capture_output=True, text=True,
+                          timeout=120)

@@ -1,9 +1,12 @@
-"""`--targets torch-export`: a torch.export program per variant, its loop a torch.while_loop,
-proved on the variant's grid at export and again by verify; refused for models without a
-control-flow form, and for a program that lost its loop."""
+"""`--targets torch-export,aoti`: a torch.export program per variant, its loop a
+torch.while_loop, and an AOTInductor package of the classifier's, each proved on the variant's
+grid at export and again by verify, the package carried by server bundles; refused for models
+without a control-flow form, and for a program that lost its loop. (The C++ loader of the
+package: tests/test_examples_cpp.py.)"""
 
 from __future__ import annotations
 
+import json
 import shutil
 from types import SimpleNamespace
 
@@ -17,7 +20,7 @@ from gru_deploy.check.module_parity import UserSignature, load_program, verify_e
 from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.manifest import atomic_write_json, file_entry, read_manifest
 
-TARGETS = ("torch-export",)
+TARGETS = ("torch-export", "aoti")
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +36,8 @@ def programs(checkpoint_file, tiny_checkpoint, tmp_path_factory):
     return {"tutorial": (root / "tutorial", tiny_checkpoint.model().eval()), "family": (root / "family", family)}
 
 
-def listed_programs(manifest):
-    return {info["variant"]: (name, info) for name, info in manifest["models"].items()
-            if info["format"] == "torch-export"}
+def listed_programs(manifest, fmt="torch-export"):
+    return {info["variant"]: (name, info) for name, info in manifest["models"].items() if info["format"] == fmt}
 
 
 @pytest.mark.parametrize("kind", ["tutorial", "family"])
@@ -50,11 +52,15 @@ def test_export_writes_a_program_per_variant_with_its_loop_and_proves_it(program
         assert info["bounds"] == {"batch": [0, None], "seq": [0, None]}
         prefix = "" if variant == "classifier" else f"{variant}:"
         assert summary[f"{prefix}float64->torch-export"]["cases"] > 0
+    aoti = listed_programs(manifest, "aoti")
+    assert sorted(aoti) == ["classifier"] and aoti["classifier"][1]["program"] == found["classifier"][0]
+    assert aoti["classifier"][1]["cpu_isa"] and summary["float64->aoti"]["cases"] > 0
     # a length and batch no example had, against the module itself: the loop is a loop
-    program = load_program((folder / found["classifier"][0]).read_bytes(), "model.pt2")
     x = torch.randn(5, 300, module.layers[0].fw.input_size if kind == "family" else 8)
-    with torch.no_grad():
-        np.testing.assert_allclose(program(x).numpy(), module(x).numpy(), atol=1e-5, rtol=1e-5)
+    for name, fmt in ((found["classifier"][0], "torch-export"), (aoti["classifier"][0], "aoti")):
+        program = load_program((folder / name).read_bytes(), name, fmt)
+        with torch.no_grad():
+            np.testing.assert_allclose(program(x).numpy(), module(x).numpy(), atol=1e-5, rtol=1e-5)
     stream = load_program((folder / found["stream"][0]).read_bytes(), "model_stream.pt2")
     h0 = module.initial_state(5) + 0.5
     with torch.no_grad():
@@ -62,17 +68,19 @@ def test_export_writes_a_program_per_variant_with_its_loop_and_proves_it(program
             np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5, rtol=1e-5)
 
 
-def scaled_program(folder, module, variant, name):
-    """The variant's program rebuilt from weights scaled by 1.01, written over `name`, its
-    checksum updated in the manifest: the checksums pass, parity must not."""
-    from gru_deploy.convert.programs import build_program
+def scaled_program(folder, module, variant, name, fmt="torch-export"):
+    """The variant's program (or its AOTInductor package) rebuilt from weights scaled by 1.01,
+    written over `name`, its checksum updated in the manifest: the checksums pass, parity must not."""
+    from gru_deploy.convert.programs import build_aoti, build_program
 
     manifest = read_manifest(folder)
     sig = manifest["signature"] if variant == "classifier" else manifest["variants"][variant]["signature"]
     scaled = type(module)(*module_args(module))
     scaled.load_state_dict({k: v * 1.01 for k, v in module.state_dict().items()})
-    data, _ = build_program(SimpleNamespace(module=scaled.eval(), reference="scaled"), variant,
-                            UserSignature(sig["inputs"], sig["outputs"]), lambda message: None)
+    data, _, program = build_program(SimpleNamespace(module=scaled.eval(), reference="scaled"), variant,
+                                     UserSignature(sig["inputs"], sig["outputs"]), lambda message: None)
+    if fmt == "aoti":
+        data, _ = build_aoti(program, variant, lambda message: None)
     (folder / name).write_bytes(data)
     manifest["files"][name] = file_entry(folder / name)
     atomic_write_json(folder / "manifest.json", manifest)
@@ -88,14 +96,33 @@ def module_args(module):
 def test_verify_reruns_the_programs_and_fails_on_one_that_computes_something_else(programs, kind, tmp_path):
     folder, module = programs[kind]
     report = verify_export(folder)
-    assert report and "torchscript->torch-export" in report.summary()
+    assert report and {"torchscript->torch-export", "torchscript->aoti"} <= set(report.summary())
     copy = tmp_path / kind
     shutil.copytree(folder, copy)
-    scaled_program(copy, module, "lengths", listed_programs(read_manifest(copy))["lengths"][0])
+    variant, fmt = ("lengths", "torch-export") if kind == "family" else ("classifier", "aoti")
+    scaled_program(copy, module, variant, listed_programs(read_manifest(copy), fmt)[variant][0], fmt)
     report = verify_export(copy)
     assert not report
-    assert any(f.startswith("lengths:float64->torch-export") for f in report.failures())
-    assert all("torch-export" in f for f in report.failures())
+    prefix = "" if variant == "classifier" else f"{variant}:"
+    assert any(f.startswith(f"{prefix}float64->{fmt}") for f in report.failures())
+    assert all(f"->{fmt}" in f for f in report.failures())
+
+
+def test_a_server_bundle_carries_the_aoti_package_and_runs_its_golden_cases_when_trusted(programs, tmp_path):
+    from gru_deploy.bundle.package import package
+    from gru_deploy.bundle.read import verify_bundle
+
+    folder, _ = programs["tutorial"]
+    bundle, _ = package(folder, "server", out=tmp_path / "server")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    listed = {n: i for n, i in manifest["models"].items() if i["format"] == "aoti"}
+    assert list(listed) == ["aoti/model.aoti.pt2"] and (bundle / "aoti/model.aoti.pt2").is_file()
+    assert not (bundle / "model_repository" / "aoti").exists()  # not a Triton model
+    untrusted = verify_bundle(bundle)
+    assert untrusted["passed"] and any("aoti/model.aoti.pt2" in n["check"] for n in untrusted["not_run"])
+    trusted = verify_bundle(bundle, trust_torchscript=True)
+    ran = [c for c in trusted["checks"] if "on aoti/model.aoti.pt2" in c["check"]]
+    assert trusted["passed"] and ran and all(c["passed"] for c in ran)
 
 
 def test_targets_are_refused_where_no_control_flow_form_exists(tmp_path):

@@ -1,18 +1,23 @@
-// gru_golden: run a gru-deploy TorchScript model (model.pt) on the golden vectors of a bundle
-// and compare every output with the recorded one.
+// gru_golden: run a gru-deploy TorchScript model (model.pt), or with --aoti an AOTInductor
+// package (aoti/model.aoti.pt2 of a server bundle exported with --targets aoti), on the golden
+// vectors of a bundle and compare every output with the recorded one.
 //
 //   gru_golden MODEL.pt GOLDEN.json [--variant classifier|lengths] [--atol A]
+//   gru_golden --aoti PACKAGE.pt2 GOLDEN.json [--variant classifier] [--atol A]
 //
 // golden.json: {"atol", "rtol", "cases": [{"name", "variant", "inputs": {"x": {"dtype",
 // "shape", "data"}, ...}, "outputs": {"logits": {...}, ...}}, ...]}. The cases of one variant
 // are run (default: classifier): model.pt's forward takes the case's inputs by the names its
 // TorchScript schema gives its arguments (x; x, lengths for a lengths model), and returns one
 // tensor or a tuple, compared with the case's outputs in their order in golden.json (the
-// signature's order). Works for the tutorial model's bundles and for a built-in family's or
+// signature's order). An AOTInductor package (torch::inductor::AOTIModelPackageLoader, no
+// Python) takes the case's inputs in golden.json's order, the signature's, and returns a list
+// of tensors. Works for the tutorial model's bundles and for a built-in family's or
 // your own model's. Prints each case's max abs error and the overall one ("max abs error:
 // <value>"), then exits 0 when every case is within atol (golden.json's, 1e-5 by default), 1
 // when not, 2 on bad usage or unreadable input.
 #include <ATen/Parallel.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/script.h>
 
 #include <nlohmann/json.hpp>
@@ -25,6 +30,7 @@
 #include <fstream>
 #include <iostream>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -34,7 +40,7 @@ using json = nlohmann::ordered_json;
 namespace {
 
 int usage(const std::string& message) {
-  std::cerr << message << "\nusage: gru_golden MODEL.pt GOLDEN.json [--variant classifier|lengths] [--atol A]\n";
+  std::cerr << message << "\nusage: gru_golden [--aoti] MODEL GOLDEN.json [--variant classifier|lengths] [--atol A]\n";
   return 2;
 }
 
@@ -74,9 +80,12 @@ int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   double atol_override = -1.0;
   std::string variant = "classifier";
+  bool aoti = false;
   std::vector<std::string> positional;
   for (size_t i = 0; i < args.size(); ++i) {
-    if (args[i] == "--atol" && i + 1 < args.size()) {
+    if (args[i] == "--aoti") {
+      aoti = true;
+    } else if (args[i] == "--atol" && i + 1 < args.size()) {
       atol_override = std::stod(args[++i]);
     } else if (args[i] == "--variant" && i + 1 < args.size()) {
       variant = args[++i];
@@ -99,16 +108,21 @@ int main(int argc, char** argv) {
   const double atol = atol_override >= 0 ? atol_override : golden.value("atol", 1e-5);
 
   torch::jit::script::Module module;
-  std::vector<std::string> arguments;  // forward's argument names, after self
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> package;
+  std::vector<std::string> arguments;  // forward's argument names, after self (TorchScript)
   try {
-    module = torch::jit::load(positional[0]);
-    for (const c10::Argument& a : module.get_method("forward").function().getSchema().arguments()) {
-      if (a.name() != "self") arguments.push_back(a.name());
+    if (aoti) {
+      package = std::make_unique<torch::inductor::AOTIModelPackageLoader>(positional[0]);
+    } else {
+      module = torch::jit::load(positional[0]);
+      for (const c10::Argument& a : module.get_method("forward").function().getSchema().arguments()) {
+        if (a.name() != "self") arguments.push_back(a.name());
+      }
+      module.eval();
     }
   } catch (const std::exception& e) {
     return usage("cannot load " + positional[0] + ": " + e.what());
   }
-  module.eval();
   torch::NoGradGuard no_grad;
   at::set_num_threads(1);
 
@@ -117,14 +131,21 @@ int main(int argc, char** argv) {
   try {
     for (const json& c : golden.at("cases")) {
       if (c.at("variant").get<std::string>() != variant || c.value("precision", "fp32") != "fp32") continue;
-      std::vector<c10::IValue> inputs;
-      for (const std::string& name : arguments) {
-        if (!c.at("inputs").contains(name)) {
-          throw std::runtime_error("case " + c.at("name").get<std::string>() + " has no input '" + name + "'");
+      std::vector<torch::Tensor> got;
+      if (aoti) {  // the package's inputs are the signature's, in golden.json's order
+        std::vector<at::Tensor> tensors;
+        for (auto it = c.at("inputs").begin(); it != c.at("inputs").end(); ++it) tensors.push_back(to_tensor(it.value()));
+        got = package->run(tensors);
+      } else {
+        std::vector<c10::IValue> inputs;
+        for (const std::string& name : arguments) {
+          if (!c.at("inputs").contains(name)) {
+            throw std::runtime_error("case " + c.at("name").get<std::string>() + " has no input '" + name + "'");
+          }
+          inputs.push_back(to_tensor(c.at("inputs").at(name)));
         }
-        inputs.push_back(to_tensor(c.at("inputs").at(name)));
+        got = as_tensors(module.forward(inputs));
       }
-      std::vector<torch::Tensor> got = as_tensors(module.forward(inputs));
       const json& outputs = c.at("outputs");
       double error = got.size() == outputs.size() ? 0.0 : std::numeric_limits<double>::infinity();
       size_t index = 0;

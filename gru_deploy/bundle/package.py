@@ -31,6 +31,8 @@ from gru_deploy.spec import STATE_IN, STATE_OUT
 # The variants a bundle carries, where the export has them, and those --quantize int8 quantises.
 BUNDLE_VARIANTS = ("classifier", "lengths", "stream")
 INT8_VARIANTS = ("classifier", "stream")
+# Where a server bundle keeps the export's AOTInductor packages.
+AOTI_DIR = "aoti"
 # A model in a bundle: its path there, the export file it is copied from, and what it is.
 Model = tuple[str, str, str, str]  # (bundle path, export file, variant, format)
 
@@ -45,7 +47,8 @@ def chosen_models(source: dict[str, Any], target: str, where: str) -> list[Model
     """What a bundle carries, chosen by what the export's manifest says each file is. Edge: each
     variant's ONNX model and its ORT-format copies. Server: a Triton repository holding each
     variant in onnxruntime and, but for the stream model (served under the sequence batcher's
-    implicit state, onnxruntime only), in libtorch."""
+    implicit state, onnxruntime only), in libtorch; and the AOTInductor packages the export has
+    (`--targets aoti`), under aoti/ (libtorch's AOTIModelPackageLoader loads them; not Triton).)"""
     from gru_deploy.bundle.triton import triton_name
     from gru_deploy.manifest import find_models, model_name, select_model
 
@@ -60,6 +63,7 @@ def chosen_models(source: dict[str, Any], target: str, where: str) -> list[Model
         for fmt, file in (("onnx", "model.onnx"), ("torchscript", "model.pt"))[: 1 if variant == "stream" else 2]:
             out.append((f"{REPOSITORY}/{triton_name(name, variant, fmt)}/1/{file}",
                         select_model(source, variant, fmt, where=where), variant, fmt))
+        out += [(f"{AOTI_DIR}/{n}", n, variant, "aoti") for n in find_models(source, variant, "aoti")]
     return out
 
 
@@ -214,7 +218,7 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
         files[path] = (export_dir / file).read_bytes()
         models[path] = {"variant": variant, "format": fmt, "precision": "fp32", "source": file,
                         **(onnx_info(files[path]) if fmt == "onnx" else {})}
-        if target == "server":
+        if target == "server" and fmt in PLATFORMS:
             triton = PurePosixPath(path).parts[1]
             files[f"{REPOSITORY}/{triton}/config.pbtxt"] = triton_config(
                 triton, PLATFORMS[fmt], signatures[variant], libtorch_names=fmt == "torchscript").encode()

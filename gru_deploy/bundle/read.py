@@ -161,6 +161,9 @@ def _golden_feed(case: dict[str, Any], folder: Path, kind: str) -> dict[str, np.
 TORCHSCRIPT_NOT_RUN = ("not loaded: TorchScript runs code from the file (torch.jit.load); its sha256 matches the "
                        "manifest, but a sender's file is the sender's program. Pass --trust-torchscript "
                        "(trust_torchscript=True) for a bundle you made or trust")
+AOTI_NOT_RUN = ("not loaded: an AOTInductor package is native code (a shared library loaded into the process); its "
+                "sha256 matches the manifest, but a sender's file is the sender's program. Pass --trust-torchscript "
+                "(trust_torchscript=True: it covers every file that runs code) for a bundle you made or trust")
 
 
 def verify_bundle(path: Path, trust_torchscript: bool = False) -> dict[str, Any]:
@@ -218,8 +221,9 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
     empty = answers_empty(manifest)  # the export's grid ran empty sequences and lengths of 0
     sessions = {}
     for name, info in manifest["models"].items():
-        if info["format"] == "torchscript" and not_run is not None:
-            not_run.append({"check": f"loads: {name}, and its golden cases", "why": TORCHSCRIPT_NOT_RUN})
+        if info["format"] in ("torchscript", "aoti") and not_run is not None:
+            not_run.append({"check": f"loads: {name}, and its golden cases",
+                            "why": TORCHSCRIPT_NOT_RUN if info["format"] == "torchscript" else AOTI_NOT_RUN})
             continue
         try:
             known = frozenset(info["op_types"]) if info.get("op_types") else None  # the ops the export recorded
@@ -315,6 +319,10 @@ def _load_model(path: Path, fmt: str, known: frozenset[str] | None = None) -> An
             return script.load(path)  # its sha256 was checked against the manifest above
         except UserInputError as exc:
             raise CheckFailed(str(exc)) from None
+    if fmt == "aoti":
+        from gru_deploy.check.module_parity import load_program
+
+        return load_program(path.read_bytes(), str(path), fmt)
     raise CheckFailed(f"{path}: unknown model format {fmt!r} in the manifest")
 
 
@@ -332,5 +340,12 @@ def _run(session: Any, fmt: str, signature: dict[str, Any], inputs: dict[str, np
     feed = check_user_feed(inputs[INPUT_NAME], signature, empty, inputs.get(LENGTHS_NAME), inputs.get(STATE_IN))
     if fmt == "torchscript":
         return run_module(session, signature, feed)
+    if fmt == "aoti":
+        import torch
+
+        with torch.no_grad():
+            got = session(*(torch.from_numpy(np.ascontiguousarray(feed[t["name"]])) for t in signature["inputs"]))
+        got = [got] if isinstance(got, torch.Tensor) else list(got)  # one output: a tensor, not a list of one
+        return {o["name"]: value.numpy() for o, value in zip(signature["outputs"], got)}
     outputs = [o["name"] for o in signature["outputs"]]
     return dict(zip(outputs, session.run(outputs, feed)))

@@ -394,55 +394,69 @@ def step_parity(runners: dict[str, Call], step_bytes: bytes, signature: UserSign
 
 
 # The successors of TorchScript, run and compared: a torch.export program (`.pt2`,
-# torch.export.save) loaded with torch.export.load and run as its module, on the same grid and
-# against the same float64 reference as every other file of the export.
-PROGRAM_RUNNER = PROGRAM_FORMAT = "torch-export"  # the runner, and the manifest's format of the file
+# torch.export.save) loaded with torch.export.load and run as its module, and an AOTInductor
+# package, on the same grid and against the same float64 reference as every other file.
+PROGRAM_FORMAT, AOTI_FORMAT = "torch-export", "aoti"  # the manifest's formats of the files, and their runners' names
 
 
-def load_program(data: bytes, where: str) -> Any:
-    """The torch.export program in `data` as a callable module; CheckFailed naming `where` when
-    torch cannot load it."""
+def load_program(data: bytes, where: str, fmt: str = PROGRAM_FORMAT) -> Any:
+    """A torch.export program (`fmt` torch-export) or an AOTInductor package (aoti: native code,
+    the package's shared library loaded into this process) in `data`, as a callable;
+    CheckFailed naming `where` when torch cannot load it."""
+    import os
+    import tempfile
+
     import torch
 
     try:
-        return torch.export.load(io.BytesIO(data)).module()
+        if fmt == PROGRAM_FORMAT:
+            return torch.export.load(io.BytesIO(data)).module()
+        with tempfile.NamedTemporaryFile(suffix=".pt2", delete=False) as handle:  # the loader reads a path
+            handle.write(data)
+        try:
+            return torch._inductor.aoti_load_package(handle.name)  # extracts what it runs elsewhere
+        finally:
+            os.unlink(handle.name)
     except Exception as exc:
-        raise CheckFailed(f"{where}: torch.export.load failed: {type(exc).__name__}: "
+        raise CheckFailed(f"{where}: torch cannot load it as {fmt}: {type(exc).__name__}: "
                           f"{(str(exc).splitlines() or [''])[0][:200]}") from None
 
 
-def program_runner(data: bytes, signature: UserSignature, where: str) -> Call:
-    """A torch.export program fed the signature's inputs (numpy, by name) in order, answering
-    every output as float64 numpy by name."""
+def program_runner(data: bytes, signature: UserSignature, where: str, fmt: str = PROGRAM_FORMAT) -> Call:
+    """A torch.export program or AOTInductor package (load_program) fed the signature's inputs
+    (numpy, by name) in order, answering every output as float64 numpy by name."""
     import numpy as np
     import torch
 
-    program = load_program(data, where)
+    program = load_program(data, where, fmt)
     names_in, names_out = [t["name"] for t in signature.inputs], signature.output_names
 
     def run(feed: Feed) -> dict[str, "np.ndarray"]:
         with torch.no_grad():
-            out = as_outputs(program(*(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in names_in)), where)
+            out = program(*(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in names_in))
+        out = as_outputs(tuple(out) if isinstance(out, list) else out, where)  # AOTInductor answers a list
         return {name: o.detach().double().numpy() for name, o in zip(names_out, out)}
-    return Call(PROGRAM_RUNNER, run)
+    return Call(fmt, run)
 
 
 def program_parity(runners: dict[str, Call], data: bytes, signature: UserSignature, grid: Grid, variant: str,
-                   atol: float, rtol: float, where: str,
-                   on_case: Callable[[str], None] | None = None) -> "ParityReport":
-    """A variant's torch.export program against its float64 reference and its PyTorch side
-    (eager at export, TorchScript at verify: `runners`) on the variant's grid, every case and
-    output, with the same inputs as the other files of the variant."""
+                   atol: float, rtol: float, where: str, on_case: Callable[[str], None] | None = None,
+                   fmt: str = PROGRAM_FORMAT) -> "ParityReport":
+    """A variant's torch.export program or AOTInductor package (`fmt`) against its float64
+    reference and its PyTorch side (eager at export, TorchScript at verify: `runners`) on the
+    variant's grid, every case and output, with the same inputs as the other files of the
+    variant: pairs `float64->FMT`, `eager->FMT` (or `torchscript->FMT`)."""
     from gru_deploy.check.grid import run_parity
 
-    test = program_runner(data, signature, where)
+    test = program_runner(data, signature, where, fmt)
     side = "eager" if "eager" in runners else "torchscript"
     report = run_parity({"float64": runners["float64"], side: runners[side], test.name: test},
                         lambda batch, seq, index: grid.feed(signature, batch, seq, index), grid.cases[variant],
                         atol, rtol, [("float64", test.name, None), (side, test.name, None)], seed=grid.seed,
                         variant=variant, prefix="" if variant == "classifier" else f"{variant}:", on_case=on_case)
-    report.notes.append(f"{where}: the torch.export program (torch.export.load(...).module()) on the "
-                        f"{variant} grid")
+    what = "the torch.export program (torch.export.load(...).module())" if fmt == PROGRAM_FORMAT else \
+        "the AOTInductor package (torch._inductor.aoti_load_package)"
+    report.notes.append(f"{where}: {what} on the {variant} grid")
     return report
 
 
@@ -633,11 +647,12 @@ def _verify_variant(folder: Path, manifest: dict[str, Any], variant: str, signat
             check_onnx_bytes(step_bytes, f"{folder}: {step_path.name}", known=frozenset(step.get("op_types") or ()))
         with stage("parity"):
             report.extend(step_parity(runners, step_bytes, signature, grid, atol, rtol, on_case))
-    for name in find_models(manifest, variant, PROGRAM_FORMAT, where=str(folder)):
-        with stage("load"):
-            data = verified_path(folder, manifest, name).read_bytes()
-        with stage("parity"):
-            report.extend(program_parity(runners, data, signature, grid, variant, atol, rtol, name, on_case))
+    for fmt in (PROGRAM_FORMAT, AOTI_FORMAT):
+        for name in find_models(manifest, variant, fmt, where=str(folder)):
+            with stage("load"):
+                data = verified_path(folder, manifest, name).read_bytes()
+            with stage("parity"):
+                report.extend(program_parity(runners, data, signature, grid, variant, atol, rtol, name, on_case, fmt))
     return report
 
 

@@ -1,5 +1,7 @@
 """Export targets beside ONNX and TorchScript, for PyTorch's successors of TorchScript: a
-torch.export program (`.pt2`, `torch.export.save`), dynamic batch and seq, for each variant.
+torch.export program (`.pt2`, `torch.export.save`), dynamic batch and seq, for each variant;
+an AOTInductor package of the classifier's program (`torch._inductor.aoti_compile_and_package`:
+the program compiled to C++ and a shared library, for libtorch servers without Python).
 
 torch.export unrolls a Python `for` loop to the example's length, as tracing does; so the
 program is built from the model's control-flow form (models.control_flow: the same weights, the
@@ -11,6 +13,7 @@ is written. Each program is proved on the variant's parity grid like every other
 from __future__ import annotations
 
 import io
+import shutil
 from typing import TYPE_CHECKING, Any, Callable
 
 from gru_deploy.check.module_parity import PROGRAM_FORMAT
@@ -21,7 +24,9 @@ if TYPE_CHECKING:
     from gru_deploy.check.module_parity import UserSignature
     from gru_deploy.models.user import UserModel
 
-TARGETS = ("torch-export",)
+TARGETS = ("torch-export", "aoti")
+# The variants an AOTInductor package is compiled for: each compile takes 20-30 s here (g++).
+AOTI_VARIANTS = ("classifier",)
 METHODS = {"classifier": "forward", "lengths": "forward_lengths", "stream": "forward_stream"}
 
 WHILE_LOOP_HINT = (
@@ -38,6 +43,9 @@ def check_targets(targets: tuple[str, ...], model: "UserModel | None" = None) ->
     if unknown:
         raise UserInputError(f"unknown target {unknown[0]!r}: choose from {', '.join(TARGETS)} (ONNX and "
                              "TorchScript are always written)")
+    if "aoti" in targets and not (shutil.which("g++") or shutil.which("c++")):
+        raise UserInputError("--targets aoti compiles C++: install a C++ compiler (Debian/Ubuntu: apt-get install "
+                             "g++) or leave aoti out")
     if targets and model is not None and control_flow_form(model.module) is None:
         raise UserInputError(
             f"{model.reference}: --targets {','.join(targets)} needs the model's time loop as control flow, and "
@@ -73,9 +81,9 @@ def dynamic_shapes(signature: "UserSignature") -> tuple[dict[int, Any], ...]:
 
 
 def build_program(model: "UserModel", variant: str, signature: "UserSignature",
-                  step: Callable[[str], None]) -> tuple[bytes, dict[str, Any]]:
-    """The variant's torch.export program, saved (`torch.export.save`): its bytes and record
-    (the loops it keeps, each axis's bounds as torch.export recorded them)."""
+                  step: Callable[[str], None]) -> tuple[bytes, dict[str, Any], Any]:
+    """The variant's torch.export program, saved (`torch.export.save`): its bytes, its record
+    (the loops it keeps, each axis's bounds as torch.export recorded them) and the program."""
     import torch
 
     from gru_deploy.models.control_flow import Variant, control_flow_form
@@ -98,7 +106,35 @@ def build_program(model: "UserModel", variant: str, signature: "UserSignature",
         raise CheckFailed(f"the {variant} program has no while_loop: torch.export unrolled its time loop")
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
-    return buffer.getvalue(), {"while_loops": loops, "bounds": axis_bounds(program, signature)}
+    return buffer.getvalue(), {"while_loops": loops, "bounds": axis_bounds(program, signature)}, program
+
+
+def build_aoti(program: Any, variant: str, step: Callable[[str], None]) -> tuple[bytes, dict[str, Any]]:
+    """The variant's torch.export program compiled by AOTInductor into a package: its bytes and
+    record (what it was compiled with, and for: the compiler, the CPU vector ISA inductor chose,
+    which a CPU running it must have)."""
+    import platform
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    step(f"AOTInductor: compiling the {variant} program to C++ and a shared library (20-30 s here)")
+    compiler = shutil.which("g++") or shutil.which("c++") or "c++"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.pt2"
+        try:
+            torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+        except Exception as exc:
+            raise CheckFailed(f"AOTInductor could not compile the {variant} program: {type(exc).__name__}: "
+                              f"{(str(exc).splitlines() or [''])[0][:300]}") from None
+        data = path.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.splitlines()
+    isa = pick_vec_isa()
+    return data, {"compiler": version[0] if version else compiler, "machine": platform.machine(),
+                  "cpu_isa": str(isa) if isa else "none (scalar code)"}
 
 
 def axis_bounds(program: Any, signature: "UserSignature") -> dict[str, list[int | None]]:
@@ -116,16 +152,17 @@ def axis_bounds(program: Any, signature: "UserSignature") -> dict[str, list[int 
     return bounds
 
 
-def program_name(variant: str) -> str:
-    return "model.pt2" if variant == "classifier" else f"model_{variant}.pt2"
+def program_name(variant: str, fmt: str = PROGRAM_FORMAT) -> str:
+    stem = "model" if variant == "classifier" else f"model_{variant}"
+    return f"{stem}.pt2" if fmt == PROGRAM_FORMAT else f"{stem}.{fmt}.pt2"
 
 
 def add_program(files: dict[str, bytes], models: dict[str, Any], variant: str, data: bytes,
-                record: dict[str, Any]) -> None:
-    """The program into `files`, listed in `models` by its variant and format."""
+                record: dict[str, Any], fmt: str = PROGRAM_FORMAT) -> None:
+    """A program or package into `files`, listed in `models` by its variant and format."""
     import torch
 
-    name = program_name(variant)
+    name = program_name(variant, fmt)
     files[name] = data
-    models[name] = {"variant": variant, "format": PROGRAM_FORMAT, "precision": "fp32", "form": "while_loop",
+    models[name] = {"variant": variant, "format": fmt, "precision": "fp32", "form": "while_loop",
                     "torch": torch.__version__, **record}

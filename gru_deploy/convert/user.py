@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from gru_deploy.check.grid import pair_key
 from gru_deploy.check.module_parity import (
-    GOLDEN_SEED, REFERENCE_FILE, UNIT_GRID, Call, Feed, Grid, UserSignature, as_outputs, case_input,
-    chunked_in_runtimes, golden_store, module_parity, npz_bytes, ort_format_parity, recording, step_parity,
-    user_runners)
+    GOLDEN_SEED, PROGRAM_FORMAT, REFERENCE_FILE, UNIT_GRID, Call, Feed, Grid, UserSignature, as_outputs, case_input,
+    chunked_in_runtimes, golden_store, module_parity, npz_bytes, ort_format_parity, program_parity, recording,
+    step_parity, user_runners)
 from gru_deploy.convert.pipeline import LENGTHS_HOOK, STATE_HOOK, STREAM_HOOK, Built, Proof, check_failed, export_model
 from gru_deploy.manifest import MODULE_MODEL_NAME
 from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_OUT
@@ -113,17 +113,16 @@ class ModuleProof(Proof):
         return report
 
     def check_program(self, data: bytes, variant: str, signature: UserSignature, model: "UserModel",
-                      step: Callable[[str], None]) -> "ParityReport":
-        """A variant's torch.export program against its float64 reference and eager on the
-        variant's grid (check.programs.program_parity)."""
-        from gru_deploy.check.module_parity import program_parity
+                      step: Callable[[str], None], fmt: str = PROGRAM_FORMAT) -> "ParityReport":
+        """A variant's torch.export program or AOTInductor package (`fmt`) against its float64
+        reference and eager on the variant's grid (check.module_parity.program_parity)."""
         from gru_deploy.convert.programs import program_name
 
-        step(f"checking the {variant} torch.export program against float64 and eager")
+        step(f"checking the {variant} {fmt} file against float64 and eager")
         report = program_parity(self.module_side[variant], data, signature, self.grid, variant, self.atol, self.rtol,
-                                program_name(variant))
+                                program_name(variant, fmt), fmt=fmt)
         if not report:
-            raise check_failed(f"the {variant} torch.export program's parity failed", report)
+            raise check_failed(f"the {variant} {fmt} file's parity failed", report)
         return report
 
     def golden(self, model: "UserModel", signatures: dict[str, UserSignature]) -> tuple[bytes, dict[str, Any]]:
