@@ -457,6 +457,72 @@ def format_module_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+TARGET_SHAPES = ((1, 100), (32, 100))
+
+
+def time_targets(folder: "Path", manifest: dict[str, Any], threads: int = 1, budget_s: float = 0.5,
+                 progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The export's --targets files (torch.export programs, AOTInductor packages, as the manifest
+    lists them) timed in this run beside the same variant's ONNX model in onnxruntime and its
+    TorchScript, on the same feed: the classifier at TARGET_SHAPES, the stream model one step at
+    batch 1. Rows: each file's median and its ratio to onnxruntime's. Empty without targets."""
+    import torch
+
+    import onnxruntime as ort
+
+    from gru_deploy.check.module_parity import AOTI_FORMAT, PROGRAM_FORMAT, UserSignature, case_feed, load_program
+    from gru_deploy.check.runners import session_options
+    from gru_deploy.convert import script
+    from gru_deploy.manifest import find_models, select_model, variant_record, verified_path
+
+    step = progress or (lambda message: None)
+    torch.set_num_threads(threads)
+    rows = []
+    for variant, shapes in (("classifier", TARGET_SHAPES), ("stream", ((1, 1),))):
+        targets = [(n, fmt) for fmt in (PROGRAM_FORMAT, AOTI_FORMAT) for n in find_models(manifest, variant, fmt)]
+        if not targets:
+            continue
+        raw = manifest["signature"] if variant == "classifier" else variant_record(manifest, variant)["signature"]
+        signature = UserSignature(raw["inputs"], raw["outputs"])
+        onnx_name = select_model(manifest, variant, "onnx", where=str(folder))
+        session = ort.InferenceSession(verified_path(folder, manifest, onnx_name).read_bytes(),
+                                       session_options(threads), providers=["CPUExecutionProvider"])
+        pt = script.load(verified_path(folder, manifest, select_model(manifest, variant, "torchscript",
+                                                                      where=str(folder))))
+        loaded = {name: load_program(verified_path(folder, manifest, name).read_bytes(), name, fmt)
+                  for name, fmt in targets}
+        for batch, seq in shapes:
+            step(f"{variant} targets at batch {batch}, seq {seq}")
+            feed = case_feed(signature, batch, seq)
+            args = [torch.from_numpy(feed[t["name"]]) for t in signature.inputs]
+
+            def timed(fn: Callable[..., Any]) -> float:
+                def call() -> None:
+                    with torch.no_grad():
+                        fn(*args)
+                return round(median_us(call, budget_s), 1)
+            ort_us = round(median_us(lambda: session.run(signature.output_names, feed), budget_s), 1)
+            row = {"model": variant, "batch": batch, "seq": seq, "onnxruntime_us": ort_us,
+                   "onnxruntime_form": manifest["models"][onnx_name].get("strategy"), "torchscript_us": timed(pt)}
+            for name, fmt in targets:
+                row[f"{fmt}_us"] = timed(loaded[name])
+                row[f"{fmt}_vs_onnxruntime"] = round(row[f"{fmt}_us"] / ort_us, 2)
+            rows.append(row)
+    return rows
+
+
+def format_targets(rows: list[dict[str, Any]]) -> str:
+    lines = ["--targets files, median µs (ratio to the same variant's ONNX model in onnxruntime, this run)",
+             f"{'model':<11} {'batch':>5} {'seq':>5} {'onnxruntime':>16} {'TorchScript':>12} {'torch.export':>18} "
+             f"{'AOTInductor':>18}"]
+    for r in rows:
+        cells = [f"{r[f'{fmt}_us']:>10,.1f} ({r[f'{fmt}_vs_onnxruntime']:.2f}x)" if f"{fmt}_us" in r else f"{'-':>18}"
+                 for fmt in ("torch-export", "aoti")]
+        lines.append(f"{r['model']:<11} {r['batch']:>5} {r['seq']:>5} {r['onnxruntime_us']:>9,.1f} "
+                     f"{'(' + str(r['onnxruntime_form']) + ')':>6} {r['torchscript_us']:>12,.1f} {cells[0]} {cells[1]}")
+    return "\n".join(lines)
+
+
 def bench(folder: "Path | None", threads: int = 1, budget_s: float = 0.5, large: bool = True,
           plot_path: "Path | None" = None, progress: Callable[[str], None] | None = None,
           say: Callable[[str], None] | None = None) -> tuple[dict[str, Any], str]:
@@ -486,4 +552,8 @@ def bench(folder: "Path | None", threads: int = 1, budget_s: float = 0.5, large:
     result = run_bench(model, threads=threads, budget_s=budget_s, large=large, progress=progress)
     if plot_path is not None:
         plot(result, plot_path)
-    return result, format_table(result)
+    table = format_table(result)
+    if folder is not None:
+        result["targets"] = time_targets(folder, manifest, threads, budget_s, progress)
+        table += "\n\n" + format_targets(result["targets"]) if result["targets"] else ""
+    return result, table

@@ -154,3 +154,17 @@ def test_a_program_whose_loop_was_unrolled_is_refused(tmp_path, monkeypatch):
     with pytest.raises(CheckFailed, match="torch.export|while_loop"):
         gru_deploy.export(StackedGRUClassifier(3, 5, 2, layers=1).eval(), out=tmp_path / "out", targets=TARGETS)
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_times_the_targets_beside_the_onnx_model_in_one_run(programs):
+    from gru_deploy.bench import format_targets, time_targets
+
+    folder, _ = programs["tutorial"]
+    rows = time_targets(folder, read_manifest(folder), budget_s=0.02)
+    assert [(r["model"], r["batch"], r["seq"]) for r in rows] == [("classifier", 1, 100), ("classifier", 32, 100),
+                                                                   ("stream", 1, 1)]
+    for r in rows:
+        assert r["onnxruntime_us"] > 0 and r["torch-export_us"] > 0
+        assert r["torch-export_vs_onnxruntime"] == round(r["torch-export_us"] / r["onnxruntime_us"], 2)
+    assert all(r["aoti_us"] > 0 for r in rows[:2]) and "aoti_us" not in rows[2]  # the stream has no package
+    assert "AOTInductor" in format_targets(rows)
