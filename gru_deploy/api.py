@@ -33,7 +33,8 @@ def export(model: "torch.nn.Module | str | None" = None, *,
            out: str | Path = "exported", model_args: dict[str, Any] | None = None, input_size: int | None = None,
            output_names: list[str] | None = None, strategy: str = "loop", opset: int = 17, atol: float = 1e-5,
            rtol: float = 1e-5, typical: tuple[int, int] = (1, 100),
-           on_step: Callable[[str], None] | None = None, targets: tuple[str, ...] = ()) -> dict[str, Any]:
+           on_step: Callable[[str], None] | None = None, targets: tuple[str, ...] = (),
+           executorch_batch: int = 1, executorch_max_seq: int = 2048) -> dict[str, Any]:
     """Export a model to `out` (written whole, only when every check passes); return its manifest.
 
     `model` None: the model in `checkpoint` (a path, a `Checkpoint` or a `FamilyCheckpoint`):
@@ -44,13 +45,17 @@ def export(model: "torch.nn.Module | str | None" = None, *,
     from `checkpoint`. A module exports as loop, fused (the tutorial cell families and
     torch.nn.GRU; refused for others), stepwise (the tutorial cell families) or auto (the
     fastest at `typical` (batch, seq)). `targets`: what to build beside ONNX and TorchScript:
-    "torch-export" (a `.pt2` torch.export program per variant, its loop a torch.while_loop,
-    proved like every other file), for the one-direction tutorial-cell models.
+    "torch-export" (a `.pt2` torch.export program per variant, its loop a torch.while_loop),
+    "aoti" (the classifier's program compiled by AOTInductor), "executorch" (.pte programs of
+    the classifier and the stream step, `executorch_batch` rows per call, the classifier's seq
+    bounded by `executorch_max_seq`), each proved like every other file; for the one-direction
+    tutorial-cell models.
     """
     from gru_deploy.convert.user import export_family, export_user_model
 
     common = {"opset": opset, "atol": atol, "rtol": rtol, "strategy": strategy, "typical": typical, "on_step": on_step,
-              "targets": tuple(targets)}
+              "targets": tuple(targets), "executorch_batch": executorch_batch,
+              "executorch_max_seq": executorch_max_seq}
     if model is None:
         from gru_deploy.convert.folder import export_to_dir
         from gru_deploy.train import Checkpoint, FamilyCheckpoint, load_checkpoint

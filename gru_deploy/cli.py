@@ -202,18 +202,28 @@ def train(obj: dict, data: str, test_path: str | None, normalize: bool | None, e
 @click.option("--output-names", default=None, metavar="A,B,...",
               help="With --model: names of the outputs [default: logits for one output, output_0, ... for "
                    "several].")
-@click.option("--targets", default="", metavar="torch-export,aoti",
+@click.option("--targets", default="", metavar="torch-export,aoti,executorch",
               help="What to build beside ONNX and TorchScript (always written), comma-separated: torch-export "
                    "(model*.pt2, a torch.export program per variant, batch and seq dynamic, its time loop a "
                    "torch.while_loop), aoti (model.aoti.pt2, the classifier's program compiled by AOTInductor for "
-                   "libtorch without Python: needs g++, 20-30 s; also builds the programs). Each is proved like "
-                   "the ONNX files. For the tutorial classifier and `train --layers N` models.")
+                   "libtorch without Python: needs g++, 20-30 s; also builds the programs), executorch "
+                   "(model.{portable,xnnpack}.pte and model_step.*.pte: the classifier, its loop a scan, and the "
+                   "stream's one step, for ExecuTorch's runtime at a static batch; needs the executorch extra). Each "
+                   "is proved like the ONNX files. For the tutorial classifier and `train --layers N` models.")
+@click.option("--executorch-batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --targets executorch: the rows per call of its programs (ExecuTorch plans memory for a "
+                   "static batch, and answers another wrongly without an error: gru-deploy runs other batches in "
+                   "calls of it).")
+@click.option("--executorch-max-seq", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="With --targets executorch: the longest sequence its classifier takes (recorded in the "
+                   "manifest; a longer one is refused).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON on stdout.")
 @click.pass_obj
 def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: str, typical_batch: int,
            typical_seq: int, atol: float, rtol: float, seed: int, model_ref: str | None, model_args: str | None,
-           input_size: int | None, output_names: str | None, targets: str, quiet: bool, as_json: bool) -> None:
+           input_size: int | None, output_names: str | None, targets: str, executorch_batch: int,
+           executorch_max_seq: int, quiet: bool, as_json: bool) -> None:
     """Script the model, export it to ONNX and prove parity; write the export folder.
 
     \b
@@ -226,6 +236,7 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
       model*.ort     ORT format of the classifier and stream models
       model*.pt2     with --targets torch-export: torch.export programs (torch.export.load)
       model.aoti.pt2 with --targets aoti: an AOTInductor package (libtorch, no Python)
+      *.pte          with --targets executorch: ExecuTorch programs (portable, XNNPACK)
       parity.json    eager vs TorchScript vs onnxruntime vs onnx reference vs float64
       manifest.json  signature, opset, sha256 of every file, config, labels, metrics, versions
     An element fails parity only when it exceeds both --atol and --rtol. Exit 1 (and
@@ -285,7 +296,8 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
             model_ref, checkpoint=source, out=out, model_args=parse_model_args(model_args) if model_ref else None,
             input_size=input_size, output_names=[n.strip() for n in output_names.split(",")] if output_names else None,
             strategy=strategy, opset=opset, atol=atol, rtol=rtol, typical=(typical_batch, typical_seq),
-            on_step=lambda m: _progress(obj, m), targets=wanted)
+            on_step=lambda m: _progress(obj, m), targets=wanted, executorch_batch=executorch_batch,
+            executorch_max_seq=executorch_max_seq)
     times = clock.record()
     if as_json:
         keys = ["strategy", "auto", "opset", "files", "parity"] + (

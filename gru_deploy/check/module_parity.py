@@ -396,7 +396,8 @@ def step_parity(runners: dict[str, Call], step_bytes: bytes, signature: UserSign
 # The successors of TorchScript, run and compared: a torch.export program (`.pt2`,
 # torch.export.save) loaded with torch.export.load and run as its module, and an AOTInductor
 # package, on the same grid and against the same float64 reference as every other file.
-PROGRAM_FORMAT, AOTI_FORMAT = "torch-export", "aoti"  # the manifest's formats of the files, and their runners' names
+# the manifest's formats of the files (and the runners' names of the first two)
+PROGRAM_FORMAT, AOTI_FORMAT, EXECUTORCH_FORMAT = "torch-export", "aoti", "executorch"
 
 
 def load_program(data: bytes, where: str, fmt: str = PROGRAM_FORMAT) -> Any:
@@ -408,6 +409,7 @@ def load_program(data: bytes, where: str, fmt: str = PROGRAM_FORMAT) -> Any:
 
     import torch
 
+    quiet_torch_internals()
     try:
         if fmt == PROGRAM_FORMAT:
             return torch.export.load(io.BytesIO(data)).module()
@@ -441,23 +443,80 @@ def program_runner(data: bytes, signature: UserSignature, where: str, fmt: str =
 
 def program_parity(runners: dict[str, Call], data: bytes, signature: UserSignature, grid: Grid, variant: str,
                    atol: float, rtol: float, where: str, on_case: Callable[[str], None] | None = None,
-                   fmt: str = PROGRAM_FORMAT) -> "ParityReport":
-    """A variant's torch.export program or AOTInductor package (`fmt`) against its float64
-    reference and its PyTorch side (eager at export, TorchScript at verify: `runners`) on the
-    variant's grid, every case and output, with the same inputs as the other files of the
-    variant: pairs `float64->FMT`, `eager->FMT` (or `torchscript->FMT`)."""
+                   fmt: str = PROGRAM_FORMAT, record: dict[str, Any] | None = None) -> "ParityReport":
+    """A variant's torch.export program, AOTInductor package or ExecuTorch program (`fmt`; an
+    ExecuTorch program's `record` holds its backend and bounds) against its float64 reference
+    and its PyTorch side (eager at export, TorchScript at verify: `runners`) on the variant's
+    grid, every case within the file's bounds and every output, with the same inputs as the
+    other files of the variant: pairs `float64->NAME`, `eager->NAME` (or `torchscript->NAME`)."""
     from gru_deploy.check.grid import run_parity
 
-    test = program_runner(data, signature, where, fmt)
+    cases = list(enumerate(grid.cases[variant]))
+    if fmt == EXECUTORCH_FORMAT:
+        test = executorch_runner(data, signature, where, record or {})
+        low, high = (record or {})["seq"]
+        cases = [(i, case) for i, case in cases if low <= case[1] <= high]
+        what = (f"the ExecuTorch program ({record['backend']}; batch {record['batch']} per call, the grid's batches "
+                f"run in calls of it; the grid's cases of seq {low}..{high})")
+    else:
+        test = program_runner(data, signature, where, fmt)
+        what = ("the torch.export program (torch.export.load(...).module())" if fmt == PROGRAM_FORMAT else
+                "the AOTInductor package (torch._inductor.aoti_load_package)")
     side = "eager" if "eager" in runners else "torchscript"
     report = run_parity({"float64": runners["float64"], side: runners[side], test.name: test},
-                        lambda batch, seq, index: grid.feed(signature, batch, seq, index), grid.cases[variant],
-                        atol, rtol, [("float64", test.name, None), (side, test.name, None)], seed=grid.seed,
-                        variant=variant, prefix="" if variant == "classifier" else f"{variant}:", on_case=on_case)
-    what = "the torch.export program (torch.export.load(...).module())" if fmt == PROGRAM_FORMAT else \
-        "the AOTInductor package (torch._inductor.aoti_load_package)"
+                        lambda batch, seq, i: grid.feed(signature, batch, seq, cases[i][0]),
+                        [case for _, case in cases], atol, rtol, [("float64", test.name, None),
+                                                                  (side, test.name, None)],
+                        seed=grid.seed, variant=variant, prefix="" if variant == "classifier" else f"{variant}:",
+                        on_case=on_case)
     report.notes.append(f"{where}: {what} on the {variant} grid")
     return report
+
+
+def quiet_torch_internals() -> None:
+    """Silence what users cannot act on: torchao's warning on import (ExecuTorch imports it) that
+    its CUDA kernels do not load in a CPU build of torch, nothing ExecuTorch's CPU backends use;
+    and torch's own FutureWarning, from inside torch.export and ExecuTorch's lowering, that its
+    pytree's LeafSpec check is deprecated."""
+    import logging
+    import warnings
+
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+
+
+def executorch_runner(data: bytes, signature: UserSignature, where: str, record: dict[str, Any]) -> Call:
+    """An ExecuTorch program (.pte) run by ExecuTorch's runtime, named `executorch-BACKEND`. Its
+    bounds are checked first: a seq outside the recorded range is a UserInputError (ExecuTorch
+    plans memory for them, and a batch it was not built for comes back wrong without an error),
+    and a feed's batch runs in calls of the recorded batch, the last padded with zeros."""
+    import numpy as np
+    import torch
+
+    quiet_torch_internals()
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(data).load_method("forward")
+    batch, (low, high) = int(record["batch"]), record["seq"]
+    names_in, names_out = [t["name"] for t in signature.inputs], signature.output_names
+
+    def run(feed: Feed) -> dict[str, "np.ndarray"]:
+        rows, seq = feed[INPUT_NAME].shape[:2]
+        if not low <= seq <= high:
+            raise UserInputError(f"{where} takes sequences of {low} to {high} steps (its bounds, in the manifest); "
+                                 f"got {seq}")
+        parts: list[list["np.ndarray"]] = []
+        for start in range(0, rows, batch):
+            chunk = [np.asarray(feed[n][start:start + batch]) for n in names_in]
+            short = batch - chunk[0].shape[0]
+            chunk = [np.concatenate([c, np.zeros((short, *c.shape[1:]), c.dtype)]) if short else c for c in chunk]
+            out = method.execute([torch.from_numpy(np.ascontiguousarray(c)) for c in chunk])
+            if out[0].shape[0] != batch:
+                raise CheckFailed(f"{where}: answered {out[0].shape[0]} rows for a batch of {batch}")
+            parts.append([o.detach().double().numpy()[:batch - short] for o in out])
+        return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(names_out)}
+    return Call(f"{EXECUTORCH_FORMAT}-{record['backend']}", run)
 
 
 def ort_format_parity(folder: Path, manifest: dict[str, Any], variant: str, signature: UserSignature,
@@ -647,12 +706,13 @@ def _verify_variant(folder: Path, manifest: dict[str, Any], variant: str, signat
             check_onnx_bytes(step_bytes, f"{folder}: {step_path.name}", known=frozenset(step.get("op_types") or ()))
         with stage("parity"):
             report.extend(step_parity(runners, step_bytes, signature, grid, atol, rtol, on_case))
-    for fmt in (PROGRAM_FORMAT, AOTI_FORMAT):
+    for fmt in (PROGRAM_FORMAT, AOTI_FORMAT, EXECUTORCH_FORMAT):
         for name in find_models(manifest, variant, fmt, where=str(folder)):
             with stage("load"):
                 data = verified_path(folder, manifest, name).read_bytes()
             with stage("parity"):
-                report.extend(program_parity(runners, data, signature, grid, variant, atol, rtol, name, on_case, fmt))
+                report.extend(program_parity(runners, data, signature, grid, variant, atol, rtol, name, on_case, fmt,
+                                             manifest["models"][name]))
     return report
 
 

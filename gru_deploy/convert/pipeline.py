@@ -68,12 +68,14 @@ class Proof:
 def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, atol: float = 1e-5,
                  rtol: float = 1e-5, strategy: str = "loop", typical: tuple[int, int] = (1, 100),
                  input_size: int | None = None, output_names: list[str] | None = None, labels: tuple[str, ...] = (),
-                 on_step: Callable[[str], None] | None = None, targets: tuple[str, ...] = ()) -> dict[str, Any]:
+                 on_step: Callable[[str], None] | None = None, targets: tuple[str, ...] = (),
+                 executorch_batch: int = 1, executorch_max_seq: int = 2048) -> dict[str, Any]:
     """Export any model into `out`, all at once and only when every check passes; return the
     manifest. `strategy`: loop, fused, stepwise (where they apply) or auto (every form that
     applies, checked, timed at `typical` (batch, seq) at each variant's workload, the fastest
     kept). `targets`: what is built beside ONNX and TorchScript (convert.programs.TARGETS; any
-    of them builds the torch.export programs, which aoti compiles).
+    of them builds the torch.export programs, which aoti compiles); ExecuTorch's programs take
+    `executorch_batch` rows per call and (the classifier) 1..`executorch_max_seq` steps.
     Over 60 lines: the pipeline's stages in order, each a call."""
     from gru_deploy.check.grid import check_tolerances
     from gru_deploy.check.module_parity import GOLDEN_FILE
@@ -81,9 +83,9 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
     from gru_deploy.check.timing import stage
     from gru_deploy.convert import script
     from gru_deploy.convert.graphs import check_opset
-    from gru_deploy.check.module_parity import AOTI_FORMAT
-    from gru_deploy.convert.programs import (AOTI_VARIANTS, add_program, build_aoti, build_program, check_targets,
-                                             program_name)
+    from gru_deploy.check.module_parity import AOTI_FORMAT, EXECUTORCH_FORMAT
+    from gru_deploy.convert.programs import (AOTI_VARIANTS, add_executorch, add_program, build_aoti, build_executorch,
+                                             build_program, check_targets, program_name)
     from gru_deploy.manifest import recover_interrupted_runs
     from gru_deploy.models.user import input_size_of
 
@@ -92,6 +94,9 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
     check_tolerances(atol, rtol)
     check_module_strategy(strategy, model)
     check_targets(targets, model)
+    if executorch_batch < 1 or executorch_max_seq < 1:
+        raise UserInputError(f"ExecuTorch's batch and max seq must be at least 1, got {executorch_batch} and "
+                             f"{executorch_max_seq}")
     if min(typical) < 1:
         raise UserInputError(f"the typical batch and seq must be at least 1, got {typical}")
     step = on_step or (lambda message: None)
@@ -150,6 +155,14 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
             with stage("parity"):
                 parts.append(proof.check_program(data, variant, sig, model, step, AOTI_FORMAT))
             add_program(files, models, variant, data, {"program": program_name(variant), **record}, AOTI_FORMAT)
+        if "executorch" in targets and variant in ("classifier", "stream"):
+            with stage("ExecuTorch"):
+                lowered = build_executorch(model, variant, sig, executorch_batch, executorch_max_seq, step)
+            for name, data, record in lowered:
+                with stage("parity"):
+                    parts.append(proof.check_program(data, variant, sig, model, step, EXECUTORCH_FORMAT, name,
+                                                     record))
+                add_executorch(files, models, variant, name, data, record)
     deprecations = script.take_deprecations()
     if deprecations:
         notes.append(f"torch {library_versions()['torch']} deprecates what model.pt is made with (gru-deploy "

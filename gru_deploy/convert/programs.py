@@ -16,7 +16,7 @@ import io
 import shutil
 from typing import TYPE_CHECKING, Any, Callable
 
-from gru_deploy.check.module_parity import PROGRAM_FORMAT
+from gru_deploy.check.module_parity import EXECUTORCH_FORMAT, PROGRAM_FORMAT
 from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from gru_deploy.check.module_parity import UserSignature
     from gru_deploy.models.user import UserModel
 
-TARGETS = ("torch-export", "aoti")
+TARGETS = ("torch-export", "aoti", "executorch")
 # The variants an AOTInductor package is compiled for: each compile takes 20-30 s here (g++).
 AOTI_VARIANTS = ("classifier",)
 METHODS = {"classifier": "forward", "lengths": "forward_lengths", "stream": "forward_stream"}
@@ -46,6 +46,16 @@ def check_targets(targets: tuple[str, ...], model: "UserModel | None" = None) ->
     if "aoti" in targets and not (shutil.which("g++") or shutil.which("c++")):
         raise UserInputError("--targets aoti compiles C++: install a C++ compiler (Debian/Ubuntu: apt-get install "
                              "g++) or leave aoti out")
+    if targets:
+        from gru_deploy.check.module_parity import quiet_torch_internals
+
+        quiet_torch_internals()
+    if "executorch" in targets:
+        try:
+            import executorch  # noqa: F401
+        except ImportError:
+            raise UserInputError("--targets executorch needs ExecuTorch: pip install 'gru-deploy[executorch]' (or "
+                                 "pip install executorch) or leave executorch out") from None
     if targets and model is not None and control_flow_form(model.module) is None:
         raise UserInputError(
             f"{model.reference}: --targets {','.join(targets)} needs the model's time loop as control flow, and "
@@ -166,3 +176,67 @@ def add_program(files: dict[str, bytes], models: dict[str, Any], variant: str, d
     files[name] = data
     models[name] = {"variant": variant, "format": fmt, "precision": "fp32", "form": "while_loop",
                     "torch": torch.__version__, **record}
+
+
+# ExecuTorch's backends a .pte is lowered for: its portable kernels, and XNNPACK (which takes
+# the operators outside the loop).
+EXECUTORCH_BACKENDS = ("portable", "xnnpack")
+
+
+def build_executorch(model: "UserModel", variant: str, signature: "UserSignature", batch: int, max_seq: int,
+                     step: Callable[[str], None]) -> list[tuple[str, bytes, dict[str, Any]]]:
+    """ExecuTorch programs (.pte) of a variant, one per backend: the classifier with its loop a
+    scan at a static `batch` and seq bounded by 1..`max_seq`; the stream variant as one step
+    (x [batch, 1, I], h0 -> logits, h_n; no loop) at a static `batch`, its caller stepping it
+    through a signal. ExecuTorch plans memory for these bounds
+    and answers another batch wrongly without an error (seen: batch 1 on a batch-2 program
+    gave 2 rows), so each record holds the bounds and every runner checks them first."""
+    import torch
+    from torch.export import Dim
+
+    from gru_deploy.models.control_flow import Variant, control_flow_form
+
+    form = control_flow_form(model.module)
+    if form is None:
+        raise UserInputError(f"{model.reference}: no control-flow form; {WHILE_LOOP_HINT}")
+    x_size = int(signature.inputs[0]["shape"][2])
+    if variant == "classifier":
+        method, seq = "forward_scan", [1, max_seq]
+        example: tuple[Any, ...] = (torch.zeros(batch, min(3, max_seq), x_size),)
+        dynamic: Any = {"args": ({1: Dim("seq", min=1, max=max_seq)},)} if max_seq > 1 else None
+    elif variant == "stream":
+        method, seq = "forward_one_step", [1, 1]
+        state = [int(d) for d in signature.inputs[1]["shape"][1:]]
+        example, dynamic = (torch.zeros(batch, 1, x_size), torch.zeros(batch, *state)), None
+    else:
+        raise CheckFailed(f"no ExecuTorch program for the {variant} variant")
+    step(f"ExecuTorch: lowering the {variant} variant (batch {batch}, seq {seq[0]}..{seq[1]}) for "
+         f"{' and '.join(EXECUTORCH_BACKENDS)}")
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    out = []
+    for backend in EXECUTORCH_BACKENDS:
+        torch._dynamo.reset()  # a guard of an earlier export in this process would leak into this one
+        try:
+            program = torch.export.export(Variant(form.eval(), method), example, dynamic_shapes=dynamic)
+            lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()] if backend == "xnnpack"
+                                                  else []).to_executorch()
+        except Exception as exc:
+            raise CheckFailed(f"ExecuTorch could not lower the {variant} variant for {backend}: "
+                              f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}") from None
+        stem = "model" if variant == "classifier" else "model_step"
+        out.append((f"{stem}.{backend}.pte", bytes(lowered.buffer),
+                    {"backend": backend, "batch": batch, "seq": seq,
+                     "form": "scan" if variant == "classifier" else "one step"}))
+    return out
+
+
+def add_executorch(files: dict[str, bytes], models: dict[str, Any], variant: str, name: str, data: bytes,
+                   record: dict[str, Any]) -> None:
+    """An ExecuTorch program into `files`, listed in `models` with its bounds."""
+    from importlib.metadata import version
+
+    files[name] = data
+    models[name] = {"variant": variant, "format": EXECUTORCH_FORMAT, "precision": "fp32",
+                    "executorch": version("executorch"), **record}

@@ -113,16 +113,19 @@ class ModuleProof(Proof):
         return report
 
     def check_program(self, data: bytes, variant: str, signature: UserSignature, model: "UserModel",
-                      step: Callable[[str], None], fmt: str = PROGRAM_FORMAT) -> "ParityReport":
-        """A variant's torch.export program or AOTInductor package (`fmt`) against its float64
-        reference and eager on the variant's grid (check.module_parity.program_parity)."""
+                      step: Callable[[str], None], fmt: str = PROGRAM_FORMAT, name: str = "",
+                      record: dict[str, Any] | None = None) -> "ParityReport":
+        """A variant's torch.export program, AOTInductor package or ExecuTorch program (`fmt`,
+        its `record`) against its float64 reference and eager on the variant's grid
+        (check.module_parity.program_parity)."""
         from gru_deploy.convert.programs import program_name
 
-        step(f"checking the {variant} {fmt} file against float64 and eager")
+        name = name or program_name(variant, fmt)
+        step(f"checking {name} against float64 and eager")
         report = program_parity(self.module_side[variant], data, signature, self.grid, variant, self.atol, self.rtol,
-                                program_name(variant, fmt), fmt=fmt)
+                                name, fmt=fmt, record=record)
         if not report:
-            raise check_failed(f"the {variant} {fmt} file's parity failed", report)
+            raise check_failed(f"{name}'s parity failed", report)
         return report
 
     def golden(self, model: "UserModel", signatures: dict[str, UserSignature]) -> tuple[bytes, dict[str, Any]]:
@@ -284,18 +287,20 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
                       on_step: Callable[[str], None] | None = None, labels: tuple[str, ...] = (),
                       metrics: dict[str, Any] | None = None, training: dict[str, Any] | None = None,
                       strategy: str = "loop", typical: tuple[int, int] = (1, 100),
-                      targets: tuple[str, ...] = ()) -> dict[str, Any]:
+                      targets: tuple[str, ...] = (), executorch_batch: int = 1, executorch_max_seq: int = 2048) -> dict[str, Any]:
     """Export your own module into `out` by the one pipeline with the module's proof; return the
     manifest. `labels`, `metrics` and `training` are recorded as given (a built-in family's
     checkpoint carries them)."""
     return export_model(model, out, ModuleProof(atol, rtol, labels, metrics, training), opset=opset, atol=atol,
                         rtol=rtol, strategy=strategy, typical=typical, input_size=input_size,
-                        output_names=output_names, labels=labels, on_step=on_step, targets=targets)
+                        output_names=output_names, labels=labels, on_step=on_step, targets=targets,
+                        executorch_batch=executorch_batch, executorch_max_seq=executorch_max_seq)
 
 
 def export_family(ckpt: Any, out: Path, opset: int = 17, atol: float = 1e-5, rtol: float = 1e-5,
                   on_step: Callable[[str], None] | None = None, strategy: str = "loop",
-                  typical: tuple[int, int] = (1, 100), targets: tuple[str, ...] = ()) -> dict[str, Any]:
+                  typical: tuple[int, int] = (1, 100), targets: tuple[str, ...] = (),
+                  executorch_batch: int = 1, executorch_max_seq: int = 2048) -> dict[str, Any]:
     """Export a built-in family's checkpoint (train.FamilyCheckpoint) by the generic path."""
     from gru_deploy.models import families
     from gru_deploy.models.user import UserModel
@@ -305,4 +310,5 @@ def export_family(ckpt: Any, out: Path, opset: int = 17, atol: float = 1e-5, rto
                       family=ckpt.family)
     return export_user_model(model, out, opset=opset, atol=atol, rtol=rtol, on_step=on_step, labels=ckpt.labels,
                              metrics=ckpt.metrics, training=ckpt.training, strategy=strategy, typical=typical,
-                              targets=targets)
+                              targets=targets, executorch_batch=executorch_batch,
+                              executorch_max_seq=executorch_max_seq)

@@ -23,7 +23,8 @@ class ControlFlowStack(nn.Module):
     """A one-direction tutorial-cell model (cell_layers) as `torch.while_loop` over time. Its
     methods are the model's variants: `forward` (x -> logits), `forward_lengths` (x, lengths ->
     logits; a sample's state holds from its length on) and `forward_stream` (x, h0 -> logits,
-    h_n; the state in the model's own layout, `layered`: [batch, layers, H], else [batch, H])."""
+    h_n; the state in the model's own layout, `layered`: [batch, layers, H], else [batch, H]);
+    and for ExecuTorch, `forward_scan` and `forward_one_step`."""
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
@@ -53,28 +54,42 @@ class ControlFlowStack(nn.Module):
         h_tilde = torch.tanh(projected[:, 2 * hidden:] + nn.functional.linear(r * h, getattr(self, f"w_hh_{i}")))
         return (1 - z) * h + z * h_tilde
 
-    def _recur(self, x: torch.Tensor, h0: torch.Tensor, lengths: Any = None) -> torch.Tensor:
-        """The loop over x's steps from h0 [layers, batch, H]; the last states, same layout."""
+    def _step(self, projected: torch.Tensor, h: torch.Tensor, t: Any = None, lengths: Any = None) -> torch.Tensor:
+        """One step of every layer: `projected` = layer 0's input projections [batch, 3H], h the
+        states [layers, batch, H]; with `lengths`, a sample's state holds from its length on."""
+        states: list[torch.Tensor] = []
+        for i in range(self.count):
+            if i > 0:
+                projected = nn.functional.linear(states[-1], getattr(self, f"w_x_{i}"), getattr(self, f"b_x_{i}"))
+            new = self._cell(i, projected, h[i])
+            if lengths is not None:
+                new = torch.where((lengths > t).unsqueeze(1), new, h[i])
+            states.append(new)
+        return torch.stack(states)
+
+    def _projected(self, x: torch.Tensor) -> torch.Tensor:
+        """Layer 0's input projections of every step, time-major [seq, batch, 3H], hoisted."""
         if self.normalize:
             x = (x - self.norm_mean) * self.norm_scale
-        projected0 = nn.functional.linear(x.transpose(0, 1), self.w_x_0, self.b_x_0)  # [seq, batch, 3H]
+        return nn.functional.linear(x.transpose(0, 1), self.w_x_0, self.b_x_0)
+
+    def _recur(self, x: torch.Tensor, h0: torch.Tensor, lengths: Any = None) -> torch.Tensor:
+        """The loop over x's steps from h0 [layers, batch, H]; the last states, same layout."""
+        projected = self._projected(x)
 
         def more(t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-            return t < projected0.size(0)
+            return t < projected.size(0)
 
         def step(t: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            projected = projected0.index_select(0, t.reshape(1)).squeeze(0)
-            states = []
-            for i in range(self.count):
-                if i > 0:
-                    projected = nn.functional.linear(states[-1], getattr(self, f"w_x_{i}"), getattr(self, f"b_x_{i}"))
-                new = self._cell(i, projected, h[i])
-                if lengths is not None:  # from its length on, a sample's state holds
-                    new = torch.where((lengths > t).unsqueeze(1), new, h[i])
-                states.append(new)
-            return t + 1, torch.stack(states)
+            return t + 1, self._step(projected.index_select(0, t.reshape(1)).squeeze(0), h, t, lengths)
 
         return torch.while_loop(more, step, (torch.zeros((), dtype=torch.int64), h0))[1]
+
+    def _layer_major(self, h0: torch.Tensor) -> torch.Tensor:
+        return h0.transpose(0, 1).contiguous() if self.layered else h0.unsqueeze(0)
+
+    def _model_layout(self, h: torch.Tensor) -> torch.Tensor:
+        return h.transpose(0, 1) if self.layered else h[0]
 
     def _zeros(self, x: torch.Tensor) -> torch.Tensor:
         return x.new_zeros(self.count, x.size(0), self.hidden)
@@ -89,8 +104,23 @@ class ControlFlowStack(nn.Module):
         return self.head(self._recur(x, self._zeros(x), lengths))
 
     def forward_stream(self, x: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self._recur(x, h0.transpose(0, 1).contiguous() if self.layered else h0.unsqueeze(0))
-        return self.head(h), (h.transpose(0, 1) if self.layered else h[0])
+        h = self._recur(x, self._layer_major(h0))
+        return self.head(h), self._model_layout(h)
+
+    def forward_scan(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` with the loop a `scan` (torch._higher_order_ops.scan): the form ExecuTorch
+        lowers (it does not take while_loop), at a static batch and a bounded seq."""
+        from torch._higher_order_ops.scan import scan
+
+        def combine(h: torch.Tensor, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            new = self._step(projected, h)
+            return new, new[-1].clone()
+        return self.head(scan(combine, self._zeros(x), self._projected(x))[0])
+
+    def forward_one_step(self, x: torch.Tensor, h0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stream variant on one step (x [batch, 1, I]), without a loop: ExecuTorch's step."""
+        h = self._step(self._projected(x)[0], self._layer_major(h0))
+        return self.head(h), self._model_layout(h)
 
 
 class Variant(nn.Module):
