@@ -462,15 +462,18 @@ TARGET_SHAPES = ((1, 100), (32, 100))
 
 def time_targets(folder: "Path", manifest: dict[str, Any], threads: int = 1, budget_s: float = 0.5,
                  progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """The export's --targets files (torch.export programs, AOTInductor packages, as the manifest
-    lists them) timed in this run beside the same variant's ONNX model in onnxruntime and its
-    TorchScript, on the same feed: the classifier at TARGET_SHAPES, the stream model one step at
-    batch 1. Rows: each file's median and its ratio to onnxruntime's. Empty without targets."""
+    """The export's --targets files (torch.export programs, AOTInductor packages, ExecuTorch
+    programs, as the manifest lists them) timed in this run beside the same variant's ONNX model
+    in onnxruntime and its TorchScript, on the same feed: the classifier at TARGET_SHAPES, the
+    stream model one step at batch 1. An ExecuTorch program runs through gru-deploy's runner
+    (its bounds checked; a larger batch in calls of its own). Rows: each file's median and its
+    ratio to onnxruntime's. Empty without targets."""
     import torch
 
     import onnxruntime as ort
 
-    from gru_deploy.check.module_parity import AOTI_FORMAT, PROGRAM_FORMAT, UserSignature, case_feed, load_program
+    from gru_deploy.check.module_parity import (AOTI_FORMAT, EXECUTORCH_FORMAT, PROGRAM_FORMAT, UserSignature,
+                                                case_feed, executorch_runner, load_program)
     from gru_deploy.check.runners import session_options
     from gru_deploy.convert import script
     from gru_deploy.manifest import find_models, select_model, variant_record, verified_path
@@ -479,7 +482,8 @@ def time_targets(folder: "Path", manifest: dict[str, Any], threads: int = 1, bud
     torch.set_num_threads(threads)
     rows = []
     for variant, shapes in (("classifier", TARGET_SHAPES), ("stream", ((1, 1),))):
-        targets = [(n, fmt) for fmt in (PROGRAM_FORMAT, AOTI_FORMAT) for n in find_models(manifest, variant, fmt)]
+        targets = [(n, fmt) for fmt in (PROGRAM_FORMAT, AOTI_FORMAT, EXECUTORCH_FORMAT)
+                   for n in find_models(manifest, variant, fmt)]
         if not targets:
             continue
         raw = manifest["signature"] if variant == "classifier" else variant_record(manifest, variant)["signature"]
@@ -490,7 +494,10 @@ def time_targets(folder: "Path", manifest: dict[str, Any], threads: int = 1, bud
         pt = script.load(verified_path(folder, manifest, select_model(manifest, variant, "torchscript",
                                                                       where=str(folder))))
         loaded = {name: load_program(verified_path(folder, manifest, name).read_bytes(), name, fmt)
-                  for name, fmt in targets}
+                  for name, fmt in targets if fmt != EXECUTORCH_FORMAT}
+        executorch = {name: executorch_runner(verified_path(folder, manifest, name).read_bytes(), signature, name,
+                                              manifest["models"][name])
+                      for name, fmt in targets if fmt == EXECUTORCH_FORMAT}
         for batch, seq in shapes:
             step(f"{variant} targets at batch {batch}, seq {seq}")
             feed = case_feed(signature, batch, seq)
@@ -505,21 +512,26 @@ def time_targets(folder: "Path", manifest: dict[str, Any], threads: int = 1, bud
             row = {"model": variant, "batch": batch, "seq": seq, "onnxruntime_us": ort_us,
                    "onnxruntime_form": manifest["models"][onnx_name].get("strategy"), "torchscript_us": timed(pt)}
             for name, fmt in targets:
-                row[f"{fmt}_us"] = timed(loaded[name])
+                if fmt == EXECUTORCH_FORMAT:
+                    fmt = f"{fmt}-{manifest['models'][name]['backend']}"
+                    row[f"{fmt}_us"] = round(median_us(lambda: executorch[name].run(feed), budget_s), 1)
+                else:
+                    row[f"{fmt}_us"] = timed(loaded[name])
                 row[f"{fmt}_vs_onnxruntime"] = round(row[f"{fmt}_us"] / ort_us, 2)
             rows.append(row)
     return rows
 
 
 def format_targets(rows: list[dict[str, Any]]) -> str:
+    formats = ("torch-export", "aoti", "executorch-portable", "executorch-xnnpack")
     lines = ["--targets files, median µs (ratio to the same variant's ONNX model in onnxruntime, this run)",
              f"{'model':<11} {'batch':>5} {'seq':>5} {'onnxruntime':>16} {'TorchScript':>12} {'torch.export':>18} "
-             f"{'AOTInductor':>18}"]
+             f"{'AOTInductor':>18} {'ExecuTorch':>18} {'ExecuTorch XNNPACK':>18}"]
     for r in rows:
         cells = [f"{r[f'{fmt}_us']:>10,.1f} ({r[f'{fmt}_vs_onnxruntime']:.2f}x)" if f"{fmt}_us" in r else f"{'-':>18}"
-                 for fmt in ("torch-export", "aoti")]
+                 for fmt in formats]
         lines.append(f"{r['model']:<11} {r['batch']:>5} {r['seq']:>5} {r['onnxruntime_us']:>9,.1f} "
-                     f"{'(' + str(r['onnxruntime_form']) + ')':>6} {r['torchscript_us']:>12,.1f} {cells[0]} {cells[1]}")
+                     f"{'(' + str(r['onnxruntime_form']) + ')':>6} {r['torchscript_us']:>12,.1f} " + " ".join(cells))
     return "\n".join(lines)
 
 

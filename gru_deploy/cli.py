@@ -206,7 +206,7 @@ def train(obj: dict, data: str, test_path: str | None, normalize: bool | None, e
               help="What to build beside ONNX and TorchScript (always written), comma-separated: torch-export "
                    "(model*.pt2, a torch.export program per variant, batch and seq dynamic, its time loop a "
                    "torch.while_loop), aoti (model.aoti.pt2, the classifier's program compiled by AOTInductor for "
-                   "libtorch without Python: needs g++, 20-30 s; also builds the programs), executorch "
+                   "libtorch without Python: needs g++, 20-30 s; writes the program it compiles too), executorch "
                    "(model.{portable,xnnpack}.pte and model_step.*.pte: the classifier, its loop a scan, and the "
                    "stream's one step, for ExecuTorch's runtime at a static batch; needs the executorch extra). Each "
                    "is proved like the ONNX files. For the tutorial classifier and `train --layers N` models.")

@@ -113,3 +113,32 @@ def test_a_batch_or_length_the_program_was_not_built_for_never_answers_wrongly(p
                              "model_step.xnnpack.pte", manifest["models"]["model_step.xnnpack.pte"])
     with pytest.raises(UserInputError, match="1 to 1 steps"):
         step.run(case_feed(signature_of(manifest, "stream"), 2, 2))
+
+
+def test_the_runner_keeps_its_program_alive(programs, tmp_path):
+    """A method whose program was collected read freed memory and crashed the process (seen in
+    bench: a segmentation fault): the runner, collected around, still answers. In a subprocess,
+    so that a crash fails this test alone."""
+    import subprocess
+    import sys
+
+    folder, _, _, _ = programs["family"]
+    code = (
+        "import gc\n"
+        "from pathlib import Path\n"
+        "from gru_deploy.check.module_parity import UserSignature, case_feed, executorch_runner\n"
+        "from gru_deploy.manifest import read_manifest\n"
+        f"folder = Path({str(folder)!r})\n"
+        "manifest = read_manifest(folder)\n"
+        "sig = UserSignature(manifest['signature']['inputs'], manifest['signature']['outputs'])\n"
+        "runners = [executorch_runner((folder / n).read_bytes(), sig, n, manifest['models'][n])\n"
+        "           for n in ('model.portable.pte', 'model.xnnpack.pte')]\n"
+        "junk = [bytes(1 << 16) for _ in range(200)]\n"
+        "del junk\n"
+        "gc.collect()\n"
+        "for _ in range(20):\n"
+        "    for runner in runners:\n"
+        "        out = runner.run(case_feed(sig, 3, 9))\n"
+        "print(out['logits'].shape)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "(3, 2)" in proc.stdout, proc.stderr[-2000:]

@@ -497,7 +497,11 @@ def executorch_runner(data: bytes, signature: UserSignature, where: str, record:
     quiet_torch_internals()
     from executorch.runtime import Runtime
 
-    method = Runtime.get().load_program(data).load_method("forward")
+    # the program, and the bytes it was loaded from, must outlive the method (it reads them: a
+    # method of a collected program crashed the process), so the closure holds all three
+    program = Runtime.get().load_program(data)
+    method = program.load_method("forward")
+    keep = (data, program)
     batch, (low, high) = int(record["batch"]), record["seq"]
     names_in, names_out = [t["name"] for t in signature.inputs], signature.output_names
 
@@ -515,6 +519,7 @@ def executorch_runner(data: bytes, signature: UserSignature, where: str, record:
             if out[0].shape[0] != batch:
                 raise CheckFailed(f"{where}: answered {out[0].shape[0]} rows for a batch of {batch}")
             parts.append([o.detach().double().numpy()[:batch - short] for o in out])
+        assert keep
         return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(names_out)}
     return Call(f"{EXECUTORCH_FORMAT}-{record['backend']}", run)
 

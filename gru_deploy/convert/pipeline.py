@@ -73,9 +73,9 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
     """Export any model into `out`, all at once and only when every check passes; return the
     manifest. `strategy`: loop, fused, stepwise (where they apply) or auto (every form that
     applies, checked, timed at `typical` (batch, seq) at each variant's workload, the fastest
-    kept). `targets`: what is built beside ONNX and TorchScript (convert.programs.TARGETS; any
-    of them builds the torch.export programs, which aoti compiles); ExecuTorch's programs take
-    `executorch_batch` rows per call and (the classifier) 1..`executorch_max_seq` steps.
+    kept). `targets`: what is built beside ONNX and TorchScript (convert.programs.add_targets);
+    ExecuTorch's programs take `executorch_batch` rows per call and (the classifier)
+    1..`executorch_max_seq` steps.
     Over 60 lines: the pipeline's stages in order, each a call."""
     from gru_deploy.check.grid import check_tolerances
     from gru_deploy.check.module_parity import GOLDEN_FILE
@@ -83,9 +83,7 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
     from gru_deploy.check.timing import stage
     from gru_deploy.convert import script
     from gru_deploy.convert.graphs import check_opset
-    from gru_deploy.check.module_parity import AOTI_FORMAT, EXECUTORCH_FORMAT
-    from gru_deploy.convert.programs import (AOTI_VARIANTS, add_executorch, add_program, build_aoti, build_executorch,
-                                             build_program, check_targets, program_name)
+    from gru_deploy.convert.programs import add_targets, check_targets
     from gru_deploy.manifest import recover_interrupted_runs
     from gru_deploy.models.user import input_size_of
 
@@ -143,26 +141,9 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
             with stage("parity"):
                 parts.append(proof.check_step(step_model[0], chosen["stream"], model, step))
             add_step_model(files, models, variants, *step_model)
-    for variant, sig in signatures.items() if targets else ():
-        with stage("torch.export"):
-            data, record, program = build_program(model, variant, sig, step)
-        with stage("parity"):
-            parts.append(proof.check_program(data, variant, sig, model, step))
-        add_program(files, models, variant, data, record)
-        if "aoti" in targets and variant in AOTI_VARIANTS:
-            with stage("AOTInductor"):
-                data, record = build_aoti(program, variant, step)
-            with stage("parity"):
-                parts.append(proof.check_program(data, variant, sig, model, step, AOTI_FORMAT))
-            add_program(files, models, variant, data, {"program": program_name(variant), **record}, AOTI_FORMAT)
-        if "executorch" in targets and variant in ("classifier", "stream"):
-            with stage("ExecuTorch"):
-                lowered = build_executorch(model, variant, sig, executorch_batch, executorch_max_seq, step)
-            for name, data, record in lowered:
-                with stage("parity"):
-                    parts.append(proof.check_program(data, variant, sig, model, step, EXECUTORCH_FORMAT, name,
-                                                     record))
-                add_executorch(files, models, variant, name, data, record)
+    if targets:
+        parts += add_targets(model, signatures, targets, proof, files, models, step, executorch_batch,
+                             executorch_max_seq)
     deprecations = script.take_deprecations()
     if deprecations:
         notes.append(f"torch {library_versions()['torch']} deprecates what model.pt is made with (gru-deploy "

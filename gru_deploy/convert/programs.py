@@ -16,11 +16,12 @@ import io
 import shutil
 from typing import TYPE_CHECKING, Any, Callable
 
-from gru_deploy.check.module_parity import EXECUTORCH_FORMAT, PROGRAM_FORMAT
+from gru_deploy.check.module_parity import AOTI_FORMAT, EXECUTORCH_FORMAT, PROGRAM_FORMAT
 from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN
 
 if TYPE_CHECKING:
+    from gru_deploy.check.grid import ParityReport
     from gru_deploy.check.module_parity import UserSignature
     from gru_deploy.models.user import UserModel
 
@@ -160,6 +161,41 @@ def axis_bounds(program: Any, signature: "UserSignature") -> dict[str, list[int 
         ranges = program.range_constraints[size.node.expr]  # sympy: torch's infinity is not an Integer
         bounds[name] = [int(v) if v.is_Integer else None for v in (ranges.lower, ranges.upper)]
     return bounds
+
+
+def add_targets(model: "UserModel", signatures: dict[str, "UserSignature"], targets: tuple[str, ...], proof: Any,
+                files: dict[str, bytes], models: dict[str, Any], step: Callable[[str], None],
+                executorch_batch: int = 1, executorch_max_seq: int = 2048) -> list["ParityReport"]:
+    """Build each of `targets` for each variant it takes, prove it with `proof.check_program`
+    (nothing is written when one fails) and put it into `files` and `models`; the reports.
+    torch-export: every variant's program; aoti: the classifier's program (written too: it is
+    what the package is compiled from) and its package; executorch: the classifier and the
+    stream's one step, for each backend."""
+    from gru_deploy.check.timing import stage
+
+    parts = []
+    for variant, sig in signatures.items():
+        if PROGRAM_FORMAT in targets or ("aoti" in targets and variant in AOTI_VARIANTS):
+            with stage("torch.export"):
+                data, record, program = build_program(model, variant, sig, step)
+            with stage("parity"):
+                parts.append(proof.check_program(data, variant, sig, model, step))
+            add_program(files, models, variant, data, record)
+            if "aoti" in targets and variant in AOTI_VARIANTS:
+                with stage("AOTInductor"):
+                    data, record = build_aoti(program, variant, step)
+                with stage("parity"):
+                    parts.append(proof.check_program(data, variant, sig, model, step, AOTI_FORMAT))
+                add_program(files, models, variant, data, {"program": program_name(variant), **record}, AOTI_FORMAT)
+        if "executorch" in targets and variant in ("classifier", "stream"):
+            with stage("ExecuTorch"):
+                lowered = build_executorch(model, variant, sig, executorch_batch, executorch_max_seq, step)
+            for name, data, record in lowered:
+                with stage("parity"):
+                    parts.append(proof.check_program(data, variant, sig, model, step, EXECUTORCH_FORMAT, name,
+                                                     record))
+                add_executorch(files, models, variant, name, data, record)
+    return parts
 
 
 def program_name(variant: str, fmt: str = PROGRAM_FORMAT) -> str:
