@@ -142,3 +142,28 @@ def test_the_runner_keeps_its_program_alive(programs, tmp_path):
         "print(out['logits'].shape)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "(3, 2)" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_an_edge_bundle_carries_the_programs_and_runs_their_golden_cases(programs, tmp_path):
+    """The edge bundle lists each .pte with its bounds; verify runs the golden cases within them in
+    ExecuTorch's runtime and lists those outside them as not run (the stream case's 12 steps on
+    the one-step program), never as passed."""
+    import json
+
+    from gru_deploy.bundle.package import package
+    from gru_deploy.bundle.read import verify_bundle
+
+    folder, _, batch, max_seq = programs["tutorial"]
+    bundle, _ = package(folder, "edge", out=tmp_path / "edge")
+    models = json.loads((bundle / "manifest.json").read_text())["models"]
+    found = {n: i for n, i in models.items() if i["format"] == "executorch"}
+    assert sorted(found) == ["model.portable.pte", "model.xnnpack.pte", "model_step.portable.pte",
+                             "model_step.xnnpack.pte"]
+    assert found["model.xnnpack.pte"]["seq"] == [1, max_seq] and found["model.xnnpack.pte"]["batch"] == batch
+    report = verify_bundle(bundle)
+    ran = [c for c in report["checks"] if c["check"].startswith("golden") and ".pte" in c["check"]]
+    assert report["passed"] and ran and all(c["passed"] for c in ran)
+    assert {c["check"] for c in ran if "model.portable.pte" in c["check"]} and not any(
+        "model_step" in c["check"] for c in ran)
+    outside = [n for n in report["not_run"] if "model_step" in n["check"]]
+    assert len(outside) == 2 and all("outside" in n["why"] for n in outside)

@@ -45,7 +45,8 @@ def signatures_of(source: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def chosen_models(source: dict[str, Any], target: str, where: str) -> list[Model]:
     """What a bundle carries, chosen by what the export's manifest says each file is. Edge: each
-    variant's ONNX model and its ORT-format copies. Server: a Triton repository holding each
+    variant's ONNX model, its ORT-format copies and the ExecuTorch programs the export has
+    (`--targets executorch`). Server: a Triton repository holding each
     variant in onnxruntime and, but for the stream model (served under the sequence batcher's
     implicit state, onnxruntime only), in libtorch; and the AOTInductor packages the export has
     (`--targets aoti`), under aoti/ (libtorch's AOTIModelPackageLoader loads them; not Triton).)"""
@@ -58,7 +59,8 @@ def chosen_models(source: dict[str, Any], target: str, where: str) -> list[Model
     for variant in (v for v in BUNDLE_VARIANTS if v in present):
         if target == "edge":
             onnx = select_model(source, variant, "onnx", where=where)
-            out += [(onnx, onnx, variant, "onnx")] + [(n, n, variant, "ort") for n in find_models(source, variant, "ort")]
+            out += [(onnx, onnx, variant, "onnx")] + [(n, n, variant, fmt) for fmt in ("ort", "executorch")
+                                                      for n in find_models(source, variant, fmt)]
             continue
         for fmt, file in (("onnx", "model.onnx"), ("torchscript", "model.pt"))[: 1 if variant == "stream" else 2]:
             out.append((f"{REPOSITORY}/{triton_name(name, variant, fmt)}/1/{file}",
@@ -217,7 +219,9 @@ def build_bundle(export_dir: Path, target: str, on_step: Callable[[str], None] |
     for path, file, variant, fmt in chosen:
         files[path] = (export_dir / file).read_bytes()
         models[path] = {"variant": variant, "format": fmt, "precision": "fp32", "source": file,
-                        **(onnx_info(files[path]) if fmt == "onnx" else {})}
+                        **(onnx_info(files[path]) if fmt == "onnx" else {}),
+                        **({k: source["models"][file][k] for k in ("backend", "batch", "seq", "form")}
+                           if fmt == "executorch" else {})}
         if target == "server" and fmt in PLATFORMS:
             triton = PurePosixPath(path).parts[1]
             files[f"{REPOSITORY}/{triton}/config.pbtxt"] = triton_config(

@@ -192,7 +192,7 @@ def verify_bundle(path: Path, trust_torchscript: bool = False) -> dict[str, Any]
             else:
                 checks.append({"check": f"{len(manifest['files'])} files: sha256, sizes, nothing extra or missing",
                                "passed": True})
-                _check_models(path, folder, manifest, checks, not_run if not trust_torchscript else None)
+                _check_models(path, folder, manifest, checks, not_run if not trust_torchscript else None, not_run)
     except CheckFailed as exc:  # an archive that cannot be read or fails its inspection
         _fail(checks, "archive", str(exc))
     report["passed"] = bool(checks) and all(c["passed"] for c in checks)
@@ -210,10 +210,12 @@ def first_failure(report: dict[str, Any]) -> str:
 
 
 def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: list[dict[str, Any]],
-                  not_run: list[dict[str, str]] | None = None) -> None:
+                  not_run: list[dict[str, str]] | None = None, outside: list[dict[str, str]] | None = None) -> None:
     """Load every model and run the golden cases and int8 gates; with `not_run` (a list), the
-    TorchScript models are not loaded, each recorded there instead. Over 60 lines: every
-    failure is recorded as a check with its own message, not raised, so the report is whole."""
+    TorchScript models and AOTInductor packages are not loaded, each recorded there instead; a
+    golden case outside an ExecuTorch program's recorded bounds is recorded in `outside` (not
+    run, never passed). Over 60 lines: every failure is recorded as a check with its own
+    message, not raised, so the report is whole."""
     from gru_deploy.bundle.quantize import gated_outputs, recorded_gates, rejudge_int8
     from gru_deploy.check.compare import compare
     from gru_deploy.manifest import answers_empty
@@ -227,7 +229,8 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
             continue
         try:
             known = frozenset(info["op_types"]) if info.get("op_types") else None  # the ops the export recorded
-            sessions[name] = _load_model(folder / name, info["format"], known)
+            sessions[name] = _load_model(folder / name, info["format"], known, info,
+                                         manifest["signatures"].get(info.get("variant", "classifier")))
             checks.append({"check": f"loads: {name}", "passed": True})
         except CheckFailed as exc:
             _fail(checks, f"loads: {name}", str(exc))
@@ -252,6 +255,13 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
             check = f"golden {case['name']} on {model}"
             if model not in sessions:
                 continue  # its load failure is reported above
+            bounds = manifest["models"][model].get("seq")
+            seq = np.shape(inputs.get("x"))[1] if np.ndim(inputs.get("x")) == 3 else None
+            if bounds and seq is not None and not bounds[0] <= seq <= bounds[1]:
+                if outside is not None:
+                    outside.append({"check": check, "why": f"the case's {seq} steps are outside {model}'s bounds "
+                                                           f"({bounds[0]}..{bounds[1]} steps, in the manifest)"})
+                continue
             try:
                 got = _run(sessions[model], manifest["models"][model]["format"], manifest["signatures"][case["variant"]],
                            inputs, empty)
@@ -298,7 +308,8 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
             checks.append(entry)
 
 
-def _load_model(path: Path, fmt: str, known: frozenset[str] | None = None) -> Any:
+def _load_model(path: Path, fmt: str, known: frozenset[str] | None = None, info: dict[str, Any] | None = None,
+                signature: dict[str, Any] | None = None) -> Any:
     if fmt == "onnx":
         from gru_deploy.convert.graphs import check_onnx_bytes
 
@@ -323,6 +334,17 @@ def _load_model(path: Path, fmt: str, known: frozenset[str] | None = None) -> An
         from gru_deploy.check.module_parity import load_program
 
         return load_program(path.read_bytes(), str(path), fmt)
+    if fmt == "executorch":  # a flatbuffer run by ExecuTorch's runtime: its bounds are the record's
+        from gru_deploy.check.module_parity import UserSignature, executorch_runner
+
+        try:
+            return executorch_runner(path.read_bytes(), UserSignature(signature["inputs"], signature["outputs"]),
+                                     str(path), info or {})
+        except ImportError:
+            raise CheckFailed(f"{path}: ExecuTorch is not installed here (pip install 'gru-deploy[executorch]')") \
+                from None
+        except (KeyError, TypeError, RuntimeError) as exc:
+            raise CheckFailed(f"{path}: ExecuTorch cannot load it ({type(exc).__name__}: {exc})") from None
     raise CheckFailed(f"{path}: unknown model format {fmt!r} in the manifest")
 
 
@@ -340,6 +362,8 @@ def _run(session: Any, fmt: str, signature: dict[str, Any], inputs: dict[str, np
     feed = check_user_feed(inputs[INPUT_NAME], signature, empty, inputs.get(LENGTHS_NAME), inputs.get(STATE_IN))
     if fmt == "torchscript":
         return run_module(session, signature, feed)
+    if fmt == "executorch":
+        return {name: np.asarray(value, np.float32) for name, value in session.run(feed).items()}
     if fmt == "aoti":
         import torch
 
