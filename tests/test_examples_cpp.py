@@ -55,19 +55,24 @@ def server_bundle(export_dir, tmp_path_factory) -> Path:
     return out
 
 
-def run(program: Path, model: Path, golden: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(program), str(model), str(golden)], capture_output=True, text=True, timeout=120)
+def run(program: Path, model: Path, golden: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(program), *flags, str(model), str(golden)], capture_output=True, text=True,
+                          timeout=120)
 
 
-def test_libtorch_reproduces_the_golden_logits(program, server_bundle):
-    golden = server_bundle / "golden" / "golden.json"
-    proc = run(program, server_bundle / MODEL, golden)
+def assert_reproduces(proc: subprocess.CompletedProcess, golden: Path) -> None:
+    """The program passed every classifier case of `golden` within TOL."""
     print(proc.stdout, proc.stderr)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     n_cases = sum(c["variant"] == "classifier" for c in json.loads(golden.read_text())["cases"])
     assert f"{n_cases} classifier case(s)" in proc.stdout and proc.stdout.count("ok  ") == n_cases
     error = float(re.search(r"^max abs error: (\S+)$", proc.stdout, re.M).group(1))
     assert error <= TOL and "PASSED" in proc.stdout
+
+
+def test_libtorch_reproduces_the_golden_logits(program, server_bundle):
+    golden = server_bundle / "golden" / "golden.json"
+    assert_reproduces(run(program, server_bundle / MODEL, golden), golden)
 
 
 def test_a_wrong_golden_logit_fails(program, server_bundle, tmp_path):
@@ -138,19 +143,10 @@ def test_libtorch_runs_the_aoti_package_on_the_golden_vectors_without_python(pro
     manifest = json.loads((aoti_bundle / "manifest.json").read_text())
     (package_path,) = [n for n, info in manifest["models"].items() if info["format"] == "aoti"]
     golden = aoti_bundle / "golden" / "golden.json"
-    proc = run_aoti(program, aoti_bundle / package_path, golden)
-    print(proc.stdout, proc.stderr)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    n_cases = sum(c["variant"] == "classifier" for c in json.loads(golden.read_text())["cases"])
-    assert f"{n_cases} classifier case(s)" in proc.stdout and proc.stdout.count("ok  ") == n_cases
-    assert float(re.search(r"^max abs error: (\S+)$", proc.stdout, re.M).group(1)) <= TOL
+    assert_reproduces(run(program, aoti_bundle / package_path, golden, "--aoti"), golden)
     wrong = json.loads(golden.read_text())
     next(c for c in wrong["cases"] if c["variant"] == "classifier")["outputs"]["logits"]["data"][0] += 1e-3
     (tmp_path / "golden.json").write_text(json.dumps(wrong))
-    proc = run_aoti(program, aoti_bundle / package_path, tmp_path / "golden.json")
+    proc = run(program, aoti_bundle / package_path, tmp_path / "golden.json", "--aoti")
     assert proc.returncode == 1 and "FAILED" in proc.stdout, proc.stdout + proc.stderr
 
-
-def run_aoti(program: Path, package_path: Path, golden: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(program), "--aoti", str(package_path), str(golden)], capture_output=True, text=True,
-                          timeout=120)
