@@ -49,7 +49,7 @@ def chosen_models(source: dict[str, Any], target: str, where: str) -> list[Model
     (`--targets executorch`). Server: a Triton repository holding each
     variant in onnxruntime and, but for the stream model (served under the sequence batcher's
     implicit state, onnxruntime only), in libtorch; and the AOTInductor packages the export has
-    (`--targets aoti`), under aoti/ (libtorch's AOTIModelPackageLoader loads them; not Triton).)"""
+    (`--targets aoti`), under aoti/ (libtorch's AOTIModelPackageLoader loads them; not Triton)."""
     from gru_deploy.bundle.triton import triton_name
     from gru_deploy.manifest import find_models, model_name, select_model
 
