@@ -34,7 +34,7 @@ def export(model: "torch.nn.Module | str | None" = None, *,
            output_names: list[str] | None = None, strategy: str = "loop", opset: int = 17, atol: float = 1e-5,
            rtol: float = 1e-5, typical: tuple[int, int] = (1, 100),
            on_step: Callable[[str], None] | None = None, targets: tuple[str, ...] = (),
-           executorch_batch: int = 1, executorch_max_seq: int = 2048) -> dict[str, Any]:
+           executorch_batch: int = 1, executorch_max_seq: int = 2048, onnx_exporter: str = "torchscript") -> dict[str, Any]:
     """Export a model to `out` (written whole, only when every check passes); return its manifest.
 
     `model` None: the model in `checkpoint` (a path, a `Checkpoint` or a `FamilyCheckpoint`):
@@ -49,13 +49,14 @@ def export(model: "torch.nn.Module | str | None" = None, *,
     "aoti" (the classifier's program compiled by AOTInductor), "executorch" (.pte programs of
     the classifier and the stream step, `executorch_batch` rows per call, the classifier's seq
     bounded by `executorch_max_seq`), each proved like every other file; for the one-direction
-    tutorial-cell models.
+    tutorial-cell models. `onnx_exporter` "dynamo": the loop form's ONNX written by torch.onnx's
+    dynamo exporter (of the control-flow form) instead of the TorchScript-based one, proved alike.
     """
     from gru_deploy.convert.user import export_family, export_user_model
 
     common = {"opset": opset, "atol": atol, "rtol": rtol, "strategy": strategy, "typical": typical, "on_step": on_step,
               "targets": tuple(targets), "executorch_batch": executorch_batch,
-              "executorch_max_seq": executorch_max_seq}
+              "executorch_max_seq": executorch_max_seq, "onnx_exporter": onnx_exporter}
     if model is None:
         from gru_deploy.convert.folder import export_to_dir
         from gru_deploy.train import Checkpoint, FamilyCheckpoint, load_checkpoint

@@ -210,6 +210,12 @@ def train(obj: dict, data: str, test_path: str | None, normalize: bool | None, e
                    "(model.{portable,xnnpack}.pte and model_step.*.pte: the classifier, its loop a scan, and the "
                    "stream's one step, for ExecuTorch's runtime at a static batch; needs the executorch extra). Each "
                    "is proved like the ONNX files. For the tutorial classifier and `train --layers N` models.")
+@click.option("--onnx-exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript",
+              show_default=True,
+              help="What writes the loop form's ONNX graphs: torch.onnx's TorchScript-based exporter, or its successor, "
+                   "the dynamo exporter (torch.export based), of the model's control-flow form (its loop a "
+                   "torch.while_loop, kept an ONNX Loop); proved alike, and auto weighs it like any loop. dynamo: for "
+                   "the tutorial classifier and `train --layers N` models.")
 @click.option("--executorch-batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --targets executorch: the rows per call of its programs (ExecuTorch plans memory for a "
                    "static batch, and answers another wrongly without an error: gru-deploy runs other batches in "
@@ -222,8 +228,8 @@ def train(obj: dict, data: str, test_path: str | None, normalize: bool | None, e
 @click.pass_obj
 def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: str, typical_batch: int,
            typical_seq: int, atol: float, rtol: float, seed: int, model_ref: str | None, model_args: str | None,
-           input_size: int | None, output_names: str | None, targets: str, executorch_batch: int,
-           executorch_max_seq: int, quiet: bool, as_json: bool) -> None:
+           input_size: int | None, output_names: str | None, targets: str, onnx_exporter: str,
+           executorch_batch: int, executorch_max_seq: int, quiet: bool, as_json: bool) -> None:
     """Script the model, export it to ONNX and prove parity; write the export folder.
 
     \b
@@ -297,7 +303,7 @@ def export(obj: dict, checkpoint: Path | None, out: Path, opset: int, strategy: 
             input_size=input_size, output_names=[n.strip() for n in output_names.split(",")] if output_names else None,
             strategy=strategy, opset=opset, atol=atol, rtol=rtol, typical=(typical_batch, typical_seq),
             on_step=lambda m: _progress(obj, m), targets=wanted, executorch_batch=executorch_batch,
-            executorch_max_seq=executorch_max_seq)
+            executorch_max_seq=executorch_max_seq, onnx_exporter=onnx_exporter)
     times = clock.record()
     if as_json:
         keys = ["strategy", "auto", "opset", "files", "parity"] + (

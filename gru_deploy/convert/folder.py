@@ -60,7 +60,7 @@ class TutorialProof(ModuleProof):
 def export_to_dir(checkpoint: Checkpoint, out: Path, opset: int = 17, atol: float = DEFAULT_ATOL,
                   rtol: float = DEFAULT_RTOL, strategy: str = "loop", typical: tuple[int, int] = (1, 100),
                   on_step: Callable[[str], None] | None = None, targets: tuple[str, ...] = (),
-                  executorch_batch: int = 1, executorch_max_seq: int = 2048) -> dict[str, Any]:
+                  executorch_batch: int = 1, executorch_max_seq: int = 2048, onnx_exporter: str = "torchscript") -> dict[str, Any]:
     """Write the tutorial classifier's export folder into `out` (model.pt, model.onnx, the
     variants, parity.json, manifest.json, …) by the one pipeline; return the manifest.
     `strategy` is loop, fused, stepwise or auto (every form checked, timed at `typical` (batch,
@@ -73,4 +73,5 @@ def export_to_dir(checkpoint: Checkpoint, out: Path, opset: int = 17, atol: floa
                       checkpoint.sha256)
     return export_model(model, Path(out), TutorialProof(checkpoint, atol, rtol), opset=opset, atol=atol, rtol=rtol,
                         strategy=strategy, typical=typical, labels=tuple(checkpoint.spec.labels), on_step=on_step,
-                        targets=targets, executorch_batch=executorch_batch, executorch_max_seq=executorch_max_seq)
+                        targets=targets, executorch_batch=executorch_batch, executorch_max_seq=executorch_max_seq,
+                        onnx_exporter=onnx_exporter)

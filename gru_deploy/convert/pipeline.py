@@ -69,13 +69,15 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
                  rtol: float = 1e-5, strategy: str = "loop", typical: tuple[int, int] = (1, 100),
                  input_size: int | None = None, output_names: list[str] | None = None, labels: tuple[str, ...] = (),
                  on_step: Callable[[str], None] | None = None, targets: tuple[str, ...] = (),
-                 executorch_batch: int = 1, executorch_max_seq: int = 2048) -> dict[str, Any]:
+                 executorch_batch: int = 1, executorch_max_seq: int = 2048,
+                 onnx_exporter: str = "torchscript") -> dict[str, Any]:
     """Export any model into `out`, all at once and only when every check passes; return the
     manifest. `strategy`: loop, fused, stepwise (where they apply) or auto (every form that
     applies, checked, timed at `typical` (batch, seq) at each variant's workload, the fastest
     kept). `targets`: what is built beside ONNX and TorchScript (convert.programs.add_targets);
     ExecuTorch's programs take `executorch_batch` rows per call and (the classifier)
-    1..`executorch_max_seq` steps.
+    1..`executorch_max_seq` steps. `onnx_exporter`: torchscript, or dynamo (torch.onnx's
+    successor exporter, of the control-flow form) for the loop form's graphs.
     Over 60 lines: the pipeline's stages in order, each a call."""
     from gru_deploy.check.grid import check_tolerances
     from gru_deploy.check.module_parity import GOLDEN_FILE
@@ -83,7 +85,7 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
     from gru_deploy.check.timing import stage
     from gru_deploy.convert import script
     from gru_deploy.convert.graphs import check_opset
-    from gru_deploy.convert.programs import add_targets, check_targets
+    from gru_deploy.convert.programs import add_targets, check_onnx_exporter, check_targets
     from gru_deploy.manifest import recover_interrupted_runs
     from gru_deploy.models.user import input_size_of
 
@@ -92,6 +94,7 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
     check_tolerances(atol, rtol)
     check_module_strategy(strategy, model)
     check_targets(targets, model)
+    check_onnx_exporter(onnx_exporter, model)
     if executorch_batch < 1 or executorch_max_seq < 1:
         raise UserInputError(f"ExecuTorch's batch and max seq must be at least 1, got {executorch_batch} and "
                              f"{executorch_max_seq}")
@@ -121,7 +124,7 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
         classifier_form = chosen["classifier"].form if chosen else strategy
         with stage("forms"):
             candidates = variant_candidates(model, scripted, kept, variant, sig, opset, strategy, metadata, step,
-                                            classifier_form)
+                                            classifier_form, onnx_exporter)
         with stage("parity"):
             reports = {form: proof.check(built, model, step) for form, built in candidates.items()}
         form, auto = next(iter(candidates)), None
@@ -157,7 +160,8 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
     return write_export(out, files, {
         "strategy": chosen["classifier"].form, "auto": classifier_auto, "opset": graph["opset"],
         "ir_version": graph["ir_version"], "onnx": {"node_count": graph["node_count"], "op_types": graph["op_types"]},
-        "signature": signature.to_dict(), "models": models, "variants": variants, **fields, "golden": golden},
+        "signature": signature.to_dict(), "models": models, "variants": variants, **fields, "golden": golden,
+        "onnx_exporter": onnx_exporter},
         notes, prove, step)
 
 
@@ -192,13 +196,15 @@ def declared_variants(model: "UserModel", scripted: "torch.jit.ScriptModule", si
 
 def variant_candidates(model: "UserModel", scripted: "torch.jit.ScriptModule", kept: str, variant: str,
                        sig: UserSignature, opset: int, strategy: str, metadata: dict[str, Any],
-                       step: Callable[[str], None], classifier_form: str) -> dict[str, Built]:
+                       step: Callable[[str], None], classifier_form: str, onnx_exporter: str = "torchscript"
+                       ) -> dict[str, Built]:
     """A variant's candidate forms under `strategy` (the classifier's: classifier_forms; a
-    variant's: variant_forms, after the classifier's kept form), each built."""
+    variant's: variant_forms, after the classifier's kept form), each built; the loop form's
+    ONNX by `onnx_exporter`."""
     if variant == "classifier":
-        return classifier_forms(model, scripted, kept, sig, opset, strategy, metadata, step)
+        return classifier_forms(model, scripted, kept, sig, opset, strategy, metadata, step, onnx_exporter)
     forms = variant_forms(strategy, classifier_form, model)
-    return {form: build_variant(model, variant, form, sig, opset, metadata, step) for form in forms}
+    return {form: build_variant(model, variant, form, sig, opset, metadata, step, onnx_exporter) for form in forms}
 
 
 def every_form(model: "UserModel", opset: int = 17, step: Callable[[str], None] = lambda message: None
@@ -227,20 +233,20 @@ def variant_forms(strategy: str, classifier_form: str, model: "UserModel") -> tu
 
 
 def classifier_forms(model: "UserModel", scripted: "torch.jit.ScriptModule", kept: str, signature: "UserSignature",
-                     opset: int, strategy: str, metadata: dict[str, Any], step: Callable[[str], None]
-                     ) -> dict[str, Built]:
+                     opset: int, strategy: str, metadata: dict[str, Any], step: Callable[[str], None],
+                     onnx_exporter: str = "torchscript") -> dict[str, Built]:
     """The classifier's candidate forms for `strategy` (module_graphs), each with the
     TorchScript model.pt holds (the module as scripted)."""
     from gru_deploy.convert.script import to_bytes
 
     pt_bytes = to_bytes(scripted)
-    graphs = module_graphs(model, scripted, kept, signature, opset, strategy, step, metadata)
+    graphs = module_graphs(model, scripted, kept, signature, opset, strategy, step, metadata, onnx_exporter)
     return {form: Built("classifier", form, scripted, pt_bytes, data, graph, signature)
             for form, (data, graph) in graphs.items()}
 
 
 def build_variant(model: "UserModel", variant: str, form: str, signature: "UserSignature", opset: int,
-                  metadata: dict[str, Any], step: Callable[[str], None]) -> Built:
+                  metadata: dict[str, Any], step: Callable[[str], None], onnx_exporter: str = "torchscript") -> Built:
     """A variant (the module's hook made forward: models.variants) in one form: fused (the
     tutorial-cell model's GRU nodes), else the exporter's graph of the hook as scripted in that
     form (stepwise: the cell as written, once per step)."""
@@ -255,6 +261,10 @@ def build_variant(model: "UserModel", variant: str, form: str, signature: "UserS
     pt_bytes = to_bytes(scripted)
     if form == "fused":
         data, graph = build_fused_graph(model, signature, opset, variant, meta)
+    elif form == "loop" and onnx_exporter == "dynamo":
+        from gru_deploy.convert.programs import dynamo_onnx
+
+        data, graph = dynamo_onnx(model, variant, signature, opset, meta)
     else:
         exported = scripted if form == "loop" else _script_hook(in_form(model, form), wrapper, hook)
         data, graph = export_user_onnx(exported, signature, opset, meta, strategy=form)
@@ -435,11 +445,13 @@ def in_form(model: "UserModel", form: str) -> "UserModel":
 
 
 def module_graphs(model: "UserModel", scripted: "torch.jit.ScriptModule", kept: str, signature: UserSignature,
-                  opset: int, strategy: str, step: Callable[[str], None], metadata: dict[str, Any] | None = None
-                  ) -> dict[str, tuple[bytes, dict]]:
+                  opset: int, strategy: str, step: Callable[[str], None], metadata: dict[str, Any] | None = None,
+                  onnx_exporter: str = "torchscript") -> dict[str, tuple[bytes, dict]]:
     """The candidate ONNX graphs for `strategy`: {"loop": …}, {"fused": …}, {"stepwise": …},
     each (bytes, graph record). fused where it applies (convert.families.fused_plan), stepwise
-    for the tutorial-cell family; auto takes every one that applies (loop alone when neither)."""
+    for the tutorial-cell family; auto takes every one that applies (loop alone when neither).
+    The loop form's graph is the TorchScript exporter's, or with `onnx_exporter` dynamo the
+    dynamo exporter's of the control-flow form (convert.programs.dynamo_onnx)."""
     from gru_deploy.convert.families import fused_plan
 
     plan = None
@@ -454,8 +466,13 @@ def module_graphs(model: "UserModel", scripted: "torch.jit.ScriptModule", kept: 
     def meta(form: str) -> dict[str, Any]:
         return {**(metadata or {}), "gru_deploy.strategy": form}
     if strategy in ("loop", "auto") or plan == "exporter":  # stepwise: neither
-        step(f"exporting to ONNX opset {opset} (the recurrence kept: {kept})")
-        exported = export_user_onnx(scripted, signature, opset, meta("loop" if plan != "exporter" else "fused"))
+        step(f"exporting to ONNX opset {opset} (the recurrence kept: {kept}; {onnx_exporter} exporter)")
+        if onnx_exporter == "dynamo":
+            from gru_deploy.convert.programs import dynamo_onnx
+
+            exported = dynamo_onnx(model, "classifier", signature, opset, meta("loop"))
+        else:
+            exported = export_user_onnx(scripted, signature, opset, meta("loop" if plan != "exporter" else "fused"))
         if plan == "exporter":  # torch.nn.GRU: the exporter's graph is the fused form, unless a Loop remains
             if "Loop" not in exported[1]["op_types"]:
                 return {"loop" if strategy == "loop" else "fused": exported}

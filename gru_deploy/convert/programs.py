@@ -91,10 +91,65 @@ def dynamic_shapes(signature: "UserSignature") -> tuple[dict[int, Any], ...]:
     return tuple({0: batch, 1: seq} if t["name"] == INPUT_NAME else {0: batch} for t in signature.inputs)
 
 
-def build_program(model: "UserModel", variant: str, signature: "UserSignature",
-                  step: Callable[[str], None]) -> tuple[bytes, dict[str, Any], Any]:
-    """The variant's torch.export program, saved (`torch.export.save`): its bytes, its record
-    (the loops it keeps, each axis's bounds as torch.export recorded them) and the program."""
+ONNX_EXPORTERS = ("torchscript", "dynamo")
+
+
+def check_onnx_exporter(exporter: str, model: "UserModel | None" = None) -> None:
+    """UserInputError for an exporter this gru-deploy does not know, or dynamo for a model
+    without a control-flow form (the dynamo exporter unrolls a Python for loop, as torch.export does)."""
+    from gru_deploy.models.control_flow import control_flow_form
+
+    if exporter not in ONNX_EXPORTERS:
+        raise UserInputError(f"unknown ONNX exporter {exporter!r}: choose from {', '.join(ONNX_EXPORTERS)}")
+    if exporter == "dynamo" and model is not None and control_flow_form(model.module) is None:
+        raise UserInputError(
+            f"{model.reference}: --onnx-exporter dynamo exports the model's control-flow form, which gru-deploy "
+            "writes for one-direction tutorial-cell models only (the tutorial classifier, `train --layers N`); "
+            "export it with --onnx-exporter torchscript")
+
+
+def dynamo_onnx(model: "UserModel", variant: str, signature: "UserSignature", opset: int,
+                metadata: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """The variant's loop form written by torch.onnx's dynamo exporter, the successor of the
+    TorchScript-based one: the control-flow form's torch.export program (its while_loop an ONNX
+    `Loop`), batch and seq dynamic and named as the signature names them, checked
+    (graphs.finish_export) like every graph; (bytes, graph record)."""
+    import contextlib
+    import io as _io
+
+    import torch
+
+    from gru_deploy.convert.graphs import count_ops, finish_export
+
+    program = export_program(model, variant, signature)
+    names_in, names_out = [t["name"] for t in signature.inputs], signature.output_names
+    try:  # it prints its progress and its opset conversion on stdout
+        with contextlib.redirect_stdout(_io.StringIO()):
+            onnx_program = torch.onnx.export(program, example_inputs(signature), dynamo=True, input_names=names_in,
+                                             output_names=names_out, opset_version=opset, verbose=False)
+    except Exception as exc:
+        raise CheckFailed(f"torch.onnx's dynamo exporter failed on the {variant} variant: {type(exc).__name__}: "
+                          f"{(str(exc).splitlines() or [''])[0][:300]}") from None
+    proto = onnx_program.model_proto
+    axes = {}  # the exporter's symbols (s33, ...) for batch and seq, named as the signature names them
+    for tensor, record in zip(proto.graph.input, signature.inputs):
+        for dim, name in zip(tensor.type.tensor_type.shape.dim, record["shape"]):
+            if dim.dim_param and isinstance(name, str):
+                axes[dim.dim_param] = name
+    for tensor in [*proto.graph.input, *proto.graph.output]:
+        for dim in tensor.type.tensor_type.shape.dim:
+            if dim.dim_param in axes:
+                dim.dim_param = axes[dim.dim_param]
+    result = finish_export(proto, "loop", opset, count_ops(proto.graph),
+                           {**metadata, "gru_deploy.onnx_exporter": "dynamo"})
+    if "Loop" not in result.record()["op_types"]:
+        raise CheckFailed(f"the dynamo exporter's {variant} graph has no Loop: its time loop was unrolled")
+    return result.onnx_bytes, {**result.record(), "exporter": "dynamo"}
+
+
+def export_program(model: "UserModel", variant: str, signature: "UserSignature") -> Any:
+    """The variant's control-flow form through torch.export, batch and seq dynamic; CheckFailed
+    when torch.export fails or the program lost its while_loop."""
     import torch
 
     from gru_deploy.models.control_flow import Variant, control_flow_form
@@ -102,19 +157,29 @@ def build_program(model: "UserModel", variant: str, signature: "UserSignature",
     form = control_flow_form(model.module)
     if form is None:
         raise UserInputError(f"{model.reference}: no control-flow form; {WHILE_LOOP_HINT}")
-    step(f"torch.export of the {variant} variant (its loop a torch.while_loop; batch and seq dynamic)")
     torch._dynamo.reset()  # a guard of an earlier export in this process would leak into this one
-    example = example_inputs(signature)
     try:
-        program = torch.export.export(Variant(form.eval(), METHODS[variant]), example,
+        program = torch.export.export(Variant(form.eval(), METHODS[variant]), example_inputs(signature),
                                       dynamic_shapes={"args": dynamic_shapes(signature)})
     except Exception as exc:
         raise CheckFailed(f"torch.export of the {variant} variant failed: {type(exc).__name__}: "
                           f"{(str(exc).splitlines() or [''])[0][:300]}") from None
+    if not any(node.op == "call_function" and node.target is torch.ops.higher_order.while_loop
+               for node in program.graph.nodes):
+        raise CheckFailed(f"the {variant} program has no while_loop: torch.export unrolled its time loop")
+    return program
+
+
+def build_program(model: "UserModel", variant: str, signature: "UserSignature",
+                  step: Callable[[str], None]) -> tuple[bytes, dict[str, Any], Any]:
+    """The variant's torch.export program, saved (`torch.export.save`): its bytes, its record
+    (the loops it keeps, each axis's bounds as torch.export recorded them) and the program."""
+    import torch
+
+    step(f"torch.export of the {variant} variant (its loop a torch.while_loop; batch and seq dynamic)")
+    program = export_program(model, variant, signature)
     loops = sum(1 for node in program.graph.nodes
                 if node.op == "call_function" and node.target is torch.ops.higher_order.while_loop)
-    if loops == 0:
-        raise CheckFailed(f"the {variant} program has no while_loop: torch.export unrolled its time loop")
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     return buffer.getvalue(), {"while_loops": loops, "bounds": axis_bounds(program, signature)}, program

@@ -287,20 +287,22 @@ def export_user_model(model: "UserModel", out: Path, opset: int = 17, atol: floa
                       on_step: Callable[[str], None] | None = None, labels: tuple[str, ...] = (),
                       metrics: dict[str, Any] | None = None, training: dict[str, Any] | None = None,
                       strategy: str = "loop", typical: tuple[int, int] = (1, 100),
-                      targets: tuple[str, ...] = (), executorch_batch: int = 1, executorch_max_seq: int = 2048) -> dict[str, Any]:
+                      targets: tuple[str, ...] = (), executorch_batch: int = 1, executorch_max_seq: int = 2048,
+                      onnx_exporter: str = "torchscript") -> dict[str, Any]:
     """Export your own module into `out` by the one pipeline with the module's proof; return the
     manifest. `labels`, `metrics` and `training` are recorded as given (a built-in family's
     checkpoint carries them)."""
     return export_model(model, out, ModuleProof(atol, rtol, labels, metrics, training), opset=opset, atol=atol,
                         rtol=rtol, strategy=strategy, typical=typical, input_size=input_size,
                         output_names=output_names, labels=labels, on_step=on_step, targets=targets,
-                        executorch_batch=executorch_batch, executorch_max_seq=executorch_max_seq)
+                        executorch_batch=executorch_batch, executorch_max_seq=executorch_max_seq,
+                        onnx_exporter=onnx_exporter)
 
 
 def export_family(ckpt: Any, out: Path, opset: int = 17, atol: float = 1e-5, rtol: float = 1e-5,
                   on_step: Callable[[str], None] | None = None, strategy: str = "loop",
                   typical: tuple[int, int] = (1, 100), targets: tuple[str, ...] = (),
-                  executorch_batch: int = 1, executorch_max_seq: int = 2048) -> dict[str, Any]:
+                  executorch_batch: int = 1, executorch_max_seq: int = 2048, onnx_exporter: str = "torchscript") -> dict[str, Any]:
     """Export a built-in family's checkpoint (train.FamilyCheckpoint) by the generic path."""
     from gru_deploy.models import families
     from gru_deploy.models.user import UserModel
@@ -311,4 +313,4 @@ def export_family(ckpt: Any, out: Path, opset: int = 17, atol: float = 1e-5, rto
     return export_user_model(model, out, opset=opset, atol=atol, rtol=rtol, on_step=on_step, labels=ckpt.labels,
                              metrics=ckpt.metrics, training=ckpt.training, strategy=strategy, typical=typical,
                               targets=targets, executorch_batch=executorch_batch,
-                              executorch_max_seq=executorch_max_seq)
+                              executorch_max_seq=executorch_max_seq, onnx_exporter=onnx_exporter)
