@@ -468,9 +468,8 @@ def time_targets(folder: "Path", manifest: dict[str, Any], threads: int = 1, bud
     stream model one step at batch 1. An ExecuTorch program runs through gru-deploy's runner
     (its bounds checked; a larger batch in calls of its own). Rows: each file's median and its
     ratio to onnxruntime's. Empty without targets."""
-    import torch
-
     import onnxruntime as ort
+    import torch
 
     from gru_deploy.check.module_parity import (AOTI_FORMAT, EXECUTORCH_FORMAT, PROGRAM_FORMAT, UserSignature,
                                                 case_feed, executorch_runner, load_program)

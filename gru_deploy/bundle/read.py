@@ -330,21 +330,19 @@ def _load_model(path: Path, fmt: str, known: frozenset[str] | None = None, info:
             return script.load(path)  # its sha256 was checked against the manifest above
         except UserInputError as exc:
             raise CheckFailed(str(exc)) from None
-    if fmt == "aoti":
-        from gru_deploy.check.module_parity import load_program
-
-        return load_program(path.read_bytes(), str(path), fmt)
-    if fmt == "executorch":  # a flatbuffer run by ExecuTorch's runtime: its bounds are the record's
-        from gru_deploy.check.module_parity import UserSignature, executorch_runner
+    if fmt in ("aoti", "executorch"):  # parity's runners: an executorch runner checks the record's bounds
+        from gru_deploy.check.module_parity import UserSignature, executorch_runner, program_runner
 
         try:
-            return executorch_runner(path.read_bytes(), UserSignature(signature["inputs"], signature["outputs"]),
-                                     str(path), info or {})
+            sig = UserSignature(signature["inputs"], signature["outputs"])
+            if fmt == "aoti":
+                return program_runner(path.read_bytes(), sig, str(path), fmt)
+            return executorch_runner(path.read_bytes(), sig, str(path), info or {})
         except ImportError:
             raise CheckFailed(f"{path}: ExecuTorch is not installed here (pip install 'gru-deploy[executorch]')") \
                 from None
         except (KeyError, TypeError, RuntimeError) as exc:
-            raise CheckFailed(f"{path}: ExecuTorch cannot load it ({type(exc).__name__}: {exc})") from None
+            raise CheckFailed(f"{path}: cannot load it as {fmt} ({type(exc).__name__}: {exc})") from None
     raise CheckFailed(f"{path}: unknown model format {fmt!r} in the manifest")
 
 
@@ -362,14 +360,7 @@ def _run(session: Any, fmt: str, signature: dict[str, Any], inputs: dict[str, np
     feed = check_user_feed(inputs[INPUT_NAME], signature, empty, inputs.get(LENGTHS_NAME), inputs.get(STATE_IN))
     if fmt == "torchscript":
         return run_module(session, signature, feed)
-    if fmt == "executorch":
+    if fmt in ("aoti", "executorch"):  # check.module_parity's runners, answering float64
         return {name: np.asarray(value, np.float32) for name, value in session.run(feed).items()}
-    if fmt == "aoti":
-        import torch
-
-        with torch.no_grad():
-            got = session(*(torch.from_numpy(np.ascontiguousarray(feed[t["name"]])) for t in signature["inputs"]))
-        got = [got] if isinstance(got, torch.Tensor) else list(got)  # one output: a tensor, not a list of one
-        return {o["name"]: value.numpy() for o, value in zip(signature["outputs"], got)}
     outputs = [o["name"] for o in signature["outputs"]]
     return dict(zip(outputs, session.run(outputs, feed)))

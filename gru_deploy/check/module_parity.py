@@ -372,22 +372,33 @@ def step_runner(name: str, model: bytes, signature: UserSignature) -> Call:
     return Call(name, run)
 
 
+def file_parity(runners: dict[str, Call], test: Call, signature: UserSignature, grid: Grid, variant: str,
+                takes: Callable[[int], bool], atol: float, rtol: float, prefix: str,
+                on_case: Callable[[str], None] | None = None) -> "ParityReport":
+    """One more file of a variant (`test`) against the variant's float64 reference and its
+    PyTorch side (eager at export, TorchScript at verify: `runners`) on the grid's cases of the
+    variant whose seq it `takes`, with the same inputs (the same case index, so the same seeds)
+    and every output: pairs `float64->TEST` and `eager->TEST` (or `torchscript->TEST`) behind
+    `prefix`."""
+    from gru_deploy.check.grid import run_parity
+
+    cases = [(index, case) for index, case in enumerate(grid.cases[variant]) if takes(case[1])]
+    side = "eager" if "eager" in runners else "torchscript"
+    return run_parity({"float64": runners["float64"], side: runners[side], test.name: test},
+                      lambda batch, seq, i: grid.feed(signature, batch, seq, cases[i][0]),
+                      [case for _, case in cases], atol, rtol, [("float64", test.name, None), (side, test.name, None)],
+                      seed=grid.seed, variant=variant, prefix=prefix, on_case=on_case)
+
+
 def step_parity(runners: dict[str, Call], step_bytes: bytes, signature: UserSignature, grid: Grid, atol: float,
                 rtol: float, on_case: Callable[[str], None] | None = None) -> "ParityReport":
     """The one-step model against the stream's float64 reference and its PyTorch side (eager, or
     TorchScript at verify) on the stream grid's one-step cases, with the same inputs (the same
     case index, so the same seeds) and every output: cases of the stream variant, pairs under
     `step:`."""
-    from gru_deploy.check.grid import run_parity
-
-    cases = [(index, case) for index, case in enumerate(grid.cases["stream"]) if case[1] == 1]
     test = step_runner("onnxruntime-step", step_bytes, signature)
-    side = "eager" if "eager" in runners else "torchscript"
-    report = run_parity({"float64": runners["float64"], side: runners[side], test.name: test},
-                        lambda batch, seq, i: grid.feed(signature, batch, seq, cases[i][0]),
-                        [case for _, case in cases], atol, rtol,
-                        [("float64", test.name, None), (side, test.name, None)], seed=grid.seed, variant="stream",
-                        prefix="step:", on_case=on_case)
+    report = file_parity(runners, test, signature, grid, "stream", lambda seq: seq == 1, atol, rtol, "step:",
+                         on_case)
     report.notes.append("the one-step model (model_step.onnx) on the stream grid's one-step cases, as the stream "
                         "model's signature feeds it")
     return report
@@ -449,26 +460,18 @@ def program_parity(runners: dict[str, Call], data: bytes, signature: UserSignatu
     and its PyTorch side (eager at export, TorchScript at verify: `runners`) on the variant's
     grid, every case within the file's bounds and every output, with the same inputs as the
     other files of the variant: pairs `float64->NAME`, `eager->NAME` (or `torchscript->NAME`)."""
-    from gru_deploy.check.grid import run_parity
-
-    cases = list(enumerate(grid.cases[variant]))
+    low, high = (record or {}).get("seq") or (0, None)  # an ExecuTorch program's bounds; the others have none
     if fmt == EXECUTORCH_FORMAT:
         test = executorch_runner(data, signature, where, record or {})
-        low, high = (record or {})["seq"]
-        cases = [(i, case) for i, case in cases if low <= case[1] <= high]
         what = (f"the ExecuTorch program ({record['backend']}; batch {record['batch']} per call, the grid's batches "
                 f"run in calls of it; the grid's cases of seq {low}..{high})")
     else:
         test = program_runner(data, signature, where, fmt)
         what = ("the torch.export program (torch.export.load(...).module())" if fmt == PROGRAM_FORMAT else
                 "the AOTInductor package (torch._inductor.aoti_load_package)")
-    side = "eager" if "eager" in runners else "torchscript"
-    report = run_parity({"float64": runners["float64"], side: runners[side], test.name: test},
-                        lambda batch, seq, i: grid.feed(signature, batch, seq, cases[i][0]),
-                        [case for _, case in cases], atol, rtol, [("float64", test.name, None),
-                                                                  (side, test.name, None)],
-                        seed=grid.seed, variant=variant, prefix="" if variant == "classifier" else f"{variant}:",
-                        on_case=on_case)
+    report = file_parity(runners, test, signature, grid, variant,
+                         lambda seq: low <= seq and (high is None or seq <= high), atol, rtol,
+                         "" if variant == "classifier" else f"{variant}:", on_case)
     report.notes.append(f"{where}: {what} on the {variant} grid")
     return report
 

@@ -1,13 +1,15 @@
-"""Export targets beside ONNX and TorchScript, for PyTorch's successors of TorchScript: a
-torch.export program (`.pt2`, `torch.export.save`), dynamic batch and seq, for each variant;
+"""Export targets beside ONNX and TorchScript, for PyTorch's successors of TorchScript (`--targets`):
+a torch.export program (`.pt2`, `torch.export.save`), dynamic batch and seq, for each variant;
 an AOTInductor package of the classifier's program (`torch._inductor.aoti_compile_and_package`:
-the program compiled to C++ and a shared library, for libtorch servers without Python).
+the program compiled to C++ and a shared library, for libtorch servers without Python);
+ExecuTorch programs (.pte) of the classifier and the stream's one step. And the loop form's
+ONNX graphs by torch.onnx's dynamo exporter (`--onnx-exporter dynamo`).
 
-torch.export unrolls a Python `for` loop to the example's length, as tracing does; so the
-program is built from the model's control-flow form (models.control_flow: the same weights, the
-loop a `torch.while_loop`), and a program without its `while_loop` is refused before anything
-is written. Each program is proved on the variant's parity grid like every other file
-(check.programs).
+torch.export unrolls a Python `for` loop to the example's length, as tracing does; so every
+one of them is built from the model's control-flow form (models.control_flow: the same weights,
+the loop a `torch.while_loop`, or a `scan` for ExecuTorch), and a program without its loop is
+refused before anything is written. Each file is proved on the variant's parity grid like every
+other file (check.module_parity.program_parity, or the ONNX forms' own check).
 """
 
 from __future__ import annotations
@@ -115,7 +117,6 @@ def dynamo_onnx(model: "UserModel", variant: str, signature: "UserSignature", op
     `Loop`), batch and seq dynamic and named as the signature names them, checked
     (graphs.finish_export) like every graph; (bytes, graph record)."""
     import contextlib
-    import io as _io
 
     import torch
 
@@ -124,7 +125,7 @@ def dynamo_onnx(model: "UserModel", variant: str, signature: "UserSignature", op
     program = export_program(model, variant, signature)
     names_in, names_out = [t["name"] for t in signature.inputs], signature.output_names
     try:  # it prints its progress and its opset conversion on stdout
-        with contextlib.redirect_stdout(_io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()):
             onnx_program = torch.onnx.export(program, example_inputs(signature), dynamo=True, input_names=names_in,
                                              output_names=names_out, opset_version=opset, verbose=False)
     except Exception as exc:
@@ -147,25 +148,41 @@ def dynamo_onnx(model: "UserModel", variant: str, signature: "UserSignature", op
     return result.onnx_bytes, {**result.record(), "exporter": "dynamo"}
 
 
+def control_flow(model: "UserModel") -> Any:
+    """The model's control-flow form (models.control_flow), in eval mode; UserInputError when
+    gru-deploy cannot write one."""
+    from gru_deploy.models.control_flow import control_flow_form
+
+    form = control_flow_form(model.module)
+    if form is None:
+        raise UserInputError(f"{model.reference}: no control-flow form; {WHILE_LOOP_HINT}")
+    return form.eval()
+
+
+def while_loops(program: Any) -> int:
+    """How many torch.while_loop calls an exported program's graph holds."""
+    import torch
+
+    return sum(1 for node in program.graph.nodes
+               if node.op == "call_function" and node.target is torch.ops.higher_order.while_loop)
+
+
 def export_program(model: "UserModel", variant: str, signature: "UserSignature") -> Any:
     """The variant's control-flow form through torch.export, batch and seq dynamic; CheckFailed
     when torch.export fails or the program lost its while_loop."""
     import torch
 
-    from gru_deploy.models.control_flow import Variant, control_flow_form
+    from gru_deploy.models.control_flow import Variant
 
-    form = control_flow_form(model.module)
-    if form is None:
-        raise UserInputError(f"{model.reference}: no control-flow form; {WHILE_LOOP_HINT}")
+    form = control_flow(model)
     torch._dynamo.reset()  # a guard of an earlier export in this process would leak into this one
     try:
-        program = torch.export.export(Variant(form.eval(), METHODS[variant]), example_inputs(signature),
+        program = torch.export.export(Variant(form, METHODS[variant]), example_inputs(signature),
                                       dynamic_shapes={"args": dynamic_shapes(signature)})
     except Exception as exc:
         raise CheckFailed(f"torch.export of the {variant} variant failed: {type(exc).__name__}: "
                           f"{(str(exc).splitlines() or [''])[0][:300]}") from None
-    if not any(node.op == "call_function" and node.target is torch.ops.higher_order.while_loop
-               for node in program.graph.nodes):
+    if not while_loops(program):
         raise CheckFailed(f"the {variant} program has no while_loop: torch.export unrolled its time loop")
     return program
 
@@ -178,11 +195,9 @@ def build_program(model: "UserModel", variant: str, signature: "UserSignature",
 
     step(f"torch.export of the {variant} variant (its loop a torch.while_loop; batch and seq dynamic)")
     program = export_program(model, variant, signature)
-    loops = sum(1 for node in program.graph.nodes
-                if node.op == "call_function" and node.target is torch.ops.higher_order.while_loop)
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
-    return buffer.getvalue(), {"while_loops": loops, "bounds": axis_bounds(program, signature)}, program
+    return buffer.getvalue(), {"while_loops": while_loops(program), "bounds": axis_bounds(program, signature)}, program
 
 
 def build_aoti(program: Any, variant: str, step: Callable[[str], None]) -> tuple[bytes, dict[str, Any]]:
@@ -295,11 +310,9 @@ def build_executorch(model: "UserModel", variant: str, signature: "UserSignature
     import torch
     from torch.export import Dim
 
-    from gru_deploy.models.control_flow import Variant, control_flow_form
+    from gru_deploy.models.control_flow import Variant
 
-    form = control_flow_form(model.module)
-    if form is None:
-        raise UserInputError(f"{model.reference}: no control-flow form; {WHILE_LOOP_HINT}")
+    form = control_flow(model)
     x_size = int(signature.inputs[0]["shape"][2])
     if variant == "classifier":
         method, seq = "forward_scan", [1, max_seq]
@@ -316,11 +329,15 @@ def build_executorch(model: "UserModel", variant: str, signature: "UserSignature
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
+    torch._dynamo.reset()  # a guard of an earlier export in this process would leak into this one
+    try:
+        program = torch.export.export(Variant(form, method), example, dynamic_shapes=dynamic)
+    except Exception as exc:
+        raise CheckFailed(f"torch.export of the {variant} variant for ExecuTorch failed: {type(exc).__name__}: "
+                          f"{(str(exc).splitlines() or [''])[0][:300]}") from None
     out = []
-    for backend in EXECUTORCH_BACKENDS:
-        torch._dynamo.reset()  # a guard of an earlier export in this process would leak into this one
+    for backend in EXECUTORCH_BACKENDS:  # each lowering starts from the same program (it copies it)
         try:
-            program = torch.export.export(Variant(form.eval(), method), example, dynamic_shapes=dynamic)
             lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()] if backend == "xnnpack"
                                                   else []).to_executorch()
         except Exception as exc:
