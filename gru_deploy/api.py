@@ -48,8 +48,8 @@ def export(model: "torch.nn.Module | str | None" = None, *,
     "torch-export" (a `.pt2` torch.export program per variant, its loop a torch.while_loop),
     "aoti" (the classifier's program compiled by AOTInductor), "executorch" (.pte programs of
     the classifier and the stream step, `executorch_batch` rows per call, the classifier's seq
-    bounded by `executorch_max_seq`), each proved like every other file; for the one-direction
-    tutorial-cell models. `onnx_exporter` "dynamo": the loop form's ONNX written by torch.onnx's
+    bounded by `executorch_max_seq`), each proved like every other file; for the built-in
+    families (the tutorial cell and torch.nn.GRU's, either direction). `onnx_exporter` "dynamo": the loop form's ONNX written by torch.onnx's
     dynamo exporter (of the control-flow form) instead of the TorchScript-based one, proved alike.
     """
     from gru_deploy.convert.user import export_family, export_user_model

@@ -48,25 +48,30 @@ def test_the_dynamo_exporters_loop_graphs_pass_the_gate_and_verify(exports):
                                    atol=1e-5, rtol=1e-5)
 
 
-def test_auto_weighs_the_dynamo_loop_beside_the_other_forms():
+@pytest.mark.parametrize("family", ["tutorial", "torch-gru"])
+def test_auto_weighs_the_dynamo_loop_beside_the_other_forms(family):
     """Under auto, a 2-layer family's candidates are the dynamo exporter's loop, fused and
-    stepwise, for the classifier and each variant (export_model then checks and times each)."""
+    stepwise (torch.nn.GRU's: the dynamo loop and the TorchScript exporter's GRU nodes), for the
+    classifier and each variant (export_model then checks and times each)."""
     from gru_deploy.check.recurrence import check_recurrence
     from gru_deploy.convert.pipeline import declared_variants, discover_signature, script_user, variant_candidates
-    from gru_deploy.models.families import StackedGRUClassifier
+    from gru_deploy.models.families import build_family
     from gru_deploy.models.user import UserModel
 
     torch.manual_seed(0)
-    model = UserModel(StackedGRUClassifier(3, 5, 2, layers=2).eval(), "family", None)
+    model = UserModel(build_family(family, {"input_size": 3, "hidden_size": 5, "output_size": 2, "layers": 2}).eval(),
+                      family, None)
     scripted = script_user(model)
     kept = check_recurrence(scripted, model.reference)
     signatures, _ = declared_variants(model, scripted, discover_signature(model.module, 3, model.reference))
     for variant, sig in signatures.items():
         candidates = variant_candidates(model, scripted, kept, variant, sig, 17, "auto", {}, lambda m: None, "auto",
                                         "dynamo")
-        assert set(candidates) == {"loop", "fused", "stepwise"}
+        assert set(candidates) == ({"loop", "fused", "stepwise"} if family == "tutorial" else {"loop", "fused"})
         assert candidates["loop"].graph["exporter"] == "dynamo" and "Loop" in candidates["loop"].graph["op_types"]
-        assert "exporter" not in candidates["stepwise"].graph  # the TorchScript exporter's
+        assert "GRU" in candidates["fused"].graph["op_types"]
+        if family == "tutorial":
+            assert "exporter" not in candidates["stepwise"].graph  # the TorchScript exporter's
 
 
 def test_dynamo_is_refused_where_no_control_flow_form_exists(tmp_path):

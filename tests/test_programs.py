@@ -126,15 +126,11 @@ def test_a_server_bundle_carries_the_aoti_package_and_runs_its_golden_cases_when
 
 
 def test_targets_are_refused_where_no_control_flow_form_exists(tmp_path):
-    from gru_deploy.models.families import StackedGRUClassifier
     from user_models import TwoHeads
 
     with pytest.raises(UserInputError, match="torch.while_loop"):
         gru_deploy.export(TwoHeads().eval(), out=tmp_path / "user", targets=TARGETS)
-    with pytest.raises(UserInputError, match="one-direction"):
-        gru_deploy.export(StackedGRUClassifier(3, 5, 2, layers=1, bidirectional=True).eval(), out=tmp_path / "bi",
-                          targets=TARGETS)
-    assert not (tmp_path / "user").exists() and not (tmp_path / "bi").exists()
+    assert not (tmp_path / "user").exists()
     proc = run_cli("export", "--targets", "onnx-dynamo", "--out", str(tmp_path / "cli"))
     assert proc.returncode == 2 and "unknown target 'onnx-dynamo'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "cli").exists()
@@ -168,3 +164,57 @@ def test_bench_times_the_targets_beside_the_onnx_model_in_one_run(programs):
         assert r["torch-export_vs_onnxruntime"] == round(r["torch-export_us"] / r["onnxruntime_us"], 2)
     assert all(r["aoti_us"] > 0 for r in rows[:2]) and "aoti_us" not in rows[2]  # the stream has no package
     assert "AOTInductor" in format_targets(rows)
+
+
+def family_models():
+    from gru_deploy.models.families import StackedGRUClassifier, TorchGRUClassifier
+
+    torch.manual_seed(0)
+    return {"tutorial-cell bidirectional, 2 layers": StackedGRUClassifier(3, 5, 2, layers=2, bidirectional=True),
+            "torch.nn.GRU bidirectional, 2 layers": TorchGRUClassifier(3, 5, 2, layers=2, bidirectional=True),
+            "torch.nn.GRU, 1 layer": TorchGRUClassifier(3, 5, 2, layers=1),
+            "tutorial-cell, 1 layer": StackedGRUClassifier(3, 5, 2, layers=1)}
+
+
+@pytest.mark.parametrize("name", list(family_models()))
+def test_the_control_flow_form_computes_what_each_family_computes(name):
+    """Each cell (the tutorial's, torch.nn.GRU's), each direction, 1 and 2 layers: every variant
+    of the form against the module, lengths 0 and 1 included (torch.nn.GRU's family counts 0 as 1)."""
+    from gru_deploy.models.control_flow import control_flow_form
+
+    module = family_models()[name].eval()
+    form = control_flow_form(module)
+    x, lengths = torch.randn(4, 7, 3), torch.tensor([7, 3, 1, 0])
+    pairs = [(form(x), module(x)), (form.forward_lengths(x, lengths), module.forward_lengths(x, lengths)),
+             (form.forward_scan(x), module(x))]
+    state = module.initial_state(4)
+    if state is not None:
+        h0 = torch.rand_like(state) - 0.5
+        pairs += list(zip(form.forward_stream(x, h0), module.forward_stream(x, h0)))
+        pairs += list(zip(form.forward_one_step(x[:, :1], h0), module.forward_stream(x[:, :1], h0)))
+    with torch.no_grad():
+        for got, want in pairs:
+            np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["torch.nn.GRU, 1 layer", "tutorial-cell bidirectional, 2 layers"])
+def test_torch_gru_and_bidirectional_families_export_their_programs(name, tmp_path):
+    """torch.export (which unrolls torch.nn.GRU) gets each family's control-flow form: programs for
+    every variant the model declares, proved at export, and right at a length no example had;
+    torch.nn.GRU's loop form by the dynamo exporter too."""
+    module = family_models()[name].eval()
+    dynamo = name.startswith("torch.nn.GRU")
+    manifest = gru_deploy.export(module, out=tmp_path / "out", targets=("torch-export",),
+                                 onnx_exporter="dynamo" if dynamo else "torchscript")
+    found = listed_programs(manifest)
+    assert sorted(found) == (["classifier", "lengths", "stream"] if dynamo else ["classifier", "lengths"])
+    summary = manifest["parity"]["summary"]
+    for variant in found:
+        prefix = "" if variant == "classifier" else f"{variant}:"
+        assert summary[f"{prefix}float64->torch-export"]["passed"]
+    if dynamo:
+        assert manifest["onnx_exporter"] == "dynamo" and "Loop" in manifest["onnx"]["op_types"]
+    x = torch.randn(3, 300, 3)
+    program = load_program((tmp_path / "out" / found["classifier"][0]).read_bytes(), "model.pt2")
+    with torch.no_grad():
+        np.testing.assert_allclose(program(x).numpy(), module(x).numpy(), atol=1e-5, rtol=1e-5)

@@ -480,11 +480,14 @@ def quiet_torch_internals() -> None:
     """Silence what users cannot act on: torchao's warning on import (ExecuTorch imports it) that
     its CUDA kernels do not load in a CPU build of torch, nothing ExecuTorch's CPU backends use;
     and torch's own FutureWarning, from inside torch.export and ExecuTorch's lowering, that its
-    pytree's LeafSpec check is deprecated."""
+    pytree's LeafSpec check is deprecated; and the dynamo ONNX exporter's notes on what it does
+    inside (torchvision's ops not registered, the opset it builds at before converting to the
+    one asked for: the graph's opset is checked and recorded)."""
     import logging
     import warnings
 
-    logging.getLogger("torchao").setLevel(logging.ERROR)
+    for name in ("torchao", "torch.onnx._internal.exporter", "onnxscript.version_converter"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
 

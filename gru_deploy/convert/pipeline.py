@@ -203,7 +203,7 @@ def variant_candidates(model: "UserModel", scripted: "torch.jit.ScriptModule", k
     ONNX by `onnx_exporter`."""
     if variant == "classifier":
         return classifier_forms(model, scripted, kept, sig, opset, strategy, metadata, step, onnx_exporter)
-    forms = variant_forms(strategy, classifier_form, model)
+    forms = variant_forms(strategy, classifier_form, model, onnx_exporter)
     return {form: build_variant(model, variant, form, sig, opset, metadata, step, onnx_exporter) for form in forms}
 
 
@@ -222,14 +222,18 @@ def every_form(model: "UserModel", opset: int = 17, step: Callable[[str], None] 
             for variant, sig in signatures.items()}
 
 
-def variant_forms(strategy: str, classifier_form: str, model: "UserModel") -> tuple[str, ...]:
+def variant_forms(strategy: str, classifier_form: str, model: "UserModel", onnx_exporter: str = "torchscript"
+                  ) -> tuple[str, ...]:
     """The forms a variant is built in, for every model: a tutorial-cell model's variants in
     every form under auto (each checked and timed at the variant's own workload), else in the
     classifier's form; any other model's, the exporter's graph of its hook (a Loop, or
-    torch.nn.GRU's GRU nodes)."""
-    if not _tutorial_cell_family(model):
-        return ("loop",)
-    return STRATEGIES if strategy == "auto" else (classifier_form,)
+    torch.nn.GRU's GRU nodes); with the dynamo exporter, torch.nn.GRU's family weighs the
+    dynamo loop beside the TorchScript exporter's GRU nodes (fused) as its classifier does."""
+    if _tutorial_cell_family(model):
+        return STRATEGIES if strategy == "auto" else (classifier_form,)
+    if onnx_exporter == "dynamo" and _torch_gru_family(model):
+        return ("loop", "fused") if strategy == "auto" else (classifier_form,)
+    return ("loop",)
 
 
 def classifier_forms(model: "UserModel", scripted: "torch.jit.ScriptModule", kept: str, signature: "UserSignature",
@@ -248,8 +252,9 @@ def classifier_forms(model: "UserModel", scripted: "torch.jit.ScriptModule", kep
 def build_variant(model: "UserModel", variant: str, form: str, signature: "UserSignature", opset: int,
                   metadata: dict[str, Any], step: Callable[[str], None], onnx_exporter: str = "torchscript") -> Built:
     """A variant (the module's hook made forward: models.variants) in one form: fused (the
-    tutorial-cell model's GRU nodes), else the exporter's graph of the hook as scripted in that
-    form (stepwise: the cell as written, once per step)."""
+    tutorial-cell model's GRU nodes, built), the dynamo exporter's loop, else the TorchScript
+    exporter's graph of the hook as scripted in that form (stepwise: the cell as written, once
+    per step; torch.nn.GRU's fused: its GRU nodes)."""
     from gru_deploy.models.variants import LengthsOf, StreamOf
 
     wrapper, hook = {"lengths": (LengthsOf, LENGTHS_HOOK), "stream": (StreamOf, STREAM_HOOK)}[variant]
@@ -259,14 +264,14 @@ def build_variant(model: "UserModel", variant: str, form: str, signature: "UserS
 
     scripted = _script_hook(model, wrapper, hook)
     pt_bytes = to_bytes(scripted)
-    if form == "fused":
+    if form == "fused" and _tutorial_cell_family(model):
         data, graph = build_fused_graph(model, signature, opset, variant, meta)
     elif form == "loop" and onnx_exporter == "dynamo":
         from gru_deploy.convert.programs import dynamo_onnx
 
         data, graph = dynamo_onnx(model, variant, signature, opset, meta)
     else:
-        exported = scripted if form == "loop" else _script_hook(in_form(model, form), wrapper, hook)
+        exported = scripted if form != "stepwise" else _script_hook(in_form(model, form), wrapper, hook)
         data, graph = export_user_onnx(exported, signature, opset, meta, strategy=form)
     return Built(variant, form, scripted, pt_bytes, data, graph, signature)
 
@@ -465,21 +470,25 @@ def module_graphs(model: "UserModel", scripted: "torch.jit.ScriptModule", kept: 
 
     def meta(form: str) -> dict[str, Any]:
         return {**(metadata or {}), "gru_deploy.strategy": form}
-    if strategy in ("loop", "auto") or plan == "exporter":  # stepwise: neither
+    if plan == "exporter":  # torch.nn.GRU: the TorchScript exporter's graph is the fused form, unless a Loop remains
+        step(f"exporting to ONNX opset {opset} (the recurrence kept: {kept}; torchscript exporter)")
+        fused = export_user_onnx(scripted, signature, opset, meta("fused"))
+        if "Loop" in fused[1]["op_types"]:
+            if strategy == "fused":
+                raise UserInputError(f"--strategy fused: {model.reference} has a loop besides torch.nn.GRU; "
+                                     "export it with --strategy loop")
+        else:
+            graphs["fused"] = fused
+            if strategy == "fused" or onnx_exporter == "torchscript":  # its loop form would be this same graph
+                return graphs
+    if strategy in ("loop", "auto"):  # stepwise: neither
         step(f"exporting to ONNX opset {opset} (the recurrence kept: {kept}; {onnx_exporter} exporter)")
         if onnx_exporter == "dynamo":
             from gru_deploy.convert.programs import dynamo_onnx
 
-            exported = dynamo_onnx(model, "classifier", signature, opset, meta("loop"))
+            graphs["loop"] = dynamo_onnx(model, "classifier", signature, opset, meta("loop"))
         else:
-            exported = export_user_onnx(scripted, signature, opset, meta("loop" if plan != "exporter" else "fused"))
-        if plan == "exporter":  # torch.nn.GRU: the exporter's graph is the fused form, unless a Loop remains
-            if "Loop" not in exported[1]["op_types"]:
-                return {"loop" if strategy == "loop" else "fused": exported}
-            if strategy == "fused":
-                raise UserInputError(f"--strategy fused: {model.reference} has a loop besides torch.nn.GRU; "
-                                     "export it with --strategy loop")
-        graphs["loop"] = exported
+            graphs["loop"] = export_user_onnx(scripted, signature, opset, meta("loop"))
     if plan == "build":
         step(f"building the fused graph: one ONNX GRU node per layer (opset {opset})")
         graphs["fused"] = build_fused_graph(model, signature, opset, "classifier", meta("fused"))
@@ -509,6 +518,14 @@ def _tutorial_cell_family(model: "UserModel") -> bool:
     from gru_deploy.models.families import cell_layers
 
     return cell_layers(model.module) is not None
+
+
+def _torch_gru_family(model: "UserModel") -> bool:
+    """True for torch.nn.GRU's family (TorchGRUClassifier): its fused form is the TorchScript
+    exporter's graph (GRU nodes), its loop form by the dynamo exporter its control-flow form's."""
+    from gru_deploy.models.families import TorchGRUClassifier
+
+    return isinstance(model.module, TorchGRUClassifier)
 
 
 def _script_hook(model: "UserModel", wrapper: Any, hook: str) -> "torch.jit.ScriptModule":

@@ -5,8 +5,8 @@ the program compiled to C++ and a shared library, for libtorch servers without P
 ExecuTorch programs (.pte) of the classifier and the stream's one step. And the loop form's
 ONNX graphs by torch.onnx's dynamo exporter (`--onnx-exporter dynamo`).
 
-torch.export unrolls a Python `for` loop to the example's length, as tracing does; so every
-one of them is built from the model's control-flow form (models.control_flow: the same weights,
+torch.export unrolls a Python `for` loop to the example's length, as tracing does (and
+torch.nn.GRU's kernel too); so every one of them is built from the model's control-flow form (models.control_flow: the same weights,
 the loop a `torch.while_loop`, or a `scan` for ExecuTorch), and a program without its loop is
 refused before anything is written. Each file is proved on the variant's parity grid like every
 other file (check.module_parity.program_parity, or the ONNX forms' own check).
@@ -32,6 +32,7 @@ TARGETS = ("torch-export", "aoti", "executorch")
 AOTI_VARIANTS = ("classifier",)
 METHODS = {"classifier": "forward", "lengths": "forward_lengths", "stream": "forward_stream"}
 
+FAMILIES_WITH_FORM = ("the tutorial classifier, `train --layers N [--bidirectional] [--family torch-gru]`")
 WHILE_LOOP_HINT = (
     "write the time loop with torch.while_loop, which torch.export keeps a loop: "
     "h = torch.while_loop(lambda t, h: t < x.size(1), lambda t, h: (t + 1, cell(x.index_select(1, t.reshape(1))"
@@ -62,9 +63,8 @@ def check_targets(targets: tuple[str, ...], model: "UserModel | None" = None) ->
     if targets and model is not None and control_flow_form(model.module) is None:
         raise UserInputError(
             f"{model.reference}: --targets {','.join(targets)} needs the model's time loop as control flow, and "
-            "gru-deploy writes that form for one-direction tutorial-cell models only (the tutorial classifier, "
-            "`train --layers N`); torch.export would unroll a Python for loop to one example length. For your own "
-            f"module, {WHILE_LOOP_HINT}")
+            f"gru-deploy writes that form for the built-in families only ({FAMILIES_WITH_FORM}); torch.export would "
+            f"unroll a Python for loop to one example length. For your own module, {WHILE_LOOP_HINT}")
 
 
 def example_inputs(signature: "UserSignature") -> tuple[Any, ...]:
@@ -103,11 +103,14 @@ def check_onnx_exporter(exporter: str, model: "UserModel | None" = None) -> None
 
     if exporter not in ONNX_EXPORTERS:
         raise UserInputError(f"unknown ONNX exporter {exporter!r}: choose from {', '.join(ONNX_EXPORTERS)}")
+    if exporter == "dynamo":
+        from gru_deploy.check.module_parity import quiet_torch_internals
+
+        quiet_torch_internals()
     if exporter == "dynamo" and model is not None and control_flow_form(model.module) is None:
         raise UserInputError(
             f"{model.reference}: --onnx-exporter dynamo exports the model's control-flow form, which gru-deploy "
-            "writes for one-direction tutorial-cell models only (the tutorial classifier, `train --layers N`); "
-            "export it with --onnx-exporter torchscript")
+            f"writes for the built-in families only ({FAMILIES_WITH_FORM}); export it with --onnx-exporter torchscript")
 
 
 def dynamo_onnx(model: "UserModel", variant: str, signature: "UserSignature", opset: int,
