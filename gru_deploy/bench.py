@@ -374,7 +374,6 @@ def run_module_bench(folder: "Path", manifest: dict[str, Any], threads: int = 1,
     import torch
 
     from gru_deploy.check.runners import session_options
-    from gru_deploy.convert import script
     from gru_deploy.check.module_parity import UserSignature, case_feed
     from gru_deploy.manifest import select_model, verified_path
     from gru_deploy.versions import library_versions
@@ -383,25 +382,26 @@ def run_module_bench(folder: "Path", manifest: dict[str, Any], threads: int = 1,
     torch.set_num_threads(threads)
 
     def load(variant: str) -> tuple[Any, Any, UserSignature]:
-        pt = script.load(verified_path(folder, manifest, select_model(manifest, variant, "torchscript",
-                                                                      where=str(folder))))
+        pt = pytorch_reference(folder, manifest, variant)
         onnx_name = select_model(manifest, variant, "onnx", where=str(folder))
         session = ort.InferenceSession(verified_path(folder, manifest, onnx_name).read_bytes(),
                                        session_options(threads), providers=["CPUExecutionProvider"])
         raw = manifest["signature"] if variant == "classifier" else manifest["variants"][variant]["signature"]
         return pt, session, UserSignature(raw["inputs"], raw["outputs"])
 
-    def pair(pt: Any, session: Any, signature: UserSignature, feed: dict[str, np.ndarray]) -> dict[str, float]:
+    def pair(pt: tuple[str, Any], session: Any, signature: UserSignature, feed: dict[str, np.ndarray]
+             ) -> dict[str, Any]:
         names = signature.output_names
         args = [torch.from_numpy(feed[t["name"]]) for t in signature.inputs]
+        label, fn = pt
 
-        def torchscript() -> None:
+        def reference() -> None:
             with torch.no_grad():
-                pt(*args)
-        ts = median_us(torchscript, budget_s)
+                fn(*args)
+        ts = median_us(reference, budget_s)
         ort_us = median_us(lambda: session.run(names, feed), budget_s)
-        return {"torchscript_us": round(ts, 1), "onnxruntime_us": round(ort_us, 1),
-                "onnxruntime_vs_torchscript": round(ort_us / ts, 3)}
+        return {"pytorch": label, f"{label}_us": round(ts, 1), "onnxruntime_us": round(ort_us, 1),
+                f"onnxruntime_vs_{label}": round(ort_us / ts, 3)}
 
     rows = []
     pt, session, signature = load("classifier")
@@ -439,21 +439,41 @@ def run_module_bench(folder: "Path", manifest: dict[str, Any], threads: int = 1,
             "rows": rows, "versions": library_versions()}
 
 
+PYTORCH_LABELS = {"torchscript": "TorchScript (model*.pt)",
+                  "torch-export": "the torch.export program (model*.pt2: the export has no TorchScript)"}
+
+
+def pytorch_reference(folder: "Path", manifest: dict[str, Any], variant: str) -> tuple[str, Any]:
+    """The variant's PyTorch file, as a callable, with its format: its TorchScript, or a program
+    model's torch.export program (its export has no TorchScript); checksum-checked."""
+    from gru_deploy.check.module_parity import PROGRAM_FORMAT, load_program
+    from gru_deploy.convert import script
+    from gru_deploy.manifest import find_models, select_model, verified_path
+
+    fmt = "torchscript" if find_models(manifest, variant, "torchscript") else PROGRAM_FORMAT
+    name = select_model(manifest, variant, fmt, where=str(folder))
+    path = verified_path(folder, manifest, name)
+    return fmt, (script.load(path) if fmt == "torchscript" else load_program(path.read_bytes(), name))
+
+
 def format_module_table(result: dict[str, Any]) -> str:
     lines = [f"{result['export']} ({(result.get('model') or {}).get('reference')}), {result['threads']} thread(s); "
              "median µs",
-             f"{'model':<11} {'form':<6} {'batch':>5} {'seq':>5} {'TorchScript':>12} {'onnxruntime':>12} {'ratio':>7}"]
+             f"{'model':<11} {'form':<6} {'batch':>5} {'seq':>5} {'PyTorch':>12} {'onnxruntime':>12} {'ratio':>7}"]
     for r in result["rows"]:
+        label = r["pytorch"]
         lines.append(f"{r['model']:<11} {str(r['form']):<6} {r['batch']:>5} {r['seq']:>5} "
-                     f"{r['torchscript_us']:>12,.1f} {r['onnxruntime_us']:>12,.1f} "
-                     f"{r['onnxruntime_vs_torchscript']:>7.2f}")
+                     f"{r[f'{label}_us']:>12,.1f} {r['onnxruntime_us']:>12,.1f} "
+                     f"{r[f'onnxruntime_vs_{label}']:>7.2f}")
         if "classifier_same_batch_us" in r:
             lines.append(f"  the classifier on the same padded batch (every sample run to 100 steps): "
                          f"{r['classifier_same_batch_us']:,.1f} µs")
         if "stream_api_us" in r:
             lines.append(f"  gru_deploy.Stream.step: {r['stream_api_us']:,.1f} µs ({r['stream_api_vs_run']:.2f}x "
                          "the stream model's run)")
-    lines.append("ratio: onnxruntime / TorchScript, both measured in this run")
+    labels = sorted({r["pytorch"] for r in result["rows"]})
+    lines.append(f"PyTorch: {', '.join(PYTORCH_LABELS[label] for label in labels)}; ratio: onnxruntime / PyTorch, both "
+                 "measured in this run")
     return "\n".join(lines)
 
 
@@ -490,8 +510,8 @@ def time_targets(folder: "Path", manifest: dict[str, Any], threads: int = 1, bud
         onnx_name = select_model(manifest, variant, "onnx", where=str(folder))
         session = ort.InferenceSession(verified_path(folder, manifest, onnx_name).read_bytes(),
                                        session_options(threads), providers=["CPUExecutionProvider"])
-        pt = script.load(verified_path(folder, manifest, select_model(manifest, variant, "torchscript",
-                                                                      where=str(folder))))
+        pt = script.load(verified_path(folder, manifest, pts[0])) if (pts := find_models(manifest, variant,
+                                                                                         "torchscript")) else None
         loaded = {name: load_program(verified_path(folder, manifest, name).read_bytes(), name, fmt)
                   for name, fmt in targets if fmt != EXECUTORCH_FORMAT}
         executorch = {name: executorch_runner(verified_path(folder, manifest, name).read_bytes(), signature, name,
@@ -509,7 +529,8 @@ def time_targets(folder: "Path", manifest: dict[str, Any], threads: int = 1, bud
                 return round(median_us(call, budget_s), 1)
             ort_us = round(median_us(lambda: session.run(signature.output_names, feed), budget_s), 1)
             row = {"model": variant, "batch": batch, "seq": seq, "onnxruntime_us": ort_us,
-                   "onnxruntime_form": manifest["models"][onnx_name].get("strategy"), "torchscript_us": timed(pt)}
+                   "onnxruntime_form": manifest["models"][onnx_name].get("strategy"),
+                   **({"torchscript_us": timed(pt)} if pt is not None else {})}
             for name, fmt in targets:
                 if fmt == EXECUTORCH_FORMAT:
                     fmt = f"{fmt}-{manifest['models'][name]['backend']}"
@@ -530,7 +551,8 @@ def format_targets(rows: list[dict[str, Any]]) -> str:
         cells = [f"{r[f'{fmt}_us']:>10,.1f} ({r[f'{fmt}_vs_onnxruntime']:.2f}x)" if f"{fmt}_us" in r else f"{'-':>18}"
                  for fmt in formats]
         lines.append(f"{r['model']:<11} {r['batch']:>5} {r['seq']:>5} {r['onnxruntime_us']:>9,.1f} "
-                     f"{'(' + str(r['onnxruntime_form']) + ')':>6} {r['torchscript_us']:>12,.1f} " + " ".join(cells))
+                     f"{'(' + str(r['onnxruntime_form']) + ')':>6} "
+                     + (f"{r['torchscript_us']:>12,.1f} " if "torchscript_us" in r else f"{'-':>12} ") + " ".join(cells))
     return "\n".join(lines)
 
 
@@ -547,13 +569,13 @@ def bench(folder: "Path | None", threads: int = 1, budget_s: float = 0.5, large:
         model = default_model()
     else:
         from gru_deploy.convert import script
-        from gru_deploy.manifest import check_files, read_manifest, select_model, verified_path
+        from gru_deploy.manifest import check_files, find_models, read_manifest, verified_path
         from gru_deploy.models.user import rebuild
 
         manifest = read_manifest(folder)
         check_files(folder, manifest)
-        pt_name = select_model(manifest, "classifier", "torchscript", where=str(folder))
-        model = rebuild(manifest, script.load(verified_path(folder, manifest, pt_name)).state_dict())
+        pts = find_models(manifest, "classifier", "torchscript")  # none: a program model's export
+        model = rebuild(manifest, script.load(verified_path(folder, manifest, pts[0])).state_dict()) if pts else None
         if model is None:  # your own model: its code is not run
             if not large or plot_path is not None:
                 raise UserInputError("--no-large and --plot apply where gru-deploy rebuilds the model (the tutorial "

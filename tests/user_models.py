@@ -337,3 +337,46 @@ class LoopOverProjectedAxis(nn.Module):
         for k in range(gram.size(2)):
             h = torch.tanh(gram[:, k] + h)
         return self.fc(h)
+
+
+class WhileLoopRNN(nn.Module):
+    """A recurrence written with torch.while_loop, which TorchScript cannot compile and
+    torch.export keeps a loop: gru-deploy exports it without TorchScript. Its stream variant
+    carries the state through the same loop."""
+
+    def __init__(self, input_size: int = 4, hidden: int = 6) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.inp = nn.Linear(input_size, hidden)
+        self.rec = nn.Linear(hidden, hidden, bias=False)
+        self.fc = nn.Linear(hidden, 2)
+
+    def run(self, x: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+        def more(t, h):
+            return t < x.size(1)
+
+        def step(t, h):
+            return t + 1, torch.tanh(self.inp(x.index_select(1, t.reshape(1)).squeeze(1)) + self.rec(h))
+        return torch.while_loop(more, step, (torch.zeros((), dtype=torch.int64), h0))[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.run(x, x.new_zeros(x.size(0), self.hidden)))
+
+    def initial_state(self, batch: int) -> torch.Tensor:
+        return torch.zeros(batch, self.hidden)
+
+    def forward_stream(self, x: torch.Tensor, h0: torch.Tensor):
+        h = self.run(x, h0)
+        return self.fc(h), h
+
+
+class ScanRNN(WhileLoopRNN):
+    """WhileLoopRNN's recurrence as a scan (torch._higher_order_ops.scan), which ExecuTorch lowers."""
+
+    def run(self, x: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+        from torch._higher_order_ops.scan import scan
+
+        def combine(h, x_t):
+            new = torch.tanh(self.inp(x_t) + self.rec(h))
+            return new, new.clone()
+        return scan(combine, h0, x.transpose(0, 1))[0]

@@ -49,7 +49,8 @@ def chosen_models(source: dict[str, Any], target: str, where: str) -> list[Model
     (`--targets executorch`). Server: a Triton repository holding each
     variant in onnxruntime and, but for the stream model (served under the sequence batcher's
     implicit state, onnxruntime only), in libtorch; and the AOTInductor packages the export has
-    (`--targets aoti`), under aoti/ (libtorch's AOTIModelPackageLoader loads them; not Triton)."""
+    (`--targets aoti`), under aoti/ (libtorch's AOTIModelPackageLoader loads them; not Triton).
+    A program model's export has no TorchScript: its server bundle serves onnxruntime alone."""
     from gru_deploy.bundle.triton import triton_name
     from gru_deploy.manifest import find_models, model_name, select_model
 
@@ -63,6 +64,8 @@ def chosen_models(source: dict[str, Any], target: str, where: str) -> list[Model
                                                       for n in find_models(source, variant, fmt)]
             continue
         for fmt, file in (("onnx", "model.onnx"), ("torchscript", "model.pt"))[: 1 if variant == "stream" else 2]:
+            if fmt == "torchscript" and not find_models(source, variant, fmt):
+                continue  # a program model's export: no TorchScript (its programs do not run in Triton's libtorch)
             out.append((f"{REPOSITORY}/{triton_name(name, variant, fmt)}/1/{file}",
                         select_model(source, variant, fmt, where=where), variant, fmt))
         out += [(f"{AOTI_DIR}/{n}", n, variant, "aoti") for n in find_models(source, variant, "aoti")]
@@ -112,23 +115,27 @@ def golden_files(cases: list[dict[str, Any]], model_paths: dict[str, str], int8:
 def int8_gates(export_dir: Path, source: dict[str, Any], variant: str, int8_bytes: bytes,
                files: dict[str, bytes]) -> dict[str, dict[str, Any]]:
     """The int8 gate (quantize.judge_int8) of each output of a quantised variant but its state,
-    against the export's TorchScript model of that variant in fp32 (checksum-verified: the
-    model's source is not at hand when packaging). Returns the verdicts by output; their
+    against the export's TorchScript model of that variant in fp32 (a program model's: its
+    torch.export program; checksum-verified: the model's source is not at hand when
+    packaging). Returns the verdicts by output; their
     reference rows go into `files`."""
     from gru_deploy.bundle.quantize import gated_outputs, judge_int8
+    from gru_deploy.check.module_parity import PROGRAM_FORMAT, load_program
     from gru_deploy.check.runners import run_module
     from gru_deploy.convert import script
-    from gru_deploy.manifest import select_model, verified_path
+    from gru_deploy.manifest import find_models, select_model, verified_path
 
-    name = select_model(source, variant, "torchscript", where=str(export_dir))
-    module = script.load(verified_path(export_dir, source, name))
+    fmt = "torchscript" if find_models(source, variant, "torchscript") else PROGRAM_FORMAT  # a program model's
+    name = select_model(source, variant, fmt, where=str(export_dir))
+    path = verified_path(export_dir, source, name)
+    module = script.load(path) if fmt == "torchscript" else load_program(path.read_bytes(), name)
     signature = signatures_of(source)[variant]
     state = next((tuple(t["shape"][1:]) for t in signature["inputs"] if t["name"] == STATE_IN), None)
     gates = {}
     for output, (gate, rows) in judge_int8(lambda feed: run_module(module, signature, feed), int8_bytes,
                                            gated_outputs(signature), signature["inputs"][0]["shape"][2], state).items():
         gate["reference_file"] = f"{GOLDEN_DIR}/int8_gate.{variant}.{output}.npy"
-        gate["reference"] = f"{name} (TorchScript, fp32)"
+        gate["reference"] = f"{name} ({'TorchScript' if fmt == 'torchscript' else 'torch.export program'}, fp32)"
         files[gate["reference_file"]] = rows
         gates[output] = gate
     return gates

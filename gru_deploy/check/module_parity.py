@@ -245,13 +245,14 @@ class Call:
         return self._run(feed)  # type: ignore[misc]
 
 
-def user_runners(module: "torch.nn.Module | None", scripted: "torch.jit.ScriptModule", onnx_bytes: bytes,
+def user_runners(module: "torch.nn.Module | None", scripted: Any, onnx_bytes: bytes,
                  signature: UserSignature, stored: dict[str, "np.ndarray"] | None = None,
                  method: str = "forward", variant: str = "classifier", ort_format: bytes | None = None,
-                 float64: Call | None = None) -> dict[str, Call]:
+                 float64: Call | None = None, side: str = "torchscript") -> dict[str, Call]:
     """Runners of a feed (numpy, by input name) returning every output as float64 numpy by name:
     eager and float64 (the user's module's `method`, and a float64 copy of it) when the module
-    is at hand, TorchScript, onnxruntime and onnx's reference evaluator. Without the module
+    is at hand, TorchScript (`scripted`, named `side`: a program model's torch.export program at
+    verify; None: none), onnxruntime and onnx's reference evaluator. Without the module
     (verify), float64 answers from `stored`: the float64 outputs the export computed from the
     module (REFERENCE_FILE). `ort_format`: the ORT-format copy, run as "onnxruntime-ort".
     `float64`: the model's own reference instead of its float64 copy (the tutorial's). Over
@@ -297,7 +298,8 @@ def user_runners(module: "torch.nn.Module | None", scripted: "torch.jit.ScriptMo
     runners: dict[str, Call] = {}
     if module is not None:
         runners["eager"] = Call("eager", torch_call(getattr(module, method), torch.float32))
-    runners["torchscript"] = Call("torchscript", torch_call(scripted, torch.float32))
+    if scripted is not None:  # a program model has no TorchScript: at verify its program takes the name `side`
+        runners[side] = Call(side, torch_call(scripted, torch.float32))
     runners["onnxruntime"] = onnxruntime_runner("onnxruntime", onnx_bytes, signature)
     if ort_format is not None:
         runners["onnxruntime-ort"] = onnxruntime_runner("onnxruntime-ort", ort_format, signature)
@@ -383,7 +385,7 @@ def file_parity(runners: dict[str, Call], test: Call, signature: UserSignature, 
     from gru_deploy.check.grid import run_parity
 
     cases = [(index, case) for index, case in enumerate(grid.cases[variant]) if takes(case[1])]
-    side = "eager" if "eager" in runners else "torchscript"
+    side = pytorch_side(runners)
     return run_parity({"float64": runners["float64"], side: runners[side], test.name: test},
                       lambda batch, seq, i: grid.feed(signature, batch, seq, cases[i][0]),
                       [case for _, case in cases], atol, rtol, [("float64", test.name, None), (side, test.name, None)],
@@ -482,11 +484,12 @@ def quiet_torch_internals() -> None:
     and torch's own FutureWarning, from inside torch.export and ExecuTorch's lowering, that its
     pytree's LeafSpec check is deprecated; and the dynamo ONNX exporter's notes on what it does
     inside (torchvision's ops not registered, the opset it builds at before converting to the
-    one asked for: the graph's opset is checked and recorded)."""
+    one asked for: the graph's opset is checked and recorded); and torch.export.load's note on a
+    loop counter's symbol it does not find in the graph it loads."""
     import logging
     import warnings
 
-    for name in ("torchao", "torch.onnx._internal.exporter", "onnxscript.version_converter"):
+    for name in ("torchao", "torch.onnx._internal.exporter", "onnxscript.version_converter", "torch._export.serde"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
@@ -601,11 +604,22 @@ def recording(runner: Call, signature: UserSignature, variant: str = "classifier
     return Call(runner.name, run_and_keep, noise=noise_and_keep if runner.float32_noise else None), seen
 
 
+# The PyTorch side every file is compared with besides float64, first found: the module
+# (export), its TorchScript (verify), a program model's torch.export program (its verify).
+PYTORCH_SIDES = ("eager", "torchscript", "torch-export")
+
+
+def pytorch_side(names: Any) -> str:
+    """The first of PYTORCH_SIDES in `names`; "torchscript" where none is (its pairs then run
+    nothing: check.grid.run_parity runs a pair only where both runners are given)."""
+    return next((name for name in PYTORCH_SIDES if name in names), "torchscript")
+
+
 def module_pairs(names: list[str], reference_cells: int = REFERENCE_MAX_CELLS) -> list[tuple[str, str, int | None]]:
     """A module's pairs: every runner against float64, and each against eager (TorchScript
     where the module is not at hand); onnx's reference evaluator on cases of at most
     `reference_cells` batch x steps."""
-    first = "eager" if "eager" in names else "torchscript"
+    first = pytorch_side(names)
     limit = {"onnx-reference": reference_cells}
     return ([("float64", name, limit.get(name)) for name in names if name != "float64"]
             + [(first, name, limit.get(name)) for name in names if name not in (first, "float64")])
@@ -693,19 +707,26 @@ def _verify_variant(folder: Path, manifest: dict[str, Any], variant: str, signat
     from gru_deploy.manifest import find_models, select_model, variant_record, verified_path
 
     with stage("load"):
-        pt = verified_path(folder, manifest, select_model(manifest, variant, "torchscript", where=str(folder)))
+        # the PyTorch side: the TorchScript model, or where the export has none (a program model)
+        # its torch.export program, whose own check is then the variant's grid below
+        side = "torchscript" if find_models(manifest, variant, "torchscript") else PROGRAM_FORMAT
+        pt = verified_path(folder, manifest, select_model(manifest, variant, side, where=str(folder)))
         onnx_path = verified_path(folder, manifest, select_model(manifest, variant, "onnx", where=str(folder)))
         if not isinstance(recorded, dict):
             raise UserInputError(f"{folder}/manifest.json: the {variant} model's op_types are missing; re-export "
                                  "the model")
         onnx_bytes = onnx_path.read_bytes()
         check_onnx_bytes(onnx_bytes, f"{folder}: {onnx_path.name}", known=frozenset(recorded))
-        scripted = script.load(pt)
-        check_recurrence(scripted, str(pt))
+        if side == "torchscript":
+            scripted = script.load(pt)
+            check_recurrence(scripted, str(pt))
+        else:
+            scripted = load_program(pt.read_bytes(), pt.name)
         ort_names = find_models(manifest, variant, "ort", where=str(folder))
         ort_format = verified_path(folder, manifest, ort_names[0]).read_bytes() if ort_names else None
     with stage("parity"):
-        runners = user_runners(None, scripted, onnx_bytes, signature, stored, variant=variant, ort_format=ort_format)
+        runners = user_runners(None, scripted, onnx_bytes, signature, stored, variant=variant, ort_format=ort_format,
+                               side=side)
         report = module_parity(runners, signature, atol, rtol, grid, variant=variant, on_case=on_case)
         if variant == "stream":
             report.cases.extend(chunked_in_runtimes(runners, signature, atol, rtol, on_case))
@@ -718,7 +739,7 @@ def _verify_variant(folder: Path, manifest: dict[str, Any], variant: str, signat
         with stage("parity"):
             report.extend(step_parity(runners, step_bytes, signature, grid, atol, rtol, on_case))
     for fmt in (PROGRAM_FORMAT, AOTI_FORMAT, EXECUTORCH_FORMAT):
-        for name in find_models(manifest, variant, fmt, where=str(folder)):
+        for name in (n for n in find_models(manifest, variant, fmt, where=str(folder)) if n != pt.name):
             with stage("load"):
                 data = verified_path(folder, manifest, name).read_bytes()
             with stage("parity"):
@@ -734,7 +755,7 @@ def chunked_in_runtimes(runners: dict[str, Call], signature: UserSignature, atol
     from gru_deploy.check.grid import CHUNK_SIZES, check_chunked
 
     cases = []
-    for name in ("torchscript", "onnxruntime"):
+    for name in (n for n in ("torchscript", "torch-export", "onnxruntime") if n in runners):
         if on_case is not None:
             on_case(f"stream: chunks of {', '.join(map(str, CHUNK_SIZES))} in {name}")
         cases.extend(check_chunked(runners[name], signature.to_dict(), atol, rtol))

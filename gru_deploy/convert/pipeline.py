@@ -35,9 +35,10 @@ if TYPE_CHECKING:
 class Built:
     """One variant in one form: its TorchScript (the PyTorch side: the model's own hook, the
     hoisted cell) and the file's bytes, saved as scripted (before the ONNX exporter, which
-    inlines a module's code in place), and its ONNX graph with the graph's record."""
+    inlines a module's code in place), and its ONNX graph with the graph's record. A program
+    model has no TorchScript (None, None)."""
 
-    def __init__(self, variant: str, form: str, scripted: "torch.jit.ScriptModule", pt_bytes: bytes,
+    def __init__(self, variant: str, form: str, scripted: "torch.jit.ScriptModule | None", pt_bytes: bytes | None,
                  onnx_bytes: bytes, graph: dict[str, Any], signature: "UserSignature") -> None:
         self.variant, self.form, self.scripted, self.pt_bytes = variant, form, scripted, pt_bytes
         self.onnx_bytes, self.graph, self.signature = onnx_bytes, graph, signature
@@ -93,8 +94,8 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
     check_opset(opset)
     check_tolerances(atol, rtol)
     check_module_strategy(strategy, model)
-    check_targets(targets, model)
-    check_onnx_exporter(onnx_exporter, model)
+    check_targets(targets)
+    check_onnx_exporter(onnx_exporter)
     if executorch_batch < 1 or executorch_max_seq < 1:
         raise UserInputError(f"ExecuTorch's batch and max seq must be at least 1, got {executorch_batch} and "
                              f"{executorch_max_seq}")
@@ -107,13 +108,17 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
     script.take_deprecations()  # what this export hears, not what earlier work in this process heard
     with stage("script"):
         step(f"scripting {model.reference} with torch.jit.script (checking its time loop stays a loop)")
-        scripted = script_user(model)
-        kept = check_recurrence(scripted, model.reference)
+        scripted, kept, model = script_or_program(model, size)
         step(f"reading the signature off the module (input [batch, seq, {size}])")
         signature = discover_signature(model.module, size, model.reference, output_names)
         if labels and (len(signature.outputs) != 1 or signature.outputs[0]["shape"][-1] != len(labels)):
             raise UserInputError(f"{len(labels)} labels do not fit the outputs {signature.to_dict()['outputs']}")
         signatures, notes = declared_variants(model, scripted, signature)
+    if model.program:
+        targets, onnx_exporter, program_notes = program_model_targets(model, kept, targets, onnx_exporter)
+        notes += program_notes
+    check_targets(targets, model)  # what the model can take, now that scripting said what it is
+    check_onnx_exporter(onnx_exporter, model)
     files: dict[str, bytes] = {}
     models: dict[str, dict[str, Any]] = {}
     variants: dict[str, Any] = {}
@@ -165,13 +170,54 @@ def export_model(model: "UserModel", out: Path, proof: Proof, opset: int = 17, a
         notes, prove, step)
 
 
-def declared_variants(model: "UserModel", scripted: "torch.jit.ScriptModule", signature: "UserSignature"
+def script_or_program(model: "UserModel", input_size: int
+                      ) -> tuple["torch.jit.ScriptModule | None", str, "UserModel"]:
+    """(the module scripted, how its recurrence is kept, the model): TorchScript's, or where
+    TorchScript cannot compile the module and torch.export keeps its loop (a torch.while_loop or
+    scan), no TorchScript, the loop's operator, and the model marked `program`; else
+    TorchScript's error."""
+    import dataclasses
+
+    from gru_deploy.check.recurrence import check_recurrence
+    from gru_deploy.convert.programs import program_recurrence
+
+    try:
+        scripted = script_user(model)
+    except UserInputError:
+        kept = program_recurrence(model, input_size)
+        if kept is None:
+            raise
+        return None, kept, dataclasses.replace(model, program=True)
+    return scripted, check_recurrence(scripted, model.reference), model
+
+
+def program_model_targets(model: "UserModel", kept: str, targets: tuple[str, ...], onnx_exporter: str
+                          ) -> tuple[tuple[str, ...], str, list[str]]:
+    """A program model's targets (its torch.export programs always: they take TorchScript's
+    place) and ONNX exporter (dynamo: the TorchScript-based one needs TorchScript), with the
+    notes that say so; UserInputError for ExecuTorch over a while_loop, which it does not lower."""
+    from gru_deploy.convert.programs import PROGRAM_FORMAT
+
+    if "executorch" in targets and kept == "while_loop":
+        raise UserInputError(f"{model.reference}: ExecuTorch does not lower torch.while_loop: write the time loop "
+                             "with scan (torch._higher_order_ops.scan) for --targets executorch, or leave it out")
+    if "aoti" in targets and kept == "scan":  # seen with torch 2.13: InductorError KeyError on the batch's symbol
+        raise UserInputError(f"{model.reference}: AOTInductor cannot compile a scan over a dynamic batch: write the "
+                             "time loop with torch.while_loop for --targets aoti, or leave it out")
+    notes = [f"TorchScript cannot compile {model.reference}; its loop is a {kept}, which torch.export keeps: no "
+             f"model*.pt, the torch.export programs (model*.pt2) in their place, the ONNX graphs by the dynamo "
+             "exporter"]
+    return (PROGRAM_FORMAT, *(t for t in targets if t != PROGRAM_FORMAT)), "dynamo", notes
+
+
+def declared_variants(model: "UserModel", scripted: "torch.jit.ScriptModule | None", signature: "UserSignature"
                       ) -> tuple[dict[str, "UserSignature"], list[str]]:
     """The classifier's signature and each variant's the module declares (models.variants), and
-    a note for each variant it does not."""
+    a note for each variant it does not (a program model's hooks need no @torch.jit.export)."""
     import torch
 
     signatures, notes = {"classifier": signature}, []
+    scripted = scripted if scripted is not None else model.module
     if hasattr(scripted, LENGTHS_HOOK):
         signatures["lengths"] = lengths_signature(signature)
     else:
@@ -243,7 +289,7 @@ def classifier_forms(model: "UserModel", scripted: "torch.jit.ScriptModule", kep
     TorchScript model.pt holds (the module as scripted)."""
     from gru_deploy.convert.script import to_bytes
 
-    pt_bytes = to_bytes(scripted)
+    pt_bytes = to_bytes(scripted) if scripted is not None else None
     graphs = module_graphs(model, scripted, kept, signature, opset, strategy, step, metadata, onnx_exporter)
     return {form: Built("classifier", form, scripted, pt_bytes, data, graph, signature)
             for form, (data, graph) in graphs.items()}
@@ -262,8 +308,8 @@ def build_variant(model: "UserModel", variant: str, form: str, signature: "UserS
     meta = {**metadata, "gru_deploy.variant": variant, "gru_deploy.strategy": form}
     from gru_deploy.convert.script import to_bytes
 
-    scripted = _script_hook(model, wrapper, hook)
-    pt_bytes = to_bytes(scripted)
+    scripted = _script_hook(model, wrapper, hook) if not model.program else None
+    pt_bytes = to_bytes(scripted) if scripted is not None else None
     if form == "fused" and _tutorial_cell_family(model):
         data, graph = build_fused_graph(model, signature, opset, variant, meta)
     elif form == "loop" and onnx_exporter == "dynamo":
@@ -640,19 +686,22 @@ def time_strategies(models: dict[str, bytes], signature: dict[str, Any], typical
 
 
 def add_model(files: dict[str, bytes], models: dict[str, Any], variants: dict[str, Any], variant: str,
-              torchscript: bytes, onnx: bytes, form: str, graph: dict[str, Any], signature: dict[str, Any],
+              torchscript: bytes | None, onnx: bytes, form: str, graph: dict[str, Any], signature: dict[str, Any],
               **record: Any) -> None:
     """One variant's TorchScript and ONNX files (model.pt / model.onnx for the classifier,
     model_VARIANT.* otherwise) put into `files`, and recorded as the manifest lists them:
     `models` by file, `variants` (all but the classifier) by variant, with `record` added."""
     stem = "model" if variant == "classifier" else f"model_{variant}"
     pt, onnx_name = f"{stem}.pt", f"{stem}.onnx"
-    files[pt], files[onnx_name] = torchscript, onnx
-    models[pt] = {"variant": variant, "format": "torchscript", "precision": "fp32"}
+    files[onnx_name] = onnx
+    if torchscript is not None:  # a program model has none (its programs take its place)
+        files[pt] = torchscript
+        models[pt] = {"variant": variant, "format": "torchscript", "precision": "fp32"}
     models[onnx_name] = {"variant": variant, "format": "onnx", "precision": "fp32", "strategy": form,
                          "opset": graph["opset"], "ir_version": graph["ir_version"]}
     if variant != "classifier":
-        variants[variant] = {"torchscript": pt, "onnx": onnx_name, "strategy": form, "signature": signature,
+        variants[variant] = {"torchscript": pt if torchscript is not None else None, "onnx": onnx_name,
+                             "strategy": form, "signature": signature,
                              "onnx_node_count": graph["node_count"], "op_types": graph["op_types"], **record}
 
 

@@ -36,7 +36,8 @@ FAMILIES_WITH_FORM = ("the tutorial classifier, `train --layers N [--bidirection
 WHILE_LOOP_HINT = (
     "write the time loop with torch.while_loop, which torch.export keeps a loop: "
     "h = torch.while_loop(lambda t, h: t < x.size(1), lambda t, h: (t + 1, cell(x.index_select(1, t.reshape(1))"
-    ".squeeze(1), h)), (torch.zeros((), dtype=torch.int64), h0))[1]")
+    ".squeeze(1), h)), (torch.zeros((), dtype=torch.int64), h0))[1] (TorchScript cannot compile that: gru-deploy then "
+    "exports the module through torch.export alone, its programs in TorchScript's place)")
 
 
 def check_targets(targets: tuple[str, ...], model: "UserModel | None" = None) -> None:
@@ -60,7 +61,7 @@ def check_targets(targets: tuple[str, ...], model: "UserModel | None" = None) ->
         except ImportError:
             raise UserInputError("--targets executorch needs ExecuTorch: pip install 'gru-deploy[executorch]' (or "
                                  "pip install executorch) or leave executorch out") from None
-    if targets and model is not None and control_flow_form(model.module) is None:
+    if targets and model is not None and not model.program and control_flow_form(model.module) is None:
         raise UserInputError(
             f"{model.reference}: --targets {','.join(targets)} needs the model's time loop as control flow, and "
             f"gru-deploy writes that form for the built-in families only ({FAMILIES_WITH_FORM}); torch.export would "
@@ -107,7 +108,7 @@ def check_onnx_exporter(exporter: str, model: "UserModel | None" = None) -> None
         from gru_deploy.check.module_parity import quiet_torch_internals
 
         quiet_torch_internals()
-    if exporter == "dynamo" and model is not None and control_flow_form(model.module) is None:
+    if exporter == "dynamo" and model is not None and not model.program and control_flow_form(model.module) is None:
         raise UserInputError(
             f"{model.reference}: --onnx-exporter dynamo exports the model's control-flow form, which gru-deploy "
             f"writes for the built-in families only ({FAMILIES_WITH_FORM}); export it with --onnx-exporter torchscript")
@@ -146,28 +147,51 @@ def dynamo_onnx(model: "UserModel", variant: str, signature: "UserSignature", op
                 dim.dim_param = axes[dim.dim_param]
     result = finish_export(proto, "loop", opset, count_ops(proto.graph),
                            {**metadata, "gru_deploy.onnx_exporter": "dynamo"})
-    if "Loop" not in result.record()["op_types"]:
+    if not {"Loop", "Scan"} & set(result.record()["op_types"]):  # a while_loop's Loop, a scan's Scan
         raise CheckFailed(f"the dynamo exporter's {variant} graph has no Loop: its time loop was unrolled")
     return result.onnx_bytes, {**result.record(), "exporter": "dynamo"}
 
 
 def control_flow(model: "UserModel") -> Any:
-    """The model's control-flow form (models.control_flow), in eval mode; UserInputError when
-    gru-deploy cannot write one."""
+    """The model's control-flow form (models.control_flow; a program model is its own), in
+    eval mode; UserInputError when gru-deploy cannot write one."""
     from gru_deploy.models.control_flow import control_flow_form
 
-    form = control_flow_form(model.module)
+    form = model.module if getattr(model, "program", False) else control_flow_form(model.module)
     if form is None:
         raise UserInputError(f"{model.reference}: no control-flow form; {WHILE_LOOP_HINT}")
     return form.eval()
 
 
-def while_loops(program: Any) -> int:
-    """How many torch.while_loop calls an exported program's graph holds."""
+def loops(program: Any) -> dict[str, int]:
+    """How many torch.while_loop and scan calls an exported program's graph holds."""
     import torch
 
-    return sum(1 for node in program.graph.nodes
-               if node.op == "call_function" and node.target is torch.ops.higher_order.while_loop)
+    ops = {"while_loop": torch.ops.higher_order.while_loop, "scan": torch.ops.higher_order.scan}
+    return {name: sum(1 for node in program.graph.nodes if node.op == "call_function" and node.target is op)
+            for name, op in ops.items()}
+
+
+def while_loops(program: Any) -> int:
+    """How many torch.while_loop calls an exported program's graph holds."""
+    return loops(program)["while_loop"]
+
+
+def program_recurrence(model: "UserModel", input_size: int) -> str | None:
+    """How a module TorchScript cannot compile keeps its loop under torch.export (batch and seq
+    dynamic): "while_loop", "scan", or None when torch.export fails on it or has no loop (a
+    Python loop it would unroll)."""
+    import torch
+    from torch.export import Dim
+
+    torch._dynamo.reset()
+    try:
+        program = torch.export.export(model.module.eval(), (torch.zeros(2, 3, input_size),),
+                                      dynamic_shapes=({0: Dim("batch"), 1: Dim("seq")},))
+    except Exception:  # torch.export raises many types; each means it cannot keep this module's loop
+        return None
+    found = loops(program)
+    return next((name for name, count in found.items() if count), None)
 
 
 def export_program(model: "UserModel", variant: str, signature: "UserSignature") -> Any:
@@ -185,7 +209,7 @@ def export_program(model: "UserModel", variant: str, signature: "UserSignature")
     except Exception as exc:
         raise CheckFailed(f"torch.export of the {variant} variant failed: {type(exc).__name__}: "
                           f"{(str(exc).splitlines() or [''])[0][:300]}") from None
-    if not while_loops(program):
+    if not any(loops(program).values()):
         raise CheckFailed(f"the {variant} program has no while_loop: torch.export unrolled its time loop")
     return program
 
@@ -200,7 +224,10 @@ def build_program(model: "UserModel", variant: str, signature: "UserSignature",
     program = export_program(model, variant, signature)
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
-    return buffer.getvalue(), {"while_loops": while_loops(program), "bounds": axis_bounds(program, signature)}, program
+    found = loops(program)
+    record = {"form": "while_loop" if found["while_loop"] else "scan", "while_loops": found["while_loop"],
+              **({"scans": found["scan"]} if found["scan"] else {}), "bounds": axis_bounds(program, signature)}
+    return buffer.getvalue(), record, program
 
 
 def build_aoti(program: Any, variant: str, step: Callable[[str], None]) -> tuple[bytes, dict[str, Any]]:
@@ -266,11 +293,12 @@ def add_targets(model: "UserModel", signatures: dict[str, "UserSignature"], targ
             add_program(files, models, variant, data, record)
             if "aoti" in targets and variant in AOTI_VARIANTS:
                 with stage("AOTInductor"):
-                    data, record = build_aoti(program, variant, step)
+                    data, compiled = build_aoti(program, variant, step)
                 with stage("parity"):
                     parts.append(proof.check_program(data, variant, sig, model, step, AOTI_FORMAT))
-                add_program(files, models, variant, data, {"program": program_name(variant), **record}, AOTI_FORMAT)
-        if "executorch" in targets and variant in ("classifier", "stream"):
+                add_program(files, models, variant, data,
+                            {"program": program_name(variant), "form": record["form"], **compiled}, AOTI_FORMAT)
+        if "executorch" in targets and variant in (("classifier",) if model.program else ("classifier", "stream")):
             with stage("ExecuTorch"):
                 lowered = build_executorch(model, variant, sig, executorch_batch, executorch_max_seq, step)
             for name, data, record in lowered:
@@ -293,8 +321,7 @@ def add_program(files: dict[str, bytes], models: dict[str, Any], variant: str, d
 
     name = program_name(variant, fmt)
     files[name] = data
-    models[name] = {"variant": variant, "format": fmt, "precision": "fp32", "form": "while_loop",
-                    "torch": torch.__version__, **record}
+    models[name] = {"variant": variant, "format": fmt, "precision": "fp32", "torch": torch.__version__, **record}
 
 
 # ExecuTorch's backends a .pte is lowered for: its portable kernels, and XNNPACK (which takes
@@ -317,8 +344,8 @@ def build_executorch(model: "UserModel", variant: str, signature: "UserSignature
 
     form = control_flow(model)
     x_size = int(signature.inputs[0]["shape"][2])
-    if variant == "classifier":
-        method, seq = "forward_scan", [1, max_seq]
+    if variant == "classifier":  # a program model's own forward: its loop is a scan (program_model_targets)
+        method, seq = "forward" if getattr(model, "program", False) else "forward_scan", [1, max_seq]
         example: tuple[Any, ...] = (torch.zeros(batch, min(3, max_seq), x_size),)
         dynamic: Any = {"args": ({1: Dim("seq", min=1, max=max_seq)},)} if max_seq > 1 else None
     elif variant == "stream":

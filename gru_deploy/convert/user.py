@@ -80,7 +80,8 @@ class ModuleProof(Proof):
         if variant not in self.module_side:
             runners["float64"], stored = recording(runners["float64"], sig, variant)
             self.stored.append(stored)
-            self.module_side[variant] = {name: _once(runners[name]) for name in ("eager", "torchscript", "float64")}
+            self.module_side[variant] = {name: _once(runners[name]) for name in ("eager", "torchscript", "float64")
+                                         if name in runners}
         runners.update(self.module_side[variant])
         if variant == "lengths" and variant not in self.padding:
             self.padding[variant] = _once_per_case(padding_check(model, sig, self.atol, self.rtol))

@@ -31,6 +31,9 @@ class UserModel:
     args: dict[str, Any] = field(default_factory=dict)
     checkpoint_sha256: str | None = None
     family: str | None = None  # a built-in family's name (gru_deploy.models.families), else None
+    # its recurrence a torch.while_loop or scan, which TorchScript cannot compile: exported with
+    # torch.export and torch.onnx's dynamo exporter, its programs in TorchScript's place
+    program: bool = False
 
     def record(self) -> dict[str, Any]:
         record = {"kind": "family" if self.family else "user", "reference": self.reference, "args": self.args,
