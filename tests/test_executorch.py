@@ -146,8 +146,9 @@ def test_the_runner_keeps_its_program_alive(programs, tmp_path):
 
 def test_an_edge_bundle_carries_the_programs_and_runs_their_golden_cases(programs, tmp_path):
     """The edge bundle lists each .pte with its bounds; verify runs the golden cases within them in
-    ExecuTorch's runtime and lists those outside them as not run (the stream case's 12 steps on
-    the one-step program), never as passed."""
+    ExecuTorch's runtime, the stream case through the one-step program a step per call (its state
+    carried, as an app steps it), and lists a case outside a program's bounds as not run, never
+    as passed."""
     import json
 
     from gru_deploy.bundle.package import package
@@ -163,10 +164,16 @@ def test_an_edge_bundle_carries_the_programs_and_runs_their_golden_cases(program
     report = verify_bundle(bundle)
     ran = [c for c in report["checks"] if c["check"].startswith("golden") and ".pte" in c["check"]]
     assert report["passed"] and ran and all(c["passed"] for c in ran)
-    assert {c["check"] for c in ran if "model.portable.pte" in c["check"]} and not any(
-        "model_step" in c["check"] for c in ran)
-    outside = [n for n in report["not_run"] if "model_step" in n["check"]]
-    assert len(outside) == 2 and all("outside" in n["why"] for n in outside)
+    assert {c["check"] for c in ran if "model.portable.pte" in c["check"]}
+    stepped = {c["check"] for c in ran if "model_step" in c["check"]}
+    assert len(stepped) == 4  # logits and h_n, each backend
+    assert not [n for n in report["not_run"] if "model_step" in n["check"]]
+    # a case beyond the classifier's bound is listed, not run
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["models"]["model.portable.pte"]["seq"] = [1, 5]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    outside = [n for n in verify_bundle(bundle)["not_run"] if "model.portable.pte" in n["check"]]
+    assert outside and all("outside" in n["why"] for n in outside)
 
 
 def test_a_bidirectional_torch_gru_lowers_its_scans_and_runs_right():

@@ -21,6 +21,7 @@ import numpy as np
 from gru_deploy.bundle.parts import BUNDLE_FORMAT, BUNDLE_VERSION, TARGETS
 from gru_deploy.errors import CheckFailed, UserInputError
 from gru_deploy.manifest import check_file_entries, parse_manifest, safe_relative_name, sha256_file
+from gru_deploy.spec import INPUT_NAME, STATE_IN, STATE_OUT
 
 BUNDLE_FIELDS = ("format", "format_version", "target", "signatures", "config", "labels", "models", "golden", "files")
 MAX_MANIFEST_BYTES = 4 << 20
@@ -257,14 +258,16 @@ def _check_models(path: Path, folder: Path, manifest: dict[str, Any], checks: li
                 continue  # its load failure is reported above
             bounds = manifest["models"][model].get("seq")
             seq = np.shape(inputs.get("x"))[1] if np.ndim(inputs.get("x")) == 3 else None
-            if bounds and seq is not None and not bounds[0] <= seq <= bounds[1]:
+            # a one-step program (the stream's, state in and out) steps through the case, as an app does
+            stepped = bounds == [1, 1] and STATE_IN in inputs and seq is not None and seq > 1
+            if bounds and seq is not None and not bounds[0] <= seq <= bounds[1] and not stepped:
                 if outside is not None:
                     outside.append({"check": check, "why": f"the case's {seq} steps are outside {model}'s bounds "
                                                            f"({bounds[0]}..{bounds[1]} steps, in the manifest)"})
                 continue
             try:
-                got = _run(sessions[model], manifest["models"][model]["format"], manifest["signatures"][case["variant"]],
-                           inputs, empty)
+                got = (_stepped if stepped else _run)(sessions[model], manifest["models"][model]["format"],
+                                                      manifest["signatures"][case["variant"]], inputs, empty)
             except UserInputError as exc:
                 _fail(checks, check, f"{path}: golden {case['name']} does not fit {model}: {exc}")
                 continue
@@ -346,13 +349,24 @@ def _load_model(path: Path, fmt: str, known: frozenset[str] | None = None, info:
     raise CheckFailed(f"{path}: unknown model format {fmt!r} in the manifest")
 
 
+def _stepped(session: Any, fmt: str, signature: dict[str, Any], inputs: dict[str, np.ndarray],
+             empty: bool) -> dict[str, np.ndarray]:
+    """A stream case through a one-step program: each step of x in turn, the state carried
+    from each call's h_n to the next call's h0; the last call's outputs."""
+    x, state, got = inputs[INPUT_NAME], inputs[STATE_IN], {}
+    for t in range(x.shape[1]):
+        got = _run(session, fmt, signature, {**inputs, INPUT_NAME: x[:, t:t + 1], STATE_IN: state}, empty)
+        state = np.asarray(got[STATE_OUT], np.float32)
+    return got
+
+
 def _run(session: Any, fmt: str, signature: dict[str, Any], inputs: dict[str, np.ndarray],
          empty: bool) -> dict[str, np.ndarray]:
     """The golden inputs, checked against the model's signature before the runtime sees them (a
     GRU/LSTM kernel aborts on an empty axis: empty sequences and lengths of 0 only where the
     export's grid ran them, `empty`), run; every output by name."""
     from gru_deploy.check.runners import check_user_feed, run_module
-    from gru_deploy.spec import INPUT_NAME, LENGTHS_NAME, STATE_IN
+    from gru_deploy.spec import LENGTHS_NAME
 
     names = [t["name"] for t in signature["inputs"]]
     if sorted(inputs) != sorted(names):
