@@ -17,11 +17,12 @@ from gru_deploy.spec import INPUT_NAME
 def deployment_accuracy(folder: Path, data: str, test: str | None = None, seed: int = 0,
                         test_fraction: float = 0.2) -> dict[str, Any]:
     """Accuracy on a data set's test split of a classifier export (one output [batch, classes]):
-    TorchScript (model.pt); eager PyTorch and every other ONNX form built from the same weights
+    TorchScript (model.pt; a program model's export: its torch.export program, `reference`
+    says which); eager PyTorch and every other ONNX form built from the same weights
     where gru-deploy can rebuild the module (the tutorial classifier, a built-in family:
     models.user.rebuild); onnxruntime fp32 in the exported form; int8 (onnxruntime's dynamic
     quantiser over the loop form, where it stores at least half the weight bytes as int8). Each
-    with its argmax agreement with TorchScript. Variable-length samples run each at its own
+    with its argmax agreement with that reference. Variable-length samples run each at its own
     length, unpadded (samples of one length batched together). Over 60 lines: the data's fit to
     the model is checked first, then the runtimes are gathered, then each predicts the test
     split, one pass per sequence length."""
@@ -30,10 +31,9 @@ def deployment_accuracy(folder: Path, data: str, test: str | None = None, seed: 
 
     from gru_deploy.bundle.parts import MIN_INT8_SHARE
     from gru_deploy.bundle.quantize import quantize_int8
-    from gru_deploy.check.module_parity import UserSignature, as_outputs
+    from gru_deploy.check.module_parity import UserSignature, as_outputs, pytorch_reference
     from gru_deploy.check.recurrence import check_recurrence
     from gru_deploy.check.runners import session_options
-    from gru_deploy.convert import script
     from gru_deploy.convert.pipeline import export_user_onnx, module_graphs
     from gru_deploy.data import load_data
     from gru_deploy.manifest import check_files, labels_of, read_manifest, select_model, verified_path
@@ -54,16 +54,15 @@ def deployment_accuracy(folder: Path, data: str, test: str | None = None, seed: 
         raise UserInputError(f"{data}: its labels {list(dataset.labels)} are not the model's {labels}")
     if len(dataset.labels) != classes:
         raise UserInputError(f"{data} has {len(dataset.labels)} classes; the model outputs {classes}")
-    pt_path = verified_path(folder, manifest, select_model(manifest, "classifier", "torchscript", where=str(folder)))
-    scripted = script.load(pt_path)
+    side, pt_name, scripted = pytorch_reference(folder, manifest, "classifier")  # a program model's: its .pt2
     onnx_name = select_model(manifest, "classifier", "onnx", where=str(folder))
     form = manifest["models"][onnx_name].get("strategy", "loop")
-    runners: dict[str, Any] = {"torchscript": lambda x: as_outputs(scripted(x), "model.pt")[0]}
+    runners: dict[str, Any] = {side: lambda x: as_outputs(scripted(x), pt_name)[0]}
     sessions = {f"onnxruntime fp32 ({form}, exported)": verified_path(folder, manifest, onnx_name).read_bytes()}
-    model = rebuild(manifest, scripted.state_dict())
+    model = rebuild(manifest, scripted.state_dict()) if side == "torchscript" else None
     if model is not None:  # its class is ours: eager, and every other form from the same weights
         runners["eager"] = lambda x: as_outputs(model.module(x), model.reference)[0]
-        kept = check_recurrence(scripted, str(pt_path))
+        kept = check_recurrence(scripted, f"{folder}/{pt_name}")
         graphs = module_graphs(model, scripted, kept, signature, int(manifest["opset"]), "auto", lambda m: None)
         sessions.update({f"onnxruntime fp32 ({other})": graph for other, (graph, _) in graphs.items() if other != form})
         loop_bytes = graphs["loop"][0] if "loop" in graphs else None
@@ -96,8 +95,8 @@ def deployment_accuracy(folder: Path, data: str, test: str | None = None, seed: 
             with torch.no_grad():
                 predictions[label][index] = np.asarray(run(x)).argmax(1)
     rows = {label: {"accuracy": float((pred == dataset.y).mean()),
-                    "agreement_with_torchscript": float((pred == predictions["torchscript"]).mean())}
+                    f"agreement_with_{side}": float((pred == predictions[side]).mean())}
             for label, pred in predictions.items()}
     return {"data": data, "test_samples": len(dataset), "variable_length": dataset.lengths is not None,
-            "runtimes": rows, "int8_weight_share": share, "notes": notes,
+            "reference": side, "runtimes": rows, "int8_weight_share": share, "notes": notes,
             "accuracy_recorded_at_training": manifest.get("metrics", {}).get("test_accuracy")}

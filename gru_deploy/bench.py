@@ -374,7 +374,7 @@ def run_module_bench(folder: "Path", manifest: dict[str, Any], threads: int = 1,
     import torch
 
     from gru_deploy.check.runners import session_options
-    from gru_deploy.check.module_parity import UserSignature, case_feed
+    from gru_deploy.check.module_parity import UserSignature, case_feed, pytorch_reference
     from gru_deploy.manifest import select_model, verified_path
     from gru_deploy.versions import library_versions
 
@@ -382,7 +382,8 @@ def run_module_bench(folder: "Path", manifest: dict[str, Any], threads: int = 1,
     torch.set_num_threads(threads)
 
     def load(variant: str) -> tuple[Any, Any, UserSignature]:
-        pt = pytorch_reference(folder, manifest, variant)
+        fmt, _, fn = pytorch_reference(folder, manifest, variant)
+        pt = fmt, fn
         onnx_name = select_model(manifest, variant, "onnx", where=str(folder))
         session = ort.InferenceSession(verified_path(folder, manifest, onnx_name).read_bytes(),
                                        session_options(threads), providers=["CPUExecutionProvider"])
@@ -441,19 +442,6 @@ def run_module_bench(folder: "Path", manifest: dict[str, Any], threads: int = 1,
 
 PYTORCH_LABELS = {"torchscript": "TorchScript (model*.pt)",
                   "torch-export": "the torch.export program (model*.pt2: the export has no TorchScript)"}
-
-
-def pytorch_reference(folder: "Path", manifest: dict[str, Any], variant: str) -> tuple[str, Any]:
-    """The variant's PyTorch file, as a callable, with its format: its TorchScript, or a program
-    model's torch.export program (its export has no TorchScript); checksum-checked."""
-    from gru_deploy.check.module_parity import PROGRAM_FORMAT, load_program
-    from gru_deploy.convert import script
-    from gru_deploy.manifest import find_models, select_model, verified_path
-
-    fmt = "torchscript" if find_models(manifest, variant, "torchscript") else PROGRAM_FORMAT
-    name = select_model(manifest, variant, fmt, where=str(folder))
-    path = verified_path(folder, manifest, name)
-    return fmt, (script.load(path) if fmt == "torchscript" else load_program(path.read_bytes(), name))
 
 
 def format_module_table(result: dict[str, Any]) -> str:

@@ -435,8 +435,9 @@ def verify(obj: dict, path: Path, atol: float, rtol: float, data: str | None, te
             click.echo(f"accuracy on {accuracy['data']} test split ({accuracy['test_samples']} samples"
                        f"{', each at its own length' if accuracy.get('variable_length') else ''}):")
             for name, row in accuracy["runtimes"].items():
-                click.echo(f"  {name:<36} {row['accuracy']:.1%}  (agrees with torchscript on "
-                           f"{row['agreement_with_torchscript']:.1%})")
+                side = accuracy["reference"]
+                click.echo(f"  {name:<36} {row['accuracy']:.1%}  (agrees with {side} on "
+                           f"{row[f'agreement_with_{side}']:.1%})")
             for note in accuracy.get("notes") or []:
                 click.echo(f"  note: {note}")
     if not report["passed"]:

@@ -89,6 +89,23 @@ def test_its_bundles_and_bench_run_from_its_files(while_export, tmp_path):
     assert {row["pytorch"] for row in result["rows"]} == {"torch-export"} and "torch.export program" in table
 
 
+def test_verify_data_measures_accuracy_against_its_program(while_export, tmp_path):
+    from gru_deploy.accuracy import deployment_accuracy
+
+    out, module, _ = while_export
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 9, 4)).astype(np.float32)
+    with torch.no_grad():
+        y = module(torch.from_numpy(x)).argmax(1).numpy()  # labels the model gets right, so accuracy is 100%
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    result = deployment_accuracy(out, str(tmp_path / "data.npz"), test_fraction=0.5)
+    assert result["reference"] == "torch-export"
+    fp32 = {label: row for label, row in result["runtimes"].items() if "int8" not in label}
+    assert set(fp32) == {"torch-export", "onnxruntime fp32 (loop, exported)"}
+    for label, row in fp32.items():
+        assert row["accuracy"] == 1.0 and row["agreement_with_torch-export"] == 1.0, label
+
+
 def test_a_scan_module_lowers_to_executorch_and_what_cannot_be_built_is_refused(tmp_path):
     """scan: ExecuTorch lowers it (the classifier); while_loop is refused for ExecuTorch, scan for
     AOTInductor (a dynamic batch fails inside inductor), each before anything is written."""

@@ -339,17 +339,10 @@ class LoopOverProjectedAxis(nn.Module):
         return self.fc(h)
 
 
-class WhileLoopRNN(nn.Module):
-    """A recurrence written with torch.while_loop, which TorchScript cannot compile and
+class WhileLoopRNN(WhileLoop):
+    """WhileLoop's recurrence written with torch.while_loop, which TorchScript cannot compile and
     torch.export keeps a loop: gru-deploy exports it without TorchScript. Its stream variant
     carries the state through the same loop."""
-
-    def __init__(self, input_size: int = 4, hidden: int = 6) -> None:
-        super().__init__()
-        self.hidden = hidden
-        self.inp = nn.Linear(input_size, hidden)
-        self.rec = nn.Linear(hidden, hidden, bias=False)
-        self.fc = nn.Linear(hidden, 2)
 
     def run(self, x: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
         def more(t, h):

@@ -120,15 +120,10 @@ def int8_gates(export_dir: Path, source: dict[str, Any], variant: str, int8_byte
     packaging). Returns the verdicts by output; their
     reference rows go into `files`."""
     from gru_deploy.bundle.quantize import gated_outputs, judge_int8
-    from gru_deploy.check.module_parity import PROGRAM_FORMAT, load_program
+    from gru_deploy.check.module_parity import pytorch_reference
     from gru_deploy.check.runners import run_module
-    from gru_deploy.convert import script
-    from gru_deploy.manifest import find_models, select_model, verified_path
 
-    fmt = "torchscript" if find_models(source, variant, "torchscript") else PROGRAM_FORMAT  # a program model's
-    name = select_model(source, variant, fmt, where=str(export_dir))
-    path = verified_path(export_dir, source, name)
-    module = script.load(path) if fmt == "torchscript" else load_program(path.read_bytes(), name)
+    fmt, name, module = pytorch_reference(export_dir, source, variant)
     signature = signatures_of(source)[variant]
     state = next((tuple(t["shape"][1:]) for t in signature["inputs"] if t["name"] == STATE_IN), None)
     gates = {}

@@ -413,6 +413,19 @@ def step_parity(runners: dict[str, Call], step_bytes: bytes, signature: UserSign
 PROGRAM_FORMAT, AOTI_FORMAT, EXECUTORCH_FORMAT = "torch-export", "aoti", "executorch"
 
 
+def pytorch_reference(folder: Path, manifest: dict[str, Any], variant: str) -> tuple[str, str, Any]:
+    """(format, file name, callable) of the variant's PyTorch file, checksum-checked: its
+    TorchScript (model*.pt), or where the export has none (a program model) its torch.export
+    program (model*.pt2). What verify, the int8 gate, bench and verify --data compare with."""
+    from gru_deploy.check import torchscript as script
+    from gru_deploy.manifest import find_models, select_model, verified_path
+
+    fmt = "torchscript" if find_models(manifest, variant, "torchscript") else PROGRAM_FORMAT
+    name = select_model(manifest, variant, fmt, where=str(folder))
+    path = verified_path(folder, manifest, name)
+    return fmt, name, script.load(path) if fmt == "torchscript" else load_program(path.read_bytes(), name)
+
+
 def load_program(data: bytes, where: str, fmt: str = PROGRAM_FORMAT) -> Any:
     """A torch.export program (`fmt` torch-export) or an AOTInductor package (aoti: native code,
     the package's shared library loaded into this process) in `data`, as a callable;
@@ -701,27 +714,22 @@ def _cases(where: str, cases: Any) -> tuple[tuple[int, int], ...]:
 def _verify_variant(folder: Path, manifest: dict[str, Any], variant: str, signature: UserSignature, recorded: Any,
                     stored: dict[str, "np.ndarray"], grid: Grid, atol: float, rtol: float,
                     on_case: Callable[[str], None] | None) -> "ParityReport":
-    from gru_deploy.check import torchscript as script
     from gru_deploy.check.onnx_walk import check_onnx_bytes
     from gru_deploy.check.timing import stage
     from gru_deploy.manifest import find_models, select_model, variant_record, verified_path
 
     with stage("load"):
-        # the PyTorch side: the TorchScript model, or where the export has none (a program model)
-        # its torch.export program, whose own check is then the variant's grid below
-        side = "torchscript" if find_models(manifest, variant, "torchscript") else PROGRAM_FORMAT
-        pt = verified_path(folder, manifest, select_model(manifest, variant, side, where=str(folder)))
+        # the PyTorch side: TorchScript, or a program model's torch.export program (whose own
+        # check is then the variant's grid below)
+        side, pt_name, scripted = pytorch_reference(folder, manifest, variant)
+        if side == "torchscript":
+            check_recurrence(scripted, f"{folder}/{pt_name}")
         onnx_path = verified_path(folder, manifest, select_model(manifest, variant, "onnx", where=str(folder)))
         if not isinstance(recorded, dict):
             raise UserInputError(f"{folder}/manifest.json: the {variant} model's op_types are missing; re-export "
                                  "the model")
         onnx_bytes = onnx_path.read_bytes()
         check_onnx_bytes(onnx_bytes, f"{folder}: {onnx_path.name}", known=frozenset(recorded))
-        if side == "torchscript":
-            scripted = script.load(pt)
-            check_recurrence(scripted, str(pt))
-        else:
-            scripted = load_program(pt.read_bytes(), pt.name)
         ort_names = find_models(manifest, variant, "ort", where=str(folder))
         ort_format = verified_path(folder, manifest, ort_names[0]).read_bytes() if ort_names else None
     with stage("parity"):
@@ -739,7 +747,7 @@ def _verify_variant(folder: Path, manifest: dict[str, Any], variant: str, signat
         with stage("parity"):
             report.extend(step_parity(runners, step_bytes, signature, grid, atol, rtol, on_case))
     for fmt in (PROGRAM_FORMAT, AOTI_FORMAT, EXECUTORCH_FORMAT):
-        for name in (n for n in find_models(manifest, variant, fmt, where=str(folder)) if n != pt.name):
+        for name in (n for n in find_models(manifest, variant, fmt, where=str(folder)) if n != pt_name):
             with stage("load"):
                 data = verified_path(folder, manifest, name).read_bytes()
             with stage("parity"):

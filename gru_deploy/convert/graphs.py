@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     import onnx
     import torch
 
-DEFAULT_OPSET = 17
 # Opsets the test suite exports and checks for parity with onnxruntime.
 SUPPORTED_OPSETS = range(13, 21)  # the TorchScript exporter stops at 20
 STRATEGIES = ("loop", "fused", "stepwise")

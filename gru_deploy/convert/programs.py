@@ -172,11 +172,6 @@ def loops(program: Any) -> dict[str, int]:
             for name, op in ops.items()}
 
 
-def while_loops(program: Any) -> int:
-    """How many torch.while_loop calls an exported program's graph holds."""
-    return loops(program)["while_loop"]
-
-
 def program_recurrence(model: "UserModel", input_size: int) -> str | None:
     """How a module TorchScript cannot compile keeps its loop under torch.export (batch and seq
     dynamic): "while_loop", "scan", or None when torch.export fails on it or has no loop (a
