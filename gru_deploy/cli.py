@@ -210,13 +210,16 @@ def train(obj: dict, data: str, test_path: str | None, normalize: bool | None, e
                    "(model.{portable,xnnpack}.pte and model_step.*.pte: the classifier, its loop a scan, and the "
                    "stream's one step, for ExecuTorch's runtime at a static batch; needs the executorch extra). Each "
                    "is proved like the ONNX files. For the built-in families: the tutorial classifier and `train --layers N "
-                   "[--bidirectional] [--family torch-gru]` models (a bidirectional model has no stream variant).")
+                   "[--bidirectional] [--family torch-gru]` models (a bidirectional model has no stream variant); and "
+                   "your own module written with torch.while_loop or scan (its programs are always written, in place "
+                   "of TorchScript, which cannot compile it).")
 @click.option("--onnx-exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript",
               show_default=True,
               help="What writes the loop form's ONNX graphs: torch.onnx's TorchScript-based exporter, or its successor, "
                    "the dynamo exporter (torch.export based), of the model's control-flow form (its loop a "
                    "torch.while_loop, kept an ONNX Loop); proved alike, and auto weighs it like any loop. dynamo: for "
-                   "the built-in families (the tutorial classifier, `train` models).")
+                   "the built-in families (the tutorial classifier, `train` models); your own module written with "
+                   "torch.while_loop or scan always takes it.")
 @click.option("--executorch-batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="With --targets executorch: the rows per call of its programs (ExecuTorch plans memory for a "
                    "static batch, and answers another wrongly without an error: gru-deploy runs other batches in "
