@@ -498,8 +498,8 @@ def time_targets(folder: "Path", manifest: dict[str, Any], threads: int = 1, bud
         onnx_name = select_model(manifest, variant, "onnx", where=str(folder))
         session = ort.InferenceSession(verified_path(folder, manifest, onnx_name).read_bytes(),
                                        session_options(threads), providers=["CPUExecutionProvider"])
-        pt = script.load(verified_path(folder, manifest, pts[0])) if (pts := find_models(manifest, variant,
-                                                                                         "torchscript")) else None
+        pts = find_models(manifest, variant, "torchscript")  # none: a program model's (its program is a target)
+        pt = script.load(verified_path(folder, manifest, pts[0])) if pts else None
         loaded = {name: load_program(verified_path(folder, manifest, name).read_bytes(), name, fmt)
                   for name, fmt in targets if fmt != EXECUTORCH_FORMAT}
         executorch = {name: executorch_runner(verified_path(folder, manifest, name).read_bytes(), signature, name,
