@@ -40,10 +40,16 @@ WHILE_LOOP_HINT = (
     "exports the module through torch.export alone, its programs in TorchScript's place)")
 
 
-def check_targets(targets: tuple[str, ...], model: "UserModel | None" = None) -> None:
-    """UserInputError for a target this gru-deploy does not build, or one `model` cannot take."""
+def without_form(model: "UserModel | None") -> bool:
+    """True for a model whose loop torch.export would unroll: neither a built-in family (whose
+    control-flow form gru-deploy writes) nor a program model (its own loop a while_loop or scan)."""
     from gru_deploy.models.control_flow import control_flow_form
 
+    return model is not None and not model.program and control_flow_form(model.module) is None
+
+
+def check_targets(targets: tuple[str, ...], model: "UserModel | None" = None) -> None:
+    """UserInputError for a target this gru-deploy does not build, or one `model` cannot take."""
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         raise UserInputError(f"unknown target {unknown[0]!r}: choose from {', '.join(TARGETS)} (ONNX and "
@@ -61,7 +67,7 @@ def check_targets(targets: tuple[str, ...], model: "UserModel | None" = None) ->
         except ImportError:
             raise UserInputError("--targets executorch needs ExecuTorch: pip install 'gru-deploy[executorch]' (or "
                                  "pip install executorch) or leave executorch out") from None
-    if targets and model is not None and not model.program and control_flow_form(model.module) is None:
+    if targets and without_form(model):
         raise UserInputError(
             f"{model.reference}: --targets {','.join(targets)} needs the model's time loop as control flow, and "
             f"gru-deploy writes that form for the built-in families only ({FAMILIES_WITH_FORM}); torch.export would "
@@ -100,15 +106,14 @@ ONNX_EXPORTERS = ("torchscript", "dynamo")
 def check_onnx_exporter(exporter: str, model: "UserModel | None" = None) -> None:
     """UserInputError for an exporter this gru-deploy does not know, or dynamo for a model
     without a control-flow form (the dynamo exporter unrolls a Python for loop, as torch.export does)."""
-    from gru_deploy.models.control_flow import control_flow_form
-
     if exporter not in ONNX_EXPORTERS:
         raise UserInputError(f"unknown ONNX exporter {exporter!r}: choose from {', '.join(ONNX_EXPORTERS)}")
-    if exporter == "dynamo":
-        from gru_deploy.check.module_parity import quiet_torch_internals
+    if exporter != "dynamo":
+        return
+    from gru_deploy.check.module_parity import quiet_torch_internals
 
-        quiet_torch_internals()
-    if exporter == "dynamo" and model is not None and not model.program and control_flow_form(model.module) is None:
+    quiet_torch_internals()
+    if without_form(model):
         raise UserInputError(
             f"{model.reference}: --onnx-exporter dynamo exports the model's control-flow form, which gru-deploy "
             f"writes for the built-in families only ({FAMILIES_WITH_FORM}); export it with --onnx-exporter torchscript")
@@ -177,12 +182,14 @@ def program_recurrence(model: "UserModel", input_size: int) -> str | None:
     dynamic): "while_loop", "scan", or None when torch.export fails on it or has no loop (a
     Python loop it would unroll)."""
     import torch
-    from torch.export import Dim
 
+    from gru_deploy.check.module_parity import UserSignature
+
+    signature = UserSignature([{"name": INPUT_NAME, "dtype": "float32", "shape": ["batch", "seq", input_size]}], [])
     torch._dynamo.reset()
     try:
-        program = torch.export.export(model.module.eval(), (torch.zeros(2, 3, input_size),),
-                                      dynamic_shapes=({0: Dim("batch"), 1: Dim("seq")},))
+        program = torch.export.export(model.module.eval(), example_inputs(signature),
+                                      dynamic_shapes=dynamic_shapes(signature))
     except Exception:  # torch.export raises many types; each means it cannot keep this module's loop
         return None
     found = loops(program)
